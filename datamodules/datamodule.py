@@ -1,0 +1,330 @@
+"""`LowFieldDataModule`: subject splits, slice datasets that degrade on the fly, and their loaders.
+
+YAML (LightningCLI):
+
+    data:
+      class_path: datamodules.LowFieldDataModule
+      init_args:
+        source: bundled   # or nifti / fastmri with root: PATH, or a path (a BIDS directory, a file)
+        image_size: 128
+        batch_size: 8
+
+`--data.init_args.source=/data/bids` and `--data.init_args.source=nifti --data.init_args.root=/data/bids` both
+work.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from datamodules.dataset import (
+    EvalSliceDataset,
+    PredictSliceDataset,
+    TrainSliceDataset,
+    VolumeInfo,
+    index_volume,
+)
+from datamodules.errors import InputError
+from datamodules.sources import NiftiDirSource, VolumeRecord, VolumeSource, make_source, warn_skipped
+from datamodules.splits import SPLITS, Split, hash_split, load_split_file
+
+ALL_REGIMES = ["noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0"]
+
+
+@dataclass
+class EvalVolume:
+    """One whole evaluation volume at the model's image size.
+
+    clean [S, 2, H, W] float32 (normalised; input units = clean * scale), slices [S] (indices in the stack),
+    scale (input units), meta (the source's metadata). With a regime: y [S, 1, H, W] complex64, degraded
+    [S, 2, H, W] and params (batched), identical to the val/test dataset's samples.
+    """
+
+    subject: str
+    clean: torch.Tensor
+    slices: torch.Tensor
+    scale: float
+    meta: dict[str, Any]
+    regime: str | None = None
+    y: torch.Tensor | None = None
+    degraded: torch.Tensor | None = None
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class LowFieldDataModule(L.LightningDataModule):
+    """Clean high-field slices and their simulated low-field versions, split by subject.
+
+    Args:
+        source: "bundled" (real MRI shipped with the environment; its split is fixed: see
+            `datamodules.sources.BundledSource`), "nifti" or "fastmri" (read `root`), or a path to a directory
+            or file (fastMRI if it holds .h5 files, else NIfTI).
+        root: the data directory for source "nifti" / "fastmri".
+        pattern: recursive glob under the directory (default "**/*.nii*" for NIfTI, "**/*.h5" for fastMRI).
+        image_size: slices are zero-padded to square and resized to image_size x image_size (bilinear,
+            antialiased).
+        slice_axis: the array axis of NIfTI volumes along which slices are taken (fastMRI: always its axis 0).
+        min_foreground_fraction: drop slices whose fraction of pixels above 0.1 x the volume scale is smaller.
+        regimes: training regimes, one drawn per sample (default: all four).
+        eval_regimes: val/test regimes, each slice enumerated with each (default: all four).
+        regime_overrides: keyword arguments for every `make_regime` call (e.g. {snr_db_range: [2, 7]}).
+        seed: seeds the hash split, the training draws and the val/test degradations.
+        val_fraction, test_fraction: hash split fractions of subjects (ignored with split_file or bundled).
+        split_file: YAML {train: [...], val: [...], test: [...]} of subject ids.
+        batch_size: training batch size; eval_batch_size: val/test/predict batch size (default batch_size).
+        num_workers: DataLoader worker processes.
+        eval_slices_per_volume: keep this many evenly spaced slices per val/test volume (default all).
+        background_phase: multiply training and eval slices by a smooth random phase (see
+            `SliceDataset.clean_slice` for why it is off by default).
+        skip_bad_files: skip unreadable / invalid volumes with one warning listing them, instead of an error.
+        predict_path: a low-field NIfTI file or directory for `predict` (no reference; all slices kept).
+        fastmri_key: "auto", "reconstruction_rss" or "kspace".
+        bundled_train_subjects, bundled_val_subjects: numbers of pseudo-subjects of the bundled source.
+        pin_memory: DataLoader pin_memory.
+    """
+
+    def __init__(
+        self,
+        source: str = "bundled",
+        root: str | None = None,
+        pattern: str | None = None,
+        image_size: int = 256,
+        slice_axis: int = 2,
+        min_foreground_fraction: float = 0.05,
+        regimes: list[str] | None = None,
+        eval_regimes: list[str] | None = None,
+        regime_overrides: dict[str, Any] | None = None,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_file: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        eval_slices_per_volume: int | None = None,
+        background_phase: bool = False,
+        skip_bad_files: bool = False,
+        predict_path: str | None = None,
+        fastmri_key: str = "auto",
+        bundled_train_subjects: int = 8,
+        bundled_val_subjects: int = 2,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if image_size < 8:
+            raise InputError(f"image_size must be >= 8, got {image_size}")
+        if not 0.0 <= min_foreground_fraction < 1.0:
+            raise InputError(f"min_foreground_fraction must be in [0, 1), got {min_foreground_fraction}")
+        self.regimes = list(regimes) if regimes else list(ALL_REGIMES)
+        self.eval_regimes = list(eval_regimes) if eval_regimes else list(ALL_REGIMES)
+        for name in self.regimes + self.eval_regimes:
+            if name not in ALL_REGIMES:
+                raise InputError(f"unknown regime {name!r}; choose from {', '.join(ALL_REGIMES)}")
+        self.source_arg, self.root, self.pattern = source, root, pattern
+        self.image_size, self.slice_axis = image_size, slice_axis
+        self.min_foreground_fraction = min_foreground_fraction
+        self.regime_overrides = dict(regime_overrides or {})
+        self.seed = seed
+        self.val_fraction, self.test_fraction, self.split_file = val_fraction, test_fraction, split_file
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.eval_slices_per_volume = eval_slices_per_volume
+        self.background_phase = background_phase
+        self.skip_bad_files = skip_bad_files
+        self.predict_path = predict_path
+        self.fastmri_key = fastmri_key
+        self.bundled_train_subjects, self.bundled_val_subjects = bundled_train_subjects, bundled_val_subjects
+        self.pin_memory = pin_memory
+        self._source: VolumeSource | None = None
+        self._split: Split | None = None
+        self._infos: dict[str, list[VolumeInfo]] = {}
+        self.skipped: list[str] = []
+        self.train_dataset: TrainSliceDataset | None = None
+        self.val_dataset: EvalSliceDataset | None = None
+        self.test_dataset: EvalSliceDataset | None = None
+        self.predict_dataset: PredictSliceDataset | None = None
+
+    # ---- sources and splits -------------------------------------------------------------------------------
+    @property
+    def source(self) -> VolumeSource:
+        """The volume source (built on first use)."""
+        if self._source is None:
+            self._source = make_source(
+                self.source_arg,
+                self.root,
+                self.pattern,
+                self.slice_axis,
+                self.fastmri_key,
+                self.bundled_train_subjects,
+                self.bundled_val_subjects,
+            )
+        return self._source
+
+    @property
+    def split(self) -> Split:
+        """Subject ids per split: the source's own (bundled), the split file's, or the seeded hash split."""
+        if self._split is None:
+            subjects = sorted({r.subject for r in self.source.records()})
+            if self.source.fixed_split is not None:
+                if self.split_file:
+                    raise InputError(
+                        f"{self.split_file}: source {self.source.name!r} fixes its own split; "
+                        "remove split_file"
+                    )
+                self._split = self.source.fixed_split
+            elif self.split_file:
+                self._split = load_split_file(self.split_file, subjects)
+            else:
+                self._split = hash_split(subjects, self.seed, self.val_fraction, self.test_fraction)
+        return self._split
+
+    def records(self, split: str) -> list[VolumeRecord]:
+        """The volumes of the split's subjects."""
+        subjects = set(self.split[split])
+        return [r for r in self.source.records() if r.subject in subjects]
+
+    def _index(self, source: VolumeSource, records: list[VolumeRecord], min_fg: float) -> list[VolumeInfo]:
+        infos, skipped = [], []
+        for record in records:
+            try:
+                infos.append(index_volume(source, record, min_fg))
+            except InputError as err:
+                if not self.skip_bad_files:
+                    raise
+                skipped.append(str(err))
+        self.skipped += skipped
+        warn_skipped(skipped)
+        return infos
+
+    def volume_infos(self, split: str) -> list[VolumeInfo]:
+        """Indexed volumes of a split (each volume loaded once here to find its scale and kept slices)."""
+        if split not in self._infos:
+            infos = self._index(self.source, self.records(split), self.min_foreground_fraction)
+            if not infos and self.split[split]:
+                message = f"no usable volume left in the {split} split (all its files were skipped)"
+                if split == "train":
+                    raise InputError(message)
+                warnings.warn(message, stacklevel=2)
+            self._infos[split] = infos
+        return self._infos[split]
+
+    @property
+    def train_subjects(self) -> list[str]:
+        """Volume ids (the samples' "subject") of the training split."""
+        return [r.volume_id for r in self.records("train")]
+
+    @property
+    def val_subjects(self) -> list[str]:
+        """Volume ids (the samples' "subject") of the validation split."""
+        return [r.volume_id for r in self.records("val")]
+
+    @property
+    def test_subjects(self) -> list[str]:
+        """Volume ids (the samples' "subject") of the test split."""
+        return [r.volume_id for r in self.records("test")]
+
+    # ---- datasets -----------------------------------------------------------------------------------------
+    def _eval_dataset(self, split: str) -> EvalSliceDataset:
+        return EvalSliceDataset(
+            self.source,
+            self.volume_infos(split),
+            self.eval_regimes,
+            self.image_size,
+            self.background_phase,
+            self.seed,
+            self.regime_overrides,
+            self.eval_slices_per_volume,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets a stage needs ("fit", "validate", "test", "predict"; None: fit + test)."""
+        if stage in ("fit", None) and self.train_dataset is None:
+            self.train_dataset = TrainSliceDataset(
+                self.source,
+                self.volume_infos("train"),
+                self.regimes,
+                self.image_size,
+                self.background_phase,
+                self.seed,
+                self.regime_overrides,
+            )
+        if stage in ("fit", "validate", None) and self.val_dataset is None:
+            self.val_dataset = self._eval_dataset("val")
+        if stage in ("test", None) and self.test_dataset is None:
+            self.test_dataset = self._eval_dataset("test")
+        if stage == "predict" and self.predict_dataset is None:
+            if not self.predict_path:
+                raise InputError("predict needs a low-field NIfTI: --data.init_args.predict_path=PATH")
+            source = NiftiDirSource(self.predict_path, "**/*.nii*", self.slice_axis)
+            self.predict_dataset = PredictSliceDataset(
+                source, self._index(source, source.records(), 0.0), self.image_size
+            )
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() for this stage first")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, self.eval_batch_size, shuffle=False)
+
+    # ---- whole volumes ------------------------------------------------------------------------------------
+    def volumes(self, split: str, regime: str | None = None) -> Iterator[EvalVolume]:
+        """Whole volumes of a split (all kept slices, or `eval_slices_per_volume` of them), at image_size.
+
+        With `regime`, each slice also carries the same degradation as the val/test dataset's sample.
+        """
+        if split not in SPLITS:
+            raise InputError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+        regimes = [regime] if regime else self.eval_regimes[:1]
+        ds = EvalSliceDataset(
+            self.source,
+            self.volume_infos(split),
+            regimes,
+            self.image_size,
+            self.background_phase,
+            self.seed,
+            self.regime_overrides,
+            self.eval_slices_per_volume,
+        )
+        for v, info in enumerate(ds.volumes):
+            batch = default_collate([ds[i] for i, item in enumerate(ds.items) if item[0] == v])
+            out = EvalVolume(
+                info.record.volume_id,
+                batch["clean"],
+                batch["slice"],
+                info.scale,
+                self.source.metadata(info.record),
+            )
+            if regime:
+                out.regime, out.y, out.degraded, out.params = (
+                    regime,
+                    batch["y"],
+                    batch["degraded"],
+                    batch["params"],
+                )
+            yield out

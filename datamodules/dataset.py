@@ -1,0 +1,264 @@
+"""Map-style slice datasets that degrade clean slices on the fly.
+
+A sample (a dict; the default collate makes the batch of INTERFACES.md):
+    clean     float32 [2, H, W]   normalised clean slice (real, imag); absent in prediction samples
+    degraded  float32 [2, H, W]   complex_to_channels(ifft2c(y))
+    y         complex64 [1, H, W] simulated (or, for prediction, measured) k-space
+    regime    str                 regime name ("measured" for prediction)
+    params    dict[str, Tensor]   the realised degradation parameters, one sample's slice of the full key set
+    subject   str                 the volume id (the subject id; the file stem if the subject has several)
+    slice     int64 tensor []     slice index in the stack [S, H, W] of `transforms.to_slices`
+    scale     float32 tensor []   the volume's normalisation scale: input units = normalised * scale
+
+Training samples draw a regime and its parameters from a generator seeded with (seed, epoch, index, a draw of
+the process's torch RNG): the DataLoader reseeds each worker's torch RNG every epoch from the main RNG, so
+epochs, workers and ranks differ, and a run seeded with `lightning.seed_everything` repeats. Evaluation
+samples (val/test) use a generator seeded with a sha256 hash of (seed, volume id, slice, regime) only:
+identical across runs, worker counts and DDP ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+from datamodules.errors import InputError
+from datamodules.sources import VolumeRecord, VolumeSource
+from datamodules.splits import stable_hash
+from datamodules.transforms import (
+    NORMALISE_PERCENTILE,
+    fit_to_square,
+    foreground_fractions,
+    robust_scale,
+    smooth_background_phase,
+)
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """A volume ready for slicing: its normalisation scale (input units), kept slices and in-plane shape (h,
+    w)."""
+
+    record: VolumeRecord
+    scale: float
+    slices: tuple[int, ...]
+    shape: tuple[int, int]
+
+
+def index_volume(
+    source: VolumeSource,
+    record: VolumeRecord,
+    min_foreground_fraction: float,
+    percentile: float = NORMALISE_PERCENTILE,
+) -> VolumeInfo:
+    """Load a volume once, compute its scale (the `percentile` of |x|) and the slices whose fraction of pixels
+    above 0.1 * scale is >= `min_foreground_fraction`. Raises InputError for an all-zero volume."""
+    stack = source.load(record)
+    scale = robust_scale(stack, percentile)
+    where = record.path or record.volume_id
+    if not scale > 0:
+        raise InputError(f"{where}: volume is empty (its {percentile}th percentile is 0)")
+    keep = np.flatnonzero(foreground_fractions(stack, scale) >= min_foreground_fraction)
+    if keep.size == 0:
+        raise InputError(f"{where}: no slice has a foreground fraction >= {min_foreground_fraction}")
+    return VolumeInfo(record, scale, tuple(int(s) for s in keep), (int(stack.shape[1]), int(stack.shape[2])))
+
+
+def evenly_spaced(items: tuple[int, ...], n: int | None) -> tuple[int, ...]:
+    """At most n items, evenly spaced over the sequence (all of them when n is None)."""
+    if n is None or n >= len(items):
+        return tuple(items)
+    picks = np.unique(np.round(np.linspace(0, len(items) - 1, n)).astype(int))
+    return tuple(items[i] for i in picks)
+
+
+class SliceDataset(Dataset):
+    """Common base: per-process volume cache (each volume opened once per worker) and clean-slice
+    preparation."""
+
+    def __init__(
+        self,
+        source: VolumeSource,
+        volumes: list[VolumeInfo],
+        image_size: int = 256,
+        background_phase: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.source = source
+        self.volumes = volumes
+        self.image_size = int(image_size)
+        self.background_phase = background_phase
+        self.seed = int(seed)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, index: int) -> dict:
+        # Per-sample work is tiny: several intra-op threads only contend (on a busy 2-core machine, 50x
+        # slower),
+        # so the main process (num_workers=0) uses one thread here; DataLoader workers already use one.
+        if get_worker_info() is not None:
+            return self._get(index)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._get(index)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _get(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def _stack(self, v: int) -> np.ndarray:
+        if v not in self._cache:
+            self._cache[v] = self.source.open(self.volumes[v].record)
+        return self._cache[v]
+
+    def clean_slice(self, v: int, s: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The normalised clean slice, complex64 [1, 1, size, size] (see transforms for the geometry).
+
+        With `background_phase` a smooth random phase (from `generator`) multiplies the magnitude. It is off
+        by default: magnitude data has no phase, and a made-up phase teaches the prior a phase distribution
+        that real low-field data need not have; it is there to make complex training images from magnitude
+        volumes, e.g. when fine-tuning a prior that was trained on complex fastMRI images.
+        """
+        raw = torch.from_numpy(np.array(self._stack(v)[s]))
+        x = raw.to(torch.complex64) / self.volumes[v].scale
+        x = fit_to_square(x, self.image_size)
+        if self.background_phase:
+            if generator is None:
+                raise ValueError("background_phase needs a generator")
+            x = x * torch.exp(1j * smooth_background_phase(x.shape[-2:], generator))
+        return x[None, None]
+
+    def _sample(self, v: int, s: int, regime: str, degradation, generator: torch.Generator) -> dict:
+        from degradations import complex_to_channels, ifft2c
+
+        x = self.clean_slice(v, s, generator)
+        y, params = degradation(x, generator)
+        return {
+            "clean": complex_to_channels(x)[0],
+            "degraded": complex_to_channels(ifft2c(y))[0].float(),
+            "y": y[0].to(torch.complex64),
+            "regime": regime,
+            "params": {k: val[0] for k, val in params.items()},
+            "subject": self.volumes[v].record.volume_id,
+            "slice": torch.tensor(s, dtype=torch.int64),
+            "scale": torch.tensor(self.volumes[v].scale, dtype=torch.float32),
+        }
+
+
+def _regimes(names: list[str], overrides: dict | None) -> dict:
+    from degradations import make_regime
+
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}
+    return {name: make_regime(name, **kwargs) for name in names}
+
+
+class TrainSliceDataset(SliceDataset):
+    """Every kept slice of the training volumes; each access draws a regime from `regimes` and fresh
+    parameters."""
+
+    def __init__(
+        self,
+        source: VolumeSource,
+        volumes: list[VolumeInfo],
+        regimes: list[str],
+        image_size: int = 256,
+        background_phase: bool = False,
+        seed: int = 0,
+        regime_overrides: dict | None = None,
+    ) -> None:
+        super().__init__(source, volumes, image_size, background_phase, seed)
+        self.regimes = list(regimes)
+        self.degradations = _regimes(self.regimes, regime_overrides)
+        self.items = [(v, s) for v, info in enumerate(volumes) for s in info.slices]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Mix the epoch into the per-sample seeds (in this process; the RNG draw makes epochs differ
+        anyway)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _get(self, index: int) -> dict:
+        v, s = self.items[index]
+        draw = int(torch.randint(0, 2**62, (1,)))
+        g = torch.Generator().manual_seed(stable_hash("train", self.seed, self.epoch, index, draw))
+        regime = self.regimes[int(torch.randint(len(self.regimes), (1,), generator=g))]
+        return self._sample(v, s, regime, self.degradations[regime], g)
+
+
+class EvalSliceDataset(SliceDataset):
+    """(slice x regime) for each volume, in order; the degradation is a pure function of
+    (seed, volume id, slice, regime). `slices_per_volume` keeps that many evenly spaced kept slices per
+    volume."""
+
+    def __init__(
+        self,
+        source: VolumeSource,
+        volumes: list[VolumeInfo],
+        regimes: list[str],
+        image_size: int = 256,
+        background_phase: bool = False,
+        seed: int = 0,
+        regime_overrides: dict | None = None,
+        slices_per_volume: int | None = None,
+    ) -> None:
+        super().__init__(source, volumes, image_size, background_phase, seed)
+        self.regimes = list(regimes)
+        self.degradations = _regimes(self.regimes, regime_overrides)
+        self.items = [
+            (v, s, r)
+            for v, info in enumerate(volumes)
+            for s in evenly_spaced(info.slices, slices_per_volume)
+            for r in self.regimes
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def generator(self, v: int, s: int, regime: str) -> torch.Generator:
+        """The generator of one evaluation sample (a pure function of seed, volume id, slice and regime)."""
+        return torch.Generator().manual_seed(
+            stable_hash("eval", self.seed, self.volumes[v].record.volume_id, s, regime)
+        )
+
+    def _get(self, index: int) -> dict:
+        v, s, regime = self.items[index]
+        return self._sample(v, s, regime, self.degradations[regime], self.generator(v, s, regime))
+
+
+class PredictSliceDataset(SliceDataset):
+    """All slices of the user's low-field volumes, without a reference: no "clean" key.
+
+    "degraded" is the normalised measured image (real, imag), "y" its k-space fft2c, "regime" is "measured",
+    the params are neutral (so `ForwardOperator.from_params` gives plain Fourier sampling), and "shape" (h, w)
+    lets `transforms.restore_shape` and `transforms.from_slices` put the outputs back on the input grid.
+    """
+
+    def __init__(self, source: VolumeSource, volumes: list[VolumeInfo], image_size: int = 256) -> None:
+        super().__init__(source, volumes, image_size)
+        self.items = [(v, s) for v, info in enumerate(volumes) for s in info.slices]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _get(self, index: int) -> dict:
+        from degradations import complex_to_channels, fft2c, neutral_params
+
+        v, s = self.items[index]
+        x = self.clean_slice(v, s)
+        return {
+            "degraded": complex_to_channels(x)[0],
+            "y": fft2c(x)[0],
+            "regime": "measured",
+            "params": {k: val[0] for k, val in neutral_params(1, *x.shape[-2:]).items()},
+            "subject": self.volumes[v].record.volume_id,
+            "slice": torch.tensor(s, dtype=torch.int64),
+            "scale": torch.tensor(self.volumes[v].scale, dtype=torch.float32),
+            "shape": torch.tensor(self.volumes[v].shape, dtype=torch.int64),
+        }

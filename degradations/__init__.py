@@ -1,0 +1,25 @@
+"""Physics of portable low-field (0.05-0.5 T) MRI as composable k-space degradations (pure torch).
+
+Conventions: complex images and k-space are ``[B, 1, H, W]`` complex64; FFTs are centred and orthonormal;
+the readout runs along ``W`` and phase encoding along ``H``; every random draw takes a ``torch.Generator``.
+"""
+
+from .b0 import B0PhaseCorruption, OffResonanceEncoding, random_b0_map
+from .blur import GaussianBlur, gaussian_mtf
+from .compose import PARAM_KEYS, REGIMES, LowFieldDegradation, make_regime, neutral_params, params_to_jsonable
+from .fourier import channels_to_complex, complex_to_channels, fft2c, ifft2c
+from .noise import ComplexGaussianNoise
+from .operator import ForwardOperator
+from .snr import foreground_mask, noise_sigma_for_snr, signal_power, snr_db
+from .t2star import T2StarDecay, t2star_weights
+from .timing import AcquisitionTiming, sample_times_ms
+
+__all__ = [
+    "fft2c", "ifft2c", "complex_to_channels", "channels_to_complex",
+    "foreground_mask", "signal_power", "snr_db", "noise_sigma_for_snr",
+    "GaussianBlur", "gaussian_mtf", "T2StarDecay", "t2star_weights",
+    "B0PhaseCorruption", "OffResonanceEncoding",
+    "random_b0_map", "ComplexGaussianNoise", "AcquisitionTiming", "sample_times_ms",
+    "LowFieldDegradation", "make_regime", "REGIMES", "PARAM_KEYS", "neutral_params", "params_to_jsonable",
+    "ForwardOperator",
+]

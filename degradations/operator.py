@@ -1,0 +1,76 @@
+"""The known linear low-field forward operator ``A`` (noise excluded) and its exact adjoint."""
+
+from __future__ import annotations
+
+import torch
+
+from .b0 import OffResonanceEncoding
+from .blur import gaussian_mtf
+from .fourier import fft2c, ifft2c
+from .t2star import t2star_weights
+
+__all__ = ["ForwardOperator"]
+
+REQUIRED_KEYS = ("fwhm_px", "t2star_ms", "readout_ms", "te_ms", "b0_map_hz")
+
+
+class ForwardOperator:
+    """``A x = W(k) * E(x)``: image ``[B, 1, H, W]`` -> measured k-space ``[B, 1, H, W]``.
+
+    ``E`` is the off-resonance encoding (plain :func:`fft2c` without B0) and
+    ``W = MTF(fwhm_px) * T2*-weights`` is real and diagonal in k-space, so ``A^H k = E^H(W * k)`` is the exact
+    adjoint of the discretised operator.
+    With neutral parameters (``fwhm_px = 0``, ``t2star_ms = inf``, zero field map) ``A = fft2c``.
+
+    Args:
+        weights: real k-space weights ``[B, 1, H, W]`` (broadcastable) or ``None`` for all ones.
+        encoding: off-resonance encoding or ``None`` for :func:`fft2c`.
+    """
+
+    def __init__(self, weights: torch.Tensor | None = None,
+                 encoding: OffResonanceEncoding | None = None) -> None:
+        self.weights = weights
+        self.encoding = encoding
+
+    @classmethod
+    def from_params(cls, params: dict[str, torch.Tensor], b0_method: str = "segmented",
+                    n_segments: int | None = None) -> ForwardOperator:
+        """Build ``A`` from a (batched) params dict with the keys of ``LowFieldDegradation.sample_params``.
+
+        Needs ``fwhm_px``, ``t2star_ms``, ``readout_ms``, ``te_ms`` ``[B]`` and ``b0_map_hz``
+        ``[B, 1, H, W]``; ``t2star_gre`` ``[B]`` defaults to spin echo. ``b0_method`` / ``n_segments``: see
+        :mod:`degradations.b0`.
+        """
+        missing = [key for key in REQUIRED_KEYS if key not in params]
+        if missing:
+            raise ValueError(f"params lack {', '.join(missing)} (needed to build the forward operator)")
+        b0_map = params["b0_map_hz"]
+        height, width = b0_map.shape[-2:]
+        weights = None
+        fwhm = params["fwhm_px"]
+        if bool((fwhm > 0).any()):
+            weights = gaussian_mtf(fwhm, height, width)
+        t2star = params["t2star_ms"]
+        if bool(torch.isfinite(t2star).any()):
+            decay = t2star_weights(t2star, params["readout_ms"], params["te_ms"], width,
+                                   params.get("t2star_gre"))
+            weights = decay if weights is None else weights * decay
+        encoding = None
+        if bool((b0_map != 0).any()):
+            encoding = OffResonanceEncoding(b0_map, params["readout_ms"], params["te_ms"], b0_method,
+                                            n_segments)
+        return cls(weights, encoding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``A x`` for a complex image ``x`` ``[B, 1, H, W]`` (complex64 or complex128)."""
+        k = fft2c(x) if self.encoding is None else self.encoding.forward(x)
+        return k if self.weights is None else k * self.weights.to(k.real.dtype)
+
+    def adjoint(self, k: torch.Tensor) -> torch.Tensor:
+        """``A^H k`` for complex k-space ``k`` ``[B, 1, H, W]``."""
+        if self.weights is not None:
+            k = k * self.weights.to(k.real.dtype)
+        return ifft2c(k) if self.encoding is None else self.encoding.adjoint(k)
+
+    __call__ = forward
+

@@ -1,0 +1,146 @@
+"""Benchmark the 34.4M DDPM U-Net at 256x256: forward / backward / training-step time, peak memory, slices/s.
+
+One training step = the DSM loss forward (network included), backward, and an AdamW step, under fp32 or bf16
+autocast. Peak memory: on CUDA `torch.cuda.max_memory_allocated` over the timed steps; on CPU the peak
+increase of the process's resident set size (RSS, sampled every 2 ms) over its value before the steps.
+
+    python experiments/benchmarks/model.py                              # CUDA if available, batch 1 2 4 8
+    python experiments/benchmarks/model.py --device cpu --batch-sizes 1 --iters 2 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from lightning_modules.ddpm import DDPM
+from lightning_modules.losses import dsm_loss
+from lightning_modules.sde import VPSDE
+
+NET_34M = dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), image_size=256)
+
+
+class RssPeak:
+    """Peak resident set size (bytes) of this process while the context is open, sampled in a thread."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.interval_s, self.peak, self._stop = interval_s, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> RssPeak:
+        self.base = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(net: DDPM, batch: int, dtype: str, device: torch.device, iters: int, warmup: int,
+          channels: int) -> dict:
+    """Time `warmup + iters` training steps at one batch size and precision; statistics over the last iters."""
+    sde = VPSDE()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x = torch.randn(batch, channels, NET_34M["image_size"], NET_34M["image_size"], device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    fwd, bwd, step = [], [], []
+    mem_ctx = RssPeak() if device.type == "cpu" else nullcontext()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with mem_ctx:
+        for i in range(warmup + iters):
+            _sync(device)
+            t0 = time.perf_counter()
+            with autocast:
+                loss = dsm_loss(net, sde, x)
+            _sync(device)
+            t1 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _sync(device)
+            t2 = time.perf_counter()
+            opt.step()
+            _sync(device)
+            t3 = time.perf_counter()
+            if i >= warmup:
+                fwd.append(t1 - t0), bwd.append(t2 - t1), step.append(t3 - t0)
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mib = (mem_ctx.peak - mem_ctx.base) / 2**20
+    ms = statistics.median
+    return {"device": device.type, "dtype": dtype, "batch": batch, "forward_ms": 1e3 * ms(fwd),
+            "backward_ms": 1e3 * ms(bwd), "step_ms": 1e3 * ms(step), "slices_per_s": batch / ms(step),
+            "peak_mib": peak_mib}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    p.add_argument("--iters", type=int, default=None, help="timed steps (default: 10 on CUDA, 2 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 CUDA, 1 CPU)")
+    p.add_argument("--channels", type=int, default=2)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    iters = args.iters or (10 if cuda else 2)
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    torch.manual_seed(0)
+    net = DDPM(**NET_34M, num_channels=args.channels, grad_checkpointing=args.grad_checkpointing).to(device)
+    net.train()
+    n_params = sum(p.numel() for p in net.parameters())
+    name = torch.cuda.get_device_name(device) if cuda else f"{platform.processor() or 'cpu'}, " \
+        f"{torch.get_num_threads()} threads"
+    print(f"DDPM 34.4M ({n_params:,} parameters), 256x256, {args.channels} channels, torch {torch.__version__}, "
+          f"{name}; median of {iters} steps after {warmup} warm-up; grad checkpointing {args.grad_checkpointing}")
+    rows = []
+    header = "| device | precision | batch | forward ms | backward ms | train step ms | slices/s | peak MiB |"
+    print(header + "\n" + "|---" * 8 + "|")
+    for dtype in args.dtypes:
+        for batch in args.batch_sizes:
+            try:
+                r = bench(net, batch, dtype, device, iters, warmup, args.channels)
+            except torch.cuda.OutOfMemoryError:
+                print(f"| {device.type} | {dtype} | {batch} | OOM | | | | |")
+                continue
+            rows.append(r)
+            mem = "n/a" if r["peak_mib"] <= 0 else f"{r['peak_mib']:.0f}"
+            print(f"| {r['device']} | {dtype} | {batch} | {r['forward_ms']:.1f} | {r['backward_ms']:.1f} | "
+                  f"{r['step_ms']:.1f} | {r['slices_per_s']:.2f} | {mem} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "params": n_params, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

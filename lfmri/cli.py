@@ -1,0 +1,57 @@
+"""The `lfmri` command: LightningCLI (fit / validate / test / predict) plus lfmri's own subcommands.
+
+Our own subcommands are plain argparse programs in `lfmri.commands.<name>`; each module defines
+`register(subparsers)` (adding its parser with `set_defaults(func=run)`) and `run(args) -> int`.
+Bad user input raises `datamodules.errors.InputError` (a `ValueError`): it is printed as one line on stderr
+and the exit code is 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from datamodules.errors import InputError
+
+#: our own subcommands, each implemented by the module `lfmri.commands.<name>`
+COMMANDS: tuple[str, ...] = ("degrade", "preview", "metrics", "export", "reconstruct", "evaluate")
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _custom_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lfmri", description="lfmri's own subcommands.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"lfmri.commands.{name}").register(sub)
+    return parser
+
+
+def run_custom(argv: list[str]) -> int:
+    """Run one of lfmri's own subcommands; bad input -> one line on stderr and exit code 2."""
+    parser = _custom_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (InputError, FileNotFoundError) as err:
+        print(f"lfmri {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lfmri` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return run_custom(argv)
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS or any(a in ("-h", "--help") for a in argv[:1]) or not argv:
+        from lfmri.lightning_cli import run_lightning_cli
+
+        run_lightning_cli(argv)
+        return 0
+    print(f"lfmri: error: unknown command {argv[0]!r}; choose from "
+          f"{', '.join(LIGHTNING_SUBCOMMANDS + COMMANDS)}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

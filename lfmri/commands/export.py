@@ -1,0 +1,89 @@
+"""`lfmri export --ckpt C OUT.pth [--weights ema|model] [--config-out OUT.json]`.
+
+Converts a Lightning checkpoint of `lightning_modules.module.ScoreModel` into score_sde's checkpoint format
+(`model` / `ema` / `optimizer` / `step`, keys with `module.`), plus the network's score_sde config JSON, so
+score_sde, score-MRI or `lightning_modules.checkpoint.load_score_sde_checkpoint` can load the fine-tuned net.
+
+`--weights ema` (default) writes the EMA weights into both `model` and `ema` (whatever a consumer reads, it
+gets the weights lfmri validates and samples with); `--weights model` writes the raw training weights into
+`model` and the EMA into `ema`, as score_sde's own training saves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import pickle
+from pathlib import Path
+
+import torch
+
+from datamodules.errors import InputError
+from lightning_modules.checkpoint import export_score_sde_checkpoint
+from lightning_modules.module import ScoreModel
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `export` subcommand."""
+    p = subparsers.add_parser("export", help="Lightning checkpoint -> score_sde checkpoint",
+                              description=__doc__.split("\n\n")[1])
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) of a ScoreModel")
+    p.add_argument("out", help="output score_sde checkpoint (.pth)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema",
+                   help="weights written into `model` (default: ema)")
+    p.add_argument("--config-out", default=None,
+                   help="where to write the score_sde config JSON (default: OUT with suffix .json)")
+    p.set_defaults(func=run)
+
+
+def _read_lightning_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"{path}: no such checkpoint file")
+    try:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "weights_only" not in str(err):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the user's own run's file
+    except Exception as err:  # torch raises many types for a non-checkpoint
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({reason})") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise InputError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    if "ema" not in ckpt or not any(k.startswith("net.") for k in ckpt["state_dict"]):
+        raise InputError(f"{path}: not a ScoreModel checkpoint (no 'ema' or no 'net.*' weights)")
+    return ckpt
+
+
+def load_score_model(path: str | Path) -> tuple[ScoreModel, int]:
+    """(ScoreModel with the checkpoint's weights and EMA, global step) from a Lightning checkpoint."""
+    path = Path(path)
+    ckpt = _read_lightning_checkpoint(path)
+    accepted = inspect.signature(ScoreModel.__init__).parameters
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in accepted}
+    try:
+        model = ScoreModel(**hparams)
+        model.on_load_checkpoint(ckpt)
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except (RuntimeError, ValueError, TypeError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise InputError(f"{path}: checkpoint does not fit its ScoreModel hyperparameters ({first})") from err
+    return model, int(ckpt.get("global_step", 0))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export; prints the written paths."""
+    model, step = load_score_model(args.ckpt)
+    out = Path(args.out)
+    config_out = Path(args.config_out) if args.config_out else out.with_suffix(".json")
+    ema = model.ema
+    if args.weights == "ema":
+        net = model.frozen_net(use_ema=True)
+        shadows = list(net.parameters())
+    else:
+        net, shadows = model.net, ema.shadow_params
+    export_score_sde_checkpoint(net, out, ema_params=shadows, step=step, ema_decay=ema.decay,
+                                ema_num_updates=ema.num_updates, config_path=config_out)
+    print(f"wrote {out} ({args.weights} weights in 'model', step {step}) and its config {config_out}")
+    return 0

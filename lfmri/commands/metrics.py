@@ -1,0 +1,60 @@
+"""`lfmri metrics REF PRED [--slice-axis N]`: fastMRI SSIM / PSNR / NMSE of a volume against a reference.
+
+REF and PRED are NIfTI magnitude volumes of the same shape. The metrics follow fastMRI's `evaluate.py` on the
+whole volume: SSIM is the mean over slices (taken along `--slice-axis`, default the last) of scikit-image's
+SSIM with a 7x7 uniform window and data range = the reference volume's maximum; PSNR (dB) uses the same data
+range; NMSE = ||PRED - REF||^2 / ||REF||^2. Prints one JSON line {"ssim": ..., "psnr": ..., "nmse": ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from datamodules.errors import InputError
+from datamodules.io import load_nifti
+from lightning_modules.metrics import SSIM_WIN_SIZE, nmse_volume, psnr_volume, ssim_volume
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `metrics` subcommand."""
+    p = subparsers.add_parser(
+        "metrics",
+        help="fastMRI SSIM / PSNR / NMSE of PRED against REF (two NIfTI volumes), as JSON",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("ref", metavar="REF", help="reference NIfTI volume (e.g. the high-field image)")
+    p.add_argument("pred", metavar="PRED", help="NIfTI volume to score, same shape as REF")
+    p.add_argument("--slice-axis", type=int, default=2, help="axis of REF/PRED along which slices are "
+                   "taken for SSIM (0, 1 or 2; default 2, the last)")
+    p.set_defaults(func=run)
+
+
+def volume_metrics(ref: np.ndarray, pred: np.ndarray, slice_axis: int = 2) -> dict[str, float]:
+    """fastMRI's {"ssim", "psnr", "nmse"} of 3D `pred` against 3D `ref`, slices along `slice_axis`."""
+    ref_s = np.moveaxis(ref, slice_axis, 0)
+    pred_s = np.moveaxis(pred, slice_axis, 0)
+    return {"ssim": ssim_volume(pred_s, ref_s), "psnr": psnr_volume(pred_s, ref_s),
+            "nmse": nmse_volume(pred_s, ref_s)}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load both volumes, check them, print the metrics as JSON."""
+    if args.slice_axis not in (0, 1, 2, -1, -2, -3):
+        raise InputError(f"--slice-axis {args.slice_axis}: must be 0, 1 or 2 for a 3D volume")
+    ref, _ = load_nifti(args.ref)
+    pred, _ = load_nifti(args.pred)
+    if ref.shape != pred.shape:
+        raise InputError(f"{args.pred}: shape {pred.shape} does not match {args.ref}: shape {ref.shape}")
+    in_plane = [n for axis, n in enumerate(ref.shape) if axis != args.slice_axis % 3]
+    if min(in_plane) < SSIM_WIN_SIZE:
+        raise InputError(f"{args.ref}: slices along axis {args.slice_axis} are {in_plane[0]}x{in_plane[1]}; "
+                         f"SSIM needs at least {SSIM_WIN_SIZE}x{SSIM_WIN_SIZE}")
+    if not float(ref.max()) > 0:
+        raise InputError(f"{args.ref}: the reference volume's maximum is {float(ref.max()):g}; "
+                         "the data range must be positive")
+    print(json.dumps(volume_metrics(ref, pred, args.slice_axis)))
+    return 0

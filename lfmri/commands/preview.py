@@ -1,0 +1,156 @@
+"""`lfmri preview --config C --out F.png`: look at the data before training.
+
+For a few subjects of each split, the middle kept slice of the volume, clean and under each of the four
+regimes (the val/test degradation for that slice: a pure function of the seed), side by side in one PNG, with
+the realised parameters in the titles. Prints the split sizes and the parameters. The config is a LightningCLI
+YAML (only its `data:` block is read) or a data block itself (`class_path` + `init_args`, or just the init
+args).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from datamodules.errors import InputError
+
+REGIME_LABELS = {
+    "noise": "noise",
+    "noise_blur": "noise + blur",
+    "noise_blur_t2star": "noise + blur + T2*",
+    "noise_blur_t2star_b0": "noise + blur + T2* + B0",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `preview` subcommand."""
+    p = subparsers.add_parser(
+        "preview",
+        help="PNG grid of clean slices and their four low-field regimes",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="LightningCLI YAML with a data: block, or a data block")
+    p.add_argument("--out", required=True, help="output PNG path")
+    p.add_argument("--subjects-per-split", type=int, default=2, help="subjects shown per split (default 2)")
+    p.set_defaults(func=run)
+
+
+def data_block(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """(class_path, init_args) of the config's data module; InputError naming the file if it has none."""
+    path = Path(path)
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file not found") from None
+    except (OSError, yaml.YAMLError) as err:
+        raise InputError(f"{path}: cannot read the YAML config ({type(err).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: a config must be a YAML mapping")
+    block = cfg.get("data", cfg)
+    if not isinstance(block, dict):
+        raise InputError(f"{path}: the data block must be a mapping")
+    if "class_path" in block:
+        return str(block["class_path"]), dict(block.get("init_args") or {})
+    if {"model", "trainer"} & set(block):
+        raise InputError(f"{path}: no data: block")
+    return "datamodules.LowFieldDataModule", dict(block)
+
+
+def build_datamodule(path: str | Path):
+    """Instantiate the config's data module."""
+    class_path, init_args = data_block(path)
+    module_name, _, cls_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError):
+        raise InputError(f"{path}: cannot import the data module class {class_path!r}") from None
+    try:
+        return cls(**init_args)
+    except TypeError as err:
+        raise InputError(f"{path}: bad data init_args ({err})") from None
+
+
+def _title(regime: str, p: dict[str, float | None]) -> str:
+    parts = [f"SNR {p['snr_db']:.1f} dB"]
+    if p.get("fwhm_px"):
+        parts.append(f"FWHM {p['fwhm_px']:.2f} px")
+    if p.get("t2star_ms") is not None and math.isfinite(p["t2star_ms"]):
+        parts.append(f"T2* {p['t2star_ms']:.0f} ms")
+    if p.get("b0_max_hz"):
+        parts.append(f"B0 {p['b0_max_hz']:.0f} Hz")
+    return REGIME_LABELS.get(regime, regime) + "\n" + ", ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the preview PNG; print split sizes and realised parameters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from datamodules.datamodule import ALL_REGIMES
+    from datamodules.dataset import EvalSliceDataset
+    from degradations import params_to_jsonable
+
+    if args.subjects_per_split < 1:
+        raise InputError(f"--subjects-per-split must be >= 1, got {args.subjects_per_split}")
+    dm = build_datamodule(args.config)
+    sizes = dm.split.sizes()
+    print("split sizes (subjects): " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    rows = []
+    for split in ("train", "val", "test"):
+        if not sizes[split]:
+            continue
+        infos = dm.volume_infos(split)
+        print(f"  {split}: {len(infos)} volumes, {sum(len(i.slices) for i in infos)} kept slices")
+        picked = [
+            dataclasses.replace(i, slices=(i.slices[len(i.slices) // 2],))
+            for i in infos[: args.subjects_per_split]
+        ]
+        ds = EvalSliceDataset(
+            dm.source, picked, ALL_REGIMES, dm.image_size, dm.background_phase, dm.seed, dm.regime_overrides
+        )
+        for v, info in enumerate(picked):
+            samples = [ds[i] for i, item in enumerate(ds.items) if item[0] == v]
+            rows.append((split, info, samples))
+    fig, axes = plt.subplots(
+        len(rows),
+        1 + len(ALL_REGIMES),
+        figsize=(3.0 * (1 + len(ALL_REGIMES)), 3.6 * len(rows)),
+        squeeze=False,
+    )
+    for r, (split, info, samples) in enumerate(rows):
+        clean = torch.view_as_complex(samples[0]["clean"].permute(1, 2, 0).contiguous()).abs()
+        vmax = float(clean.max()) or 1.0
+        axes[r, 0].imshow(clean.numpy(), cmap="gray", vmin=0, vmax=vmax)
+        axes[r, 0].set_title(f"{split}: {info.record.volume_id}\nclean, slice {info.slices[0]}", fontsize=8)
+        for c, sample in enumerate(samples, start=1):
+            img = torch.view_as_complex(sample["degraded"].permute(1, 2, 0).contiguous()).abs()
+            params = params_to_jsonable({k: v[None] for k, v in sample["params"].items()})[0]
+            axes[r, c].imshow(img.numpy(), cmap="gray", vmin=0, vmax=vmax)
+            axes[r, c].set_title(_title(sample["regime"], params), fontsize=8)
+            shown = {k: round(v, 3) if v is not None else None for k, v in params.items()}
+            print(f"  {split} {info.record.volume_id} slice {info.slices[0]} {sample['regime']}: {shown}")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(
+        f"{dm.source.name} data: "
+        + ", ".join(f"{k} {v}" for k, v in sizes.items())
+        + f" subjects; image {dm.image_size}x{dm.image_size}; magnitude, same grey scale per row"
+    )
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * len(rows))))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return 0

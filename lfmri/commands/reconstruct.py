@@ -1,0 +1,302 @@
+"""`lfmri reconstruct`: reconstruct a low-field magnitude NIfTI volume slice by slice with the score prior.
+
+    lfmri reconstruct INPUT OUTPUT --ckpt C --regime R [--kspace F.h5] [--params F.json] [--samples K]
+                      [--std-out STD.nii.gz] [--sampler S] [--steps N] [--slice-axis 2] [--device auto]
+
+Inputs. Slices are taken along `--slice-axis` with the in-plane axes in array order and the readout along the
+last one, exactly as `lfmri degrade` writes its k-space:
+- with `--kspace F.h5` (from `lfmri degrade --kspace-out`): data consistency uses the measured k-space
+  (dataset `kspace`, complex [S, H, W]) and the forward operator A of the realised parameters: the per-slice
+  parameters of the params JSON (`--params`, default INPUT + ".json" when it exists) or else the file's
+  attributes, and its field maps `b0_map_hz` when the regime has B0;
+- without `--kspace`: y = fft2c of the input magnitude slices. A comes from the params JSON when there is one
+  (its field maps are not in the JSON: B0 is then taken as zero); otherwise from the regime's mid-range
+  parameters (blur FWHM and T2* at the middle of the regime's default ranges, nominal readout and TE, spin
+  echo) with NO B0 (an unknown field map cannot be guessed); with regime `noise`, A = fft2c.
+
+Processing. The volume is normalised like the data module (divided by the 99.5th percentile of |input|), each
+slice is zero-padded centred to a square and resized (bilinear, antialiased) to the model's image size, and
+the measured k-space is resampled the same way (y' = fft2c(resize(ifft2c(y)))); A is adapted to that grid:
+blur FWHM (pixels) and readout duration scale by image_size / max(H, W) (the grid's pixel size and k-space
+extent change by that factor), field maps are resized like the image. This is exact when the slices already
+are image_size x image_size and an approximation otherwise. The score network sees each slice turned by 90
+degrees, the orientation the data module trains on (the score is turned back, which is exact for a
+rotation). The reconstruction (the mean of the K posterior magnitudes) and the uncertainty map (their
+per-pixel std, `--std-out`, K >= 2) are resized back, multiplied by the scale (input units) and written with
+the input's affine and header (float32). Batches of slices run on CUDA when available, with a progress bar.
+
+Bad input (a checkpoint that is not ours, a NIfTI and k-space file or params file that disagree in shape or
+regime, NaN in the input, ...) -> one line on stderr, exit code 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datamodules.errors import InputError
+
+#: per-slice scalar parameters of the forward operator, as `lfmri degrade` records them
+SCALAR_KEYS = ("fwhm_px", "t2star_ms", "t2star_gre", "readout_ms", "te_ms", "b0_max_hz")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `reconstruct` parser."""
+    p = subparsers.add_parser(
+        "reconstruct", help="reconstruct a low-field magnitude NIfTI volume with the score prior",
+        description="Reconstruct each slice of a low-field magnitude NIfTI by posterior sampling with "
+                    "k-space data consistency; writes the reconstruction (and optionally the std map) with "
+                    "the input's affine, in the input's units.")
+    p.add_argument("input", help="low-field magnitude NIfTI (.nii / .nii.gz), 3D")
+    p.add_argument("output", help="reconstruction NIfTI path (.nii / .nii.gz)")
+    p.add_argument("--ckpt", required=True, help="lfmri (ScoreModel) Lightning checkpoint")
+    p.add_argument("--regime", required=True,
+                   help="noise | noise_blur | noise_blur_t2star | noise_blur_t2star_b0")
+    p.add_argument("--kspace", default=None, help="measured k-space HDF5 from `lfmri degrade --kspace-out`")
+    p.add_argument("--params", default=None,
+                   help="realised parameters JSON from `lfmri degrade` (default: INPUT.json when it exists)")
+    p.add_argument("--sampler", default="warm_ddim", help="sampler name (pc, warm_pc, ddim, warm_ddim)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
+    p.add_argument("--t0", type=float, default=None, help="start time in (0, 1] (default: the sampler's)")
+    p.add_argument("--dc-weight", type=float, default=0.3, help="data-consistency step weight")
+    p.add_argument("--samples", type=int, default=1, help="posterior samples K per slice (mean is written)")
+    p.add_argument("--std-out", default=None, help="write the per-pixel std of the K samples here (K >= 2)")
+    p.add_argument("--slice-axis", type=int, default=2, help="axis of the volume to slice along (default 2)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--batch-size", type=int, default=8, help="slices sampled together")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise")
+    p.set_defaults(func=run)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from datamodules.io import nifti_suffix
+    from degradations import REGIMES
+
+    if args.regime not in REGIMES:
+        raise InputError(f"--regime: unknown regime {args.regime!r}; valid regimes: {', '.join(REGIMES)}")
+    if args.slice_axis not in (-3, -2, -1, 0, 1, 2):
+        raise InputError(f"--slice-axis: {args.slice_axis} is not an axis of a 3D volume (0, 1 or 2)")
+    for name in ("samples", "batch_size", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    if args.std_out and args.samples < 2:
+        raise InputError("--std-out: the std map needs --samples >= 2")
+    outputs = [("OUTPUT", Path(args.output))] + ([("--std-out", Path(args.std_out))] if args.std_out else [])
+    for label, path in outputs:
+        if nifti_suffix(path) is None:
+            raise InputError(f"{label} {path}: must end with .nii or .nii.gz")
+        if not path.parent.is_dir():
+            raise InputError(f"{label} {path}: output folder {path.parent} does not exist")
+        if path.is_dir():
+            raise InputError(f"{label} {path}: is a folder, expected a file path")
+        if Path(args.input).exists() and path.exists() and path.resolve() == Path(args.input).resolve():
+            raise InputError(f"{label} {path}: would overwrite the input")
+    if args.std_out and Path(args.std_out).resolve() == Path(args.output).resolve():
+        raise InputError(f"--std-out {args.std_out}: is the same file as OUTPUT")
+
+
+def _check_regime(source: str, recorded: Any, regime: str) -> None:
+    if recorded not in (None, "", regime):
+        raise InputError(f"{source}: recorded regime {recorded!r} disagrees with --regime {regime}")
+
+
+def read_kspace(path: str | Path, shape: tuple[int, int, int], regime: str) -> dict[str, Any]:
+    """The measured k-space file -> {"kspace": complex64 [S,H,W], "b0_map_hz": float32 [S,H,W] | None,
+    "attrs": dict}; InputError when it is unreadable, lacks `kspace`, disagrees with the NIfTI's slice
+    stack `shape` or with the regime, or holds NaN / Inf."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--kspace {path}: no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            if "kspace" not in f:
+                raise InputError(f"--kspace {path}: no dataset 'kspace'")
+            kspace = np.asarray(f["kspace"])
+            b0 = np.asarray(f["b0_map_hz"], dtype=np.float32) if "b0_map_hz" in f else None
+            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(f"--kspace {path}: not a readable HDF5 file ({type(err).__name__})") from None
+    if tuple(kspace.shape) != tuple(shape):
+        raise InputError(f"--kspace {path}: k-space shape {tuple(kspace.shape)} disagrees with the NIfTI's "
+                         f"slices {tuple(shape)} (slices along --slice-axis first)")
+    if b0 is not None and tuple(b0.shape) != tuple(shape):
+        raise InputError(f"--kspace {path}: b0_map_hz shape {tuple(b0.shape)} disagrees with the NIfTI's "
+                         f"slices {tuple(shape)}")
+    if not np.iscomplexobj(kspace):
+        raise InputError(f"--kspace {path}: 'kspace' must be complex, got {kspace.dtype}")
+    bad = int(kspace.size - np.count_nonzero(np.isfinite(kspace)))
+    if bad or (b0 is not None and not np.all(np.isfinite(b0))):
+        raise InputError(f"--kspace {path}: {bad or 'some'} value(s) are NaN or Inf")
+    _check_regime(f"--kspace {path}", attrs.get("regime"), regime)
+    return {"kspace": kspace.astype(np.complex64), "b0_map_hz": b0, "attrs": attrs}
+
+
+def read_params(path: str | Path, n_slices: int, regime: str) -> dict[str, Any]:
+    """`lfmri degrade`'s JSON -> {"scalars": {key: float64 [S]}, "b0_method": str | None}; InputError when
+    it is unreadable, has no per-slice parameters, or disagrees with the NIfTI's slice count or regime."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"--params {path}: no such file") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"--params {path}: not a readable JSON file ({type(err).__name__})") from None
+    rows = record.get("slices") if isinstance(record, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise InputError(f"--params {path}: no per-slice parameters ('slices'); "
+                         "expected lfmri degrade's JSON")
+    if len(rows) != n_slices:
+        raise InputError(f"--params {path}: {len(rows)} slices of parameters disagree with the NIfTI's "
+                         f"{n_slices} slices")
+    _check_regime(f"--params {path}", record.get("regime"), regime)
+    scalars = {}
+    for key in SCALAR_KEYS:
+        values = [r.get(key, None) for r in rows]
+        if key == "t2star_ms":  # null = no decay
+            values = [math.inf if v is None else v for v in values]
+        if any(v is None for v in values):
+            if key in ("t2star_gre", "b0_max_hz"):
+                continue
+            raise InputError(f"--params {path}: parameter {key!r} is missing for some slices")
+        scalars[key] = np.asarray(values, dtype=np.float64)
+    return {"scalars": scalars, "b0_method": record.get("b0_method")}
+
+
+def _attrs_params(attrs: dict[str, Any], n_slices: int) -> dict[str, np.ndarray] | None:
+    """Per-volume scalars of the k-space file's attributes, repeated per slice (None when absent)."""
+    if not all(k in attrs for k in ("fwhm_px", "t2star_ms", "readout_ms", "te_ms")):
+        return None
+    return {k: np.full(n_slices, float(attrs[k])) for k in SCALAR_KEYS if k in attrs}
+
+
+def mid_range_params(regime: str, n_slices: int) -> dict[str, np.ndarray]:
+    """The regime's mid-range scalars per slice: blur FWHM and T2* at their range midpoints (or fixed values),
+    nominal readout and TE, spin echo; neutral for the steps the regime lacks; no B0."""
+    from degradations import make_regime
+
+    degradation = make_regime(regime)
+    nominal = degradation.timing.nominal(1)
+    out = {"fwhm_px": 0.0, "t2star_ms": math.inf, "t2star_gre": 0.0,
+           "readout_ms": float(nominal["readout_ms"][0]), "te_ms": float(nominal["te_ms"][0])}
+    if degradation.blur is not None:
+        blur = degradation.blur
+        out["fwhm_px"] = blur.fwhm_px if blur.fwhm_px is not None else sum(blur.fwhm_px_range) / 2
+    if degradation.t2star is not None:
+        t2 = degradation.t2star
+        out["t2star_ms"] = t2.t2star_ms if t2.t2star_ms is not None else sum(t2.t2star_ms_range) / 2
+        out["t2star_gre"] = 1.0 if t2.mode == "gradient_echo" else 0.0
+    return {k: np.full(n_slices, float(v)) for k, v in out.items()}
+
+
+def operator_params_on_grid(scalars: dict[str, np.ndarray], b0_map_hz: np.ndarray | None,
+                            in_shape: tuple[int, int], size: int) -> dict[str, Any]:
+    """Batched params (torch, [S] and b0_map_hz [S,1,size,size]) of A on the model's size x size grid."""
+    import torch
+
+    from datamodules.transforms import fit_to_square
+    from degradations import neutral_params
+
+    n = len(next(iter(scalars.values())))
+    params = neutral_params(n, size, size)
+    factor = size / max(in_shape)
+    for key, values in scalars.items():
+        params[key] = torch.as_tensor(values, dtype=torch.float32)
+    params["fwhm_px"] = params["fwhm_px"] * factor
+    params["readout_ms"] = params["readout_ms"] * factor
+    if b0_map_hz is not None:
+        params["b0_map_hz"] = fit_to_square(torch.from_numpy(b0_map_hz)[:, None].float(), size)
+    return params
+
+
+def _rotated(score_fn):
+    """The score function of slices turned by 90 degrees (the data module's orientation), turned back."""
+    import torch
+
+    def score(x, t):
+        return torch.rot90(score_fn(torch.rot90(x, 1, dims=(-2, -1)), t), -1, dims=(-2, -1))
+
+    return score
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `lfmri reconstruct`; bad input raises InputError before anything is written."""
+    import contextlib
+
+    import nibabel as nib
+    import torch
+
+    from datamodules.io import atomic_path, load_nifti, nifti_like
+    from datamodules.transforms import fit_to_square, restore_shape, robust_scale
+    from degradations import complex_to_channels, fft2c, ifft2c, make_regime
+    from lfmri.evaluation import load_score_model, reconstruct_volume, resolve_device
+    from lightning_modules.samplers import build_sampler
+
+    _validate(args)
+    data, img = load_nifti(args.input)
+    axis = args.slice_axis % 3
+    stack = np.ascontiguousarray(np.moveaxis(data, axis, 0))  # [S, H, W], lfmri degrade's layout
+    n_slices, height, width = stack.shape
+    measured = read_kspace(args.kspace, stack.shape, args.regime) if args.kspace else None
+    sidecar = Path(str(args.input) + ".json")
+    params_path = args.params or (str(sidecar) if sidecar.is_file() else None)
+    recorded = read_params(params_path, n_slices, args.regime) if params_path else None
+    scale = robust_scale(np.abs(stack))
+    if not scale > 0:
+        raise InputError(f"{args.input}: the volume is empty (its 99.5th percentile is 0)")
+
+    device = resolve_device(args.device)
+    model = load_score_model(args.ckpt, device)
+    try:
+        sampler = build_sampler(args.sampler, steps=args.steps, t0=args.t0, dc_weight=args.dc_weight,
+                                sde=model.sde)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    size = int(model.hparams.image_size)
+
+    if recorded is not None:
+        scalars, b0_method = recorded["scalars"], recorded["b0_method"]
+    elif measured is not None and _attrs_params(measured["attrs"], n_slices) is not None:
+        scalars, b0_method = _attrs_params(measured["attrs"], n_slices), measured["attrs"].get("b0_method")
+    else:
+        scalars, b0_method = mid_range_params(args.regime, n_slices), None
+    b0_map = measured["b0_map_hz"] if measured is not None and "b0" in args.regime else None
+    overrides = {"b0_method": b0_method} if b0_method not in (None, "", "none") and b0_map is not None else {}
+    operator = make_regime(args.regime, **overrides).operator
+    params = operator_params_on_grid(scalars, b0_map, (height, width), size)
+
+    if measured is not None:
+        x = ifft2c(torch.from_numpy(measured["kspace"])[:, None]) / scale
+    else:
+        x = torch.from_numpy(stack)[:, None].to(torch.complex64) / scale
+    x = fit_to_square(x, size)  # [S, 1, size, size]
+    score_fn = _rotated(model.score_fn())
+    mean, std = reconstruct_volume(score_fn, sampler, operator, complex_to_channels(x), fft2c(x), params,
+                                   args.samples, args.batch_size, args.seed, device,
+                                   desc=f"reconstruct ({sampler.name}, {sampler.expected_nfe} NFE)")
+
+    def to_volume(images: np.ndarray) -> np.ndarray:
+        back = restore_shape(torch.from_numpy(images), (height, width)).clamp_min(0.0).numpy() * scale
+        return np.moveaxis(back.astype(np.float32), 0, axis)
+
+    with contextlib.ExitStack() as stack_ctx:
+        out_tmp = stack_ctx.enter_context(atomic_path(args.output))
+        std_tmp = stack_ctx.enter_context(atomic_path(args.std_out)) if args.std_out else None
+        nib.save(nifti_like(to_volume(mean), img), str(out_tmp))
+        if std_tmp is not None:
+            nib.save(nifti_like(to_volume(std), img), str(std_tmp))
+    print(json.dumps({"input": str(args.input), "output": str(args.output), "std_out": args.std_out,
+                      "regime": args.regime, "kspace": args.kspace, "params": params_path,
+                      "sampler": sampler.name, "steps": sampler.schedule.n_steps, "samples": args.samples,
+                      "nfe_per_slice": sampler.expected_nfe * args.samples, "image_size": size,
+                      "scale": scale, "device": str(device)}, indent=2))
+    return 0

@@ -1,0 +1,226 @@
+"""Import and export of score_sde / score-MRI checkpoints.
+
+The format (what score_sde's `save_checkpoint` writes): a dict with
+- `model`: the DDPM state dict under `torch.nn.DataParallel` (keys `module.sigmas`, `module.all_modules...`);
+- `ema`: `{'decay', 'num_updates', 'shadow_params'}`, `shadow_params` a list in `parameters()` order;
+- `optimizer`: an Adam state dict; `step`: an int.
+The architecture is not stored; it comes from the run's config (`config.json`-style nested dict:
+`{'model': {nf, ch_mult, ...}, 'data': {image_size, num_channels, centered}}`).
+
+Channel adaptation (`adapt_channels`), only the first and the last conv change:
+- 2 -> 1 (a complex real/imag model on real images): keep the real-channel input weights and the real-channel
+  output weights and bias. A 1-channel image m is then the complex image (m, 0), so exactly
+  `net1(m) == net2([m, 0])[:, :1]`.
+- 1 -> 2 (a magnitude model on complex data): each input channel gets half the input weights and the output
+  weights and bias are duplicated, so on images with equal parts exactly `net2([m, m]) == [net1(m), net1(m)]`.
+Both are exact embeddings of one network's behaviour in the other's domain; fine-tuning adapts the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from datamodules.errors import InputError
+from lightning_modules.ddpm import DDPM
+
+_PREFIX = "module."
+#: score_sde config fields -> DDPM argument; fields in _REQUIRED must be present
+_MODEL_FIELDS = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv",
+                 "conditional", "scale_by_sigma", "nonlinearity", "sigma_min", "sigma_max", "num_scales",
+                 "num_groups")
+_DATA_FIELDS = ("image_size", "num_channels", "centered")
+_REQUIRED = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "image_size", "num_channels", "centered")
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be read or does not fit the network; a one-line message naming the file."""
+
+
+def ddpm_kwargs_from_config(config: Mapping | str | os.PathLike) -> dict:
+    """DDPM constructor arguments from a score_sde config in the nested layout (a dict or a JSON file path).
+
+    Architecture fields (nf, ch_mult, num_res_blocks, attn_resolutions, image_size, num_channels, centered)
+    are required; the others default to score_sde's defaults.
+    """
+    if not isinstance(config, Mapping):
+        try:
+            config = json.loads(Path(config).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{config}: cannot read the score_sde config JSON ({err})") from err
+    model, data = dict(config.get("model", {})), dict(config.get("data", {}))
+    if model.get("name", "ddpm") != "ddpm":
+        raise CheckpointError(f"config model.name is {model['name']!r}; lfmri loads 'ddpm' networks only")
+    kwargs = {k: model[k] for k in _MODEL_FIELDS if k in model}
+    kwargs.update({k: data[k] for k in _DATA_FIELDS if k in data})
+    missing = [k for k in _REQUIRED if k not in kwargs]
+    if missing:
+        raise CheckpointError(f"config lacks {', '.join(missing)} (nested layout: 'model', 'data' sections)")
+    for k in ("ch_mult", "attn_resolutions"):
+        kwargs[k] = tuple(kwargs[k])
+    return kwargs
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
+    """(model state dict without the DataParallel prefix, ema state or None) of a score_sde checkpoint."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for non-checkpoints (pickle, zip, EOF, Runtime)
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from err
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a score_sde checkpoint (a {type(obj).__name__}, expected a dict)")
+    if "state_dict" in obj and "pytorch-lightning_version" in obj:
+        raise CheckpointError(f"{path}: this is a Lightning checkpoint, not a score_sde one; convert it with "
+                              "`lfmri export --ckpt` or resume from it with --ckpt_path")
+    if isinstance(obj.get("model"), dict):
+        model, ema = obj["model"], obj.get("ema")
+    elif obj and all(isinstance(v, Tensor) for v in obj.values()) and any("all_modules" in k for k in obj):
+        model, ema = obj, None
+    else:
+        raise CheckpointError(f"{path}: not a score_sde checkpoint (expected keys 'model' and 'ema', found "
+                              f"{sorted(map(str, obj))[:6]})")
+    if model and all(k.startswith(_PREFIX) for k in model):
+        model = {k[len(_PREFIX):]: v for k, v in model.items()}
+    return model, ema
+
+
+def _check_fit(path: str | os.PathLike, expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> None:
+    """Raise CheckpointError on the first missing key, unexpected key or shape mismatch, in module order."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    head = f"{path}: checkpoint does not fit the DDPM config"
+    counts = f"({len(missing)} missing, {len(unexpected)} unexpected)"
+    if missing:
+        raise CheckpointError(f"{head} {counts}: first missing key '{_PREFIX}{missing[0]}'")
+    if unexpected:
+        raise CheckpointError(f"{head} {counts}: first unexpected key '{_PREFIX}{unexpected[0]}'")
+    for k, v in expected.items():
+        if tuple(found[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{head}: '{_PREFIX}{k}' has shape {tuple(found[k].shape)} in the "
+                                  f"checkpoint, {tuple(v.shape)} in the network")
+
+
+def _with_ema(path: str | os.PathLike, net: nn.Module, state: dict[str, Tensor], ema: dict | None,
+              ) -> dict[str, Tensor]:
+    """`state` (net's layout) with the EMA shadow parameters in place of the parameters."""
+    if not isinstance(ema, dict) or "shadow_params" not in ema:
+        raise CheckpointError(f"{path}: no EMA weights in the checkpoint; use weights='model'")
+    names = [n for n, _ in net.named_parameters()]
+    shadows = list(ema["shadow_params"])
+    if len(shadows) != len(names):
+        raise CheckpointError(f"{path}: EMA has {len(shadows)} shadow parameters, the network "
+                              f"{len(names)} parameters")
+    state = dict(state)
+    for i, (name, s) in enumerate(zip(names, shadows, strict=True)):
+        if tuple(s.shape) != tuple(state[name].shape):
+            raise CheckpointError(f"{path}: EMA shadow parameter {i} ('{_PREFIX}{name}') has shape "
+                                  f"{tuple(s.shape)} in the checkpoint, {tuple(state[name].shape)} in the "
+                                  "network")
+        state[name] = s
+    return state
+
+
+def _adapted(state: dict[str, Tensor], net: DDPM, channels: int) -> dict[str, Tensor]:
+    """`state` with the first and last conv adapted from net.num_channels to `channels` (see module doc)."""
+    first = "all_modules.2" if net.conditional else "all_modules.0"
+    last = f"all_modules.{len(net.all_modules) - 1}"
+    state = dict(state)
+    w_in, w_out, b_out = state[f"{first}.weight"], state[f"{last}.weight"], state[f"{last}.bias"]
+    if (net.num_channels, channels) == (2, 1):
+        w_in, w_out, b_out = w_in[:, :1], w_out[:1], b_out[:1]
+    elif (net.num_channels, channels) == (1, 2):
+        w_in, w_out, b_out = torch.cat([w_in / 2] * 2, dim=1), torch.cat([w_out] * 2), torch.cat([b_out] * 2)
+    else:
+        raise CheckpointError(f"channel adaptation {net.num_channels} -> {channels} is not supported "
+                              "(1 <-> 2 only)")
+    state[f"{first}.weight"], state[f"{last}.weight"], state[f"{last}.bias"] = w_in, w_out, b_out
+    return state
+
+
+def load_score_sde_checkpoint(path: str | os.PathLike, model_config: Mapping | str | os.PathLike,
+                              weights: Literal["ema", "model"] = "ema",
+                              adapt_channels: int | None = None) -> DDPM:
+    """Load a score_sde-format checkpoint strictly into a new DDPM in eval mode (on the CPU).
+
+    Args:
+        path: the `checkpoint_*.pth` file.
+        model_config: the run's config, nested layout `{'model': {...}, 'data': {...}}` (dict or JSON path).
+        weights: 'ema' (the EMA shadow parameters, what score_sde samples with) or 'model' (the raw weights).
+        adapt_channels: if given and different from the config's `data.num_channels`, adapt the first and last
+            conv to this many channels (1 <-> 2, rule in the module docstring).
+    Raises:
+        CheckpointError: unreadable file, not a score_sde checkpoint, or the first missing / unexpected key or
+            shape mismatch (with both shapes).
+    """
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    kwargs = ddpm_kwargs_from_config(model_config)
+    model_state, ema = _read(path)
+    with torch.device("meta"):
+        net = DDPM(**kwargs)
+    expected = net.state_dict()
+    _check_fit(path, expected, model_state)
+    state = {k: model_state[k] for k in expected}
+    if weights == "ema":
+        state = _with_ema(path, net, state, ema)
+    if adapt_channels is not None and adapt_channels != net.num_channels:
+        state = _adapted(state, net, adapt_channels)
+        with torch.device("meta"):
+            net = DDPM(**{**kwargs, "num_channels": adapt_channels})
+    net.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+    return net.eval()
+
+
+def _atomic_save(obj: object, path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_score_sde_checkpoint(net: DDPM, path: str | os.PathLike,
+                                ema_params: Sequence[Tensor] | None = None, step: int = 0,
+                                ema_decay: float = 0.9999, ema_num_updates: int | None = None,
+                                config_path: str | os.PathLike | None = None) -> None:
+    """Write `net` as a score_sde checkpoint (atomically: a temporary file, then os.replace).
+
+    `model` holds net's state dict with the `module.` prefix (including `module.sigmas`); `ema` holds
+    `ema_params` (a list in parameters() order; default: net's parameters) with `ema_decay` and
+    `ema_num_updates` (default: step); `optimizer` is a fresh Adam state dict over the parameters (no
+    moments), so score_sde can resume from it; `step` is `step`. With `config_path`, also write the network's
+    score_sde config JSON (nested layout) there, which `load_score_sde_checkpoint` takes as `model_config`.
+    """
+    params = list(net.parameters())
+    shadows = list(ema_params) if ema_params is not None else params
+    if len(shadows) != len(params):
+        raise ValueError(f"ema_params has {len(shadows)} tensors, the network {len(params)} parameters")
+    for i, (s, p) in enumerate(zip(shadows, params, strict=True)):
+        if s.shape != p.shape:
+            raise ValueError(f"ema_params[{i}] has shape {tuple(s.shape)}, the parameter {tuple(p.shape)}")
+    blob = {
+        "model": {_PREFIX + k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+        "ema": {"decay": float(ema_decay),
+                "num_updates": int(step if ema_num_updates is None else ema_num_updates),
+                "shadow_params": [s.detach().cpu().clone() for s in shadows]},
+        "optimizer": torch.optim.Adam(params).state_dict(),
+        "step": int(step),
+    }
+    _atomic_save(blob, Path(path), torch.save)
+    if config_path is not None:
+        _atomic_save(net.score_sde_config(), Path(config_path),
+                     lambda cfg, tmp: Path(tmp).write_text(json.dumps(cfg, indent=1) + "\n"))

@@ -1,0 +1,169 @@
+"""Reconstruction metrics with fastMRI's definitions (`fastmri/evaluate.py`), in torch.
+
+All metrics compare a predicted magnitude VOLUME with a reference volume, slices along the first axis:
+inputs are `[S, H, W]` or `[S, 1, H, W]` (a single `[H, W]` slice is a volume of one slice).
+
+- SSIM: scikit-image's `structural_similarity` on each slice (7x7 uniform window, K1 = 0.01, K2 = 0.03,
+  sample covariance, the mean over the "valid" region 3 pixels in from each border), with
+  `data_range = ref.max()` of the whole reference volume, averaged over slices.
+- PSNR: `10 log10(data_range^2 / MSE)` over the whole volume, `data_range = ref.max()` (dB).
+- NMSE: `||pred - ref||^2 / ||ref||^2` over the whole volume (a fraction, not %).
+
+The plain functions return Python floats for one volume. The `Metric` classes accumulate one value per
+subject volume (`update(pred_volume, ref_volume)`) and `compute()` gives the mean and sample standard
+deviation across subjects; their list state is concatenated across DDP ranks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+__all__ = [
+    "SSIM_WIN_SIZE",
+    "VolumeNMSE",
+    "VolumePSNR",
+    "VolumeSSIM",
+    "nmse_volume",
+    "psnr_volume",
+    "ssim_slices",
+    "ssim_volume",
+]
+
+SSIM_WIN_SIZE = 7
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+
+def _as_volume(x: Tensor | np.ndarray, name: str) -> Tensor:
+    """`[S,H,W]`, `[S,1,H,W]` or `[H,W]` -> float64 `[S,H,W]`."""
+    x = torch.as_tensor(x)
+    if x.is_complex():
+        raise ValueError(f"{name} must be a real magnitude volume, got a complex tensor")
+    if x.ndim == 4 and x.shape[1] == 1:
+        x = x[:, 0]
+    elif x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"{name} must have shape [S,H,W] or [S,1,H,W], got {tuple(x.shape)}")
+    return x.to(torch.float64)
+
+
+def _pair(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> tuple[Tensor, Tensor]:
+    pred, ref = _as_volume(pred, "pred"), _as_volume(ref, "ref")
+    if pred.shape != ref.shape:
+        raise ValueError(f"pred shape {tuple(pred.shape)} != ref shape {tuple(ref.shape)}")
+    return pred, ref.to(pred.device)
+
+
+def ssim_slices(
+    pred: Tensor | np.ndarray, ref: Tensor | np.ndarray, data_range: float | None = None
+) -> Tensor:
+    """Per-slice SSIM, float64 `[S]`, as skimage's `structural_similarity(ref[s], pred[s], data_range=...)`.
+
+    `data_range` defaults to `ref.max()` over the whole volume (fastMRI's convention).
+    """
+    pred, ref = _pair(pred, ref)
+    if min(ref.shape[-2:]) < SSIM_WIN_SIZE:
+        w = SSIM_WIN_SIZE
+        raise ValueError(f"SSIM needs slices of at least {w}x{w}, got {tuple(ref.shape[-2:])}")
+    L = ref.max() if data_range is None else torch.as_tensor(data_range, dtype=torch.float64)
+    c1, c2 = (SSIM_K1 * L) ** 2, (SSIM_K2 * L) ** 2
+    n_px = SSIM_WIN_SIZE**2
+    cov_norm = n_px / (n_px - 1)  # skimage's use_sample_covariance=True
+
+    x, y = ref[:, None], pred[:, None]  # [S,1,H,W]
+    # a 7x7 box mean without padding is skimage's uniform filter on the cropped ("valid") region
+    means = F.avg_pool2d(torch.cat([x, y, x * x, y * y, x * y], dim=1), SSIM_WIN_SIZE, stride=1)
+    ux, uy, uxx, uyy, uxy = means.unbind(dim=1)
+    vx = cov_norm * (uxx - ux * ux)
+    vy = cov_norm * (uyy - uy * uy)
+    vxy = cov_norm * (uxy - ux * uy)
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean(dim=(-2, -1))
+
+
+def ssim_volume(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> float:
+    """fastMRI's volume SSIM: the mean over slices of per-slice SSIM with `data_range = ref.max()`."""
+    return float(ssim_slices(pred, ref).mean())
+
+
+def psnr_volume(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> float:
+    """fastMRI's PSNR in dB over the whole volume, `data_range = ref.max()`; inf when pred == ref."""
+    pred, ref = _pair(pred, ref)
+    mse = torch.mean((ref - pred) ** 2)
+    return float(10 * torch.log10(ref.max() ** 2 / mse))
+
+
+def nmse_volume(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> float:
+    """fastMRI's NMSE `||pred - ref||^2 / ||ref||^2` over the whole volume (fraction)."""
+    pred, ref = _pair(pred, ref)
+    return float(torch.sum((ref - pred) ** 2) / torch.sum(ref**2))
+
+
+class _VolumeMetric(Metric):
+    """One value per subject volume; `compute()` -> `{"mean", "std", "n", "values"}` across subjects.
+
+    `std` is the sample standard deviation (ddof = 1; 0 for a single subject). `values` is `[n]` float64,
+    concatenated over DDP ranks (order: rank by rank).
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+        self.set_dtype(torch.float64)  # a rank without updates syncs an empty tensor of this dtype
+
+    @staticmethod
+    def _volume_value(pred: Tensor, ref: Tensor) -> float:
+        raise NotImplementedError
+
+    def update(self, pred: Tensor, ref: Tensor) -> None:
+        """Add one subject: `pred`, `ref` magnitude volumes `[S,H,W]` or `[S,1,H,W]`."""
+        value = self._volume_value(pred, ref)
+        self.values.append(torch.tensor([value], dtype=torch.float64, device=self.device))
+
+    def compute(self) -> dict[str, Tensor]:
+        values = self.values  # a list before a DDP sync, one tensor after it
+        values = dim_zero_cat(values) if isinstance(values, Tensor) or len(values) else values
+        n = values.numel() if isinstance(values, Tensor) else 0
+        if n == 0:
+            raise RuntimeError(f"{type(self).__name__}.compute() called before any update()")
+        std = values.std() if n > 1 else torch.zeros((), dtype=values.dtype, device=values.device)
+        return {"mean": values.mean(), "std": std, "n": torch.tensor(n), "values": values}
+
+
+class VolumeSSIM(_VolumeMetric):
+    """fastMRI SSIM per subject volume (see `ssim_volume`), mean ± std across subjects."""
+
+    higher_is_better = True
+
+    @staticmethod
+    def _volume_value(pred: Tensor, ref: Tensor) -> float:
+        return ssim_volume(pred, ref)
+
+
+class VolumePSNR(_VolumeMetric):
+    """fastMRI PSNR (dB) per subject volume (see `psnr_volume`), mean ± std across subjects."""
+
+    higher_is_better = True
+
+    @staticmethod
+    def _volume_value(pred: Tensor, ref: Tensor) -> float:
+        return psnr_volume(pred, ref)
+
+
+class VolumeNMSE(_VolumeMetric):
+    """fastMRI NMSE (fraction) per subject volume (see `nmse_volume`), mean ± std across subjects."""
+
+    higher_is_better = False
+
+    @staticmethod
+    def _volume_value(pred: Tensor, ref: Tensor) -> float:
+        return nmse_volume(pred, ref)

@@ -1,0 +1,210 @@
+"""`ScoreModel`: the LightningModule that trains / fine-tunes the DDPM score network under the VP-SDE.
+
+Thin over the plain parts: `ddpm.DDPM` (the network, `self.net`), `sde.VPSDE` (`self.sde`), `losses` (DSM and
+the supervised one-step reconstruction loss) and `ema.EMA` (`self.ema`). Batches are dicts with `clean` and
+`degraded` float [B, 2, H, W] (see datamodules); other keys are ignored.
+
+- Loss: `dsm_weight * DSM(clean) + supervised_weight * supervised(degraded -> clean)`; a term with weight 0
+  is not computed in training. Validation and test always compute and log both, with a generator seeded by
+  `val_seed + batch_idx`, so they are deterministic.
+- Optimiser: AdamW with a linear warm-up of the learning rate over `warmup_steps` optimiser steps (a LambdaLR
+  stepped every step: factor min(1, (step + 1) / warmup_steps)). Gradient clipping is the Trainer's
+  (`trainer.gradient_clip_val: 1.0`, score_sde's value); bf16 is the Trainer's `precision: bf16-mixed`.
+- EMA: updated after every optimiser step, stored in the Lightning checkpoint under `"ema"` (score_sde's
+  layout), swapped into the network for validation, test and predict; `score_fn()` gives samplers a
+  score function on a frozen copy of the EMA weights.
+- Pretrained weights (`pretrained`, a score_sde checkpoint) are loaded in `setup`, not in `__init__`, so
+  `load_from_checkpoint` and resuming with `ckpt_path` never re-read the clinical file.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from lightning_modules.checkpoint import load_score_sde_checkpoint
+from lightning_modules.ddpm import DDPM
+from lightning_modules.ema import EMA
+from lightning_modules.losses import dsm_loss, supervised_loss
+from lightning_modules.sde import VPSDE, ScoreFn, get_score_fn
+
+#: ScoreModel arguments that configure the network (the DDPM constructor's)
+NET_ARGS = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv",
+            "conditional", "scale_by_sigma", "nonlinearity", "image_size", "num_channels", "centered",
+            "num_groups", "grad_checkpointing")
+
+
+class ScoreModel(LightningModule):
+    """VP-SDE score model (score_sde's DDPM U-Net) with DSM + supervised losses, EMA and checkpoint import.
+
+    Network (score_sde config fields, see `DDPM`): nf, ch_mult, num_res_blocks, attn_resolutions, dropout,
+    resamp_with_conv, conditional, scale_by_sigma, nonlinearity, image_size, num_channels, centered,
+    num_groups (GroupNorm groups, 32 in score_sde), grad_checkpointing.
+    Pretrained: `pretrained` a score_sde checkpoint path; `pretrained_weights` 'ema' | 'model';
+    `pretrained_config` the checkpoint's score_sde config.json (default: this network's config);
+    `adapt_channels` adapt a 1 <-> 2 channel checkpoint to this network's `num_channels` (set it to
+    num_channels; see `checkpoint` for the rule).
+    SDE and losses: beta_min, beta_max; dsm_weight; supervised_weight (lambda); supervised_t0 (range of t0);
+    supervised_loss 'l1' | 'l2'; likelihood_weighting (DSM).
+    Optimisation: lr, weight_decay (AdamW), warmup_steps, ema_decay, compile (torch.compile the network in
+    setup), val_seed.
+    """
+
+    def __init__(self, nf: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
+                 attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
+                 resamp_with_conv: bool = True,
+                 conditional: bool = True, scale_by_sigma: bool = False, nonlinearity: str = "swish",
+                 image_size: int = 256, num_channels: int = 2, centered: bool = True, num_groups: int = 32,
+                 grad_checkpointing: bool = False,
+                 pretrained: str | None = None, pretrained_weights: Literal["ema", "model"] = "ema",
+                 pretrained_config: str | None = None, adapt_channels: int | None = None,
+                 beta_min: float = 0.1, beta_max: float = 20.0, dsm_weight: float = 1.0,
+                 supervised_weight: float = 0.0, supervised_t0: tuple[float, float] = (0.05, 0.3),
+                 supervised_loss: Literal["l1", "l2"] = "l1", likelihood_weighting: bool = False,
+                 lr: float = 2e-4, weight_decay: float = 0.0, warmup_steps: int = 5000,
+                 ema_decay: float = 0.9999, compile: bool = False, val_seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        hp = self.hparams
+        self.net = DDPM(**{k: hp[k] for k in NET_ARGS})
+        self.sde = VPSDE(beta_min=beta_min, beta_max=beta_max)
+        self.ema = EMA(self.net.parameters(), decay=ema_decay)
+        self._weights_ready = pretrained is None  # pretrained weights still to load in setup
+        self._compiled = False
+        self._ema_swap: ExitStack | None = None
+        self._ema_step = 0  # the trainer's global_step at the last EMA update
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def load_pretrained(self) -> None:
+        """Load `pretrained` into the network (strictly) and restart the EMA from those weights."""
+        hp = self.hparams
+        config = hp.pretrained_config or self.net.score_sde_config()
+        loaded = load_score_sde_checkpoint(hp.pretrained, config, weights=hp.pretrained_weights,
+                                           adapt_channels=hp.adapt_channels)
+        ours = {k: v for k, v in self.net.config.items() if k != "dropout"}
+        theirs = {k: v for k, v in loaded.config.items() if k != "dropout"}
+        if ours != theirs:
+            diff = ", ".join(f"{k}={theirs[k]!r} (this model {v!r})"
+                             for k, v in ours.items() if v != theirs[k])
+            raise ValueError(f"{hp.pretrained}: the pretrained network differs from this model's: {diff}")
+        self.net.load_state_dict(loaded.state_dict(), strict=True)
+        self.ema = EMA(self.net.parameters(), decay=hp.ema_decay)
+        self._weights_ready = True
+
+    def setup(self, stage: str) -> None:
+        if not self._weights_ready:
+            self.load_pretrained()
+        if self.hparams.compile and not self._compiled:
+            self.net.compile()
+            self._compiled = True
+
+    # ------------------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """Score [B, C, H, W] at x [B, C, H, W], t [B] with the network's current weights."""
+        return get_score_fn(self.net, self.sde)(x, t)
+
+    def frozen_net(self, use_ema: bool = True) -> DDPM:
+        """A frozen eval-mode copy of the network (on the module's device) with the EMA or current weights."""
+        net = DDPM(**self.net.config).to(self.device)
+        net.load_state_dict(self.net.state_dict())
+        if use_ema:
+            self.ema.copy_to(net.parameters())
+        return net.eval().requires_grad_(False)
+
+    def score_fn(self, use_ema: bool = True) -> ScoreFn:
+        """score_fn(x [B, C, H, W], t [B]) for samplers, on a frozen copy of the EMA (or current) weights."""
+        return get_score_fn(self.frozen_net(use_ema), self.sde)
+
+    # ------------------------------------------------------------------------------------------ losses
+    def _losses(self, batch: dict[str, Any], generator: torch.Generator | None, compute_all: bool,
+                ) -> dict[str, Tensor]:
+        hp = self.hparams
+        out: dict[str, Tensor] = {}
+        if compute_all or hp.dsm_weight > 0:
+            out["dsm"] = dsm_loss(self.net, self.sde, batch["clean"],
+                                  likelihood_weighting=hp.likelihood_weighting, generator=generator)
+        if compute_all or hp.supervised_weight > 0:
+            out["supervised"] = supervised_loss(self.net, self.sde, batch["degraded"], batch["clean"],
+                                                t0_range=tuple(hp.supervised_t0), loss=hp.supervised_loss,
+                                                generator=generator)
+        weights = {"dsm": hp.dsm_weight, "supervised": hp.supervised_weight}
+        out["loss"] = sum(weights[k] * v for k, v in out.items())
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        losses = self._losses(batch, None, compute_all=False)
+        n = batch["clean"].shape[0]
+        for k, v in losses.items():
+            self.log(f"train/{k}", v, batch_size=n, prog_bar=k == "loss")
+        return losses["loss"]
+
+    def _eval_step(self, batch: dict[str, Any], batch_idx: int, prefix: str) -> None:
+        gen = torch.Generator(device=self.device).manual_seed(self.hparams.val_seed + batch_idx)
+        losses = self._losses(batch, gen, compute_all=True)
+        n = batch["clean"].shape[0]
+        for k, v in losses.items():
+            self.log(f"{prefix}/{k}", v, batch_size=n, sync_dist=True, prog_bar=k == "loss")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    # --------------------------------------------------------------------------------------------- EMA
+    def on_train_start(self) -> None:
+        self._ema_step = self.trainer.global_step
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step > self._ema_step:  # once per optimiser step (gradient accumulation)
+            self._ema_step = self.trainer.global_step
+            self.ema.update(self.net.parameters())
+
+    def _swap_in_ema(self) -> None:
+        if self._ema_swap is None:
+            self._ema_swap = ExitStack()
+            self._ema_swap.enter_context(self.ema.average_parameters(self.net.parameters()))
+
+    def _swap_out_ema(self) -> None:
+        if self._ema_swap is not None:
+            self._ema_swap.close()
+            self._ema_swap = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._swap_in_ema()
+
+    def on_validation_epoch_end(self) -> None:
+        self._swap_out_ema()
+
+    def on_test_epoch_start(self) -> None:
+        self._swap_in_ema()
+
+    def on_test_epoch_end(self) -> None:
+        self._swap_out_ema()
+
+    def on_predict_epoch_start(self) -> None:
+        self._swap_in_ema()
+
+    def on_predict_epoch_end(self) -> None:
+        self._swap_out_ema()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+        self._weights_ready = True  # the checkpoint's weights replace any pretrained ones
+
+    # ------------------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        warmup = max(int(hp.warmup_steps), 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

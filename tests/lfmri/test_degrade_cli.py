@@ -1,0 +1,174 @@
+"""`lfmri degrade`: round trip on a small real NIfTI, reproducibility, the SNR it promises, bad inputs."""
+
+import importlib.resources
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from degradations import ForwardOperator, fft2c, ifft2c
+from degradations.snr import foreground_mask
+from lfmri.cli import main
+
+MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def small_volume(tmp_path_factory):
+    """A 64 x 72 x 6 block of the MNI152 T1 template (real MRI) with a non-trivial affine, uint8 on disk."""
+    src = nib.load(str(MNI))
+    data = np.asarray(src.dataobj)[60:124, 70:142, 90:96]
+    affine = src.affine.copy()
+    affine[:3, 3] += [5.0, -3.0, 2.0]
+    path = tmp_path_factory.mktemp("in") / "brain.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine, src.header), str(path))
+    return path
+
+
+def degrade(*argv):
+    return main(["degrade", *map(str, argv)])
+
+
+def test_round_trip_writes_nifti_json_and_kspace(small_volume, tmp_path, capsys):
+    out, h5 = tmp_path / "deg.nii.gz", tmp_path / "k.h5"
+    rc = degrade(small_volume, out, "--regime", "noise_blur_t2star_b0", "--seed", "3", "--kspace-out", h5)
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    src, img = nib.load(str(small_volume)), nib.load(str(out))
+    np.testing.assert_array_equal(img.affine, src.affine)
+    assert img.shape == src.shape and img.get_data_dtype() == np.float32
+    assert int(img.header["sform_code"]) == int(src.header["sform_code"])
+    record = json.loads(Path(str(out) + ".json").read_text())
+    assert record == printed
+    assert (record["regime"], record["seed"], record["slice_axis"]) == ("noise_blur_t2star_b0", 3, 2)
+    assert record["input"] == str(small_volume.resolve()) and len(record["slices"]) == 6
+    assert {"fwhm_px", "t2star_ms", "readout_ms", "te_ms", "b0_max_hz", "snr_db", "noise_sigma"} <= set(
+        record["slices"][0])
+    with h5py.File(h5) as f:
+        kspace, b0_map = f["kspace"][()], f["b0_map_hz"][()]
+        attrs = dict(f.attrs)
+    assert kspace.shape == (6, 64, 72) and kspace.dtype == np.complex64
+    assert b0_map.shape == (6, 64, 72) and b0_map.dtype == np.float32
+    assert attrs["regime"] == "noise_blur_t2star_b0" and attrs["fwhm_px"] > 0
+    # the NIfTI is the magnitude of the k-space's image, slices along axis 2
+    magnitude = ifft2c(torch.from_numpy(kspace)).abs().numpy()
+    np.testing.assert_allclose(np.moveaxis(magnitude, 0, 2), img.get_fdata(), rtol=1e-5, atol=1e-3)
+    # the HDF5 carries what rebuilds A: y - A x is then pure noise at the reported level
+    scalar_keys = ("fwhm_px", "t2star_ms", "t2star_gre", "readout_ms", "te_ms")
+    params = {k: torch.full((6,), float(attrs[k])) for k in scalar_keys}
+    params["b0_map_hz"] = torch.from_numpy(b0_map)[:, None]
+    clean = torch.from_numpy(np.moveaxis(np.asarray(src.dataobj, dtype=np.float32), 2, 0)).to(torch.complex64)
+    residual = torch.from_numpy(kspace)[:, None] - ForwardOperator.from_params(params).forward(clean[:, None])
+    sigma = record["noise_sigma_volume"]
+    assert (residual.abs() ** 2).mean().item() == pytest.approx(sigma ** 2, rel=0.03)
+
+
+def measured_snr(clean, kspace, pooled):
+    """Independent SNR measurement of y - fft2c(clean) (noise regime) with the lfmri definition."""
+    x = torch.from_numpy(clean).to(torch.complex64)
+    noise_var = ((torch.from_numpy(kspace) - fft2c(x)).abs() ** 2).mean(dim=(1, 2)).double()
+    mask = foreground_mask(x)
+    fg_sum = ((x.abs().double() ** 2) * mask).sum(dim=(1, 2))
+    if pooled:
+        return 10 * math.log10(fg_sum.sum() / mask.sum() / noise_var.mean())
+    return 10 * torch.log10(fg_sum / mask.sum(dim=(1, 2)) / noise_var)
+
+
+@pytest.mark.parametrize("noise_level", ["volume", "slice"])
+def test_snr_of_the_written_kspace_equals_the_target(small_volume, tmp_path, noise_level):
+    out, h5 = tmp_path / "deg.nii", tmp_path / "k.h5"
+    assert degrade(small_volume, out, "--regime", "noise", "--snr-db", "5", "--kspace-out", h5,
+                   "--noise-level", noise_level) == 0
+    clean = np.moveaxis(np.asarray(nib.load(str(small_volume)).dataobj, dtype=np.float32), 2, 0)
+    with h5py.File(h5) as f:
+        kspace = f["kspace"][()]
+    if noise_level == "volume":  # one noise level per acquisition: the volume's SNR is the target
+        assert measured_snr(clean, kspace, pooled=True) == pytest.approx(5.0, abs=0.3)
+    else:  # every slice at the target
+        assert torch.all((measured_snr(clean, kspace, pooled=False) - 5.0).abs() < 0.3)
+
+
+def test_same_seed_same_output_independent_of_batch_size(small_volume, tmp_path):
+    outs = {}
+    for name, extra in {"a": ["--batch-size", "1"], "b": ["--batch-size", "4"], "c": ["--seed", "1"]}.items():
+        out = tmp_path / f"{name}.nii.gz"
+        assert degrade(small_volume, out, "--regime", "noise_blur_t2star_b0", *extra) == 0
+        outs[name] = nib.load(str(out)).get_fdata()
+    np.testing.assert_allclose(outs["a"], outs["b"], rtol=1e-5, atol=1e-3)
+    assert not np.allclose(outs["a"], outs["c"])
+
+
+def test_slice_axis_selects_the_slicing_direction(small_volume, tmp_path):
+    h5 = tmp_path / "k.h5"
+    assert degrade(small_volume, tmp_path / "d.nii.gz", "--regime", "noise", "--slice-axis", "0",
+                   "--kspace-out", h5) == 0
+    with h5py.File(h5) as f:
+        assert f["kspace"].shape == (64, 72, 6) and "b0_map_hz" not in f
+    assert nib.load(str(tmp_path / "d.nii.gz")).shape == (64, 72, 6)
+
+
+def _write(path, data):
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    return path
+
+
+def _bad_inputs(tmp_path, small_volume):
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not an image\n")
+    nan = np.ones((8, 8, 3), np.float32)
+    nan[2, 3, 1] = np.nan
+    return {
+        "missing": ([tmp_path / "missing.nii.gz", "--regime", "noise"], "missing.nii.gz"),
+        "not a nifti": ([text, "--regime", "noise"], "notes.nii.gz"),
+        "2D": ([_write(tmp_path / "flat.nii", np.ones((8, 8), np.float32)), "--regime", "noise"], "flat.nii"),
+        "5D": ([_write(tmp_path / "five.nii", np.ones((4, 4, 4, 2, 2), np.float32)), "--regime", "noise"],
+               "five.nii"),
+        "NaN": ([_write(tmp_path / "nan.nii.gz", nan), "--regime", "noise"], "nan.nii.gz"),
+        "regime": ([small_volume, "--regime", "noise_motion"], "--regime"),
+        "snr": ([small_volume, "--regime", "noise", "--snr-db", "500"], "--snr-db"),
+    }
+
+
+def test_bad_inputs_exit_2_with_one_line_and_create_nothing(small_volume, tmp_path, capsys):
+    cases = _bad_inputs(tmp_path, small_volume)
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    for case, (args, named) in cases.items():
+        out = outdir / "deg.nii.gz"
+        rc = main(["degrade", str(args[0]), str(out), *map(str, args[1:]),
+                   "--kspace-out", str(outdir / "k.h5")])
+        err = capsys.readouterr().err
+        assert rc == 2, case
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0] and "Traceback" not in err, (case, err)
+        assert lines[0].startswith("lfmri degrade: error:"), case
+        assert list(outdir.iterdir()) == [], case  # no output, no JSON, no HDF5, no temporary file
+
+
+def test_installed_console_script(small_volume, tmp_path):
+    script = Path(sys.executable).with_name("lfmri")
+    out = tmp_path / "deg.nii.gz"
+    done = subprocess.run([str(script), "degrade", str(small_volume), str(out), "--regime", "noise_blur",
+                           "--seed", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["regime"] == "noise_blur"
+    assert out.exists() and Path(str(out) + ".json").exists()
+
+
+def test_empty_slices_get_the_volume_noise_level(tmp_path, capsys):
+    data = np.zeros((16, 16, 3), np.float32)
+    data[4:12, 4:12, 0] = 100.0
+    data[2:14, 2:14, 2] = 50.0  # slice 1 stays all zero
+    src = _write(tmp_path / "v.nii", data)
+    rc = degrade(src, tmp_path / "d.nii", "--regime", "noise", "--snr-db", "5", "--noise-level", "slice")
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)["slices"]
+    assert rows[1]["snr_db"] is None and rows[1]["noise_sigma"] > 0  # no signal, yet the scanner's noise
+    assert rows[0]["snr_db"] == pytest.approx(5.0) and rows[2]["snr_db"] == pytest.approx(5.0)

@@ -1,0 +1,75 @@
+"""`lfmri export`: a ScoreModel Lightning checkpoint -> score_sde format, loadable with identical outputs."""
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lfmri import cli
+from lightning_modules.checkpoint import load_score_sde_checkpoint
+from lightning_modules.module import ScoreModel
+
+TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
+
+
+def batches() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(8, 2, 16, 16, generator=g)
+    samples = [{"clean": c, "degraded": c + 0.2 * torch.randn(c.shape, generator=g)} for c in clean]
+    return DataLoader(samples, batch_size=4)
+
+
+@pytest.fixture(autouse=True)
+def only_export(monkeypatch):
+    """Exercise `lfmri export` through the real entry point, independent of the other subcommands."""
+    monkeypatch.setattr(cli, "COMMANDS", {"export": "export"})
+
+
+def main(argv: list[str]) -> int:
+    return cli.main(argv)
+
+
+@pytest.fixture(scope="module")
+def lightning_ckpt(tmp_path_factory) -> tuple[ScoreModel, Path]:
+    tmp = tmp_path_factory.mktemp("export")
+    model = ScoreModel(**TINY, lr=1e-3, warmup_steps=1, ema_decay=0.5)
+    tr = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
+    tr.fit(model, batches())
+    tr.save_checkpoint(tmp / "run.ckpt")
+    return model, tmp / "run.ckpt"
+
+
+@pytest.mark.parametrize("weights", ["ema", "model"])
+def test_export_round_trip(lightning_ckpt, tmp_path, capsys, weights):
+    model, ckpt = lightning_ckpt
+    out = tmp_path / "finetuned.pth"
+    assert main(["export", "--ckpt", str(ckpt), str(out), "--weights", weights]) == 0
+    assert str(out) in capsys.readouterr().out
+    config = tmp_path / "finetuned.json"
+    assert config.is_file()
+    x, t = torch.randn(2, 2, 16, 16), torch.tensor([0.1, 0.9])
+    labels = 999 * t
+    ema_ref, raw_ref = model.frozen_net(use_ema=True), model.frozen_net(use_ema=False)
+    with torch.no_grad():
+        for loaded_weights, ref in (("ema", ema_ref), ("model", ema_ref if weights == "ema" else raw_ref)):
+            net = load_score_sde_checkpoint(out, config, weights=loaded_weights)
+            torch.testing.assert_close(net(x, labels), ref(x, labels), rtol=0, atol=0)
+    blob = torch.load(out, map_location="cpu", weights_only=True)
+    assert blob["step"] == 3 and blob["ema"]["num_updates"] == 3 and blob["ema"]["decay"] == 0.5
+    assert all(k.startswith("module.") for k in blob["model"]) and "module.sigmas" in blob["model"]
+
+
+def test_export_of_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
+    bad = tmp_path / "broken.ckpt"
+    bad.write_text("not a checkpoint")
+    assert main(["export", "--ckpt", str(bad), str(tmp_path / "o.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lfmri export: error:") and "broken.ckpt" in err and "\n" not in err
+    torch.save({"state_dict": {"layer.weight": torch.zeros(1)}}, tmp_path / "other.ckpt")
+    assert main(["export", "--ckpt", str(tmp_path / "other.ckpt"), str(tmp_path / "o.pth")]) == 2
+    assert "not a ScoreModel checkpoint" in capsys.readouterr().err
+    assert main(["export", "--ckpt", str(tmp_path / "absent.ckpt"), str(tmp_path / "o.pth")]) == 2
+    assert not (tmp_path / "o.pth").exists()

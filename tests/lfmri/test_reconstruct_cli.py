@@ -1,0 +1,163 @@
+"""`lfmri reconstruct` round trips (with and without measured k-space, posterior std) and its bad inputs."""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from pathlib import Path
+
+import h5py
+import lightning as L
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lfmri.cli import main
+from lightning_modules.module import ScoreModel
+
+MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+SCORE_SDE_CKPT = Path("/work/shared/fixtures/score_sde_tiny/checkpoint.pth")
+FAST = ["--steps", "2", "--device", "cpu", "--sampler", "warm_ddim"]
+
+
+def save_tiny_checkpoint(path: Path) -> Path:
+    """A tiny ScoreModel (nf 8, 32 x 32) saved as a Lightning checkpoint (with its EMA)."""
+    model = ScoreModel(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=32,
+                       num_groups=4, dropout=0.0, warmup_steps=1)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny checkpoint, two real MNI-derived volumes (32 x 32 x 2 and 40 x 47 x 2) and a degraded one."""
+    d = tmp_path_factory.mktemp("reconstruct")
+    img = nib.load(str(MNI))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    square = data[20:180:5, 30:190:5, 80:110:20]  # 32 x 32 x 2
+    rect = data[::5, ::5, 80:110:20]  # 40 x 47 x 2
+    out = {"ckpt": save_tiny_checkpoint(d / "tiny.ckpt"), "square": d / "square.nii.gz",
+           "rect": d / "rect.nii.gz"}
+    nib.save(nib.Nifti1Image(square, img.affine), out["square"])
+    nib.save(nib.Nifti1Image(rect, img.affine), out["rect"])
+    out["deg"], out["kspace"] = d / "deg.nii.gz", d / "deg_k.h5"
+    assert main(["degrade", str(out["rect"]), str(out["deg"]), "--regime", "noise_blur_t2star_b0",
+                 "--kspace-out", str(out["kspace"]), "--seed", "3"]) == 0
+    return out
+
+
+def _argv(files: dict[str, Path], name: str, out: Path, regime: str, *extra: str) -> list[str]:
+    return ["reconstruct", str(files[name]), str(out), "--ckpt", str(files["ckpt"]), "--regime", regime,
+            *FAST, *extra]
+
+
+def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine
+
+
+def test_with_measured_kspace_and_posterior_std(files: dict[str, Path], tmp_path: Path) -> None:
+    out, std = tmp_path / "rec.nii.gz", tmp_path / "std.nii.gz"
+    code = main(_argv(files, "deg", out, "noise_blur_t2star_b0", "--kspace", str(files["kspace"]),
+                      "--samples", "2", "--std-out", str(std)))
+    assert code == 0
+    deg, affine = _load(files["deg"])
+    for path in (out, std):
+        vol, aff = _load(path)
+        assert vol.shape == deg.shape and np.allclose(aff, affine)
+        assert np.all(np.isfinite(vol)) and vol.min() >= 0
+    assert _load(std)[0].max() > 0
+
+
+def test_full_data_consistency_on_plain_fourier_sampling_returns_the_input(files: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    """Regime noise (A = fft2c) with DC weight 1 ends on x0 = ifft2c(y): the input, in its units and place."""
+    out = tmp_path / "rec.nii.gz"
+    code = main(_argv(files, "square", out, "noise", "--dc-weight", "1"))
+    assert code == 0
+    rec, affine = _load(out)
+    ref, ref_affine = _load(files["square"])
+    assert np.allclose(affine, ref_affine)
+    np.testing.assert_allclose(rec, ref, atol=1e-3 * ref.max())
+    # the same through lfmri degrade's measured k-space: the result is |ifft2c(y)|, degrade's own output
+    deg, kspace = tmp_path / "deg.nii.gz", tmp_path / "k.h5"
+    assert main(["degrade", str(files["square"]), str(deg), "--regime", "noise", "--kspace-out",
+                 str(kspace)]) == 0
+    argv = _argv({**files, "deg": deg}, "deg", out, "noise", "--dc-weight", "1", "--kspace", str(kspace))
+    assert main(argv) == 0
+    noisy = _load(deg)[0]
+    np.testing.assert_allclose(_load(out)[0], noisy, atol=1e-3 * noisy.max())
+
+
+def test_without_kspace_on_a_non_square_user_volume(files: dict[str, Path], tmp_path: Path) -> None:
+    """A user's own magnitude NIfTI, resized to the model's grid and back: shape, units and anatomy kept
+    (A = fft2c and DC weight 1, so the result is the input through the resize round trip); a regime with
+    blur and T2* runs on the regime's mid-range operator."""
+    out = tmp_path / "rec.nii"
+    assert main(_argv(files, "rect", out, "noise", "--dc-weight", "1", "--batch-size", "1")) == 0
+    rec, _ = _load(out)
+    ref, _ = _load(files["rect"])
+    assert rec.shape == ref.shape
+    assert np.corrcoef(rec.ravel(), ref.ravel())[0, 1] > 0.9
+    assert 0.8 < rec.mean() / ref.mean() < 1.25
+    assert main(_argv(files, "rect", out, "noise_blur_t2star")) == 0
+    assert _load(out)[0].shape == ref.shape
+
+
+def _fails(argv: list[str], capsys: pytest.CaptureFixture, *created: Path) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err
+    for path in created:
+        assert not path.exists()
+    if created:
+        assert not list(created[0].parent.glob(".*"))  # no temporary file left behind
+    return err
+
+
+def test_a_checkpoint_that_is_not_ours(files: dict[str, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "rec.nii.gz"
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    for ckpt in (SCORE_SDE_CKPT, junk, tmp_path / "missing.ckpt"):
+        err = _fails(_argv({**files, "ckpt": ckpt}, "square", out, "noise"), capsys, out)
+        assert str(ckpt) in err
+
+
+def test_nifti_and_kspace_that_disagree(files: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "rec.nii.gz"
+    bad = tmp_path / "bad.h5"
+    with h5py.File(bad, "w") as f:
+        f.create_dataset("kspace", data=np.zeros((2, 40, 40), np.complex64))
+    err = _fails(_argv(files, "deg", out, "noise_blur_t2star_b0", "--kspace", str(bad)), capsys, out)
+    assert "disagrees" in err
+    err = _fails(_argv(files, "deg", out, "noise", "--kspace", str(files["kspace"])), capsys, out)
+    assert "regime" in err
+    params = json.loads(Path(str(files["deg"]) + ".json").read_text())
+    params["slices"] = params["slices"][:1]
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(params))
+    err = _fails(_argv(files, "deg", out, "noise_blur_t2star_b0", "--params", str(short)), capsys, out)
+    assert "slices" in err
+
+
+def test_nan_in_the_input(files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data, affine = _load(files["square"])
+    data[3, 4, 1] = np.nan
+    nan_in = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), nan_in)
+    out, std = tmp_path / "rec.nii.gz", tmp_path / "std.nii.gz"
+    files = {**files, "nan": nan_in}
+    err = _fails(_argv(files, "nan", out, "noise", "--samples", "2", "--std-out", str(std)), capsys, out, std)
+    assert "NaN" in err
+
+
+def test_std_out_needs_several_samples(files: dict[str, Path], tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    out, std = tmp_path / "rec.nii.gz", tmp_path / "std.nii.gz"
+    _fails(_argv(files, "square", out, "noise", "--std-out", str(std)), capsys, out, std)

@@ -1,0 +1,147 @@
+"""fastMRI metrics against scikit-image / numpy oracles on a real MRI volume (nilearn's MNI152 T1)."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import socket
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from lightning_modules.metrics import (
+    VolumeNMSE,
+    VolumePSNR,
+    VolumeSSIM,
+    nmse_volume,
+    psnr_volume,
+    ssim_slices,
+    ssim_volume,
+)
+
+MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def mni() -> np.ndarray:
+    """A crop of the MNI template, axial slices first: float32 [12, 120, 100]."""
+    data = np.asarray(nib.load(str(MNI)).dataobj, dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis(data, 2, 0)[70:82, 40:160, 50:150])
+
+
+def _noisy(ref: np.ndarray, rel_sigma: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.abs(ref + rng.normal(0, rel_sigma * ref.max(), ref.shape)).astype(np.float32)
+
+
+def _oracle(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """fastMRI's evaluate.py definitions, computed with skimage / numpy on float64 copies."""
+    ref64, pred64 = ref.astype(np.float64), pred.astype(np.float64)
+    L = ref64.max()
+    ssim = np.mean([structural_similarity(r, p, data_range=L) for r, p in zip(ref64, pred64, strict=True)])
+    psnr = peak_signal_noise_ratio(ref64, pred64, data_range=L)
+    nmse = np.linalg.norm(ref64 - pred64) ** 2 / np.linalg.norm(ref64) ** 2
+    return {"ssim": ssim, "psnr": psnr, "nmse": nmse}
+
+
+@pytest.mark.parametrize("rel_sigma", [0.01, 0.05, 0.2])
+def test_functions_match_skimage_on_mni(mni: np.ndarray, rel_sigma: float) -> None:
+    pred = _noisy(mni, rel_sigma, seed=1)
+    oracle = _oracle(pred, mni)
+    assert abs(ssim_volume(pred, mni) - oracle["ssim"]) < 1e-6
+    assert abs(psnr_volume(pred, mni) - oracle["psnr"]) < 1e-6
+    assert abs(nmse_volume(pred, mni) - oracle["nmse"]) < 1e-8
+
+
+def test_per_slice_ssim_matches_skimage_float32(mni: np.ndarray) -> None:
+    """skimage computes float32 inputs in float32: still within 1e-4 of our float64 values."""
+    pred = _noisy(mni, 0.1, seed=2)
+    ours = ssim_slices(torch.from_numpy(pred), torch.from_numpy(mni)).numpy()
+    theirs = [structural_similarity(r, p, data_range=mni.max()) for r, p in zip(mni, pred, strict=True)]
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
+def test_ssim_uses_the_volume_max_not_the_slice_max(mni: np.ndarray) -> None:
+    pred = _noisy(mni, 0.1, seed=3)
+    per_slice_range = np.mean(
+        [structural_similarity(r, p, data_range=r.max()) for r, p in zip(mni, pred, strict=True)]
+    )
+    s = ssim_volume(pred, mni)
+    assert abs(s - per_slice_range) > 1e-4  # the convention matters on this volume
+    assert abs(s - _oracle(pred, mni)["ssim"]) < 1e-6
+
+
+def test_identities_and_shapes(mni: np.ndarray) -> None:
+    ref = torch.from_numpy(mni)
+    assert ssim_volume(ref, ref) == pytest.approx(1.0, abs=1e-12)
+    assert nmse_volume(ref, ref) == 0.0
+    assert psnr_volume(ref, ref) == float("inf")
+    pred = torch.from_numpy(_noisy(mni, 0.05, seed=4))
+    assert ssim_volume(pred[:, None], ref[:, None]) == pytest.approx(ssim_volume(pred, ref), abs=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        ssim_volume(pred[:, :50], ref)
+    with pytest.raises(ValueError, match="at least 7x7"):
+        ssim_volume(pred[:, :5, :5], ref[:, :5, :5])
+
+
+def test_more_noise_scores_worse(mni: np.ndarray) -> None:
+    low, high = _noisy(mni, 0.02, seed=5), _noisy(mni, 0.2, seed=5)
+    assert ssim_volume(low, mni) > ssim_volume(high, mni)
+    assert psnr_volume(low, mni) > psnr_volume(high, mni)
+    assert nmse_volume(low, mni) < nmse_volume(high, mni)
+
+
+def test_metric_classes_mean_std_over_subjects(mni: np.ndarray) -> None:
+    subjects = [(mni[i : i + 4], _noisy(mni[i : i + 4], 0.03 * (i + 1), seed=i)) for i in (0, 4, 8)]
+    metrics = {"ssim": VolumeSSIM(), "psnr": VolumePSNR(), "nmse": VolumeNMSE()}
+    for ref, pred in subjects:
+        for m in metrics.values():
+            m.update(torch.from_numpy(pred)[:, None], torch.from_numpy(ref)[:, None])
+    for name, m in metrics.items():
+        expected = np.array([_oracle(pred, ref)[name] for ref, pred in subjects])
+        out = m.compute()
+        assert int(out["n"]) == 3
+        np.testing.assert_allclose(out["values"].numpy(), expected, rtol=1e-6, atol=1e-8)
+        assert float(out["mean"]) == pytest.approx(expected.mean(), rel=1e-6)
+        assert float(out["std"]) == pytest.approx(expected.std(ddof=1), rel=1e-6)
+    single = VolumeSSIM()
+    single.update(torch.from_numpy(mni), torch.from_numpy(mni))
+    assert float(single.compute()["std"]) == 0.0
+    with pytest.warns(UserWarning, match="before the"), pytest.raises(RuntimeError, match="before"):
+        VolumePSNR().compute()
+
+
+def _ddp_worker(rank: int, port: int, volumes: list[tuple[np.ndarray, np.ndarray]], out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        split, rank0_only = VolumePSNR(), VolumeSSIM()
+        for ref, pred in volumes[rank::2]:
+            split.update(torch.from_numpy(pred), torch.from_numpy(ref))
+        for ref, pred in volumes if rank == 0 else []:
+            rank0_only.update(torch.from_numpy(pred), torch.from_numpy(ref))
+        out[rank] = [sorted(m.compute()["values"].tolist()) for m in (split, rank0_only)]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_list_state_syncs_across_ddp_ranks(mni: np.ndarray) -> None:
+    """Two gloo ranks, 3 subjects split 2/1 (and 3/0): both ranks compute over all 3 subjects."""
+    volumes = [(mni[i : i + 4], _noisy(mni[i : i + 4], 0.05, seed=10 + i)) for i in (0, 4, 8)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_ddp_worker, args=(port, volumes, out), nprocs=2, start_method="spawn")
+        results = dict(out)
+    psnr = sorted(_oracle(pred, ref)["psnr"] for ref, pred in volumes)
+    ssim = sorted(_oracle(pred, ref)["ssim"] for ref, pred in volumes)
+    for rank in (0, 1):
+        np.testing.assert_allclose(results[rank][0], psnr, rtol=1e-6)
+        np.testing.assert_allclose(results[rank][1], ssim, rtol=1e-6)

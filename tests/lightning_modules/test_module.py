@@ -1,0 +1,174 @@
+"""ScoreModel: training with EMA, checkpoint round trip, EMA-weighted validation, pretrained import, YAML."""
+
+import shutil
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LightningCLI
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_modules.checkpoint import load_score_sde_checkpoint
+from lightning_modules.losses import dsm_loss
+from lightning_modules.module import ScoreModel
+from lightning_modules.sde import get_score_fn
+
+FIXTURE = Path("/work/shared/fixtures/score_sde_tiny")
+TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
+FIXTURE_NET = dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
+
+
+class Slices(Dataset):
+    """Dict samples shaped like the data module's: clean / degraded [2, 16, 16] plus metadata."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        clean = torch.randn(2, 16, 16, generator=g)
+        return {"clean": clean, "degraded": clean + 0.3 * torch.randn(2, 16, 16, generator=g),
+                "regime": "noise", "subject": f"s{i}", "slice": i, "scale": 1.0}
+
+
+def loader() -> DataLoader:
+    return DataLoader(Slices(), batch_size=4)
+
+
+def trainer(tmp_path: Path, **kw) -> pl.Trainer:
+    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                num_sanity_val_steps=0)
+    return pl.Trainer(**{**args, **kw})
+
+
+def params(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fit")
+    model = ScoreModel(**TINY, supervised_weight=0.5, lr=1e-3, warmup_steps=2, ema_decay=0.99)
+    tr = trainer(tmp, max_steps=3, limit_val_batches=1)
+    tr.fit(model, loader(), loader())
+    path = tmp / "tiny.ckpt"
+    tr.save_checkpoint(path)
+    return model, tr, path
+
+
+def test_training_logs_terms_and_updates_ema(trained):
+    model, tr, _ = trained
+    for key in ("train/dsm", "train/supervised", "train/loss", "val/dsm", "val/supervised", "val/loss"):
+        assert key in tr.callback_metrics, key
+    assert model.ema.num_updates == 3
+    pairs = zip(model.ema.shadow_params, model.net.parameters(), strict=True)
+    assert not all(torch.equal(s, p) for s, p in pairs)
+
+
+def test_lightning_checkpoint_round_trip_keeps_ema(trained):
+    model, _, path = trained
+    loaded = ScoreModel.load_from_checkpoint(path, map_location="cpu")
+    assert loaded.ema.num_updates == model.ema.num_updates and loaded.ema.decay == model.ema.decay
+    for a, b in zip(loaded.ema.shadow_params, model.ema.shadow_params, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(loaded.net.parameters(), model.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_validation_uses_ema_weights_is_deterministic_and_restores(trained, tmp_path):
+    model, _, _ = trained
+    before = params(model.net)
+    tr = trainer(tmp_path)
+    first = tr.validate(model, loader(), verbose=False)[0]
+    second = tr.validate(model, loader(), verbose=False)[0]
+    assert first == second
+    for a, b in zip(before, model.net.parameters(), strict=True):
+        assert torch.equal(a, b)  # training weights restored after validation
+    # the logged value is the EMA network's loss with the per-batch seeded generator
+    ema_net = model.frozen_net(use_ema=True)
+    batch = next(iter(loader()))
+    dsm0 = dsm_loss(ema_net, model.sde, batch["clean"], generator=torch.Generator().manual_seed(0))
+    raw = dsm_loss(model.net.eval(), model.sde, batch["clean"], generator=torch.Generator().manual_seed(0))
+    batches = list(loader())
+    expected = sum(dsm_loss(ema_net, model.sde, b["clean"], generator=torch.Generator().manual_seed(i)).item()
+                   for i, b in enumerate(batches)) / len(batches)
+    assert first["val/dsm"] == pytest.approx(expected, rel=1e-5)
+    assert abs(raw.item() - dsm0.item()) > 1e-6  # EMA and raw weights give different losses
+
+
+def test_score_fn_uses_a_frozen_ema_copy(trained):
+    model, _, _ = trained
+    score_fn = model.score_fn()
+    ema_net = model.frozen_net(use_ema=True)
+    x, t = torch.randn(2, 2, 16, 16), torch.tensor([0.2, 0.7])
+    with torch.no_grad():
+        torch.testing.assert_close(score_fn(x, t), get_score_fn(ema_net, model.sde)(x, t))
+    assert not any(p.requires_grad for p in ema_net.parameters()) and not ema_net.training
+
+
+def test_warmup_schedule_and_ema_once_per_optimiser_step(tmp_path):
+    model = ScoreModel(**TINY, lr=1e-3, warmup_steps=4, ema_decay=0.9)
+    tr = trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, limit_val_batches=0)
+    tr.fit(model, loader())
+    assert model.ema.num_updates == 2
+    opt = tr.optimizers[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 3 / 4)  # after 2 steps: factor (2 + 1) / 4
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_supervised_term_is_skipped_in_training_when_its_weight_is_zero(tmp_path):
+    model = ScoreModel(**TINY, supervised_weight=0.0)
+    tr = trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    tr.fit(model, loader(), loader())
+    assert "train/supervised" not in tr.callback_metrics and "val/supervised" in tr.callback_metrics
+
+
+def test_pretrained_score_sde_weights_are_loaded_in_setup(tmp_path):
+    pretrained = tmp_path / "clinical.pth"
+    shutil.copy(FIXTURE / "checkpoint.pth", pretrained)
+    model = ScoreModel(**FIXTURE_NET, pretrained=str(pretrained),
+                       pretrained_config=str(FIXTURE / "config.json"), warmup_steps=1)
+    model.setup("fit")
+    ref = load_score_sde_checkpoint(FIXTURE / "checkpoint.pth", FIXTURE / "config.json", weights="ema")
+    for a, b, s in zip(model.net.parameters(), ref.parameters(), model.ema.shadow_params, strict=True):
+        assert torch.equal(a, b) and torch.equal(s, b)
+    # fine-tune, save; the checkpoint then never needs the clinical file again
+    tr = trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    tr.fit(model, loader())
+    tr.save_checkpoint(tmp_path / "ft.ckpt")
+    pretrained.unlink()
+    loaded = ScoreModel.load_from_checkpoint(tmp_path / "ft.ckpt", map_location="cpu")
+    trainer(tmp_path, limit_val_batches=1).validate(loaded, loader(), verbose=False)
+    for a, b in zip(loaded.net.parameters(), model.net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_pretrained_that_does_not_fit_is_one_clear_error():
+    model = ScoreModel(**TINY, pretrained=str(FIXTURE / "checkpoint.pth"))  # own (tiny) config: nf 16 != 32
+    with pytest.raises(ValueError, match=r"checkpoint.pth: checkpoint does not fit the DDPM config"):
+        model.setup("fit")
+    model = ScoreModel(**TINY, pretrained=str(FIXTURE / "checkpoint.pth"),
+                       pretrained_config=str(FIXTURE / "config.json"))
+    with pytest.raises(ValueError, match=r"differs from this model's: nf=32 \(this model 16\)"):
+        model.setup("fit")
+
+
+def test_yaml_model_block_through_lightning_cli(tmp_path):
+    config = {"model": {"class_path": "lightning_modules.module.ScoreModel",
+                        "init_args": {**{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
+                                      "supervised_weight": 0.5, "supervised_t0": [0.1, 0.2],
+                                      "supervised_loss": "l2", "ema_decay": 0.999}},
+              "trainer": {"accelerator": "cpu", "logger": False}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(LightningModule, subclass_mode_model=True, run=False,
+                       args=["--config", str(path), "--model.init_args.lr=5e-4",
+                             "--model.init_args.pretrained_weights=model"])
+    model = cli.model
+    assert isinstance(model, ScoreModel) and model.net.nf == 16
+    assert model.hparams.lr == 5e-4 and model.hparams.pretrained_weights == "model"
+    assert tuple(model.hparams.supervised_t0) == (0.1, 0.2) and model.ema.decay == 0.999
