@@ -18,7 +18,6 @@ import torch
 
 from .b0 import B0PhaseCorruption
 from .blur import GaussianBlur
-from .fourier import ifft2c
 from .noise import ComplexGaussianNoise
 from .operator import ForwardOperator
 from .t2star import T2StarDecay
@@ -139,7 +138,7 @@ class LowFieldDegradation:
         if self.noise is None:
             params["noise_sigma"] = torch.zeros(batch, device=x.device)
         else:
-            x_in = ifft2c(self.operator(params).forward(x))
+            x_in = self.operator(params).noise_free_image(x)
             params["noise_sigma"] = self.noise.sigma_for(x_in, params["snr_db"], signal_power)
         return {key: params[key] for key in PARAM_KEYS}
 

@@ -61,6 +61,20 @@ class ForwardOperator:
                                             n_segments)
         return cls(weights, encoding)
 
+    @property
+    def is_fourier(self) -> bool:
+        """True when ``A`` is the plain :func:`fft2c` (no weights, no off-resonance)."""
+        return self.weights is None and self.encoding is None
+
+    def noise_free_image(self, x: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
+        """The noise-free image entering the noise stage, ``ifft2c(A x)``; exactly ``x`` if ``A = fft2c``.
+
+        ``k``: ``A x`` if already computed.
+        """
+        if self.is_fourier:
+            return x
+        return ifft2c(self.forward(x) if k is None else k)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``A x`` for a complex image ``x`` ``[B, 1, H, W]`` (complex64 or complex128)."""
         k = fft2c(x) if self.encoding is None else self.encoding.forward(x)

@@ -15,20 +15,25 @@ __all__ = ["foreground_mask", "foreground_power_sums", "percentile", "signal_pow
 
 #: foreground threshold as a fraction of the 99th percentile of |x| of the slice
 FOREGROUND_FRACTION = 0.1
+#: values below this fraction of the slice's maximum count as zero (float32 FFT round-off)
+ROUNDOFF_FRACTION = 1e-5
 
 
 def foreground_mask(x: torch.Tensor) -> torch.Tensor:
     """Bool mask ``[..., H, W]``: ``|x| > 0.1 * percentile99(|x|)`` of each ``H x W`` slice.
 
     The percentile uses linear interpolation (numpy's default, :func:`percentile`). An all-zero slice has an
-    empty foreground.
+    empty foreground. Values below ``1e-5`` of the slice's maximum count as zero: on a slice with under 1 %
+    non-zero pixels the percentile is 0, and float32 round-off of a trip through k-space must not turn its
+    empty background into foreground (the threshold is then ``1e-5 * max`` instead of 0).
     """
     return _mask_of_magnitude(x.abs())
 
 
 def _mask_of_magnitude(mag: torch.Tensor) -> torch.Tensor:
     flat = mag.reshape(-1, mag.shape[-2] * mag.shape[-1])
-    return (flat > FOREGROUND_FRACTION * percentile(flat, 99.0)[:, None]).reshape(mag.shape)
+    threshold = torch.maximum(FOREGROUND_FRACTION * percentile(flat, 99.0), ROUNDOFF_FRACTION * flat.amax(1))
+    return (flat > threshold[:, None]).reshape(mag.shape)
 
 
 def percentile(values: torch.Tensor, q: float) -> torch.Tensor:

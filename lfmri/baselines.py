@@ -24,14 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
 #: a volume metric, `metric(pred [S,H,W], ref [S,H,W]) -> float` (higher is better for tuning)
 VolumeMetric = Callable[[np.ndarray, np.ndarray], float]
-
-
-_LAPLACE_DIFF = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
 
 
 def estimate_noise_sigma(image: np.ndarray) -> float:
@@ -40,7 +36,8 @@ def estimate_noise_sigma(image: np.ndarray) -> float:
     sigma = sqrt(pi / 2) * mean |image * L| / 6 over the interior, L the difference of two Laplacians, which
     cancels smooth structure. Accurate to a few percent for Gaussian noise on MR images.
     """
-    residual = ndimage.convolve(np.asarray(image, np.float64), _LAPLACE_DIFF, mode="reflect")[1:-1, 1:-1]
+    # L = [[1, -2, 1], [-2, 4, -2], [1, -2, 1]] is separable: a second difference along each axis
+    residual = np.diff(np.diff(np.asarray(image, np.float64), n=2, axis=0), n=2, axis=1)
     return float(np.sqrt(np.pi / 2.0) * np.abs(residual).mean() / 6.0)
 
 

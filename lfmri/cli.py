@@ -19,18 +19,18 @@ COMMANDS: tuple[str, ...] = ("degrade", "preview", "metrics", "export", "reconst
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-def _custom_parser() -> argparse.ArgumentParser:
+def _custom_parser(names: tuple[str, ...]) -> argparse.ArgumentParser:
+    """A parser holding the subcommands `names` (only their modules are imported: start-up stays fast)."""
     parser = argparse.ArgumentParser(prog="lfmri", description="lfmri's own subcommands.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
+    for name in names:
         importlib.import_module(f"lfmri.commands.{name}").register(sub)
     return parser
 
 
 def run_custom(argv: list[str]) -> int:
     """Run one of lfmri's own subcommands; bad input -> one line on stderr and exit code 2."""
-    parser = _custom_parser()
-    args = parser.parse_args(argv)
+    args = _custom_parser((argv[0],)).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (InputError, FileNotFoundError) as err:
@@ -40,13 +40,14 @@ def run_custom(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lfmri` console script."""
+    from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         return run_custom(argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS or any(a in ("-h", "--help") for a in argv[:1]) or not argv:
         from lfmri.lightning_cli import run_lightning_cli
 
-        run_lightning_cli(argv)
+        run_lightning_cli(None if from_sys else argv)
         return 0
     print(f"lfmri: error: unknown command {argv[0]!r}; choose from "
           f"{', '.join(LIGHTNING_SUBCOMMANDS + COMMANDS)}", file=sys.stderr)

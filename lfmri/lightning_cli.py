@@ -34,7 +34,7 @@ def run_lightning_cli(args: ArgsType = None, run: bool = True) -> LfmriCLI:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -1,13 +1,15 @@
 """Reference PC sampler vs the fast samplers: NFE, wall time and SSIM on the same slices, in one run.
 
-    .venv/bin/python experiments/benchmarks/sampling.py --random-tiny --steps-ref 200 --device cpu  # smoke test
+    .venv/bin/python experiments/benchmarks/sampling.py --random-tiny --steps-ref 200 --device cpu  # smoke
     .venv/bin/python experiments/benchmarks/sampling.py --ckpt last.ckpt --data bundled --slices 8 \
         --steps-ref 2000 --device cuda --bf16 --compile
     .venv/bin/python experiments/benchmarks/sampling.py --random-34m --size 256 --slices 30 --device cuda \
         --steps-ref 200 --fast warm_ddim:25:0.4    # timing of the 34.4M configuration (untrained)
 
-Model: `--ckpt` (a Lightning checkpoint of `lightning_modules.module.ScoreModel`, EMA weights), `--random-tiny`
-(an untrained tiny DDPM, smoke test) or `--random-34m` (the untrained 34.4M configuration, for timing only).
+Model: `--ckpt` (a Lightning checkpoint of `lightning_modules.module.ScoreModel`, EMA weights),
+`--random-tiny` (an untrained tiny DDPM, smoke test) or `--random-34m` (the untrained 34.4M configuration, for
+timing only; the near-zero-initialised layers of an untrained DDPM get Xavier weights, so the score is not ~0
+and the Langevin step size stays finite).
 Data: `--data bundled` (the first validation volume of `LowFieldDataModule(source="bundled")`, `--slices`
 evenly spaced slices) or `--data mni` (axial slices of nilearn's MNI152 T1 template, normalised by the 99th
 percentile), degraded with `degradations.make_regime(--regime)` (deterministic, `--seed`).
@@ -95,7 +97,12 @@ def load_score_fn(args: argparse.Namespace, device: torch.device) -> tuple[Score
 
     config, label = (FULL_34M, "untrained 34.4M DDPM") if args.random_34m else (TINY, "untrained tiny DDPM")
     torch.manual_seed(args.seed)
-    net = DDPM(image_size=args.size, num_channels=2, **config).to(device).eval().requires_grad_(False)
+    net = DDPM(image_size=args.size, num_channels=2, **config)
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.ndim > 1 and param.abs().max() < 1e-4:  # score_sde's near-zero init (scale 1e-10)
+                torch.nn.init.xavier_uniform_(param)
+    net = net.to(device).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in net.parameters())
     sde = VPSDE()
     return get_score_fn(net, sde), sde, f"{label} ({n_params:,} parameters)"
@@ -194,8 +201,8 @@ def main() -> None:
         row["d_ssim"] = row["ssim"] - ref["ssim"]
         row["matched"] = abs(row["d_ssim"]) <= args.match_tol
 
-    print(f"\nmodel: {model_label}; data: {args.data}, regime {args.regime}, {problem.clean.shape[0]} slices of "
-          f"{args.size}x{args.size}; device {device}; bf16 {args.bf16}; compile {args.compile}")
+    print(f"\nmodel: {model_label}; data: {args.data}, regime {args.regime}, {problem.clean.shape[0]} slices "
+          f"of {args.size}x{args.size}; device {device}; bf16 {args.bf16}; compile {args.compile}")
     print(f"degraded input: SSIM {base_ssim:.4f}, PSNR {psnr_deg:.2f} dB")
     head = (f"{'sampler':<10} {'steps':>5} {'t0':>6} {'NFE':>6} {'wall s':>8} {'s/slice':>8} {'s/30sl':>8} "
             f"{'SSIM':>7} {'PSNR':>6} {'NFE x':>6} {'wall x':>7} {'dSSIM':>7} matched")

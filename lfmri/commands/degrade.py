@@ -4,15 +4,15 @@ Each slice (in the order of ``--slice-axis``; the ``H, W`` plane is the other tw
 ``W``) is treated as a real image in the input's own intensity units (no normalisation), degraded in k-space
 by the regime's physics (:mod:`degradations`) and written back as the magnitude ``|ifft2c(y)|``.
 
-One acquisition, one noise level. The acquisition parameters (blur FWHM, T2*, readout, TE, max off-resonance,
-target SNR) are drawn once per volume; each slice gets its own smooth field map. With ``--noise-level volume``
-(default) the noise std per complex sample is one for the whole volume, set so that the volume SNR equals the
-target: ``10 log10(P_vol / sigma^2)`` with ``P_vol`` the mean ``|x|^2`` over the union of the per-slice
-foregrounds (:func:`degradations.foreground_mask`) of the noise-free degraded slices. Slices with less tissue
-then have a lower SNR of their own, as on a scanner. ``--noise-level slice`` sets sigma per slice from that
-slice's own foreground power, as the on-the-fly training degradations do (slices with an empty foreground,
-i.e. all zero, use ``P_vol``). The realised per-slice SNR (``null`` for an empty slice) and sigma are
-reported either way.
+The acquisition parameters (blur FWHM, T2*, readout, TE, max off-resonance, target SNR) are drawn once per
+volume; each slice gets its own smooth field map. With ``--noise-level slice`` (default) the noise std per
+complex sample is set per slice from that slice's own foreground power, so every slice's SNR equals the target
+as in the data module's on-the-fly degradations (the model is trained and evaluated on exactly this regime;
+slices with an empty foreground, i.e. all zero, use ``P_vol``). With ``--noise-level volume`` one noise std
+serves the whole acquisition, as on a scanner: ``10 log10(P_vol / sigma^2)`` equals the target, ``P_vol`` the
+mean ``|x|^2`` over the union of the per-slice foregrounds (:func:`degradations.foreground_mask`) of the
+noise-free degraded slices, and slices with less tissue get a lower SNR of their own. The realised per-slice
+SNR (``null`` for an empty slice) and sigma are reported either way.
 
 Randomness: a volume generator seeded from ``(seed, 0)`` draws the acquisition parameters; slice ``i`` has
 its own generator seeded from ``(seed, i + 1)`` (``numpy.random.SeedSequence``) for its field map and noise,
@@ -66,8 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slice-axis", type=int, default=2, help="axis of the volume to slice along (default 2)")
     p.add_argument("--kspace-out", default=None, help="also write the degraded k-space to this HDF5 file")
     p.add_argument("--batch-size", type=int, default=16, help="slices processed together (speed only)")
-    p.add_argument("--noise-level", default="volume",
-                   help="volume (one noise std per volume, default) or slice (per-slice SNR = target)")
+    p.add_argument("--noise-level", default="slice",
+                   help="slice (every slice's SNR = target, default) or volume (one noise std per volume)")
     p.set_defaults(func=run)
 
 
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def degrade_volume(data: np.ndarray, regime: str, seed: int, slice_axis: int, snr_db: float | None,
-                   batch_size: int, noise_level: str = "volume") -> dict[str, Any]:
+                   batch_size: int, noise_level: str = "slice") -> dict[str, Any]:
     """Degrade every slice of a 3D volume; see the module docstring for the model and the seeding.
 
     Returns a dict with ``magnitude`` (float32, same shape as ``data``), ``kspace`` complex64 ``[S, H, W]``,
@@ -163,8 +163,10 @@ def degrade_volume(data: np.ndarray, regime: str, seed: int, slice_axis: int, sn
                 b0_maps[start:stop] = torch.cat([degradation.sample_map(b0_max, height, width, g)
                                                  for g in generators[start:stop]])
                 params["b0_map_hz"] = b0_maps[start:stop]
-            k0[start:stop] = degradation.operator(params).forward(x_all[start:stop])
-            fg_sum[start:stop], fg_count[start:stop] = foreground_power_sums(ifft2c(k0[start:stop]))
+            operator = degradation.operator(params)
+            k0[start:stop] = operator.forward(x_all[start:stop])
+            x_in = operator.noise_free_image(x_all[start:stop], k0[start:stop])
+            fg_sum[start:stop], fg_count[start:stop] = foreground_power_sums(x_in)
             bar.update(stop - start)
 
         power_volume = float(fg_sum.sum() / fg_count.sum())

@@ -172,3 +172,12 @@ def test_yaml_model_block_through_lightning_cli(tmp_path):
     assert isinstance(model, ScoreModel) and model.net.nf == 16
     assert model.hparams.lr == 5e-4 and model.hparams.pretrained_weights == "model"
     assert tuple(model.hparams.supervised_t0) == (0.1, 0.2) and model.ema.decay == 0.999
+
+
+def test_bf16_mixed_training_and_grad_checkpointing(tmp_path):
+    model = ScoreModel(**TINY, supervised_weight=1.0, grad_checkpointing=True, warmup_steps=1)
+    tr = trainer(tmp_path, max_steps=2, limit_val_batches=0, precision="bf16-mixed")
+    tr.fit(model, loader())
+    assert model.net.grad_checkpointing and torch.isfinite(tr.callback_metrics["train/loss"])
+    assert all(p.dtype == torch.float32 for p in model.net.parameters())
+    assert all(s.dtype == torch.float32 for s in model.ema.shadow_params)
