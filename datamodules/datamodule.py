@@ -32,6 +32,7 @@ from datamodules.dataset import (
     index_volume,
 )
 from datamodules.errors import InputError
+from datamodules.resumable import resumable_loader
 from datamodules.sources import NiftiDirSource, VolumeRecord, VolumeSource, make_source, warn_skipped
 from datamodules.splits import SPLITS, Split, hash_split, load_split_file
 
@@ -281,7 +282,20 @@ class LowFieldDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+        """Seeded, shuffled, sharded over the trainer's ranks and resumable mid-epoch (see `resumable`)."""
+        if self.train_dataset is None:
+            raise RuntimeError("call setup() for this stage first")
+        trainer = self.trainer
+        return resumable_loader(
+            self.train_dataset,
+            self.batch_size,
+            self.seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)

@@ -3,18 +3,71 @@
 Models and data modules are given as `class_path` + `init_args` (class swapping), YAML may use OmegaConf
 interpolation, and `config.yaml` is written into the run's log directory (overwritten on resume).
 W&B runs offline unless an API key is configured, so `--trainer.logger=WandbLogger` never blocks on a login.
+Every logger also receives the whole resolved config (`trainer`, `model`, `data`, ... as nested
+hyper-parameters: W&B's run config), and checkpoints are written atomically (`AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import ArgsType, LightningCLI
+import torch
+import yaml
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Saves a checkpoint to a temporary file in its own directory, fsyncs it, then `os.replace`s it: a crash
+    leaves the previous file or the new one, never a truncated one.
+
+    Lightning's own save stages the bytes in `$TMPDIR` (fsspec transaction) and `shutil.move`s them, which
+    is a plain, interruptible copy when `$TMPDIR` is another file system than the checkpoint directory
+    (local /tmp, checkpoints on a cluster's shared file system). Remote URLs keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+class LogConfigCallback(SaveConfigCallback):
+    """Writes `config.yaml` into the log directory and logs the resolved config to every logger (rank 0)."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        config.pop("config", None)  # the YAML files' paths: their content is what follows
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
 
 
 class LfmriCLI(LightningCLI):
-    """LightningCLI with lfmri's defaults: OmegaConf YAML, subclass mode, config saved per run."""
+    """LightningCLI with lfmri's defaults: OmegaConf YAML, subclass mode, config saved per run and logged,
+    atomic checkpoints."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def _default_wandb_mode() -> None:
@@ -35,6 +88,7 @@ def run_lightning_cli(args: ArgsType = None, run: bool = True) -> LfmriCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf+"},
+        save_config_callback=LogConfigCallback,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

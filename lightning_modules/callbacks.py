@@ -1,11 +1,23 @@
-"""Lightning callbacks of lfmri: the finite-loss guard (and, beside it, the validation sampler callback)."""
+"""Lightning callbacks of lfmri: the finite-loss guard and the validation sampler callback."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torch import Tensor
+from torch.utils.data import default_collate
+
+from datamodules.splits import stable_hash
+from degradations import REGIMES
+from lightning_modules.metrics import nmse_volume, psnr_volume, ssim_volume
+from lightning_modules.samplers import build_sampler, magnitude
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,3 +40,229 @@ class FiniteLossGuard(Callback):
                 f"(epoch {trainer.current_epoch}); stopping. The last good checkpoint is kept: resume with "
                 "--ckpt_path last after lowering the learning rate or checking the data."
             )
+
+
+class SamplerCallback(Callback):
+    """Reconstruct a fixed subset of validation slices per regime; log SSIM / PSNR / NMSE and an image grid.
+
+    Runs at the end of every `every_n_val`-th validation (epoch-based or step-based `val_check_interval`;
+    never in the sanity check; also under `trainer.validate`), with the module's EMA weights
+    (`pl_module.score_fn()`) and the sampler `build_sampler(sampler, steps, t0, dc_weight=dc_weight)` on the
+    module's SDE. Data consistency uses the regime's forward operator of each slice's realised parameters and
+    its measured k-space `y`.
+
+    Subset: the validation dataset (`LowFieldDataModule.val_dataset`, an `EvalSliceDataset` enumerating
+    volume x slice x regime) is read directly, not through the (possibly limited or sharded) val loader:
+    for each regime, `n_slices` of its entries evenly spaced over the dataset order (so over subjects), the
+    same at every validation. The degradations are deterministic per (subject, slice, regime, seed).
+
+    Metrics (fastMRI definitions, `lightning_modules.metrics`) on magnitude images against |clean|, in
+    normalised units, computed PER SLICE with that slice's own data range (`ref.max()` of the slice: the
+    subset mixes slices of different volumes, so there is no volume to take the range of), then averaged over
+    the regime's slices. They track training; they are not the paper's per-subject volume numbers
+    (`lfmri evaluate`). Logged as `val/ssim/<regime>`, `val/psnr/<regime>` (dB), `val/nmse/<regime>` (a
+    fraction), identical on every rank.
+
+    Distribution and determinism: the subset is cut into batches of at most `batch_size` slices of one
+    regime; whole batches are dealt to the ranks (`batch j -> rank j % world_size`) and the results are
+    summed across ranks (`strategy.reduce`, gloo and NCCL; each value comes from exactly one rank, so the sum
+    is exact). Each batch samples with its own generator seeded by (seed, its dataset indices). So batches,
+    noise and per-regime averages do not depend on the number of processes: 1 and N processes give the same
+    numbers (on the same hardware and thread count). With `batch_size = 1` each slice's randomness is a pure
+    function of (seed, slice); with larger batches the samplers draw a batch's noise together (and the PC
+    corrector's step size uses batch-averaged norms), so the numbers depend on `batch_size`, never on the
+    world size.
+
+    Images: rows = regimes (the first slice of each), columns = degraded | reconstruction | reference |
+    |error|, rendered with matplotlib on global rank 0 and sent to every W&B logger
+    (`log_image(key="val/samples")`) and TensorBoard logger (`add_image("val/samples")`); with neither,
+    written to `<trainer.log_dir>/samples/step_<global step>.png`.
+
+    The default samplers need no gradients (they run under the validation loop's inference mode).
+
+    Args:
+        every_n_val: run at every n-th validation (with `check_val_every_n_epoch = k` and no
+            `val_check_interval`: every n*k epochs).
+        regimes: regimes to reconstruct (default: all the validation dataset's).
+        n_slices: slices per regime.
+        sampler: a `samplers.SAMPLERS` name; steps, t0: its number of steps and start time (None: the
+            sampler's defaults); dc_weight: the data-consistency step weight.
+        seed: seeds the sampling noise.
+        batch_size: slices per sampler call.
+        log_images: log the image grid.
+    """
+
+    def __init__(self, every_n_val: int = 1, regimes: list[str] | None = None, n_slices: int = 4,
+                 sampler: str = "warm_ddim", steps: int | None = None, t0: float | None = None,
+                 dc_weight: float = 0.3, seed: int = 0, batch_size: int = 4, log_images: bool = True) -> None:
+        super().__init__()
+        for name, value in (("every_n_val", every_n_val), ("n_slices", n_slices), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"SamplerCallback: {name} must be >= 1, got {value}")
+        unknown = [r for r in regimes or [] if r not in REGIMES]
+        if unknown:
+            raise ValueError(f"SamplerCallback: unknown regime(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(REGIMES)}")
+        build_sampler(sampler, steps, t0, dc_weight=dc_weight)  # fail on a bad configuration now, not mid-fit
+        self.every_n_val, self.n_slices = every_n_val, n_slices
+        self.regimes = list(regimes) if regimes else None
+        self.sampler, self.steps, self.t0, self.dc_weight = sampler, steps, t0, dc_weight
+        self.seed, self.batch_size, self.log_images = seed, batch_size, log_images
+        self.n_validations = 0  # validations seen (sanity check excluded); kept in checkpoints
+        self.last_metrics: dict[str, float] = {}  # the metrics logged by the last run
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_val=self.every_n_val, sampler=self.sampler, seed=self.seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_validations": self.n_validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.n_validations = int(state_dict["n_validations"])
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.n_validations += 1
+        if self.n_validations % self.every_n_val == 0:
+            self.run(trainer, pl_module)
+
+    # ------------------------------------------------------------------------------------------------
+    def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Reconstruct the subset (this rank's batches), gather, log; returns the metrics (all ranks)."""
+        dataset = _val_dataset(trainer)
+        subset = validation_subset([item[-1] for item in dataset.items], self.regimes, self.n_slices)
+        regimes = list(subset)
+        positions = {i: p for p, i in enumerate(i for idx in subset.values() for i in idx)}
+        batches = [(r, idx[b:b + self.batch_size]) for r, idx in subset.items()
+                   for b in range(0, len(idx), self.batch_size)]
+
+        device = pl_module.device
+        sampler = build_sampler(self.sampler, self.steps, self.t0, dc_weight=self.dc_weight,
+                                sde=pl_module.sde)
+        score_fn = pl_module.score_fn()
+        metrics = torch.zeros(len(positions), 3, dtype=torch.float64, device=device)
+        size = dataset.image_size
+        panels = torch.zeros(len(regimes), 4, size, size, device=device)  # summed across ranks
+        for regime, idx in batches[trainer.global_rank::trainer.world_size]:
+            batch = default_collate([dataset[i] for i in idx])
+            params = {k: v.to(device) for k, v in batch["params"].items()}
+            generator = torch.Generator(device=device).manual_seed(
+                stable_hash("sampler-callback", self.seed, *idx))
+            x = sampler(score_fn, batch["degraded"].to(device), dataset.degradations[regime].operator(params),
+                        batch["y"].to(device), generator)
+            recon, ref = magnitude(x), magnitude(batch["clean"].to(device))
+            for j, i in enumerate(idx):
+                values = [f(recon[j], ref[j]) for f in (ssim_volume, psnr_volume, nmse_volume)]
+                metrics[positions[i]] = torch.tensor(values, dtype=torch.float64)
+            if idx[0] == subset[regime][0]:  # the regime's first slice goes into the image grid
+                panels[regimes.index(regime)] = torch.stack([
+                    magnitude(batch["degraded"][:1].to(device))[0, 0], recon[0, 0], ref[0, 0],
+                    (recon[0, 0] - ref[0, 0]).abs()])
+        metrics = trainer.strategy.reduce(metrics, reduce_op="sum")
+
+        out: dict[str, float] = {}
+        for regime, idx in subset.items():
+            rows = metrics[[positions[i] for i in idx]]
+            for name, value in zip(("ssim", "psnr", "nmse"), rows.mean(dim=0), strict=True):
+                out[f"val/{name}/{regime}"] = float(value)
+                # the value is already identical on every rank: "max" keeps it bit-exact through the sync
+                pl_module.log(f"val/{name}/{regime}", value, sync_dist=True, reduce_fx="max")
+        self.last_metrics = out
+        if self.log_images:
+            self._log_grid(trainer, regimes, panels)
+        return out
+
+    def _log_grid(self, trainer: Trainer, regimes: list[str], panels: Tensor) -> None:
+        panels = trainer.strategy.reduce(panels, reduce_op="sum")
+        image_loggers = [lg for lg in trainer.loggers if isinstance(lg, (WandbLogger, TensorBoardLogger))]
+        # trainer.log_dir broadcasts from rank 0: every rank must call it
+        directory = None if image_loggers else Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        if not trainer.is_global_zero:
+            return
+        image = render_grid(regimes, panels.float().cpu().numpy())
+        step = trainer.global_step
+        for logger in image_loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="val/samples", images=[image], step=step, caption=[" | ".join(COLUMNS)])
+            else:
+                logger.experiment.add_image("val/samples", image, step, dataformats="HWC")
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            _save_png(directory / f"step_{step:06d}.png", image)
+
+
+#: the image grid's columns
+COLUMNS = ("degraded", "reconstruction", "reference", "|error|")
+
+
+def validation_subset(item_regimes: Sequence[str], regimes: Sequence[str] | None, n_slices: int,
+                      ) -> dict[str, list[int]]:
+    """regime -> `n_slices` dataset indices of that regime, evenly spaced over its entries (all if fewer).
+
+    `item_regimes[i]` is the regime of dataset entry i; `regimes` None takes the dataset's, in order of first
+    appearance. A requested regime missing from the dataset raises ValueError.
+    """
+    available = list(dict.fromkeys(item_regimes))
+    missing = [r for r in regimes or [] if r not in available]
+    if missing:
+        raise ValueError(f"SamplerCallback: regime(s) {', '.join(missing)} not in the validation dataset "
+                         f"(it has {', '.join(available)}); add them to the data module's eval_regimes")
+    subset = {}
+    for regime in regimes or available:
+        entries = [i for i, r in enumerate(item_regimes) if r == regime]
+        picks = np.unique(np.round(np.linspace(0, len(entries) - 1, min(n_slices, len(entries)))).astype(int))
+        subset[regime] = [entries[p] for p in picks]
+    return subset
+
+
+def render_grid(regimes: Sequence[str], panels: np.ndarray) -> np.ndarray:
+    """RGB uint8 [H, W, 3] figure of `panels` [R, 4, h, w] (rows = regimes, columns = `COLUMNS`).
+
+    The three magnitude images of a row share one grey scale (0 to the reference's max); |error| has its own.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(regimes), len(COLUMNS), figsize=(2.0 * len(COLUMNS), 2.1 * len(regimes)),
+                             squeeze=False)
+    for r, regime in enumerate(regimes):
+        vmax = float(panels[r, 2].max()) or None
+        for c, title in enumerate(COLUMNS):
+            error = c == len(COLUMNS) - 1
+            axes[r, c].imshow(panels[r, c], cmap="magma" if error else "gray", vmin=0.0,
+                              vmax=(float(panels[r, c].max()) or None) if error else vmax)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(title, fontsize=9)
+        axes[r, 0].set_ylabel(regime, fontsize=8)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    """Write an RGB uint8 [H, W, 3] image as PNG."""
+    import matplotlib.image
+
+    matplotlib.image.imsave(path, image)
+
+
+def _val_dataset(trainer: Trainer) -> Any:
+    """The validation dataset: the data module's `val_dataset`, else the first val loader's dataset."""
+    dataset = getattr(trainer.datamodule, "val_dataset", None)
+    if dataset is None:
+        loaders = trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        dataset = getattr(loader, "dataset", None)
+    if not all(hasattr(dataset, a) for a in ("items", "degradations", "image_size")):
+        raise TypeError("SamplerCallback needs the validation dataset of LowFieldDataModule (an "
+                        "EvalSliceDataset: .items, .degradations, .image_size), "
+                        f"got {type(dataset).__name__}")
+    return dataset

@@ -13,8 +13,9 @@ the supervised one-step reconstruction loss) and `ema.EMA` (`self.ema`). Batches
 - EMA: updated after every optimiser step, stored in the Lightning checkpoint under `"ema"` (score_sde's
   layout), swapped into the network for validation, test and predict; `score_fn()` gives samplers a
   score function on a frozen copy of the EMA weights.
-- Pretrained weights (`pretrained`, a score_sde checkpoint) are loaded in `setup`, not in `__init__`, so
-  `load_from_checkpoint` and resuming with `ckpt_path` never re-read the clinical file.
+- Pretrained weights (`pretrained`, a score_sde checkpoint) are loaded when fit / validate / test / predict
+  start (after Lightning restored any `ckpt_path`), not in `__init__`: `load_from_checkpoint` and resuming
+  with `ckpt_path` never re-read the clinical file.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from lightning_modules.checkpoint import load_score_sde_checkpoint
+from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpoint
 from lightning_modules.ddpm import DDPM
 from lightning_modules.ema import EMA
 from lightning_modules.losses import dsm_loss, supervised_loss
@@ -56,8 +57,8 @@ class ScoreModel(LightningModule):
 
     def __init__(self, nf: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
-                 resamp_with_conv: bool = True,
-                 conditional: bool = True, scale_by_sigma: bool = False, nonlinearity: str = "swish",
+                 resamp_with_conv: bool = True, conditional: bool = True, scale_by_sigma: bool = False,
+                 nonlinearity: str = "swish",
                  image_size: int = 256, num_channels: int = 2, centered: bool = True, num_groups: int = 32,
                  grad_checkpointing: bool = False,
                  pretrained: str | None = None, pretrained_weights: Literal["ema", "model"] = "ema",
@@ -73,14 +74,15 @@ class ScoreModel(LightningModule):
         self.net = DDPM(**{k: hp[k] for k in NET_ARGS})
         self.sde = VPSDE(beta_min=beta_min, beta_max=beta_max)
         self.ema = EMA(self.net.parameters(), decay=ema_decay)
-        self._weights_ready = pretrained is None  # pretrained weights still to load in setup
+        self._weights_ready = pretrained is None  # False: `pretrained` still to load (_ensure_weights)
         self._compiled = False
         self._ema_swap: ExitStack | None = None
         self._ema_step = 0  # the trainer's global_step at the last EMA update
 
     # ----------------------------------------------------------------------------------------------- setup
     def load_pretrained(self) -> None:
-        """Load `pretrained` into the network (strictly) and restart the EMA from those weights."""
+        """Load `pretrained` into the network (strictly; CheckpointError if it does not fit) and restart the
+        EMA from those weights."""
         hp = self.hparams
         config = hp.pretrained_config or self.net.score_sde_config()
         loaded = load_score_sde_checkpoint(hp.pretrained, config, weights=hp.pretrained_weights,
@@ -90,17 +92,33 @@ class ScoreModel(LightningModule):
         if ours != theirs:
             diff = ", ".join(f"{k}={theirs[k]!r} (this model {v!r})"
                              for k, v in ours.items() if v != theirs[k])
-            raise ValueError(f"{hp.pretrained}: the pretrained network differs from this model's: {diff}")
+            raise CheckpointError(f"{hp.pretrained}: the pretrained network differs from this model's: "
+                                  f"{diff}")
         self.net.load_state_dict(loaded.state_dict(), strict=True)
         self.ema = EMA(self.net.parameters(), decay=hp.ema_decay)
         self._weights_ready = True
 
-    def setup(self, stage: str) -> None:
+    def _ensure_weights(self) -> None:
+        # runs after Lightning restored any checkpoint (ckpt_path), whose weights then win over `pretrained`
         if not self._weights_ready:
             self.load_pretrained()
+
+    def setup(self, stage: str) -> None:
         if self.hparams.compile and not self._compiled:
             self.net.compile()
             self._compiled = True
+
+    def on_fit_start(self) -> None:
+        self._ensure_weights()
+
+    def on_validation_start(self) -> None:
+        self._ensure_weights()
+
+    def on_test_start(self) -> None:
+        self._ensure_weights()
+
+    def on_predict_start(self) -> None:
+        self._ensure_weights()
 
     # ------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, t: Tensor) -> Tensor:

@@ -49,6 +49,8 @@ def _read_lightning_checkpoint(path: Path) -> dict:
     except Exception as err:  # torch raises many types for a non-checkpoint
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({reason})") from err
+    if isinstance(ckpt, dict) and {"model", "ema"} <= set(ckpt):
+        raise InputError(f"{path}: already a score_sde checkpoint, not a Lightning one")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise InputError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     if "ema" not in ckpt or not any(k.startswith("net.") for k in ckpt["state_dict"]):

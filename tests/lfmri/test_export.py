@@ -14,6 +14,15 @@ from lightning_modules.module import ScoreModel
 TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster here and immune to CPU oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def batches() -> DataLoader:
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(8, 2, 16, 16, generator=g)

@@ -21,6 +21,15 @@ TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), imag
 FIXTURE_NET = dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster here and immune to CPU oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Slices(Dataset):
     """Dict samples shaped like the data module's: clean / degraded [2, 16, 16] plus metadata."""
 
@@ -127,12 +136,12 @@ def test_supervised_term_is_skipped_in_training_when_its_weight_is_zero(tmp_path
     assert "train/supervised" not in tr.callback_metrics and "val/supervised" in tr.callback_metrics
 
 
-def test_pretrained_score_sde_weights_are_loaded_in_setup(tmp_path):
+def test_pretrained_score_sde_weights_are_loaded_when_fit_starts(tmp_path):
     pretrained = tmp_path / "clinical.pth"
     shutil.copy(FIXTURE / "checkpoint.pth", pretrained)
     model = ScoreModel(**FIXTURE_NET, pretrained=str(pretrained),
                        pretrained_config=str(FIXTURE / "config.json"), warmup_steps=1)
-    model.setup("fit")
+    model.on_fit_start()
     ref = load_score_sde_checkpoint(FIXTURE / "checkpoint.pth", FIXTURE / "config.json", weights="ema")
     for a, b, s in zip(model.net.parameters(), ref.parameters(), model.ema.shadow_params, strict=True):
         assert torch.equal(a, b) and torch.equal(s, b)
@@ -145,16 +154,21 @@ def test_pretrained_score_sde_weights_are_loaded_in_setup(tmp_path):
     trainer(tmp_path, limit_val_batches=1).validate(loaded, loader(), verbose=False)
     for a, b in zip(loaded.net.parameters(), model.net.parameters(), strict=True):
         assert torch.equal(a, b)
+    # resuming the fine-tune (same config, clinical file gone) restores the run's own weights and EMA
+    resumed = ScoreModel(**FIXTURE_NET, pretrained=str(pretrained),
+                         pretrained_config=str(FIXTURE / "config.json"), warmup_steps=1)
+    trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(resumed, loader(), ckpt_path=tmp_path / "ft.ckpt")
+    assert resumed.ema.num_updates == 2
 
 
 def test_pretrained_that_does_not_fit_is_one_clear_error():
     model = ScoreModel(**TINY, pretrained=str(FIXTURE / "checkpoint.pth"))  # own (tiny) config: nf 16 != 32
     with pytest.raises(ValueError, match=r"checkpoint.pth: checkpoint does not fit the DDPM config"):
-        model.setup("fit")
+        model.on_fit_start()
     model = ScoreModel(**TINY, pretrained=str(FIXTURE / "checkpoint.pth"),
                        pretrained_config=str(FIXTURE / "config.json"))
     with pytest.raises(ValueError, match=r"differs from this model's: nf=32 \(this model 16\)"):
-        model.setup("fit")
+        model.on_fit_start()
 
 
 def test_yaml_model_block_through_lightning_cli(tmp_path):

@@ -1,0 +1,130 @@
+"""A training DataLoader that resumes mid-epoch with the exact batch sequence of an uninterrupted run.
+
+Three things make training a pure function of (seed, epoch, batch position, rank), so `--ckpt_path last`
+after a crash continues exactly where the checkpoint was written:
+
+- `ResumableSampler` (a `DistributedSampler`, so Lightning keeps it under DDP instead of injecting its own):
+  a permutation seeded by (seed, epoch), sharded over the ranks, minus the samples already consumed.
+- `SeededSamples`: each sample's "draw of torch's RNG" (see `datamodules.dataset.TrainSliceDataset`) is taken
+  from a generator state set from (seed, epoch, index), in a forked RNG: degradations no longer depend on the
+  worker count, on the main process's RNG, or on what ran before.
+- `ResumableDataLoader`: counts the batches it hands to the training loop; `state_dict()` /
+  `load_state_dict()` (Lightning saves them in the checkpoint's loop state, see
+  `lightning.pytorch.loops.fit_loop`) hold {epoch, batches}. Before each batch it reseeds torch's global RNG
+  from (seed, global seed, epoch, batch, rank), so the model's own draws (DSM noise, diffusion times,
+  dropout) repeat after a resume too, without storing per-rank RNG states.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from datamodules.splits import stable_hash
+
+_SEED_MOD = 2**63 - 1
+
+
+class SeededSamples(Dataset):
+    """Wraps a training dataset: sample `index` of `epoch` sees torch's RNG seeded from (seed, epoch, index).
+
+    The RNG is forked (`torch.random.fork_rng`), so the caller's RNG state is untouched.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch mixed into the per-sample seeds (and the wrapped dataset's, if it has one)."""
+        self.epoch = int(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stable_hash("sample", self.seed, self.epoch, int(index)) % _SEED_MOD)
+            return self.dataset[index]
+
+
+class ResumableSampler(DistributedSampler):
+    """`DistributedSampler` (permutation seeded by seed + epoch, padded and sharded over `num_replicas`) that
+    skips the first `start` samples of this rank's share once, after a restore."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation; a new epoch cancels a pending skip."""
+        if epoch != self.epoch:
+            self.start = 0
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.start = self.start, 0
+        indices = list(super().__iter__())
+        return iter(indices[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """DataLoader over a `ResumableSampler` with Lightning's `state_dict` / `load_state_dict` protocol.
+
+    State: {"epoch": int, "batches": int} = batches of that epoch already handed to the training loop.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.global_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self._epoch = sampler.epoch
+        self._batches = 0
+        self._resume: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: nothing runs (no worker starts, no index is drawn) until the first batch is asked for,
+        # i.e. after Lightning's set_epoch for the epoch.
+        sampler: ResumableSampler = self.sampler
+        self._epoch, self._batches = sampler.epoch, 0
+        if self._resume is not None:
+            epoch, batches = self._resume
+            self._resume = None
+            if epoch == sampler.epoch:
+                self._batches = batches
+                sampler.start = batches * self.batch_size
+        for batch in super().__iter__():
+            torch.manual_seed(
+                stable_hash("step", sampler.seed, self.global_seed, self._epoch, self._batches, sampler.rank)
+                % _SEED_MOD
+            )
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """{"epoch", "batches"}: the position of the training loop in the data."""
+        return {"epoch": self._epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at `state` on the next iteration (if that epoch is resumed; a new one starts at 0)."""
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        self._resume = (epoch, batches)
+        self.sampler.set_epoch(epoch)
+
+
+def resumable_loader(dataset: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                     **kwargs: Any) -> ResumableDataLoader:
+    """A shuffled training loader over `dataset` (seeded; sharded over `num_replicas`, this one `rank`)."""
+    wrapped = SeededSamples(dataset, seed)
+    sampler = ResumableSampler(wrapped, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+    return ResumableDataLoader(wrapped, sampler, batch_size=batch_size, **kwargs)
