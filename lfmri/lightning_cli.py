@@ -9,9 +9,11 @@ hyper-parameters: W&B's run config), and checkpoints are written atomically (`At
 
 from __future__ import annotations
 
+import netrc
 import os
 import tempfile
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import yaml
@@ -70,9 +72,21 @@ class LfmriCLI(LightningCLI):
         return trainer
 
 
+def _wandb_logged_in() -> bool:
+    """Whether `wandb login` stored an API key for the W&B host (in ~/.netrc, or the file $NETRC names)."""
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def _default_wandb_mode() -> None:
-    """Run W&B offline unless the user configured it (`WANDB_MODE` or an API key)."""
-    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+    """Run W&B offline unless the user configured it: `WANDB_MODE`, an API key (`WANDB_API_KEY` or
+    `wandb login`), or a sweep agent's run (`WANDB_SWEEP_ID`: its metric must reach the server)."""
+    env = os.environ
+    configured = "WANDB_MODE" in env or env.get("WANDB_API_KEY") or "WANDB_SWEEP_ID" in env
+    if not configured and not _wandb_logged_in():
         os.environ["WANDB_MODE"] = "offline"
 
 

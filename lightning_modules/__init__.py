@@ -1,0 +1,36 @@
+"""The score network (score_sde's DDPM U-Net), the VP-SDE, losses, samplers, metrics, checkpoint import and
+export, the LightningModule and its callbacks.
+
+Exports are loaded lazily (PEP 562): `import lightning_modules` stays cheap until a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DDPM": "lightning_modules.ddpm",
+    "VPSDE": "lightning_modules.sde",
+    "get_score_fn": "lightning_modules.sde",
+    "EMA": "lightning_modules.ema",
+    "dsm_loss": "lightning_modules.losses",
+    "supervised_loss": "lightning_modules.losses",
+    "load_score_sde_checkpoint": "lightning_modules.checkpoint",
+    "export_score_sde_checkpoint": "lightning_modules.checkpoint",
+    "CheckpointError": "lightning_modules.checkpoint",
+    "ScoreModel": "lightning_modules.module",
+    "build_sampler": "lightning_modules.samplers",
+    "KSpaceDataConsistency": "lightning_modules.samplers",
+    "SAMPLERS": "lightning_modules.samplers",
+    "FiniteLossGuard": "lightning_modules.callbacks",
+    "SamplerCallback": "lightning_modules.callbacks",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_modules' has no attribute {name!r}")

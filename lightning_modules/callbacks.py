@@ -222,13 +222,12 @@ def render_grid(regimes: Sequence[str], panels: np.ndarray) -> np.ndarray:
 
     The three magnitude images of a row share one grey scale (0 to the reference's max); |error| has its own.
     """
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(regimes), len(COLUMNS), figsize=(2.0 * len(COLUMNS), 2.1 * len(regimes)),
-                             squeeze=False)
+    fig = Figure(figsize=(2.0 * len(COLUMNS), 2.1 * len(regimes)))  # no pyplot: leaves the backend alone
+    canvas = FigureCanvasAgg(fig)
+    axes = fig.subplots(len(regimes), len(COLUMNS), squeeze=False)
     for r, regime in enumerate(regimes):
         vmax = float(panels[r, 2].max()) or None
         for c, title in enumerate(COLUMNS):
@@ -241,10 +240,8 @@ def render_grid(regimes: Sequence[str], panels: np.ndarray) -> np.ndarray:
                 axes[r, c].set_title(title, fontsize=9)
         axes[r, 0].set_ylabel(regime, fontsize=8)
     fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def _save_png(path: Path, image: np.ndarray) -> None:

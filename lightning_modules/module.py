@@ -53,6 +53,8 @@ class ScoreModel(LightningModule):
     supervised_loss 'l1' | 'l2'; likelihood_weighting (DSM).
     Optimisation: lr, weight_decay (AdamW), warmup_steps, ema_decay, compile (torch.compile the network in
     setup), val_seed.
+    Predict (`lfmri predict`): predict_sampler (a `samplers.SAMPLERS` name), predict_steps, predict_t0 (None:
+    the sampler's defaults), predict_dc_weight; see `predict_step`.
     """
 
     def __init__(self, nf: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
@@ -67,7 +69,9 @@ class ScoreModel(LightningModule):
                  supervised_weight: float = 0.0, supervised_t0: tuple[float, float] = (0.05, 0.3),
                  supervised_loss: Literal["l1", "l2"] = "l1", likelihood_weighting: bool = False,
                  lr: float = 2e-4, weight_decay: float = 0.0, warmup_steps: int = 5000,
-                 ema_decay: float = 0.9999, compile: bool = False, val_seed: int = 0) -> None:
+                 ema_decay: float = 0.9999, compile: bool = False, val_seed: int = 0,
+                 predict_sampler: str = "warm_ddim", predict_steps: int | None = None,
+                 predict_t0: float | None = None, predict_dc_weight: float = 0.3) -> None:
         super().__init__()
         self.save_hyperparameters()
         hp = self.hparams
@@ -172,6 +176,26 @@ class ScoreModel(LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Reconstruct a batch of measured slices with the EMA weights and k-space data consistency.
+
+        Uses `degraded` [B, 2, H, W] as the warm start, `y` [B, 1, H, W] and `params` (the forward operator;
+        neutral for a user's own NIfTI, i.e. plain Fourier sampling). Returns `reconstruction`, the magnitude
+        [B, 1, H, W] in normalised units (multiply by `scale` for input units), with `subject`, `slice` and
+        `scale` passed through. `lfmri reconstruct` is the command that writes NIfTI volumes.
+        """
+        from degradations import ForwardOperator
+        from lightning_modules.samplers import build_sampler, magnitude
+
+        hp = self.hparams
+        sampler = build_sampler(hp.predict_sampler, steps=hp.predict_steps, t0=hp.predict_t0,
+                                dc_weight=hp.predict_dc_weight, sde=self.sde)
+        gen = torch.Generator(device=self.device).manual_seed(hp.val_seed + batch_idx)
+        A = ForwardOperator.from_params(batch["params"])
+        x = sampler(get_score_fn(self.net, self.sde), batch["degraded"], A, batch["y"], generator=gen)
+        return {"reconstruction": magnitude(x), "subject": batch["subject"], "slice": batch["slice"],
+                "scale": batch["scale"]}
 
     # --------------------------------------------------------------------------------------------- EMA
     def on_train_start(self) -> None:

@@ -1,5 +1,5 @@
-"""DDP on CPU: `lfmri fit --trainer.strategy=ddp --trainer.devices=2` (2 gloo processes) trains, checkpoints, and
-each rank gets its own shard of the training data."""
+"""DDP on CPU: `lfmri fit --trainer.strategy=ddp --trainer.devices=2` (2 gloo processes) trains, checkpoints,
+and each rank gets its own shard of the training data."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ from datamodules.resumable import resumable_loader
 LFMRI = Path(sys.executable).with_name("lfmri")
 REPO = Path(__file__).resolve().parents[2]
 
-#: a callback the subprocess imports (PYTHONPATH): each rank writes the (subject, slice) of every batch it trains on
+#: a callback for the subprocess (on PYTHONPATH): each rank writes the (subject, slice) of its samples
 RECORDER = '''
 from lightning.pytorch import Callback
 
@@ -39,7 +39,8 @@ def test_two_process_cpu_ddp_fit(tmp_path):
            f"--trainer.default_root_dir={root}",
            "--trainer.callbacks+=seen_cb.Seen", f"--trainer.callbacks.path={tmp_path / 'seen'}",
            "--model.init_args.image_size=32", "--model.init_args.nf=8", "--model.init_args.num_groups=4",
-           "--data.init_args.image_size=32", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+           "--data.init_args.image_size=32", "--data.init_args.batch_size=2",
+           "--data.init_args.num_workers=0",
            "--data.init_args.bundled_train_subjects=2", "--data.init_args.bundled_val_subjects=1",
            "--data.init_args.eval_slices_per_volume=1"]
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}

@@ -30,12 +30,6 @@ def batches() -> DataLoader:
     return DataLoader(samples, batch_size=4)
 
 
-@pytest.fixture(autouse=True)
-def only_export(monkeypatch):
-    """Exercise `lfmri export` through the real entry point, independent of the other subcommands."""
-    monkeypatch.setattr(cli, "COMMANDS", {"export": "export"})
-
-
 def main(argv: list[str]) -> int:
     return cli.main(argv)
 

@@ -212,3 +212,22 @@ def test_atomic_checkpoint_keeps_the_old_file_when_a_save_fails(tmp_path):
         io.save_checkpoint({"global_step": 2, "x": Boom()}, path)
     assert load(path) == {"global_step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+def test_training_samples_do_not_depend_on_workers_or_the_global_rng():
+    """Degradation draws are a function of (seed, epoch, index): 0 or 2 workers, any global RNG state."""
+    from datamodules import LowFieldDataModule
+
+    dm = LowFieldDataModule(image_size=32, batch_size=3, bundled_train_subjects=2, bundled_val_subjects=1)
+    dm.setup("fit")
+    batches = []
+    for workers, seed in ((0, 1), (2, 2)):
+        torch.manual_seed(seed)
+        dm.num_workers = workers
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(1)
+        it = iter(loader)
+        batches.append([next(it) for _ in range(2)])
+    for a, b in zip(*batches, strict=True):
+        assert a["regime"] == b["regime"] and torch.equal(a["slice"], b["slice"])
+        assert torch.equal(a["degraded"], b["degraded"]) and torch.equal(a["y"], b["y"])

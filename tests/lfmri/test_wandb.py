@@ -1,5 +1,6 @@
-"""W&B: `lfmri fit --config configs/quickstart.yaml --config configs/logger/wandb.yaml` runs offline without an API
-key and logs the whole resolved config, both losses and the learning rate (read back from the offline run file).
+"""W&B: `lfmri fit --config configs/quickstart.yaml --config configs/logger/wandb.yaml` runs offline without
+an API key and logs the whole resolved config, both losses and the learning rate (read back from the offline
+run file).
 """
 
 import json
@@ -15,7 +16,8 @@ from wandb.proto import wandb_internal_pb2
 LFMRI = Path(sys.executable).with_name("lfmri")
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=2",
-        "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_progress_bar=false",
         "--model.init_args.image_size=32", "--model.init_args.nf=8", "--model.init_args.num_groups=4",
         "--data.init_args.image_size=32", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
         "--data.init_args.bundled_train_subjects=2", "--data.init_args.bundled_val_subjects=1",
@@ -23,8 +25,8 @@ TINY = ["--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.val
 
 
 def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
-    """The records of a `.wandb` file: a LevelDB-style log (7-byte file header, 32 KiB blocks, each chunk with a
-    7-byte header: crc32 (4), length (2, little-endian), type (1: full, 2: first, 3: middle, 4: last))."""
+    """The records of a `.wandb` file: a LevelDB-style log (7-byte file header, 32 KiB blocks, each chunk with
+    a 7-byte header: crc32 (4), length (2, little-endian), type (1: full, 2: first, 3: middle, 4: last))."""
     data, block, pos, buf, out = path.read_bytes(), 32768, 7, b"", []
     assert data[:4] == b":W&B"
     while pos + 7 <= len(data):
@@ -41,10 +43,16 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
     return out
 
 
+def name(item) -> str:
+    """A config / history item's key (W&B stores some as `nested_key`)."""
+    return item.key or "/".join(item.nested_key)
+
+
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wandb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # no key, no mode: offline
+    env["NETRC"] = str(tmp / "no-netrc")  # and no `wandb login`
     cmd = [str(LFMRI), "fit", "--config", str(REPO / "configs/quickstart.yaml"),
            "--config", str(REPO / "configs/logger/wandb.yaml"), *TINY]
     out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
@@ -56,9 +64,9 @@ def offline_run(tmp_path_factory):
     for r in records:
         kind = r.WhichOneof("record_type")
         if kind == "config":
-            config.update({i.key: json.loads(i.value_json) for i in r.config.update})
+            config.update({name(i): json.loads(i.value_json) for i in r.config.update})
         elif kind == "history":
-            history.append({i.key: json.loads(i.value_json) for i in r.history.item})
+            history.append({name(i): json.loads(i.value_json) for i in r.history.item})
     return {"tmp": tmp, "config": config, "history": history, "log": out.stdout + out.stderr}
 
 

@@ -56,7 +56,7 @@ def fitted(datamodule, tmp_path_factory):
     trainer.fit(model, datamodule=datamodule)
     trainer.save_checkpoint(tmp / "fitted.ckpt")
     return SimpleNamespace(trainer=trainer, model=model, callback=callback, log_dir=Path(trainer.log_dir),
-                           ckpt=tmp / "fitted.ckpt")
+                           ckpt=tmp / "fitted.ckpt", metrics=dict(callback.last_metrics))
 
 
 def test_fit_logs_finite_metrics_per_regime_and_skips_the_sanity_check(fitted):
@@ -81,13 +81,36 @@ def test_fit_logs_finite_metrics_per_regime_and_skips_the_sanity_check(fitted):
 
 
 def test_repeated_validation_gives_identical_numbers(fitted, datamodule):
-    trainer, model, callback = fitted.trainer, fitted.model, fitted.callback
-    after_fit = dict(callback.last_metrics)
-    trainer.validate(model, datamodule=datamodule, verbose=False)
-    first = dict(callback.last_metrics)
-    trainer.validate(model, datamodule=datamodule, verbose=False)
-    assert callback.last_metrics == first == after_fit  # same EMA weights, slices, degradations and noise
-    assert callback.n_validations == 4
+    n_before = fitted.callback.n_validations
+    fitted.trainer.validate(fitted.model, datamodule=datamodule, verbose=False)
+    # the fit's last validation had the same EMA weights, slices, degradations and noise
+    assert fitted.callback.last_metrics == fitted.metrics
+    assert fitted.callback.n_validations == n_before + 1
+
+
+def test_zero_score_near_t0_reconstructs_the_degraded_input_of_the_chosen_slices(fitted, datamodule,
+                                                                                 monkeypatch):
+    """With a zero score and a start time near 0, DDIM returns DC(degraded + small noise), and DC leaves the
+    degraded image of the noise regime unchanged: the logged metrics are those of |degraded| vs |clean| on the
+    same slices, computed here independently."""
+    from lightning_modules.metrics import psnr_volume, ssim_volume
+    from lightning_modules.samplers import magnitude
+
+    monkeypatch.setattr(fitted.model, "score_fn", lambda use_ema=True: lambda x, t: torch.zeros_like(x))
+    callback = SamplerCallback(regimes=["noise"], n_slices=3, steps=1, t0=0.002, batch_size=2,
+                               log_images=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, limit_val_batches=1, logger=False,
+                         callbacks=[callback], enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(fitted.model, datamodule=datamodule, verbose=False)
+    dataset = datamodule.val_dataset
+    (idx,) = validation_subset([item[-1] for item in dataset.items], ["noise"], 3).values()
+    samples = [dataset[i] for i in idx]
+    deg = [magnitude(s["degraded"][None]) for s in samples]
+    ref = [magnitude(s["clean"][None]) for s in samples]
+    psnr = np.mean([psnr_volume(d, r) for d, r in zip(deg, ref, strict=True)])
+    ssim = np.mean([ssim_volume(d, r) for d, r in zip(deg, ref, strict=True)])
+    assert callback.last_metrics["val/psnr/noise"] == pytest.approx(psnr, abs=0.1)
+    assert callback.last_metrics["val/ssim/noise"] == pytest.approx(ssim, abs=0.005)
 
 
 def test_subset_is_evenly_spaced_per_regime_and_fixed():
@@ -144,11 +167,10 @@ def test_grid_goes_to_wandb_as_an_image_instead_of_a_png(tmp_path):
     assert not (tmp_path / "samples").exists()
 
 
-def test_ddp_two_processes_log_the_same_numbers_as_one(fitted, datamodule, tmp_path):
+def test_ddp_two_processes_log_the_same_numbers_as_one(fitted, tmp_path):
     """The fitted checkpoint validated on 2 CPU processes (gloo DDP): both ranks log exactly the numbers of
-    the same validation on this 1 process."""
-    fitted.trainer.validate(fitted.model, datamodule=datamodule, verbose=False)
-    one_process = fitted.callback.last_metrics
+    the fit's last validation (same weights) on this 1 process."""
+    one_process = fitted.metrics
     settings = json.dumps({"callback": CALLBACK, "data": DATA})
     # each rank uses as many threads as this process, so the CPU kernels sum in the same order
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}

@@ -1,0 +1,339 @@
+"""The paper's protocol end to end: clinical weights -> fine-tune -> evaluate -> the table beside the paper's.
+
+Full scale (your mouse NIfTI directory and a clinical score_sde checkpoint; a GPU):
+
+    python experiments/paper/run.py /data/mouse_t2w --pretrained clinical.pth [--out runs/paper]
+
+  1. import the clinical weights: `--model.init_args.pretrained=clinical.pth` of configs/finetune_mouse.yaml
+     (34.4M DDPM, 256x256, 2 channels, bf16);
+  2. fine-tune 15 epochs with DSM + the supervised loss (`lfmri fit`);
+  3. `lfmri evaluate` on 10 held-out subjects (OUT/split.yaml: 10 test and --n-val validation subjects chosen
+     by a seeded hash of the subject ids, the rest train; or --split-file) in the four regimes, with the
+     baselines tuned on the validation subjects;
+  4. OUT/comparison.md: the measured table next to the paper's (compare.py).
+  `--scratch` also trains the same model from scratch for the same steps and evaluates it on the same volumes.
+
+Small scale on the shipped data (CPU, minutes; `DATA` = `bundled`):
+
+    python experiments/paper/run.py bundled --small [--out runs/paper_small] [--jobs 2]
+
+  0. no clinical checkpoint can be downloaded, so a stand-in is made: a small prior (the quickstart network,
+     64x64) pre-trained with DSM on the bundled MNI pseudo-subjects sliced CORONALLY (small_pretrain.yaml),
+     exported in score_sde's format with `lfmri export` (OUT/clinical.pth + .json);
+  1.-2. fine-tuned on the AXIAL slices (small_finetune.yaml) from that file through the same import path;
+     the same model is also trained from scratch for the same steps;
+  3.-4. both are evaluated on the bundled source's test volumes (2 real held-out brains) and compared.
+
+Every command is printed and recorded with its wall time in OUT/protocol.md and OUT/protocol.json; the
+resolved configuration of each fit is written to OUT/<stage>/config.yaml (evaluation reads its data block).
+Extra overrides for every fit: `--set trainer.accelerator=gpu --set data.init_args.batch_size=4` ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+FULL_CONFIG = REPO / "configs" / "finetune_mouse.yaml"
+SMALL_PRETRAIN = HERE / "small_pretrain.yaml"
+SMALL_FINETUNE = HERE / "small_finetune.yaml"
+#: what the protocol writes under OUT (only these are removed by --overwrite)
+OUTPUTS = ("clinical_pretrain", "clinical.pth", "clinical.json", "split.yaml", "finetune", "scratch",
+           "eval_finetune", "eval_scratch", "comparison.md", "protocol.md", "protocol.json")
+
+
+class ProtocolError(RuntimeError):
+    """A stage failed or an argument is wrong; the message says which."""
+
+
+@dataclass
+class Step:
+    """One recorded command: its stage, the command line as a user would type it, and its wall time (s)."""
+
+    stage: str
+    command: str
+    wall_s: float
+    log: str | None = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="The paper's protocol: import, fine-tune, evaluate, compare.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("data", help="'bundled' (the shipped data) or a directory of high-field NIfTI volumes")
+    p.add_argument("--pretrained", default=None,
+                   help="clinical score_sde checkpoint (.pth); --small without it pre-trains a stand-in")
+    p.add_argument("--pretrained-config", default=None, help="the checkpoint's score_sde config.json")
+    p.add_argument("--small", action="store_true", help="small-scale protocol (CPU, minutes)")
+    p.add_argument("--out", default=None, help="output folder (default runs/paper or runs/paper_small)")
+    p.add_argument("--overwrite", action="store_true", help="replace this protocol's outputs in --out")
+    p.add_argument("--config", default=None, help="fine-tune config (default: configs/finetune_mouse.yaml, "
+                                                  "or experiments/paper/small_finetune.yaml with --small)")
+    p.add_argument("--pretrain-config", default=str(SMALL_PRETRAIN), help="--small: the stand-in's config")
+    p.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train from scratch for the same steps (default: on with --small)")
+    p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default: the config's)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="fine-tune max_steps (default: config's)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="--small: stand-in max_steps")
+    p.add_argument("--image-size", type=int, default=None, help="model and data image size for every fit")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra LightningCLI override for every fit, e.g. trainer.accelerator=gpu")
+    p.add_argument("--split-file", default=None, help="YAML {train, val, test} subject lists (NIfTI data)")
+    p.add_argument("--n-test", type=int, default=10, help="held-out test subjects (default 10, the paper's)")
+    p.add_argument("--n-val", type=int, default=2, help="validation subjects (baseline tuning, val loss)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the subject split")
+    p.add_argument("--sampler", default="warm_ddim", help="lfmri evaluate --sampler")
+    p.add_argument("--eval-steps", type=int, default=None, help="lfmri evaluate --steps")
+    p.add_argument("--t0", type=float, default=None, help="lfmri evaluate --t0")
+    p.add_argument("--max-slices-per-subject", type=int, default=None, help="lfmri evaluate option")
+    p.add_argument("--baselines", default="all", help="lfmri evaluate --baselines (all | none | tv,nlm)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="lfmri evaluate --batch-size")
+    p.add_argument("--device", default="auto", help="lfmri evaluate --device")
+    p.add_argument("--jobs", type=int, choices=(1, 2), default=1,
+                   help="2: fine-tune and scratch fits (and evaluations) run side by side, output to logs")
+    args = p.parse_args(argv)
+    if args.scratch is None:
+        args.scratch = args.small
+    if args.config is None:
+        args.config = str(SMALL_FINETUNE if args.small else FULL_CONFIG)
+    if args.out is None:
+        args.out = "runs/paper_small" if args.small else "runs/paper"
+    if not args.small and not args.pretrained:
+        p.error("the full protocol needs --pretrained CLINICAL.pth (a score_sde checkpoint); "
+                "--small makes a small stand-in from the shipped data")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def lfmri_cmd(*args: str) -> list[str]:
+    """The `lfmri` command as a child process of this interpreter (works without the console script)."""
+    return [sys.executable, "-m", "lfmri.cli", *args]
+
+
+def display(cmd: list[str]) -> str:
+    """The command line as a user types it (`lfmri ...`, `python ...`), paths relative to the repository."""
+    words = ["lfmri"] + cmd[3:] if cmd[1:3] == ["-m", "lfmri.cli"] else ["python"] + cmd[1:]
+    repo = str(REPO) + os.sep
+    return shlex.join(w.replace(repo, "") for w in words)
+
+
+def resolve_config(fit_args: list[str]) -> str:
+    """`lfmri fit <fit_args> --print_config`, in this process: the resolved YAML (interpolations done)."""
+    from lfmri.lightning_cli import run_lightning_cli
+
+    buffer, argv = io.StringIO(), sys.argv
+    sys.argv = argv[:1]  # LightningCLI warns when it is given args beside a command line of its own
+    try:
+        with contextlib.redirect_stdout(buffer):
+            run_lightning_cli(["fit", *fit_args, "--print_config"])
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            raise ProtocolError(f"the fit arguments do not parse: lfmri fit {shlex.join(fit_args)}") from None
+    finally:
+        sys.argv = argv
+    return buffer.getvalue()
+
+
+class Protocol:
+    """Runs and records the stages; each command is a child process with this interpreter, cwd = the repo."""
+
+    def __init__(self, out: Path, jobs: int) -> None:
+        self.out, self.jobs, self.steps = out, jobs, []
+        self.started = time.perf_counter()
+
+    def run(self, stage: str, cmds: list[list[str]], names: list[str] | None = None) -> None:
+        """Run commands (side by side when jobs > 1, output to OUT/<name>.log), stop on the first failure."""
+        names = names or [stage] * len(cmds)
+        parallel = self.jobs > 1 and len(cmds) > 1
+        pairs = list(zip(cmds, names, strict=True))
+        batches = [pairs] if parallel else [[pair] for pair in pairs]
+        for batch in batches:
+            procs, t0 = [], time.perf_counter()
+            for cmd, name in batch:
+                print(f"\n[{name}] $ {display(cmd)}", flush=True)
+                log = self.out / f"{name}.log" if parallel else None
+                with open(log, "w") if log else contextlib.nullcontext() as fh:
+                    err = subprocess.STDOUT if fh else None
+                    proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=err)
+                procs.append((proc, cmd, name, log))
+            for proc, cmd, name, log in procs:
+                rc = proc.wait()
+                wall = time.perf_counter() - t0
+                self.steps.append(Step(name, display(cmd), round(wall, 1), str(log) if log else None))
+                if rc != 0:
+                    where = f" (see {log})" if log else ""
+                    raise ProtocolError(f"stage {name} failed with exit code {rc}{where}: {display(cmd)}")
+                print(f"[{name}] done in {wall:.1f} s", flush=True)
+
+    def record(self, stage: str, command: str, wall_s: float) -> None:
+        self.steps.append(Step(stage, command, round(wall_s, 1)))
+
+    def write(self, settings: dict) -> None:
+        total = time.perf_counter() - self.started
+        payload = {"settings": settings, "steps": [asdict(s) for s in self.steps],
+                   "total_wall_s": round(total, 1)}
+        (self.out / "protocol.json").write_text(json.dumps(payload, indent=2) + "\n")
+        lines = ["# Commands and wall times", "",
+                 f"From the repository root; total wall time {total:.0f} s ({total / 60:.1f} min)"
+                 + (", fine-tune and scratch side by side (--jobs 2)." if self.jobs > 1 else "."), "",
+                 "| stage | wall (s) | command |", "|---|---|---|"]
+        lines += [f"| {s.stage} | {s.wall_s:.1f} | `{s.command}` |" for s in self.steps]
+        (self.out / "protocol.md").write_text("\n".join(lines) + "\n")
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Create OUT; refuse to mix with an earlier run unless --overwrite (which removes only our outputs)."""
+    existing = [name for name in OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise ProtocolError(f"{out} holds an earlier run ({', '.join(existing)}); "
+                            "pass --overwrite or another --out")
+    for name in existing:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for log in out.glob("*.log"):
+        log.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def data_overrides(data: str) -> list[str]:
+    """LightningCLI overrides pointing a config's data module at `bundled` or a directory."""
+    if data == "bundled":
+        return ["--data.init_args.source=bundled", "--data.init_args.root=null"]
+    path = Path(data).expanduser().resolve()
+    if not path.exists():
+        raise ProtocolError(f"{data}: no such data directory (or pass 'bundled')")
+    return [f"--data.init_args.source={path}", "--data.init_args.root=null"]
+
+
+def write_split(config_yaml: Path, out: Path, n_test: int, n_val: int, seed: int) -> Path:
+    """OUT/split.yaml: n_test test and n_val val subjects of the config's source (seeded hash), rest train."""
+    import yaml
+
+    from datamodules.splits import hash_split
+    from lfmri.evaluation import load_datamodule
+
+    dm = load_datamodule(config_yaml, split_file=None)
+    subjects = sorted({r.subject for r in dm.source.records()})
+    n = len(subjects)
+    if n < n_test + n_val + 1:
+        raise ProtocolError(f"the data holds {n} subject(s); the protocol holds out --n-test {n_test} and "
+                            f"--n-val {n_val} and needs at least one to train on: lower them")
+    split = hash_split(subjects, seed, val_fraction=n_val / n, test_fraction=n_test / n)
+    if len(split.test) != n_test or len(split.val) != n_val:  # rounding guard: hash_split rounds n * fraction
+        raise ProtocolError(f"could not split {n} subjects into {n_test} test / {n_val} val")
+    path = out / "split.yaml"
+    path.write_text(yaml.safe_dump({"train": split.train, "val": split.val, "test": split.test}))
+    print(f"split: {len(split.train)} train, {len(split.val)} val, {len(split.test)} test subjects -> {path}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+def run_protocol(args: argparse.Namespace) -> Path:
+    """All stages; returns OUT/comparison.md."""
+    out = Path(args.out).expanduser().resolve()
+    prepare_out(out, args.overwrite)
+    proto = Protocol(out, args.jobs)
+    shared = [f"--{kv}" for kv in args.overrides]  # every fit: --set overrides and the image size
+    if args.image_size:
+        shared += [f"--model.init_args.image_size={args.image_size}",
+                   f"--data.init_args.image_size={args.image_size}"]
+
+    # 0. (small, without a checkpoint) the clinical stand-in: DSM on the coronal bundled slices, exported
+    pretrained, pretrained_config = args.pretrained, args.pretrained_config
+    if pretrained is None:
+        stage = out / "clinical_pretrain"
+        pre = ["--config", args.pretrain_config, *shared, f"--trainer.default_root_dir={stage}"]
+        pre += [f"--trainer.max_steps={args.pretrain_steps}"] if args.pretrain_steps else []
+        stage.mkdir(parents=True)
+        (stage / "config.yaml").write_text(resolve_config(pre))
+        proto.run("clinical_pretrain", [lfmri_cmd("fit", *pre)])
+        pretrained, pretrained_config = str(out / "clinical.pth"), str(out / "clinical.json")
+        last = str(stage / "checkpoints" / "last.ckpt")
+        proto.run("export", [lfmri_cmd("export", "--ckpt", last, pretrained)])
+    elif not Path(pretrained).is_file():
+        raise ProtocolError(f"--pretrained {pretrained}: no such checkpoint file")
+
+    # 1.-2. fine-tune from the clinical weights (and the same model from scratch)
+    fit = ["--config", args.config, *data_overrides(args.data), *shared]
+    fit += [f"--trainer.max_epochs={args.epochs}"] if args.epochs else []
+    fit += [f"--trainer.max_steps={args.finetune_steps}"] if args.finetune_steps else []
+    split_file = args.split_file
+    if args.data != "bundled" and split_file is None:
+        probe = out / "data_probe.yaml"
+        probe.write_text(resolve_config(fit + ["--data.init_args.split_file=null"]))
+        split_file = str(write_split(probe, out, args.n_test, args.n_val, args.split_seed))
+        probe.unlink()
+    if split_file:
+        fit.append(f"--data.init_args.split_file={Path(split_file).resolve()}")
+    models = {"finetune": [f"--model.init_args.pretrained={Path(pretrained).resolve()}"]
+              + ([f"--model.init_args.pretrained_config={Path(pretrained_config).resolve()}"]
+                 if pretrained_config else [])}
+    if args.scratch:
+        models["scratch"] = ["--model.init_args.pretrained=null"]
+    cmds = []
+    for name, extra in models.items():
+        stage_args = fit + [f"--trainer.default_root_dir={out / name}", *extra]
+        (out / name).mkdir(parents=True)
+        (out / name / "config.yaml").write_text(resolve_config(stage_args))
+        cmds.append(lfmri_cmd("fit", *stage_args))
+    proto.run("fit", cmds, names=list(models))
+
+    # 3. evaluate every model on the same held-out volumes (the fine-tune stage's data block)
+    options = ["--regimes", "all", "--sampler", args.sampler, "--batch-size", str(args.eval_batch_size),
+               "--device", args.device]
+    options += ["--steps", str(args.eval_steps)] if args.eval_steps else []
+    options += ["--t0", str(args.t0)] if args.t0 is not None else []
+    if args.max_slices_per_subject:
+        options += ["--max-slices-per-subject", str(args.max_slices_per_subject)]
+    cmds = []
+    for i, name in enumerate(models):  # baselines once: they do not depend on the model
+        cmds.append(lfmri_cmd("evaluate", "--ckpt", str(out / name / "checkpoints" / "last.ckpt"),
+                              "--config", str(out / "finetune" / "config.yaml"),
+                              "--out", str(out / f"eval_{name}"),
+                              "--baselines", args.baselines if i == 0 else "none", *options))
+    proto.run("evaluate", cmds, names=[f"eval_{name}" for name in models])
+
+    # 4. the table next to the paper's
+    import compare  # experiments/paper/compare.py, beside this file
+
+    labels = {"finetune": "fine-tuned", "scratch": "from scratch"}
+    compare_args = [f"{labels[name]}={out / f'eval_{name}' / 'results.csv'}" for name in models]
+    compare_args += ["--out", str(out / "comparison.md"), "--title",
+                     "lfmri (small stand-in transfer) vs the paper" if args.small else "lfmri vs the paper"]
+    t0 = time.perf_counter()
+    print()
+    if compare.main(compare_args) != 0:
+        raise ProtocolError("compare.py failed")
+    command = display([sys.executable, str(HERE / "compare.py"), *compare_args])
+    proto.record("compare", command, time.perf_counter() - t0)
+    proto.write(vars(args))
+    print(f"\nwrote {out / 'comparison.md'}, {out / 'protocol.md'} (commands and wall times)")
+    return out / "comparison.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; a failed stage or a bad argument -> one line on stderr, exit code 2."""
+    args = parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(REPO))
+    try:
+        run_protocol(args)
+    except ProtocolError as err:
+        print(f"run.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

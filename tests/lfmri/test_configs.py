@@ -1,0 +1,164 @@
+"""Every YAML config parses through `lfmri fit --print_config`, and the run configs say what they promise.
+
+Each file in configs/ (recursively) and experiments/paper/ is parsed in-process by the real LightningCLI:
+a full run config alone (`--config X`); a `class_path` block of configs/model or configs/data as
+`--config configs/quickstart.yaml --model X` (or `--data X`); any other partial config (e.g. a logger
+overlay) on top of the quickstart (`--config configs/quickstart.yaml --config X`). Required values written
+`???` are given on the command line, as a user must.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lfmri.lightning_cli import run_lightning_cli
+from lightning_modules.ddpm import DDPM
+from lightning_modules.module import NET_ARGS
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+MAIN_KEYS = {"seed_everything", "trainer", "model", "data", "ckpt_path", "optimizer", "lr_scheduler"}
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "experiments" / "paper").glob("*.yaml"))
+PARAMS_34M = 34_425_602
+
+
+def required_leaves(node: object, prefix: str = "") -> list[str]:
+    """Dotted keys of the `???` (required) values in a YAML tree; list items are not descended."""
+    if isinstance(node, dict):
+        return [k for key, value in node.items() for k in required_leaves(value, f"{prefix}{key}.")]
+    return [prefix[:-1]] if node == "???" else []
+
+
+def cli_args(path: Path) -> list[str]:
+    """The `lfmri fit` arguments that parse `path` the way its kind is meant to be used (module docstring)."""
+    content = yaml.safe_load(path.read_text()) or {}
+    if "class_path" in content:  # a model or data block
+        block = path.parent.name if path.parent.name in ("model", "data") else (
+            "data" if "DataModule" in content["class_path"] else "model")
+        args = ["--config", str(QUICKSTART), f"--{block}", str(path)]
+        required = [f"{block}.{k}" for k in required_leaves(content)]
+    elif set(content) <= MAIN_KEYS:
+        standalone = {"model", "data"} <= set(content)
+        args = ["--config", str(path)] if standalone else ["--config", str(QUICKSTART), "--config", str(path)]
+        required = required_leaves(content)
+    else:  # a bare block of another group, e.g. configs/trainer/X.yaml
+        args = ["--config", str(QUICKSTART), f"--{path.parent.name}", str(path)]
+        required = [f"{path.parent.name}.{k}" for k in required_leaves(content)]
+    return args + [f"--{key}=/given/on/the/command/line" for key in required]
+
+
+def print_config(args: list[str], monkeypatch: pytest.MonkeyPatch) -> dict:
+    """`lfmri fit ARGS --print_config` in this process -> the printed (resolved) config as a dict."""
+    monkeypatch.setattr(sys, "argv", ["lfmri"])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stop:
+        run_lightning_cli(["fit", *args, "--print_config"])
+    assert stop.value.code in (0, None), out.getvalue()
+    return yaml.safe_load(out.getvalue())
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+@pytest.fixture(scope="module")
+def parsed() -> dict[str, dict]:
+    """{relative path: printed config} of every config (module-scoped: one CLI parse per file)."""
+    with pytest.MonkeyPatch.context() as mp:
+        return {rel(p): print_config(cli_args(p), mp) for p in CONFIGS}
+
+
+def n_params(init_args: dict) -> int:
+    """Parameters of the DDPM a ScoreModel's init_args build (on the meta device: no memory, no time)."""
+    with torch.device("meta"):
+        net = DDPM(**{k: init_args[k] for k in NET_ARGS if k in init_args})
+    return sum(p.numel() for p in net.parameters())
+
+
+def callbacks(config: dict) -> dict[str, dict]:
+    """{class name: init_args} of the trainer's callbacks."""
+    return {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args") or {}
+            for c in config["trainer"].get("callbacks") or []}
+
+
+def test_the_configs_we_ship_are_all_found():
+    names = {rel(p) for p in CONFIGS}
+    for expected in ("configs/quickstart.yaml", "configs/finetune_mouse.yaml",
+                     "configs/pretrain_fastmri.yaml", "configs/model/ddpm_34m.yaml",
+                     "experiments/paper/small_pretrain.yaml",
+                     "experiments/paper/small_finetune.yaml"):
+        assert expected in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=rel)
+def test_every_config_parses_with_print_config(path, parsed):
+    config = parsed[rel(path)]
+    assert {"trainer", "model", "data"} <= set(config)
+    assert "???" not in yaml.safe_dump(config), "a required value was left unset"
+    content = yaml.safe_load(path.read_text()) or {}
+    if "class_path" in content:  # the block really replaced the quickstart's
+        block = config["model"] if content["class_path"].endswith("ScoreModel") else config["data"]
+        for key, value in (content.get("init_args") or {}).items():
+            assert block["init_args"][key] == value, key
+
+
+def test_required_paths_are_required_and_given_on_the_command_line(parsed):
+    finetune = yaml.safe_load((ROOT / "configs/finetune_mouse.yaml").read_text())
+    pretrain = yaml.safe_load((ROOT / "configs/pretrain_fastmri.yaml").read_text())
+    assert required_leaves(finetune) == ["model.init_args.pretrained", "data.init_args.root"]
+    assert required_leaves(pretrain) == ["data.init_args.root"]
+    given = parsed["configs/finetune_mouse.yaml"]
+    assert given["model"]["init_args"]["pretrained"] == given["data"]["init_args"]["root"] == \
+        "/given/on/the/command/line"
+
+
+@pytest.mark.parametrize("name", ["configs/model/ddpm_34m.yaml", "configs/finetune_mouse.yaml",
+                                  "configs/pretrain_fastmri.yaml"])
+def test_the_34m_configs_build_exactly_34_425_602_parameters(name, parsed):
+    init_args = parsed[name]["model"]["init_args"]
+    assert (init_args["image_size"], init_args["num_channels"]) == (256, 2)
+    assert n_params(init_args) == PARAMS_34M
+
+
+def test_finetune_mouse_is_the_papers_fine_tune(parsed):
+    config = parsed["configs/finetune_mouse.yaml"]
+    trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
+    assert trainer["max_epochs"] == 15 and trainer["precision"] == "bf16-mixed"
+    assert model["dsm_weight"] > 0 and model["supervised_weight"] > 0  # DSM + supervised
+    assert model["pretrained_weights"] == "ema"
+    assert data["source"] == "nifti" and data["image_size"] == model["image_size"] == 256
+    assert trainer["logger"]["class_path"].endswith("CSVLogger")
+    cbs = callbacks(config)
+    assert cbs["ModelCheckpoint"]["save_last"] is True and "FiniteLossGuard" in cbs
+    # the network is exactly configs/model/ddpm_34m.yaml's
+    block = parsed["configs/model/ddpm_34m.yaml"]["model"]["init_args"]
+    assert {k: model[k] for k in NET_ARGS} == {k: block[k] for k in NET_ARGS}
+
+
+def test_pretrain_fastmri_trains_a_dsm_only_prior_from_fastmri(parsed):
+    config = parsed["configs/pretrain_fastmri.yaml"]
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert data["source"] == "fastmri" and model["pretrained"] is None
+    assert model["dsm_weight"] > 0 and model["supervised_weight"] == 0
+    assert config["trainer"]["max_steps"] >= 100_000
+    cbs = callbacks(config)
+    assert cbs["ModelCheckpoint"]["save_last"] is True and "FiniteLossGuard" in cbs
+
+
+def test_small_stand_in_and_target_differ_only_in_the_slice_axis_and_the_loss(parsed):
+    pre = parsed["experiments/paper/small_pretrain.yaml"]
+    fine = parsed["experiments/paper/small_finetune.yaml"]
+    assert pre["data"]["init_args"]["slice_axis"] == 1 and fine["data"]["init_args"]["slice_axis"] == 2
+    assert pre["model"]["init_args"]["supervised_weight"] == 0
+    assert fine["model"]["init_args"]["supervised_weight"] > 0
+    net = {k: pre["model"]["init_args"][k] for k in NET_ARGS}
+    assert net == {k: fine["model"]["init_args"][k] for k in NET_ARGS}  # the export loads into the fine-tune
+    quick = parsed["configs/quickstart.yaml"]["model"]["init_args"]
+    assert n_params(net) == n_params(quick)  # the quickstart's small network
