@@ -1,4 +1,4 @@
-"""The finite-loss guard stops a fit at the first NaN loss, names the step and keeps the last good checkpoint."""
+"""The finite-loss guard stops a fit at the first NaN loss, names the step, keeps the last good checkpoint."""
 
 from __future__ import annotations
 
