@@ -11,8 +11,9 @@ A sample (a dict; the default collate makes the batch of INTERFACES.md):
     scale     float32 tensor []   the volume's normalisation scale: input units = normalised * scale
 
 Training samples draw a regime and its parameters from a generator seeded with (seed, epoch, index, a draw of
-the process's torch RNG): the DataLoader reseeds each worker's torch RNG every epoch from the main RNG, so
-epochs, workers and ranks differ, and a run seeded with `lightning.seed_everything` repeats. Evaluation
+torch's RNG); the data module's training loader (`datamodules.resumable.SeededSamples`) seeds that RNG from
+(seed, epoch, index) for every sample, so a training sample is a pure function of (seed, epoch, index):
+epochs differ, worker counts and DDP ranks do not matter, and a resumed run sees the same samples. Evaluation
 samples (val/test) use a generator seeded with a sha256 hash of (seed, volume id, slice, regime) only:
 identical across runs, worker counts and DDP ranks.
 """
@@ -96,8 +97,7 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         # Per-sample work is tiny: several intra-op threads only contend (on a busy 2-core machine, 50x
-        # slower),
-        # so the main process (num_workers=0) uses one thread here; DataLoader workers already use one.
+        # slower), so the main process (num_workers=0) uses one thread here; DataLoader workers use one.
         if get_worker_info() is not None:
             return self._get(index)
         threads = torch.get_num_threads()

@@ -81,7 +81,6 @@ class ScoreModel(LightningModule):
         self._weights_ready = pretrained is None  # False: `pretrained` still to load (_ensure_weights)
         self._compiled = False
         self._ema_swap: ExitStack | None = None
-        self._ema_step = 0  # the trainer's global_step at the last EMA update
 
     # ----------------------------------------------------------------------------------------------- setup
     def load_pretrained(self) -> None:
@@ -198,13 +197,11 @@ class ScoreModel(LightningModule):
                 "scale": batch["scale"]}
 
     # --------------------------------------------------------------------------------------------- EMA
-    def on_train_start(self) -> None:
-        self._ema_step = self.trainer.global_step
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer.global_step > self._ema_step:  # once per optimiser step (gradient accumulation)
-            self._ema_step = self.trainer.global_step
-            self.ema.update(self.net.parameters())
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimiser step, then the EMA update (once per optimiser step, before any callback such as
+        ModelCheckpoint sees the step, so checkpoints and resumes hold the EMA of exactly that step)."""
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.net.parameters())
 
     def _swap_in_ema(self) -> None:
         if self._ema_swap is None:

@@ -383,6 +383,10 @@ def build_sampler(name: str, steps: int | None = None, t0: float | None = None, 
         beta_min=sde.beta_min, beta_max=sde.beta_max, snr=snr, n_corrector=n_corrector, eta=eta,
         autocast=autocast,
     )
+    if spec.sample_fn is pc_sampler and schedule.sde.beta_max / schedule.sde.N >= 1:
+        raise ValueError(f"sampler {name!r} with {schedule.n_steps} steps from t0 = {schedule.t_start:g} has "
+                         f"a full grid of N = {schedule.sde.N} <= beta_max = {schedule.sde.beta_max:g} "
+                         "steps, which score_sde's discretisation cannot take: more steps or a smaller t0")
     if not math.isfinite(dc_weight) or dc_weight < 0:
         raise ValueError(f"dc_weight must be finite and >= 0, got {dc_weight}")
     return Sampler(name=name, sample_fn=spec.sample_fn, schedule=schedule, dc_weight=dc_weight)

@@ -165,11 +165,6 @@ def test_resumed_weights_equal_an_uninterrupted_run(runs):
     assert loader_state == [{"epoch": MAX_STEPS // EPOCH_BATCHES, "batches": MAX_STEPS % EPOCH_BATCHES}]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ScoreModel updates the EMA in on_train_batch_end, which Lightning calls after the callbacks' hook, in "
-    "which "
-    "ModelCheckpoint saves: a step checkpoint lags one EMA update, and a resume loses that update. "
-    "Fix: update the EMA in ScoreModel.optimizer_step (checked: this test then passes)."))
 def test_resumed_ema_equals_an_uninterrupted_run(runs):
     a = load(runs["full"] / "checkpoints" / "last.ckpt")
     b = load(runs["resumed"] / "checkpoints" / "last.ckpt")

@@ -57,7 +57,7 @@ def offline_run(tmp_path_factory):
            "--config", str(REPO / "configs/logger/wandb.yaml"), *TINY]
     out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    runs = sorted((tmp / "runs" / "wandb").glob("offline-run-*"))
+    runs = sorted((tmp / "runs" / "quickstart" / "wandb").glob("offline-run-*"))  # the run folder
     assert len(runs) == 1, "expected one offline run"
     records = read_records(next(runs[0].glob("*.wandb")))
     config, history = {}, []
