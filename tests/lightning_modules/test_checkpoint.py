@@ -17,13 +17,7 @@ FIXTURE = Path("/work/shared/fixtures/score_sde_tiny")
 CKPT, CONFIG = FIXTURE / "checkpoint.pth", FIXTURE / "config.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster here and immune to CPU oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

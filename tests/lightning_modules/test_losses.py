@@ -16,13 +16,7 @@ SDE = VPSDE()
 MNI = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster here and immune to CPU oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def zero_net(x, labels):

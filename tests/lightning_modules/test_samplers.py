@@ -32,13 +32,7 @@ MU = torch.linspace(-1, 1, 128, dtype=torch.float64).reshape(1, 2, 8, 8)
 B = 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids spin-wait contention on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

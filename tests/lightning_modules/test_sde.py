@@ -10,13 +10,7 @@ from lightning_modules.sde import VPSDE, get_score_fn
 SDE = VPSDE(beta_min=0.1, beta_max=20.0, N=1000)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster here and immune to CPU oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_alpha_and_std_closed_form():
