@@ -167,14 +167,21 @@ class Protocol:
                     err = subprocess.STDOUT if fh else None
                     proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=err)
                 procs.append((proc, cmd, name, log))
-            for proc, cmd, name, log in procs:
-                rc = proc.wait()
-                wall = time.perf_counter() - t0
-                self.steps.append(Step(name, display(cmd), round(wall, 1), str(log) if log else None))
-                if rc != 0:
-                    where = f" (see {log})" if log else ""
-                    raise ProtocolError(f"stage {name} failed with exit code {rc}{where}: {display(cmd)}")
-                print(f"[{name}] done in {wall:.1f} s", flush=True)
+            while procs:  # each command's own wall time, also side by side
+                time.sleep(0.2)
+                for item in [it for it in procs if it[0].poll() is not None]:
+                    procs.remove(item)
+                    proc, cmd, name, log = item
+                    wall = time.perf_counter() - t0
+                    self.steps.append(Step(name, display(cmd), round(wall, 1), str(log) if log else None))
+                    if proc.returncode != 0:
+                        for other in procs:  # stop the sibling we started, then report
+                            other[0].terminate()
+                            other[0].wait()
+                        where = f" (see {log})" if log else ""
+                        raise ProtocolError(f"stage {name} failed with exit code {proc.returncode}{where}: "
+                                            f"{display(cmd)}")
+                    print(f"[{name}] done in {wall:.1f} s", flush=True)
 
     def record(self, stage: str, command: str, wall_s: float) -> None:
         self.steps.append(Step(stage, command, round(wall_s, 1)))
@@ -189,7 +196,26 @@ class Protocol:
                  + (", fine-tune and scratch side by side (--jobs 2)." if self.jobs > 1 else "."), "",
                  "| stage | wall (s) | command |", "|---|---|---|"]
         lines += [f"| {s.stage} | {s.wall_s:.1f} | `{s.command}` |" for s in self.steps]
+        lines += validation_losses(self.out, [s.stage for s in self.steps])
         (self.out / "protocol.md").write_text("\n".join(lines) + "\n")
+
+
+def validation_losses(out: Path, stages: list[str]) -> list[str]:
+    """Markdown lines: each fit's validation losses (EMA weights) per validation, from its CSVLogger log."""
+    import csv
+
+    lines = []
+    for stage in stages:
+        logs = sorted((out / stage).glob("logs/version_*/metrics.csv"))
+        rows = [r for r in csv.DictReader(logs[-1].open()) if r.get("val/loss")] if logs else []
+        if not rows:
+            continue
+        if not lines:
+            lines = ["", "## Validation losses (EMA weights, the config's validation batches)", "",
+                     "| fit | step | val/dsm | val/supervised | val/loss |", "|---|---|---|---|---|"]
+        lines += [f"| {stage} | {int(r['step']) + 1} | {float(r['val/dsm']):.4f} | "
+                  f"{float(r['val/supervised']):.4f} | {float(r['val/loss']):.4f} |" for r in rows]
+    return lines
 
 
 def prepare_out(out: Path, overwrite: bool) -> None:
