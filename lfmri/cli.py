@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS or any(a in ("-h", "--help") for a in argv[:1]) or not argv:
         from lfmri.lightning_cli import run_lightning_cli
 
-        run_lightning_cli(None if from_sys else argv)
+        try:
+            run_lightning_cli(None if from_sys else argv)
+        except InputError as err:  # bad data / checkpoint paths found while the run is set up
+            print(f"lfmri {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
+            return 2
         return 0
     print(f"lfmri: error: unknown command {argv[0]!r}; choose from "
           f"{', '.join(LIGHTNING_SUBCOMMANDS + COMMANDS)}", file=sys.stderr)

@@ -61,9 +61,28 @@ class LogConfigCallback(SaveConfigCallback):
             logger.log_hyperparams(config)
 
 
+def missing_values(config: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of a parsed config whose value is OmegaConf's mandatory marker `???` (a required path a
+    config leaves to the command line)."""
+    if isinstance(config, dict) or hasattr(config, "items"):
+        return [k for key, value in config.items() for k in missing_values(value, f"{prefix}{key}.")]
+    if isinstance(config, (list, tuple)):
+        return [k for i, value in enumerate(config) for k in missing_values(value, f"{prefix}{i}.")]
+    return [prefix[:-1]] if config == "???" else []
+
+
 class LfmriCLI(LightningCLI):
     """LightningCLI with lfmri's defaults: OmegaConf YAML, subclass mode, config saved per run and logged,
-    atomic checkpoints."""
+    atomic checkpoints; a required value left as `???` is refused before anything is built."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        missing = missing_values(config)
+        if missing:
+            from datamodules.errors import InputError
+
+            raise InputError(f"the config leaves {', '.join(missing)} to the command line (???): give "
+                             + " ".join(f"--{k}=..." for k in missing))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -1,0 +1,42 @@
+"""The `lfmri` dispatcher: unknown commands, required `???` config values and bad data paths give one line on
+stderr and exit code 2, not a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lfmri.cli import main
+from lfmri.lightning_cli import missing_values
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_unknown_command(capsys):
+    assert main(["frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'frobnicate'" in err and err.count("\n") == 1
+
+
+def test_missing_values_are_found_at_any_depth():
+    config = {"model": {"init_args": {"pretrained": "???", "lr": 1e-4}},
+              "trainer": {"callbacks": [{"a": "???"}]}}
+    assert missing_values(config) == ["model.init_args.pretrained", "trainer.callbacks.0.a"]
+    assert missing_values({"x": "ok", "y": [1, 2]}) == []
+
+
+def test_required_config_values_are_refused_before_anything_is_built(capsys):
+    assert main(["fit", "--config", str(REPO / "configs/finetune_mouse.yaml")]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("lfmri fit: error:")
+    assert "model.init_args.pretrained" in last and "data.init_args.root" in last
+
+
+def test_a_missing_data_directory_is_one_line(tmp_path, capsys):
+    rc = main(["fit", "--config", str(REPO / "configs/quickstart.yaml"),
+               f"--data.init_args.source={tmp_path}/nope", f"--trainer.default_root_dir={tmp_path}/run",
+               "--trainer.enable_progress_bar=false"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("lfmri fit: error:") and "nope" in last
