@@ -96,6 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sampler", default="warm_ddim", help="lfmri evaluate --sampler")
     p.add_argument("--eval-steps", type=int, default=None, help="lfmri evaluate --steps")
     p.add_argument("--t0", type=float, default=None, help="lfmri evaluate --t0")
+    p.add_argument("--dc-weight", type=float, default=None, help="lfmri evaluate --dc-weight (default 0.3)")
     p.add_argument("--max-slices-per-subject", type=int, default=None, help="lfmri evaluate option")
     p.add_argument("--baselines", default="all", help="lfmri evaluate --baselines (all | none | tv,nlm)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="lfmri evaluate --batch-size")
@@ -320,6 +321,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
                "--device", args.device]
     options += ["--steps", str(args.eval_steps)] if args.eval_steps else []
     options += ["--t0", str(args.t0)] if args.t0 is not None else []
+    options += ["--dc-weight", str(args.dc_weight)] if args.dc_weight is not None else []
     if args.max_slices_per_subject:
         options += ["--max-slices-per-subject", str(args.max_slices_per_subject)]
     cmds = []
