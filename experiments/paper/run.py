@@ -154,16 +154,17 @@ class Protocol:
         self.started = time.perf_counter()
 
     def run(self, stage: str, cmds: list[list[str]], names: list[str] | None = None) -> None:
-        """Run commands (side by side when jobs > 1, output to OUT/<name>.log), stop on the first failure."""
+        """Run commands, stop on the first failure. Side by side when jobs > 1: the first command keeps the
+        console (Lightning's progress bar), the others write to OUT/<name>.log."""
         names = names or [stage] * len(cmds)
         parallel = self.jobs > 1 and len(cmds) > 1
         pairs = list(zip(cmds, names, strict=True))
         batches = [pairs] if parallel else [[pair] for pair in pairs]
         for batch in batches:
             procs, t0 = [], time.perf_counter()
-            for cmd, name in batch:
+            for i, (cmd, name) in enumerate(batch):
                 print(f"\n[{name}] $ {display(cmd)}", flush=True)
-                log = self.out / f"{name}.log" if parallel else None
+                log = self.out / f"{name}.log" if parallel and i > 0 else None
                 with open(log, "w") if log else contextlib.nullcontext() as fh:
                     err = subprocess.STDOUT if fh else None
                     proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=err)
