@@ -17,6 +17,20 @@ from datamodules.errors import InputError
 #: our own subcommands, each implemented by the module `lfmri.commands.<name>`
 COMMANDS: tuple[str, ...] = ("degrade", "preview", "metrics", "export", "reconstruct", "evaluate")
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+USAGE = """usage: lfmri COMMAND [options]    (lfmri COMMAND --help for a command's options)
+
+training and inference (LightningCLI: --config YAML, dotted overrides, --print_config):
+  fit          train or fine-tune a score model
+  validate     run validation (losses, sampler metrics per regime)
+  test         run the test loop
+  predict      reconstruct the data module's predict_path
+lfmri's own commands:
+  degrade      simulate a low-field acquisition of a NIfTI volume
+  preview      picture of clean slices and their four degradation regimes
+  metrics      fastMRI SSIM / PSNR / NMSE of two NIfTI volumes
+  export       Lightning checkpoint -> score_sde checkpoint
+  reconstruct  reconstruct a low-field NIfTI volume with a trained model
+  evaluate     the paper's protocol on held-out subjects, with baselines"""
 
 
 def _custom_parser(names: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -44,13 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in COMMANDS:
         return run_custom(argv)
-    if argv and argv[0] in LIGHTNING_SUBCOMMANDS or any(a in ("-h", "--help") for a in argv[:1]) or not argv:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] in LIGHTNING_SUBCOMMANDS:
         from lfmri.lightning_cli import run_lightning_cli
 
         try:
             run_lightning_cli(None if from_sys else argv)
         except InputError as err:  # bad data / checkpoint paths found while the run is set up
-            print(f"lfmri {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
+            print(f"lfmri {argv[0]}: error: {err}", file=sys.stderr)
             return 2
         return 0
     print(f"lfmri: error: unknown command {argv[0]!r}; choose from "

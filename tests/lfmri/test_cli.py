@@ -17,6 +17,14 @@ def test_unknown_command(capsys):
     assert "unknown command 'frobnicate'" in err and err.count("\n") == 1
 
 
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "predict", "degrade", "preview", "metrics", "export",
+                 "reconstruct", "evaluate"):
+        assert f"\n  {name} " in out
+
+
 def test_missing_values_are_found_at_any_depth():
     config = {"model": {"init_args": {"pretrained": "???", "lr": 1e-4}},
               "trainer": {"callbacks": [{"a": "???"}]}}
