@@ -1,6 +1,6 @@
 """Map-style slice datasets that degrade clean slices on the fly.
 
-A sample (a dict; the default collate makes the batch of INTERFACES.md):
+A sample (a dict; the default collate stacks samples into a batch with the same keys):
     clean     float32 [2, H, W]   normalised clean slice (real, imag); absent in prediction samples
     degraded  float32 [2, H, W]   complex_to_channels(ifft2c(y))
     y         complex64 [1, H, W] simulated (or, for prediction, measured) k-space

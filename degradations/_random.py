@@ -10,7 +10,7 @@ import torch
 def check_range(name: str, value_range: tuple[float, float], low: float = -math.inf) -> tuple[float, float]:
     """Validate a ``(min, max)`` range and return it as floats; ``ValueError`` naming ``name`` otherwise."""
     lo, hi = (float(v) for v in value_range)
-    if not (low <= lo <= hi) or not math.isfinite(hi):
+    if not (low <= lo <= hi) or not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{name} must be a finite range (min, max) with {low} <= min <= max, "
                          f"got {value_range}")
     return lo, hi

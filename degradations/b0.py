@@ -259,7 +259,3 @@ class B0PhaseCorruption:
     def encode(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """Image ``x`` (complex ``[B, 1, H, W]``) -> k-space acquired with off-resonance."""
         return self.encoding(params).forward(x)
-
-    def apply(self, k: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Re-acquire the k-space ``k`` with off-resonance: ``encode(ifft2c(k))``."""
-        return self.encode(ifft2c(k), params)

@@ -1,13 +1,17 @@
 """``lfmri degrade``: simulate a portable low-field acquisition of each 2D slice of a magnitude NIfTI volume.
 
-Each slice (in the order of ``--slice-axis``; the ``H, W`` plane is the other two axes in order, readout along
-``W``) is treated as a real image in the input's own intensity units (no normalisation), degraded in k-space
-by the regime's physics (:mod:`degradations`) and written back as the magnitude ``|ifft2c(y)|``.
+Each slice (in the order of ``--slice-axis``; the ``H, W`` plane is the other two axes in array order, readout
+along ``W``, the volume's last remaining axis) is a real image in the input's own intensity units (no
+normalisation), degraded in k-space by the regime's physics (:mod:`degradations`) and written back as the
+magnitude ``|ifft2c(y)|``.
+Unlike the data module's training slices, the slices are not turned by 90 degrees, so T2* and B0 artefacts
+run along the other in-plane anatomical axis than in training; `lfmri reconstruct` reads this layout and
+turns the score accordingly.
 
 The acquisition parameters (blur FWHM, T2*, readout, TE, max off-resonance, target SNR) are drawn once per
 volume; each slice gets its own smooth field map. With ``--noise-level slice`` (default) the noise std per
 complex sample is set per slice from that slice's own foreground power, so every slice's SNR equals the target
-as in the data module's on-the-fly degradations (the model is trained and evaluated on exactly this regime;
+as in the data module's on-the-fly degradations (the SNR convention the model is trained and evaluated with;
 slices with an empty foreground, i.e. all zero, use ``P_vol``). With ``--noise-level volume`` one noise std
 serves the whole acquisition, as on a scanner: ``10 log10(P_vol / sigma^2)`` equals the target, ``P_vol`` the
 mean ``|x|^2`` over the union of the per-slice foregrounds (:func:`degradations.foreground_mask`) of the
@@ -101,6 +105,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise InputError(f"{output}: output would overwrite the input")
     if args.kspace_out and Path(args.kspace_out).resolve() == output.resolve():
         raise InputError(f"--kspace-out: {args.kspace_out} is the same file as the output")
+    if args.kspace_out and Path(args.kspace_out).resolve() == Path(args.input).resolve():
+        raise InputError(f"--kspace-out: {args.kspace_out} would overwrite the input")
 
 
 def slice_seed(seed: int, index: int) -> int:

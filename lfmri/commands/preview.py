@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from datamodules.errors import InputError
+from datamodules.io import atomic_path
 
 REGIME_LABELS = {
     "noise": "noise",
@@ -90,6 +91,9 @@ def _title(regime: str, p: dict[str, float | None]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Write the preview PNG; print split sizes and realised parameters."""
+    out = Path(args.out)
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise InputError(f"--out {out}: expected a .png file path")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         for v, info in enumerate(picked):
             samples = [ds[i] for i, item in enumerate(ds.items) if item[0] == v]
             rows.append((split, info, samples))
+    if not rows:
+        raise InputError(f"{args.config}: no usable volume to preview in any split")
     fig, axes = plt.subplots(
         len(rows),
         1 + len(ALL_REGIMES),
@@ -148,9 +154,9 @@ def run(args: argparse.Namespace) -> int:
         + f" subjects; image {dm.image_size}x{dm.image_size}; magnitude, same grey scale per row"
     )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * len(rows))))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
     print(f"wrote {out}")
     return 0

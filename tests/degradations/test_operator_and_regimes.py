@@ -127,3 +127,9 @@ def test_params_to_jsonable_gives_python_scalars_without_maps():
     assert len(rows) == 2 and "b0_map_hz" not in rows[0]
     assert rows[0]["t2star_ms"] is None  # inf -> None
     assert isinstance(rows[1]["fwhm_px"], float) and math.isfinite(rows[1]["fwhm_px"])
+
+
+@pytest.mark.parametrize("bad", [(-math.inf, 5.0), (2.0, math.inf), (7.0, 2.0), (math.nan, 5.0)])
+def test_a_range_that_is_not_finite_and_ordered_is_refused(bad):
+    with pytest.raises(ValueError, match="snr_db"):
+        make_regime("noise", snr_db_range=bad)

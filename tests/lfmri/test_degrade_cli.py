@@ -173,3 +173,12 @@ def test_empty_slices_get_the_volume_noise_level(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)["slices"]
     assert rows[1]["snr_db"] is None and rows[1]["noise_sigma"] > 0  # no signal, yet the scanner's noise
     assert rows[0]["snr_db"] == pytest.approx(5.0) and rows[2]["snr_db"] == pytest.approx(5.0)
+
+
+def test_kspace_out_may_not_overwrite_the_input(small_volume, tmp_path, capsys):
+    src = _write(tmp_path / "in.nii", np.ones((8, 8, 3), np.float32))
+    before = src.read_bytes()
+    argv = ["degrade", str(src), str(tmp_path / "out.nii"), "--regime", "noise", "--kspace-out", str(src)]
+    assert main(argv) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert src.read_bytes() == before and not (tmp_path / "out.nii").exists()

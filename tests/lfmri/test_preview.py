@@ -50,3 +50,12 @@ def test_preview_accepts_a_bare_data_block_and_rejects_a_config_without_one(tmp_
         preview.data_block(cfg)
     with pytest.raises(InputError, match="not found"):
         preview.data_block(tmp_path / "missing.yaml")
+
+
+def test_preview_refuses_an_output_that_is_not_a_png_before_building_anything(tmp_path):
+    cfg = tmp_path / "data.yaml"
+    cfg.write_text(yaml.safe_dump(DATA))
+    for out in (tmp_path / "p.xyz", tmp_path):
+        with pytest.raises(InputError, match="expected a .png"):
+            _run(["--config", str(cfg), "--out", str(out)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.yaml"]
