@@ -68,6 +68,14 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, nib.spatialimages.S
     return data, img
 
 
+def usual_permissions(path: str | os.PathLike, mode: int = 0o666) -> None:
+    """Give a `mkstemp` / `mkdtemp` path the permissions a plain `open` / `mkdir` would (`mode` less the
+    umask) instead of their private 0o600 / 0o700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path`` (same suffix); on success it replaces ``path``, else it goes.
@@ -78,9 +86,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     suffix = nifti_suffix(path) or path.suffix
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_name, 0o666 & ~umask)
+    usual_permissions(tmp_name)
     tmp = Path(tmp_name)
     try:
         yield tmp

@@ -47,7 +47,7 @@ def run_custom(argv: list[str]) -> int:
     args = _custom_parser((argv[0],)).parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (InputError, FileNotFoundError) as err:
+    except (InputError, OSError) as err:  # bad input, or an output path that cannot be written
         print(f"lfmri {args.command}: error: {err}", file=sys.stderr)
         return 2
 
@@ -63,12 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] in LIGHTNING_SUBCOMMANDS:
         from lfmri.lightning_cli import run_lightning_cli
+        from lightning_modules.callbacks import NonFiniteLossError
 
         try:
             run_lightning_cli(None if from_sys else argv)
         except InputError as err:  # bad data / checkpoint paths found while the run is set up
             print(f"lfmri {argv[0]}: error: {err}", file=sys.stderr)
             return 2
+        except NonFiniteLossError as err:  # the run stopped itself; its last good checkpoint is kept
+            print(f"lfmri {argv[0]}: stopped: {err}", file=sys.stderr)
+            return 1
         return 0
     print(f"lfmri: error: unknown command {argv[0]!r}; choose from "
           f"{', '.join(LIGHTNING_SUBCOMMANDS + COMMANDS)}", file=sys.stderr)

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from datamodules.errors import InputError
+from datamodules.io import usual_permissions
 from lfmri.baselines import BASELINES, TuningResult, tune_baselines
 
 if TYPE_CHECKING:
@@ -202,13 +203,15 @@ def write_figure(panels: Mapping[str, Mapping[str, np.ndarray]], path: str | os.
 def write_files_atomically(out_dir: str | os.PathLike, writers: Mapping[str, Callable[[Path], None]]) -> None:
     """Call every `writer(path)` into a temporary folder beside `out_dir`, then move the files into `out_dir`.
 
-    If any writer fails, `out_dir` is left as it was (not created when it did not exist).
+    If any writer fails, `out_dir` is left as it was (not created when it did not exist). An existing
+    `out_dir` gets the new files one `os.replace` each (each file whole, old or new).
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    usual_permissions(tmp, 0o777)
     try:
         for name, writer in writers.items():
             writer(tmp / name)

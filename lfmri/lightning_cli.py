@@ -22,6 +22,8 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from datamodules.io import usual_permissions
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Saves a checkpoint to a temporary file in its own directory, fsyncs it, then `os.replace`s it: a crash
@@ -39,6 +41,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        usual_permissions(tmp)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
@@ -112,8 +115,8 @@ def _default_wandb_mode() -> None:
 def run_lightning_cli(args: ArgsType = None, run: bool = True) -> LfmriCLI:
     """Build (and by default run) the CLI; `args` as `sys.argv[1:]`."""
     _default_wandb_mode()
-    import datamodules  # noqa: F401  (registers the data module classes for class_path shorthand)
-    import lightning_modules  # noqa: F401
+    import datamodules.datamodule  # noqa: F401  (defines the classes, so `--data LowFieldDataModule` works)
+    import lightning_modules.module  # noqa: F401  (likewise `--model ScoreModel`)
 
     return LfmriCLI(
         LightningModule,

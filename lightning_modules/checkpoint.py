@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.errors import InputError
+from datamodules.io import usual_permissions
 from lightning_modules.ddpm import DDPM
 
 _PREFIX = "module."
@@ -185,6 +186,7 @@ def _atomic_save(obj: object, path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    usual_permissions(tmp)
     try:
         write(obj, tmp)
         os.replace(tmp, path)

@@ -36,7 +36,7 @@ from lightning_modules.sde import VPSDE, ScoreFn, get_score_fn
 #: ScoreModel arguments that configure the network (the DDPM constructor's)
 NET_ARGS = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv",
             "conditional", "scale_by_sigma", "nonlinearity", "image_size", "num_channels", "centered",
-            "num_groups", "grad_checkpointing")
+            "sigma_min", "sigma_max", "num_scales", "num_groups", "grad_checkpointing")
 
 
 class ScoreModel(LightningModule):
@@ -44,9 +44,11 @@ class ScoreModel(LightningModule):
 
     Network (score_sde config fields, see `DDPM`): nf, ch_mult, num_res_blocks, attn_resolutions, dropout,
     resamp_with_conv, conditional, scale_by_sigma, nonlinearity, image_size, num_channels, centered,
-    num_groups (GroupNorm groups, 32 in score_sde), grad_checkpointing.
+    sigma_min, sigma_max, num_scales (score_sde's `sigmas` buffer), num_groups (GroupNorm groups, 32 in
+    score_sde), grad_checkpointing.
     Pretrained: `pretrained` a score_sde checkpoint path; `pretrained_weights` 'ema' | 'model';
-    `pretrained_config` the checkpoint's score_sde config.json (default: this network's config);
+    `pretrained_config` the checkpoint's score_sde config.json (default: this network's config, with the
+    other channel count when `adapt_channels` is set);
     `adapt_channels` adapt a 1 <-> 2 channel checkpoint to this network's `num_channels` (set it to
     num_channels; see `checkpoint` for the rule).
     SDE and losses: beta_min, beta_max; dsm_weight; supervised_weight (lambda); supervised_t0 (range of t0);
@@ -61,7 +63,8 @@ class ScoreModel(LightningModule):
                  attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
                  resamp_with_conv: bool = True, conditional: bool = True, scale_by_sigma: bool = False,
                  nonlinearity: str = "swish",
-                 image_size: int = 256, num_channels: int = 2, centered: bool = True, num_groups: int = 32,
+                 image_size: int = 256, num_channels: int = 2, centered: bool = True, sigma_min: float = 0.01,
+                 sigma_max: float = 50.0, num_scales: int = 1000, num_groups: int = 32,
                  grad_checkpointing: bool = False,
                  pretrained: str | None = None, pretrained_weights: Literal["ema", "model"] = "ema",
                  pretrained_config: str | None = None, adapt_channels: int | None = None,
@@ -87,7 +90,11 @@ class ScoreModel(LightningModule):
         """Load `pretrained` into the network (strictly; CheckpointError if it does not fit) and restart the
         EMA from those weights."""
         hp = self.hparams
-        config = hp.pretrained_config or self.net.score_sde_config()
+        config = hp.pretrained_config
+        if config is None:  # taken to be this network (with the other channel count when adapting)
+            config = self.net.score_sde_config()
+            if hp.adapt_channels is not None:
+                config["data"]["num_channels"] = 3 - self.net.config["num_channels"]
         loaded = load_score_sde_checkpoint(hp.pretrained, config, weights=hp.pretrained_weights,
                                            adapt_channels=hp.adapt_channels)
         ours = {k: v for k, v in self.net.config.items() if k != "dropout"}

@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     model, step = load_score_model(args.ckpt)
     out = Path(args.out)
     config_out = Path(args.config_out) if args.config_out else out.with_suffix(".json")
+    if out.resolve() == Path(args.ckpt).resolve():
+        raise InputError(f"{out}: the export would overwrite the Lightning checkpoint it reads")
+    if config_out.resolve() in (out.resolve(), Path(args.ckpt).resolve()):
+        raise InputError(f"{config_out}: the config JSON would overwrite a checkpoint (choose --config-out)")
     ema = model.ema
     if args.weights == "ema":
         net = model.frozen_net(use_ema=True)
