@@ -13,7 +13,7 @@ from lfmri.cli import main
 from lfmri.evaluation import CSV_COLUMNS
 from lightning_modules.module import ScoreModel
 
-SCORE_SDE_CKPT = Path("/work/shared/fixtures/score_sde_tiny/checkpoint.pth")
+SCORE_SDE_CKPT = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny" / "checkpoint.pth"
 CONFIG = """\
 trainer:
   max_epochs: 1

@@ -16,7 +16,7 @@ from lfmri.cli import main
 from lightning_modules.module import ScoreModel
 
 MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-SCORE_SDE_CKPT = Path("/work/shared/fixtures/score_sde_tiny/checkpoint.pth")
+SCORE_SDE_CKPT = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny" / "checkpoint.pth"
 FAST = ["--steps", "2", "--device", "cpu", "--sampler", "warm_ddim"]
 
 

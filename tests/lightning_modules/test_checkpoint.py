@@ -13,7 +13,7 @@ from lightning_modules.checkpoint import (
     load_score_sde_checkpoint,
 )
 
-FIXTURE = Path("/work/shared/fixtures/score_sde_tiny")
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny"  # copy of shared/fixtures
 CKPT, CONFIG = FIXTURE / "checkpoint.pth", FIXTURE / "config.json"
 
 

@@ -9,7 +9,7 @@ import yaml
 from lightning_modules.ddpm import DDPM, AttnBlock
 from lightning_modules.module import NET_ARGS
 
-FIXTURE = Path("/work/shared/fixtures/score_sde_tiny")
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny"  # copy of shared/fixtures
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
 

@@ -16,7 +16,7 @@ from lightning_modules.losses import dsm_loss
 from lightning_modules.module import ScoreModel
 from lightning_modules.sde import get_score_fn
 
-FIXTURE = Path("/work/shared/fixtures/score_sde_tiny")
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny"  # copy of shared/fixtures
 TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
 FIXTURE_NET = dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
 
