@@ -14,8 +14,10 @@ moved in with `os.replace` only once all of them exist, so a failure leaves noth
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -169,16 +171,14 @@ def write_figure(panels: Mapping[str, Mapping[str, np.ndarray]], path: str | os.
 
     Magnitudes share one grey scale per row (0 to the reference's max); the error map has its own scale.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend is left alone
 
     regimes = list(panels)
     columns = list(panels[regimes[0]]) if regimes else []
     has_error = LFMRI in columns and "reference" in columns
     n_cols = len(columns) + int(has_error)
-    fig, axes = plt.subplots(len(regimes), n_cols, figsize=(2.2 * n_cols, 2.3 * len(regimes)), squeeze=False)
+    fig = Figure(figsize=(2.2 * n_cols, 2.3 * len(regimes)))
+    axes = fig.subplots(len(regimes), n_cols, squeeze=False)
     for i, regime in enumerate(regimes):
         row = panels[regime]
         vmax = float(np.max(row["reference"])) if "reference" in row else None
@@ -197,7 +197,6 @@ def write_figure(panels: Mapping[str, Mapping[str, np.ndarray]], path: str | os.
         ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_files_atomically(out_dir: str | os.PathLike, writers: Mapping[str, Callable[[Path], None]]) -> None:
@@ -252,34 +251,55 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_score_model(path: str | os.PathLike, device: torch.device) -> ScoreModel:
-    """Load an lfmri `ScoreModel` Lightning checkpoint onto `device` (eval mode; samplers use its EMA).
+def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
+    """The dict of an lfmri `ScoreModel` Lightning checkpoint, read once on the CPU.
 
     Raises InputError (one line naming the file) for a missing file or anything that is not one of our
     checkpoints (e.g. a score_sde checkpoint, which is imported through `model.pretrained` instead).
     """
-    from lightning_modules.module import ScoreModel
-
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"--ckpt {path}: no such checkpoint file")
+        raise InputError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for foreign files
-        raise InputError(f"--ckpt {path}: not an lfmri checkpoint "
-                         f"(torch.load failed: {type(err).__name__})") from None
-    if isinstance(ckpt, dict) and {"model", "ema", "step"} <= set(ckpt) and "state_dict" not in ckpt:
-        raise InputError(f"--ckpt {path}: a score_sde checkpoint, not an lfmri one; fine-tune it first "
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "weights_only" not in str(err):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the user's own run's file
+    except Exception as err:  # torch raises many types for a non-checkpoint
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({reason})") from err
+    if isinstance(ckpt, dict) and {"model", "ema"} <= set(ckpt):
+        raise InputError(f"{path}: a score_sde checkpoint, not an lfmri (Lightning) one; fine-tune from it "
                          "(model.init_args.pretrained in a config) and pass the Lightning checkpoint")
-    if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters", "ema"} <= set(ckpt):
-        raise InputError(f"--ckpt {path}: not an lfmri checkpoint (no ScoreModel state_dict, "
-                         "hyper_parameters and ema)")
-    del ckpt
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise InputError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
+    if "ema" not in ckpt or not any(k.startswith("net.") for k in ckpt["state_dict"]):
+        raise InputError(f"{path}: not a ScoreModel checkpoint (no 'ema' or no 'net.*' weights)")
+    return ckpt
+
+
+def score_model_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> ScoreModel:
+    """A `ScoreModel` (CPU) with the weights and EMA of a checkpoint dict from `read_lightning_checkpoint`."""
+    from lightning_modules.module import ScoreModel
+
+    accepted = inspect.signature(ScoreModel.__init__).parameters
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in accepted}
     try:
-        model = ScoreModel.load_from_checkpoint(path, map_location=device, weights_only=False)
-    except Exception as err:
-        raise InputError(f"--ckpt {path}: not an lfmri ScoreModel checkpoint "
-                         f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+        model = ScoreModel(**hparams)
+        model.on_load_checkpoint(ckpt)
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except (RuntimeError, ValueError, TypeError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise InputError(f"{path}: checkpoint does not fit its ScoreModel hyperparameters ({first})") from err
+    return model
+
+
+def load_score_model(path: str | os.PathLike, device: torch.device) -> ScoreModel:
+    """Load an lfmri `ScoreModel` Lightning checkpoint onto `device` (eval mode; samplers use its EMA);
+    reconstruction needs a 2-channel (real, imaginary) network. Bad files -> InputError."""
+    model = score_model_from_checkpoint(read_lightning_checkpoint(path), path)
     if int(model.hparams.num_channels) != 2:
         raise InputError(f"--ckpt {path}: the network has {model.hparams.num_channels} channel(s); "
                          "reconstruction needs a 2-channel (real, imaginary) model")

@@ -12,15 +12,11 @@ gets the weights lfmri validates and samples with); `--weights model` writes the
 from __future__ import annotations
 
 import argparse
-import inspect
-import pickle
 from pathlib import Path
 
-import torch
-
 from datamodules.errors import InputError
+from lfmri.evaluation import read_lightning_checkpoint, score_model_from_checkpoint
 from lightning_modules.checkpoint import export_score_sde_checkpoint
-from lightning_modules.module import ScoreModel
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,47 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _read_lightning_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint file")
-    try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "weights_only" not in str(err):
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the user's own run's file
-    except Exception as err:  # torch raises many types for a non-checkpoint
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({reason})") from err
-    if isinstance(ckpt, dict) and {"model", "ema"} <= set(ckpt):
-        raise InputError(f"{path}: already a score_sde checkpoint, not a Lightning one")
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise InputError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-    if "ema" not in ckpt or not any(k.startswith("net.") for k in ckpt["state_dict"]):
-        raise InputError(f"{path}: not a ScoreModel checkpoint (no 'ema' or no 'net.*' weights)")
-    return ckpt
-
-
-def load_score_model(path: str | Path) -> tuple[ScoreModel, int]:
-    """(ScoreModel with the checkpoint's weights and EMA, global step) from a Lightning checkpoint."""
-    path = Path(path)
-    ckpt = _read_lightning_checkpoint(path)
-    accepted = inspect.signature(ScoreModel.__init__).parameters
-    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in accepted}
-    try:
-        model = ScoreModel(**hparams)
-        model.on_load_checkpoint(ckpt)
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except (RuntimeError, ValueError, TypeError, KeyError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise InputError(f"{path}: checkpoint does not fit its ScoreModel hyperparameters ({first})") from err
-    return model, int(ckpt.get("global_step", 0))
-
-
 def run(args: argparse.Namespace) -> int:
     """Export; prints the written paths."""
-    model, step = load_score_model(args.ckpt)
+    ckpt = read_lightning_checkpoint(args.ckpt)
+    model, step = score_model_from_checkpoint(ckpt, args.ckpt), int(ckpt.get("global_step", 0))
     out = Path(args.out)
     config_out = Path(args.config_out) if args.config_out else out.with_suffix(".json")
     if out.resolve() == Path(args.ckpt).resolve():
