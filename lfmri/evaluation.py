@@ -35,8 +35,6 @@ from datamodules.io import usual_permissions
 from lfmri.baselines import BASELINES, TuningResult, tune_baselines
 
 if TYPE_CHECKING:
-    from lightning.pytorch import LightningDataModule
-
     from lightning_modules.module import ScoreModel
     from lightning_modules.samplers import Sampler
 
@@ -261,12 +259,11 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
     try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "weights_only" not in str(err):
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # the user's own run's file
+        # never weights_only=False: unpickling arbitrary objects would run a crafted file's code
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise InputError(f"{path}: refused to load: the file holds objects other than tensors and plain "
+                         "containers (not an lfmri checkpoint; loading it could run code)") from err
     except Exception as err:  # torch raises many types for a non-checkpoint
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise InputError(f"{path}: not a readable PyTorch checkpoint ({reason})") from err
@@ -304,41 +301,6 @@ def load_score_model(path: str | os.PathLike, device: torch.device) -> ScoreMode
         raise InputError(f"--ckpt {path}: the network has {model.hparams.num_channels} channel(s); "
                          "reconstruction needs a 2-channel (real, imaginary) model")
     return model.to(device).eval()
-
-
-def load_datamodule(config: str | os.PathLike, **init_overrides: Any) -> LightningDataModule:
-    """Instantiate the data module of a LightningCLI YAML's `data:` block (class_path + init_args).
-
-    Other blocks (`trainer:`, `model:`, ...) are ignored; OmegaConf interpolation is resolved.
-    `init_overrides` replace init_args (e.g. `eval_slices_per_volume`). Bad files or arguments -> InputError.
-    """
-    from lightning.pytorch import LightningDataModule
-    from omegaconf import OmegaConf
-
-    path = Path(config)
-    if not path.is_file():
-        raise InputError(f"--config {path}: no such file")
-    try:
-        content = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except Exception as err:
-        raise InputError(f"--config {path}: cannot read the YAML ({type(err).__name__})") from None
-    data = content.get("data") if isinstance(content, dict) else None
-    if not isinstance(data, dict) or "class_path" not in data:
-        raise InputError(f"--config {path}: no `data:` block with a class_path")
-    init_args = {**(data.get("init_args") or {}), **init_overrides}
-    data = {"class_path": data["class_path"], "init_args": init_args}
-    from jsonargparse import ArgumentParser
-
-    import datamodules.datamodule  # noqa: F401  (registers LowFieldDataModule for class_path shorthand)
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
-    try:
-        return parser.instantiate_classes(parser.parse_object({"data": data})).data
-    except InputError as err:
-        raise InputError(f"--config {path}: {err}") from None
-    except Exception as err:
-        raise InputError(f"--config {path}: bad data block ({' '.join(str(err).split())[:300]})") from None
 
 
 # ----------------------------------------------------------------------------------------------------

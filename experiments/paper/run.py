@@ -249,7 +249,7 @@ def write_split(config_yaml: Path, out: Path, n_test: int, n_val: int, seed: int
     import yaml
 
     from datamodules.splits import hash_split
-    from lfmri.evaluation import load_datamodule
+    from lfmri.data_config import load_datamodule
 
     dm = load_datamodule(config_yaml, split_file=None)
     subjects = sorted({r.subject for r in dm.source.records()})

@@ -69,9 +69,9 @@ def _validate(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run `lfmri evaluate`; bad input raises InputError before anything is written."""
     from lfmri.baselines import parse_baselines
+    from lfmri.data_config import load_datamodule
     from lfmri.evaluation import (
         format_markdown,
-        load_datamodule,
         load_score_model,
         resolve_device,
         run_evaluation,

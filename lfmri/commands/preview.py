@@ -4,22 +4,19 @@ For a few subjects of each split, the middle kept slice of the volume, clean and
 regimes (the val/test degradation for that slice: a pure function of the seed), side by side in one PNG, with
 the realised parameters in the titles. Prints the split sizes and the parameters. The config is a LightningCLI
 YAML (only its `data:` block is read) or a data block itself (`class_path` + `init_args`, or just the init
-args).
+args), read by `lfmri.data_config.load_datamodule` (only LightningDataModule subclasses are instantiated).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import math
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from datamodules.errors import InputError
 from datamodules.io import atomic_path
+from lfmri.data_config import load_datamodule
 
 REGIME_LABELS = {
     "noise": "noise",
@@ -41,41 +38,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--subjects-per-split", type=int, default=2, help="subjects shown per split (default 2)")
     p.set_defaults(func=run)
-
-
-def data_block(path: str | Path) -> tuple[str, dict[str, Any]]:
-    """(class_path, init_args) of the config's data module; InputError naming the file if it has none."""
-    path = Path(path)
-    try:
-        cfg = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: config file not found") from None
-    except (OSError, yaml.YAMLError) as err:
-        raise InputError(f"{path}: cannot read the YAML config ({type(err).__name__})") from None
-    if not isinstance(cfg, dict):
-        raise InputError(f"{path}: a config must be a YAML mapping")
-    block = cfg.get("data", cfg)
-    if not isinstance(block, dict):
-        raise InputError(f"{path}: the data block must be a mapping")
-    if "class_path" in block:
-        return str(block["class_path"]), dict(block.get("init_args") or {})
-    if {"model", "trainer"} & set(block):
-        raise InputError(f"{path}: no data: block")
-    return "datamodules.LowFieldDataModule", dict(block)
-
-
-def build_datamodule(path: str | Path):
-    """Instantiate the config's data module."""
-    class_path, init_args = data_block(path)
-    module_name, _, cls_name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError):
-        raise InputError(f"{path}: cannot import the data module class {class_path!r}") from None
-    try:
-        return cls(**init_args)
-    except TypeError as err:
-        raise InputError(f"{path}: bad data init_args ({err})") from None
 
 
 def _title(regime: str, p: dict[str, float | None]) -> str:
@@ -106,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.subjects_per_split < 1:
         raise InputError(f"--subjects-per-split must be >= 1, got {args.subjects_per_split}")
-    dm = build_datamodule(args.config)
+    dm = load_datamodule(args.config)
     sizes = dm.split.sizes()
     print("split sizes (subjects): " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     rows = []

@@ -8,6 +8,7 @@ import yaml
 
 from datamodules.errors import InputError
 from lfmri.commands import preview
+from lfmri.data_config import data_block
 
 DATA = {
     "class_path": "datamodules.LowFieldDataModule",
@@ -44,12 +45,14 @@ def test_preview_from_a_lightning_cli_config(tmp_path, capsys):
 def test_preview_accepts_a_bare_data_block_and_rejects_a_config_without_one(tmp_path):
     cfg = tmp_path / "data.yaml"
     cfg.write_text(yaml.safe_dump(DATA))
-    assert preview.data_block(cfg) == ("datamodules.LowFieldDataModule", DATA["init_args"])
+    assert data_block(cfg) == DATA
+    cfg.write_text(yaml.safe_dump(DATA["init_args"]))  # bare init args: the default data module
+    assert data_block(cfg) == DATA
     cfg.write_text(yaml.safe_dump({"model": {}, "trainer": {}}))
     with pytest.raises(InputError, match="no data"):
-        preview.data_block(cfg)
-    with pytest.raises(InputError, match="not found"):
-        preview.data_block(tmp_path / "missing.yaml")
+        data_block(cfg)
+    with pytest.raises(InputError, match="no such file"):
+        data_block(tmp_path / "missing.yaml")
 
 
 def test_preview_refuses_an_output_that_is_not_a_png_before_building_anything(tmp_path):

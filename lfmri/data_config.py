@@ -1,0 +1,100 @@
+"""The one way lfmri's own commands (`preview`, `evaluate`, the paper protocol) read a data module from YAML.
+
+A config is read with OmegaConf (`${...}` interpolation resolved, as LightningCLI's `parser_mode: omegaconf`)
+and may be
+- a LightningCLI config: its `data:` block is used, the other blocks (`trainer:`, `model:`, ...) are ignored;
+- a data block itself: `class_path` + `init_args`;
+- bare `LowFieldDataModule` init args (a mapping without `class_path`).
+
+Only subclasses of `LightningDataModule` are instantiated (jsonargparse's `add_subclass_arguments`): a
+`class_path` naming any other callable (`subprocess.run`, `os.system`, ...) is refused before anything is
+imported from it or called, so a config file cannot run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from datamodules.errors import InputError
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningDataModule
+
+#: the data module a block without `class_path` configures
+DEFAULT_DATAMODULE = "datamodules.LowFieldDataModule"
+
+
+def data_block(config: str | os.PathLike) -> dict[str, Any]:
+    """`{"class_path": ..., "init_args": {...}}` of the config's data module (see the module docstring).
+
+    InputError (one line naming the file) for a missing or unreadable file, or a config without a data block.
+    """
+    from omegaconf import OmegaConf
+
+    path = Path(config)
+    if not path.is_file():
+        raise InputError(f"--config {path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        content = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as err:
+        raise InputError(f"--config {path}: cannot read the YAML ({type(err).__name__}: "
+                         f"{' '.join(str(err).split())[:200]})") from None
+    if not isinstance(content, dict):
+        raise InputError(f"--config {path}: a config must be a YAML mapping")
+    block = content.get("data", content)
+    if not isinstance(block, dict):
+        raise InputError(f"--config {path}: the data block must be a mapping")
+    if "class_path" not in block:
+        if {"model", "trainer"} & set(block) or "init_args" in block:
+            raise InputError(f"--config {path}: no data: block with a class_path "
+                             f"(e.g. class_path: {DEFAULT_DATAMODULE})")
+        block = {"class_path": DEFAULT_DATAMODULE, "init_args": block}
+    extra = set(block) - {"class_path", "init_args"}
+    if extra:
+        raise InputError(f"--config {path}: unexpected key(s) {', '.join(sorted(extra))} in the data block "
+                         "(expected class_path and init_args)")
+    init_args = block.get("init_args") or {}
+    if not isinstance(init_args, dict):
+        raise InputError(f"--config {path}: the data block's init_args must be a mapping")
+    return {"class_path": str(block["class_path"]), "init_args": dict(init_args)}
+
+
+def load_datamodule(config: str | os.PathLike, **init_overrides: Any) -> LightningDataModule:
+    """Instantiate the config's data module (a `LightningDataModule` subclass only).
+
+    `init_overrides` replace init_args (e.g. `eval_slices_per_volume`). Bad files, classes or arguments ->
+    InputError naming the file.
+    """
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    import datamodules.datamodule  # noqa: F401  (registers LowFieldDataModule for class_path shorthand)
+
+    block = data_block(config)
+    block["init_args"].update(init_overrides)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    try:
+        namespace = parser.parse_object({"data": block})
+    except Exception as err:
+        raise InputError(f"--config {config}: bad data block ({_first_reason(err)})") from None
+    try:
+        return parser.instantiate_classes(namespace).data
+    except InputError as err:
+        raise InputError(f"--config {config}: {err}") from None
+    except Exception as err:
+        raise InputError(f"--config {config}: bad data block ({' '.join(str(err).split())[:300]})") from None
+
+
+def _first_reason(err: Exception) -> str:
+    """The first specific reason in a jsonargparse error (e.g. "Import path subprocess.run does not correspond
+    to a subclass of LightningDataModule", "Option 'sourcex' is not accepted"), on one line."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    reasons = [line[2:] for line in lines if line.startswith("- ") and "NoneType" not in line]
+    if reasons and reasons[0].startswith("Problem with given class_path"):
+        index = lines.index("- " + reasons[0])
+        detail = lines[index + 1] if index + 1 < len(lines) else ""
+        reasons[0] = f"{reasons[0]} {detail}".strip()
+    return " ".join((reasons[0] if reasons else str(err)).split())[:300]
