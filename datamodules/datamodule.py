@@ -6,7 +6,7 @@ YAML (LightningCLI):
       class_path: datamodules.LowFieldDataModule
       init_args:
         source: bundled   # or nifti / fastmri with root: PATH, or a path (a BIDS directory, a file)
-        image_size: 128
+        crop_size: 128    # train on random 128 x 128 crops; validate / test / predict on whole native slices
         batch_size: 8
 
 `--data.init_args.source=/data/bids` and `--data.init_args.source=nifti --data.init_args.root=/data/bids` both
@@ -16,17 +16,18 @@ work.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler, default_collate
 
 from datamodules.dataset import (
     EvalSliceDataset,
     PredictSliceDataset,
+    SliceDataset,
     TrainSliceDataset,
     VolumeInfo,
     index_volume,
@@ -37,11 +38,51 @@ from datamodules.sources import NiftiDirSource, VolumeRecord, VolumeSource, make
 from datamodules.splits import SPLITS, Split, hash_split, load_split_file
 
 ALL_REGIMES = ["noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0"]
+MIN_SIZE = 8  # smallest image_size / crop_size in pixels
+
+
+class ShapeGroupedBatchSampler(BatchSampler):
+    """Batches of at most `batch_size` consecutive indices of `sampler` that share one image shape.
+
+    `shapes[i]` is item i's (H, W) (`SliceDataset.item_shapes()`). A batch ends early where the shape changes,
+    so batches of native-size slices never mix matrices, and items ordered by volume keep their order. It is a
+    `BatchSampler` taking `sampler` first, so Lightning can swap in its distributed (or prediction) sampler,
+    whose indices are grouped the same way. `drop_last` drops batches smaller than `batch_size`.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int] | Iterable[int],
+        batch_size: int,
+        shapes: Sequence[tuple[int, int]],
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.shapes = [tuple(shape) for shape in shapes]
+
+    def _grouped(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        for index in self.sampler:
+            if batch and (len(batch) == self.batch_size or self.shapes[index] != self.shapes[batch[0]]):
+                yield batch
+                batch = []
+            batch.append(index)
+        if batch:
+            yield batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._grouped():
+            if not (self.drop_last and len(batch) < self.batch_size):
+                yield batch
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 @dataclass
 class EvalVolume:
-    """One whole evaluation volume at the model's image size.
+    """One whole evaluation volume, its slices at their native matrix [H, W] (image_size x image_size with the
+    data module's explicit `image_size`).
 
     clean [S, 2, H, W] float32 (normalised; input units = clean * scale), slices [S] (indices in the stack),
     scale (input units), meta (the source's metadata). With a regime: y [S, 1, H, W] complex64, degraded
@@ -68,8 +109,16 @@ class LowFieldDataModule(L.LightningDataModule):
             or file (fastMRI if it holds .h5 files, else NIfTI).
         root: the data directory for source "nifti" / "fastmri".
         pattern: recursive glob under the directory (default "**/*.nii*" for NIfTI, "**/*.h5" for fastMRI).
-        image_size: slices are zero-padded to square and resized to image_size x image_size (bilinear,
-            antialiased).
+        image_size: None (default): every slice keeps its native matrix H x W (the stack of
+            `transforms.to_slices`). An int (>= 8) opts into resizing: slices are zero-padded to a square and
+            resized to image_size x image_size (bilinear, antialiased; `transforms.fit_to_square`), which
+            changes the pixel size the degradations act on.
+        crop_size: None (default) or an int >= 8: training samples are random crop_size x crop_size windows
+            of the slice, degraded as a whole first (see `dataset.TrainSliceDataset`); a training slice
+            smaller than the crop in either dimension is refused at setup (InputError). Validation, test,
+            predict and `volumes()` always see whole slices.
+            Without crops (and without image_size) training uses whole native slices, which batch only when
+            all training slices share a shape (setup raises InputError otherwise, unless batch_size is 1).
         slice_axis: the array axis of NIfTI volumes along which slices are taken (fastMRI: always its axis 0).
         min_foreground_fraction: drop slices whose fraction of pixels above 0.1 x the volume scale is smaller.
         regimes: training regimes, one drawn per sample (default: all four).
@@ -78,7 +127,9 @@ class LowFieldDataModule(L.LightningDataModule):
         seed: seeds the hash split, the training draws and the val/test degradations.
         val_fraction, test_fraction: hash split fractions of subjects (ignored with split_file or bundled).
         split_file: YAML {train: [...], val: [...], test: [...]} of subject ids.
-        batch_size: training batch size; eval_batch_size: val/test/predict batch size (default batch_size).
+        batch_size: training batch size; eval_batch_size: val/test/predict batch size (default batch_size):
+            at most that many consecutive items of one shape (`ShapeGroupedBatchSampler`), so a batch never
+            mixes volumes of different matrices.
         num_workers: DataLoader worker processes.
         eval_slices_per_volume: keep this many evenly spaced slices per val/test volume (default all).
         background_phase: multiply training and eval slices by a smooth random phase (see
@@ -88,6 +139,15 @@ class LowFieldDataModule(L.LightningDataModule):
         fastmri_key: "auto", "reconstruction_rss" or "kspace".
         bundled_train_subjects, bundled_val_subjects: numbers of pseudo-subjects of the bundled source.
         pin_memory: DataLoader pin_memory.
+
+    What a crop-trained prior can and cannot do: the U-Net is convolutional, so a prior trained on crops
+    runs on whole slices of any matrix (the network pads to its size multiple). It learns the local statistics
+    of the anatomy (edges, textures, contrast, noise-free appearance) within a crop's field of view, at the
+    pixel size of the native grid. It does not learn global shape or position priors beyond the crop (where
+    the brain sits in the field of view, the symmetry of the hemispheres, the overall outline), and its
+    attention blocks see only crop-sized context in training, so on whole slices they extrapolate. Make crops
+    large enough to hold the structures that matter, and keep the pixel size of training and reconstruction
+    data alike (no resizing on either side).
     """
 
     def __init__(
@@ -95,7 +155,8 @@ class LowFieldDataModule(L.LightningDataModule):
         source: str = "bundled",
         root: str | None = None,
         pattern: str | None = None,
-        image_size: int = 256,
+        image_size: int | None = None,
+        crop_size: int | None = None,
         slice_axis: int = 2,
         min_foreground_fraction: float = 0.05,
         regimes: list[str] | None = None,
@@ -118,9 +179,13 @@ class LowFieldDataModule(L.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        if image_size < 8:
-            raise InputError(f"image_size must be >= 8, got {image_size}")
+        # The model has an `image_size` too (its training crop). Lightning refuses to log one key with two
+        # values, so the default null (native) image_size is left out of this module's hyperparameters.
+        self.save_hyperparameters(ignore=["image_size"] if image_size is None else None)
+        for name, value in (("image_size", image_size), ("crop_size", crop_size)):
+            bad = isinstance(value, bool) or not isinstance(value, int) or value < MIN_SIZE
+            if value is not None and bad:
+                raise InputError(f"{name} must be null or an integer >= {MIN_SIZE}, got {value!r}")
         if not 0.0 <= min_foreground_fraction < 1.0:
             raise InputError(f"min_foreground_fraction must be in [0, 1), got {min_foreground_fraction}")
         self.regimes = list(regimes) if regimes else list(ALL_REGIMES)
@@ -129,7 +194,7 @@ class LowFieldDataModule(L.LightningDataModule):
             if name not in ALL_REGIMES:
                 raise InputError(f"unknown regime {name!r}; choose from {', '.join(ALL_REGIMES)}")
         self.source_arg, self.root, self.pattern = source, root, pattern
-        self.image_size, self.slice_axis = image_size, slice_axis
+        self.image_size, self.crop_size, self.slice_axis = image_size, crop_size, slice_axis
         self.min_foreground_fraction = min_foreground_fraction
         self.regime_overrides = dict(regime_overrides or {})
         self.seed = seed
@@ -248,7 +313,7 @@ class LowFieldDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets a stage needs ("fit", "validate", "test", "predict"; None: fit + test)."""
         if stage in ("fit", None) and self.train_dataset is None:
-            self.train_dataset = TrainSliceDataset(
+            train = TrainSliceDataset(
                 self.source,
                 self.volume_infos("train"),
                 self.regimes,
@@ -256,7 +321,27 @@ class LowFieldDataModule(L.LightningDataModule):
                 self.background_phase,
                 self.seed,
                 self.regime_overrides,
+                self.crop_size,
             )
+            slice_shapes = [SliceDataset.sample_shape(train, v) for v in range(len(train.volumes))]
+            too_small = [(info, shape) for info, shape in zip(train.volumes, slice_shapes, strict=True)
+                         if self.crop_size and min(shape) < self.crop_size]
+            if too_small:
+                info, (h, w) = too_small[0]
+                raise InputError(
+                    f"crop_size {self.crop_size} is larger than the {h}x{w} slices of training volume "
+                    f"{info.record.path or info.record.volume_id} ({len(too_small)} volume(s) so): choose a "
+                    "crop_size no larger than the smallest training slice"
+                )
+            shapes = sorted(set(train.item_shapes()))
+            if len(shapes) > 1 and self.batch_size > 1:
+                listed = ", ".join(f"{h}x{w}" for h, w in shapes[:6]) + (", ..." if len(shapes) > 6 else "")
+                raise InputError(
+                    f"the training slices have {len(shapes)} different shapes ({listed}) and whole native "
+                    "slices batch only when they share one: set crop_size (random crops, e.g. the model's "
+                    "image_size), or image_size (resize every slice), or batch_size 1"
+                )
+            self.train_dataset = train
         if stage in ("fit", "validate", None) and self.val_dataset is None:
             self.val_dataset = self._eval_dataset("val")
         if stage in ("test", None) and self.test_dataset is None:
@@ -269,13 +354,16 @@ class LowFieldDataModule(L.LightningDataModule):
                 source, self._index(source, source.records(), 0.0), self.image_size
             )
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _eval_loader(self, dataset: SliceDataset | None) -> DataLoader:
+        """In order, in batches of at most `eval_batch_size` consecutive items of one shape."""
         if dataset is None:
             raise RuntimeError("call setup() for this stage first")
+        batches = ShapeGroupedBatchSampler(
+            SequentialSampler(dataset), self.eval_batch_size, dataset.item_shapes()
+        )
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
+            batch_sampler=batches,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
@@ -298,17 +386,18 @@ class LowFieldDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.test_dataset)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, self.eval_batch_size, shuffle=False)
+        return self._eval_loader(self.predict_dataset)
 
     # ---- whole volumes ------------------------------------------------------------------------------------
     def volumes(self, split: str, regime: str | None = None) -> Iterator[EvalVolume]:
-        """Whole volumes of a split (all kept slices, or `eval_slices_per_volume` of them), at image_size.
+        """Whole volumes of a split (all kept slices, or `eval_slices_per_volume` of them), each slice at its
+        native matrix (or at image_size with the explicit resize).
 
         With `regime`, each slice also carries the same degradation as the val/test dataset's sample.
         """

@@ -1,21 +1,30 @@
 """Map-style slice datasets that degrade clean slices on the fly.
 
-A sample (a dict; the default collate stacks samples into a batch with the same keys):
+Geometry. H x W is the slice's native matrix (the stack [S, H, W] of `transforms.to_slices`) by default;
+with `image_size` every slice is zero-padded to a square and resized to image_size x image_size (the explicit
+resize path, `transforms.fit_to_square`); training samples with `crop_size` are crop_size x crop_size windows
+(see `TrainSliceDataset`). `SliceDataset.item_shapes()` gives the (H, W) of each item, so a loader can batch
+only items of one shape.
+
+A sample (a dict; the default collate stacks samples of one shape into a batch with the same keys):
     clean     float32 [2, H, W]   normalised clean slice (real, imag); absent in prediction samples
-    degraded  float32 [2, H, W]   complex_to_channels(ifft2c(y))
-    y         complex64 [1, H, W] simulated (or, for prediction, measured) k-space
+    degraded  float32 [2, H, W]   the degraded image (real, imag): complex_to_channels(ifft2c(y)) of the slice
+    y         complex64 [1, H, W] simulated (or, for prediction, measured) k-space; for a training crop,
+                                  fft2c of the cropped degraded image (see `TrainSliceDataset`)
     regime    str                 regime name ("measured" for prediction)
     params    dict[str, Tensor]   the realised degradation parameters, one sample's slice of the full key set
+                                  (scalars [], `b0_map_hz` [1, H, W] in Hz)
     subject   str                 the volume id (the subject id; the file stem if the subject has several)
     slice     int64 tensor []     slice index in the stack [S, H, W] of `transforms.to_slices`
     scale     float32 tensor []   the volume's normalisation scale: input units = normalised * scale
 
-Training samples draw a regime and its parameters from a generator seeded with (seed, epoch, index, a draw of
-torch's RNG); the data module's training loader (`datamodules.resumable.SeededSamples`) seeds that RNG from
-(seed, epoch, index) for every sample, so a training sample is a pure function of (seed, epoch, index):
-epochs differ, worker counts and DDP ranks do not matter, and a resumed run sees the same samples. Evaluation
-samples (val/test) use a generator seeded with a sha256 hash of (seed, volume id, slice, regime) only:
-identical across runs, worker counts and DDP ranks.
+Training samples draw a regime, its parameters and the crop position from a generator seeded with
+(seed, epoch, index, a draw of torch's RNG); the data module's training loader
+(`datamodules.resumable.SeededSamples`) seeds that RNG from (seed, epoch, index) for every sample, so a
+training sample is a pure function of (seed, epoch, index): epochs differ, worker counts and DDP ranks do not
+matter, and a resumed run sees the same samples.
+Evaluation samples (val/test) use a generator seeded with a sha256 hash of (seed, volume id, slice, regime)
+only: identical across runs, worker counts and DDP ranks.
 """
 
 from __future__ import annotations
@@ -31,8 +40,10 @@ from datamodules.sources import VolumeRecord, VolumeSource
 from datamodules.splits import stable_hash
 from datamodules.transforms import (
     NORMALISE_PERCENTILE,
+    crop,
     fit_to_square,
     foreground_fractions,
+    random_crop_origin,
     robust_scale,
     smooth_background_phase,
 )
@@ -77,23 +88,41 @@ def evenly_spaced(items: tuple[int, ...], n: int | None) -> tuple[int, ...]:
 
 
 class SliceDataset(Dataset):
-    """Common base: per-process volume cache (each volume opened once per worker) and clean-slice
-    preparation."""
+    """Common base: per-process volume cache (each volume opened once per worker), clean-slice preparation
+    and the shape of each item.
+
+    `items` (set by the subclasses) lists the entries in order; each is a tuple whose first element is the
+    volume's position in `volumes`. `image_size` None keeps the native matrix; an int resizes (see the module
+    docstring).
+    """
+
+    items: list[tuple]
 
     def __init__(
         self,
         source: VolumeSource,
         volumes: list[VolumeInfo],
-        image_size: int = 256,
+        image_size: int | None = None,
         background_phase: bool = False,
         seed: int = 0,
     ) -> None:
         self.source = source
         self.volumes = volumes
-        self.image_size = int(image_size)
+        self.image_size = None if image_size is None else int(image_size)
         self.background_phase = background_phase
         self.seed = int(seed)
         self._cache: dict[int, np.ndarray] = {}
+
+    def sample_shape(self, v: int) -> tuple[int, int]:
+        """(H, W) in pixels of the images of volume v's samples: the native slice shape, or (image_size,
+        image_size)."""
+        if self.image_size is not None:
+            return self.image_size, self.image_size
+        return self.volumes[v].shape
+
+    def item_shapes(self) -> list[tuple[int, int]]:
+        """(H, W) of each item's images, in item order."""
+        return [self.sample_shape(item[0]) for item in self.items]
 
     def __getitem__(self, index: int) -> dict:
         # Per-sample work is tiny: several intra-op threads only contend (on a busy 2-core machine, 50x
@@ -116,7 +145,7 @@ class SliceDataset(Dataset):
         return self._cache[v]
 
     def clean_slice(self, v: int, s: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The normalised clean slice, complex64 [1, 1, size, size] (see transforms for the geometry).
+        """The normalised clean slice, complex64 [1, 1, H, W] (native, or resized with `image_size`).
 
         With `background_phase` a smooth random phase (from `generator`) multiplies the magnitude. It is off
         by default: magnitude data has no phase, and a made-up phase teaches the prior a phase distribution
@@ -125,21 +154,40 @@ class SliceDataset(Dataset):
         """
         raw = torch.from_numpy(np.array(self._stack(v)[s]))
         x = raw.to(torch.complex64) / self.volumes[v].scale
-        x = fit_to_square(x, self.image_size)
+        if self.image_size is not None:
+            x = fit_to_square(x, self.image_size)
         if self.background_phase:
             if generator is None:
                 raise ValueError("background_phase needs a generator")
             x = x * torch.exp(1j * smooth_background_phase(x.shape[-2:], generator))
         return x[None, None]
 
-    def _sample(self, v: int, s: int, regime: str, degradation, generator: torch.Generator) -> dict:
-        from degradations import complex_to_channels, ifft2c
-
+    def _degrade(
+        self, v: int, s: int, degradation, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(clean x [1, 1, H, W], k-space y [1, 1, H, W], params) of slice s of volume v, drawn from
+        `generator` (the background phase first, then the degradation)."""
         x = self.clean_slice(v, s, generator)
         y, params = degradation(x, generator)
+        return x, y, params
+
+    def _sample(
+        self,
+        v: int,
+        s: int,
+        regime: str,
+        clean: torch.Tensor,
+        degraded: torch.Tensor,
+        y: torch.Tensor,
+        params: dict[str, torch.Tensor],
+    ) -> dict:
+        """The sample dict (module docstring) of complex clean, degraded and y [1, 1, H, W] and batched
+        params."""
+        from degradations import complex_to_channels
+
         return {
-            "clean": complex_to_channels(x)[0],
-            "degraded": complex_to_channels(ifft2c(y))[0].float(),
+            "clean": complex_to_channels(clean)[0],
+            "degraded": complex_to_channels(degraded)[0].float(),
             "y": y[0].to(torch.complex64),
             "regime": regime,
             "params": {k: val[0] for k, val in params.items()},
@@ -158,23 +206,41 @@ def _regimes(names: list[str], overrides: dict | None) -> dict:
 
 class TrainSliceDataset(SliceDataset):
     """Every kept slice of the training volumes; each access draws a regime from `regimes` and fresh
-    parameters."""
+    parameters.
+
+    With `crop_size` a sample is a random crop_size x crop_size window of the slice: the WHOLE slice is
+    degraded first (the physics acts on the slice's grid: blur FWHM, T2* readout and B0 map in its pixels),
+    then clean and degraded images are cut at the same window (`transforms.random_crop_origin` from the
+    sample's generator, after the degradation's draws; the window lies inside the slice).
+    `y` is fft2c(degraded crop): not the measured k-space (a crop of an image is not a sub-sampling of its
+    k-space) but the crop's own Fourier pair; training does not use it. `params` are the whole slice's, with
+    `b0_map_hz` cropped to the window; `noise_sigma` is also the noise std per complex sample of the crop's
+    `y` (orthonormal FFTs keep the level of white noise).
+    """
 
     def __init__(
         self,
         source: VolumeSource,
         volumes: list[VolumeInfo],
         regimes: list[str],
-        image_size: int = 256,
+        image_size: int | None = None,
         background_phase: bool = False,
         seed: int = 0,
         regime_overrides: dict | None = None,
+        crop_size: int | None = None,
     ) -> None:
         super().__init__(source, volumes, image_size, background_phase, seed)
         self.regimes = list(regimes)
         self.degradations = _regimes(self.regimes, regime_overrides)
         self.items = [(v, s) for v, info in enumerate(volumes) for s in info.slices]
+        self.crop_size = None if crop_size is None else int(crop_size)
         self.epoch = 0
+
+    def sample_shape(self, v: int) -> tuple[int, int]:
+        """(crop_size, crop_size) with crops, else the slice's (see `SliceDataset.sample_shape`)."""
+        if self.crop_size is not None:
+            return self.crop_size, self.crop_size
+        return super().sample_shape(v)
 
     def set_epoch(self, epoch: int) -> None:
         """Mix the epoch into the per-sample seeds (in this process; the RNG draw makes epochs differ
@@ -185,11 +251,23 @@ class TrainSliceDataset(SliceDataset):
         return len(self.items)
 
     def _get(self, index: int) -> dict:
+        from degradations import fft2c, ifft2c
+
         v, s = self.items[index]
         draw = int(torch.randint(0, 2**62, (1,)))
         g = torch.Generator().manual_seed(stable_hash("train", self.seed, self.epoch, index, draw))
         regime = self.regimes[int(torch.randint(len(self.regimes), (1,), generator=g))]
-        return self._sample(v, s, regime, self.degradations[regime], g)
+        x, y, params = self._degrade(v, s, self.degradations[regime], g)
+        if self.crop_size is None:
+            return self._sample(v, s, regime, x, ifft2c(y), y, params)
+        top, left = random_crop_origin(x.shape[-2:], self.crop_size, g)
+
+        def window(image: torch.Tensor) -> torch.Tensor:
+            return crop(image, top, left, self.crop_size)
+
+        degraded = window(ifft2c(y))
+        params = {**params, "b0_map_hz": window(params["b0_map_hz"])}
+        return self._sample(v, s, regime, window(x), degraded, fft2c(degraded), params)
 
 
 class EvalSliceDataset(SliceDataset):
@@ -202,7 +280,7 @@ class EvalSliceDataset(SliceDataset):
         source: VolumeSource,
         volumes: list[VolumeInfo],
         regimes: list[str],
-        image_size: int = 256,
+        image_size: int | None = None,
         background_phase: bool = False,
         seed: int = 0,
         regime_overrides: dict | None = None,
@@ -228,8 +306,11 @@ class EvalSliceDataset(SliceDataset):
         )
 
     def _get(self, index: int) -> dict:
+        from degradations import ifft2c
+
         v, s, regime = self.items[index]
-        return self._sample(v, s, regime, self.degradations[regime], self.generator(v, s, regime))
+        x, y, params = self._degrade(v, s, self.degradations[regime], self.generator(v, s, regime))
+        return self._sample(v, s, regime, x, ifft2c(y), y, params)
 
 
 class PredictSliceDataset(SliceDataset):
@@ -237,10 +318,14 @@ class PredictSliceDataset(SliceDataset):
 
     "degraded" is the normalised measured image (real, imag), "y" its k-space fft2c, "regime" is "measured",
     the params are neutral (so `ForwardOperator.from_params` gives plain Fourier sampling), and "shape" (h, w)
-    lets `transforms.restore_shape` and `transforms.from_slices` put the outputs back on the input grid.
+    is the slice's native shape: at native size (the default) the images already have it; with `image_size`,
+    `transforms.restore_shape` puts the outputs back on that grid. `transforms.from_slices` then rebuilds the
+    volume.
     """
 
-    def __init__(self, source: VolumeSource, volumes: list[VolumeInfo], image_size: int = 256) -> None:
+    def __init__(
+        self, source: VolumeSource, volumes: list[VolumeInfo], image_size: int | None = None
+    ) -> None:
         super().__init__(source, volumes, image_size)
         self.items = [(v, s) for v, info in enumerate(volumes) for s in info.slices]
 

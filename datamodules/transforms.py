@@ -1,14 +1,19 @@
 """Per-volume normalisation and slice geometry (pure functions; numpy in, torch out).
 
-- Slices: a NIfTI volume [X, Y, Z] becomes a stack [S, H, W] with `to_slices(data, axis)`: the slice axis
-  moves first and each slice is turned by 90 degrees (np.rot90) so that, for an axial RAS volume, anterior is
-  up. `from_slices` is the exact inverse.
+- Slices: a volume [X, Y, Z] becomes a stack [S, H, W] with `to_slices(data, axis)` = `np.moveaxis(data, axis,
+  0)`: the slice axis moves first and the other two keep their order and direction (no rotation or flip), so H
+  is the first remaining array axis and W, the readout direction of the k-space the degradations simulate, the
+  last. This is the one slice convention of `lfmri degrade`, the data module, `lfmri reconstruct` and the
+  metrics. `from_slices` is the exact inverse.
 - Normalisation: `robust_scale(volume)` is the 99.5th percentile of |volume| over all voxels (robust to a few
   bright voxels); normalised = volume / scale (not clipped), and input units = normalised * scale.
-- Geometry: `fit_to_square(x, size)` zero-pads a slice [.., h, w] centred to a square of side max(h, w), then
-  resizes it to size x size with bilinear interpolation and antialiasing (torch `interpolate(mode="bilinear",
-  antialias=True, align_corners=False)`; real and imaginary parts separately). `restore_shape` inverts it
-  (bilinear back to the square side, then the centre crop).
+- Crops (training at native resolution): `random_crop_origin(shape, size, generator)` draws the top-left
+  corner of a size x size window inside the slice and `crop(x, top, left, size)` cuts it (the data module
+  refuses a crop larger than a training slice).
+- Resize (the data module's explicit `image_size` path): `fit_to_square(x, size)` zero-pads a slice [.., h, w]
+  centred to a square of side max(h, w), then resizes it to size x size with bilinear interpolation and
+  antialiasing (torch `interpolate(mode="bilinear", antialias=True, align_corners=False)`; real and imaginary
+  parts separately). `restore_shape` inverts it (bilinear back to the square side, then the centre crop).
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ NORMALISE_PERCENTILE = 99.5
 
 
 def to_slices(data: np.ndarray, axis: int) -> np.ndarray:
-    """A 3D volume -> a view [S, H, W]: slice axis first, each slice turned 90 degrees (anterior up for
-    RAS)."""
-    return np.rot90(np.moveaxis(data, axis, 0), k=1, axes=(1, 2))
+    """A 3D volume -> a view [S, H, W]: `np.moveaxis(data, axis, 0)` (the in-plane axes keep their order; W,
+    the last, is the readout)."""
+    return np.moveaxis(data, axis, 0)
 
 
 def from_slices(stack: np.ndarray, axis: int) -> np.ndarray:
     """Inverse of `to_slices`: a stack [S, H, W] -> the volume with its slices along `axis`."""
-    return np.moveaxis(np.rot90(stack, k=-1, axes=(1, 2)), 0, axis)
+    return np.moveaxis(stack, 0, axis)
 
 
 def robust_scale(volume: np.ndarray, percentile: float = NORMALISE_PERCENTILE) -> float:
@@ -77,6 +82,21 @@ def restore_shape(x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     x = _resize(x, (side, side))
     top, left = (side - h) // 2, (side - w) // 2
     return x[..., top : top + h, left : left + w]
+
+
+def random_crop_origin(shape: tuple[int, int], size: int, generator: torch.Generator) -> tuple[int, int]:
+    """The top-left corner (top, left) in pixels of a size x size window inside a slice of `shape` (h, w),
+    each offset uniform over [0, n - size]; two draws from `generator` (top, then left). ValueError when the
+    slice is smaller than the window."""
+    if min(shape) < size:
+        raise ValueError(f"a {size}x{size} crop does not fit in a {shape[0]}x{shape[1]} slice")
+    top, left = (int(torch.randint(0, int(n) - size + 1, (1,), generator=generator)) for n in shape)
+    return top, left
+
+
+def crop(x: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
+    """The window [..., top : top + size, left : left + size] of x [..., h, w] (real or complex)."""
+    return x[..., top : top + size, left : left + size]
 
 
 def smooth_background_phase(

@@ -9,6 +9,7 @@ from .blur import GaussianBlur, gaussian_mtf
 from .compose import PARAM_KEYS, REGIMES, LowFieldDegradation, make_regime, neutral_params, params_to_jsonable
 from .fourier import channels_to_complex, complex_to_channels, fft2c, ifft2c
 from .noise import ComplexGaussianNoise
+from .noise_estimate import estimate_noise_sigma
 from .operator import ForwardOperator
 from .snr import foreground_mask, noise_sigma_for_snr, signal_power, snr_db
 from .t2star import T2StarDecay, t2star_weights
@@ -21,5 +22,5 @@ __all__ = [
     "B0PhaseCorruption", "OffResonanceEncoding",
     "random_b0_map", "ComplexGaussianNoise", "AcquisitionTiming", "sample_times_ms",
     "LowFieldDegradation", "make_regime", "REGIMES", "PARAM_KEYS", "neutral_params", "params_to_jsonable",
-    "ForwardOperator",
+    "ForwardOperator", "estimate_noise_sigma",
 ]

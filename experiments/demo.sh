@@ -24,9 +24,9 @@ for regime in noise noise_blur noise_blur_t2star noise_blur_t2star_b0; do
 done
 
 echo "== 2. small-scale transfer: pre-train stand-in -> export -> fine-tune -> evaluate (and from scratch)"
-# sampler settings chosen on a VALIDATION volume (experiments/benchmarks/sampling.py, see RESULTS.md)
+# the sampler registry's defaults (chosen on VALIDATION volumes: experiments/benchmarks/sampling.py, RESULTS.md)
 $PY experiments/paper/run.py bundled --small --out "$OUT/transfer" --overwrite --jobs 2 \
-  --eval-steps 20 --t0 0.4 --dc-weight 0.05 --max-slices-per-subject 8
+  --max-slices-per-subject 8
 
 echo
 echo "== 3. results (held-out real volumes; mean ± std across subjects)"

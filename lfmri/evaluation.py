@@ -35,6 +35,7 @@ from datamodules.io import usual_permissions
 from lfmri.baselines import BASELINES, TuningResult, tune_baselines
 
 if TYPE_CHECKING:
+    from lightning_modules.inference import Reconstructor
     from lightning_modules.module import ScoreModel
     from lightning_modules.samplers import Sampler
 
@@ -324,35 +325,6 @@ def _tuning_metric(pred: np.ndarray, ref: np.ndarray) -> float:
     return ssim_volume(pred, ref)
 
 
-def reconstruct_volume(score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sampler: Sampler,
-                       operator: Callable[[dict[str, torch.Tensor]], Any], degraded: torch.Tensor,
-                       y: torch.Tensor, params: Mapping[str, torch.Tensor], samples: int = 1,
-                       batch_size: int = 8, seed: int = 0, device: torch.device | str = "cpu",
-                       desc: str = "reconstruct") -> tuple[np.ndarray, np.ndarray]:
-    """Reconstruct the slices of one volume at the model's size -> magnitude (mean, std) numpy [S,H,W].
-
-    `degraded` float [S,2,H,W] (the sampler's x_init), `y` complex [S,1,H,W] measured k-space, `params` the
-    batched degradation parameters and `operator(params)` the forward operator A of a batch of them (e.g. the
-    regime's `LowFieldDegradation.operator`). K = `samples` posterior samples per slice (std: 0 for K = 1);
-    the generator is seeded with `seed` once per volume; a progress bar advances per batch of slices.
-    """
-    device = torch.device(device)
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    means, stds = [], []
-    n = degraded.shape[0]
-    with tqdm(total=n, desc=desc, unit="slice", file=sys.stderr, leave=False) as bar:
-        for start in range(0, n, batch_size):
-            sl = slice(start, min(start + batch_size, n))
-            p = {k: v[sl].to(device) for k, v in params.items()}
-            A = operator(p)
-            mean, std = sampler.posterior(score_fn, degraded[sl].to(device).float(), A,
-                                          y[sl].to(device, torch.complex64), samples, generator)
-            means.append(mean[:, 0].float().cpu().numpy())
-            stds.append(std[:, 0].float().cpu().numpy())
-            bar.update(sl.stop - sl.start)
-    return np.concatenate(means), np.concatenate(stds)
-
-
 def collect_split(datamodule: Any, split: str, regime: str) -> list[Any]:
     """A split's whole volumes under a regime (`EvalVolume`s: clean, degraded, y, params)."""
     return list(datamodule.volumes(split, regime))
@@ -377,22 +349,31 @@ def tune_on_validation(datamodule: Any, regimes: Sequence[str], names: Sequence[
                               progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
 
 
+def reconstructor_for(model: ScoreModel, sampler: Sampler, regime: str, overrides: Mapping[str, Any],
+                      batch_size: int, device: torch.device, progress: str | None = None) -> Reconstructor:
+    """The one inference path (`Reconstructor`) for a regime of the data module (its B0 method)."""
+    from degradations import make_regime
+    from lightning_modules.inference import Reconstructor
+
+    b0 = make_regime(regime, **overrides).b0
+    return Reconstructor(model.score_fn(), sampler, batch_size, device,
+                         b0_method=b0.method if b0 is not None else "segmented",
+                         n_segments=b0.n_segments if b0 is not None else None, progress=progress)
+
+
 def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], baselines: Sequence[str],
                    sampler: Sampler, samples: int = 1, batch_size: int = 8, seed: int = 0,
                    device: torch.device | str = "cpu", settings: Mapping[str, Any] | None = None,
                    ) -> EvaluationResult:
     """The paper's protocol on the data module's test subjects (see the module docstring).
 
-    `baselines`: names from `lfmri.baselines.BASELINES` (tuned on validation first). The figure shows the
-    middle slice of the first test subject per regime.
+    `baselines`: names from `lfmri.baselines.BASELINES` (tuned on validation first). Reconstruction is the
+    one inference path (`lightning_modules.inference.Reconstructor`) at the slices' native matrix, with the
+    simulation's known noise level. The figure shows the middle slice of the first test subject per regime.
     """
-    from degradations import make_regime
-
     device = torch.device(device)
     overrides = {k: tuple(v) if isinstance(v, list) else v
                  for k, v in (getattr(datamodule, "regime_overrides", None) or {}).items()}
-    operators = {regime: make_regime(regime, **overrides).operator for regime in regimes}
-    score_fn = model.score_fn()
     tuning = tune_on_validation(datamodule, regimes, baselines)
     rows: list[ResultRow] = []
     panels: dict[str, dict[str, np.ndarray]] = {}
@@ -406,9 +387,10 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
             for name in baselines:
                 params = tuning[regime][name].params if name in tuning.get(regime, {}) else {}
                 outputs[name] = BASELINES[name](deg, **params)
-            outputs[LFMRI], _ = reconstruct_volume(
-                score_fn, sampler, operators[regime], vol.degraded, vol.y, vol.params, samples, batch_size,
-                seed + _stable_int(vol.subject, regime), device, desc=f"{vol.subject} {regime}")
+            reconstruct = reconstructor_for(model, sampler, regime, overrides, batch_size, device,
+                                            progress=f"{vol.subject} {regime}")
+            result = reconstruct(vol.degraded, vol.y, vol.params, vol.slices.tolist(), seed, samples)
+            outputs[LFMRI] = result.mean[:, 0].numpy()
             for method, pred in outputs.items():
                 ssim, psnr, nmse = _volume_metrics(pred, ref)
                 rows.append(ResultRow(vol.subject, regime, method, ssim, psnr, nmse, int(ref.shape[0])))
@@ -417,9 +399,3 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
                 panels[regime] = {**{m: outputs[m][mid] for m in baselines}, LFMRI: outputs[LFMRI][mid],
                                   "reference": ref[mid]}
     return EvaluationResult(rows=rows, tuning=tuning, panels=panels, settings=dict(settings or {}))
-
-
-def _stable_int(*parts: object) -> int:
-    from datamodules.splits import stable_hash
-
-    return stable_hash("lfmri-evaluate", *parts) % (2**31)

@@ -87,6 +87,18 @@ class LfmriCLI(LightningCLI):
             raise InputError(f"the config leaves {', '.join(missing)} to the command line (???): give "
                              + " ".join(f"--{k}=..." for k in missing))
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning applies a `--ckpt_path` checkpoint's hyper-parameters over the config; the reconstruction
+        options `predict_*` the user sets (config or command line) must still win, as `lfmri predict`'s
+        documentation promises."""
+        subcommand = self.config.get("subcommand")
+        init_args = (self.config[subcommand].get("model") or {}).get("init_args") if subcommand else None
+        given = {k: v for k, v in (init_args or {}).items() if k.startswith("predict_") and v is not None}
+        super()._parse_ckpt_path()
+        if given:
+            for key, value in given.items():
+                self.config[subcommand]["model"]["init_args"][key] = value
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin

@@ -1,4 +1,5 @@
-"""Lightning callbacks of lfmri: the finite-loss guard and the validation sampler callback."""
+"""Lightning callbacks of lfmri: the finite-loss guard, the validation sampler callback and the NIfTI
+prediction writer of `lfmri predict`."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from datamodules.splits import stable_hash
 from degradations import REGIMES
 from lightning_modules.metrics import nmse_volume, psnr_volume, ssim_volume
 from lightning_modules.samplers import build_sampler, magnitude
@@ -47,9 +48,10 @@ class SamplerCallback(Callback):
 
     Runs at the end of every `every_n_val`-th validation (epoch-based or step-based `val_check_interval`;
     never in the sanity check; also under `trainer.validate`), with the module's EMA weights
-    (`pl_module.score_fn()`) and the sampler `build_sampler(sampler, steps, t0, dc_weight=dc_weight)` on the
-    module's SDE. Data consistency uses the regime's forward operator of each slice's realised parameters and
-    its measured k-space `y`.
+    (`pl_module.score_fn()`), through the one inference path (`lightning_modules.inference.Reconstructor`)
+    with the sampler `build_sampler(sampler, steps, t0, dc, dc_weight, dc_lambda)` on the module's SDE (None:
+    the sampler registry's defaults). Data consistency uses the regime's forward operator of each slice's
+    realised parameters, its measured k-space `y` and its known noise level, at the slice's native matrix.
 
     Subset: the validation dataset (`LowFieldDataModule.val_dataset`, an `EvalSliceDataset` enumerating
     volume x slice x regime) is read directly, not through the (possibly limited or sharded) val loader:
@@ -64,17 +66,16 @@ class SamplerCallback(Callback):
     fraction), identical on every rank.
 
     Distribution and determinism: the subset is cut into batches of at most `batch_size` slices of one
-    regime; whole batches are dealt to the ranks (`batch j -> rank j % world_size`) and the results are
+    regime and one volume (one matrix size); whole batches are dealt to the ranks
+    (`batch j -> rank j % world_size`) and the results are
     summed across ranks (`strategy.reduce`, gloo and NCCL; each value comes from exactly one rank, so the sum
-    is exact). Each batch samples with its own generator seeded by (seed, its dataset indices). So batches,
-    noise and per-regime averages do not depend on the number of processes: 1 and N processes give the same
-    numbers (on the same hardware and thread count). With `batch_size = 1` each slice's randomness is a pure
-    function of (seed, slice); with larger batches the samplers draw a batch's noise together (and the PC
-    corrector's step size uses batch-averaged norms), so the numbers depend on `batch_size`, never on the
-    world size.
+    is exact). Each slice samples with its own generator seeded by (seed, its slice index), as in
+    `lfmri reconstruct` and `lfmri evaluate`, so batches, noise and per-regime averages do not depend on the
+    number of processes: 1 and N processes give the same numbers (on the same hardware and thread count).
 
-    Images: rows = regimes (the first slice of each), columns = degraded | reconstruction | reference |
-    |error|, rendered with matplotlib on global rank 0 and sent to every W&B logger
+    Images: rows = regimes (the first slice of each, zero-padded to the largest of them), columns =
+    degraded | reconstruction | reference | |error|, rendered with matplotlib on global rank 0 and sent to
+    every W&B logger
     (`log_image(key="val/samples")`) and TensorBoard logger (`add_image("val/samples")`); with neither,
     written to `<trainer.log_dir>/samples/step_<global step>.png`.
 
@@ -85,16 +86,17 @@ class SamplerCallback(Callback):
             `val_check_interval`: every n*k epochs).
         regimes: regimes to reconstruct (default: all the validation dataset's).
         n_slices: slices per regime.
-        sampler: a `samplers.SAMPLERS` name; steps, t0: its number of steps and start time (None: the
-            sampler's defaults); dc_weight: the data-consistency step weight.
+        sampler: a `samplers.SAMPLERS` name (None: `samplers.DEFAULT_SAMPLER`); steps, t0, dc, dc_weight,
+            dc_lambda: its options (None: the sampler's registry defaults).
         seed: seeds the sampling noise.
         batch_size: slices per sampler call.
         log_images: log the image grid.
     """
 
     def __init__(self, every_n_val: int = 1, regimes: list[str] | None = None, n_slices: int = 4,
-                 sampler: str = "warm_ddim", steps: int | None = None, t0: float | None = None,
-                 dc_weight: float = 0.3, seed: int = 0, batch_size: int = 4, log_images: bool = True) -> None:
+                 sampler: str | None = None, steps: int | None = None, t0: float | None = None,
+                 dc: str | None = None, dc_weight: float | None = None, dc_lambda: float | None = None,
+                 seed: int = 0, batch_size: int = 4, log_images: bool = True) -> None:
         super().__init__()
         for name, value in (("every_n_val", every_n_val), ("n_slices", n_slices), ("batch_size", batch_size)):
             if value < 1:
@@ -103,10 +105,11 @@ class SamplerCallback(Callback):
         if unknown:
             raise ValueError(f"SamplerCallback: unknown regime(s) {', '.join(unknown)}; "
                              f"choose from {', '.join(REGIMES)}")
-        build_sampler(sampler, steps, t0, dc_weight=dc_weight)  # fail on a bad configuration now, not mid-fit
+        self.sampler_options = {"name": sampler, "steps": steps, "t0": t0, "dc": dc, "dc_weight": dc_weight,
+                                "dc_lambda": dc_lambda}
+        self.sampler = build_sampler(**self.sampler_options).name  # a bad configuration fails now
         self.every_n_val, self.n_slices = every_n_val, n_slices
         self.regimes = list(regimes) if regimes else None
-        self.sampler, self.steps, self.t0, self.dc_weight = sampler, steps, t0, dc_weight
         self.seed, self.batch_size, self.log_images = seed, batch_size, log_images
         self.n_validations = 0  # validations seen (sanity check excluded); kept in checkpoints
         self.last_metrics: dict[str, float] = {}  # the metrics logged by the last run
@@ -131,33 +134,36 @@ class SamplerCallback(Callback):
     # ------------------------------------------------------------------------------------------------
     def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Reconstruct the subset (this rank's batches), gather, log; returns the metrics (all ranks)."""
+        from lightning_modules.inference import Reconstructor
+
         dataset = _val_dataset(trainer)
         subset = validation_subset([item[-1] for item in dataset.items], self.regimes, self.n_slices)
         regimes = list(subset)
         positions = {i: p for p, i in enumerate(i for idx in subset.values() for i in idx)}
-        batches = [(r, idx[b:b + self.batch_size]) for r, idx in subset.items()
-                   for b in range(0, len(idx), self.batch_size)]
-
+        batches = [(r, b) for r, idx in subset.items() for b in _same_volume_batches(dataset, idx,
+                                                                                     self.batch_size)]
         device = pl_module.device
-        sampler = build_sampler(self.sampler, self.steps, self.t0, dc_weight=self.dc_weight,
-                                sde=pl_module.sde)
+        sampler = build_sampler(**self.sampler_options, sde=pl_module.sde)
         score_fn = pl_module.score_fn()
         metrics = torch.zeros(len(positions), 3, dtype=torch.float64, device=device)
-        size = dataset.image_size
-        panels = torch.zeros(len(regimes), 4, size, size, device=device)  # summed across ranks
+        firsts = {r: dataset[idx[0]]["clean"].shape[-2:] for r, idx in subset.items()}
+        height, width = max(h for h, _ in firsts.values()), max(w for _, w in firsts.values())
+        panels = torch.zeros(len(regimes), 4, height, width, device=device)  # summed across ranks
         for regime, idx in batches[trainer.global_rank::trainer.world_size]:
             batch = default_collate([dataset[i] for i in idx])
-            params = {k: v.to(device) for k, v in batch["params"].items()}
-            generator = torch.Generator(device=device).manual_seed(
-                stable_hash("sampler-callback", self.seed, *idx))
-            x = sampler(score_fn, batch["degraded"].to(device), dataset.degradations[regime].operator(params),
-                        batch["y"].to(device), generator)
-            recon, ref = magnitude(x), magnitude(batch["clean"].to(device))
+            b0 = dataset.degradations[regime].b0
+            reconstruct = Reconstructor(score_fn, sampler, len(idx), device,
+                                        b0_method=b0.method if b0 is not None else "segmented",
+                                        n_segments=b0.n_segments if b0 is not None else None)
+            recon = reconstruct(batch["degraded"], batch["y"], batch["params"], batch["slice"].tolist(),
+                                seed=self.seed).mean.to(device)
+            ref = magnitude(batch["clean"].to(device))
             for j, i in enumerate(idx):
                 values = [f(recon[j], ref[j]) for f in (ssim_volume, psnr_volume, nmse_volume)]
                 metrics[positions[i]] = torch.tensor(values, dtype=torch.float64)
             if idx[0] == subset[regime][0]:  # the regime's first slice goes into the image grid
-                panels[regimes.index(regime)] = torch.stack([
+                h, w = ref.shape[-2:]
+                panels[regimes.index(regime), :, :h, :w] = torch.stack([
                     magnitude(batch["degraded"][:1].to(device))[0, 0], recon[0, 0], ref[0, 0],
                     (recon[0, 0] - ref[0, 0]).abs()])
         metrics = trainer.strategy.reduce(metrics, reduce_op="sum")
@@ -193,6 +199,68 @@ class SamplerCallback(Callback):
             _save_png(directory / f"step_{step:06d}.png", image)
 
 
+class NiftiPredictionWriter(BasePredictionWriter):
+    """Writes `lfmri predict`'s reconstructions as NIfTI volumes, one per input volume.
+
+    For every volume of the data module's `predict_dataset` (a `PredictSliceDataset`), the slices returned by
+    `ScoreModel.predict_step` are put back in place (`transforms.from_slices` along the source's slice axis),
+    multiplied by the volume's normalisation scale (the input's units) and written with the input's affine and
+    header (float32) to `<output_dir>/<input file stem>_recon.nii.gz`, plus `_std.nii.gz` (the per-pixel std
+    of the posterior samples) when `write_std`. Files are written atomically; a volume with a slice missing
+    from the predictions (e.g. `limit_predict_batches`) is not written and named in a warning.
+    Multi-process prediction (DDP) is refused: run `lfmri predict` on one device.
+
+    Args:
+        output_dir: the folder for the volumes (created if needed).
+        write_std: also write the std map.
+    """
+
+    def __init__(self, output_dir: str, write_std: bool = False) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir, self.write_std = Path(output_dir), bool(write_std)
+        self.written: list[Path] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict" and trainer.world_size > 1:
+            raise RuntimeError("NiftiPredictionWriter: run lfmri predict on one device (--trainer.devices=1)")
+
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any],
+                           batch_indices: Sequence[Any]) -> None:
+        import warnings
+
+        import nibabel as nib
+
+        from datamodules.io import save_nifti_atomic
+        from datamodules.transforms import from_slices
+
+        dataset = getattr(trainer.datamodule, "predict_dataset", None)
+        if dataset is None or not hasattr(dataset, "volumes"):
+            raise TypeError("NiftiPredictionWriter needs LowFieldDataModule's predict_dataset")
+        slices: dict[tuple[str, int], dict[str, Tensor]] = {}
+        for out in predictions:
+            for j, subject in enumerate(out["subject"]):
+                slices[(subject, int(out["slice"][j]))] = {k: out[k][j, 0] for k in ("reconstruction", "std")}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        axis = dataset.source.slice_axis
+        for info in dataset.volumes:
+            vid, path = info.record.volume_id, info.record.path
+            missing = [s for s in info.slices if (vid, s) not in slices]
+            if missing:
+                warnings.warn(f"NiftiPredictionWriter: {path}: {len(missing)} slice(s) were not predicted; "
+                              "not written", stacklevel=2)
+                continue
+            like = nib.load(path)
+            stem = Path(path).name.removesuffix(".gz").removesuffix(".nii")
+            kinds = ("reconstruction", "std") if self.write_std else ("reconstruction",)
+            for kind in kinds:
+                stack = np.zeros((max(info.slices) + 1, *info.shape), dtype=np.float32)
+                for s in info.slices:
+                    stack[s] = slices[(vid, s)][kind].float().cpu().numpy() * info.scale
+                target = self.output_dir / f"{stem}_{'recon' if kind == 'reconstruction' else 'std'}.nii.gz"
+                save_nifti_atomic(from_slices(stack, axis), like, target)
+                self.written.append(target)
+
+
 #: the image grid's columns
 COLUMNS = ("degraded", "reconstruction", "reference", "|error|")
 
@@ -215,6 +283,18 @@ def validation_subset(item_regimes: Sequence[str], regimes: Sequence[str] | None
         picks = np.unique(np.round(np.linspace(0, len(entries) - 1, min(n_slices, len(entries)))).astype(int))
         subset[regime] = [entries[p] for p in picks]
     return subset
+
+
+def _same_volume_batches(dataset: Any, indices: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Consecutive runs of `indices` from one volume (one matrix size), at most `batch_size` long."""
+    batches: list[list[int]] = []
+    for i in indices:
+        same_volume = bool(batches) and dataset.items[batches[-1][0]][0] == dataset.items[i][0]
+        if same_volume and len(batches[-1]) < batch_size:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def render_grid(regimes: Sequence[str], panels: np.ndarray) -> np.ndarray:
@@ -258,8 +338,8 @@ def _val_dataset(trainer: Trainer) -> Any:
         loaders = trainer.val_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
         dataset = getattr(loader, "dataset", None)
-    if not all(hasattr(dataset, a) for a in ("items", "degradations", "image_size")):
+    if not all(hasattr(dataset, a) for a in ("items", "degradations")):
         raise TypeError("SamplerCallback needs the validation dataset of LowFieldDataModule (an "
-                        "EvalSliceDataset: .items, .degradations, .image_size), "
+                        "EvalSliceDataset: .items, .degradations), "
                         f"got {type(dataset).__name__}")
     return dataset

@@ -9,6 +9,10 @@ variance-scaling (fan_avg, uniform), zero biases, near-zero (1e-10) scale on the
 
 The network is called as `net(x, labels)`: x float [B, C, H, W], labels float [B] (999 * t under the VP-SDE,
 see `sde.VPSDE.labels`); the output has the shape of x (the VP-SDE noise prediction, score = -out / std).
+It is fully convolutional apart from global attention, so it runs at any H x W: `DDPM.unet` itself needs H and
+W to be multiples of `size_multiple` = 2**(len(ch_mult) - 1) (square or not), and `forward` pads other sizes
+at the bottom and right to that multiple and crops the output back (`sde.pad_to_multiple`); at multiples it is
+exactly score_sde's network. `image_size` only decides, at construction, at which levels attention blocks sit.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from lightning_modules.sde import pad_to_multiple
 
 _ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "lrelu": lambda: nn.LeakyReLU(0.2), "swish": nn.SiLU}
 
@@ -153,12 +159,15 @@ class DDPM(nn.Module):
     Args (score_sde `config.model.*` unless noted):
         nf: base channel count. ch_mult: channel multiplier per resolution level.
         num_res_blocks: residual blocks per level (down path; the up path has one more).
-        attn_resolutions: image widths (px) at which attention blocks are inserted (the middle block always
-            has one). dropout: dropout rate in the residual blocks. resamp_with_conv: conv in up/downsampling.
+        attn_resolutions: attention blocks are inserted at the levels whose width (px) is one of these for an
+            image_size x image_size input (the training crop); the levels stay fixed whatever size the network
+            later runs at (the middle block always has one). dropout: dropout rate in the residual blocks.
+            resamp_with_conv: conv in up/downsampling.
         conditional: condition on the time label (score_sde requires True; False drops the embedding MLP).
         scale_by_sigma: divide the output by `sigmas[labels]` (integer labels; NCSN style, off for VP).
         nonlinearity: 'swish' | 'elu' | 'relu' | 'lrelu'.
         image_size, num_channels, centered: `config.data.*`; centered=False maps inputs [0, 1] -> [-1, 1].
+            image_size (px) places the attention levels; inputs may have any size (see the module docstring).
         sigma_min, sigma_max, num_scales: define the `sigmas` buffer (geometric, descending), which score_sde
             always stores in the state dict.
         num_groups: GroupNorm groups (not a score_sde field: score_sde fixes 32; smaller allows tiny nets).
@@ -231,13 +240,28 @@ class DDPM(nn.Module):
         self.all_modules = nn.ModuleList(modules)
         self._plan = plan
 
+    @property
+    def size_multiple(self) -> int:
+        """H and W of `unet` inputs must be multiples of this: 2**(number of downsamplings)."""
+        return 2 ** (len(self.config["ch_mult"]) - 1)
+
     def _call(self, module: nn.Module, *args: Tensor | None) -> Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
     def forward(self, x: Tensor, labels: Tensor) -> Tensor:
-        """Output [B, C, H, W] for inputs x [B, C, H, W] and time labels [B] (999 * t under the VP-SDE)."""
+        """Output [B, C, H, W] for inputs x [B, C, H, W] of any H x W and time labels [B] (999 * t under the
+        VP-SDE): `unet` on x padded to multiples of `size_multiple` (bottom / right), cropped back."""
+        return pad_to_multiple(self.unet, self.size_multiple)(x, labels)
+
+    def unet(self, x: Tensor, labels: Tensor) -> Tensor:
+        """score_sde's DDPM forward pass: output [B, C, H, W] for x [B, C, H, W] with H and W multiples of
+        `size_multiple` (ValueError otherwise) and labels [B]."""
+        m = self.size_multiple
+        if x.shape[-2] % m or x.shape[-1] % m:
+            raise ValueError(f"DDPM.unet needs H and W that are multiples of {m}, got {tuple(x.shape[-2:])} "
+                             "(call the network itself, which pads)")
         mods = iter(self.all_modules)
         temb = None
         if self.conditional:

@@ -55,8 +55,9 @@ class ScoreModel(LightningModule):
     supervised_loss 'l1' | 'l2'; likelihood_weighting (DSM).
     Optimisation: lr, weight_decay (AdamW), warmup_steps, ema_decay, compile (torch.compile the network in
     setup), val_seed.
-    Predict (`lfmri predict`): predict_sampler (a `samplers.SAMPLERS` name), predict_steps, predict_t0 (None:
-    the sampler's defaults), predict_dc_weight; see `predict_step`.
+    Predict (`lfmri predict`): predict_sampler (a `samplers.SAMPLERS` name), predict_steps, predict_t0,
+    predict_dc, predict_dc_weight, predict_dc_lambda (None: the sampler registry's defaults); see
+    `predict_step`.
     """
 
     def __init__(self, nf: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
@@ -73,8 +74,9 @@ class ScoreModel(LightningModule):
                  supervised_loss: Literal["l1", "l2"] = "l1", likelihood_weighting: bool = False,
                  lr: float = 2e-4, weight_decay: float = 0.0, warmup_steps: int = 5000,
                  ema_decay: float = 0.9999, compile: bool = False, val_seed: int = 0,
-                 predict_sampler: str = "warm_ddim", predict_steps: int | None = None,
-                 predict_t0: float | None = None, predict_dc_weight: float = 0.3) -> None:
+                 predict_sampler: str | None = None, predict_steps: int | None = None,
+                 predict_t0: float | None = None, predict_dc: str | None = None,
+                 predict_dc_weight: float | None = None, predict_dc_lambda: float | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         hp = self.hparams
@@ -132,7 +134,8 @@ class ScoreModel(LightningModule):
 
     # ------------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """Score [B, C, H, W] at x [B, C, H, W], t [B] with the network's current weights."""
+        """Score [B, C, H, W] at x [B, C, H, W] (any H x W: the network pads to its `size_multiple` and crops
+        back), t [B], with the network's current weights."""
         return get_score_fn(self.net, self.sde)(x, t)
 
     def frozen_net(self, use_ema: bool = True) -> DDPM:
@@ -144,7 +147,11 @@ class ScoreModel(LightningModule):
         return net.eval().requires_grad_(False)
 
     def score_fn(self, use_ema: bool = True) -> ScoreFn:
-        """score_fn(x [B, C, H, W], t [B]) for samplers, on a frozen copy of the EMA (or current) weights."""
+        """score_fn(x [B, C, H, W], t [B]) for samplers, on a frozen copy of the EMA (or current) weights.
+
+        It runs at any H x W (a slice's native matrix): the network pads x at the bottom and right to
+        multiples of `DDPM.size_multiple` and crops its output back (`sde.pad_to_multiple`; exactly the
+        unpadded network where H and W are multiples)."""
         return get_score_fn(self.frozen_net(use_ema), self.sde)
 
     # ------------------------------------------------------------------------------------------ losses
@@ -184,24 +191,30 @@ class ScoreModel(LightningModule):
         self._eval_step(batch, batch_idx, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Reconstruct a batch of measured slices with the EMA weights and k-space data consistency.
+        """Reconstruct a batch of measured slices through the one inference path (`inference.Reconstructor`).
 
         Uses `degraded` [B, 2, H, W] as the warm start, `y` [B, 1, H, W] and `params` (the forward operator;
-        neutral for a user's own NIfTI, i.e. plain Fourier sampling). Returns `reconstruction`, the magnitude
-        [B, 1, H, W] in normalised units (multiply by `scale` for input units), with `subject`, `slice` and
-        `scale` passed through. `lfmri reconstruct` is the command that writes NIfTI volumes.
+        neutral for a user's own NIfTI, i.e. plain Fourier sampling); the k-space noise level is estimated
+        from `y` (a user's measurement has none recorded). Sampler: `predict_sampler`, `predict_steps`,
+        `predict_t0`, `predict_dc`, `predict_dc_weight`, `predict_dc_lambda` (None: the registry's defaults);
+        the seed is `val_seed` and each slice's randomness depends on its slice index only. Returns
+        `reconstruction` and `std` (magnitude [B, 1, H, W], normalised units: multiply by `scale`),
+        `noise_sigma` [B] (normalised units), with `subject`, `slice` and `scale` passed through;
+        `callbacks.NiftiPredictionWriter` writes them as NIfTI volumes.
         """
-        from degradations import ForwardOperator
-        from lightning_modules.samplers import build_sampler, magnitude
+        from lightning_modules.inference import Reconstructor
+        from lightning_modules.samplers import build_sampler
 
         hp = self.hparams
         sampler = build_sampler(hp.predict_sampler, steps=hp.predict_steps, t0=hp.predict_t0,
-                                dc_weight=hp.predict_dc_weight, sde=self.sde)
-        gen = torch.Generator(device=self.device).manual_seed(hp.val_seed + batch_idx)
-        A = ForwardOperator.from_params(batch["params"])
-        x = sampler(get_score_fn(self.net, self.sde), batch["degraded"], A, batch["y"], generator=gen)
-        return {"reconstruction": magnitude(x), "subject": batch["subject"], "slice": batch["slice"],
-                "scale": batch["scale"]}
+                                dc=hp.predict_dc, dc_weight=hp.predict_dc_weight,
+                                dc_lambda=hp.predict_dc_lambda, sde=self.sde)
+        n = batch["degraded"].shape[0]
+        result = Reconstructor(self.score_fn(), sampler, n, self.device)(
+            batch["degraded"], batch["y"], batch["params"], batch["slice"].tolist(), seed=hp.val_seed,
+            noise_sigma=torch.full((n,), float("nan")))
+        return {"reconstruction": result.mean, "std": result.std, "noise_sigma": result.noise_sigma,
+                "subject": batch["subject"], "slice": batch["slice"], "scale": batch["scale"]}
 
     # --------------------------------------------------------------------------------------------- EMA
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

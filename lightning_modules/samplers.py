@@ -10,8 +10,12 @@ Every sampler has one signature, k-diffusion style::
   `x = alpha(t_start) x_init + std(t_start) z`; with `t_start = 1` that is (up to alpha(1) ~ 0.006) the prior.
   A batch holds any number of slices (or K copies of one slice); they are sampled in parallel.
 - `schedule`: a `Schedule` (the discretisation SDE, the descending time grid and the sampler's options).
-- `dc`: a callable `dc(x [B,2,H,W]) -> [B,2,H,W]`, usually `KSpaceDataConsistency(A, y, weight)`.
-- `generator`: a `torch.Generator` on x's device for every random draw (same seed -> same output).
+- `dc`: a data-consistency step (`data_consistency.GradientDC` or `ProximalDC`, see `DataConsistency`):
+  DDIM applies `dc(x0, sigma_t)` to its denoised (Tweedie) estimate, PC `dc.on_iterate(x, alpha_t, std_t)` to
+  its noisy iterate.
+- `generator`: a `torch.Generator` on x's device for every random draw (same seed -> same output), or a
+  sequence of them, one per batch element (each slice's noise then depends on its own generator only, not on
+  which other slices share its batch).
 - `callback`: called after every step with a dict `{"i", "t", "x", "denoised", "nfe"}` (`nfe`: network
   evaluations so far). To count evaluations outside a sampler wrap the score function in `NFECounter`;
   `Sampler.last_nfe` records the count of its last call.
@@ -26,32 +30,35 @@ Samplers:
 - `ddim_sampler`: DDIM on the VP-SDE (deterministic for `eta = 0`); DC is applied to the Tweedie estimate
   of the clean image at each step, which is then re-noised to the next time.
 
-`SAMPLERS` names the four configurations ("pc", "warm_pc", "ddim", "warm_ddim") and `build_sampler` turns a
-name and options into a `Sampler` (sample function + schedule + DC weight), the entry point of the CLI and
-the validation callback.
+`SAMPLERS` names the four configurations ("pc", "warm_pc", "ddim", "warm_ddim") with ALL their defaults
+(steps, t0, DC kind and strength): the one place they are set. `build_sampler` turns a name and options (None:
+the registry's) into a `Sampler`, the entry point of every caller (reconstruct, evaluate, predict, the
+validation callback, benchmarks); `DEFAULT_SAMPLER` is the name callers use when the user names none.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from degradations import channels_to_complex, complex_to_channels
+from lightning_modules.data_consistency import GradientDC, ProximalDC
 from lightning_modules.sde import VPSDE
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
-DCFn = Callable[[Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+DCKind = Literal["proximal", "gradient", "none"]
 
 __all__ = [
+    "DEFAULT_SAMPLER",
     "SAMPLERS",
-    "KSpaceDataConsistency",
+    "DataConsistency",
     "NFECounter",
     "Sampler",
     "SamplerSpec",
@@ -73,30 +80,16 @@ class LinearOperator(Protocol):
     def adjoint(self, k: Tensor) -> Tensor: ...  # k-space [B,1,H,W] -> complex image [B,1,H,W]
 
 
-class KSpaceDataConsistency:
-    """Gradient step on `1/2 ||A x - y||^2`: `x <- x - weight * A^H (A x - y)` on the complex image.
+class DataConsistency(Protocol):
+    """A data-consistency step on float `[B,2,H,W]` images (`data_consistency.GradientDC`, `ProximalDC`)."""
 
-    `A` has `.forward` / `.adjoint` on complex `[B,1,H,W]`; `y` is the measured k-space, complex `[B,1,H,W]`.
-    Called on float `[B,2,H,W]` (real, imag) and returns the same layout and dtype. With `A = fft2c` (unitary)
-    and `weight = 1` it replaces the k-space of x by y.
-    """
+    def __call__(self, x0: Tensor, sigma_t: Tensor) -> Tensor:
+        """On a denoised estimate x0 whose error std is `sigma_t` `[B]` (image units)."""
+        ...
 
-    def __init__(self, A: LinearOperator, y: Tensor, weight: float = 0.3) -> None:
-        if not y.is_complex():
-            raise ValueError(f"y must be complex k-space [B,1,H,W], got dtype {y.dtype}")
-        self.A, self.y, self.weight = A, y, float(weight)
-
-    def residual(self, x: Tensor) -> Tensor:
-        """`A x - y`, complex `[B,1,H,W]`, for x float `[B,2,H,W]`."""
-        return self.A.forward(channels_to_complex(x)) - self.y
-
-    def residual_norm(self, x: Tensor) -> Tensor:
-        """`||A x - y||` per slice, `[B]`."""
-        return torch.linalg.vector_norm(self.residual(x).flatten(1), dim=1)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        step = complex_to_channels(self.A.adjoint(self.residual(x)))
-        return x - self.weight * step.to(x.dtype)
+    def on_iterate(self, x: Tensor, alpha: Tensor, std: Tensor) -> Tensor:
+        """On a noisy iterate `x = alpha x0 + std z` (`alpha`, `std` `[B]`)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -177,8 +170,14 @@ def _bc(v: Tensor) -> Tensor:
     return v[:, None, None, None]
 
 
-def _randn(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+def _randn(x: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise shaped like x; one generator per batch element when a sequence is given."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+                        for g in generator])
 
 
 def _score(score_fn: ScoreFn, x: Tensor, t: Tensor, autocast: bool) -> Tensor:
@@ -188,11 +187,7 @@ def _score(score_fn: ScoreFn, x: Tensor, t: Tensor, autocast: bool) -> Tensor:
     return s.to(x.dtype)
 
 
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
-def _warm_start(x_init: Tensor, schedule: Schedule, generator: torch.Generator | None) -> Tensor:
+def _warm_start(x_init: Tensor, schedule: Schedule, generator: Generators) -> Tensor:
     """`alpha(t_start) x_init + std(t_start) z`."""
     t = torch.full((x_init.shape[0],), schedule.t_start, device=x_init.device, dtype=x_init.dtype)
     mean, std = schedule.sde.marginal_prob(x_init, t)
@@ -200,29 +195,36 @@ def _warm_start(x_init: Tensor, schedule: Schedule, generator: torch.Generator |
 
 
 @torch.no_grad()
-def pc_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DCFn | None = None,
-               generator: torch.Generator | None = None, callback: Callback | None = None) -> Tensor:
+def pc_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataConsistency | None = None,
+               generator: Generators = None, callback: Callback | None = None) -> Tensor:
     """score-MRI's predictor-corrector sampler on the VP-SDE with data consistency; float `[B,2,H,W]`.
 
     At each time t of `schedule.timesteps`: `n_corrector` Langevin steps (step size
     `2 alpha_i (snr ||z|| / ||score||)^2`, alpha_i = 1 - beta_i, norms averaged over the batch as in
-    score_sde), each followed by `dc`; then one reverse-diffusion predictor step
-    `x <- x - f + G^2 score + G z` (f, G from `sde.discretize`), followed by `dc`. Returns `dc` of the last
-    predictor mean (`denoise`, score-MRI's output) or the last sample.
+    score_sde), each followed by DC; then one reverse-diffusion predictor step
+    `x <- x - f + G^2 score + G z` (f, G from `sde.discretize`), followed by DC. DC acts on the noisy
+    iterate (`dc.on_iterate(x, alpha(t), std(t))`; the gradient step is score-MRI's). Returns the DC'd mean of
+    the last predictor step (`denoise`, score-MRI's output, treated as noise-free) or the last sample.
     NFE = `n_steps * (1 + n_corrector)`. score_sde's discretisation needs `beta_max / N < 1` (N: the full
     grid, ~ n_steps / t_start), i.e. more than 20 steps from t = 1; fewer raise ValueError.
     """
-    sde, dc = schedule.sde, dc or _identity
+    sde = schedule.sde
     if sde.beta_max / sde.N >= 1:
         raise ValueError(f"the PC sampler's discretisation needs a full grid of more than beta_max = "
                          f"{sde.beta_max:g} steps (N = {sde.N}): use more steps or a smaller t_start")
-    x = dc(_warm_start(x_init, schedule, generator))
+
+    def consistent(x: Tensor, t: Tensor) -> Tensor:
+        return x if dc is None else dc.on_iterate(x, sde.alpha(t), sde.std(t))
+
+    t_first = torch.full((x_init.shape[0],), schedule.t_start, device=x_init.device, dtype=x_init.dtype)
+    x = consistent(_warm_start(x_init, schedule, generator), t_first)
     x_mean, nfe = x, 0
     # G_i = sqrt(beta_i) of all steps at once (sde.discretize; f = (sqrt(1 - beta_i) - 1) x): one
     # host-to-device copy instead of one per step
     _, g_all = sde.discretize(torch.zeros(schedule.n_steps, 1, 1, 1), schedule.timesteps)
     g_all = g_all.to(device=x.device, dtype=x.dtype)
-    for i, t_i in enumerate(schedule.timesteps.tolist()):
+    times = schedule.timesteps.tolist()
+    for i, t_i in enumerate(times):
         t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
         G = g_all[i].expand(x.shape[0])
         for _ in range(schedule.n_corrector):  # Langevin corrector (score_sde, VP-SDE: alpha_i = 1 - beta_i)
@@ -231,30 +233,34 @@ def pc_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DCFn |
             grad_norm = torch.linalg.vector_norm(grad.flatten(1), dim=1).mean()
             noise_norm = torch.linalg.vector_norm(noise.flatten(1), dim=1).mean()
             step = 2 * (1 - G**2) * (schedule.snr * noise_norm / grad_norm) ** 2
-            x = dc(x + _bc(step) * grad + _bc(torch.sqrt(2 * step)) * noise)
+            x = consistent(x + _bc(step) * grad + _bc(torch.sqrt(2 * step)) * noise, t)
         # reverse-diffusion predictor (score_sde's VP discretisation): x - f + G^2 score + G z
         f = _bc(torch.sqrt(1 - G**2) - 1) * x
         score = _score(score_fn, x, t, schedule.autocast)
         nfe += 1 + schedule.n_corrector
         x_mean = x - f + _bc(G**2) * score
-        x = dc(x_mean + _bc(G) * _randn(x, generator))
+        t_next = torch.full_like(t, times[i + 1] if i + 1 < len(times) else 0.0)
+        x = consistent(x_mean + _bc(G) * _randn(x, generator), t_next)
         if callback is not None:
             callback({"i": i, "t": t_i, "x": x, "denoised": x_mean, "nfe": nfe})
-    return dc(x_mean) if schedule.denoise else x
+    if not schedule.denoise:
+        return x
+    return consistent(x_mean, torch.zeros_like(x_mean[:, 0, 0, 0]))
 
 
 @torch.no_grad()
-def ddim_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DCFn | None = None,
-                 generator: torch.Generator | None = None, callback: Callback | None = None) -> Tensor:
+def ddim_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule,
+                 dc: DataConsistency | None = None,
+                 generator: Generators = None, callback: Callback | None = None) -> Tensor:
     """DDIM on the VP-SDE with data consistency on the clean estimate; float `[B,2,H,W]`.
 
     At each time t (next time s, 0 after the last): Tweedie `x0 = (x + std_t^2 score) / alpha_t`,
-    `eps = -std_t score`, `x0 <- dc(x0)`, then
+    `eps = -std_t score`, `x0 <- dc(x0, std_t / alpha_t)` (the estimate's noise level in image units), then
     `x <- alpha_s x0 + sqrt(std_s^2 - sigma^2) eps + sigma z` with
     `sigma = eta * (std_s / std_t) sqrt(1 - alpha_t^2 / alpha_s^2)`. Returns the last `dc(x0)`.
     Deterministic given x's starting noise when `eta = 0`. NFE = `n_steps`.
     """
-    sde, dc = schedule.sde, dc or _identity
+    sde = schedule.sde
     x = _warm_start(x_init, schedule, generator)
     times = schedule.timesteps.tolist()
     x0 = x
@@ -263,7 +269,9 @@ def ddim_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DCFn
         a_t, sd_t = _bc(sde.alpha(t)), _bc(sde.std(t))
         score = _score(score_fn, x, t, schedule.autocast)
         eps_hat = -sd_t * score
-        x0 = dc((x + sd_t**2 * score) / a_t)
+        x0 = (x + sd_t**2 * score) / a_t
+        if dc is not None:
+            x0 = dc(x0, sde.std(t) / sde.alpha(t))
         if i + 1 < len(times):
             s = torch.full_like(t, times[i + 1])
             a_s, sd_s = _bc(sde.alpha(s)), _bc(sde.std(s))
@@ -287,8 +295,8 @@ def magnitude(x: Tensor) -> Tensor:
 
 
 def posterior_samples(
-    sampler: SampleFn, score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DCFn | None, k: int,
-    generator: torch.Generator | None = None,
+    sampler: SampleFn, score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataConsistency | None,
+    k: int, generator: Generators = None,
 ) -> tuple[Tensor, Tensor]:
     """K posterior samples per slice -> per-pixel (mean, std) of the MAGNITUDE images, each `[B,1,H,W]`.
 
@@ -305,34 +313,46 @@ def posterior_samples(
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A named sampler configuration: the sample function and its default number of steps and start time."""
+    """A named sampler configuration and its defaults: the sample function, number of steps, start time, the
+    data-consistency kind and its strength (`dc_weight` of the gradient step, `dc_lambda` of the proximal
+    step's coupling rho_t = dc_lambda / sigma_t^2)."""
 
     sample_fn: SampleFn
     steps: int
     t0: float
+    dc: DCKind
+    dc_weight: float = 0.3
+    dc_lambda: float = 1.0
 
 
-#: name -> configuration; "pc" is the reference (score-MRI's N = 2000 steps, NFE 4000 with one corrector step)
+#: name -> configuration and defaults (the one place they are set). "pc" is the paper's reference: score-MRI's
+#: N = 2000 predictor steps with one corrector each (NFE 4000), the gradient DC step of weight 0.3 after each.
+#: The others use the noise-aware proximal DC; their steps, t0 and dc_lambda were chosen on VALIDATION
+#: volumes with experiments/benchmarks/sampling.py (experiments/RESULTS.md).
 SAMPLERS: dict[str, SamplerSpec] = {
-    "pc": SamplerSpec(pc_sampler, steps=2000, t0=1.0),
-    "warm_pc": SamplerSpec(pc_sampler, steps=100, t0=0.4),
-    "ddim": SamplerSpec(ddim_sampler, steps=100, t0=1.0),
-    "warm_ddim": SamplerSpec(ddim_sampler, steps=25, t0=0.4),
+    "pc": SamplerSpec(pc_sampler, steps=2000, t0=1.0, dc="gradient", dc_weight=0.3),
+    "warm_pc": SamplerSpec(pc_sampler, steps=100, t0=0.4, dc="proximal", dc_lambda=1.0),
+    "ddim": SamplerSpec(ddim_sampler, steps=100, t0=1.0, dc="proximal", dc_lambda=1.0),
+    "warm_ddim": SamplerSpec(ddim_sampler, steps=25, t0=0.4, dc="proximal", dc_lambda=1.0),
 }
+#: the sampler every command uses when the user names none
+DEFAULT_SAMPLER = "warm_ddim"
 
 
 @dataclass
 class Sampler:
-    """A ready-to-run sampler: sample function + schedule + DC weight (built by `build_sampler`).
+    """A ready-to-run sampler: sample function + schedule + data consistency (built by `build_sampler`).
 
-    `sampler(score_fn, x_init, A, y, generator)` builds `KSpaceDataConsistency(A, y, dc_weight)` (no DC when A
-    or y is None), runs the sample function and records the network evaluations in `last_nfe`.
+    `sampler(score_fn, x_init, A, y, generator, noise_sigma=...)` builds the DC step (`make_dc`), runs the
+    sample function and records the network evaluations in `last_nfe`.
     """
 
     name: str
     sample_fn: SampleFn
     schedule: Schedule
+    dc: DCKind = "proximal"
     dc_weight: float = 0.3
+    dc_lambda: float = 1.0
     last_nfe: int = field(default=0, init=False)
 
     @property
@@ -341,42 +361,69 @@ class Sampler:
         per_step = 1 + self.schedule.n_corrector if self.sample_fn is pc_sampler else 1
         return self.schedule.n_steps * per_step
 
-    def make_dc(self, A: LinearOperator | None, y: Tensor | None) -> KSpaceDataConsistency | None:
-        """The DC step for operator A and k-space y, or None when either is None or the weight is 0."""
-        if A is None or y is None or self.dc_weight == 0:
+    def settings(self) -> dict[str, Any]:
+        """The settings that define this sampler's output (for result files and logs)."""
+        out: dict[str, Any] = {"sampler": self.name, "steps": self.schedule.n_steps,
+                               "t0": self.schedule.t_start, "dc": self.dc, "nfe": self.expected_nfe}
+        if self.dc == "gradient":
+            out["dc_weight"] = self.dc_weight
+        elif self.dc == "proximal":
+            out["dc_lambda"] = self.dc_lambda
+        return out
+
+    def make_dc(self, A: LinearOperator | None, y: Tensor | None,
+                noise_sigma: Tensor | None = None) -> DataConsistency | None:
+        """The DC step for operator A, k-space y and (proximal DC) the noise std per complex k-space sample
+        `noise_sigma` `[B]`; None when A or y is None or the DC is off."""
+        if A is None or y is None or self.dc == "none" or (self.dc == "gradient" and self.dc_weight == 0):
             return None
-        return KSpaceDataConsistency(A, y, self.dc_weight)
+        if self.dc == "gradient":
+            return GradientDC(A, y, self.dc_weight)
+        if noise_sigma is None:
+            raise ValueError("the proximal data consistency needs the k-space noise std (noise_sigma)")
+        return ProximalDC(A, y, noise_sigma, self.dc_lambda)
 
     def __call__(self, score_fn: ScoreFn, x_init: Tensor, A: LinearOperator | None = None,
-                 y: Tensor | None = None, generator: torch.Generator | None = None,
-                 callback: Callback | None = None) -> Tensor:
-        """Reconstruct float `[B,2,H,W]` from `x_init` `[B,2,H,W]` (and the measurement A, y)."""
+                 y: Tensor | None = None, generator: Generators = None, callback: Callback | None = None,
+                 noise_sigma: Tensor | None = None) -> Tensor:
+        """Reconstruct float `[B,2,H,W]` from `x_init` `[B,2,H,W]` (and the measurement A, y, noise_sigma)."""
         counter = NFECounter(score_fn)
-        x = self.sample_fn(counter, x_init, self.schedule, self.make_dc(A, y), generator, callback)
+        dc = self.make_dc(A, y, noise_sigma)
+        x = self.sample_fn(counter, x_init, self.schedule, dc, generator, callback)
         self.last_nfe = counter.nfe
         return x
 
     def posterior(self, score_fn: ScoreFn, x_init: Tensor, A: LinearOperator | None = None,
-                  y: Tensor | None = None, k: int = 1,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                  y: Tensor | None = None, k: int = 1, generator: Generators = None,
+                  noise_sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`posterior_samples` with this sampler: magnitude (mean, std) `[B,1,H,W]`; `last_nfe`: total NFE."""
         counter = NFECounter(score_fn)
-        dc = self.make_dc(A, y)
+        dc = self.make_dc(A, y, noise_sigma)
         out = posterior_samples(self.sample_fn, counter, x_init, self.schedule, dc, k, generator)
         self.last_nfe = counter.nfe
         return out
 
 
-def build_sampler(name: str, steps: int | None = None, t0: float | None = None, snr: float = 0.16,
-                  dc_weight: float = 0.3, n_corrector: int = 1, eta: float = 0.0, eps: float = 1e-3,
+def build_sampler(name: str | None = None, steps: int | None = None, t0: float | None = None,
+                  dc: DCKind | None = None, dc_weight: float | None = None, dc_lambda: float | None = None,
+                  snr: float = 0.16, n_corrector: int = 1, eta: float = 0.0, eps: float = 1e-3,
                   autocast: bool = False, sde: VPSDE | None = None) -> Sampler:
-    """A `Sampler` from a `SAMPLERS` name; None for `steps` / `t0` takes the name's default.
-
-    `sde` gives beta_min / beta_max (the score model's SDE; default VPSDE()). Unknown name -> ValueError.
-    """
+    """A `Sampler` from a `SAMPLERS` name (None: `DEFAULT_SAMPLER`); None for any option takes the name's
+    registry default. `sde` gives beta_min / beta_max (the score model's SDE; default VPSDE()).
+    Unknown name or an invalid option -> ValueError."""
+    name = DEFAULT_SAMPLER if name is None else name
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
     spec = SAMPLERS[name]
+    dc = spec.dc if dc is None else dc
+    dc_weight = spec.dc_weight if dc_weight is None else float(dc_weight)
+    dc_lambda = spec.dc_lambda if dc_lambda is None else float(dc_lambda)
+    if dc not in ("proximal", "gradient", "none"):
+        raise ValueError(f"unknown data consistency {dc!r}; choose proximal, gradient or none")
+    if not math.isfinite(dc_weight) or dc_weight < 0:
+        raise ValueError(f"dc_weight must be finite and >= 0, got {dc_weight}")
+    if not math.isfinite(dc_lambda) or dc_lambda <= 0:
+        raise ValueError(f"dc_lambda must be finite and > 0, got {dc_lambda}")
     sde = sde or VPSDE()
     schedule = Schedule.make(
         spec.steps if steps is None else int(steps), spec.t0 if t0 is None else float(t0), eps=eps,
@@ -387,7 +434,5 @@ def build_sampler(name: str, steps: int | None = None, t0: float | None = None, 
         raise ValueError(f"sampler {name!r} with {schedule.n_steps} steps from t0 = {schedule.t_start:g} has "
                          f"a full grid of N = {schedule.sde.N} <= beta_max = {schedule.sde.beta_max:g} "
                          "steps, which score_sde's discretisation cannot take: more steps or a smaller t0")
-    if not math.isfinite(dc_weight) or dc_weight < 0:
-        raise ValueError(f"dc_weight must be finite and >= 0, got {dc_weight}")
-    return Sampler(name=name, sample_fn=spec.sample_fn, schedule=schedule, dc_weight=dc_weight)
-
+    return Sampler(name=name, sample_fn=spec.sample_fn, schedule=schedule, dc=dc, dc_weight=dc_weight,
+                   dc_lambda=dc_lambda)

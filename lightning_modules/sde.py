@@ -4,6 +4,10 @@ dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw,  beta(t) = beta_min + t (beta_max - b
 Marginal: x_t | x_0 ~ N(alpha(t) x_0, std(t)^2 I) with
 alpha(t) = exp(-1/4 t^2 (beta_max - beta_min) - 1/2 t beta_min) and std(t) = sqrt(1 - alpha(t)^2).
 Times t are float tensors [B]; images are [B, C, H, W].
+
+`pad_to_multiple` runs a score function (or a network called as `net(x, labels)`) at any H x W: a U-Net with
+k resolution levels needs H and W to be multiples of 2**(k - 1), and slices are reconstructed at their native
+matrix.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -78,6 +83,38 @@ class VPSDE:
     def score_from_output(self, out: Tensor, t: Tensor) -> Tensor:
         """Score -out / std(t) from the network output (a noise prediction) [B, C, H, W]."""
         return -out / _bc(self.std(t))
+
+
+def _pad_bottom_right(x: Tensor, pad_h: int, pad_w: int) -> Tensor:
+    """x [..., H, W] -> [..., H + pad_h, W + pad_w]: per axis reflect padding at the end where the pad is
+    smaller than that axis's size, else replicate padding."""
+    h, w = x.shape[-2:]
+    if pad_w:
+        x = F.pad(x, (0, pad_w, 0, 0), mode="reflect" if pad_w < w else "replicate")
+    if pad_h:
+        x = F.pad(x, (0, 0, 0, pad_h), mode="reflect" if pad_h < h else "replicate")
+    return x
+
+
+def pad_to_multiple(score_fn: ScoreFn, multiple: int) -> ScoreFn:
+    """`score_fn` at any H x W: fn(x [B, C, H, W], t [B]) -> [B, C', H, W].
+
+    x is padded at the bottom and on the right to the next multiples of `multiple` (`_pad_bottom_right`:
+    reflect, or replicate for an axis shorter than its pad), `score_fn` runs on the padded x, and its output
+    is cropped back to the top-left H x W. Where H and W are already multiples it is `score_fn(x, t)` itself
+    (bit-exact, no copy). `t` (or the network's labels) passes through unchanged.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+
+    def padded(x: Tensor, t: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % multiple, -w % multiple
+        if not (pad_h or pad_w):
+            return score_fn(x, t)
+        return score_fn(_pad_bottom_right(x, pad_h, pad_w), t)[..., :h, :w]
+
+    return padded
 
 
 def get_score_fn(net: nn.Module, sde: VPSDE) -> ScoreFn:

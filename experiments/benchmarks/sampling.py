@@ -1,33 +1,34 @@
-"""Reference PC sampler vs the fast samplers: NFE, wall time and SSIM on the same slices, in one run.
+"""Samplers and data consistency side by side at native resolution: NFE, wall-time ratio, SSIM, PSNR, one run.
 
-    .venv/bin/python experiments/benchmarks/sampling.py --random-tiny --steps-ref 200 --device cpu  # smoke
-    .venv/bin/python experiments/benchmarks/sampling.py --ckpt last.ckpt --data bundled --slices 8 \
-        --steps-ref 2000 --device cuda --bf16 --compile
+    # the table of issue 10: reference PC (gradient DC, w = 0.3) and every sampler with gradient and with
+    # proximal DC, plus the former resize path, on the same validation slices and seeds
+    .venv/bin/python experiments/benchmarks/sampling.py \
+        --ckpt runs/demo/transfer/finetune/checkpoints/last.ckpt --split val --slices 4 --steps-ref 200
+    # tune the defaults of the sampler registry on VALIDATION volumes (a grid of t0, steps, dc_lambda)
+    .venv/bin/python experiments/benchmarks/sampling.py --ckpt C --split val --tune warm_ddim
+    # GPU timing of the 34.4M configuration at 256^2 (untrained; seconds per slice and per 30-slice volume)
     .venv/bin/python experiments/benchmarks/sampling.py --random-34m --size 256 --slices 30 --device cuda \
-        --steps-ref 200 --fast warm_ddim:25:0.4    # timing of the 34.4M configuration (untrained)
+        --steps-ref 200 --timing-only [--bf16]
 
-Model: `--ckpt` (a Lightning checkpoint of `lightning_modules.module.ScoreModel`, EMA weights),
-`--random-tiny` (an untrained tiny DDPM, smoke test) or `--random-34m` (the untrained 34.4M configuration, for
-timing only; the near-zero-initialised layers of an untrained DDPM get Xavier weights, so the score is not ~0
-and the Langevin step size stays finite).
-Data: `--data bundled` (the first validation volume of `LowFieldDataModule(source="bundled")`, `--slices`
-evenly spaced slices) or `--data mni` (axial slices of nilearn's MNI152 T1 template, normalised by the 99th
-percentile), degraded with `degradations.make_regime(--regime)` (deterministic, `--seed`).
-Every sampler reconstructs the same batch of slices from the degraded image with DC (`--dc-weight`) through
-the regime's forward operator; SSIM / PSNR are fastMRI's on the magnitude volume of those slices against the
-clean reference. The table gives NFE, wall seconds (per batch, per slice and per 30-slice volume), SSIM, PSNR,
-the NFE and wall-time speed-ups over the reference and whether SSIM matches it within `--match-tol`.
-`--fast NAME[:STEPS[:T0]]` lists the fast samplers (default: every `SAMPLERS` entry but "pc", at its
-defaults). `--bf16` runs the network under bf16 autocast, `--compile` torch.compiles it (compile time is spent
-in a warm-up call, not timed). With `--json-out` the rows are also written as JSON.
+Everything goes through the one inference path (`lightning_modules.inference.Reconstructor`). Data: the
+bundled data module's `--split` volumes (validation by default: never tune on test), native resolution,
+`--slices` evenly spaced slices of each volume, degraded with the data module's deterministic val/test
+degradation of `--regimes` (optionally at a fixed `--snr-db`). Metrics: fastMRI SSIM / PSNR on the magnitude
+volume of those slices against the clean reference (per volume, then averaged over volumes).
+
+Rows: `pc` (the paper's reference: `--steps-ref` predictor steps + one corrector each, gradient DC w = 0.3);
+each sampler of the registry with `dc=gradient` (`--dc-weight`) and with `dc=proximal` (its registry
+`dc_lambda`); `resize` (the former path: slices resampled to the model's training size, warm_ddim 20 steps,
+t0 0.4, gradient DC w = 0.05, resized back); `degraded` (the input). Wall-time ratios are relative to `pc`
+and measured in the same run; absolute seconds mean something only on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.resources
+import itertools
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,90 +36,68 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from degradations import complex_to_channels, ifft2c, make_regime
+from degradations import REGIMES, complex_to_channels, fft2c
+from lightning_modules.inference import Reconstructor
 from lightning_modules.metrics import psnr_volume, ssim_volume
-from lightning_modules.samplers import SAMPLERS, build_sampler, compile_score_fn, magnitude
+from lightning_modules.samplers import SAMPLERS, Sampler, build_sampler, magnitude
 from lightning_modules.sde import VPSDE, ScoreFn, get_score_fn
 
-MNI = "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-TINY = dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_groups=8, dropout=0.0)
 FULL_34M = dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
+#: the tuning grid of `--tune` (t0, steps, dc_lambda)
+TUNE_GRID = {"t0": (0.2, 0.3, 0.4, 0.6), "steps": (10, 20, 40), "dc_lambda": (0.25, 1.0, 4.0)}
 
 
 @dataclass
-class Problem:
-    """The slices to reconstruct: clean / degraded float [B, 2, H, W], k-space y and its operator A."""
+class Volume:
+    """The slices of one volume to reconstruct (normalised units, native matrix)."""
 
-    clean: torch.Tensor
-    degraded: torch.Tensor
-    y: torch.Tensor
-    A: object
-
-
-def mni_problem(regime: str, size: int, slices: int, seed: int) -> Problem:
-    """`slices` axial MNI slices (middle third), resized to size x size, degraded with the regime."""
-    import nibabel as nib
-
-    path = importlib.resources.files("nilearn") / MNI
-    vol = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-    z = np.linspace(vol.shape[2] // 3, 2 * vol.shape[2] // 3, slices).round().astype(int)
-    mag = torch.from_numpy(np.ascontiguousarray(np.moveaxis(vol[:, :, z], 2, 0)))[:, None]
-    side = max(mag.shape[-2:])
-    pad_h, pad_w = side - mag.shape[-2], side - mag.shape[-1]
-    mag = torch.nn.functional.pad(mag, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-    mag = torch.nn.functional.interpolate(mag, size=(size, size), mode="bilinear", antialias=True)
-    mag = mag / torch.quantile(mag.flatten(), 0.99)
-    x = mag.to(torch.complex64)
-    deg = make_regime(regime)
-    y, params = deg(x, torch.Generator().manual_seed(seed))
-    return Problem(complex_to_channels(x), complex_to_channels(ifft2c(y)), y, deg.operator(params))
+    subject: str
+    regime: str
+    clean: torch.Tensor  # [S,2,H,W]
+    degraded: torch.Tensor  # [S,2,H,W]
+    y: torch.Tensor  # complex [S,1,H,W]
+    params: dict[str, torch.Tensor]
+    slices: list[int]
+    b0_method: str
 
 
-def bundled_problem(regime: str, size: int, slices: int, seed: int) -> Problem:
-    """`slices` evenly spaced slices of the first bundled validation volume, with its val degradation."""
+def load_volumes(split: str, regimes: list[str], slices: int, seed: int, snr_db: float | None,
+                 max_volumes: int) -> list[Volume]:
+    """`slices` evenly spaced slices of the first `max_volumes` volumes of the bundled split, per regime."""
     from datamodules import LowFieldDataModule
+    from degradations import make_regime
 
-    dm = LowFieldDataModule(source="bundled", image_size=size, eval_regimes=[regime], seed=seed)
-    dm.setup("validate")
-    vol = next(iter(dm.volumes("val", regime)))
-    idx = torch.linspace(0, vol.clean.shape[0] - 1, slices).round().long().unique()
-    params = {k: v[idx] for k, v in vol.params.items()}
-    return Problem(vol.clean[idx], vol.degraded[idx], vol.y[idx], make_regime(regime).operator(params))
+    overrides = {"snr_db": snr_db} if snr_db is not None else {}
+    dm = LowFieldDataModule(source="bundled", eval_regimes=regimes, seed=seed, eval_slices_per_volume=slices,
+                            regime_overrides=overrides)
+    out = []
+    for regime in regimes:
+        b0 = make_regime(regime).b0
+        for vol in itertools.islice(dm.volumes(split, regime), max_volumes):
+            out.append(Volume(vol.subject, regime, vol.clean, vol.degraded, vol.y, vol.params,
+                              vol.slices.tolist(), b0.method if b0 is not None else "segmented"))
+    return out
 
 
-def load_score_fn(args: argparse.Namespace, device: torch.device) -> tuple[ScoreFn, VPSDE, str]:
-    """(score_fn, its SDE, a description) of the model chosen on the command line."""
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ScoreFn, VPSDE, int, str]:
+    """(score_fn, SDE, the model's training size, description) of the model chosen on the command line."""
     if args.ckpt:
-        from lightning_modules.module import ScoreModel
+        from lfmri.evaluation import load_score_model
 
-        model = ScoreModel.load_from_checkpoint(args.ckpt, map_location=device)
-        return model.score_fn(use_ema=True), model.sde, f"checkpoint {args.ckpt}"
+        model = load_score_model(args.ckpt, device)
+        return model.score_fn(), model.sde, int(model.hparams.image_size), f"checkpoint {args.ckpt}"
     from lightning_modules.ddpm import DDPM
 
-    config, label = (FULL_34M, "untrained 34.4M DDPM") if args.random_34m else (TINY, "untrained tiny DDPM")
     torch.manual_seed(args.seed)
-    net = DDPM(image_size=args.size, num_channels=2, **config)
+    net = DDPM(image_size=args.size, num_channels=2, **FULL_34M)
     with torch.no_grad():
         for param in net.parameters():
-            if param.ndim > 1 and param.abs().max() < 1e-4:  # score_sde's near-zero init (scale 1e-10)
+            if param.ndim > 1 and param.abs().max() < 1e-4:  # score_sde's near-zero init: the score is not ~0
                 torch.nn.init.xavier_uniform_(param)
     net = net.to(device).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in net.parameters())
     sde = VPSDE()
-    return get_score_fn(net, sde), sde, f"{label} ({n_params:,} parameters)"
-
-
-def parse_fast(items: list[str] | None) -> list[tuple[str, int | None, float | None]]:
-    """`NAME[:STEPS[:T0]]` -> (name, steps, t0); default every registered sampler but the reference."""
-    if not items:
-        return [(name, None, None) for name in SAMPLERS if name != "pc"]
-    out = []
-    for item in items:
-        name, *rest = item.split(":")
-        steps = int(rest[0]) if rest and rest[0] else None
-        t0 = float(rest[1]) if len(rest) > 1 else None
-        out.append((name, steps, t0))
-    return out
+    return get_score_fn(net, sde), sde, args.size, f"untrained 34.4M DDPM ({n_params:,} parameters)"
 
 
 def _sync(device: torch.device) -> None:
@@ -126,95 +105,168 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_one(label: str, sampler, score_fn: ScoreFn, problem: Problem, device: torch.device,
-            seed: int) -> dict:
-    """Reconstruct the problem's slices with one sampler; NFE, time, peak memory, SSIM / PSNR."""
-    x_init = problem.degraded.to(device)
-    y = problem.y.to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def reconstruct(sampler: Sampler, score_fn: ScoreFn, vol: Volume, device: torch.device, seed: int,
+                batch_size: int, resize_to: int | None = None) -> tuple[np.ndarray, float, int]:
+    """(magnitude [S,H,W], wall seconds, NFE per slice) of one volume; `resize_to`: the former path."""
+    x_init, y, params = vol.degraded, vol.y, vol.params
+    if resize_to is not None:
+        from datamodules.transforms import fit_to_square
+        from degradations import channels_to_complex
+
+        h, w = x_init.shape[-2:]
+        factor = resize_to / max(h, w)
+        x = fit_to_square(channels_to_complex(x_init), resize_to)
+        params = {**params, "fwhm_px": params["fwhm_px"] * factor,
+                  "readout_ms": params["readout_ms"] * factor,
+                  "b0_map_hz": fit_to_square(params["b0_map_hz"], resize_to)}
+        params.pop("noise_sigma")
+        x_init, y = complex_to_channels(x), fft2c(x)
+    rec = Reconstructor(score_fn, sampler, batch_size, device, b0_method=vol.b0_method)
     _sync(device)
     start = time.perf_counter()
-    x = sampler(score_fn, x_init, problem.A, y, torch.Generator(device).manual_seed(seed))
+    out = rec(x_init, y, params, vol.slices, seed=seed)
     _sync(device)
     wall = time.perf_counter() - start
-    pred, ref = magnitude(x).float().cpu(), magnitude(problem.clean).float()
-    n = x.shape[0]
-    row = {
-        "sampler": label, "steps": sampler.schedule.n_steps, "t0": round(sampler.schedule.t_start, 4),
-        "nfe": sampler.last_nfe, "wall_s": wall, "s_per_slice": wall / n, "s_per_30_slices": 30 * wall / n,
-        "ssim": ssim_volume(pred, ref), "psnr": psnr_volume(pred, ref),
-    }
-    if device.type == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    mean = out.mean[:, 0]
+    if resize_to is not None:
+        from datamodules.transforms import restore_shape
+
+        mean = restore_shape(mean, tuple(vol.clean.shape[-2:]))
+    return mean.clamp_min(0).numpy(), wall, out.nfe
+
+
+def score(pred: np.ndarray, vol: Volume) -> tuple[float, float]:
+    ref = magnitude(vol.clean)[:, 0].numpy()
+    return ssim_volume(pred, ref), psnr_volume(pred, ref)
+
+
+def evaluate_config(label: str, sampler: Sampler, score_fn: ScoreFn, volumes: list[Volume],
+                    device: torch.device, args: argparse.Namespace, resize_to: int | None = None) -> dict:
+    """Mean SSIM / PSNR over the volumes of each regime (and overall), NFE per slice, total wall time."""
+    per_regime: dict[str, list[tuple[float, float]]] = {}
+    wall, nfe = 0.0, 0
+    for vol in volumes:
+        pred, seconds, nfe = reconstruct(sampler, score_fn, vol, device, args.seed, args.batch_size,
+                                         resize_to)
+        wall += seconds
+        per_regime.setdefault(vol.regime, []).append(score(pred, vol))
+    row = {"config": label, "nfe": nfe, "wall_s": wall, **sampler.settings()}
+    for regime, values in per_regime.items():
+        row[f"ssim/{regime}"] = float(np.mean([v[0] for v in values]))
+        row[f"psnr/{regime}"] = float(np.mean([v[1] for v in values]))
+    row["ssim"] = float(np.mean([row[f"ssim/{r}"] for r in per_regime]))
+    row["psnr"] = float(np.mean([row[f"psnr/{r}"] for r in per_regime]))
+    print(f"  {label:<28} NFE {nfe:>5}  SSIM {row['ssim']:.4f}  PSNR {row['psnr']:6.2f}  {wall:7.1f} s",
+          flush=True)
     return row
+
+
+def degraded_row(volumes: list[Volume]) -> dict:
+    row: dict = {"config": "degraded input", "nfe": 0, "wall_s": 0.0}
+    regimes = sorted({v.regime for v in volumes}, key=list(REGIMES).index)
+    for regime in regimes:
+        values = [score(magnitude(v.degraded)[:, 0].numpy(), v) for v in volumes if v.regime == regime]
+        row[f"ssim/{regime}"] = float(np.mean([v[0] for v in values]))
+        row[f"psnr/{regime}"] = float(np.mean([v[1] for v in values]))
+    row["ssim"] = float(np.mean([row[f"ssim/{r}"] for r in regimes]))
+    row["psnr"] = float(np.mean([row[f"psnr/{r}"] for r in regimes]))
+    return row
+
+
+def print_table(rows: list[dict], regimes: list[str], ref_wall: float | None) -> None:
+    head = "| config | NFE | wall × (vs pc) | " + " | ".join(f"SSIM {r}" for r in regimes) + " | " + \
+        " | ".join(f"PSNR {r}" for r in regimes) + " |"
+    print("\n" + head + "\n|" + "---|" * (3 + 2 * len(regimes)))
+    for r in rows:
+        ratio = f"{r['wall_s'] / ref_wall:.3f}" if ref_wall and r["wall_s"] else "–"
+        print(f"| {r['config']} | {r['nfe']} | {ratio} | "
+              + " | ".join(f"{r[f'ssim/{g}']:.3f}" for g in regimes) + " | "
+              + " | ".join(f"{r[f'psnr/{g}']:.2f}" for g in regimes) + " |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--ckpt", help="ScoreModel Lightning checkpoint")
-    model.add_argument("--random-tiny", action="store_true", help="untrained tiny DDPM (smoke test)")
     model.add_argument("--random-34m", action="store_true", help="untrained 34.4M DDPM (timing only)")
-    p.add_argument("--data", choices=["mni", "bundled"], default="mni")
-    p.add_argument("--regime", default="noise")
-    p.add_argument("--size", type=int, default=64, help="image size (the checkpoint's image_size)")
-    p.add_argument("--slices", type=int, default=4, help="slices reconstructed together (one batch)")
-    p.add_argument("--steps-ref", type=int, default=2000, help="steps of the reference PC sampler")
-    p.add_argument("--fast", nargs="*", help="fast samplers NAME[:STEPS[:T0]] (default: all at defaults)")
-    p.add_argument("--snr", type=float, default=0.16)
-    p.add_argument("--dc-weight", type=float, default=0.3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--split", choices=["val", "test"], default="val")
+    p.add_argument("--regimes", default="all", help="all or comma-separated regimes")
+    p.add_argument("--snr-db", type=float, default=None, help="fixed SNR instead of the regime's range")
+    p.add_argument("--slices", type=int, default=4, help="evenly spaced slices per volume")
+    p.add_argument("--max-volumes", type=int, default=2, help="volumes per regime")
+    p.add_argument("--steps-ref", type=int, default=2000, help="predictor steps of the reference PC")
+    p.add_argument("--dc-weight", type=float, default=0.05, help="gradient-DC weight of the fast samplers")
+    p.add_argument("--tune", default=None, help="tune this sampler's t0 / steps / dc_lambda (grid) instead")
+    p.add_argument("--size", type=int, default=256, help="image size for --random-34m")
+    p.add_argument("--timing-only", action="store_true", help="--random-34m: time the default sampler only")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast around the network")
-    p.add_argument("--compile", action="store_true", help="torch.compile the score function")
-    p.add_argument("--match-tol", type=float, default=0.01, help="|SSIM - reference SSIM| counted as matched")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
 
     device = torch.device(args.device)
-    score_fn, sde, model_label = load_score_fn(args, device)
-    problem = (mni_problem if args.data == "mni" else bundled_problem)(args.regime, args.size, args.slices,
-                                                                        args.seed)
-    if args.compile:
-        score_fn = compile_score_fn(score_fn)
-    if args.compile or device.type == "cuda":  # warm-up (compilation, cuDNN autotuning) outside the timing
-        x0 = problem.degraded.to(device)
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
-        with torch.no_grad(), ctx:
-            score_fn(x0, torch.full((x0.shape[0],), 0.5, device=device))
-
-    common = dict(snr=args.snr, dc_weight=args.dc_weight, autocast=args.bf16, sde=sde)
-    runs = [("pc", build_sampler("pc", steps=args.steps_ref, **common))]
-    runs += [(name, build_sampler(name, steps=steps, t0=t0, **common))
-             for name, steps, t0 in parse_fast(args.fast)]
-    rows = []
-    for label, sampler in runs:
-        rows.append(run_one(label, sampler, score_fn, problem, device, args.seed))
-        print(f"done {label}: {rows[-1]['wall_s']:.1f} s", flush=True)
-    ref = rows[0]
-    deg, clean = magnitude(problem.degraded), magnitude(problem.clean)
-    base_ssim, psnr_deg = ssim_volume(deg, clean), psnr_volume(deg, clean)
-    for row in rows:
-        row["nfe_speedup"] = ref["nfe"] / row["nfe"]
-        row["wall_speedup"] = ref["wall_s"] / row["wall_s"]
-        row["d_ssim"] = row["ssim"] - ref["ssim"]
-        row["matched"] = abs(row["d_ssim"]) <= args.match_tol
-
-    print(f"\nmodel: {model_label}; data: {args.data}, regime {args.regime}, {problem.clean.shape[0]} slices "
-          f"of {args.size}x{args.size}; device {device}; bf16 {args.bf16}; compile {args.compile}")
-    print(f"degraded input: SSIM {base_ssim:.4f}, PSNR {psnr_deg:.2f} dB")
-    head = (f"{'sampler':<10} {'steps':>5} {'t0':>6} {'NFE':>6} {'wall s':>8} {'s/slice':>8} {'s/30sl':>8} "
-            f"{'SSIM':>7} {'PSNR':>6} {'NFE x':>6} {'wall x':>7} {'dSSIM':>7} matched")
-    print(head)
-    for r in rows:
-        print(f"{r['sampler']:<10} {r['steps']:>5} {r['t0']:>6.3f} {r['nfe']:>6} {r['wall_s']:>8.2f} "
-              f"{r['s_per_slice']:>8.3f} {r['s_per_30_slices']:>8.1f} {r['ssim']:>7.4f} {r['psnr']:>6.2f} "
-              f"{r['nfe_speedup']:>6.1f} {r['wall_speedup']:>7.1f} {r['d_ssim']:>+7.4f} {r['matched']}"
-              + (f"  peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else ""))
+    score_fn, sde, train_size, model_label = load_model(args, device)
+    common = dict(autocast=args.bf16, sde=sde)
+    if args.random_34m:
+        time_34m(args, score_fn, common, device)
+        return
+    regimes = list(REGIMES) if args.regimes == "all" else args.regimes.split(",")
+    volumes = load_volumes(args.split, regimes, args.slices, args.seed, args.snr_db, args.max_volumes)
+    shapes = sorted({tuple(v.clean.shape[-2:]) for v in volumes})
+    print(f"model: {model_label}; {args.split} volumes {sorted({v.subject for v in volumes})}, {args.slices} "
+          f"slices each, native matrices {shapes}; regimes {regimes}; SNR "
+          f"{args.snr_db if args.snr_db is not None else 'regime range'}; device {device}", flush=True)
+    rows = [degraded_row(volumes)]
+    if args.tune:
+        for t0, steps, lam in itertools.product(*TUNE_GRID.values()):
+            sampler = build_sampler(args.tune, steps=steps, t0=t0, dc="proximal", dc_lambda=lam, **common)
+            rows.append(evaluate_config(f"{args.tune} t0={t0} n={steps} λ={lam}", sampler, score_fn, volumes,
+                                        device, args))
+        best = max(rows[1:], key=lambda r: (r["ssim"], r["psnr"]))
+        print(f"\nbest on {args.split} (mean SSIM over regimes): {best['config']}")
+        print_table(sorted(rows, key=lambda r: -r["ssim"])[:10], regimes, None)
+    else:
+        ref = evaluate_config("pc (gradient, w=0.3)", build_sampler("pc", steps=args.steps_ref, **common),
+                              score_fn, volumes, device, args)
+        rows.append(ref)
+        for name in SAMPLERS:
+            if name == "pc":
+                continue
+            for dc in ("gradient", "proximal"):
+                sampler = build_sampler(name, dc=dc, dc_weight=args.dc_weight, **common)
+                label = f"{name} ({dc}{f', w={args.dc_weight:g}' if dc == 'gradient' else ''})"
+                rows.append(evaluate_config(label, sampler, score_fn, volumes, device, args))
+        old = build_sampler("warm_ddim", steps=20, t0=0.4, dc="gradient", dc_weight=0.05, **common)
+        rows.append(evaluate_config(f"resize to {train_size}² (former path)", old, score_fn, volumes, device,
+                                    args, resize_to=train_size))
+        print_table(rows, regimes, ref["wall_s"])
     if args.json_out:
         args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                              "model": model_label, "rows": rows}, indent=2))
+
+
+def time_34m(args: argparse.Namespace, score_fn: ScoreFn, common: dict, device: torch.device) -> None:
+    """Seconds per slice and per 30-slice volume of the default sampler on random 256² slices (34.4M)."""
+    from degradations import make_regime
+
+    g = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.slices, 1, args.size, args.size, dtype=torch.complex64, generator=g)
+    y, params = make_regime("noise_blur_t2star")(x, g)
+    vol = Volume("random", "noise_blur_t2star", complex_to_channels(x), complex_to_channels(x), y, params,
+                 list(range(args.slices)), "segmented")
+    sampler = build_sampler(**common)
+    reconstruct(sampler, score_fn, Volume(**{**vol.__dict__, "slices": [0], "degraded": vol.degraded[:1],
+                                             "y": vol.y[:1], "params": {k: v[:1] for k, v in params.items()},
+                                             "clean": vol.clean[:1]}), device, 0, 1)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _, wall, nfe = reconstruct(sampler, score_fn, vol, device, args.seed, args.batch_size)
+    mem = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+    print(f"{sampler.name} ({nfe} NFE, bf16 {args.bf16}): {wall / args.slices:.3f} s per {args.size}² slice, "
+          f"{30 * wall / args.slices:.1f} s per 30-slice volume (batch {args.batch_size}){mem}")
+    assert math.isfinite(wall)
 
 
 if __name__ == "__main__":

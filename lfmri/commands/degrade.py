@@ -3,10 +3,9 @@
 Each slice (in the order of ``--slice-axis``; the ``H, W`` plane is the other two axes in array order, readout
 along ``W``, the volume's last remaining axis) is a real image in the input's own intensity units (no
 normalisation), degraded in k-space by the regime's physics (:mod:`degradations`) and written back as the
-magnitude ``|ifft2c(y)|``.
-Unlike the data module's training slices, the slices are not turned by 90 degrees, so T2* and B0 artefacts
-run along the other in-plane anatomical axis than in training; `lfmri reconstruct` reads this layout and
-turns the score accordingly.
+magnitude ``|ifft2c(y)|``. This is the one slice layout of lfmri (``datamodules.transforms.to_slices``): the
+data module trains and evaluates on it and `lfmri reconstruct` reads it, so T2* and B0 artefacts run along the
+same anatomical axis everywhere.
 
 The acquisition parameters (blur FWHM, T2*, readout, TE, max off-resonance, target SNR) are drawn once per
 volume; each slice gets its own smooth field map. With ``--noise-level slice`` (default) the noise std per

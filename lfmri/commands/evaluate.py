@@ -6,8 +6,9 @@ CFG is a LightningCLI YAML; only its `data:` block (class_path + init_args) is u
 data module's deterministic test degradations (a pure function of subject, slice, regime and its seed); the
 baselines (degraded input, TV, NL-means) are tuned once per regime on the data module's validation subjects.
 Writes DIR/results.csv, results.md, results.json and figure.png (atomically: all or nothing) and prints the
-markdown table. Bad input (a checkpoint that is not ours, an unknown regime, a model whose image size differs
-from the data's, ...) -> one line on stderr, exit code 2, nothing written.
+markdown table. Slices are reconstructed at the data module's resolution (native unless its `image_size`
+asks for resizing) by the one inference path with the sampler registry's defaults. Bad input (a checkpoint
+that is not ours, an unknown regime, ...) -> one line on stderr, exit code 2, nothing written.
 """
 
 from __future__ import annotations
@@ -29,10 +30,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--regimes", default="all", help="all, or a comma-separated list of regimes")
     p.add_argument("--out", required=True, help="output folder for results.csv / .md / .json and figure.png")
     p.add_argument("--baselines", default="all", help="all | none | comma-separated among tv, nlm")
-    p.add_argument("--sampler", default="warm_ddim", help="sampler name (pc, warm_pc, ddim, warm_ddim)")
+    p.add_argument("--sampler", default=None,
+                   help="sampler name (pc, warm_pc, ddim, warm_ddim; default: the registry's default)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
     p.add_argument("--t0", type=float, default=None, help="start time in (0, 1] (default: the sampler's)")
-    p.add_argument("--dc-weight", type=float, default=0.3, help="data-consistency step weight")
+    p.add_argument("--dc", default=None, choices=("proximal", "gradient", "none"),
+                   help="data consistency (default: the sampler's)")
+    p.add_argument("--dc-lambda", type=float, default=None,
+                   help="proximal DC coupling lambda (default: the sampler's)")
+    p.add_argument("--dc-weight", type=float, default=None,
+                   help="gradient DC step weight (default: the sampler's)")
     p.add_argument("--samples", type=int, default=1, help="posterior samples per slice (mean scored)")
     p.add_argument("--max-slices-per-subject", type=int, default=None,
                    help="evenly spaced slices per volume (default: the data module's eval_slices_per_volume)")
@@ -85,21 +92,15 @@ def run(args: argparse.Namespace) -> int:
         baselines = parse_baselines(args.baselines)
         device = resolve_device(args.device)
         model = load_score_model(args.ckpt, device)
-        sampler = build_sampler(args.sampler, steps=args.steps, t0=args.t0, dc_weight=args.dc_weight,
-                                sde=model.sde)
+        sampler = build_sampler(args.sampler, steps=args.steps, t0=args.t0, dc=args.dc,
+                                dc_weight=args.dc_weight, dc_lambda=args.dc_lambda, sde=model.sde)
     except ValueError as err:  # InputError included
         raise InputError(str(err)) from None
     overrides = {} if args.max_slices_per_subject is None else {
         "eval_slices_per_volume": args.max_slices_per_subject}
     datamodule = load_datamodule(args.config, **overrides)
-    data_size = getattr(datamodule, "image_size", None)
-    if data_size is not None and int(data_size) != int(model.hparams.image_size):
-        raise InputError(f"--config {args.config}: the data's image_size {data_size} differs from the "
-                         f"model's {model.hparams.image_size} (--ckpt {args.ckpt})")
     settings = {"ckpt": str(Path(args.ckpt).resolve()), "config": str(Path(args.config).resolve()),
-                "sampler": sampler.name, "steps": sampler.schedule.n_steps, "t0": sampler.schedule.t_start,
-                "dc_weight": sampler.dc_weight, "nfe_per_sample": sampler.expected_nfe,
-                "samples": args.samples, "seed": args.seed, "device": str(device)}
+                **sampler.settings(), "samples": args.samples, "seed": args.seed, "device": str(device)}
     result = run_evaluation(model, datamodule, regimes, baselines, sampler, samples=args.samples,
                             batch_size=args.batch_size, seed=args.seed, device=device, settings=settings)
     write_results(result, args.out)

@@ -113,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
     fig.suptitle(
         f"{dm.source.name} data: "
         + ", ".join(f"{k} {v}" for k, v in sizes.items())
-        + f" subjects; image {dm.image_size}x{dm.image_size}; magnitude, same grey scale per row"
+        + " subjects; "
+        + (f"resized to {dm.image_size}x{dm.image_size}" if dm.image_size else "native matrix")
+        + "; magnitude, same grey scale per row"
     )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * len(rows))))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,32 +1,40 @@
 """`lfmri reconstruct`: reconstruct a low-field magnitude NIfTI volume slice by slice with the score prior.
 
     lfmri reconstruct INPUT OUTPUT --ckpt C --regime R [--kspace F.h5] [--params F.json] [--samples K]
-                      [--std-out STD.nii.gz] [--sampler S] [--steps N] [--slice-axis 2] [--device auto]
+                      [--std-out STD.nii.gz] [--sampler S] [--steps N] [--t0 T] [--dc proximal|gradient]
+                      [--dc-lambda L] [--dc-weight W] [--noise-sigma S] [--resize] [--slice-axis 2]
 
 Inputs. Slices are taken along `--slice-axis` with the in-plane axes in array order and the readout along the
-last one, exactly as `lfmri degrade` writes its k-space:
+last one (`datamodules.transforms.to_slices`), exactly as `lfmri degrade` writes its k-space and the data
+module trains:
 - with `--kspace F.h5` (from `lfmri degrade --kspace-out`): data consistency uses the measured k-space
-  (dataset `kspace`, complex [S, H, W]) and the forward operator A of the realised parameters: the per-slice
-  parameters of the params JSON (`--params`, default INPUT + ".json" when it exists) or else the file's
-  attributes, and its field maps `b0_map_hz` when the regime has B0;
+  (dataset `kspace`, complex [S, H, W]), its noise std per slice (dataset `noise_sigma`) and the forward
+  operator A of the realised parameters: the per-slice parameters of the params JSON (`--params`,
+  default INPUT + ".json" when it exists) or else the file's attributes, and its field maps `b0_map_hz` when
+  the regime has B0;
 - without `--kspace`: y = fft2c of the input magnitude slices. A comes from the params JSON when there is one
   (its field maps are not in the JSON: B0 is then taken as zero); otherwise from the regime's mid-range
   parameters (blur FWHM and T2* at the middle of the regime's default ranges, nominal readout and TE, spin
   echo) with NO B0 (an unknown field map cannot be guessed); with regime `noise`, A = fft2c.
+- the k-space noise std: `--noise-sigma` (input units), else the recorded one (k-space file, params JSON),
+  else estimated per slice from the measured k-space (`degradations.estimate_noise_sigma`). The JSON printed
+  at the end gives the value used (`noise_sigma`: the median over slices, input units) and its origin.
 
-Processing. The volume is normalised like the data module (divided by the 99.5th percentile of |input|), each
-slice is zero-padded centred to a square and resized (bilinear, antialiased) to the model's image size, and
-the measured k-space is resampled the same way (y' = fft2c(resize(ifft2c(y)))); A is adapted to that grid:
-blur FWHM (pixels) and readout duration scale by image_size / max(H, W) (the grid's pixel size and k-space
-extent change by that factor), field maps are resized like the image. This is exact when the slices already
-are image_size x image_size and an approximation otherwise. The score network sees each slice turned by 90
-degrees, the orientation the data module trains on (the score is turned back, which is exact for a
-rotation). The reconstruction (the mean of the K posterior magnitudes) and the uncertainty map (their
-per-pixel std, `--std-out`, K >= 2) are resized back, multiplied by the scale (input units) and written with
-the input's affine and header (float32). Batches of slices run on CUDA when available, with a progress bar.
+Processing. The volume is normalised like the data module (divided by the 99.5th percentile of |input|) and
+every slice is reconstructed at its own matrix (the network pads to its multiple and crops back) by the one
+inference path (`lightning_modules.inference.Reconstructor`): nothing is resampled. `--resize` instead takes
+the former path: each slice is zero-padded to a square and resized to the model's training size, the measured
+k-space is resampled the same way (y' = fft2c(resize(ifft2c(y)))), A is adapted to that grid (blur FWHM and
+readout duration scale by image_size / max(H, W), field maps are resized), the noise level is re-estimated on
+that grid, and the result is resized back. The reconstruction (the mean of the K posterior magnitudes) and the
+uncertainty map (their per-pixel std, `--std-out`, K >= 2) are multiplied by the scale (input units) and
+written with the input's affine and header (float32). Sampler defaults (steps, t0, DC kind and strength) are
+the sampler registry's (`lightning_modules.samplers.SAMPLERS`). Batches of slices run on CUDA when available,
+with a progress bar.
 
 Bad input (a checkpoint that is not ours, a NIfTI and k-space file or params file that disagree in shape or
-regime, NaN in the input, ...) -> one line on stderr, exit code 2, nothing written.
+regime, NaN in the input, a volume whose noise cannot be estimated, ...) -> one line on stderr, exit code 2,
+nothing written.
 """
 
 from __future__ import annotations
@@ -60,10 +68,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kspace", default=None, help="measured k-space HDF5 from `lfmri degrade --kspace-out`")
     p.add_argument("--params", default=None,
                    help="realised parameters JSON from `lfmri degrade` (default: INPUT.json when it exists)")
-    p.add_argument("--sampler", default="warm_ddim", help="sampler name (pc, warm_pc, ddim, warm_ddim)")
+    p.add_argument("--sampler", default=None,
+                   help="sampler name (pc, warm_pc, ddim, warm_ddim; default: the registry's default)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
     p.add_argument("--t0", type=float, default=None, help="start time in (0, 1] (default: the sampler's)")
-    p.add_argument("--dc-weight", type=float, default=0.3, help="data-consistency step weight")
+    p.add_argument("--dc", default=None, choices=("proximal", "gradient", "none"),
+                   help="data consistency: noise-aware proximal step or the paper's gradient step "
+                        "(default: the sampler's)")
+    p.add_argument("--dc-lambda", type=float, default=None,
+                   help="proximal DC coupling lambda (rho_t = lambda / sigma_t^2; default: the sampler's)")
+    p.add_argument("--dc-weight", type=float, default=None,
+                   help="gradient DC step weight (default: the sampler's)")
+    p.add_argument("--noise-sigma", type=float, default=None,
+                   help="k-space noise std per complex sample, input units (default: recorded or estimated)")
+    p.add_argument("--resize", action="store_true",
+                   help="resample slices to the model's training size and back (the former path)")
     p.add_argument("--samples", type=int, default=1, help="posterior samples K per slice (mean is written)")
     p.add_argument("--std-out", default=None, help="write the per-pixel std of the K samples here (K >= 2)")
     p.add_argument("--slice-axis", type=int, default=2, help="axis of the volume to slice along (default 2)")
@@ -85,6 +104,8 @@ def _validate(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    if args.noise_sigma is not None and not (math.isfinite(args.noise_sigma) and args.noise_sigma >= 0):
+        raise InputError(f"--noise-sigma: must be finite and >= 0, got {args.noise_sigma}")
     if args.std_out and args.samples < 2:
         raise InputError("--std-out: the std map needs --samples >= 2")
     outputs = [("OUTPUT", Path(args.output))] + ([("--std-out", Path(args.std_out))] if args.std_out else [])
@@ -108,8 +129,8 @@ def _check_regime(source: str, recorded: Any, regime: str) -> None:
 
 def read_kspace(path: str | Path, shape: tuple[int, int, int], regime: str) -> dict[str, Any]:
     """The measured k-space file -> {"kspace": complex64 [S,H,W], "b0_map_hz": float32 [S,H,W] | None,
-    "attrs": dict}; InputError when it is unreadable, lacks `kspace`, disagrees with the NIfTI's slice
-    stack `shape` or with the regime, or holds NaN / Inf."""
+    "noise_sigma": float64 [S] | None (input units), "attrs": dict}; InputError when it is unreadable, lacks
+    `kspace`, disagrees with the NIfTI's slice stack `shape` or with the regime, or holds NaN / Inf."""
     import h5py
 
     path = Path(path)
@@ -121,6 +142,7 @@ def read_kspace(path: str | Path, shape: tuple[int, int, int], regime: str) -> d
                 raise InputError(f"--kspace {path}: no dataset 'kspace'")
             kspace = np.asarray(f["kspace"])
             b0 = np.asarray(f["b0_map_hz"], dtype=np.float32) if "b0_map_hz" in f else None
+            sigma = np.asarray(f["noise_sigma"], dtype=np.float64) if "noise_sigma" in f else None
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     except InputError:
         raise
@@ -137,13 +159,18 @@ def read_kspace(path: str | Path, shape: tuple[int, int, int], regime: str) -> d
     bad = int(kspace.size - np.count_nonzero(np.isfinite(kspace)))
     if bad or (b0 is not None and not np.all(np.isfinite(b0))):
         raise InputError(f"--kspace {path}: {bad or 'some'} value(s) are NaN or Inf")
+    if sigma is not None and (sigma.shape != (shape[0],) or not np.all(np.isfinite(sigma)) or
+                              np.any(sigma < 0)):
+        raise InputError(f"--kspace {path}: 'noise_sigma' must be {shape[0]} finite values >= 0 "
+                         "(one per slice)")
     _check_regime(f"--kspace {path}", attrs.get("regime"), regime)
-    return {"kspace": kspace.astype(np.complex64), "b0_map_hz": b0, "attrs": attrs}
+    return {"kspace": kspace.astype(np.complex64), "b0_map_hz": b0, "noise_sigma": sigma, "attrs": attrs}
 
 
 def read_params(path: str | Path, n_slices: int, regime: str) -> dict[str, Any]:
-    """`lfmri degrade`'s JSON -> {"scalars": {key: float64 [S]}, "b0_method": str | None}; InputError when
-    it is unreadable, has no per-slice parameters, or disagrees with the NIfTI's slice count or regime."""
+    """`lfmri degrade`'s JSON -> {"scalars": {key: float64 [S]}, "b0_method": str | None, "noise_sigma":
+    float64 [S] | None (input units)}; InputError when it is unreadable, has no per-slice parameters, or
+    disagrees with the NIfTI's slice count or regime."""
     path = Path(path)
     try:
         record = json.loads(path.read_text())
@@ -169,7 +196,13 @@ def read_params(path: str | Path, n_slices: int, regime: str) -> dict[str, Any]:
                 continue
             raise InputError(f"--params {path}: parameter {key!r} is missing for some slices")
         scalars[key] = np.asarray(values, dtype=np.float64)
-    return {"scalars": scalars, "b0_method": record.get("b0_method")}
+    sigma = [r.get("noise_sigma") for r in rows]
+    noise_sigma = None
+    if all(isinstance(v, (int, float)) for v in sigma):
+        noise_sigma = np.asarray(sigma, dtype=np.float64)
+        if not np.all(np.isfinite(noise_sigma)) or np.any(noise_sigma < 0):
+            raise InputError(f"--params {path}: 'noise_sigma' must be finite and >= 0 for every slice")
+    return {"scalars": scalars, "b0_method": record.get("b0_method"), "noise_sigma": noise_sigma}
 
 
 def _attrs_params(attrs: dict[str, Any], n_slices: int) -> dict[str, np.ndarray] | None:
@@ -199,33 +232,29 @@ def mid_range_params(regime: str, n_slices: int) -> dict[str, np.ndarray]:
 
 
 def operator_params_on_grid(scalars: dict[str, np.ndarray], b0_map_hz: np.ndarray | None,
-                            in_shape: tuple[int, int], size: int) -> dict[str, Any]:
-    """Batched params (torch, [S] and b0_map_hz [S,1,size,size]) of A on the model's size x size grid."""
+                            in_shape: tuple[int, int], size: int | None) -> dict[str, Any]:
+    """Batched params (torch, [S] and b0_map_hz [S,1,H,W]) of A on the slices' own grid (`size` None) or,
+    for `--resize`, on the model's size x size grid (FWHM and readout scaled, field maps resized)."""
     import torch
 
     from datamodules.transforms import fit_to_square
     from degradations import neutral_params
 
     n = len(next(iter(scalars.values())))
-    params = neutral_params(n, size, size)
-    factor = size / max(in_shape)
+    height, width = in_shape if size is None else (size, size)
+    params = neutral_params(n, height, width)
     for key, values in scalars.items():
         params[key] = torch.as_tensor(values, dtype=torch.float32)
-    params["fwhm_px"] = params["fwhm_px"] * factor
-    params["readout_ms"] = params["readout_ms"] * factor
     if b0_map_hz is not None:
-        params["b0_map_hz"] = fit_to_square(torch.from_numpy(b0_map_hz)[:, None].float(), size)
+        params["b0_map_hz"] = torch.from_numpy(b0_map_hz)[:, None].float()
+    if size is not None:
+        factor = size / max(in_shape)
+        params["fwhm_px"] = params["fwhm_px"] * factor
+        params["readout_ms"] = params["readout_ms"] * factor
+        if b0_map_hz is not None:
+            params["b0_map_hz"] = fit_to_square(params["b0_map_hz"], size)
+    params.pop("noise_sigma")  # the Reconstructor gets the noise level separately
     return params
-
-
-def _rotated(score_fn):
-    """The score function of slices turned by 90 degrees (the data module's orientation), turned back."""
-    import torch
-
-    def score(x, t):
-        return torch.rot90(score_fn(torch.rot90(x, 1, dims=(-2, -1)), t), -1, dims=(-2, -1))
-
-    return score
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,15 +265,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from datamodules.io import atomic_path, load_nifti, nifti_like
-    from datamodules.transforms import fit_to_square, restore_shape, robust_scale
+    from datamodules.transforms import fit_to_square, from_slices, restore_shape, robust_scale, to_slices
     from degradations import complex_to_channels, fft2c, ifft2c, make_regime
-    from lfmri.evaluation import load_score_model, reconstruct_volume, resolve_device
+    from lfmri.evaluation import load_score_model, resolve_device
+    from lightning_modules.inference import Reconstructor
     from lightning_modules.samplers import build_sampler
 
     _validate(args)
     data, img = load_nifti(args.input)
     axis = args.slice_axis % 3
-    stack = np.ascontiguousarray(np.moveaxis(data, axis, 0))  # [S, H, W], lfmri degrade's layout
+    stack = np.ascontiguousarray(to_slices(data, axis))  # [S, H, W], lfmri degrade's layout
     n_slices, height, width = stack.shape
     measured = read_kspace(args.kspace, stack.shape, args.regime) if args.kspace else None
     sidecar = Path(str(args.input) + ".json")
@@ -257,11 +287,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_score_model(args.ckpt, device)
     try:
-        sampler = build_sampler(args.sampler, steps=args.steps, t0=args.t0, dc_weight=args.dc_weight,
-                                sde=model.sde)
+        sampler = build_sampler(args.sampler, steps=args.steps, t0=args.t0, dc=args.dc,
+                                dc_weight=args.dc_weight, dc_lambda=args.dc_lambda, sde=model.sde)
     except ValueError as err:
         raise InputError(str(err)) from None
-    size = int(model.hparams.image_size)
 
     if recorded is not None:
         scalars, b0_method = recorded["scalars"], recorded["b0_method"]
@@ -271,32 +300,55 @@ def run(args: argparse.Namespace) -> int:
         scalars, b0_method = mid_range_params(args.regime, n_slices), None
     b0_map = measured["b0_map_hz"] if measured is not None and "b0" in args.regime else None
     overrides = {"b0_method": b0_method} if b0_method not in (None, "", "none") and b0_map is not None else {}
-    operator = make_regime(args.regime, **overrides).operator
-    params = operator_params_on_grid(scalars, b0_map, (height, width), size)
+    b0 = make_regime(args.regime, **overrides).b0
+
+    # the noise std per complex k-space sample, input units: given, recorded, or NaN (estimated)
+    sigma_origin = "estimated from the measured k-space"
+    sigma = np.full(n_slices, np.nan)
+    if args.noise_sigma is not None:
+        sigma, sigma_origin = np.full(n_slices, args.noise_sigma), "--noise-sigma"
+    elif measured is not None and measured["noise_sigma"] is not None:
+        sigma, sigma_origin = measured["noise_sigma"], f"recorded in {args.kspace}"
+    elif recorded is not None and recorded["noise_sigma"] is not None and measured is not None:
+        sigma, sigma_origin = recorded["noise_sigma"], f"recorded in {params_path}"
 
     if measured is not None:
         x = ifft2c(torch.from_numpy(measured["kspace"])[:, None]) / scale
     else:
         x = torch.from_numpy(stack)[:, None].to(torch.complex64) / scale
-    x = fit_to_square(x, size)  # [S, 1, size, size]
-    score_fn = _rotated(model.score_fn())
-    mean, std = reconstruct_volume(score_fn, sampler, operator, complex_to_channels(x), fft2c(x), params,
-                                   args.samples, args.batch_size, args.seed, device,
-                                   desc=f"reconstruct ({sampler.name}, {sampler.expected_nfe} NFE)")
+    if args.resize:
+        size = int(model.hparams.image_size)
+        params = operator_params_on_grid(scalars, b0_map, (height, width), size)
+        x = fit_to_square(x, size)  # [S, 1, size, size]
+        sigma = np.full(n_slices, np.nan)  # resampling changes the noise: estimate it on the new grid
+        sigma_origin = "estimated from the resampled k-space"
+    else:
+        params = operator_params_on_grid(scalars, b0_map, (height, width), None)
+    reconstructor = Reconstructor(
+        model.score_fn(), sampler, args.batch_size, device,
+        b0_method=b0.method if b0 is not None else "segmented", n_segments=b0.n_segments if b0 else None,
+        progress=f"reconstruct ({sampler.name}, {sampler.expected_nfe} NFE)")
+    result = reconstructor(complex_to_channels(x), fft2c(x), params, list(range(n_slices)), seed=args.seed,
+                           samples=args.samples, noise_sigma=torch.from_numpy(sigma / scale).float())
 
-    def to_volume(images: np.ndarray) -> np.ndarray:
-        back = restore_shape(torch.from_numpy(images), (height, width)).clamp_min(0.0).numpy() * scale
-        return np.moveaxis(back.astype(np.float32), 0, axis)
+    def to_volume(images: torch.Tensor) -> np.ndarray:
+        images = images[:, 0]
+        if args.resize:
+            images = restore_shape(images, (height, width))
+        back = images.clamp_min(0.0).numpy() * scale
+        return np.ascontiguousarray(from_slices(back.astype(np.float32), axis))
 
     with contextlib.ExitStack() as stack_ctx:
         out_tmp = stack_ctx.enter_context(atomic_path(args.output))
         std_tmp = stack_ctx.enter_context(atomic_path(args.std_out)) if args.std_out else None
-        nib.save(nifti_like(to_volume(mean), img), str(out_tmp))
+        nib.save(nifti_like(to_volume(result.mean), img), str(out_tmp))
         if std_tmp is not None:
-            nib.save(nifti_like(to_volume(std), img), str(std_tmp))
+            nib.save(nifti_like(to_volume(result.std), img), str(std_tmp))
     print(json.dumps({"input": str(args.input), "output": str(args.output), "std_out": args.std_out,
                       "regime": args.regime, "kspace": args.kspace, "params": params_path,
-                      "sampler": sampler.name, "steps": sampler.schedule.n_steps, "samples": args.samples,
-                      "nfe_per_slice": sampler.expected_nfe * args.samples, "image_size": size,
-                      "scale": scale, "device": str(device)}, indent=2))
+                      **sampler.settings(), "samples": args.samples, "nfe_per_slice": result.nfe,
+                      "noise_sigma": float(result.noise_sigma.double().quantile(0.5)) * scale,
+                      "noise_sigma_origin": sigma_origin,
+                      "resize": int(model.hparams.image_size) if args.resize else None, "scale": scale,
+                      "device": str(device)}, indent=2))
     return 0

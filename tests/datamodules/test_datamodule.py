@@ -1,20 +1,21 @@
-"""LowFieldDataModule on the shipped real data: splits, determinism, epochs, normalisation, volumes,
-predict."""
+"""LowFieldDataModule on the shipped real data and on small NIfTI files: splits, determinism, epochs,
+normalisation, native resolution, training crops, shape-grouped evaluation batches, volumes, predict."""
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
-from datamodules.datamodule import ALL_REGIMES, LowFieldDataModule
+from datamodules.datamodule import ALL_REGIMES, LowFieldDataModule, ShapeGroupedBatchSampler
 from datamodules.errors import InputError
+from datamodules.resumable import SeededSamples
 from datamodules.transforms import fit_to_square, restore_shape
-from degradations import ForwardOperator, channels_to_complex, fft2c
+from degradations import ForwardOperator, channels_to_complex, fft2c, gaussian_mtf, ifft2c
 
 KW = dict(
     source="bundled",
-    image_size=32,
+    crop_size=32,
     batch_size=4,
     eval_slices_per_volume=3,
     bundled_train_subjects=2,
@@ -39,6 +40,47 @@ def _same(a: dict, b: dict) -> None:
         assert torch.equal(a["params"][key], b["params"][key]), key
 
 
+def _write(path, data: np.ndarray):
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory):
+    """A NIfTI directory: volumes "a", "b" (train) and "c" (val) of uniform noise in [50, 100] (every window
+    of a slice is unique, every pixel foreground), 6 slices of 40 x 36 along axis 2; "d": 30 x 36 slices."""
+    root = tmp_path_factory.mktemp("textured")
+    rng = np.random.default_rng(0)
+    for name in ("a", "b", "c"):
+        _write(root / f"{name}.nii.gz", rng.uniform(50, 100, size=(40, 36, 6)))
+    _write(root / "d.nii.gz", rng.uniform(50, 100, size=(30, 36, 6)))
+    (root / "split.yaml").write_text("train: [a, b]\nval: [c]\ntest: [d]\n")
+    (root / "split_mixed.yaml").write_text("train: [a, d]\nval: [c]\ntest: [b]\n")
+    return root
+
+
+def _textured_dm(root, **kw) -> LowFieldDataModule:
+    args = dict(source=str(root), split_file=str(root / "split.yaml"), batch_size=4, seed=3)
+    return LowFieldDataModule(**{**args, **kw})
+
+
+def _locate(window: torch.Tensor, image: torch.Tensor) -> tuple[int, int]:
+    """(top, left) of the one exact occurrence of window [c, c] in image [h, w] (real tensors)."""
+    c = window.shape[-1]
+    patches = image.unfold(0, c, 1).unfold(1, c, 1)  # [h - c + 1, w - c + 1, c, c]
+    hits = (patches == window).all(-1).all(-1).nonzero()
+    assert len(hits) == 1, f"{len(hits)} occurrences"
+    return int(hits[0, 0]), int(hits[0, 1])
+
+
+def _normalised_slice(ds, v: int, s: int) -> torch.Tensor:
+    """The normalised native clean slice [h, w] of volume v, read from its source directly (real part of the
+    complex64 normalisation, as the dataset computes it)."""
+    raw = torch.from_numpy(ds.source.load(ds.volumes[v].record)[s].copy())
+    return (raw.to(torch.complex64) / ds.volumes[v].scale).real
+
+
+# ---- splits and determinism ----------------------------------------------------------------------------
 def test_bundled_split_is_disjoint_and_holds_real_volumes_out_for_test(dm):
     split = dm.split
     assert split.sizes() == {"train": 2, "val": 1, "test": 2}
@@ -64,10 +106,11 @@ def test_val_and_test_samples_are_identical_across_instances(dm):
 
 
 def test_test_batches_are_identical_with_0_and_2_workers(dm):
+    ds = dm.test_dataset
     batches = {}
     for workers in (0, 2):
-        loader = DataLoader(dm.test_dataset, batch_size=5, num_workers=workers)
-        batches[workers] = list(loader)
+        sampler = ShapeGroupedBatchSampler(SequentialSampler(ds), 5, ds.item_shapes())
+        batches[workers] = list(DataLoader(ds, batch_sampler=sampler, num_workers=workers))
     for a, b in zip(batches[0], batches[2], strict=True):
         assert a["subject"] == b["subject"] and a["regime"] == b["regime"]
         assert torch.equal(a["y"], b["y"]) and torch.equal(a["clean"], b["clean"])
@@ -94,7 +137,30 @@ def test_training_samples_differ_between_epochs_and_repeat_with_the_global_seed(
         assert epoch(workers) == first
 
 
-def test_normalisation_round_trip_returns_input_units():
+# ---- native resolution and the explicit resize -----------------------------------------------------------
+def test_native_samples_are_the_normalised_slices_in_input_units():
+    dm = LowFieldDataModule(
+        source="bundled", bundled_train_subjects=1, bundled_val_subjects=0, eval_regimes=["noise"]
+    )
+    dm.setup("test")
+    ds = dm.test_dataset
+    assert ds.image_size is None
+    v = next(i for i, info in enumerate(ds.volumes) if info.record.volume_id == "real-nibabel-epi")
+    info = ds.volumes[v]
+    index = next(i for i, item in enumerate(ds.items) if item[0] == v)
+    sample = ds[index]
+    stack = dm.source.load(info.record)
+    raw = torch.from_numpy(stack[int(sample["slice"])].copy())
+    # nibabel's example4d is 128 x 96 x 24: slices along axis 2 keep the in-plane axes in array order
+    assert info.shape == (128, 96) and tuple(sample["clean"].shape) == (2, 128, 96)
+    assert sample["y"].shape == (1, 128, 96) and sample["params"]["b0_map_hz"].shape == (1, 128, 96)
+    x = channels_to_complex(sample["clean"][None])[0, 0] * sample["scale"]
+    assert x.imag.abs().max() == 0
+    torch.testing.assert_close(x.real, raw, rtol=1e-6, atol=1e-4)
+    assert sample["scale"] == pytest.approx(np.percentile(stack, 99.5))
+
+
+def test_explicit_image_size_pads_to_square_and_resizes():
     dm = LowFieldDataModule(
         source="bundled",
         image_size=128,
@@ -104,25 +170,28 @@ def test_normalisation_round_trip_returns_input_units():
     )
     dm.setup("test")
     ds = dm.test_dataset
+    assert ds.item_shapes() == [(128, 128)] * len(ds)
     v = next(i for i, info in enumerate(ds.volumes) if info.record.volume_id == "real-nibabel-epi")
     info = ds.volumes[v]
     index = next(i for i, item in enumerate(ds.items) if item[0] == v)
     sample = ds[index]
     raw = torch.from_numpy(dm.source.load(info.record)[int(sample["slice"])].copy())
-    assert info.shape == (96, 128)
+    assert info.shape == (128, 96) and tuple(sample["clean"].shape) == (2, 128, 128)
     x = channels_to_complex(sample["clean"][None])[0, 0] * sample["scale"]
-    assert x.imag.abs().max() == 0
     torch.testing.assert_close(restore_shape(x.real, info.shape), raw, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(fit_to_square(raw, 128), x.real, rtol=1e-5, atol=1e-3)
-    assert sample["scale"] == pytest.approx(np.percentile(dm.source.load(info.record), 99.5))
 
 
-def test_volumes_match_the_test_dataset(dm):
+def test_volumes_are_native_and_match_the_test_dataset(dm):
     vols = list(dm.volumes("test", regime="noise_blur"))
     assert [v.subject for v in vols] == dm.test_subjects
     ds = dm.test_dataset
+    shapes = {info.record.volume_id: info.shape for info in ds.volumes}
+    assert shapes == {"real-nibabel-anatomical": (33, 41), "real-nibabel-epi": (128, 96)}
     for vol in vols:
-        assert vol.clean.shape == (3, 2, 32, 32) and vol.y.shape == (3, 1, 32, 32)
+        h, w = shapes[vol.subject]
+        assert vol.clean.shape == (3, 2, h, w) and vol.y.shape == (3, 1, h, w)
+        assert vol.degraded.shape == (3, 2, h, w) and vol.params["b0_map_hz"].shape == (3, 1, h, w)
         for j, s in enumerate(vol.slices.tolist()):
             i = ds.items.index(
                 (
@@ -135,18 +204,150 @@ def test_volumes_match_the_test_dataset(dm):
         assert "path" in vol.meta
 
 
+# ---- evaluation batches of one shape -------------------------------------------------------------------
+def test_eval_loaders_batch_only_items_of_one_shape_in_order():
+    dm = LowFieldDataModule(**{**KW, "eval_batch_size": 5})
+    dm.setup("test")
+    ds = dm.test_dataset
+    shapes = {info.record.volume_id: info.shape for info in ds.volumes}
+    assert len(set(shapes.values())) == 2
+    sizes, subjects = [], []
+    for batch in dm.test_dataloader():
+        assert len(set(batch["subject"])) == 1  # the two volumes differ in shape: never in one batch
+        assert tuple(batch["clean"].shape[-2:]) == shapes[batch["subject"][0]]
+        sizes.append(len(batch["subject"]))
+        subjects += batch["subject"]
+    assert sizes == [5, 5, 2, 5, 5, 2]  # 3 slices x 4 regimes = 12 items per volume
+    assert subjects == [ds.volumes[item[0]].record.volume_id for item in ds.items]
+
+
+def test_shape_grouped_batches_end_where_the_shape_changes():
+    shapes = [(4, 4)] * 5 + [(8, 6)] * 2 + [(4, 4)] * 3
+    batches = ShapeGroupedBatchSampler(range(10), 2, shapes)
+    assert list(batches) == [[0, 1], [2, 3], [4], [5, 6], [7, 8], [9]] and len(batches) == 6
+    assert list(ShapeGroupedBatchSampler(range(10), 2, shapes, drop_last=True)) == [[0, 1], [2, 3], [5, 6],
+                                                                                   [7, 8]]
+    # what Lightning does under DDP: the same batch sampler class over a distributed sampler's indices
+    for rank in (0, 1):
+        sampler = DistributedSampler(range(10), num_replicas=2, rank=rank, shuffle=False)
+        for batch in ShapeGroupedBatchSampler(sampler, 3, shapes):
+            assert len({shapes[i] for i in batch}) == 1
+
+
+# ---- training crops ------------------------------------------------------------------------------------
+def test_training_crops_are_aligned_windows_of_the_native_slice(textured):
+    dm = _textured_dm(textured, crop_size=16, regimes=["noise"], regime_overrides={"snr_db": 120.0})
+    dm.setup("fit")
+    ds = dm.train_dataset
+    assert ds.item_shapes() == [(16, 16)] * len(ds)
+    for index in (0, 5, 9):
+        sample = ds[index]
+        v, s = ds.items[index]
+        image = _normalised_slice(ds, v, s)
+        assert image.shape == (40, 36)
+        clean = channels_to_complex(sample["clean"][None])[0, 0]
+        top, left = _locate(clean.real, image)  # an exact window of the native slice: no resampling
+        degraded = channels_to_complex(sample["degraded"][None])[0, 0]
+        # at 120 dB SNR the degraded crop is the clean crop at the same window
+        torch.testing.assert_close(degraded, clean, rtol=0, atol=1e-4)
+        torch.testing.assert_close(sample["y"], fft2c(degraded[None]), rtol=1e-5, atol=1e-5)
+        assert sample["params"]["b0_map_hz"].shape == (1, 16, 16)
+        assert 0 <= top <= 40 - 16 and 0 <= left <= 36 - 16
+
+
+def test_the_whole_slice_is_degraded_before_cropping(textured):
+    fwhm = 3.0
+    dm = _textured_dm(
+        textured, crop_size=16, regimes=["noise_blur"], regime_overrides={"snr_db": 120.0, "fwhm_px": fwhm}
+    )
+    dm.setup("fit")
+    ds = dm.train_dataset
+    sample = ds[2]
+    v, s = ds.items[2]
+    image = _normalised_slice(ds, v, s).to(torch.complex64)
+    top, left = _locate(channels_to_complex(sample["clean"][None])[0, 0].real, image.real)
+    blurred = ifft2c(fft2c(image[None, None]) * gaussian_mtf(torch.tensor([fwhm]), 40, 36))[0, 0]
+    window = blurred[top : top + 16, left : left + 16]
+    degraded = channels_to_complex(sample["degraded"][None])[0, 0]
+    torch.testing.assert_close(degraded, window, rtol=0, atol=1e-4)
+    # blurring the crop alone (circular at the crop's edges) is a different image
+    crop_alone = image[top : top + 16, left : left + 16][None, None]
+    alone = ifft2c(fft2c(crop_alone) * gaussian_mtf(torch.tensor([fwhm]), 16, 16))[0, 0]
+    assert (alone - degraded).abs().max() > 1e-2
+
+
+def test_crop_positions_vary_and_are_a_function_of_seed_epoch_and_index(textured):
+    dm = _textured_dm(textured, crop_size=16)
+    dm.setup("fit")
+    ds = dm.train_dataset
+    v, s = ds.items[3]
+    image = _normalised_slice(ds, v, s)
+    samples = SeededSamples(ds, seed=dm.seed)
+
+    def position(epoch: int, index: int = 3) -> tuple[int, int]:
+        samples.set_epoch(epoch)
+        sample = samples[index]
+        return _locate(channels_to_complex(sample["clean"][None])[0, 0].real, image)
+
+    positions = [position(epoch) for epoch in range(8)]
+    assert len(set(positions)) >= 6  # 25 x 21 possible windows
+    torch.manual_seed(123)  # the global RNG does not matter
+    assert [position(epoch) for epoch in range(8)] == positions
+    samples.set_epoch(2)
+    first = samples[3]
+    torch.manual_seed(7)
+    _same(first, samples[3])
+    assert not torch.equal(first["clean"], samples[4]["clean"])
+
+
+def test_the_training_loader_gives_the_same_crops_with_0_and_2_workers(textured):
+    dm = _textured_dm(textured, crop_size=16, batch_size=3)
+    dm.setup("fit")
+    batches = []
+    for workers in (0, 2):
+        dm.num_workers = workers
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(1)
+        batches.append(list(loader))
+    for a, b in zip(*batches, strict=True):
+        assert torch.equal(a["clean"], b["clean"]) and torch.equal(a["degraded"], b["degraded"])
+
+
+def test_a_crop_larger_than_the_training_slices_is_refused_at_setup(textured):
+    with pytest.raises(InputError, match=r"crop_size 48 is larger than the 40x36 slices of training volume"):
+        _textured_dm(textured, crop_size=48).setup("fit")
+    dm = _textured_dm(textured, crop_size=36)  # as large as the smallest dimension: fine
+    dm.setup("fit")
+    assert dm.train_dataset[0]["clean"].shape == (2, 36, 36)
+
+
+def test_whole_native_training_slices_of_different_shapes_need_crops(textured):
+    mixed = str(textured / "split_mixed.yaml")
+    with pytest.raises(InputError, match=r"2 different shapes \(30x36, 40x36\).*set crop_size"):
+        _textured_dm(textured, split_file=mixed).setup("fit")
+    for ok in ({"crop_size": 16}, {"image_size": 16}, {"batch_size": 1}):
+        dm = _textured_dm(textured, split_file=mixed, **ok)
+        dm.setup("fit")
+        assert next(iter(dm.train_dataloader()))["clean"].shape[0] == dm.batch_size
+    same = _textured_dm(textured)  # a and b share 40 x 36: whole native slices batch
+    same.setup("fit")
+    assert next(iter(same.train_dataloader()))["clean"].shape == (4, 2, 40, 36)
+
+
+# ---- predict and arguments -----------------------------------------------------------------------------
 def test_predict_reads_a_low_field_nifti_without_reference(tmp_path):
     data = np.zeros((20, 16, 5), np.float32)
     data[4:16, 3:13] = np.random.default_rng(0).uniform(50, 100, size=(12, 10, 5))
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "lowfield.nii.gz"))
-    dm = LowFieldDataModule(
-        source="bundled", image_size=16, batch_size=5, predict_path=str(tmp_path / "lowfield.nii.gz")
-    )
+    dm = LowFieldDataModule(source="bundled", batch_size=5, predict_path=str(tmp_path / "lowfield.nii.gz"))
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
     assert "clean" not in batch and batch["regime"] == ["measured"] * 5
-    assert batch["slice"].tolist() == [0, 1, 2, 3, 4] and batch["shape"][0].tolist() == [16, 20]
+    assert batch["slice"].tolist() == [0, 1, 2, 3, 4] and batch["shape"][0].tolist() == [20, 16]
+    assert batch["degraded"].shape == (5, 2, 20, 16)  # native: the slice itself
     x = channels_to_complex(batch["degraded"])
+    torch.testing.assert_close(x.real[:, 0] * batch["scale"][:, None, None],
+                               torch.from_numpy(np.moveaxis(data, 2, 0)), rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(ForwardOperator.from_params(batch["params"]).forward(x), batch["y"])
     torch.testing.assert_close(fft2c(x), batch["y"])
 
@@ -158,3 +359,16 @@ def test_bad_arguments():
         _ = LowFieldDataModule(split_file="split.yaml").split
     with pytest.raises(InputError, match="predict_path"):
         LowFieldDataModule(bundled_train_subjects=1).setup("predict")
+
+
+@pytest.mark.parametrize("name", ["crop_size", "image_size"])
+@pytest.mark.parametrize("value", [7, 0, -16, 32.0, "64", True])
+def test_bad_crop_and_image_sizes(name, value):
+    with pytest.raises(InputError, match=rf"{name} must be null or an integer >= 8"):
+        LowFieldDataModule(**{name: value})
+
+
+def test_a_native_image_size_is_not_a_logged_hyperparameter():
+    # the model's own image_size (its training crop) shares the key: Lightning refuses two values for one key
+    assert "image_size" not in LowFieldDataModule(crop_size=64).hparams
+    assert LowFieldDataModule(image_size=64).hparams["image_size"] == 64

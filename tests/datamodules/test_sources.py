@@ -57,7 +57,7 @@ def test_flat_layout_and_pattern(tmp_path):
 
 def test_datamodule_from_a_bids_directory_two_ways(bids):
     for kwargs in ({"source": str(bids)}, {"source": "nifti", "root": str(bids)}):
-        dm = LowFieldDataModule(**kwargs, image_size=16, batch_size=2, seed=3)
+        dm = LowFieldDataModule(**kwargs, crop_size=16, batch_size=2, seed=3)
         dm.setup("fit")
         subjects = [set(dm.split[s]) for s in ("train", "val", "test")]
         assert not (subjects[0] & subjects[1] or subjects[0] & subjects[2] or subjects[1] & subjects[2])
@@ -107,16 +107,17 @@ def test_fastmri_datamodule_on_a_directory(tmp_path):
         img = torch.zeros(4, 2, 20, 20, dtype=torch.complex64)
         img[..., 5:15, 4:16] = 1 + i
         _fastmri(tmp_path / f"file{i}.h5", fft2c(img).numpy())
-    dm = LowFieldDataModule(source="fastmri", root=str(tmp_path), image_size=16, batch_size=2)
+    dm = LowFieldDataModule(source="fastmri", root=str(tmp_path), batch_size=2)
     dm.setup("fit")
     assert dm.split.sizes() == {"train": 1, "val": 1, "test": 1}
     assert len(dm.train_dataset) == 4
-    assert next(iter(dm.val_dataloader()))["clean"].shape == (2, 2, 16, 16)
+    assert next(iter(dm.train_dataloader()))["clean"].shape == (2, 2, 20, 20)  # whole native slices
+    assert next(iter(dm.val_dataloader()))["clean"].shape == (2, 2, 20, 20)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
 def _setup(root, **kw):
-    dm = LowFieldDataModule(source=str(root), image_size=16, **kw)
+    dm = LowFieldDataModule(source=str(root), **kw)
     dm.setup("fit")
     dm.setup("test")
     return dm

@@ -133,7 +133,9 @@ def test_finetune_mouse_is_the_papers_fine_tune(parsed):
     assert trainer["max_epochs"] == 15 and trainer["precision"] == "bf16-mixed"
     assert model["dsm_weight"] > 0 and model["supervised_weight"] > 0  # DSM + supervised
     assert model["pretrained_weights"] == "ema"
-    assert data["source"] == "nifti" and data["image_size"] == model["image_size"] == 256
+    # random 256 x 256 training crops (the network's image_size) of native slices; whole slices elsewhere
+    assert data["source"] == "nifti" and data["crop_size"] == model["image_size"] == 256
+    assert data["image_size"] is None
     assert trainer["logger"]["class_path"].endswith("CSVLogger")
     cbs = callbacks(config)
     assert cbs["ModelCheckpoint"]["save_last"] is True and "FiniteLossGuard" in cbs
@@ -146,10 +148,21 @@ def test_pretrain_fastmri_trains_a_dsm_only_prior_from_fastmri(parsed):
     config = parsed["configs/pretrain_fastmri.yaml"]
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     assert data["source"] == "fastmri" and model["pretrained"] is None
+    assert data["crop_size"] == model["image_size"] == 256 and data["image_size"] is None
     assert model["dsm_weight"] > 0 and model["supervised_weight"] == 0
     assert config["trainer"]["max_steps"] >= 100_000
     cbs = callbacks(config)
     assert cbs["ModelCheckpoint"]["save_last"] is True and "FiniteLossGuard" in cbs
+
+
+@pytest.mark.parametrize("name", ["configs/quickstart.yaml", "configs/data/bundled.yaml",
+                                  "configs/data/nifti_dir.yaml"])
+def test_data_blocks_train_on_crops_of_native_slices(name, parsed):
+    data = parsed[name]["data"]["init_args"]
+    assert data["image_size"] is None and data["crop_size"] >= 8
+    if name == "configs/quickstart.yaml":
+        assert data["crop_size"] == parsed[name]["model"]["init_args"]["image_size"] == 64
+        assert parsed[name]["trainer"]["limit_val_batches"] <= 4  # whole native slices: a few batches
 
 
 def test_small_stand_in_and_target_differ_only_in_the_slice_axis_and_the_loss(parsed):

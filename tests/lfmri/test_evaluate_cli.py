@@ -35,7 +35,7 @@ REGIMES = "noise,noise_blur_t2star_b0"
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny 32 x 32 ScoreModel checkpoint and data configs at 32 (matching) and 16 (mismatching) pixels."""
+    """A tiny ScoreModel checkpoint (trained size 32) and a data config resizing slices to 32 x 32."""
     d = tmp_path_factory.mktemp("evaluate")
     model = ScoreModel(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=32,
                        num_groups=4, dropout=0.0, warmup_steps=1)
@@ -44,8 +44,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     trainer.strategy.connect(model)
     trainer.save_checkpoint(d / "tiny.ckpt")
     (d / "data.yaml").write_text(CONFIG.format(size=32))
-    (d / "data16.yaml").write_text(CONFIG.format(size=16))
-    return {"ckpt": d / "tiny.ckpt", "config": d / "data.yaml", "config16": d / "data16.yaml"}
+    return {"ckpt": d / "tiny.ckpt", "config": d / "data.yaml"}
 
 
 def _argv(setup: dict[str, Path], out: Path, *extra: str, ckpt: Path | None = None,
@@ -104,7 +103,6 @@ def test_bad_inputs_exit_2_and_write_nothing(setup: dict[str, Path], tmp_path: P
     junk.write_bytes(b"\x00garbage")
     assert "score_sde" in _fails(_argv(setup, out, ckpt=SCORE_SDE_CKPT), capsys, out)
     assert "junk.ckpt" in _fails(_argv(setup, out, ckpt=junk), capsys, out)
-    assert "image_size" in _fails(_argv(setup, out, config=setup["config16"]), capsys, out)
     no_data = tmp_path / "no_data.yaml"
     no_data.write_text("trainer:\n  max_epochs: 1\n")
     assert "data" in _fails(_argv(setup, out, config=no_data), capsys, out)

@@ -118,13 +118,14 @@ class _FakeDataModule:
             degraded = clean + 0.1 * torch.randn(clean.shape, generator=g)
             params = neutral_params(2, 16, 16)
             y = fft2c(channels_to_complex(degraded))
-            yield SimpleNamespace(subject=subject, clean=clean, degraded=degraded, y=y, params=params)
+            yield SimpleNamespace(subject=subject, clean=clean, degraded=degraded, y=y, params=params,
+                                  slices=torch.arange(2))
 
 
 def test_protocol_tunes_on_validation_and_scores_test_subjects() -> None:
     dm = _FakeDataModule()
     model = SimpleNamespace(score_fn=lambda: (lambda x, t: torch.zeros_like(x)))
-    sampler = build_sampler("ddim", steps=1, dc_weight=1.0)  # zero score + full DC: the measured image
+    sampler = build_sampler("ddim", steps=1, dc="gradient", dc_weight=1.0)  # zero score + full DC: the data
     result = run_evaluation(model, dm, ["noise"], ["degraded", "tv"], sampler, batch_size=1)
     assert dm.requested == [("val", "noise"), ("test", "noise")]
     assert result.tuning["noise"]["tv"].subjects == ["val-a", "val-b"]

@@ -76,7 +76,7 @@ def test_full_data_consistency_on_plain_fourier_sampling_returns_the_input(files
                                                                            tmp_path: Path) -> None:
     """Regime noise (A = fft2c) with DC weight 1 ends on x0 = ifft2c(y): the input, in its units and place."""
     out = tmp_path / "rec.nii.gz"
-    code = main(_argv(files, "square", out, "noise", "--dc-weight", "1"))
+    code = main(_argv(files, "square", out, "noise", "--dc", "gradient", "--dc-weight", "1"))
     assert code == 0
     rec, affine = _load(out)
     ref, ref_affine = _load(files["square"])
@@ -86,25 +86,59 @@ def test_full_data_consistency_on_plain_fourier_sampling_returns_the_input(files
     deg, kspace = tmp_path / "deg.nii.gz", tmp_path / "k.h5"
     assert main(["degrade", str(files["square"]), str(deg), "--regime", "noise", "--kspace-out",
                  str(kspace)]) == 0
-    argv = _argv({**files, "deg": deg}, "deg", out, "noise", "--dc-weight", "1", "--kspace", str(kspace))
+    argv = _argv({**files, "deg": deg}, "deg", out, "noise", "--dc", "gradient", "--dc-weight", "1",
+                 "--kspace", str(kspace))
     assert main(argv) == 0
     noisy = _load(deg)[0]
     np.testing.assert_allclose(_load(out)[0], noisy, atol=1e-3 * noisy.max())
 
 
 def test_without_kspace_on_a_non_square_user_volume(files: dict[str, Path], tmp_path: Path) -> None:
-    """A user's own magnitude NIfTI, resized to the model's grid and back: shape, units and anatomy kept
-    (A = fft2c and DC weight 1, so the result is the input through the resize round trip); a regime with
-    blur and T2* runs on the regime's mid-range operator."""
+    """A user's own magnitude NIfTI (40 x 47, not a multiple of the U-Net's) at its native matrix: with
+    A = fft2c and full gradient DC the result is the input exactly; the former `--resize` path keeps shape,
+    units and anatomy through the resize round trip; a regime with blur and T2* runs on the regime's
+    mid-range operator."""
     out = tmp_path / "rec.nii"
-    assert main(_argv(files, "rect", out, "noise", "--dc-weight", "1", "--batch-size", "1")) == 0
-    rec, _ = _load(out)
     ref, _ = _load(files["rect"])
+    assert main(_argv(files, "rect", out, "noise", "--dc", "gradient", "--dc-weight", "1")) == 0
+    np.testing.assert_allclose(_load(out)[0], ref, atol=1e-3 * ref.max())
+    assert main(_argv(files, "rect", out, "noise", "--dc", "gradient", "--dc-weight", "1",
+                      "--batch-size", "1", "--resize")) == 0
+    rec, _ = _load(out)
     assert rec.shape == ref.shape
     assert np.corrcoef(rec.ravel(), ref.ravel())[0, 1] > 0.9
     assert 0.8 < rec.mean() / ref.mean() < 1.25
     assert main(_argv(files, "rect", out, "noise_blur_t2star")) == 0
     assert _load(out)[0].shape == ref.shape
+
+
+def test_noise_level_recorded_given_or_estimated(files: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """The JSON names the k-space noise std used (input units): degrade's record when the k-space file has
+    it, --noise-sigma when given (0: the proximal DC becomes the hard projection onto the data), else an
+    estimate from the measurement that is close to the recorded one."""
+    out = tmp_path / "rec.nii.gz"
+    with h5py.File(files["kspace"], "r") as f:
+        recorded = float(np.median(f["noise_sigma"][()]))
+    assert main(_argv(files, "deg", out, "noise_blur_t2star_b0", "--kspace", str(files["kspace"]))) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["noise_sigma"] == pytest.approx(recorded, rel=1e-5) and "recorded" in printed[
+        "noise_sigma_origin"] and printed["dc"] == "proximal"
+    blind = tmp_path / "blind.h5"
+    with h5py.File(files["kspace"], "r") as f, h5py.File(blind, "w") as g:
+        g.create_dataset("kspace", data=f["kspace"][()])
+        g.create_dataset("b0_map_hz", data=f["b0_map_hz"][()])
+    volume = tmp_path / "blind.nii.gz"  # no parameters JSON beside it
+    volume.write_bytes(files["deg"].read_bytes())
+    assert main(_argv({**files, "blind": volume}, "blind", out, "noise_blur_t2star_b0", "--kspace",
+                      str(blind))) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["noise_sigma"] == pytest.approx(recorded, rel=0.1) and "estimated" in printed[
+        "noise_sigma_origin"]
+    assert main(_argv({**files, "blind": volume}, "blind", out, "noise", "--noise-sigma", "0")) == 0
+    assert json.loads(capsys.readouterr().out)["noise_sigma"] == 0.0
+    deg = _load(files["deg"])[0]
+    np.testing.assert_allclose(_load(out)[0], deg, atol=1e-3 * deg.max())
 
 
 def _fails(argv: list[str], capsys: pytest.CaptureFixture, *created: Path) -> str:

@@ -19,7 +19,8 @@ TINY = ["--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.val
         "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false",
         "--model.init_args.image_size=32", "--model.init_args.nf=8", "--model.init_args.num_groups=4",
-        "--data.init_args.image_size=32", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+        "--data.init_args.image_size=32", "--data.init_args.crop_size=null", "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0",
         "--data.init_args.bundled_train_subjects=2", "--data.init_args.bundled_val_subjects=1",
         "--data.init_args.eval_slices_per_volume=1"]
 

@@ -1,17 +1,25 @@
-"""The DDPM U-Net: score_sde's module layout and parameter counts, and the forward conventions."""
+"""The DDPM U-Net: score_sde's module layout and parameter counts, the forward conventions, and running at
+any H x W (non-square multiples of the size multiple as they are, other sizes padded and cropped back)."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
+from lightning_modules.checkpoint import load_score_sde_checkpoint
 from lightning_modules.ddpm import DDPM, AttnBlock
 from lightning_modules.module import NET_ARGS
+from lightning_modules.sde import pad_to_multiple
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny"  # copy of shared/fixtures
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
+#: three levels (size multiple 4), attention at the level that is 8 px wide for a 16 px training crop
+THREE_LEVELS = dict(nf=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16,
+                    num_groups=8, dropout=0.0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,3 +106,94 @@ def test_config_round_trips_through_score_sde_layout():
 def test_bad_nonlinearity_is_rejected():
     with pytest.raises(ValueError, match="nonlinearity"):
         DDPM(**TINY, nonlinearity="gelu")
+
+
+def _perturbed(net: DDPM) -> DDPM:
+    """DDPM zero-inits the last convs: perturb every weight so the output depends on the input."""
+    torch.manual_seed(0)
+    for p in net.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+def test_size_multiple_is_two_to_the_number_of_downsamplings():
+    assert DDPM(**TINY).size_multiple == 2
+    assert DDPM(**THREE_LEVELS).size_multiple == 4
+    with torch.device("meta"):
+        assert DDPM(nf=128, ch_mult=(1, 2, 2, 2), image_size=256).size_multiple == 8
+
+
+def test_the_unet_runs_on_non_square_multiples_with_its_construction_time_attention():
+    torch.manual_seed(0)
+    net = _perturbed(DDPM(**THREE_LEVELS))
+    assert sum(isinstance(m, AttnBlock) for m in net.all_modules) == 3  # down and up at 8 px, middle
+    x, labels = torch.randn(2, 2, 24, 40), torch.tensor([5.0, 800.0])
+    with torch.no_grad():
+        out = net.unet(x, labels)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        assert torch.equal(net(x, labels), out)  # at a multiple, forward is the U-Net itself
+        # the batch elements stay independent at a non-square size
+        torch.testing.assert_close(net(x[1:], labels[1:]), out[1:], rtol=1e-4, atol=1e-5)
+
+
+def test_other_sizes_are_padded_bottom_right_by_reflection_and_cropped_back():
+    net = _perturbed(DDPM(**THREE_LEVELS))
+    x, labels = torch.randn(2, 2, 21, 37), torch.tensor([5.0, 800.0])
+    with torch.no_grad():
+        out = net(x, labels)
+        assert out.shape == x.shape
+        padded = F.pad(F.pad(x, (0, 3, 0, 0), mode="reflect"), (0, 0, 0, 3), mode="reflect")  # 24 x 40
+        assert torch.equal(out, net.unet(padded, labels)[..., :21, :37])
+    with pytest.raises(ValueError, match=r"multiples of 4, got \(21, 37\)"):
+        net.unet(x, labels)
+
+
+def test_attention_over_a_non_square_map_is_softmax_attention_over_its_pixels():
+    torch.manual_seed(0)
+    block = AttnBlock(8, num_groups=4)
+    for p in block.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 8, 3, 5)
+    h = block.GroupNorm_0(x).flatten(2)  # [B, C, HW], pixels in row-major order
+
+    def nin(m, features):
+        return torch.einsum("bcn,co->bon", features, m.W) + m.b[:, None]
+
+    q, k, v = (nin(m, h) for m in (block.NIN_0, block.NIN_1, block.NIN_2))
+    weights = torch.softmax(torch.einsum("bcn,bcm->bnm", q, k) / 8**0.5, dim=-1)
+    expected = x + nin(block.NIN_3, torch.einsum("bnm,bcm->bcn", weights, v)).reshape(x.shape)
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pad_to_multiple_is_the_identity_at_multiples_and_crops_back_otherwise():
+    seen = []
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(x.shape[-2:]))
+        return x * 2 + t[:, None, None, None]
+
+    wrapped, t = pad_to_multiple(fn, 8), torch.tensor([0.5])
+    x = torch.randn(1, 2, 16, 24)
+    assert torch.equal(wrapped(x, t), fn(x, t)) and seen[0] == (16, 24)
+    x = torch.randn(1, 2, 13, 19)
+    torch.testing.assert_close(wrapped(x, t), fn(x, t), rtol=0, atol=0)
+    assert seen[-2] == (16, 24)
+    # an axis shorter than its pad is replicated (reflection needs pad < size)
+    seen.clear()
+    x = torch.randn(1, 2, 1, 3)
+    torch.testing.assert_close(wrapped(x, t), fn(x, t), rtol=0, atol=0)
+    assert seen[0] == (8, 8)
+    with pytest.raises(ValueError, match="multiple"):
+        pad_to_multiple(fn, 0)
+
+
+def test_score_sde_fixture_outputs_are_reproduced_through_the_padding_forward():
+    io = torch.load(FIXTURE / "io.pt", map_location="cpu", weights_only=True)
+    config = json.loads((FIXTURE / "config.json").read_text())
+    net = load_score_sde_checkpoint(FIXTURE / "checkpoint.pth", config, weights="ema")
+    with torch.no_grad():
+        out = net(io["x"], io["labels"])
+        assert torch.equal(out, net.unet(io["x"], io["labels"]))  # 16 x 16: no padding at all
+    assert (out - io["out_ema_model"]).abs().max().item() < 1e-5
+    with torch.no_grad():  # the same network at a native, non-multiple size
+        assert net(io["x"][..., :15, :13], io["labels"]).shape == (4, 2, 15, 13)

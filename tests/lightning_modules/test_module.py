@@ -6,6 +6,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -25,20 +26,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Slices(Dataset):
-    """Dict samples shaped like the data module's: clean / degraded [2, 16, 16] plus metadata."""
+    """Dict samples shaped like the data module's: clean / degraded [2, H, W] (16 x 16 unless given) plus
+    metadata."""
+
+    def __init__(self, shape: tuple[int, int] = (16, 16)) -> None:
+        self.shape = shape
 
     def __len__(self) -> int:
         return 8
 
     def __getitem__(self, i: int) -> dict:
         g = torch.Generator().manual_seed(i)
-        clean = torch.randn(2, 16, 16, generator=g)
-        return {"clean": clean, "degraded": clean + 0.3 * torch.randn(2, 16, 16, generator=g),
+        clean = torch.randn(2, *self.shape, generator=g)
+        return {"clean": clean, "degraded": clean + 0.3 * torch.randn(2, *self.shape, generator=g),
                 "regime": "noise", "subject": f"s{i}", "slice": i, "scale": 1.0}
 
 
-def loader() -> DataLoader:
-    return DataLoader(Slices(), batch_size=4)
+def loader(shape: tuple[int, int] = (16, 16)) -> DataLoader:
+    return DataLoader(Slices(shape), batch_size=4)
 
 
 def trainer(tmp_path: Path, **kw) -> pl.Trainer:
@@ -111,6 +116,24 @@ def test_score_fn_uses_a_frozen_ema_copy(trained):
     with torch.no_grad():
         torch.testing.assert_close(score_fn(x, t), get_score_fn(ema_net, model.sde)(x, t))
     assert not any(p.requires_grad for p in ema_net.parameters()) and not ema_net.training
+
+
+def test_score_fn_and_forward_run_at_a_native_size_that_is_not_a_multiple(trained):
+    model, _, _ = trained
+    assert model.net.size_multiple == 2
+    x, t = torch.randn(2, 2, 15, 13), torch.tensor([0.2, 0.7])
+    ema_net = model.frozen_net(use_ema=True)
+    padded = F.pad(F.pad(x, (0, 1, 0, 0), mode="reflect"), (0, 0, 0, 1), mode="reflect")  # 16 x 14
+    with torch.no_grad():
+        expected = model.sde.score_from_output(ema_net.unet(padded, model.sde.labels(t))[..., :15, :13], t)
+        torch.testing.assert_close(model.score_fn()(x, t), expected, rtol=0, atol=0)
+        assert model(x, t).shape == x.shape
+
+
+def test_validation_losses_on_whole_slices_of_a_non_multiple_shape(trained, tmp_path):
+    model, _, _ = trained
+    metrics = trainer(tmp_path).validate(model, loader((15, 13)), verbose=False)[0]
+    assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("val/dsm", "val/supervised", "val/loss"))
 
 
 def test_warmup_schedule_and_ema_once_per_optimiser_step(tmp_path):

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from degradations import ForwardOperator, complex_to_channels, fft2c
+from lightning_modules.data_consistency import GradientDC
 from lightning_modules.samplers import (
+    DEFAULT_SAMPLER,
     SAMPLERS,
-    KSpaceDataConsistency,
     NFECounter,
     Schedule,
     build_sampler,
@@ -107,14 +108,44 @@ def _truth_and_y(batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("op", [FourierOp(), ForwardOperator()])
 def test_dc_weight_one_with_full_noiseless_sampling_returns_the_truth(op: object) -> None:
     truth, y = _truth_and_y()
-    dc = KSpaceDataConsistency(op, y, weight=1.0)
+    dc = GradientDC(op, y, weight=1.0)
     x = torch.randn(truth.shape, generator=_gen(4))
     torch.testing.assert_close(dc(x), truth, atol=1e-5, rtol=0)
     # and so does every sampler whose last step is a full DC step, whatever the score
     for name in SAMPLERS:
-        sampler = build_sampler(name, steps=25, dc_weight=1.0)
+        sampler = build_sampler(name, steps=25, dc="gradient", dc_weight=1.0)
         out = sampler(lambda x, t: -x, torch.zeros_like(truth), A=op, y=y, generator=_gen(5))
         torch.testing.assert_close(out, truth, atol=1e-5, rtol=0)
+
+
+def test_proximal_dc_with_noiseless_data_returns_the_truth_and_with_useless_data_the_prior() -> None:
+    """sigma_y = 0: every sampler's proximal step is the hard projection, so the output is the measured
+    image; sigma_y = inf: the data are ignored and the output is the prior's (the same as without DC)."""
+    truth, y = _truth_and_y()
+    op = ForwardOperator()
+    for name in SAMPLERS:
+        sampler = build_sampler(name, steps=25, dc="proximal")
+        out = sampler(lambda x, t: -x, torch.zeros_like(truth), A=op, y=y, generator=_gen(5),
+                      noise_sigma=torch.zeros(3))
+        torch.testing.assert_close(out, truth, atol=1e-5, rtol=0)
+        free = sampler(gaussian_score, _x_init(batch=3), generator=_gen(6))
+        ignored = sampler(gaussian_score, _x_init(batch=3), A=op, y=y.to(torch.complex128), generator=_gen(6),
+                          noise_sigma=torch.full((3,), float("inf")))
+        torch.testing.assert_close(ignored, free, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="noise_sigma"):
+        build_sampler("ddim", dc="proximal")(lambda x, t: -x, torch.zeros_like(truth), A=op, y=y)
+
+
+def test_per_slice_generators_make_a_slice_independent_of_its_batch() -> None:
+    """With one generator per slice, a slice's output does not depend on the other slices of its batch."""
+    sampler = build_sampler("ddim", steps=10, eta=1.0)
+    x_init = _x_init(0.1, batch=3)
+    together = sampler(gaussian_score, x_init, generator=[_gen(s) for s in (1, 2, 3)])
+    alone = sampler(gaussian_score, x_init[1:2], generator=[_gen(2)])
+    torch.testing.assert_close(together[1:2], alone, atol=1e-12, rtol=0)
+    assert not torch.allclose(together[0], together[1])
+    with pytest.raises(ValueError, match="generators"):
+        sampler(gaussian_score, x_init, generator=[_gen(1)])
 
 
 @pytest.mark.parametrize("weight", [0.3, 1.0])
@@ -124,13 +155,13 @@ def test_dc_reduces_the_k_space_residual_of_a_blurring_operator(weight: float) -
     op = ForwardOperator(weights=torch.exp(-(kx**2 + ky**2))[None, None].expand(3, 1, 8, 8))
     truth = torch.randn(3, 1, 8, 8, dtype=torch.complex64, generator=_gen(6))
     noise = 0.1 * torch.randn(3, 1, 8, 8, dtype=torch.complex64, generator=_gen(7))
-    dc = KSpaceDataConsistency(op, op.forward(truth) + noise, weight=weight)
+    dc = GradientDC(op, op.forward(truth) + noise, weight=weight)
     x = torch.randn(3, 2, 8, 8, generator=_gen(8))
     before, after = dc.residual_norm(x), dc.residual_norm(dc(x))
     assert (after < before).all()
     assert dc(x).dtype == x.dtype and dc(x).shape == x.shape
     with pytest.raises(ValueError, match="complex"):
-        KSpaceDataConsistency(op, torch.zeros(3, 1, 8, 8))
+        GradientDC(op, torch.zeros(3, 1, 8, 8))
 
 
 def test_posterior_std_is_zero_for_a_deterministic_sampler_and_positive_for_pc() -> None:
@@ -176,7 +207,10 @@ def test_nfe_counter_and_reference_default_is_score_mri() -> None:
     assert counter.nfe == 60
     ref = build_sampler("pc")
     assert ref.schedule.n_steps == 2000 and ref.expected_nfe == 4000 and ref.schedule.snr == 0.16
-    assert ref.dc_weight == 0.3
+    assert ref.dc == "gradient" and ref.dc_weight == 0.3
+    # every other sampler defaults to the noise-aware proximal DC; the default sampler is a fast one
+    assert all(build_sampler(name).dc == "proximal" for name in SAMPLERS if name != "pc")
+    assert build_sampler().name == DEFAULT_SAMPLER and build_sampler().expected_nfe <= 50
 
 
 def test_schedule_grids() -> None:
@@ -197,6 +231,10 @@ def test_schedule_grids() -> None:
         build_sampler("euler")
     with pytest.raises(ValueError, match="dc_weight"):
         build_sampler("pc", dc_weight=-1.0)
+    with pytest.raises(ValueError, match="dc_lambda"):
+        build_sampler("ddim", dc_lambda=0.0)
+    with pytest.raises(ValueError, match="data consistency"):
+        build_sampler("ddim", dc="hard")
 
 
 def test_autocast_option_runs_the_score_under_bf16() -> None:

@@ -1,0 +1,165 @@
+"""The one inference path of lfmri: measured slices -> posterior mean and std of their reconstruction.
+
+`Reconstructor` (plain torch, no Lightning, no CLI) is what `lfmri reconstruct`, `lfmri evaluate`,
+`lfmri predict` (`ScoreModel.predict_step`) and the validation `SamplerCallback` all call. For a stack of
+slices of one matrix size it
+
+1. builds the forward operator A of each batch of slices from their realised parameters, in one place:
+   `ForwardOperator.from_params(params, b0_method, n_segments)` (blur FWHM, T2*, timing, field maps, B0
+   method; with time-segmented B0 and no `n_segments` given, one number of segments for the whole stack);
+2. takes the k-space noise std per slice (`noise_sigma`, std of the complex noise per k-space sample in the
+   slices' units): the known value where the caller has it (`lfmri degrade`'s records, the data module's
+   simulation), else `degradations.estimate_noise_sigma` of the measured k-space; a slice whose noise cannot
+   be estimated (e.g. all zero) takes the median of the volume's other slices (one noise level per
+   acquisition); when no slice can be estimated it is an error;
+3. runs the sampler with data consistency (`Sampler.posterior`) in batches, K posterior samples per slice,
+   at the slices' own matrix (the score function pads to the U-Net's multiple and crops back:
+   `ScoreModel.score_fn`);
+4. returns the per-pixel mean and std of the K magnitude images.
+
+Randomness: every slice has its own generator, seeded by (seed, its slice index in the volume's stack), so a
+slice's reconstruction depends on the seed and the slice only, not on the batch size or on which other slices
+share its batch (up to floating-point summation order; the PC corrector's step size uses batch-averaged norms,
+as score_sde does, so only PC depends on the batch's content).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from datamodules.errors import InputError
+from datamodules.splits import stable_hash
+from degradations import ForwardOperator, estimate_noise_sigma
+from degradations.b0 import segment_count
+from lightning_modules.samplers import Sampler
+
+ScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = ["Reconstruction", "Reconstructor", "slice_generators"]
+
+
+@dataclass
+class Reconstruction:
+    """Output of `Reconstructor`: magnitude `mean` and `std` float32 `[S,1,H,W]` (the slices' units, on the
+    CPU), the k-space noise std used per slice `noise_sigma` `[S]` and whether it was estimated `estimated`
+    `[S]` (bool), and the network evaluations per slice `nfe` (all K samples)."""
+
+    mean: Tensor
+    std: Tensor
+    noise_sigma: Tensor
+    estimated: Tensor
+    nfe: int
+
+
+def slice_generators(seed: int, slice_ids: Sequence[int],
+                     device: torch.device | str) -> list[torch.Generator]:
+    """One generator per slice, seeded by (seed, slice index): the randomness of a slice's reconstruction."""
+    return [torch.Generator(device=device).manual_seed(stable_hash("lfmri-reconstruct", int(seed), int(s)))
+            for s in slice_ids]
+
+
+class Reconstructor:
+    """Reconstruct stacks of measured slices with a score prior and a `Sampler` (see the module docstring).
+
+    Args:
+        score_fn: `score_fn(x [B,2,H,W], t [B]) -> [B,2,H,W]` at any H, W (e.g. `ScoreModel.score_fn()`).
+        sampler: from `samplers.build_sampler` (its DC kind and strength, steps, t0).
+        batch_size: slices sampled together.
+        device: where the sampler runs; inputs may be anywhere, outputs come back on the CPU.
+        b0_method, n_segments: how A evaluates off-resonance (`degradations.b0`); the regime's settings.
+        progress: a label for a progress bar on stderr (None: no bar).
+    """
+
+    def __init__(self, score_fn: ScoreFn, sampler: Sampler, batch_size: int = 8,
+                 device: torch.device | str = "cpu", b0_method: str = "segmented",
+                 n_segments: int | None = None, progress: str | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.score_fn, self.sampler, self.batch_size = score_fn, sampler, int(batch_size)
+        self.device = torch.device(device)
+        self.b0_method, self.n_segments, self.progress = b0_method, n_segments, progress
+
+    def operator(self, params: Mapping[str, Tensor]) -> ForwardOperator:
+        """The forward operator A of a batch of realised parameters (the one place inference builds A)."""
+        return ForwardOperator.from_params(dict(params), self.b0_method, self.n_segments)
+
+    def noise_sigma(self, y: Tensor, params: Mapping[str, Tensor],
+                    noise_sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(sigma [S], estimated [S] bool): the known noise std where given (`noise_sigma`, else
+        `params["noise_sigma"]`; NaN = unknown), else the estimate from y [S,1,H,W] (see the module
+        docstring). InputError when no slice's noise can be estimated."""
+        n = y.shape[0]
+        known = noise_sigma if noise_sigma is not None else params.get("noise_sigma")
+        sigma = torch.full((n,), float("nan")) if known is None else \
+            torch.as_tensor(known, dtype=torch.float32).detach().cpu().reshape(n).clone()
+        unknown = torch.isnan(sigma)
+        for i in torch.nonzero(unknown).flatten().tolist():
+            p = {k: v[i:i + 1].to(self.device) for k, v in params.items()}
+            try:
+                sigma[i] = float(estimate_noise_sigma(y[i:i + 1].to(self.device), self.operator(p))[0])
+            except ValueError:
+                pass  # e.g. an all-zero slice: below, the median of the volume's other slices
+        failed = torch.isnan(sigma)
+        if bool(failed.all()):
+            raise InputError("cannot estimate the k-space noise level of any slice (all empty?); give the "
+                             "noise std (e.g. lfmri degrade's parameters) or a volume with signal")
+        if bool(failed.any()):
+            sigma[failed] = sigma[~failed].median()
+        if bool((sigma < 0).any()) or not bool(torch.isfinite(sigma).all()):
+            raise InputError(f"noise_sigma must be finite and >= 0, got {sigma.tolist()}")
+        return sigma, unknown
+
+    def __call__(self, x_init: Tensor, y: Tensor, params: Mapping[str, Tensor], slice_ids: Sequence[int],
+                 seed: int = 0, samples: int = 1, noise_sigma: Tensor | None = None) -> Reconstruction:
+        """Reconstruct S slices of one matrix size.
+
+        Args:
+            x_init: float `[S,2,H,W]` (real, imag): the sampler's starting image (usually `ifft2c(y)`).
+            y: complex `[S,1,H,W]` measured k-space (centred orthonormal FFT), the slices' units.
+            params: the realised degradation parameters, batched (`fwhm_px`, `t2star_ms`, `t2star_gre`,
+                `readout_ms`, `te_ms` `[S]`, `b0_map_hz` `[S,1,H,W]`; optional `noise_sigma` `[S]`).
+            slice_ids: each slice's index in its volume's stack (seeds its randomness).
+            seed: the reconstruction's seed.
+            samples: K posterior samples per slice.
+            noise_sigma: `[S]` known k-space noise std (NaN = estimate); overrides `params["noise_sigma"]`.
+        """
+        n = x_init.shape[0]
+        if x_init.dim() != 4 or x_init.shape[1] != 2:
+            raise ValueError(f"x_init must be [S,2,H,W], got {tuple(x_init.shape)}")
+        if tuple(y.shape) != (n, 1, *x_init.shape[-2:]) or not y.is_complex():
+            raise ValueError(f"y must be complex [S,1,H,W] = {(n, 1, *x_init.shape[-2:])}, got "
+                             f"{tuple(y.shape)} {y.dtype}")
+        if len(slice_ids) != n:
+            raise ValueError(f"{len(slice_ids)} slice ids for {n} slices")
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        sigma, estimated = self.noise_sigma(y, params, noise_sigma)
+        n_segments = self.n_segments
+        if n_segments is None and self.b0_method == "segmented" and bool((params["b0_map_hz"] != 0).any()):
+            # one number of B0 time segments for the whole stack, so a batch's operator does not depend on
+            # which slices share it
+            n_segments = segment_count(params["b0_map_hz"], params["readout_ms"], y.shape[-1])
+        means, stds, nfe = [], [], 0
+        bar = tqdm(total=n, desc=self.progress, unit="slice", file=sys.stderr, leave=False,
+                   disable=self.progress is None)
+        with bar:
+            for start in range(0, n, self.batch_size):
+                sl = slice(start, min(start + self.batch_size, n))
+                p = {k: v[sl].to(self.device) for k, v in params.items()}
+                generators = slice_generators(seed, [int(s) for s in slice_ids[sl]], self.device)
+                A = ForwardOperator.from_params(p, self.b0_method, n_segments)
+                mean, std = self.sampler.posterior(
+                    self.score_fn, x_init[sl].to(self.device, torch.float32), A,
+                    y[sl].to(self.device, torch.complex64), samples, generators,
+                    noise_sigma=sigma[sl].to(self.device))
+                nfe = self.sampler.last_nfe
+                means.append(mean.float().cpu())
+                stds.append(std.float().cpu())
+                bar.update(sl.stop - sl.start)
+        return Reconstruction(torch.cat(means), torch.cat(stds), sigma, estimated, nfe)

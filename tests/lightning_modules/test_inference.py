@@ -1,0 +1,100 @@
+"""The one inference path (`lightning_modules.inference.Reconstructor`): operator, noise level, batching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from datamodules.errors import InputError
+from degradations import ForwardOperator, complex_to_channels, ifft2c, make_regime
+from lightning_modules.inference import Reconstructor
+from lightning_modules.samplers import build_sampler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _phantom(n: int = 3, h: int = 24, w: int = 40) -> torch.Tensor:
+    """Smooth complex test images [n,1,h,w] (ellipses of different sizes)."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    imgs = [((xx / (0.5 + 0.1 * i)) ** 2 + (yy / 0.7) ** 2 < 1).float() * (1 + 0.3 * xx) for i in range(n)]
+    return torch.stack(imgs)[:, None].to(torch.complex64)
+
+
+def _measure(regime: str, snr_db: float = 10.0, seed: int = 0):
+    x = _phantom()
+    y, params = make_regime(regime, snr_db=snr_db)(x, torch.Generator().manual_seed(seed))
+    return x, y, params
+
+
+def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A stand-in prior: the score of N(0, I) data under the VP-SDE is -x."""
+    return -x
+
+
+@pytest.mark.parametrize(("regime", "tol"), [("noise", 1e-5), ("noise_blur_t2star_b0", 5e-4)])
+def test_a_slice_does_not_depend_on_the_batch_size(regime: str, tol: float) -> None:
+    """Same seed and slice index, same output whatever the batch (up to float32 rounding, which the B0
+    regime's conjugate-gradient DC amplifies to ~1e-4)."""
+    _, y, params = _measure(regime)
+    sampler = build_sampler("ddim", steps=6, eta=1.0)
+    run = {bs: Reconstructor(score, sampler, batch_size=bs)(complex_to_channels(ifft2c(y)), y, params,
+                                                              [5, 6, 7], seed=3, samples=2)
+           for bs in (1, 3)}
+    torch.testing.assert_close(run[1].mean, run[3].mean, atol=tol, rtol=tol)
+    torch.testing.assert_close(run[1].std, run[3].std, atol=tol, rtol=tol)
+    assert run[1].mean.shape == (3, 1, 24, 40) and (run[1].std > 0).any()
+    other_seed = Reconstructor(score, sampler)(complex_to_channels(ifft2c(y)), y, params, [5, 6, 7], seed=4,
+                                               samples=2)
+    assert not torch.allclose(other_seed.mean, run[1].mean)
+    assert run[1].nfe == 12
+
+
+def test_the_operator_honours_every_realised_parameter_and_the_b0_method() -> None:
+    _, y, params = _measure("noise_blur_t2star_b0")
+    x = _phantom().to(torch.complex128)
+    for method in ("segmented", "exact"):
+        A = Reconstructor(score, build_sampler(), b0_method=method).operator(params)
+        expected = ForwardOperator.from_params(params, method)
+        torch.testing.assert_close(A.forward(x), expected.forward(x))
+    exact = Reconstructor(score, build_sampler(), b0_method="exact").operator(params).forward(x)
+    segmented = Reconstructor(score, build_sampler(), b0_method="segmented").operator(params).forward(x)
+    assert not torch.equal(exact, segmented)
+
+
+def test_known_noise_is_used_and_unknown_noise_estimated() -> None:
+    _, y, params = _measure("noise_blur", snr_db=5.0)
+    rec = Reconstructor(score, build_sampler())
+    sigma, estimated = rec.noise_sigma(y, params)
+    torch.testing.assert_close(sigma, params["noise_sigma"].float())
+    assert not estimated.any()
+    unknown = {**params, "noise_sigma": torch.tensor([float("nan"), 0.5, float("nan")])}
+    sigma, estimated = rec.noise_sigma(y, unknown)
+    assert estimated.tolist() == [True, False, True] and float(sigma[1]) == 0.5
+    for i in (0, 2):
+        assert math.isclose(float(sigma[i]), float(params["noise_sigma"][i]), rel_tol=0.25)
+
+
+def test_an_empty_slice_takes_the_volumes_noise_level_and_an_empty_volume_is_refused() -> None:
+    _, y, params = _measure("noise")
+    y = y.clone()
+    y[1] = 0
+    unknown = torch.full((3,), float("nan"))
+    rec = Reconstructor(score, build_sampler())
+    sigma, _ = rec.noise_sigma(y, params, unknown)
+    assert float(sigma[1]) == float(sigma[[0, 2]].median())
+    with pytest.raises(InputError, match="noise level"):
+        rec.noise_sigma(torch.zeros_like(y), params, unknown)
+
+
+def test_bad_shapes_are_refused() -> None:
+    _, y, params = _measure("noise")
+    x = complex_to_channels(ifft2c(y))
+    rec = Reconstructor(score, build_sampler())
+    with pytest.raises(ValueError, match="y must be"):
+        rec(x, y[:, :, :-1], params, [0, 1, 2])
+    with pytest.raises(ValueError, match="slice ids"):
+        rec(x, y, params, [0, 1])
+    with pytest.raises(ValueError, match="batch_size"):
+        Reconstructor(score, build_sampler(), batch_size=0)
