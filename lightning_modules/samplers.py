@@ -327,13 +327,15 @@ class SamplerSpec:
 
 #: name -> configuration and defaults (the one place they are set). "pc" is the paper's reference: score-MRI's
 #: N = 2000 predictor steps with one corrector each (NFE 4000), the gradient DC step of weight 0.3 after each.
-#: The others use the noise-aware proximal DC; their steps, t0 and dc_lambda were chosen on VALIDATION
-#: volumes with experiments/benchmarks/sampling.py (experiments/RESULTS.md).
+#: The others use the noise-aware proximal DC. warm_ddim's t0, steps and dc_lambda were chosen on VALIDATION
+#: volumes with `experiments/benchmarks/sampling.py --tune warm_ddim` (experiments/RESULTS.md: the proximal
+#: step needs a strong coupling, lambda ~ 32; fewer steps from a lower t0 beat more steps); the other samplers
+#: share its dc_lambda, not tuned separately.
 SAMPLERS: dict[str, SamplerSpec] = {
     "pc": SamplerSpec(pc_sampler, steps=2000, t0=1.0, dc="gradient", dc_weight=0.3),
-    "warm_pc": SamplerSpec(pc_sampler, steps=100, t0=0.4, dc="proximal", dc_lambda=1.0),
-    "ddim": SamplerSpec(ddim_sampler, steps=100, t0=1.0, dc="proximal", dc_lambda=1.0),
-    "warm_ddim": SamplerSpec(ddim_sampler, steps=25, t0=0.4, dc="proximal", dc_lambda=1.0),
+    "warm_pc": SamplerSpec(pc_sampler, steps=100, t0=0.4, dc="proximal", dc_lambda=32.0),
+    "ddim": SamplerSpec(ddim_sampler, steps=50, t0=1.0, dc="proximal", dc_lambda=32.0),
+    "warm_ddim": SamplerSpec(ddim_sampler, steps=10, t0=0.25, dc="proximal", dc_lambda=32.0),
 }
 #: the sampler every command uses when the user names none
 DEFAULT_SAMPLER = "warm_ddim"

@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default: the config's)")
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tune max_steps (default: config's)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="--small: stand-in max_steps")
-    p.add_argument("--image-size", type=int, default=None, help="model and data image size for every fit")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="every fit: the model's training size and the data's training crop_size")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra LightningCLI override for every fit, e.g. trainer.accelerator=gpu")
     p.add_argument("--split-file", default=None, help="YAML {train, val, test} subject lists (NIfTI data)")
@@ -277,7 +278,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
     shared = [f"--{kv}" for kv in args.overrides]  # every fit: --set overrides and the image size
     if args.image_size:
         shared += [f"--model.init_args.image_size={args.image_size}",
-                   f"--data.init_args.image_size={args.image_size}"]
+                   f"--data.init_args.crop_size={args.image_size}"]
 
     # 0. (small, without a checkpoint) the clinical stand-in: DSM on the coronal bundled slices, exported
     pretrained, pretrained_config = args.pretrained, args.pretrained_config
