@@ -333,7 +333,7 @@ class SamplerSpec:
 #: share its dc_lambda, not tuned separately.
 SAMPLERS: dict[str, SamplerSpec] = {
     "pc": SamplerSpec(pc_sampler, steps=2000, t0=1.0, dc="gradient", dc_weight=0.3),
-    "warm_pc": SamplerSpec(pc_sampler, steps=100, t0=0.4, dc="proximal", dc_lambda=32.0),
+    "warm_pc": SamplerSpec(pc_sampler, steps=30, t0=0.4, dc="proximal", dc_lambda=32.0),
     "ddim": SamplerSpec(ddim_sampler, steps=50, t0=1.0, dc="proximal", dc_lambda=32.0),
     "warm_ddim": SamplerSpec(ddim_sampler, steps=10, t0=0.25, dc="proximal", dc_lambda=32.0),
 }

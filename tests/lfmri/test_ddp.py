@@ -39,8 +39,8 @@ def test_two_process_cpu_ddp_fit(tmp_path):
            f"--trainer.default_root_dir={root}",
            "--trainer.callbacks+=seen_cb.Seen", f"--trainer.callbacks.path={tmp_path / 'seen'}",
            "--model.init_args.image_size=32", "--model.init_args.nf=8", "--model.init_args.num_groups=4",
-           "--data.init_args.image_size=32", "--data.init_args.batch_size=2",
-           "--data.init_args.num_workers=0",
+           "--data.init_args.image_size=32", "--data.init_args.crop_size=null",
+           "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
            "--data.init_args.bundled_train_subjects=2", "--data.init_args.bundled_val_subjects=1",
            "--data.init_args.eval_slices_per_volume=1"]
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
