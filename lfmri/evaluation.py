@@ -35,7 +35,6 @@ from datamodules.io import usual_permissions
 from lfmri.baselines import BASELINES, TuningResult, tune_baselines
 
 if TYPE_CHECKING:
-    from lightning_modules.inference import Reconstructor
     from lightning_modules.module import ScoreModel
     from lightning_modules.samplers import Sampler
 
@@ -349,18 +348,6 @@ def tune_on_validation(datamodule: Any, regimes: Sequence[str], names: Sequence[
                               progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
 
 
-def reconstructor_for(model: ScoreModel, sampler: Sampler, regime: str, overrides: Mapping[str, Any],
-                      batch_size: int, device: torch.device, progress: str | None = None) -> Reconstructor:
-    """The one inference path (`Reconstructor`) for a regime of the data module (its B0 method)."""
-    from degradations import make_regime
-    from lightning_modules.inference import Reconstructor
-
-    b0 = make_regime(regime, **overrides).b0
-    return Reconstructor(model.score_fn(), sampler, batch_size, device,
-                         b0_method=b0.method if b0 is not None else "segmented",
-                         n_segments=b0.n_segments if b0 is not None else None, progress=progress)
-
-
 def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], baselines: Sequence[str],
                    sampler: Sampler, samples: int = 1, batch_size: int = 8, seed: int = 0,
                    device: torch.device | str = "cpu", settings: Mapping[str, Any] | None = None,
@@ -371,13 +358,18 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
     one inference path (`lightning_modules.inference.Reconstructor`) at the slices' native matrix, with the
     simulation's known noise level. The figure shows the middle slice of the first test subject per regime.
     """
+    from degradations import make_regime
+    from lightning_modules.inference import Reconstructor
+
     device = torch.device(device)
     overrides = {k: tuple(v) if isinstance(v, list) else v
                  for k, v in (getattr(datamodule, "regime_overrides", None) or {}).items()}
+    score_fn = model.score_fn()  # one frozen copy of the EMA network for the whole protocol
     tuning = tune_on_validation(datamodule, regimes, baselines)
     rows: list[ResultRow] = []
     panels: dict[str, dict[str, np.ndarray]] = {}
     for regime in regimes:
+        degradation = make_regime(regime, **overrides)
         vols = collect_split(datamodule, "test", regime)
         if not vols:
             raise InputError("the data module has no test subjects")
@@ -387,8 +379,8 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
             for name in baselines:
                 params = tuning[regime][name].params if name in tuning.get(regime, {}) else {}
                 outputs[name] = BASELINES[name](deg, **params)
-            reconstruct = reconstructor_for(model, sampler, regime, overrides, batch_size, device,
-                                            progress=f"{vol.subject} {regime}")
+            reconstruct = Reconstructor.for_degradation(score_fn, sampler, degradation, batch_size, device,
+                                                        progress=f"{vol.subject} {regime}")
             result = reconstruct(vol.degraded, vol.y, vol.params, vol.slices.tolist(), seed, samples)
             outputs[LFMRI] = result.mean[:, 0].numpy()
             for method, pred in outputs.items():

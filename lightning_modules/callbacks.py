@@ -146,15 +146,13 @@ class SamplerCallback(Callback):
         sampler = build_sampler(**self.sampler_options, sde=pl_module.sde)
         score_fn = pl_module.score_fn()
         metrics = torch.zeros(len(positions), 3, dtype=torch.float64, device=device)
-        firsts = {r: dataset[idx[0]]["clean"].shape[-2:] for r, idx in subset.items()}
+        firsts = {r: dataset.sample_shape(dataset.items[idx[0]][0]) for r, idx in subset.items()}
         height, width = max(h for h, _ in firsts.values()), max(w for _, w in firsts.values())
         panels = torch.zeros(len(regimes), 4, height, width, device=device)  # summed across ranks
         for regime, idx in batches[trainer.global_rank::trainer.world_size]:
             batch = default_collate([dataset[i] for i in idx])
-            b0 = dataset.degradations[regime].b0
-            reconstruct = Reconstructor(score_fn, sampler, len(idx), device,
-                                        b0_method=b0.method if b0 is not None else "segmented",
-                                        n_segments=b0.n_segments if b0 is not None else None)
+            reconstruct = Reconstructor.for_degradation(score_fn, sampler, dataset.degradations[regime],
+                                                        len(idx), device)
             recon = reconstruct(batch["degraded"], batch["y"], batch["params"], batch["slice"].tolist(),
                                 seed=self.seed).mean.to(device)
             ref = magnitude(batch["clean"].to(device))

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from datamodules.errors import InputError
 from datamodules.splits import stable_hash
-from degradations import ForwardOperator, estimate_noise_sigma
+from degradations import ForwardOperator, LowFieldDegradation, estimate_noise_sigma
 from degradations.b0 import segment_count
 from lightning_modules.samplers import Sampler
 
@@ -84,6 +84,17 @@ class Reconstructor:
         self.score_fn, self.sampler, self.batch_size = score_fn, sampler, int(batch_size)
         self.device = torch.device(device)
         self.b0_method, self.n_segments, self.progress = b0_method, n_segments, progress
+
+    @classmethod
+    def for_degradation(cls, score_fn: ScoreFn, sampler: Sampler, degradation: LowFieldDegradation,
+                        batch_size: int = 8, device: torch.device | str = "cpu",
+                        progress: str | None = None) -> Reconstructor:
+        """A Reconstructor whose A evaluates B0 as the regime `degradation` simulates it (its method and
+        number of segments; the defaults when the regime has no B0)."""
+        b0 = degradation.b0
+        if b0 is None:
+            return cls(score_fn, sampler, batch_size, device, progress=progress)
+        return cls(score_fn, sampler, batch_size, device, b0.method, b0.n_segments, progress)
 
     def operator(self, params: Mapping[str, Tensor]) -> ForwardOperator:
         """The forward operator A of a batch of realised parameters (the one place inference builds A)."""

@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         scalars, b0_method = mid_range_params(args.regime, n_slices), None
     b0_map = measured["b0_map_hz"] if measured is not None and "b0" in args.regime else None
     overrides = {"b0_method": b0_method} if b0_method not in (None, "", "none") and b0_map is not None else {}
-    b0 = make_regime(args.regime, **overrides).b0
+    degradation = make_regime(args.regime, **overrides)
 
     # the noise std per complex k-space sample, input units: given, recorded, or NaN (estimated)
     sigma_origin = "estimated from the measured k-space"
@@ -324,9 +324,8 @@ def run(args: argparse.Namespace) -> int:
         sigma_origin = "estimated from the resampled k-space"
     else:
         params = operator_params_on_grid(scalars, b0_map, (height, width), None)
-    reconstructor = Reconstructor(
-        model.score_fn(), sampler, args.batch_size, device,
-        b0_method=b0.method if b0 is not None else "segmented", n_segments=b0.n_segments if b0 else None,
+    reconstructor = Reconstructor.for_degradation(
+        model.score_fn(), sampler, degradation, args.batch_size, device,
         progress=f"reconstruct ({sampler.name}, {sampler.expected_nfe} NFE)")
     result = reconstructor(complex_to_channels(x), fft2c(x), params, list(range(n_slices)), seed=args.seed,
                            samples=args.samples, noise_sigma=torch.from_numpy(sigma / scale).float())
