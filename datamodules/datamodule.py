@@ -33,9 +33,11 @@ from datamodules.dataset import (
     index_volume,
 )
 from datamodules.errors import InputError
+from datamodules.options import check_options, number
 from datamodules.resumable import resumable_loader
 from datamodules.sources import NiftiDirSource, VolumeRecord, VolumeSource, make_source, warn_skipped
 from datamodules.splits import SPLITS, Split, hash_split, load_split_file
+from degradations import make_regime
 
 ALL_REGIMES = ["noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0"]
 MIN_SIZE = 8  # smallest image_size / crop_size in pixels
@@ -123,7 +125,8 @@ class LowFieldDataModule(L.LightningDataModule):
         min_foreground_fraction: drop slices whose fraction of pixels above 0.1 x the volume scale is smaller.
         regimes: training regimes, one drawn per sample (default: all four).
         eval_regimes: val/test regimes, each slice enumerated with each (default: all four).
-        regime_overrides: keyword arguments for every `make_regime` call (e.g. {snr_db_range: [2, 7]}).
+        regime_overrides: keyword arguments for every `make_regime` call (e.g. {snr_db_range: [2, 7]}),
+            checked by the degradations themselves when the data module is built.
         seed: seeds the hash split, the training draws and the val/test degradations.
         val_fraction, test_fraction: hash split fractions of subjects (ignored with split_file or bundled).
         split_file: YAML {train: [...], val: [...], test: [...]} of subject ids.
@@ -149,6 +152,20 @@ class LowFieldDataModule(L.LightningDataModule):
     large enough to hold the structures that matter, and keep the pixel size of training and reconstruction
     data alike (no resizing on either side).
     """
+
+    #: ranges of the options (their types are the signature's); checked first in `__init__`
+    OPTION_RULES = {
+        "image_size": number(MIN_SIZE, integer=True, optional=True),
+        "crop_size": number(MIN_SIZE, integer=True, optional=True),
+        "slice_axis": number(-3, 2, integer=True),
+        "min_foreground_fraction": number(0, 1, high_open=True),
+        "val_fraction": number(0, 1, high_open=True),
+        "test_fraction": number(0, 1, high_open=True),
+        "batch_size": number(1, integer=True),
+        "eval_batch_size": number(1, integer=True, optional=True),
+        "num_workers": number(0, integer=True),
+        "eval_slices_per_volume": number(1, integer=True, optional=True),
+    }
 
     def __init__(
         self,
@@ -179,20 +196,23 @@ class LowFieldDataModule(L.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        # The model has an `image_size` too (its training crop). Lightning refuses to log one key with two
-        # values, so the default null (native) image_size is left out of this module's hyperparameters.
-        self.save_hyperparameters(ignore=["image_size"] if image_size is None else None)
-        for name, value in (("image_size", image_size), ("crop_size", crop_size)):
-            bad = isinstance(value, bool) or not isinstance(value, int) or value < MIN_SIZE
-            if value is not None and bad:
-                raise InputError(f"{name} must be null or an integer >= {MIN_SIZE}, got {value!r}")
-        if not 0.0 <= min_foreground_fraction < 1.0:
-            raise InputError(f"min_foreground_fraction must be in [0, 1), got {min_foreground_fraction}")
+        # Kept in checkpoints but not merged into the loggers' hyperparameters: the model has an `image_size`
+        # too (its training crop, which places its attention levels), and Lightning refuses to log one key
+        # with two values. `lfmri` logs the whole config (data included) itself (`LogConfigCallback`).
+        self.save_hyperparameters(logger=False)
+        check_options(self.hparams, self.OPTION_RULES)  # before anything is read or built
         self.regimes = list(regimes) if regimes else list(ALL_REGIMES)
         self.eval_regimes = list(eval_regimes) if eval_regimes else list(ALL_REGIMES)
-        for name in self.regimes + self.eval_regimes:
-            if name not in ALL_REGIMES:
-                raise InputError(f"unknown regime {name!r}; choose from {', '.join(ALL_REGIMES)}")
+        for option, names in (("regimes", self.regimes), ("eval_regimes", self.eval_regimes)):
+            for name in names:
+                if name not in ALL_REGIMES:
+                    raise InputError(f"{option}: unknown regime {name!r}; choose from "
+                                     f"{', '.join(ALL_REGIMES)}")
+        for name in ALL_REGIMES:  # the degradations' own checks of the overrides, once, now
+            try:
+                make_regime(name, **dict(regime_overrides or {}))
+            except (TypeError, ValueError) as err:
+                raise InputError(f"regime_overrides: {err}") from None
         self.source_arg, self.root, self.pattern = source, root, pattern
         self.image_size, self.crop_size, self.slice_axis = image_size, crop_size, slice_axis
         self.min_foreground_fraction = min_foreground_fraction

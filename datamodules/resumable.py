@@ -13,12 +13,18 @@ after a crash continues exactly where the checkpoint was written:
   `lightning.pytorch.loops.fit_loop`) hold {epoch, batches}. Before each batch it reseeds torch's global RNG
   from (seed, global seed, epoch, batch, rank), so the model's own draws (DSM noise, diffusion times,
   dropout) repeat after a resume too, without storing per-rank RNG states.
+
+Worker processes ignore SIGINT and SIGTERM (`_IgnoreStopSignals`): a terminal's Ctrl-C and SLURM's
+pre-emption signal every process of the job, and a worker killed by it would make the main process fail
+mid-step instead of saving its checkpoint (`lightning_modules.callbacks.InterruptCheckpoint`). The workers
+still stop with the loader, or when the main process is gone (PyTorch's worker watchdog).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import signal
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -79,6 +85,19 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[start:])
 
 
+class _IgnoreStopSignals:
+    """A DataLoader `worker_init_fn`: ignore SIGINT / SIGTERM in the worker, then run the user's own one."""
+
+    def __init__(self, then: Callable[[int], None] | None = None) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
+
+
 class ResumableDataLoader(DataLoader):
     """DataLoader over a `ResumableSampler` with Lightning's `state_dict` / `load_state_dict` protocol.
 
@@ -86,6 +105,7 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(self, dataset: Dataset, sampler: ResumableSampler, **kwargs: Any) -> None:
+        kwargs["worker_init_fn"] = _IgnoreStopSignals(kwargs.get("worker_init_fn"))
         super().__init__(dataset, sampler=sampler, **kwargs)
         self.global_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self._epoch = sampler.epoch

@@ -165,6 +165,15 @@ class NiftiDirSource(VolumeSource):
         }
 
 
+def _real_kspace_message(path: str | None, dtype: np.dtype, shape: tuple[int, ...]) -> str:
+    """Why a real-valued `kspace` dataset is refused: its inverse FFT would be a Hermitian-symmetric image
+    (the object plus its mirror image), silently."""
+    pair = " (a real/imaginary pair in a last axis of 2? store kspace[..., 0] + 1j * kspace[..., 1])"
+    return (f"{path}: the 'kspace' dataset is real-valued ({dtype}, shape {tuple(shape)}); fastMRI k-space "
+            "is complex, and real k-space reconstructs as mirror-ghosted images"
+            + (pair if shape and shape[-1] == 2 else ""))
+
+
 class FastMRISource(VolumeSource):
     """fastMRI HDF5 files under `root` (recursive glob `pattern`, default "**/*.h5", or one file).
 
@@ -212,6 +221,8 @@ class FastMRISource(VolumeSource):
                 key = "reconstruction_rss" if "reconstruction_rss" in f else "kspace"
             if key not in f:
                 raise InputError(f"{record.path}: no '{key}' dataset (has: {', '.join(sorted(f.keys()))})")
+            if key == "kspace" and f[key].dtype.kind != "c":
+                raise InputError(_real_kspace_message(record.path, f[key].dtype, f[key].shape))
             data = np.asarray(f[key][()])
         if key == "reconstruction_rss":
             stack = data.astype(np.float32)
@@ -250,13 +261,19 @@ def _package_file(package: str, *parts: str) -> Path:
     return path
 
 
-class BundledSource(VolumeSource):
-    """Real MRI that ships inside packages installed by `make setup` (never downloaded at run time).
+#: sha256 of the shipped Colin27 file (`datamodules/data/colin27_ch2.nii.gz`, see datamodules/data/README.md)
+COLIN27_SHA256 = "a009051127f64dc3dd554d5f5b589870ea72106d9642c21b4e7093e478cfc309"
 
-    - test (real, held out whole, never used for training or tuning):
-      `real-nibabel-anatomical` (nibabel's tests/data/anatomical.nii: a real T1-weighted human brain,
-      33x41x25, 2 mm) and `real-nibabel-epi` (the first frame of nibabel's tests/data/example4d.nii.gz: a real
-      human EPI brain volume, 128x96x24, 2 x 2 x 2.2 mm).
+
+class BundledSource(VolumeSource):
+    """Real MRI that ships with the package or the packages installed by `make setup` (never downloaded at run
+    time).
+
+    - test (real, held out whole, never used for training or tuning): one subject, `real-colin27`, the Colin27
+      brain (a T1-weighted average of 27 scans of one adult, with skull; MRIcron's `ch2.nii.gz`, 181x217x181,
+      1 mm, uint8), shipped as package data in `datamodules/data/` with its provenance and BSD-3-clause
+      licence. It is read at its native resolution like any NIfTI volume (`io.load_nifti`, slices along
+      `slice_axis`; the data module normalises it per volume as every other volume).
     - train: `n_train` pseudo-subjects `pseudo-mni-train-000`, ... and val: `n_val` pseudo-subjects
       `pseudo-mni-val-000`, ...: random smooth deformations (a random affine scaling/rotation plus a smooth 3D
       displacement field, std about 3 mm) and intensity changes (gamma 0.75-1.33 and a smooth multiplicative
@@ -269,10 +286,7 @@ class BundledSource(VolumeSource):
 
     name = "bundled"
     MNI = ("nilearn", "datasets", "data", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
-    REAL_TEST = {
-        "real-nibabel-anatomical": ("nibabel", "tests", "data", "anatomical.nii"),
-        "real-nibabel-epi": ("nibabel", "tests", "data", "example4d.nii.gz"),
-    }
+    REAL_TEST = {"real-colin27": ("datamodules", "data", "colin27_ch2.nii.gz")}
 
     def __init__(self, n_train: int = 8, n_val: int = 2, seed: int = 0, slice_axis: int = 2) -> None:
         if n_train < 1 or n_val < 0:
@@ -299,14 +313,27 @@ class BundledSource(VolumeSource):
     def load(self, record: VolumeRecord) -> np.ndarray:
         if record.volume_id not in self._cache:
             if record.volume_id in self.REAL_TEST:
-                import nibabel as nib
+                from datamodules.io import load_nifti
 
-                data = np.asarray(nib.load(record.path).dataobj, dtype=np.float32)
-                data = data[..., 0] if data.ndim == 4 else data
+                data, _ = load_nifti(record.path)
             else:
                 data = self._pseudo_subject(record.volume_id)
             self._cache[record.volume_id] = np.ascontiguousarray(to_slices(data, self.slice_axis))
         return self._cache[record.volume_id]
+
+    def metadata(self, record: VolumeRecord) -> dict[str, Any]:
+        if record.path is None:  # a pseudo-subject: no file
+            return super().metadata(record)
+        import nibabel as nib
+
+        img = nib.load(record.path)
+        return {
+            **super().metadata(record),
+            "affine": np.asarray(img.affine),
+            "shape": tuple(img.shape),
+            "zooms_mm": tuple(float(z) for z in img.header.get_zooms()[:3]),
+            "slice_axis": self.slice_axis,
+        }
 
     def _mni(self) -> np.ndarray:
         if self._template is None:

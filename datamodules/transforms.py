@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datamodules.errors import InputError
+
 NORMALISE_PERCENTILE = 99.5
 
 
@@ -31,6 +33,14 @@ def to_slices(data: np.ndarray, axis: int) -> np.ndarray:
     """A 3D volume -> a view [S, H, W]: `np.moveaxis(data, axis, 0)` (the in-plane axes keep their order; W,
     the last, is the readout)."""
     return np.moveaxis(data, axis, 0)
+
+
+def check_slice_axis(axis: int, label: str = "--slice-axis") -> int:
+    """`axis` of a 3D volume (0, 1, 2, or -3 to -1 counted from the end) as 0, 1 or 2; InputError (one line,
+    naming `label`) otherwise. The one check of the commands' `--slice-axis`."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -3 <= axis <= 2:
+        raise InputError(f"{label}: {axis} is not an axis of a 3D volume (0, 1 or 2)")
+    return int(axis) % 3
 
 
 def from_slices(stack: np.ndarray, axis: int) -> np.ndarray:

@@ -66,7 +66,8 @@ def random_b0_map(b0_max_hz: torch.Tensor, height: int, width: int, generator: t
 
 def segment_count(b0_map_hz: torch.Tensor, readout_ms: torch.Tensor, width: int,
                   phase_step_rad: float = PHASE_STEP_RAD) -> int:
-    """Number ``L`` of segment times so the phase step between them is <= ``phase_step_rad`` (2 <= L <= W)."""
+    """Number ``L`` of segment times so the phase step between them is <= ``phase_step_rad`` (2 <= L <= W;
+    L = 1 for a single readout sample, W = 1)."""
     max_hz = b0_map_hz.abs().reshape(b0_map_hz.shape[0], -1).amax(1)
     span_ms_hz = float((max_hz * readout_ms.to(max_hz.dtype)).amax())
     span_rad = 2.0 * math.pi * span_ms_hz * 1e-3 * (width - 1) / width
@@ -95,10 +96,11 @@ class OffResonanceEncoding:
         self.method = method
         width = b0_map_hz.shape[-1]
         self.is_identity = not bool((b0_map_hz != 0).any())
+        if n_segments is not None and n_segments < 2:
+            raise ValueError(f"n_segments must be >= 2, got {n_segments}")
         if n_segments is None:
             n_segments = segment_count(b0_map_hz, readout_ms, width)
-        if n_segments < 2:
-            raise ValueError(f"n_segments must be >= 2, got {n_segments}")
+        # capped at W; W = 1 (one readout sample) gives one segment time, the sample's own: exact
         self.n_segments = min(int(n_segments), width)
 
     # -- helpers -------------------------------------------------------------------------------------------
@@ -117,12 +119,12 @@ class OffResonanceEncoding:
         frac_pos = torch.linspace(0.0, 1.0, n_seg, dtype=real, device=t.device)
         tau = t[:, :1] + frac_pos[None, :] * (t[:, -1:] - t[:, :1])
         pos = torch.arange(width, dtype=torch.float64, device=t.device) * (n_seg - 1) / max(width - 1, 1)
-        lower = pos.floor().clamp(max=n_seg - 2)
-        frac = pos - lower
+        lower = pos.floor().clamp(max=max(n_seg - 2, 0))
+        frac = pos - lower  # 0 where n_seg = 1
         weights = torch.zeros(n_seg, width, dtype=torch.float64, device=t.device)
         cols = torch.arange(width, device=t.device)
         weights[lower.long(), cols] = 1.0 - frac
-        weights[lower.long() + 1, cols] += frac
+        weights[(lower.long() + 1).clamp(max=n_seg - 1), cols] += frac
         support = []
         for seg in range(n_seg):
             nonzero = torch.nonzero(weights[seg]).flatten()
@@ -230,6 +232,8 @@ class B0PhaseCorruption:
             raise ValueError(f"unknown B0 method {method!r}; valid methods: {', '.join(B0_METHODS)}")
         if poly_degree < 0:
             raise ValueError(f"poly_degree must be >= 0, got {poly_degree}")
+        if n_segments is not None and n_segments < 2:
+            raise ValueError(f"n_segments must be >= 2, got {n_segments}")
         self.b0_max_hz = b0_max_hz
         self.poly_degree = poly_degree
         self.method = method

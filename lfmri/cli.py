@@ -3,7 +3,8 @@
 Our own subcommands are plain argparse programs in `lfmri.commands.<name>`; each module defines
 `register(subparsers)` (adding its parser with `set_defaults(func=run)`) and `run(args) -> int`.
 Bad user input raises `datamodules.errors.InputError` (a `ValueError`): it is printed as one line on stderr
-and the exit code is 2, with no traceback.
+and the exit code is 2, with no traceback. A `fit` stopped by SIGINT / SIGTERM saves a resumable checkpoint,
+prints one line naming it and exits with 128 + the signal number (130, 143).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] in LIGHTNING_SUBCOMMANDS:
         from lfmri.lightning_cli import run_lightning_cli
-        from lightning_modules.callbacks import NonFiniteLossError
+        from lightning_modules.callbacks import NonFiniteLossError, TrainingInterrupted
 
         try:
             run_lightning_cli(None if from_sys else argv)
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         except NonFiniteLossError as err:  # the run stopped itself; its last good checkpoint is kept
             print(f"lfmri {argv[0]}: stopped: {err}", file=sys.stderr)
             return 1
+        except TrainingInterrupted as err:  # SIGINT / SIGTERM: a resumable checkpoint was written
+            print(f"lfmri {argv[0]}: {err}", file=sys.stderr)
+            return 128 + err.signum
         return 0
     print(f"lfmri: error: unknown command {argv[0]!r}; choose from "
           f"{', '.join(LIGHTNING_SUBCOMMANDS + COMMANDS)}", file=sys.stderr)

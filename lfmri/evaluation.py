@@ -2,13 +2,21 @@
 
 Protocol (`run_evaluation`): for every test subject of the data module and every regime, deterministic
 degradations (a pure function of subject, slice, regime and seed, as the data module draws them),
-reconstruction by a sampler with k-space data consistency, the classical baselines on the same degraded
-magnitude images (their parameters tuned once per regime on the data module's *validation* subjects), and
-fastMRI metrics on magnitude volumes in normalised units (data range = the reference volume's max) per
-subject x regime x method; then mean ± std across subjects (sample std, ddof=1; 0 for a single subject).
+reconstruction by a sampler with k-space data consistency, the classical baselines (`lfmri.baselines`) on
+the same measurements (each gets a `Measurement`: k-space y, the degraded complex image, the realised
+operator parameters and the simulation's known noise std; their parameters tuned once per regime on the data
+module's *validation* subjects), and fastMRI metrics on magnitude volumes in normalised units (data range =
+the reference volume's max) per subject x regime x method; then mean ± std across subjects (sample std,
+ddof=1). With a single test subject the spread is over its slices instead (per-slice metrics with the
+volume's data range, `lightning_modules.metrics.slice_metrics`; slices.csv), and the tables say so. Each row
+also records the method's wall-clock seconds per slice: the image denoisers on the CPU, `tv_model` and lfmri
+on the evaluation's device (torch's CPU threads on a CPU). Besides the default sampler (`lfmri`), further
+named sampler configurations can be scored on the same slices and seeds (e.g. `lfmri_pc`, the paper's
+reference predictor-corrector with gradient DC w = 0.3).
 
-Everything is written atomically (`write_results`): files go to a temporary folder beside `--out` and are
-moved in with `os.replace` only once all of them exist, so a failure leaves nothing half-written.
+Everything is written atomically (`write_results`): files go to a temporary folder beside `--out`, which then
+replaces `--out` in one swap of folders (`datamodules.io.atomic_dir`: all the old files or all the new ones),
+so a failure leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -16,11 +24,10 @@ from __future__ import annotations
 import csv
 import inspect
 import json
+import math
 import os
-import pickle
-import shutil
 import sys
-import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,22 +38,28 @@ import torch
 from tqdm import tqdm
 
 from datamodules.errors import InputError
-from datamodules.io import usual_permissions
-from lfmri.baselines import BASELINES, TuningResult, tune_baselines
+from datamodules.io import atomic_dir
+from lfmri.baselines import BASELINES, Measurement, TuningResult, tune_baselines
 
 if TYPE_CHECKING:
+    from degradations import LowFieldDegradation
     from lightning_modules.module import ScoreModel
     from lightning_modules.samplers import Sampler
 
 #: the columns of results.csv, in order; nmse is a fraction (results.md shows it in %)
-CSV_COLUMNS = ("subject", "regime", "method", "ssim", "psnr", "nmse", "n_slices")
+CSV_COLUMNS = ("subject", "regime", "method", "ssim", "psnr", "nmse", "n_slices", "seconds_per_slice")
+#: the columns of slices.csv (per-slice metrics, the volume's data range)
+SLICE_COLUMNS = ("subject", "regime", "method", "slice", "ssim", "psnr", "nmse")
+#: the summarised columns (mean ± std across subjects)
+SUMMARY_METRICS = ("ssim", "psnr", "nmse", "seconds_per_slice")
 #: the name of our own method in the results
 LFMRI = "lfmri"
 
 
 @dataclass(frozen=True)
 class ResultRow:
-    """Metrics of one method on one subject's volume under one regime (nmse as a fraction, psnr in dB)."""
+    """Metrics of one method on one subject's volume under one regime (nmse as a fraction, psnr in dB) and
+    its wall-clock seconds per slice (NaN: not recorded)."""
 
     subject: str
     regime: str
@@ -55,6 +68,20 @@ class ResultRow:
     psnr: float
     nmse: float
     n_slices: int
+    seconds_per_slice: float = math.nan
+
+
+@dataclass(frozen=True)
+class SliceRow:
+    """Metrics of one method on one slice (index `slice` in its volume) with the volume's data range."""
+
+    subject: str
+    regime: str
+    method: str
+    slice: int
+    ssim: float
+    psnr: float
+    nmse: float
 
 
 @dataclass
@@ -66,6 +93,7 @@ class EvaluationResult:
     """
 
     rows: list[ResultRow]
+    slice_rows: list[SliceRow] = field(default_factory=list)
     tuning: dict[str, dict[str, TuningResult]] = field(default_factory=dict)
     panels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -82,20 +110,43 @@ def _ordered(values: Sequence[str], first: Sequence[str] = ()) -> list[str]:
     return [v for v in first if v in seen] + [v for v in seen if v not in first]
 
 
-def summarise(rows: Sequence[ResultRow]) -> dict[str, dict[str, dict[str, tuple[float, float, int]]]]:
-    """{method: {regime: {metric: (mean, std, n_subjects)}}}; std across subjects, ddof=1 (0 when n = 1)."""
+def over_slices(rows: Sequence[ResultRow], slice_rows: Sequence[SliceRow]) -> bool:
+    """Whether the spread is over slices: a single test subject whose per-slice metrics are known."""
+    return bool(slice_rows) and len({r.subject for r in rows}) == 1
+
+
+def spread_note(result: EvaluationResult) -> str:
+    """What the ± means in the tables, in words."""
+    subjects = sorted({r.subject for r in result.rows})
+    if over_slices(result.rows, result.slice_rows):
+        n = len({(s.regime, s.slice) for s in result.slice_rows}) // max(1, len({s.regime for s in
+                                                                                  result.slice_rows}))
+        return (f"one test subject ({subjects[0]}): mean ± std over its {n} slices (per-slice metrics with "
+                "the volume's data range; SSIM's mean is the volume SSIM, PSNR's is the mean slice PSNR)")
+    return f"test subjects: {len(subjects)}; mean ± std across subjects (volume metrics)"
+
+
+def summarise(rows: Sequence[ResultRow], slice_rows: Sequence[SliceRow] = (),
+              ) -> dict[str, dict[str, dict[str, tuple[float, float, int]]]]:
+    """{method: {regime: {metric: (mean, std, n)}}} for `SUMMARY_METRICS`; std across subjects (n subjects),
+    or, for a single subject with `slice_rows`, across its slices (n slices; `over_slices`); ddof=1, 0 when
+    n = 1. seconds_per_slice is always the mean over the subjects' volumes."""
     out: dict[str, dict[str, dict[str, tuple[float, float, int]]]] = {}
     methods = _ordered([r.method for r in rows])
     regimes = _ordered([r.regime for r in rows])
+    by_slice = over_slices(rows, slice_rows)
     for method in methods:
         for regime in regimes:
             sel = [r for r in rows if r.method == method and r.regime == regime]
             if not sel:
                 continue
+            sel_slices = [r for r in slice_rows if r.method == method and r.regime == regime]
             stats = {}
-            for metric in ("ssim", "psnr", "nmse"):
-                values = np.array([getattr(r, metric) for r in sel], dtype=np.float64)
-                std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            for metric in SUMMARY_METRICS:
+                source = sel_slices if by_slice and metric != "seconds_per_slice" and sel_slices else sel
+                values = np.array([getattr(r, metric) for r in source], dtype=np.float64)
+                with np.errstate(invalid="ignore"):  # inf (a perfect PSNR) or NaN (no timing): NaN std
+                    std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
                 stats[metric] = (float(values.mean()), std, len(values))
             out.setdefault(method, {})[regime] = stats
     return out
@@ -105,24 +156,66 @@ def _format_params(params: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in params.items()) or "none"
 
 
+def _methods(summary: Mapping[str, Any]) -> list[str]:
+    """The summary's methods: baselines in registry order, then lfmri and its other configurations."""
+    methods = _ordered(list(summary), first=[m for m in BASELINES if m in summary])
+    ours = [m for m in methods if m == LFMRI] + [m for m in methods if m.startswith(LFMRI + "_")]
+    return [m for m in methods if m not in ours] + ours
+
+
+def format_benchmark(result: EvaluationResult) -> str:
+    """One table per metric (SSIM, PSNR, NMSE): a row per method, a column per regime (mean ± std, see
+    `spread_note`), and the method's mean seconds per slice over the regimes; the best mean per regime in
+    bold."""
+    summary = summarise(result.rows, result.slice_rows)
+    methods = _methods(summary)
+    regimes = _ordered([r.regime for r in result.rows])
+    lines = []
+    metrics = (("ssim", "SSIM", 1.0, 3, True), ("psnr", "PSNR (dB)", 1.0, 2, True),
+               ("nmse", "NMSE (%)", 100.0, 2, False))
+    for key, name, scale, digits, higher in metrics:
+        lines += ["", f"### {name}", "", "| method | " + " | ".join(regime_label(g) for g in regimes)
+                  + " | s / slice |", "|---" * (len(regimes) + 2) + "|"]
+        best = {}
+        for g in regimes:
+            means = [summary[m][g][key][0] for m in methods if g in summary[m]]
+            finite = [v for v in means if math.isfinite(v)]
+            best[g] = (max(finite) if higher else min(finite)) if finite else None
+        for m in methods:
+            cells = []
+            for g in regimes:
+                if g not in summary[m]:
+                    cells.append("–")
+                    continue
+                mean, sd, _ = summary[m][g][key]
+                cell = f"{scale * mean:.{digits}f} ± {scale * sd:.{digits}f}"
+                cells.append(f"**{cell}**" if mean == best[g] else cell)
+            secs = [summary[m][g]["seconds_per_slice"][0] for g in regimes if g in summary[m]]
+            secs = [s for s in secs if math.isfinite(s)]
+            cells.append(f"{np.mean(secs):.3g}" if secs else "–")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines[1:]) + "\n"
+
+
 def format_markdown(result: EvaluationResult) -> str:
-    """The mean ± std table in the paper's format, one block per method (baselines first, lfmri last)."""
-    summary = summarise(result.rows)
+    """The benchmark tables (`format_benchmark`), then the mean ± std table in the paper's format, one block
+    per method (baselines first, lfmri last), with the mean seconds per slice in a last column."""
+    summary = summarise(result.rows, result.slice_rows)
     settings = result.settings
     lines = ["# lfmri evaluation", ""]
-    n_subjects = len({r.subject for r in result.rows})
-    lines.append(f"Test subjects: {n_subjects}; mean ± std across subjects; metrics on magnitude volumes in "
-                 "normalised units, data range = reference volume max (fastMRI definitions).")
+    lines.append(spread_note(result)[0].upper() + spread_note(result)[1:] + "; metrics on magnitude images "
+                 "in normalised units, data range = reference volume max (fastMRI definitions).")
     if settings:
         lines.append("Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".")
-    methods = _ordered(list(summary), first=[m for m in ("degraded", "tv", "nlm") if m in summary])
-    methods = [m for m in methods if m != LFMRI] + ([LFMRI] if LFMRI in summary else [])
-    for method in methods:
-        lines += ["", f"## {method}", "", "| regime | SSIM | PSNR (dB) | NMSE (%) |", "|---|---|---|---|"]
+    lines += ["", format_benchmark(result).rstrip("\n")]
+    for method in _methods(summary):
+        lines += ["", f"## {method}", "", "| regime | SSIM | PSNR (dB) | NMSE (%) | s / slice |",
+                  "|---|---|---|---|---|"]
         for regime, stats in summary[method].items():
             (s, s_sd, _), (p, p_sd, _), (n, n_sd, _) = stats["ssim"], stats["psnr"], stats["nmse"]
+            secs = stats["seconds_per_slice"][0]
             lines.append(f"| {regime_label(regime)} | {s:.3f} ± {s_sd:.3f} | {p:.2f} ± {p_sd:.2f} | "
-                         f"{100 * n:.2f} ± {100 * n_sd:.2f} |")
+                         f"{100 * n:.2f} ± {100 * n_sd:.2f} | {'–' if math.isnan(secs) else f'{secs:.3g}'} |")
         tuned = {regime: per[method] for regime, per in result.tuning.items() if method in per}
         if tuned and any(t.params for t in tuned.values()):
             subjects = sorted({s for t in tuned.values() for s in t.subjects})
@@ -140,56 +233,92 @@ def write_csv(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
         writer.writerow(CSV_COLUMNS)
         for r in rows:
             writer.writerow([r.subject, r.regime, r.method, f"{r.ssim:.6f}", f"{r.psnr:.6f}", f"{r.nmse:.8f}",
-                             r.n_slices])
+                             r.n_slices, f"{r.seconds_per_slice:.6g}"])
+
+
+def write_slices_csv(rows: Sequence[SliceRow], path: str | os.PathLike) -> None:
+    """slices.csv: one row per subject x regime x method x slice, columns `SLICE_COLUMNS`."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(SLICE_COLUMNS)
+        for r in rows:
+            writer.writerow([r.subject, r.regime, r.method, r.slice, f"{r.ssim:.6f}", f"{r.psnr:.6f}",
+                             f"{r.nmse:.8f}"])
 
 
 def read_csv(path: str | os.PathLike) -> list[ResultRow]:
-    """Read back a results.csv written by `write_csv`."""
+    """Read back a results.csv written by `write_csv` (seconds_per_slice NaN in files without it)."""
     with open(path, newline="") as fh:
         return [ResultRow(d["subject"], d["regime"], d["method"], float(d["ssim"]), float(d["psnr"]),
-                          float(d["nmse"]), int(d["n_slices"])) for d in csv.DictReader(fh)]
+                          float(d["nmse"]), int(d["n_slices"]), float(d.get("seconds_per_slice") or "nan"))
+                for d in csv.DictReader(fh)]
 
 
 def write_json(result: EvaluationResult, path: str | os.PathLike) -> None:
-    """results.json: settings, tuned baseline parameters (and the validation subjects seen), rows, summary."""
+    """results.json: settings, tuned baseline parameters (and the validation subjects seen), rows, summary.
+
+    Standard JSON: a value that is not finite (e.g. the infinite PSNR of a perfect reconstruction) is null.
+    """
     payload = {
         "settings": result.settings,
         "tuned_baselines": {regime: {m: t.to_jsonable() for m, t in per.items()}
                             for regime, per in result.tuning.items()},
         "rows": [asdict(r) for r in result.rows],
-        "summary": {m: {g: {k: {"mean": v[0], "std": v[1], "n_subjects": v[2]} for k, v in stats.items()}
-                        for g, stats in per.items()} for m, per in summarise(result.rows).items()},
+        "spread": spread_note(result),
+        "summary": {m: {g: {k: {"mean": v[0], "std": v[1], "n": v[2]} for k, v in stats.items()}
+                        for g, stats in per.items()}
+                    for m, per in summarise(result.rows, result.slice_rows).items()},
     }
     with open(path, "w") as fh:
-        json.dump(payload, fh, indent=2, allow_nan=True)
+        json.dump(_finite_or_none(payload), fh, indent=2, allow_nan=False)
+
+
+def _finite_or_none(value: Any) -> Any:
+    """`value` with every non-finite float (inf, nan) inside dicts and lists replaced by None."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def write_figure(panels: Mapping[str, Mapping[str, np.ndarray]], path: str | os.PathLike) -> None:
-    """figure.png: rows = regimes; columns = the panels' images then |lfmri - reference|.
+    """figure.png: two rows per regime, each method's image (and the reference) above its error map
+    |method - reference|.
 
-    Magnitudes share one grey scale per row (0 to the reference's max); the error map has its own scale.
+    Magnitudes share one grey scale per regime (0 to the reference's max); the error maps share one scale per
+    regime (0 to the 99.5th percentile of lfmri's error, or of the first method's without lfmri).
     """
     from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend is left alone
 
     regimes = list(panels)
     columns = list(panels[regimes[0]]) if regimes else []
-    has_error = LFMRI in columns and "reference" in columns
-    n_cols = len(columns) + int(has_error)
-    fig = Figure(figsize=(2.2 * n_cols, 2.3 * len(regimes)))
-    axes = fig.subplots(len(regimes), n_cols, squeeze=False)
+    has_ref = "reference" in columns
+    fig = Figure(figsize=(2.2 * len(columns), 2.3 * len(regimes) * (1 + int(has_ref))))
+    axes = fig.subplots(len(regimes) * (1 + int(has_ref)), len(columns), squeeze=False)
     for i, regime in enumerate(regimes):
         row = panels[regime]
-        vmax = float(np.max(row["reference"])) if "reference" in row else None
+        img_ax = axes[i * (1 + int(has_ref))]
+        vmax = float(np.max(row["reference"])) if has_ref else None
         for j, col in enumerate(columns):
-            axes[i, j].imshow(row[col], cmap="gray", vmin=0.0, vmax=vmax)
+            img_ax[j].imshow(row[col], cmap="gray", vmin=0.0, vmax=vmax)
             if i == 0:
-                axes[i, j].set_title(col, fontsize=9)
-        if has_error:
-            err = np.abs(row[LFMRI] - row["reference"])
-            axes[i, -1].imshow(err, cmap="magma", vmin=0.0, vmax=float(np.percentile(err, 99.5)) or None)
-            if i == 0:
-                axes[i, -1].set_title(f"|{LFMRI} - reference|", fontsize=9)
-        axes[i, 0].set_ylabel(regime_label(regime), fontsize=9)
+                img_ax[j].set_title(col, fontsize=9)
+        img_ax[0].set_ylabel(regime_label(regime), fontsize=9)
+        if not has_ref:
+            continue
+        err_ax = axes[i * 2 + 1]
+        errors = {c: np.abs(row[c] - row["reference"]) for c in columns if c != "reference"}
+        scale_from = errors.get(LFMRI, next(iter(errors.values()), None))
+        emax = float(np.percentile(scale_from, 99.5)) if scale_from is not None else 0.0
+        for j, col in enumerate(columns):
+            if col in errors:
+                err_ax[j].imshow(errors[col], cmap="magma", vmin=0.0, vmax=emax or None)
+            else:
+                err_ax[j].axis("off")
+        err_ax[0].set_ylabel("|error|", fontsize=9)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -198,36 +327,32 @@ def write_figure(panels: Mapping[str, Mapping[str, np.ndarray]], path: str | os.
 
 
 def write_files_atomically(out_dir: str | os.PathLike, writers: Mapping[str, Callable[[Path], None]]) -> None:
-    """Call every `writer(path)` into a temporary folder beside `out_dir`, then move the files into `out_dir`.
+    """Call every `writer(path)` into a temporary folder beside `out_dir`, then give the files to `out_dir`
+    all at once (`datamodules.io.atomic_dir`, which states the guarantee precisely).
 
-    If any writer fails, `out_dir` is left as it was (not created when it did not exist). An existing
-    `out_dir` gets the new files one `os.replace` each (each file whole, old or new).
+    If any writer fails, `out_dir` is left as it was (not created when it did not exist). A new `out_dir`, or
+    an existing folder of files (e.g. a previous run's results), gets the new set in one swap of folders:
+    readers see all the old files or all the new ones; `out_dir`'s other files are kept. Only a folder with
+    sub-folders (or the working folder) gets the files one `os.replace` each (each file whole).
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    usual_permissions(tmp, 0o777)
-    try:
+    with atomic_dir(out) as tmp:
         for name, writer in writers.items():
             writer(tmp / name)
-        if not out.exists():
-            os.replace(tmp, out)
-            return
-        for name in writers:
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_results(result: EvaluationResult, out_dir: str | os.PathLike) -> list[Path]:
-    """Write results.csv, .md, .json and figure.png into `out_dir` atomically; returns the paths."""
+    """Write results.csv, .md, .json, slices.csv and figure.png into `out_dir` atomically; returns the
+    paths."""
     writers: dict[str, Callable[[Path], None]] = {
         "results.csv": lambda p: write_csv(result.rows, p),
         "results.md": lambda p: p.write_text(format_markdown(result)),
         "results.json": lambda p: write_json(result, p),
     }
+    if result.slice_rows:
+        writers["slices.csv"] = lambda p: write_slices_csv(result.slice_rows, p)
     if result.panels:
         writers["figure.png"] = lambda p: write_figure(result.panels, p)
     write_files_atomically(out_dir, writers)
@@ -255,18 +380,12 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
     Raises InputError (one line naming the file) for a missing file or anything that is not one of our
     checkpoints (e.g. a score_sde checkpoint, which is imported through `model.pretrained` instead).
     """
+    from lightning_modules.checkpoint import load_torch_file
+
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint file")
-    try:
-        # never weights_only=False: unpickling arbitrary objects would run a crafted file's code
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise InputError(f"{path}: refused to load: the file holds objects other than tensors and plain "
-                         "containers (not an lfmri checkpoint; loading it could run code)") from err
-    except Exception as err:  # torch raises many types for a non-checkpoint
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({reason})") from err
+    # weights_only: unpickling arbitrary objects would run a crafted file's code; one-line reasons naming the
+    # file (missing, a folder, a text file, refused objects, damaged)
+    ckpt = load_torch_file(path, error=InputError)
     if isinstance(ckpt, dict) and {"model", "ema"} <= set(ckpt):
         raise InputError(f"{path}: a score_sde checkpoint, not an lfmri (Lightning) one; fine-tune from it "
                          "(model.init_args.pretrained in a config) and pass the Lightning checkpoint")
@@ -288,8 +407,11 @@ def score_model_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> ScoreMod
         model.on_load_checkpoint(ckpt)
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise InputError(f"{path}: checkpoint does not fit its ScoreModel hyperparameters ({first})") from err
+        # all of torch's lines: its first one ("Error(s) in loading state_dict for ...:") holds no reason
+        reason = " ".join(str(err).split()) or type(err).__name__
+        reason = reason if len(reason) <= 400 else reason[:400] + " ..."
+        raise InputError(f"{path}: checkpoint does not fit its ScoreModel hyperparameters ({reason})",
+                         ) from None
     return model
 
 
@@ -312,6 +434,23 @@ def _magnitude(x: torch.Tensor) -> np.ndarray:
     return torch.sqrt(x[:, 0].double() ** 2 + x[:, 1].double() ** 2).float().cpu().numpy()
 
 
+def measurement(vol: Any, degradation: LowFieldDegradation) -> Measurement:
+    """The baselines' `Measurement` of an `EvalVolume` (y, params with the known noise std) whose operator
+    evaluates B0 as the regime `degradation` simulates it (as `Reconstructor.for_degradation` does)."""
+    b0 = degradation.b0
+    if b0 is None:
+        return Measurement.from_kspace(vol.y, vol.params)
+    return Measurement.from_kspace(vol.y, vol.params, b0_method=b0.method, n_segments=b0.n_segments)
+
+
+def run_baseline(name: str, m: Measurement, params: Mapping[str, float] | None = None,
+                 ) -> tuple[np.ndarray, float]:
+    """(magnitude [S,H,W], wall-clock seconds per slice) of the baseline `name` on a measurement."""
+    start = time.perf_counter()
+    pred = BASELINES[name](m, **(params or {}))
+    return pred, (time.perf_counter() - start) / max(len(m), 1)
+
+
 def _volume_metrics(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
     from lightning_modules.metrics import nmse_volume, psnr_volume, ssim_volume
 
@@ -329,19 +468,29 @@ def collect_split(datamodule: Any, split: str, regime: str) -> list[Any]:
     return list(datamodule.volumes(split, regime))
 
 
+def _regime_overrides(datamodule: Any) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v
+            for k, v in (getattr(datamodule, "regime_overrides", None) or {}).items()}
+
+
 def tune_on_validation(datamodule: Any, regimes: Sequence[str], names: Sequence[str],
-                       ) -> dict[str, dict[str, TuningResult]]:
-    """Tune the named baselines once per regime on the data module's VALIDATION volumes (never test)."""
+                       device: torch.device | str = "cpu") -> dict[str, dict[str, TuningResult]]:
+    """Tune the named baselines once per regime on the data module's VALIDATION volumes (never test);
+    `device`: where the torch baselines (`tv_model`) compute."""
+    from degradations import make_regime
+
     names = [n for n in names if BASELINES[n].grid]
     if not names:
         return {}
     volumes_by_regime = {}
     for regime in regimes:
+        degradation = make_regime(regime, **_regime_overrides(datamodule))
         vols = collect_split(datamodule, "val", regime)
         if not vols:
             raise InputError("the data module has no validation subjects to tune the baselines on; "
                              "give it some (e.g. val_fraction / split_file) or pass --baselines none")
-        volumes_by_regime[regime] = {v.subject: (_magnitude(v.degraded), _magnitude(v.clean)) for v in vols}
+        volumes_by_regime[regime] = {v.subject: (measurement(v, degradation).to(device), _magnitude(v.clean))
+                                     for v in vols}
     bar = tqdm(total=len(regimes) * len(names), desc="tune baselines (val)", unit="fit", file=sys.stderr)
     with bar:
         return tune_baselines(names, volumes_by_regime, _tuning_metric,
@@ -351,22 +500,28 @@ def tune_on_validation(datamodule: Any, regimes: Sequence[str], names: Sequence[
 def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], baselines: Sequence[str],
                    sampler: Sampler, samples: int = 1, batch_size: int = 8, seed: int = 0,
                    device: torch.device | str = "cpu", settings: Mapping[str, Any] | None = None,
-                   ) -> EvaluationResult:
+                   other_samplers: Mapping[str, Sampler] | None = None) -> EvaluationResult:
     """The paper's protocol on the data module's test subjects (see the module docstring).
 
-    `baselines`: names from `lfmri.baselines.BASELINES` (tuned on validation first). Reconstruction is the
+    `baselines`: names from `lfmri.baselines.BASELINES` (tuned on validation first; a baseline without a grid
+    runs with its defaults), each run on the volume's `Measurement`. Reconstruction is the
     one inference path (`lightning_modules.inference.Reconstructor`) at the slices' native matrix, with the
-    simulation's known noise level. The figure shows the middle slice of the first test subject per regime.
+    simulation's known noise level: `sampler` is the method `lfmri`; `other_samplers` (method name, e.g.
+    `lfmri_pc` -> sampler) are scored on the same slices with the same seeds. The figure shows the middle
+    slice of the first test subject per regime.
     """
     from degradations import make_regime
     from lightning_modules.inference import Reconstructor
 
     device = torch.device(device)
-    overrides = {k: tuple(v) if isinstance(v, list) else v
-                 for k, v in (getattr(datamodule, "regime_overrides", None) or {}).items()}
+    overrides = _regime_overrides(datamodule)
     score_fn = model.score_fn()  # one frozen copy of the EMA network for the whole protocol
-    tuning = tune_on_validation(datamodule, regimes, baselines)
+    tuning = tune_on_validation(datamodule, regimes, baselines, device)
+    from lightning_modules.metrics import slice_metrics
+
+    ours = {LFMRI: sampler, **(other_samplers or {})}
     rows: list[ResultRow] = []
+    slice_rows: list[SliceRow] = []
     panels: dict[str, dict[str, np.ndarray]] = {}
     for regime in regimes:
         degradation = make_regime(regime, **overrides)
@@ -374,20 +529,30 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
         if not vols:
             raise InputError("the data module has no test subjects")
         for vol in tqdm(vols, desc=f"evaluate {regime}", unit="subject", file=sys.stderr):
-            ref, deg = _magnitude(vol.clean), _magnitude(vol.degraded)
-            outputs = {}
+            ref, m = _magnitude(vol.clean), measurement(vol, degradation).to(device)
+            outputs, seconds = {}, {}
             for name in baselines:
                 params = tuning[regime][name].params if name in tuning.get(regime, {}) else {}
-                outputs[name] = BASELINES[name](deg, **params)
-            reconstruct = Reconstructor.for_degradation(score_fn, sampler, degradation, batch_size, device,
-                                                        progress=f"{vol.subject} {regime}")
-            result = reconstruct(vol.degraded, vol.y, vol.params, vol.slices.tolist(), seed, samples)
-            outputs[LFMRI] = result.mean[:, 0].numpy()
+                outputs[name], seconds[name] = run_baseline(name, m, params)
+            for method, method_sampler in ours.items():
+                reconstruct = Reconstructor.for_degradation(
+                    score_fn, method_sampler, degradation, batch_size, device,
+                    progress=f"{vol.subject} {regime} {method}")
+                start = time.perf_counter()
+                result = reconstruct(vol.degraded, vol.y, vol.params, vol.slices.tolist(), seed, samples)
+                seconds[method] = (time.perf_counter() - start) / max(len(m), 1)
+                outputs[method] = result.mean[:, 0].numpy()
             for method, pred in outputs.items():
                 ssim, psnr, nmse = _volume_metrics(pred, ref)
-                rows.append(ResultRow(vol.subject, regime, method, ssim, psnr, nmse, int(ref.shape[0])))
+                rows.append(ResultRow(vol.subject, regime, method, ssim, psnr, nmse, int(ref.shape[0]),
+                                      seconds[method]))
+                per_slice = slice_metrics(pred, ref)
+                slice_rows += [SliceRow(vol.subject, regime, method, int(index), *(float(per_slice[k][i])
+                                                                                   for k in ("ssim", "psnr",
+                                                                                             "nmse")))
+                               for i, index in enumerate(vol.slices.tolist())]
             if regime not in panels:
                 mid = ref.shape[0] // 2
-                panels[regime] = {**{m: outputs[m][mid] for m in baselines}, LFMRI: outputs[LFMRI][mid],
-                                  "reference": ref[mid]}
-    return EvaluationResult(rows=rows, tuning=tuning, panels=panels, settings=dict(settings or {}))
+                panels[regime] = {**{n: outputs[n][mid] for n in outputs}, "reference": ref[mid]}
+    return EvaluationResult(rows=rows, slice_rows=slice_rows, tuning=tuning, panels=panels,
+                            settings=dict(settings or {}))

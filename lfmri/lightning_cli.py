@@ -5,13 +5,14 @@ interpolation, and `config.yaml` is written into the run's log directory (overwr
 W&B runs offline unless an API key is configured, so `--trainer.logger=WandbLogger` never blocks on a login.
 Every logger also receives the whole resolved config (`trainer`, `model`, `data`, ... as nested
 hyper-parameters: W&B's run config), and checkpoints are written atomically (`AtomicCheckpointIO`).
+SIGINT / SIGTERM during `fit` save a resumable `last.ckpt` at the end of the current step and stop the run
+(`lightning_modules.callbacks.InterruptCheckpoint`; `lfmri fit` then exits with 128 + the signal number).
 """
 
 from __future__ import annotations
 
 import netrc
 import os
-import tempfile
 from typing import Any
 from urllib.parse import urlparse
 
@@ -19,15 +20,19 @@ import torch
 import yaml
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.io import usual_permissions
+from datamodules.io import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Saves a checkpoint to a temporary file in its own directory, fsyncs it, then `os.replace`s it: a crash
-    leaves the previous file or the new one, never a truncated one.
+    """Saves a checkpoint to a temporary file in its own directory, fsyncs it, then `os.replace`s it
+    (`datamodules.io.atomic_path`): a crash leaves the previous file or the new one, never a truncated one. A
+    `last.ckpt` that is a symbolic link (`ModelCheckpoint(save_last="link")`) is replaced, not written
+    through, so the checkpoint it points at is kept.
 
     Lightning's own save stages the bytes in `$TMPDIR` (fsspec transaction) and `shutil.move`s them, which
     is a plain, interruptible copy when `$TMPDIR` is another file system than the checkpoint directory
@@ -37,21 +42,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if storage_options is not None or not _is_local_file_protocol(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        usual_permissions(tmp)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(os.fspath(path), follow_symlinks=False) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 class LogConfigCallback(SaveConfigCallback):
@@ -87,6 +79,17 @@ class LfmriCLI(LightningCLI):
             raise InputError(f"the config leaves {', '.join(missing)} to the command line (???): give "
                              + " ".join(f"--{k}=..." for k in missing))
 
+    def instantiate_classes(self) -> None:
+        """Build the model, data module and trainer; an InputError raised by a constructor (a bad option,
+        found before any data is read) comes out as itself, not wrapped in jsonargparse's errors."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            cause = _input_error_in(err)
+            if cause is None:
+                raise
+            raise cause from None
+
     def _parse_ckpt_path(self) -> None:
         """Lightning applies a `--ckpt_path` checkpoint's hyper-parameters over the config; the reconstruction
         options `predict_*` the user sets (config or command line) must still win, as `lfmri predict`'s
@@ -94,6 +97,7 @@ class LfmriCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         init_args = (self.config[subcommand].get("model") or {}).get("init_args") if subcommand else None
         given = {k: v for k, v in (init_args or {}).items() if k.startswith("predict_") and v is not None}
+        _check_ckpt_path(self.config[subcommand].get("ckpt_path") if subcommand else None)
         super()._parse_ckpt_path()
         if given:
             for key, value in given.items():
@@ -103,7 +107,53 @@ class LfmriCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not trainer.loggers and any(isinstance(cb, LearningRateMonitor) for cb in trainer.callbacks):
+            # `--trainer.logger=false` with the configs' monitor: Lightning would refuse to start the run
+            rank_zero_warn("LearningRateMonitor dropped: the run has no logger (trainer.logger is false)")
+            trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, LearningRateMonitor)]
+        from lightning.pytorch.callbacks import Checkpoint
+
+        from lightning_modules.callbacks import InterruptCheckpoint
+
+        if not any(isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks):
+            # SIGINT / SIGTERM during fit: save a resumable last.ckpt at the end of the step, then stop;
+            # placed before the checkpoint callbacks so an interrupted step is saved once
+            first = next((i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, Checkpoint)),
+                         len(trainer.callbacks))
+            trainer.callbacks.insert(first, InterruptCheckpoint())
         return trainer
+
+
+def _check_ckpt_path(ckpt_path: Any) -> None:
+    """InputError (one line) unless a local `--ckpt_path` is an lfmri ScoreModel checkpoint: a missing file, a
+    folder, a truncated file or another model's checkpoint, read with `weights_only=True`
+    (`evaluation.read_lightning_checkpoint`). Lightning's keywords (last, best, hpc, registry) and remote
+    URLs are left to Lightning."""
+    if not ckpt_path or not _is_local_file_protocol(ckpt_path):
+        return
+    if str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).lower().split(":")[0] == "registry":
+        return
+    from datamodules.errors import InputError
+    from lfmri.evaluation import read_lightning_checkpoint
+
+    try:
+        read_lightning_checkpoint(ckpt_path)
+    except InputError as err:
+        raise InputError(f"--ckpt_path {err}") from None
+
+
+def _input_error_in(err: BaseException) -> Exception | None:
+    """The InputError that caused `err` (itself, or along its `__cause__` / `__context__` chain), if any."""
+    from datamodules.errors import InputError
+
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, InputError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _wandb_logged_in() -> bool:

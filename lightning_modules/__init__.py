@@ -19,6 +19,11 @@ _EXPORTS = {
     "load_score_sde_checkpoint": "lightning_modules.checkpoint",
     "export_score_sde_checkpoint": "lightning_modules.checkpoint",
     "CheckpointError": "lightning_modules.checkpoint",
+    "load_pretrained": "lightning_modules.networks.families",
+    "Pretrained": "lightning_modules.networks.families",
+    "FAMILIES": "lightning_modules.networks.families",
+    "VESDE": "lightning_modules.sde",
+    "DiscreteVPSDE": "lightning_modules.sde",
     "ScoreModel": "lightning_modules.module",
     "build_sampler": "lightning_modules.samplers",
     "GradientDC": "lightning_modules.data_consistency",
@@ -26,6 +31,8 @@ _EXPORTS = {
     "Reconstructor": "lightning_modules.inference",
     "SAMPLERS": "lightning_modules.samplers",
     "FiniteLossGuard": "lightning_modules.callbacks",
+    "InterruptCheckpoint": "lightning_modules.callbacks",
+    "TrainingInterrupted": "lightning_modules.callbacks",
     "SamplerCallback": "lightning_modules.callbacks",
 }
 

@@ -1,9 +1,12 @@
-"""Lightning callbacks of lfmri: the finite-loss guard, the validation sampler callback and the NIfTI
-prediction writer of `lfmri predict`."""
+"""Lightning callbacks of lfmri: the finite-loss guard, the checkpoint on SIGINT / SIGTERM, the validation
+sampler callback and the NIfTI prediction writer of `lfmri predict`."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,15 +46,123 @@ class FiniteLossGuard(Callback):
             )
 
 
+class TrainingInterrupted(Exception):
+    """A fit stopped by SIGINT / SIGTERM after writing a resumable checkpoint (`InterruptCheckpoint`).
+
+    Attributes: `signum` (the signal), `path` (the checkpoint written), `step` (its global step).
+    """
+
+    def __init__(self, signum: int, path: str, step: int, hint: str = "last") -> None:
+        self.signum, self.path, self.step = int(signum), str(path), int(step)
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at global step {step}; saved {path} "
+                         f"(resume with --ckpt_path {hint})")
+
+
+class InterruptCheckpoint(Callback):
+    """On SIGINT (Ctrl-C) or SIGTERM (e.g. SLURM pre-emption) during `fit`, finish the current training step,
+    write a resumable `last.ckpt` and stop by raising :class:`TrainingInterrupted`.
+
+    The checkpoint is written at the same point of the step as `ModelCheckpoint`'s periodic one (the end of
+    the training batch, `on_train_batch_end`), through the trainer's checkpoint IO (atomic with
+    `lfmri.lightning_cli.AtomicCheckpointIO`), so it holds the same state (weights, optimiser, scheduler, EMA,
+    callbacks, and the loop's state with the resumable data loader's position) and `--ckpt_path last` resumes
+    bit for bit as from a periodic one. Where: the trainer's `ModelCheckpoint`'s last-checkpoint name in its
+    `dirpath` (`last.ckpt`, or the file its `last_model_path` already names); without a ModelCheckpoint,
+    `<default_root_dir>/checkpoints/last.ckpt`.
+
+    The handlers are installed at `on_train_start` (they replace Lightning's SIGTERM handler, whose own stop
+    writes nothing and exits with code 0) and removed at the end of the fit. A signal only sets a flag: the
+    step in progress completes, so the state saved is consistent. A second Ctrl-C stops at once without
+    saving (Lightning's KeyboardInterrupt shutdown). A validation run in progress inside the fit finishes
+    first (the checkpoint is written at the next training step's end). Under DDP the ranks agree on stopping
+    at each step (`reduce_boolean_decision`), so they all save at the same step.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now, save nothing
+                self._restore()
+                raise KeyboardInterrupt
+            return
+        self.requested = signum
+        again = " (Ctrl-C again to stop at once without saving)" if signum == signal.SIGINT else ""
+        # os.write, not print: a handler may run while sys.stderr is in the middle of a write
+        os.write(2, f"\nlfmri: received {signal.Signals(signum).name}; saving a checkpoint at the end of the "
+                    f"current training step{again}\n".encode())
+
+    def _restore(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, previous in self._previous.items():
+                if previous is not None:
+                    signal.signal(signum, previous)
+        self._previous = {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # a SIGTERM that arrived while the fit was set up (Lightning's handler was in charge) counts too
+        self.requested = signal.SIGTERM if getattr(trainer, "received_sigterm", False) else None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        requested = self.requested is not None
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if not requested:
+            return
+        path, hint = self._save(trainer)
+        raise TrainingInterrupted(self.requested or signal.SIGTERM, path, trainer.global_step, hint)
+
+    @staticmethod
+    def _save(trainer: Trainer) -> tuple[str, str]:
+        """Write the checkpoint; returns (its path, what to pass to --ckpt_path to resume from it)."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callback = trainer.checkpoint_callback
+        if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
+            path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+            trainer.save_checkpoint(path)
+            return path, path
+        path = callback.last_model_path
+        if not path or os.path.dirname(path) != os.path.normpath(callback.dirpath):
+            candidates = callback._monitor_candidates(trainer)
+            path = callback.format_checkpoint_name(candidates, callback.CHECKPOINT_NAME_LAST)
+            version = callback.STARTING_VERSION
+            while getattr(callback, "_enable_version_counter", False) and os.path.lexists(path):
+                path = callback.format_checkpoint_name(candidates, callback.CHECKPOINT_NAME_LAST, ver=version)
+                version += 1
+        if callback.save_last:
+            callback.last_model_path = path  # part of the callback's saved state, as in a periodic save
+        trainer.save_checkpoint(path)
+        return path, "last"
+
+
 class SamplerCallback(Callback):
     """Reconstruct a fixed subset of validation slices per regime; log SSIM / PSNR / NMSE and an image grid.
 
     Runs at the end of every `every_n_val`-th validation (epoch-based or step-based `val_check_interval`;
     never in the sanity check; also under `trainer.validate`), with the module's EMA weights
     (`pl_module.score_fn()`), through the one inference path (`lightning_modules.inference.Reconstructor`)
-    with the sampler `build_sampler(sampler, steps, t0, dc, dc_weight, dc_lambda)` on the module's SDE (None:
-    the sampler registry's defaults). Data consistency uses the regime's forward operator of each slice's
-    realised parameters, its measured k-space `y` and its known noise level, at the slice's native matrix.
+    with the sampler `build_sampler(sampler, steps, t0, dc, dc_weight, dc_lambda, dc_floor)` on the module's
+    SDE (None: the sampler registry's defaults). Data consistency uses the regime's forward operator of each
+    slice's realised parameters, its measured k-space `y` and its known noise level, at the slice's native
+    matrix.
 
     Subset: the validation dataset (`LowFieldDataModule.val_dataset`, an `EvalSliceDataset` enumerating
     volume x slice x regime) is read directly, not through the (possibly limited or sharded) val loader:
@@ -87,7 +198,7 @@ class SamplerCallback(Callback):
         regimes: regimes to reconstruct (default: all the validation dataset's).
         n_slices: slices per regime.
         sampler: a `samplers.SAMPLERS` name (None: `samplers.DEFAULT_SAMPLER`); steps, t0, dc, dc_weight,
-            dc_lambda: its options (None: the sampler's registry defaults).
+            dc_lambda, dc_floor: its options (None: the sampler's registry defaults).
         seed: seeds the sampling noise.
         batch_size: slices per sampler call.
         log_images: log the image grid.
@@ -96,7 +207,8 @@ class SamplerCallback(Callback):
     def __init__(self, every_n_val: int = 1, regimes: list[str] | None = None, n_slices: int = 4,
                  sampler: str | None = None, steps: int | None = None, t0: float | None = None,
                  dc: str | None = None, dc_weight: float | None = None, dc_lambda: float | None = None,
-                 seed: int = 0, batch_size: int = 4, log_images: bool = True) -> None:
+                 dc_floor: float | None = None, seed: int = 0, batch_size: int = 4,
+                 log_images: bool = True) -> None:
         super().__init__()
         for name, value in (("every_n_val", every_n_val), ("n_slices", n_slices), ("batch_size", batch_size)):
             if value < 1:
@@ -106,7 +218,7 @@ class SamplerCallback(Callback):
             raise ValueError(f"SamplerCallback: unknown regime(s) {', '.join(unknown)}; "
                              f"choose from {', '.join(REGIMES)}")
         self.sampler_options = {"name": sampler, "steps": steps, "t0": t0, "dc": dc, "dc_weight": dc_weight,
-                                "dc_lambda": dc_lambda}
+                                "dc_lambda": dc_lambda, "dc_floor": dc_floor}
         self.sampler = build_sampler(**self.sampler_options).name  # a bad configuration fails now
         self.every_n_val, self.n_slices = every_n_val, n_slices
         self.regimes = list(regimes) if regimes else None

@@ -18,18 +18,20 @@ Both are exact embeddings of one network's behaviour in the other's domain; fine
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
-import tempfile
+import pickle
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from datamodules.errors import InputError
-from datamodules.io import usual_permissions
+from datamodules.io import atomic_path, check_input_file
 from lightning_modules.ddpm import DDPM
 
 _PREFIX = "module."
@@ -45,25 +47,100 @@ class CheckpointError(InputError):
     """A checkpoint that cannot be read or does not fit the network; a one-line message naming the file."""
 
 
+#: the legacy (non-zip) `torch.save` format starts with this pickled magic number
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def is_torch_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a file `torch.save` wrote (a zip archive with a `data.pkl`, or the legacy format)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist())
+        with open(path, "rb") as fh:
+            return fh.read(len(_LEGACY_TORCH_MAGIC)) == _LEGACY_TORCH_MAGIC
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def load_torch_file(path: str | os.PathLike, label: str = "",
+                    error: type[InputError] = CheckpointError) -> Any:
+    """`torch.load(path, map_location="cpu", weights_only=True)`: never unpickles arbitrary objects (a crafted
+    file cannot run code). Any failure -> `error`, one line naming the file and the reason: missing, a
+    folder, empty, not a PyTorch file (a text file, other data), refused (objects other than tensors and plain
+    containers, with the first one named), or damaged (torch's reason, whole)."""
+    path = check_input_file(path, label, "checkpoint file", error)
+    name = f"{label} {path}".strip()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for non-checkpoints (pickle, zip, EOF, Runtime)
+        raise error(f"{name}: {_load_failure(path, err)}") from None
+
+
+def _load_failure(path: Path, err: Exception) -> str:
+    """Why `torch.load` failed on `path`, in words, on one line."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(256)
+    except OSError as read_err:
+        return f"cannot read it ({read_err.strerror or type(read_err).__name__})"
+    reason = f"{type(err).__name__}: {' '.join(str(err).split())}".rstrip(": ")
+    if not head:
+        return "not a PyTorch checkpoint (the file is empty)"
+    is_zip = zipfile.is_zipfile(path)
+    if head.startswith(b"PK\x03\x04") and not is_zip:
+        return f"a damaged or truncated PyTorch checkpoint ({reason})"
+    if is_zip and not is_torch_file(path):
+        return "not a PyTorch checkpoint (a zip archive without torch's data.pkl)"
+    if not is_zip and not head.startswith(_LEGACY_TORCH_MAGIC):
+        try:  # incremental: a character cut by the 256-byte window is not an error
+            text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError:
+            text = None
+        if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+            return f"not a PyTorch checkpoint (a text file starting {' '.join(text.split())[:40]!r})"
+        return (f"not a PyTorch checkpoint (it starts with the bytes {head[:8]!r}, neither torch's zip nor "
+                "its legacy format)")
+    message = str(err)
+    if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in message:
+        lines = [line for line in message.splitlines() if "WeightsUnpickler error:" in line]
+        detail = lines[0].split("error:", 1)[1].split(" was not an allowed global")[0] if lines else ""
+        detail = " ".join(detail.split())
+        return ("refused to load: it holds objects other than tensors and plain containers"
+                + (f" ({detail})" if detail else "") + "; unpickling them could run code")
+    return f"a damaged or truncated PyTorch checkpoint ({reason})"
+
+
 def ddpm_kwargs_from_config(config: Mapping | str | os.PathLike) -> dict:
     """DDPM constructor arguments from a score_sde config in the nested layout (a dict or a JSON file path).
 
     Architecture fields (nf, ch_mult, num_res_blocks, attn_resolutions, image_size, num_channels, centered)
     are required; the others default to score_sde's defaults.
     """
+    where = "the score_sde config"
     if not isinstance(config, Mapping):
+        path = check_input_file(config, "", "score_sde config file", CheckpointError)
+        where = f"{path}: the score_sde config"
         try:
-            config = json.loads(Path(config).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{config}: cannot read the score_sde config JSON ({err})") from err
-    model, data = dict(config.get("model", {})), dict(config.get("data", {}))
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path}: cannot read the score_sde config JSON "
+                                  f"({type(err).__name__}: {' '.join(str(err).split())})") from None
+        if not isinstance(config, Mapping):
+            raise CheckpointError(f"{where} is a JSON {type(config).__name__}, expected an object with "
+                                  "'model' and 'data' sections")
+    sections = {key: config.get(key, {}) for key in ("model", "data")}
+    bad = [key for key, value in sections.items() if not isinstance(value, Mapping)]
+    if bad:
+        raise CheckpointError(f"{where}: section {bad[0]!r} must be a mapping")
+    model, data = dict(sections["model"]), dict(sections["data"])
     if model.get("name", "ddpm") != "ddpm":
-        raise CheckpointError(f"config model.name is {model['name']!r}; lfmri loads 'ddpm' networks only")
+        raise CheckpointError(f"{where}: model.name is {model['name']!r}; lfmri loads 'ddpm' networks only")
     kwargs = {k: model[k] for k in _MODEL_FIELDS if k in model}
     kwargs.update({k: data[k] for k in _DATA_FIELDS if k in data})
     missing = [k for k in _REQUIRED if k not in kwargs]
     if missing:
-        raise CheckpointError(f"config lacks {', '.join(missing)} (nested layout: 'model', 'data' sections)")
+        raise CheckpointError(f"{where} lacks {', '.join(missing)} (nested layout: 'model', 'data' sections)")
     for k in ("ch_mult", "attn_resolutions"):
         kwargs[k] = tuple(kwargs[k])
     return kwargs
@@ -71,13 +148,7 @@ def ddpm_kwargs_from_config(config: Mapping | str | os.PathLike) -> dict:
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
     """(model state dict without the DataParallel prefix, ema state or None) of a score_sde checkpoint."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for non-checkpoints (pickle, zip, EOF, Runtime)
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from err
+    obj = load_torch_file(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a score_sde checkpoint (a {type(obj).__name__}, expected a dict)")
     if "state_dict" in obj and "pytorch-lightning_version" in obj:
@@ -183,16 +254,8 @@ def load_score_sde_checkpoint(path: str | os.PathLike, model_config: Mapping | s
 
 
 def _atomic_save(obj: object, path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    usual_permissions(tmp)
-    try:
+    with atomic_path(path) as tmp:
         write(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_score_sde_checkpoint(net: DDPM, path: str | os.PathLike,

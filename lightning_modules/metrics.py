@@ -30,6 +30,7 @@ __all__ = [
     "VolumeSSIM",
     "nmse_volume",
     "psnr_volume",
+    "slice_metrics",
     "ssim_slices",
     "ssim_volume",
 ]
@@ -103,6 +104,18 @@ def nmse_volume(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> float:
     """fastMRI's NMSE `||pred - ref||^2 / ||ref||^2` over the whole volume (fraction)."""
     pred, ref = _pair(pred, ref)
     return float(torch.sum((ref - pred) ** 2) / torch.sum(ref**2))
+
+
+def slice_metrics(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> dict[str, np.ndarray]:
+    """Per-slice SSIM, PSNR (dB) and NMSE (fraction) of a volume, float64 `[S]` each, every slice with the
+    VOLUME's `data_range = ref.max()` (the spread of a single subject's slices; their SSIM mean is
+    `ssim_volume`; a slice's NMSE divides by that slice's energy, inf for an all-zero reference slice)."""
+    pred, ref = _pair(pred, ref)
+    se = ((ref - pred) ** 2).flatten(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        psnr = (10 * torch.log10(ref.max() ** 2 / se.mean(dim=1))).cpu().numpy()
+        nmse = (se.sum(dim=1) / (ref**2).flatten(1).sum(dim=1)).cpu().numpy()
+    return {"ssim": ssim_slices(pred, ref).cpu().numpy(), "psnr": psnr, "nmse": nmse}
 
 
 class _VolumeMetric(Metric):

@@ -27,6 +27,8 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from datamodules.errors import InputError
+from datamodules.options import check_options, number, ordered_range, sequence
 from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpoint
 from lightning_modules.ddpm import DDPM
 from lightning_modules.ema import EMA
@@ -56,9 +58,35 @@ class ScoreModel(LightningModule):
     Optimisation: lr, weight_decay (AdamW), warmup_steps, ema_decay, compile (torch.compile the network in
     setup), val_seed.
     Predict (`lfmri predict`): predict_sampler (a `samplers.SAMPLERS` name), predict_steps, predict_t0,
-    predict_dc, predict_dc_weight, predict_dc_lambda (None: the sampler registry's defaults); see
-    `predict_step`.
+    predict_dc, predict_dc_weight, predict_dc_lambda, predict_dc_floor (None: the sampler registry's
+    defaults); see `predict_step`.
     """
+
+    #: ranges of the options (their types are the signature's); checked first in `__init__`, with the
+    #: GroupNorm divisibility of the channel counts and a non-zero loss. The predict_* options are the
+    #: sampler registry's (`samplers.build_sampler` checks them).
+    OPTION_RULES = {
+        "nf": number(1, integer=True),
+        "ch_mult": sequence(number(1, integer=True), min_len=1),
+        "num_res_blocks": number(1, integer=True),
+        "attn_resolutions": sequence(number(1, integer=True)),
+        "dropout": number(0, 1, high_open=True),
+        "image_size": number(1, integer=True),
+        "num_channels": number(1, integer=True),
+        "sigma_min": number(0, low_open=True),
+        "sigma_max": number(0, low_open=True),
+        "num_scales": number(1, integer=True),
+        "num_groups": number(1, integer=True),
+        "beta_min": number(0),
+        "beta_max": number(0, low_open=True),
+        "dsm_weight": number(0),
+        "supervised_weight": number(0),
+        "supervised_t0": ordered_range(0, 1),
+        "lr": number(0, low_open=True),
+        "weight_decay": number(0),
+        "warmup_steps": number(0, integer=True),
+        "ema_decay": number(0, 1),
+    }
 
     def __init__(self, nf: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
@@ -76,10 +104,18 @@ class ScoreModel(LightningModule):
                  ema_decay: float = 0.9999, compile: bool = False, val_seed: int = 0,
                  predict_sampler: str | None = None, predict_steps: int | None = None,
                  predict_t0: float | None = None, predict_dc: str | None = None,
-                 predict_dc_weight: float | None = None, predict_dc_lambda: float | None = None) -> None:
+                 predict_dc_weight: float | None = None, predict_dc_lambda: float | None = None,
+                 predict_dc_floor: float | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         hp = self.hparams
+        check_options(hp, self.OPTION_RULES)  # before anything is built
+        channels = [hp.nf * m for m in hp.ch_mult]
+        if any(c % hp.num_groups for c in [hp.nf, *channels]):
+            raise InputError(f"num_groups must divide the channel counts nf * ch_mult = {channels}, "
+                             f"got {hp.num_groups}")
+        if hp.dsm_weight == 0 and hp.supervised_weight == 0:
+            raise InputError("dsm_weight and supervised_weight are both 0: nothing to train; make one > 0")
         self.net = DDPM(**{k: hp[k] for k in NET_ARGS})
         self.sde = VPSDE(beta_min=beta_min, beta_max=beta_max)
         self.ema = EMA(self.net.parameters(), decay=ema_decay)
@@ -196,7 +232,8 @@ class ScoreModel(LightningModule):
         Uses `degraded` [B, 2, H, W] as the warm start, `y` [B, 1, H, W] and `params` (the forward operator;
         neutral for a user's own NIfTI, i.e. plain Fourier sampling); the k-space noise level is estimated
         from `y` (a user's measurement has none recorded). Sampler: `predict_sampler`, `predict_steps`,
-        `predict_t0`, `predict_dc`, `predict_dc_weight`, `predict_dc_lambda` (None: the registry's defaults);
+        `predict_t0`, `predict_dc`, `predict_dc_weight`, `predict_dc_lambda`, `predict_dc_floor` (None: the
+        registry's defaults);
         the seed is `val_seed` and each slice's randomness depends on its slice index only. Returns
         `reconstruction` and `std` (magnitude [B, 1, H, W], normalised units: multiply by `scale`),
         `noise_sigma` [B] (normalised units), with `subject`, `slice` and `scale` passed through;
@@ -208,7 +245,8 @@ class ScoreModel(LightningModule):
         hp = self.hparams
         sampler = build_sampler(hp.predict_sampler, steps=hp.predict_steps, t0=hp.predict_t0,
                                 dc=hp.predict_dc, dc_weight=hp.predict_dc_weight,
-                                dc_lambda=hp.predict_dc_lambda, sde=self.sde)
+                                dc_lambda=hp.predict_dc_lambda, dc_floor=hp.predict_dc_floor,
+                                sde=self.sde)
         n = batch["degraded"].shape[0]
         result = Reconstructor(self.score_fn(), sampler, n, self.device)(
             batch["degraded"], batch["y"], batch["params"], batch["slice"].tolist(), seed=hp.val_seed,

@@ -314,8 +314,8 @@ def posterior_samples(
 @dataclass(frozen=True)
 class SamplerSpec:
     """A named sampler configuration and its defaults: the sample function, number of steps, start time, the
-    data-consistency kind and its strength (`dc_weight` of the gradient step, `dc_lambda` of the proximal
-    step's coupling rho_t = dc_lambda / sigma_t^2)."""
+    data-consistency kind and its strength (`dc_weight` of the gradient step; `dc_lambda` and `dc_floor` of
+    the proximal step's coupling rho_t = 1 / (sigma_t^2 / dc_lambda + dc_floor^2))."""
 
     sample_fn: SampleFn
     steps: int
@@ -323,19 +323,21 @@ class SamplerSpec:
     dc: DCKind
     dc_weight: float = 0.3
     dc_lambda: float = 1.0
+    dc_floor: float = 0.0
 
 
 #: name -> configuration and defaults (the one place they are set). "pc" is the paper's reference: score-MRI's
 #: N = 2000 predictor steps with one corrector each (NFE 4000), the gradient DC step of weight 0.3 after each.
 #: The others use the noise-aware proximal DC. warm_ddim's t0, steps and dc_lambda were chosen on VALIDATION
 #: volumes with `experiments/benchmarks/sampling.py --tune warm_ddim` (experiments/RESULTS.md: the proximal
-#: step needs a strong coupling, lambda ~ 32; fewer steps from a lower t0 beat more steps); the other samplers
-#: share its dc_lambda, not tuned separately.
+#: step needs a strong coupling, lambda ~ 32; fewer steps from a lower t0 beat more steps), its dc_floor with
+#: `--defaults-only --floors` at 30 dB and at the regimes' 2-7 dB (0.02: keeps precise data, neutral at low
+#: SNR; 0.05 and more amplify noise where blur attenuates k-space); the other samplers share them, untuned.
 SAMPLERS: dict[str, SamplerSpec] = {
     "pc": SamplerSpec(pc_sampler, steps=2000, t0=1.0, dc="gradient", dc_weight=0.3),
-    "warm_pc": SamplerSpec(pc_sampler, steps=30, t0=0.4, dc="proximal", dc_lambda=32.0),
-    "ddim": SamplerSpec(ddim_sampler, steps=50, t0=1.0, dc="proximal", dc_lambda=32.0),
-    "warm_ddim": SamplerSpec(ddim_sampler, steps=10, t0=0.25, dc="proximal", dc_lambda=32.0),
+    "warm_pc": SamplerSpec(pc_sampler, steps=30, t0=0.4, dc="proximal", dc_lambda=32.0, dc_floor=0.02),
+    "ddim": SamplerSpec(ddim_sampler, steps=50, t0=1.0, dc="proximal", dc_lambda=32.0, dc_floor=0.02),
+    "warm_ddim": SamplerSpec(ddim_sampler, steps=10, t0=0.25, dc="proximal", dc_lambda=32.0, dc_floor=0.02),
 }
 #: the sampler every command uses when the user names none
 DEFAULT_SAMPLER = "warm_ddim"
@@ -355,6 +357,7 @@ class Sampler:
     dc: DCKind = "proximal"
     dc_weight: float = 0.3
     dc_lambda: float = 1.0
+    dc_floor: float = 0.0
     last_nfe: int = field(default=0, init=False)
 
     @property
@@ -371,6 +374,7 @@ class Sampler:
             out["dc_weight"] = self.dc_weight
         elif self.dc == "proximal":
             out["dc_lambda"] = self.dc_lambda
+            out["dc_floor"] = self.dc_floor
         return out
 
     def make_dc(self, A: LinearOperator | None, y: Tensor | None,
@@ -383,7 +387,7 @@ class Sampler:
             return GradientDC(A, y, self.dc_weight)
         if noise_sigma is None:
             raise ValueError("the proximal data consistency needs the k-space noise std (noise_sigma)")
-        return ProximalDC(A, y, noise_sigma, self.dc_lambda)
+        return ProximalDC(A, y, noise_sigma, self.dc_lambda, self.dc_floor)
 
     def __call__(self, score_fn: ScoreFn, x_init: Tensor, A: LinearOperator | None = None,
                  y: Tensor | None = None, generator: Generators = None, callback: Callback | None = None,
@@ -408,8 +412,8 @@ class Sampler:
 
 def build_sampler(name: str | None = None, steps: int | None = None, t0: float | None = None,
                   dc: DCKind | None = None, dc_weight: float | None = None, dc_lambda: float | None = None,
-                  snr: float = 0.16, n_corrector: int = 1, eta: float = 0.0, eps: float = 1e-3,
-                  autocast: bool = False, sde: VPSDE | None = None) -> Sampler:
+                  dc_floor: float | None = None, snr: float = 0.16, n_corrector: int = 1, eta: float = 0.0,
+                  eps: float = 1e-3, autocast: bool = False, sde: VPSDE | None = None) -> Sampler:
     """A `Sampler` from a `SAMPLERS` name (None: `DEFAULT_SAMPLER`); None for any option takes the name's
     registry default. `sde` gives beta_min / beta_max (the score model's SDE; default VPSDE()).
     Unknown name or an invalid option -> ValueError."""
@@ -420,12 +424,15 @@ def build_sampler(name: str | None = None, steps: int | None = None, t0: float |
     dc = spec.dc if dc is None else dc
     dc_weight = spec.dc_weight if dc_weight is None else float(dc_weight)
     dc_lambda = spec.dc_lambda if dc_lambda is None else float(dc_lambda)
+    dc_floor = spec.dc_floor if dc_floor is None else float(dc_floor)
     if dc not in ("proximal", "gradient", "none"):
         raise ValueError(f"unknown data consistency {dc!r}; choose proximal, gradient or none")
     if not math.isfinite(dc_weight) or dc_weight < 0:
         raise ValueError(f"dc_weight must be finite and >= 0, got {dc_weight}")
     if not math.isfinite(dc_lambda) or dc_lambda <= 0:
         raise ValueError(f"dc_lambda must be finite and > 0, got {dc_lambda}")
+    if not math.isfinite(dc_floor) or dc_floor < 0:
+        raise ValueError(f"dc_floor must be finite and >= 0, got {dc_floor}")
     sde = sde or VPSDE()
     schedule = Schedule.make(
         spec.steps if steps is None else int(steps), spec.t0 if t0 is None else float(t0), eps=eps,
@@ -437,4 +444,4 @@ def build_sampler(name: str | None = None, steps: int | None = None, t0: float |
                          f"a full grid of N = {schedule.sde.N} <= beta_max = {schedule.sde.beta_max:g} "
                          "steps, which score_sde's discretisation cannot take: more steps or a smaller t0")
     return Sampler(name=name, sample_fn=spec.sample_fn, schedule=schedule, dc=dc, dc_weight=dc_weight,
-                   dc_lambda=dc_lambda)
+                   dc_lambda=dc_lambda, dc_floor=dc_floor)

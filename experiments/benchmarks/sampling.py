@@ -204,6 +204,9 @@ def main() -> None:
     p.add_argument("--tune", default=None, help="tune this sampler's t0 / steps / dc_lambda (grid) instead")
     p.add_argument("--defaults-only", action="store_true",
                    help="only the default sampler with its registry defaults (and the degraded input)")
+    p.add_argument("--floors", default=None,
+                   help="--defaults-only: comma-separated dc_floor values, one row each "
+                        "(default: the registry's)")
     p.add_argument("--size", type=int, default=256, help="image size for --random-34m")
     p.add_argument("--timing-only", action="store_true", help="--random-34m: time the default sampler only")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast around the network")
@@ -251,9 +254,11 @@ def main() -> None:
         print(f"\nbest on {args.split} (mean SSIM over regimes): {best()['config']}")
         print_table([rows[0]] + sorted(rows[1:], key=lambda r: -r["ssim"]), regimes, None)
     elif args.defaults_only:
-        sampler = build_sampler(**common)
-        rows.append(evaluate_config(f"{sampler.name} (registry defaults)", sampler, score_fn, volumes, device,
-                                    args))
+        floors = [None] if args.floors is None else [float(f) for f in args.floors.split(",")]
+        for floor in floors:
+            sampler = build_sampler(dc_floor=floor, **common)
+            label = f"{sampler.name} (registry defaults{'' if floor is None else f', floor {floor:g}'})"
+            rows.append(evaluate_config(label, sampler, score_fn, volumes, device, args))
         print_table(rows, regimes, None)
     else:
         ref = evaluate_config("pc (gradient, w=0.3)", build_sampler("pc", steps=args.steps_ref, **common),

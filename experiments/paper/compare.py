@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from lfmri.baselines import BASELINES as _BASELINES
+
 REGIMES = ("noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0")
 LABELS = {"noise": "noise", "noise_blur": "noise + blur", "noise_blur_t2star": "noise + blur + T2*",
           "noise_blur_t2star_b0": "noise + blur + T2* + B0"}
@@ -33,7 +35,7 @@ PAPER: dict[str, dict[str, tuple[float, float] | None]] = {
 #: (key, heading, display scale, decimals, higher is better)
 METRICS = (("ssim", "SSIM", 1.0, 3, True), ("psnr", "PSNR (dB)", 1.0, 2, True),
            ("nmse", "NMSE (%)", 100.0, 2, False))
-BASELINES = ("degraded", "tv", "nlm")
+BASELINES = tuple(_BASELINES)  # every classical method `lfmri evaluate` can run, in registry order
 OURS = "lfmri"
 
 #: {column: {regime: {subject: {metric: value}}}}

@@ -22,7 +22,7 @@ Small scale on the shipped data (CPU, minutes; `DATA` = `bundled`):
      exported in score_sde's format with `lfmri export` (OUT/clinical.pth + .json);
   1.-2. fine-tuned on the AXIAL slices (small_finetune.yaml) from that file through the same import path;
      the same model is also trained from scratch for the same steps;
-  3.-4. both are evaluated on the bundled source's test volumes (2 real held-out brains) and compared.
+  3.-4. both are evaluated on the bundled source's test subject (Colin27, a real held-out brain) and compared.
 
 Every command is printed and recorded with its wall time in OUT/protocol.md and OUT/protocol.json; the
 resolved configuration of each fit is written to OUT/<stage>/config.yaml (evaluation reads its data block).
@@ -100,6 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dc", default=None, help="lfmri evaluate --dc (default: the sampler's)")
     p.add_argument("--dc-weight", type=float, default=None, help="lfmri evaluate --dc-weight")
     p.add_argument("--dc-lambda", type=float, default=None, help="lfmri evaluate --dc-lambda")
+    p.add_argument("--dc-floor", type=float, default=None, help="lfmri evaluate --dc-floor")
     p.add_argument("--max-slices-per-subject", type=int, default=None, help="lfmri evaluate option")
     p.add_argument("--baselines", default="all", help="lfmri evaluate --baselines (all | none | tv,nlm)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="lfmri evaluate --batch-size")
@@ -329,6 +330,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
     options += ["--dc", args.dc] if args.dc else []
     options += ["--dc-weight", str(args.dc_weight)] if args.dc_weight is not None else []
     options += ["--dc-lambda", str(args.dc_lambda)] if args.dc_lambda is not None else []
+    options += ["--dc-floor", str(args.dc_floor)] if args.dc_floor is not None else []
     if args.max_slices_per_subject:
         options += ["--max-slices-per-subject", str(args.max_slices_per_subject)]
     cmds = []

@@ -82,30 +82,24 @@ def _validate(args: argparse.Namespace) -> None:
     lo, hi = SNR_DB_LIMITS
     if args.snr_db is not None and not (math.isfinite(args.snr_db) and lo <= args.snr_db <= hi):
         raise InputError(f"--snr-db: {args.snr_db:g} dB is outside the supported range [{lo:g}, {hi:g}] dB")
-    if args.slice_axis not in (-3, -2, -1, 0, 1, 2):
-        raise InputError(f"--slice-axis: {args.slice_axis} is not an axis of a 3D volume (0, 1 or 2)")
+    from datamodules.transforms import check_slice_axis
+
+    check_slice_axis(args.slice_axis)
     if args.seed < 0:
         raise InputError(f"--seed: must be >= 0, got {args.seed}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.noise_level not in NOISE_LEVELS:
         raise InputError(f"--noise-level: unknown value {args.noise_level!r}; choose volume or slice")
-    from datamodules.io import nifti_suffix
+    from datamodules.io import NIFTI_SUFFIXES, check_output_file
 
-    output = Path(args.output)
-    if nifti_suffix(output) is None:
-        raise InputError(f"{output}: output must end with .nii or .nii.gz")
-    for path in [output] + ([Path(args.kspace_out)] if args.kspace_out else []):
-        if not path.parent.is_dir():
-            raise InputError(f"{path}: output folder {path.parent} does not exist")
-        if path.is_dir():
-            raise InputError(f"{path}: is a folder, expected a file path")
-    if Path(args.input).exists() and output.exists() and output.resolve() == Path(args.input).resolve():
-        raise InputError(f"{output}: output would overwrite the input")
-    if args.kspace_out and Path(args.kspace_out).resolve() == output.resolve():
-        raise InputError(f"--kspace-out: {args.kspace_out} is the same file as the output")
-    if args.kspace_out and Path(args.kspace_out).resolve() == Path(args.input).resolve():
-        raise InputError(f"--kspace-out: {args.kspace_out} would overwrite the input")
+    # the outputs (the NIfTI, its JSON, the k-space file), before any work: the shared checks
+    output = check_output_file(args.output, "OUTPUT", NIFTI_SUFFIXES, (args.input,))
+    check_output_file(str(args.output) + ".json", "OUTPUT.json", (), (args.input,))
+    if args.kspace_out:
+        kspace = check_output_file(args.kspace_out, "--kspace-out", (), (args.input,))
+        if kspace.resolve() == output.resolve():
+            raise InputError(f"--kspace-out: {args.kspace_out} is the same file as the output")
 
 
 def slice_seed(seed: int, index: int) -> int:

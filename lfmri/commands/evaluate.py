@@ -4,11 +4,16 @@
 
 CFG is a LightningCLI YAML; only its `data:` block (class_path + init_args) is used. Degradations are the
 data module's deterministic test degradations (a pure function of subject, slice, regime and its seed); the
-baselines (degraded input, TV, NL-means) are tuned once per regime on the data module's validation subjects.
-Writes DIR/results.csv, results.md, results.json and figure.png (atomically: all or nothing) and prints the
-markdown table. Slices are reconstructed at the data module's resolution (native unless its `image_size`
-asks for resizing) by the one inference path with the sampler registry's defaults. Bad input (a checkpoint
-that is not ours, an unknown regime, ...) -> one line on stderr, exit code 2, nothing written.
+baselines (`lfmri.baselines`: the degraded input; TV and NL-means on the magnitude or on the complex image;
+BM3D when the optional extra is installed; model-based TV with the forward operator) are tuned once per
+regime on the data module's validation subjects; each result row records the method's seconds per slice.
+`--reference-pc-steps N` adds the paper's reference sampler (method `lfmri_pc`) on the same slices and seeds.
+Writes DIR/results.csv, results.md, results.json, slices.csv (per-slice metrics) and figure.png (each
+method's image and error map) atomically (all or nothing) and prints results.md: the benchmark tables (a row
+per method, a column per regime; mean ± std across subjects, or over the slices of a single test subject),
+then one block per method. Slices are reconstructed at the data module's resolution (native unless its
+`image_size` asks for resizing) by the one inference path with the sampler registry's defaults. Bad input (a
+checkpoint that is not ours, an unknown regime, ...) -> one line on stderr, exit code 2, nothing written.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 from pathlib import Path
 
 from datamodules.errors import InputError
+from lfmri.commands.sampler_options import add_sampler_arguments, sampler_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,17 +35,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="LightningCLI YAML with a data: block")
     p.add_argument("--regimes", default="all", help="all, or a comma-separated list of regimes")
     p.add_argument("--out", required=True, help="output folder for results.csv / .md / .json and figure.png")
-    p.add_argument("--baselines", default="all", help="all | none | comma-separated among tv, nlm")
-    p.add_argument("--sampler", default=None,
-                   help="sampler name (pc, warm_pc, ddim, warm_ddim; default: the registry's default)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
-    p.add_argument("--t0", type=float, default=None, help="start time in (0, 1] (default: the sampler's)")
-    p.add_argument("--dc", default=None, choices=("proximal", "gradient", "none"),
-                   help="data consistency (default: the sampler's)")
-    p.add_argument("--dc-lambda", type=float, default=None,
-                   help="proximal DC coupling lambda (default: the sampler's)")
-    p.add_argument("--dc-weight", type=float, default=None,
-                   help="gradient DC step weight (default: the sampler's)")
+    p.add_argument("--baselines", default="all",
+                   help="all (the installed ones) | none | comma-separated among "
+                        "tv, nlm, tv_complex, nlm_complex, bm3d, bm3d_complex (pip install 'lfmri[bm3d]'), "
+                        "tv_model")
+    add_sampler_arguments(p)
+    p.add_argument("--reference-pc-steps", type=int, default=0,
+                   help="also score the paper's reference sampler as method lfmri_pc: score-MRI's "
+                        "predictor-corrector with N predictor steps (2N NFE) and gradient DC w = 0.3, on the "
+                        "same slices and seeds (default 0: off; the paper uses 2000)")
     p.add_argument("--samples", type=int, default=1, help="posterior samples per slice (mean scored)")
     p.add_argument("--max-slices-per-subject", type=int, default=None,
                    help="evenly spaced slices per volume (default: the data module's eval_slices_per_volume)")
@@ -64,13 +68,15 @@ def parse_regimes(spec: str) -> list[str]:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
+    from datamodules.io import check_output_dir
+
+    check_output_dir(args.out, "--out")  # before any computing: not a file, a writable place for it
     for name in ("samples", "batch_size", "steps", "max_slices_per_subject"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    if args.reference_pc_steps < 0:
+        raise InputError(f"--reference-pc-steps: must be >= 0, got {args.reference_pc_steps}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
         run_evaluation,
         write_results,
     )
-    from lightning_modules.samplers import build_sampler
 
     _validate(args)
     regimes = parse_regimes(args.regimes)
@@ -92,8 +97,13 @@ def run(args: argparse.Namespace) -> int:
         baselines = parse_baselines(args.baselines)
         device = resolve_device(args.device)
         model = load_score_model(args.ckpt, device)
-        sampler = build_sampler(args.sampler, steps=args.steps, t0=args.t0, dc=args.dc,
-                                dc_weight=args.dc_weight, dc_lambda=args.dc_lambda, sde=model.sde)
+        sampler = sampler_from_args(args, model.sde)
+        others = {}
+        if args.reference_pc_steps:
+            from lightning_modules.samplers import build_sampler
+
+            others["lfmri_pc"] = build_sampler("pc", steps=args.reference_pc_steps, dc="gradient",
+                                               dc_weight=0.3, sde=model.sde)
     except ValueError as err:  # InputError included
         raise InputError(str(err)) from None
     overrides = {} if args.max_slices_per_subject is None else {
@@ -101,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
     datamodule = load_datamodule(args.config, **overrides)
     settings = {"ckpt": str(Path(args.ckpt).resolve()), "config": str(Path(args.config).resolve()),
                 **sampler.settings(), "samples": args.samples, "seed": args.seed, "device": str(device)}
+    settings.update({f"{name}: {k}": v for name, s in others.items() for k, v in s.settings().items()})
     result = run_evaluation(model, datamodule, regimes, baselines, sampler, samples=args.samples,
-                            batch_size=args.batch_size, seed=args.seed, device=device, settings=settings)
+                            batch_size=args.batch_size, seed=args.seed, device=device, settings=settings,
+                            other_samplers=others)
     write_results(result, args.out)
     print(format_markdown(result))
-    print(f"wrote {Path(args.out) / 'results.csv'}, results.md, results.json, figure.png")
+    print(f"wrote {Path(args.out) / 'results.csv'}, results.md, results.json, slices.csv, figure.png")
     return 0

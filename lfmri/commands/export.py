@@ -7,16 +7,22 @@ score_sde, score-MRI or `lightning_modules.checkpoint.load_score_sde_checkpoint`
 `--weights ema` (default) writes the EMA weights into both `model` and `ema` (whatever a consumer reads, it
 gets the weights lfmri validates and samples with); `--weights model` writes the raw training weights into
 `model` and the EMA into `ema`, as score_sde's own training saves them.
+
+OUT must end with .pth or .pt and the config with .json; an existing file is replaced only when it is of the
+same kind (a PyTorch checkpoint, a JSON file), so a mistyped name never overwrites a NIfTI volume or a YAML
+config. Both are checked before the checkpoint is read.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from datamodules.errors import InputError
+from datamodules.io import check_output_file
 from lfmri.evaluation import read_lightning_checkpoint, score_model_from_checkpoint
-from lightning_modules.checkpoint import export_score_sde_checkpoint
+from lightning_modules.checkpoint import export_score_sde_checkpoint, is_torch_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="Lightning checkpoint -> score_sde checkpoint",
                               description=__doc__.split("\n\n")[1])
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) of a ScoreModel")
-    p.add_argument("out", help="output score_sde checkpoint (.pth)")
+    p.add_argument("out", help="output score_sde checkpoint (.pth or .pt)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="weights written into `model` (default: ema)")
     p.add_argument("--config-out", default=None,
@@ -32,16 +38,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Export; prints the written paths."""
-    ckpt = read_lightning_checkpoint(args.ckpt)
-    model, step = score_model_from_checkpoint(ckpt, args.ckpt), int(ckpt.get("global_step", 0))
+#: suffixes of the exported score_sde checkpoint
+CHECKPOINT_SUFFIXES = (".pth", ".pt")
+
+
+def _is_json_file(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(OUT, config JSON) checked before any work: suffixes, writable folders, not the input, and an existing
+    file replaced only when it is of the same kind."""
     out = Path(args.out)
     config_out = Path(args.config_out) if args.config_out else out.with_suffix(".json")
+    check_output_file(out, "OUT", CHECKPOINT_SUFFIXES)
+    check_output_file(config_out, "--config-out", (".json",))
     if out.resolve() == Path(args.ckpt).resolve():
         raise InputError(f"{out}: the export would overwrite the Lightning checkpoint it reads")
     if config_out.resolve() in (out.resolve(), Path(args.ckpt).resolve()):
         raise InputError(f"{config_out}: the config JSON would overwrite a checkpoint (choose --config-out)")
+    if out.is_file() and not is_torch_file(out):
+        raise InputError(f"OUT {out}: exists and is not a PyTorch checkpoint; not replaced (remove it or "
+                         "choose another name)")
+    if config_out.is_file() and not _is_json_file(config_out):
+        raise InputError(f"--config-out {config_out}: exists and is not a JSON file; not replaced (remove it "
+                         "or choose another name with --config-out)")
+    return out, config_out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export; prints the written paths."""
+    out, config_out = _check_outputs(args)
+    ckpt = read_lightning_checkpoint(args.ckpt)
+    model, step = score_model_from_checkpoint(ckpt, args.ckpt), int(ckpt.get("global_step", 0))
     ema = model.ema
     if args.weights == "ema":
         net = model.frozen_net(use_ema=True)

@@ -3,18 +3,22 @@
 REF and PRED are NIfTI magnitude volumes of the same shape. The metrics follow fastMRI's `evaluate.py` on the
 whole volume: SSIM is the mean over slices (taken along `--slice-axis`, default the last) of scikit-image's
 SSIM with a 7x7 uniform window and data range = the reference volume's maximum; PSNR (dB) uses the same data
-range; NMSE = ||PRED - REF||^2 / ||REF||^2. Prints one JSON line {"ssim": ..., "psnr": ..., "nmse": ...}.
+range; NMSE = ||PRED - REF||^2 / ||REF||^2. Prints one line of standard JSON {"ssim": ..., "psnr": ...,
+"nmse": ...}; a value that is not finite is printed as null: "psnr" is null when PRED equals REF (the PSNR of
+identical volumes is infinite), never Python's non-standard `Infinity`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 
 from datamodules.errors import InputError
 from datamodules.io import load_nifti
+from datamodules.transforms import check_slice_axis
 from lightning_modules.metrics import SSIM_WIN_SIZE, nmse_volume, psnr_volume, ssim_volume
 
 
@@ -43,8 +47,7 @@ def volume_metrics(ref: np.ndarray, pred: np.ndarray, slice_axis: int = 2) -> di
 
 def run(args: argparse.Namespace) -> int:
     """Load both volumes, check them, print the metrics as JSON."""
-    if args.slice_axis not in (0, 1, 2, -1, -2, -3):
-        raise InputError(f"--slice-axis {args.slice_axis}: must be 0, 1 or 2 for a 3D volume")
+    check_slice_axis(args.slice_axis)
     ref, _ = load_nifti(args.ref)
     pred, _ = load_nifti(args.pred)
     if ref.shape != pred.shape:
@@ -56,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
     if not float(ref.max()) > 0:
         raise InputError(f"{args.ref}: the reference volume's maximum is {float(ref.max()):g}; "
                          "the data range must be positive")
-    print(json.dumps(volume_metrics(ref, pred, args.slice_axis)))
+    metrics = volume_metrics(ref, pred, args.slice_axis)
+    print(json.dumps({k: v if math.isfinite(v) else None for k, v in metrics.items()}, allow_nan=False))
     return 0

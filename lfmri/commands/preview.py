@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from datamodules.errors import InputError
-from datamodules.io import atomic_path
+from datamodules.io import atomic_path, check_output_file
 from lfmri.data_config import load_datamodule
 
 REGIME_LABELS = {
@@ -54,8 +54,7 @@ def _title(regime: str, p: dict[str, float | None]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Write the preview PNG; print split sizes and realised parameters."""
     out = Path(args.out)
-    if out.suffix.lower() != ".png" or out.is_dir():
-        raise InputError(f"--out {out}: expected a .png file path")
+    check_output_file(out, "--out", (".png",), (args.config,))  # before any work: suffix, folder, writable
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +117,6 @@ def run(args: argparse.Namespace) -> int:
         + "; magnitude, same grey scale per row"
     )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * len(rows))))
-    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)

@@ -2,7 +2,8 @@
 
     lfmri reconstruct INPUT OUTPUT --ckpt C --regime R [--kspace F.h5] [--params F.json] [--samples K]
                       [--std-out STD.nii.gz] [--sampler S] [--steps N] [--t0 T] [--dc proximal|gradient]
-                      [--dc-lambda L] [--dc-weight W] [--noise-sigma S] [--resize] [--slice-axis 2]
+                      [--dc-lambda L] [--dc-floor F] [--dc-weight W] [--noise-sigma S] [--resize]
+                      [--slice-axis 2]
 
 Inputs. Slices are taken along `--slice-axis` with the in-plane axes in array order and the readout along the
 last one (`datamodules.transforms.to_slices`), exactly as `lfmri degrade` writes its k-space and the data
@@ -48,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from datamodules.errors import InputError
+from lfmri.commands.sampler_options import add_sampler_arguments, sampler_from_args
 
 #: per-slice scalar parameters of the forward operator, as `lfmri degrade` records them
 SCALAR_KEYS = ("fwhm_px", "t2star_ms", "t2star_gre", "readout_ms", "te_ms", "b0_max_hz")
@@ -68,17 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kspace", default=None, help="measured k-space HDF5 from `lfmri degrade --kspace-out`")
     p.add_argument("--params", default=None,
                    help="realised parameters JSON from `lfmri degrade` (default: INPUT.json when it exists)")
-    p.add_argument("--sampler", default=None,
-                   help="sampler name (pc, warm_pc, ddim, warm_ddim; default: the registry's default)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
-    p.add_argument("--t0", type=float, default=None, help="start time in (0, 1] (default: the sampler's)")
-    p.add_argument("--dc", default=None, choices=("proximal", "gradient", "none"),
-                   help="data consistency: noise-aware proximal step or the paper's gradient step "
-                        "(default: the sampler's)")
-    p.add_argument("--dc-lambda", type=float, default=None,
-                   help="proximal DC coupling lambda (rho_t = lambda / sigma_t^2; default: the sampler's)")
-    p.add_argument("--dc-weight", type=float, default=None,
-                   help="gradient DC step weight (default: the sampler's)")
+    add_sampler_arguments(p)
     p.add_argument("--noise-sigma", type=float, default=None,
                    help="k-space noise std per complex sample, input units (default: recorded or estimated)")
     p.add_argument("--resize", action="store_true",
@@ -93,13 +85,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from datamodules.io import nifti_suffix
+    from datamodules.io import NIFTI_SUFFIXES, check_output_file
+    from datamodules.transforms import check_slice_axis
     from degradations import REGIMES
 
     if args.regime not in REGIMES:
         raise InputError(f"--regime: unknown regime {args.regime!r}; valid regimes: {', '.join(REGIMES)}")
-    if args.slice_axis not in (-3, -2, -1, 0, 1, 2):
-        raise InputError(f"--slice-axis: {args.slice_axis} is not an axis of a 3D volume (0, 1 or 2)")
+    check_slice_axis(args.slice_axis)
     for name in ("samples", "batch_size", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -108,17 +100,11 @@ def _validate(args: argparse.Namespace) -> None:
         raise InputError(f"--noise-sigma: must be finite and >= 0, got {args.noise_sigma}")
     if args.std_out and args.samples < 2:
         raise InputError("--std-out: the std map needs --samples >= 2")
-    outputs = [("OUTPUT", Path(args.output))] + ([("--std-out", Path(args.std_out))] if args.std_out else [])
-    for label, path in outputs:
-        if nifti_suffix(path) is None:
-            raise InputError(f"{label} {path}: must end with .nii or .nii.gz")
-        if not path.parent.is_dir():
-            raise InputError(f"{label} {path}: output folder {path.parent} does not exist")
-        if path.is_dir():
-            raise InputError(f"{label} {path}: is a folder, expected a file path")
-        if Path(args.input).exists() and path.exists() and path.resolve() == Path(args.input).resolve():
-            raise InputError(f"{label} {path}: would overwrite the input")
-    if args.std_out and Path(args.std_out).resolve() == Path(args.output).resolve():
+    # the outputs are checked now, before any computing: suffix, not a folder, not an input, writable folder
+    inputs = (args.input, args.ckpt, args.kspace, args.params)
+    output = check_output_file(args.output, "OUTPUT", NIFTI_SUFFIXES, inputs)
+    if args.std_out and check_output_file(args.std_out, "--std-out", NIFTI_SUFFIXES, inputs).resolve() == \
+            output.resolve():
         raise InputError(f"--std-out {args.std_out}: is the same file as OUTPUT")
 
 
@@ -133,9 +119,9 @@ def read_kspace(path: str | Path, shape: tuple[int, int, int], regime: str) -> d
     `kspace`, disagrees with the NIfTI's slice stack `shape` or with the regime, or holds NaN / Inf."""
     import h5py
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--kspace {path}: no such file")
+    from datamodules.io import check_input_file
+
+    path = check_input_file(path, "--kspace")  # missing, a folder, not a regular file: said so
     try:
         with h5py.File(path, "r") as f:
             if "kspace" not in f:
@@ -147,7 +133,9 @@ def read_kspace(path: str | Path, shape: tuple[int, int, int], regime: str) -> d
     except InputError:
         raise
     except Exception as err:
-        raise InputError(f"--kspace {path}: not a readable HDF5 file ({type(err).__name__})") from None
+        reason = " ".join(str(err).split())
+        raise InputError(f"--kspace {path}: not a readable HDF5 file ({type(err).__name__}"
+                         f"{': ' + reason if reason else ''})") from None
     if tuple(kspace.shape) != tuple(shape):
         raise InputError(f"--kspace {path}: k-space shape {tuple(kspace.shape)} disagrees with the NIfTI's "
                          f"slices {tuple(shape)} (slices along --slice-axis first)")
@@ -171,11 +159,11 @@ def read_params(path: str | Path, n_slices: int, regime: str) -> dict[str, Any]:
     """`lfmri degrade`'s JSON -> {"scalars": {key: float64 [S]}, "b0_method": str | None, "noise_sigma":
     float64 [S] | None (input units)}; InputError when it is unreadable, has no per-slice parameters, or
     disagrees with the NIfTI's slice count or regime."""
-    path = Path(path)
+    from datamodules.io import check_input_file
+
+    path = check_input_file(path, "--params")
     try:
         record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"--params {path}: no such file") from None
     except (OSError, ValueError) as err:
         raise InputError(f"--params {path}: not a readable JSON file ({type(err).__name__})") from None
     rows = record.get("slices") if isinstance(record, dict) else None
@@ -269,7 +257,6 @@ def run(args: argparse.Namespace) -> int:
     from degradations import complex_to_channels, fft2c, ifft2c, make_regime
     from lfmri.evaluation import load_score_model, resolve_device
     from lightning_modules.inference import Reconstructor
-    from lightning_modules.samplers import build_sampler
 
     _validate(args)
     data, img = load_nifti(args.input)
@@ -287,8 +274,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_score_model(args.ckpt, device)
     try:
-        sampler = build_sampler(args.sampler, steps=args.steps, t0=args.t0, dc=args.dc,
-                                dc_weight=args.dc_weight, dc_lambda=args.dc_lambda, sde=model.sde)
+        sampler = sampler_from_args(args, model.sde)
     except ValueError as err:
         raise InputError(str(err)) from None
 

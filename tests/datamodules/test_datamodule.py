@@ -56,6 +56,7 @@ def textured(tmp_path_factory):
     _write(root / "d.nii.gz", rng.uniform(50, 100, size=(30, 36, 6)))
     (root / "split.yaml").write_text("train: [a, b]\nval: [c]\ntest: [d]\n")
     (root / "split_mixed.yaml").write_text("train: [a, d]\nval: [c]\ntest: [b]\n")
+    (root / "split_two_shapes.yaml").write_text("train: [a]\nval: [b]\ntest: [c, d]\n")
     return root
 
 
@@ -83,13 +84,13 @@ def _normalised_slice(ds, v: int, s: int) -> torch.Tensor:
 # ---- splits and determinism ----------------------------------------------------------------------------
 def test_bundled_split_is_disjoint_and_holds_real_volumes_out_for_test(dm):
     split = dm.split
-    assert split.sizes() == {"train": 2, "val": 1, "test": 2}
+    assert split.sizes() == {"train": 2, "val": 1, "test": 1}
     assert not set(split.train) & set(split.val) and not set(split.test) & (set(split.train) | set(split.val))
     assert all(s.startswith("pseudo-mni-train-") for s in split.train)
     assert all(s.startswith("pseudo-mni-val-") for s in split.val)
-    assert split.test == ["real-nibabel-anatomical", "real-nibabel-epi"]
+    assert split.test == ["real-colin27"]  # one real subject, the Colin27 brain shipped in datamodules/data
     assert {dm.train_dataset[i]["subject"] for i in range(0, len(dm.train_dataset), 37)} <= set(split.train)
-    assert len(dm.test_dataset) == 2 * 3 * len(ALL_REGIMES)
+    assert len(dm.test_dataset) == 1 * 3 * len(ALL_REGIMES)
 
 
 def test_val_and_test_samples_are_identical_across_instances(dm):
@@ -145,15 +146,15 @@ def test_native_samples_are_the_normalised_slices_in_input_units():
     dm.setup("test")
     ds = dm.test_dataset
     assert ds.image_size is None
-    v = next(i for i, info in enumerate(ds.volumes) if info.record.volume_id == "real-nibabel-epi")
+    v = next(i for i, info in enumerate(ds.volumes) if info.record.volume_id == "real-colin27")
     info = ds.volumes[v]
     index = next(i for i, item in enumerate(ds.items) if item[0] == v)
     sample = ds[index]
     stack = dm.source.load(info.record)
     raw = torch.from_numpy(stack[int(sample["slice"])].copy())
-    # nibabel's example4d is 128 x 96 x 24: slices along axis 2 keep the in-plane axes in array order
-    assert info.shape == (128, 96) and tuple(sample["clean"].shape) == (2, 128, 96)
-    assert sample["y"].shape == (1, 128, 96) and sample["params"]["b0_map_hz"].shape == (1, 128, 96)
+    # Colin27 is 181 x 217 x 181: slices along axis 2 keep the in-plane axes in array order
+    assert info.shape == (181, 217) and tuple(sample["clean"].shape) == (2, 181, 217)
+    assert sample["y"].shape == (1, 181, 217) and sample["params"]["b0_map_hz"].shape == (1, 181, 217)
     x = channels_to_complex(sample["clean"][None])[0, 0] * sample["scale"]
     assert x.imag.abs().max() == 0
     torch.testing.assert_close(x.real, raw, rtol=1e-6, atol=1e-4)
@@ -171,15 +172,17 @@ def test_explicit_image_size_pads_to_square_and_resizes():
     dm.setup("test")
     ds = dm.test_dataset
     assert ds.item_shapes() == [(128, 128)] * len(ds)
-    v = next(i for i, info in enumerate(ds.volumes) if info.record.volume_id == "real-nibabel-epi")
+    v = next(i for i, info in enumerate(ds.volumes) if info.record.volume_id == "real-colin27")
     info = ds.volumes[v]
     index = next(i for i, item in enumerate(ds.items) if item[0] == v)
     sample = ds[index]
     raw = torch.from_numpy(dm.source.load(info.record)[int(sample["slice"])].copy())
-    assert info.shape == (128, 96) and tuple(sample["clean"].shape) == (2, 128, 128)
+    assert info.shape == (181, 217) and tuple(sample["clean"].shape) == (2, 128, 128)
     x = channels_to_complex(sample["clean"][None])[0, 0] * sample["scale"]
-    torch.testing.assert_close(restore_shape(x.real, info.shape), raw, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(fit_to_square(raw, 128), x.real, rtol=1e-5, atol=1e-3)
+    # 217 -> 128 -> 217 is lossy: the restored slice has the native shape and is close to it, not equal
+    back = restore_shape(x.real, info.shape)
+    assert back.shape == raw.shape and torch.corrcoef(torch.stack([back.ravel(), raw.ravel()]))[0, 1] > 0.95
 
 
 def test_volumes_are_native_and_match_the_test_dataset(dm):
@@ -187,7 +190,7 @@ def test_volumes_are_native_and_match_the_test_dataset(dm):
     assert [v.subject for v in vols] == dm.test_subjects
     ds = dm.test_dataset
     shapes = {info.record.volume_id: info.shape for info in ds.volumes}
-    assert shapes == {"real-nibabel-anatomical": (33, 41), "real-nibabel-epi": (128, 96)}
+    assert shapes == {"real-colin27": (181, 217)}
     for vol in vols:
         h, w = shapes[vol.subject]
         assert vol.clean.shape == (3, 2, h, w) and vol.y.shape == (3, 1, h, w)
@@ -205,8 +208,10 @@ def test_volumes_are_native_and_match_the_test_dataset(dm):
 
 
 # ---- evaluation batches of one shape -------------------------------------------------------------------
-def test_eval_loaders_batch_only_items_of_one_shape_in_order():
-    dm = LowFieldDataModule(**{**KW, "eval_batch_size": 5})
+def test_eval_loaders_batch_only_items_of_one_shape_in_order(textured):
+    # two test volumes of different shapes (the bundled source holds out one subject only)
+    split = textured / "split_two_shapes.yaml"
+    dm = _textured_dm(textured, split_file=str(split), eval_slices_per_volume=3, eval_batch_size=5)
     dm.setup("test")
     ds = dm.test_dataset
     shapes = {info.record.volume_id: info.shape for info in ds.volumes}
@@ -368,7 +373,9 @@ def test_bad_crop_and_image_sizes(name, value):
         LowFieldDataModule(**{name: value})
 
 
-def test_a_native_image_size_is_not_a_logged_hyperparameter():
-    # the model's own image_size (its training crop) shares the key: Lightning refuses two values for one key
-    assert "image_size" not in LowFieldDataModule(crop_size=64).hparams
-    assert LowFieldDataModule(image_size=64).hparams["image_size"] == 64
+def test_the_data_hyperparameters_are_kept_but_not_merged_into_the_loggers():
+    # the model's own image_size (its training crop) shares the key and Lightning refuses two values for one
+    # key, so the data module's hyperparameters stay out of the loggers' merge (lfmri logs the whole config)
+    dm = LowFieldDataModule(image_size=64, crop_size=32)
+    assert dm.hparams["image_size"] == 64 and dm.hparams["crop_size"] == 32  # kept (checkpoints)
+    assert not dm._log_hyperparams

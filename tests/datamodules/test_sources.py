@@ -175,3 +175,18 @@ def test_unreadable_hdf5(tmp_path):
     with pytest.raises(InputError, match=r"x\.h5.*HDF5"):
         src = FastMRISource(tmp_path)
         src.load(src.records()[0])
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 12), (2, 3, 16, 12), (2, 16, 12, 2)])
+def test_real_valued_fastmri_kspace_is_refused(tmp_path, shape):
+    # the magnitude (or one part) of k-space read as k-space gives mirror-ghosted images: refuse it, naming
+    # the file and the problem; a real/imaginary pair in a last axis of 2 is named as such
+    _fastmri(tmp_path / "real.h5", np.ones(shape, np.float32))
+    src = FastMRISource(tmp_path / "real.h5", key="kspace")
+    with pytest.raises(InputError, match=r"real\.h5.*'kspace'.*real-valued \(float32, shape") as info:
+        src.load(src.records()[0])
+    assert "\n" not in str(info.value)
+    assert ("last axis of 2" in str(info.value)) == (shape[-1] == 2)
+    auto = FastMRISource(tmp_path / "real.h5")  # no reconstruction_rss: auto reads the k-space
+    with pytest.raises(InputError, match=r"real-valued"):
+        auto.load(auto.records()[0])

@@ -112,3 +112,21 @@ def test_readout_phase_displaces_pixels_along_the_readout():
                               torch.tensor([0.0]), "exact")
     out = ifft2c(op.forward(x)).abs()[0, 0]
     assert divmod(int(out.argmax()), 32) == (8, 10 + 2)  # k-space phase e^{-i 2 pi kx s / W}: shift by +s
+
+
+@pytest.mark.parametrize("n_segments", [None, 2, 5])
+def test_one_readout_sample_is_segmented_exactly(n_segments):
+    """W = 1: the only readout sample has one time, so one segment time (its own) is exact (forward and
+    adjoint), whatever n_segments asks for."""
+    field = random_b0_map(torch.tensor([60.0, 30.0]), H, 1, torch.Generator().manual_seed(3))
+    x = torch.randn(2, 1, H, 1, dtype=torch.complex128, generator=torch.Generator().manual_seed(4))
+    op = OffResonanceEncoding(field, READOUT, TE, "segmented", n_segments)
+    assert op.n_segments == 1
+    exact = OffResonanceEncoding(field, READOUT, TE, "exact")
+    torch.testing.assert_close(op.forward(x), per_sample_sum(x, field, READOUT, TE), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(op.adjoint(x), exact.adjoint(x), rtol=1e-10, atol=1e-10)
+
+
+def test_fewer_than_two_segments_are_refused_when_the_corruption_is_built():
+    with pytest.raises(ValueError, match="n_segments must be >= 2"):
+        B0PhaseCorruption(n_segments=1)

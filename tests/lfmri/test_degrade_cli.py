@@ -182,3 +182,15 @@ def test_kspace_out_may_not_overwrite_the_input(small_volume, tmp_path, capsys):
     assert main(argv) == 2
     assert "would overwrite the input" in capsys.readouterr().err
     assert src.read_bytes() == before and not (tmp_path / "out.nii").exists()
+
+
+def test_a_one_pixel_readout_is_degraded_with_every_regime(tmp_path, capsys):
+    # slices of 24 x 1 (one readout sample): B0 time segmentation with one sample is exact, not an error
+    data = np.zeros((24, 1, 3), np.float32)
+    data[6:18] = 100.0
+    path = tmp_path / "line.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    out = tmp_path / "deg.nii.gz"
+    assert degrade(path, out, "--regime", "noise_blur_t2star_b0", "--seed", "1") == 0, capsys.readouterr().err
+    img = nib.load(str(out))
+    assert img.shape == data.shape and np.all(np.isfinite(img.get_fdata()))

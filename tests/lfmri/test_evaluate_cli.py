@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import lightning as L
 import pytest
 
+from lfmri.baselines import BASELINES, available_baselines
 from lfmri.cli import main
 from lfmri.evaluation import CSV_COLUMNS
 from lightning_modules.module import ScoreModel
@@ -31,6 +34,7 @@ data:
     eval_slices_per_volume: 2
 """
 REGIMES = "noise,noise_blur_t2star_b0"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tv_model with B0): one thread is faster
 
 
 @pytest.fixture(scope="module")
@@ -55,34 +59,56 @@ def _argv(setup: dict[str, Path], out: Path, *extra: str, ckpt: Path | None = No
 
 
 def test_evaluate_writes_well_formed_results_and_tunes_on_validation_only(
-        setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("bm3d", "bm3d_complex"):  # seconds per call: one grid point is enough to test the wiring
+        one_point = dataclasses.replace(BASELINES[name], grid={"sigma_factor": (1.0,)})
+        monkeypatch.setitem(BASELINES, name, one_point)
+    baselines = available_baselines()  # every core baseline, and BM3D where the extra is installed
+    assert {"degraded", "tv", "nlm", "tv_complex", "nlm_complex", "tv_model"} <= set(baselines)
     out = tmp_path / "results"
-    assert main(_argv(setup, out, "--baselines", "all")) == 0
+    assert main(_argv(setup, out, "--baselines", "all", "--reference-pc-steps", "21")) == 0
     printed = capsys.readouterr().out
-    names = ["figure.png", "results.csv", "results.json", "results.md"]
+    names = ["figure.png", "results.csv", "results.json", "results.md", "slices.csv"]
     assert sorted(p.name for p in out.iterdir()) == names
 
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == CSV_COLUMNS
-    test_subjects = {"real-nibabel-anatomical", "real-nibabel-epi"}  # the bundled source's held-out volumes
+    test_subjects = {"real-colin27"}  # the bundled source's held-out subject
     assert {r["subject"] for r in rows} == test_subjects
-    assert {(r["regime"], r["method"]) for r in rows} == {
-        (g, m) for g in REGIMES.split(",") for m in ("degraded", "tv", "nlm", "lfmri")}
-    assert len(rows) == 2 * 2 * 4 and all(r["n_slices"] == "1" for r in rows)
+    methods = [*baselines, "lfmri", "lfmri_pc"]
+    assert {(r["regime"], r["method"]) for r in rows} == {(g, m) for g in REGIMES.split(",") for m in methods}
+    assert len(rows) == 1 * 2 * len(methods) and all(r["n_slices"] == "1" for r in rows)
     assert all(-1 <= float(r["ssim"]) <= 1 and float(r["nmse"]) >= 0 for r in rows)
+    seconds = [float(r["seconds_per_slice"]) for r in rows]
+    assert all(math.isfinite(t) and t >= 0 for t in seconds)
 
     payload = json.loads((out / "results.json").read_text())
     for regime in REGIMES.split(","):
-        for name in ("tv", "nlm"):
+        assert set(payload["tuned_baselines"][regime]) == set(baselines) - {"degraded"}
+        for name in set(baselines) - {"degraded"}:
             tuned = payload["tuned_baselines"][regime][name]
             assert tuned["subjects"] == ["pseudo-mni-val-000"]  # validation, never test
-            assert set(tuned["params"]) == {"tv": {"weight_factor"}, "nlm": {"h_factor"}}[name]
+            assert set(tuned["params"]) == set(BASELINES[name].grid)
     assert payload["settings"]["sampler"] == "warm_ddim" and payload["settings"]["steps"] == 2
+    settings = payload["settings"]
+    assert settings["lfmri_pc: sampler"] == "pc" and settings["lfmri_pc: dc_weight"] == 0.3
+    assert payload["spread"].startswith("one test subject (real-colin27): mean ± std over its 1 slices")
+    with open(out / "slices.csv", newline="") as fh:
+        slice_rows = list(csv.DictReader(fh))
+    assert len(slice_rows) == len(rows)  # one slice per volume here: the slice SSIM is the volume SSIM
+    by_key = {(r["regime"], r["method"]): float(r["ssim"]) for r in rows}
+    assert all(float(s["ssim"]) == pytest.approx(by_key[(s["regime"], s["method"])], abs=1e-6)
+               for s in slice_rows)
 
     md = (out / "results.md").read_text()
     assert md in printed
-    assert "| regime | SSIM | PSNR (dB) | NMSE (%) |" in md and "| noise + blur + T2* + B0 |" in md
+    assert "| regime | SSIM | PSNR (dB) | NMSE (%) | s / slice |" in md
+    assert "| noise + blur + T2* + B0 |" in md
+    assert all(f"## {m}\n" in md for m in methods)
+    assert "### SSIM\n" in md and "| method | noise | noise + blur + T2* + B0 | s / slice |" in md
+    assert all(f"| {m} | " in md.split("### SSIM")[1] for m in methods)
     assert "weight_factor=" in md and "h_factor=" in md
     assert (out / "figure.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -107,7 +133,11 @@ def test_bad_inputs_exit_2_and_write_nothing(setup: dict[str, Path], tmp_path: P
     no_data.write_text("trainer:\n  max_epochs: 1\n")
     assert "data" in _fails(_argv(setup, out, config=no_data), capsys, out)
     assert "bogus" in _fails(_argv(setup, out, "--regimes", "noise,bogus"), capsys, out)
-    assert "bm3d" in _fails(_argv(setup, out, "--baselines", "bm3d"), capsys, out)
+    assert "bogus" in _fails(_argv(setup, out, "--baselines", "tv,bogus"), capsys, out)
+    no_bm3d = dataclasses.replace(BASELINES["bm3d"], module="lfmri_no_such_module")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(BASELINES, "bm3d", no_bm3d)
+        assert "lfmri[bm3d]" in _fails(_argv(setup, out, "--baselines", "bm3d"), capsys, out)
     assert "sampler" in _fails(_argv(setup, out, "--sampler", "euler"), capsys, out)
     out.mkdir()
     assert "samples" in _fails(_argv(setup, out, "--samples", "0"), capsys, out)

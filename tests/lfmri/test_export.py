@@ -70,3 +70,32 @@ def test_export_of_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
     assert "not a ScoreModel checkpoint" in capsys.readouterr().err
     assert main(["export", "--ckpt", str(tmp_path / "absent.ckpt"), str(tmp_path / "o.pth")]) == 2
     assert not (tmp_path / "o.pth").exists()
+
+
+def test_export_checks_its_suffix_and_never_replaces_another_kind_of_file(lightning_ckpt, tmp_path, capsys):
+    """Issue 14, item 9: `lfmri export --ckpt C brain.nii.gz` used to overwrite the volume."""
+    _, ckpt = lightning_ckpt
+    volume = tmp_path / "brain.nii.gz"
+    volume.write_bytes(b"\x1f\x8b a NIfTI volume")
+    assert main(["export", "--ckpt", str(ckpt), str(volume)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lfmri export: error: OUT {volume}: must end with .pth or .pt"
+    assert volume.read_bytes() == b"\x1f\x8b a NIfTI volume"
+    notes = tmp_path / "notes.pth"
+    notes.write_text("my notes")
+    assert main(["export", "--ckpt", str(ckpt), str(notes)]) == 2
+    assert "notes.pth: exists and is not a PyTorch checkpoint; not replaced" in capsys.readouterr().err
+    assert notes.read_text() == "my notes"
+    config = tmp_path / "settings.yaml"
+    config.write_text("lr: 1\n")
+    out = tmp_path / "ok.pth"
+    assert main(["export", "--ckpt", str(ckpt), str(out), "--config-out", str(config)]) == 2
+    assert "--config-out" in capsys.readouterr().err and config.read_text() == "lr: 1\n"
+    (tmp_path / "ok.json").write_text("not json")
+    assert main(["export", "--ckpt", str(ckpt), str(out)]) == 2
+    assert "ok.json: exists and is not a JSON file; not replaced" in capsys.readouterr().err
+    assert not out.exists()
+    (tmp_path / "ok.json").unlink()
+    for _ in range(2):  # a previous export (a checkpoint and its JSON) is replaced
+        assert main(["export", "--ckpt", str(ckpt), str(out)]) == 0
+    assert torch.load(out, weights_only=True)["step"] == 3

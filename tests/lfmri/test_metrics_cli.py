@@ -63,12 +63,21 @@ def test_metrics_match_skimage_on_real_volumes(volumes, capsys, axis: int | None
     assert 0 < got["ssim"] < 1 and got["nmse"] > 0
 
 
+def _strict_json(text: str) -> dict:
+    """Parse as standard JSON: NaN / Infinity / -Infinity (Python's extensions) are refused."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"not standard JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_identical_volumes(volumes, capsys) -> None:
     ref_path, *_ = volumes
     code, out, _ = _run(["metrics", str(ref_path), str(ref_path)], capsys)
-    got = json.loads(out)
+    got = _strict_json(out)  # valid JSON for jq, JavaScript, ...: no `Infinity`
     assert code == 0 and got["ssim"] == pytest.approx(1.0) and got["nmse"] == 0
-    assert got["psnr"] == float("inf")  # printed as Infinity, as Python's json does
+    assert got["psnr"] is None  # infinite PSNR (PRED equals REF) is printed as null, as documented
+    assert json.dumps(got, allow_nan=False)
 
 
 def test_bad_input_is_one_line_and_exit_2(volumes, capsys, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 The end-to-end run takes the --small path exactly as `make demo`-style users do (stand-in pre-training,
 `lfmri export`, fine-tune through `model.init_args.pretrained`, scratch, `lfmri evaluate`, compare.py), with a
-few steps at 32x32, one slice per test volume and one bundled pseudo-subject per split.
+few steps at 32x32, one slice of the test subject (Colin27) and one bundled pseudo-subject per split.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def test_both_models_are_evaluated_on_the_same_held_out_volumes_in_all_regimes(s
             for name, rs in rows.items()}
     assert keys["finetune"] == keys["scratch"]
     assert {regime for _, regime in keys["finetune"]} == set(REGIMES)
-    assert {subject for subject, _ in keys["finetune"]} == {"real-nibabel-anatomical", "real-nibabel-epi"}
+    assert {subject for subject, _ in keys["finetune"]} == {"real-colin27"}  # the bundled held-out subject
     assert {r["method"] for r in rows["finetune"]} == {"degraded", "tv", "lfmri"}
     assert {r["method"] for r in rows["scratch"]} == {"degraded", "lfmri"}  # tuned baselines only once
 

@@ -38,8 +38,8 @@ def test_preview_from_a_lightning_cli_config(tmp_path, capsys):
     image = mpimg.imread(out)
     assert image.shape[0] > 300 and image.shape[1] > 600  # 3 rows x 5 panels
     text = capsys.readouterr().out
-    assert "train 1, val 1, test 2" in text
-    assert "real-nibabel-anatomical" in text and "snr_db" in text and "noise_blur_t2star_b0" in text
+    assert "train 1, val 1, test 1" in text
+    assert "real-colin27" in text and "snr_db" in text and "noise_blur_t2star_b0" in text
 
 
 def test_preview_accepts_a_bare_data_block_and_rejects_a_config_without_one(tmp_path):
@@ -58,7 +58,9 @@ def test_preview_accepts_a_bare_data_block_and_rejects_a_config_without_one(tmp_
 def test_preview_refuses_an_output_that_is_not_a_png_before_building_anything(tmp_path):
     cfg = tmp_path / "data.yaml"
     cfg.write_text(yaml.safe_dump(DATA))
-    for out in (tmp_path / "p.xyz", tmp_path):
-        with pytest.raises(InputError, match="expected a .png"):
+    for out, problem in ((tmp_path / "p.xyz", "must end with .png"), (tmp_path / "p.png", "is a folder")):
+        if problem == "is a folder":
+            out.mkdir()
+        with pytest.raises(InputError, match=problem):
             _run(["--config", str(cfg), "--out", str(out)])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.yaml", "p.png"]

@@ -3,7 +3,8 @@
 The data position (mid-epoch), the degradations' random draws, the model's own draws, the optimiser, the
 scheduler and the EMA are all restored, so the final weights equal those of an uninterrupted run bit for bit
 (same CPU, same thread count). Checkpoints are written atomically (`lfmri.lightning_cli.AtomicCheckpointIO`),
-so the killed run's `last.ckpt` always loads.
+so the killed run's `last.ckpt` always loads. SIGTERM (SLURM pre-emption) and SIGINT (Ctrl-C) stop a fit at
+the end of the current step with a resumable `last.ckpt` written on the way out (`InterruptCheckpoint`).
 """
 
 import os
@@ -51,8 +52,8 @@ class Probe(Callback):
 '''
 
 
-def tiny_config(root: Path, record: Path, seconds: float) -> dict:
-    """A tiny fit: 32^2 DDPM with nf 8, batch 2, no validation, a checkpoint (last.ckpt) after every step."""
+def tiny_config(root: Path, record: Path, seconds: float, every: int = 1, workers: int = 0) -> dict:
+    """A tiny fit: 32^2 DDPM with nf 8, batch 2, no validation, a checkpoint every `every` step(s)."""
     return {
         "seed_everything": 0,
         "trainer": {
@@ -62,7 +63,7 @@ def tiny_config(root: Path, record: Path, seconds: float) -> dict:
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0,
-                               "every_n_train_steps": 1}},
+                               "every_n_train_steps": every}},
                 {"class_path": "probe.Probe", "init_args": {"record": str(record), "seconds": seconds}},
             ],
         },
@@ -71,20 +72,21 @@ def tiny_config(root: Path, record: Path, seconds: float) -> dict:
             "image_size": 32, "dropout": 0.1, "supervised_weight": 1.0, "lr": 1e-3, "warmup_steps": 4,
             "ema_decay": 0.9}},
         "data": {"class_path": "datamodules.LowFieldDataModule", "init_args": {
-            "image_size": 32, "batch_size": 2, "num_workers": 0, "bundled_train_subjects": 2,
+            "image_size": 32, "batch_size": 2, "num_workers": workers, "bundled_train_subjects": 2,
             "bundled_val_subjects": 1, "eval_slices_per_volume": 1}},
     }
 
 
-def start_fit(tmp: Path, name: str, seconds: float, *extra: str) -> tuple[subprocess.Popen, Path]:
+def start_fit(tmp: Path, name: str, seconds: float, *extra: str, every: int = 1, workers: int = 0,
+              ) -> tuple[subprocess.Popen, Path]:
     root = tmp / name
     root.mkdir()
     config = root / "fit.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(root, root / "record", seconds)))
+    config.write_text(yaml.safe_dump(tiny_config(root, root / "record", seconds, every, workers)))
     env = {**os.environ, "PYTHONPATH": str(tmp), "OMP_NUM_THREADS": "1"}
     cmd = [str(LFMRI), "fit", "--config", str(config), *extra]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True), root
+                            text=True, start_new_session=True), root
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -133,7 +135,7 @@ def runs(tmp_path_factory):
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     return {"full": full_root, "resumed": root, "killed_at": killed_at, "seen": seen_steps,
-            "log": out.stdout + out.stderr}
+            "log": out.stdout + out.stderr, "tmp": tmp}
 
 
 def test_resumed_run_reaches_the_same_final_step(runs):
@@ -150,8 +152,13 @@ def test_resumed_run_sees_the_same_batches_and_random_draws(runs):
 
 
 def test_resumed_weights_equal_an_uninterrupted_run(runs):
-    a = load(runs["full"] / "checkpoints" / "last.ckpt")
-    b = load(runs["resumed"] / "checkpoints" / "last.ckpt")
+    assert_same_training_state(runs["full"] / "checkpoints" / "last.ckpt",
+                               runs["resumed"] / "checkpoints" / "last.ckpt")
+
+
+def assert_same_training_state(path_a: Path, path_b: Path) -> None:
+    """Weights, optimiser moments, scheduler and data position of two final checkpoints are identical."""
+    a, b = load(path_a), load(path_b)
     assert a["global_step"] == b["global_step"] == MAX_STEPS
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
@@ -163,6 +170,58 @@ def test_resumed_weights_equal_an_uninterrupted_run(runs):
     loader_state = a["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state == b["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader_state == [{"epoch": MAX_STEPS // EPOCH_BATCHES, "batches": MAX_STEPS % EPOCH_BATCHES}]
+
+
+@pytest.fixture(scope="module", params=["SIGTERM", "SIGINT"])
+def interrupted(request, runs):
+    """A run (no periodic checkpoint before the last step) sent SIGTERM / SIGINT mid-epoch, then resumed with
+    --ckpt_path last from the checkpoint written on the way out.
+
+    SIGTERM goes to the whole process group, data loader workers included, as SLURM's pre-emption signals
+    every process of the job; SIGINT to the main process only."""
+    sig = getattr(signal, request.param)
+    tmp = runs["tmp"]
+    workers = 2 if sig == signal.SIGTERM else 0
+    proc, root = start_fit(tmp, request.param.lower(), 0.3, every=MAX_STEPS, workers=workers)
+    record, deadline = root / "record.0", time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if record.exists() and len(record.read_text().splitlines()) > EPOCH_BATCHES + 2:
+            os.killpg(proc.pid, sig) if workers else proc.send_signal(sig)
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=120)
+    last = root / "checkpoints" / "last.ckpt"
+    files = sorted(p.name for p in last.parent.iterdir()) if last.parent.exists() else []
+    result = {"name": request.param, "signal": sig, "root": root, "rc": proc.returncode, "log": out,
+              "last": last, "files": files}
+    result["stopped_at"] = load(last)["global_step"] if last.exists() else None
+    env = {**os.environ, "PYTHONPATH": str(tmp), "OMP_NUM_THREADS": "1"}
+    resumed = subprocess.run([str(LFMRI), "fit", "--config", str(root / "fit.yaml"), "--ckpt_path", "last"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    result["resume_rc"], result["resume_log"] = resumed.returncode, resumed.stdout + resumed.stderr
+    return result
+
+
+def test_interrupt_saves_a_resumable_last_checkpoint_and_exits_non_zero(interrupted):
+    run = interrupted
+    assert run["rc"] == 128 + run["signal"], run["log"][-3000:]
+    assert run["files"] == ["last.ckpt"], run["log"][-3000:]  # written on the way out, no temporary file left
+    assert EPOCH_BATCHES < run["stopped_at"] < MAX_STEPS  # mid-run, no periodic save before the last step
+    lines = [line for line in run["log"].splitlines() if line.startswith("lfmri fit: interrupted")]
+    assert lines == [f"lfmri fit: interrupted by {run['name']} at global step {run['stopped_at']}; saved "
+                     f"{run['last']} (resume with --ckpt_path last)"], run["log"][-3000:]
+    assert "Traceback" not in run["log"]
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(interrupted, runs):
+    run = interrupted
+    assert run["resume_rc"] == 0, run["resume_log"][-3000:]
+    assert f"Restored all states from the checkpoint at {run['last']}" in run["resume_log"]
+    assert records(run["root"]) == records(runs["full"])  # the same batches and random draws at every step
+    assert_same_training_state(runs["full"] / "checkpoints" / "last.ckpt", run["last"])
+    a, b = load(runs["full"] / "checkpoints" / "last.ckpt"), load(run["last"])
+    for x, y in zip(a["ema"]["shadow_params"], b["ema"]["shadow_params"], strict=True):
+        assert torch.equal(x, y)
 
 
 def test_resumed_ema_equals_an_uninterrupted_run(runs):
@@ -207,6 +266,20 @@ def test_atomic_checkpoint_keeps_the_old_file_when_a_save_fails(tmp_path):
         io.save_checkpoint({"global_step": 2, "x": Boom()}, path)
     assert load(path) == {"global_step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+def test_atomic_checkpoint_replaces_a_last_link_and_keeps_the_checkpoint_it_pointed_at(tmp_path):
+    """ModelCheckpoint(save_last="link") makes last.ckpt a link to a top-k checkpoint: a later save of
+    last.ckpt (e.g. on SIGTERM) replaces the link, never that checkpoint."""
+    io = AtomicCheckpointIO()
+    best = tmp_path / "epoch=1.ckpt"
+    io.save_checkpoint({"global_step": 1}, best)
+    last = tmp_path / "last.ckpt"
+    last.symlink_to(best.name)
+    io.save_checkpoint({"global_step": 2}, last)
+    assert not last.is_symlink() and load(last) == {"global_step": 2}
+    assert load(best) == {"global_step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=1.ckpt", "last.ckpt"]
 
 
 def test_training_samples_do_not_depend_on_workers_or_the_global_rng():

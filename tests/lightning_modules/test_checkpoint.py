@@ -99,7 +99,7 @@ def test_ema_length_mismatch(raw, tmp_path):
 def test_not_a_checkpoint(tmp_path, content):
     path = tmp_path / "notes.pth"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match="notes.pth: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="notes.pth: not a PyTorch checkpoint"):
         load_score_sde_checkpoint(path, CONFIG)
 
 

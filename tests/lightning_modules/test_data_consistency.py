@@ -152,6 +152,34 @@ def test_the_result_is_stationary(regime):
     assert (_norm(data + prior) / (_norm(data) + _norm(prior))).max() < 1e-5
 
 
+@pytest.mark.parametrize("regime", ["noise_blur_t2star", "noise_blur_t2star_b0"])
+def test_the_floor_adds_to_the_prior_error_variance(regime):
+    """rho_t = 1 / (sigma_t^2 / lam + floor^2): the result is stationary for that rho (closed form and CG)."""
+    A, y, sigma_y, x0 = _problem(regime, size=32, seed=11)
+    sigma_t, lam, floor = 0.5 * sigma_y, 4.0, 0.3
+    x = ProximalDC(A, y, sigma_y, lam=lam, floor=floor)(x0, sigma_t)
+    rho = 1.0 / (sigma_t**2 / lam + floor**2)
+    data, prior = _gradient_parts(A, y, x, x0, sigma_y, rho)
+    assert (_norm(data + prior) / (_norm(data) + _norm(prior))).max() < 1e-5
+    # floor = 0 is the unfloored coupling lam / sigma_t^2
+    torch.testing.assert_close(ProximalDC(A, y, sigma_y, lam=lam, floor=0.0)(x0, sigma_t),
+                               ProximalDC(A, y, sigma_y, lam=lam)(x0, sigma_t))
+
+
+def test_the_floor_keeps_precise_data_at_the_last_step():
+    """sigma_t = 0 (a sampler's last step): without a floor the estimate x0 is returned whatever the data;
+    with one, each k-space sample (A = F) is the average of F x0 and y weighted floor^2 : sigma_y^2."""
+    A, y, _, x0 = _problem("noise", seed=12)
+    sigma_y, floor = 0.02, 0.05
+    assert A.weights is None and A.encoding is None
+    zero = torch.zeros(2)
+    torch.testing.assert_close(ProximalDC(A, y, sigma_y)(x0, zero), x0, atol=1e-6, rtol=0)
+    x = ProximalDC(A, y, sigma_y, floor=floor)(x0, zero)
+    w = floor**2 / (floor**2 + sigma_y**2)
+    expected = w * y + (1 - w) * fft2c(channels_to_complex(x0))
+    torch.testing.assert_close(fft2c(channels_to_complex(x)), expected, atol=1e-5, rtol=1e-5)
+
+
 # -- interface -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("regime", ["noise", "noise_blur_t2star_b0"])
@@ -183,6 +211,9 @@ def test_invalid_arguments_raise():
         ProximalDC(A, y, torch.ones(3))
     with pytest.raises(ValueError, match="lam"):
         ProximalDC(A, y, sigma_y, lam=0.0)
+    for floor in (-0.1, math.inf, math.nan):
+        with pytest.raises(ValueError, match="floor"):
+            ProximalDC(A, y, sigma_y, floor=floor)
     with pytest.raises(ValueError, match="closed form"):
         ProximalDC(A, y, sigma_y, method="closed_form")
     with pytest.raises(ValueError, match="sigma_t"):

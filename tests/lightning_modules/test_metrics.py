@@ -20,6 +20,7 @@ from lightning_modules.metrics import (
     VolumeSSIM,
     nmse_volume,
     psnr_volume,
+    slice_metrics,
     ssim_slices,
     ssim_volume,
 )
@@ -47,6 +48,19 @@ def _oracle(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     psnr = peak_signal_noise_ratio(ref64, pred64, data_range=L)
     nmse = np.linalg.norm(ref64 - pred64) ** 2 / np.linalg.norm(ref64) ** 2
     return {"ssim": ssim, "psnr": psnr, "nmse": nmse}
+
+
+def test_slice_metrics_use_the_volume_range_slice_by_slice(mni: np.ndarray) -> None:
+    pred = _noisy(mni, 0.05, seed=3)
+    per = slice_metrics(pred, mni)
+    assert all(v.shape == (mni.shape[0],) for v in per.values())
+    L = float(mni.astype(np.float64).max())
+    for s in (0, 5, 11):  # each slice against skimage / numpy with the VOLUME's data range
+        ref64, pred64 = mni[s].astype(np.float64), pred[s].astype(np.float64)
+        assert per["ssim"][s] == pytest.approx(structural_similarity(ref64, pred64, data_range=L), abs=1e-6)
+        assert per["psnr"][s] == pytest.approx(peak_signal_noise_ratio(ref64, pred64, data_range=L), abs=1e-5)
+        assert per["nmse"][s] == pytest.approx(((ref64 - pred64) ** 2).sum() / (ref64**2).sum(), rel=1e-6)
+    assert per["ssim"].mean() == pytest.approx(ssim_volume(pred, mni), abs=1e-9)
 
 
 @pytest.mark.parametrize("rel_sigma", [0.01, 0.05, 0.2])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from degradations import ForwardOperator, complex_to_channels, fft2c
-from lightning_modules.data_consistency import GradientDC
+from lightning_modules.data_consistency import GradientDC, ProximalDC
 from lightning_modules.samplers import (
     DEFAULT_SAMPLER,
     SAMPLERS,
@@ -233,6 +233,8 @@ def test_schedule_grids() -> None:
         build_sampler("pc", dc_weight=-1.0)
     with pytest.raises(ValueError, match="dc_lambda"):
         build_sampler("ddim", dc_lambda=0.0)
+    with pytest.raises(ValueError, match="dc_floor"):
+        build_sampler("ddim", dc_floor=-0.1)
     with pytest.raises(ValueError, match="data consistency"):
         build_sampler("ddim", dc="hard")
 
@@ -251,3 +253,13 @@ def test_autocast_option_runs_the_score_under_bf16() -> None:
 def test_magnitude_of_channels() -> None:
     x = torch.randn(2, 1, 4, 4, dtype=torch.complex64, generator=_gen())
     torch.testing.assert_close(magnitude(complex_to_channels(x)), x.abs())
+
+
+def test_the_registry_floor_reaches_the_proximal_step() -> None:
+    y = torch.zeros(1, 1, 8, 8, dtype=torch.complex64)
+    A = ForwardOperator(None)
+    default = build_sampler()
+    assert default.dc_floor == SAMPLERS[DEFAULT_SAMPLER].dc_floor
+    dc = build_sampler(dc_floor=0.07).make_dc(A, y, torch.ones(1))
+    assert isinstance(dc, ProximalDC) and dc.floor == pytest.approx(0.07)
+    assert build_sampler(dc_floor=0.07).settings()["dc_floor"] == pytest.approx(0.07)

@@ -1,0 +1,37 @@
+"""The sampler options shared by `lfmri reconstruct` and `lfmri evaluate` (one definition of each flag)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI builds its parsers without importing torch
+    from lightning_modules.samplers import Sampler
+    from lightning_modules.sde import VPSDE
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """`--sampler --steps --t0 --dc --dc-lambda --dc-floor --dc-weight` (None: the registry's defaults)."""
+    p.add_argument("--sampler", default=None,
+                   help="sampler name (pc, warm_pc, ddim, warm_ddim; default: the registry's default)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
+    p.add_argument("--t0", type=float, default=None, help="start time in (0, 1] (default: the sampler's)")
+    p.add_argument("--dc", default=None, choices=("proximal", "gradient", "none"),
+                   help="data consistency: noise-aware proximal step or the paper's gradient step "
+                        "(default: the sampler's)")
+    p.add_argument("--dc-lambda", type=float, default=None,
+                   help="proximal DC coupling: x0's error std is sigma_t / sqrt(lambda) "
+                        "(default: the sampler's)")
+    p.add_argument("--dc-floor", type=float, default=None,
+                   help="proximal DC: std of x0's error as sigma_t -> 0, normalised image units "
+                        "(default: the sampler's)")
+    p.add_argument("--dc-weight", type=float, default=None,
+                   help="gradient DC step weight (default: the sampler's)")
+
+
+def sampler_from_args(args: argparse.Namespace, sde: VPSDE) -> Sampler:
+    """The sampler the options name, on the model's SDE; ValueError on an invalid option."""
+    from lightning_modules.samplers import build_sampler
+
+    return build_sampler(args.sampler, steps=args.steps, t0=args.t0, dc=args.dc, dc_weight=args.dc_weight,
+                         dc_lambda=args.dc_lambda, dc_floor=args.dc_floor, sde=sde)
