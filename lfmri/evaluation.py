@@ -121,8 +121,9 @@ def spread_note(result: EvaluationResult) -> str:
     if over_slices(result.rows, result.slice_rows):
         n = len({(s.regime, s.slice) for s in result.slice_rows}) // max(1, len({s.regime for s in
                                                                                   result.slice_rows}))
-        return (f"one test subject ({subjects[0]}): mean ± std over its {n} slices (per-slice metrics with "
-                "the volume's data range; SSIM's mean is the volume SSIM, PSNR's is the mean slice PSNR)")
+        return (f"one test subject ({subjects[0]}): mean ± std over its {n} slices (per-slice metrics "
+                "normalised by the volume: its data range, its mean energy per slice for NMSE; the SSIM and "
+                "NMSE means are the volume's, PSNR's is the mean slice PSNR)")
     return f"test subjects: {len(subjects)}; mean ± std across subjects (volume metrics)"
 
 

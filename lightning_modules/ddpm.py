@@ -79,15 +79,16 @@ class NIN(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels, with a residual connection."""
+    """Single-head self-attention over all pixels, with a residual connection (`init_scale`: of the output
+    projection NIN_3)."""
 
-    def __init__(self, channels: int, num_groups: int = 32) -> None:
+    def __init__(self, channels: int, num_groups: int = 32, init_scale: float = 0.0) -> None:
         super().__init__()
         self.GroupNorm_0 = nn.GroupNorm(num_groups=num_groups, num_channels=channels, eps=1e-6)
         self.NIN_0 = NIN(channels, channels)
         self.NIN_1 = NIN(channels, channels)
         self.NIN_2 = NIN(channels, channels)
-        self.NIN_3 = NIN(channels, channels, init_scale=0.0)
+        self.NIN_3 = NIN(channels, channels, init_scale=init_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape

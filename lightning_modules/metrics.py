@@ -107,14 +107,17 @@ def nmse_volume(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> float:
 
 
 def slice_metrics(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> dict[str, np.ndarray]:
-    """Per-slice SSIM, PSNR (dB) and NMSE (fraction) of a volume, float64 `[S]` each, every slice with the
-    VOLUME's `data_range = ref.max()` (the spread of a single subject's slices; their SSIM mean is
-    `ssim_volume`; a slice's NMSE divides by that slice's energy, inf for an all-zero reference slice)."""
+    """Per-slice SSIM, PSNR (dB) and NMSE (fraction) of a volume, float64 `[S]` each, every slice normalised
+    by the VOLUME (for the spread over a single subject's slices): SSIM and PSNR with `data_range = ref.max()`
+    of the volume, NMSE = the slice's squared error over the volume's mean energy per slice
+    (`||ref||^2 / S`). The means over slices of SSIM and NMSE are `ssim_volume` and `nmse_volume`; PSNR's is
+    the mean slice PSNR (inf for a perfect slice). A slice's own energy is not used: near-empty edge slices
+    would dominate."""
     pred, ref = _pair(pred, ref)
     se = ((ref - pred) ** 2).flatten(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         psnr = (10 * torch.log10(ref.max() ** 2 / se.mean(dim=1))).cpu().numpy()
-        nmse = (se.sum(dim=1) / (ref**2).flatten(1).sum(dim=1)).cpu().numpy()
+        nmse = (se.sum(dim=1) / ((ref**2).sum() / ref.shape[0])).cpu().numpy()
     return {"ssim": ssim_slices(pred, ref).cpu().numpy(), "psnr": psnr, "nmse": nmse}
 
 

@@ -8,6 +8,8 @@
     .venv/bin/python experiments/benchmarks/sampling.py --ckpt C --split val --tune warm_ddim
     # the default reconstruction at high SNR: nothing the measurement holds is thrown away
     .venv/bin/python experiments/benchmarks/sampling.py --ckpt C --split test --snr-db 30 --defaults-only
+    # the default against the former resize path only (and the floor of the proximal step, --floors)
+    .venv/bin/python experiments/benchmarks/sampling.py --ckpt C --split test --defaults-only --with-resize
     # GPU timing of the 34.4M configuration at 256^2 (untrained; seconds per slice and per 30-slice volume)
     .venv/bin/python experiments/benchmarks/sampling.py --random-34m --size 256 --slices 30 --device cuda \
         --steps-ref 200 --timing-only [--bf16]
@@ -204,6 +206,9 @@ def main() -> None:
     p.add_argument("--tune", default=None, help="tune this sampler's t0 / steps / dc_lambda (grid) instead")
     p.add_argument("--defaults-only", action="store_true",
                    help="only the default sampler with its registry defaults (and the degraded input)")
+    p.add_argument("--with-resize", action="store_true",
+                   help="--defaults-only: also the former resize path (warm_ddim 20 steps, t0 0.4, "
+                        "gradient w 0.05)")
     p.add_argument("--floors", default=None,
                    help="--defaults-only: comma-separated dc_floor values, one row each "
                         "(default: the registry's)")
@@ -259,6 +264,8 @@ def main() -> None:
             sampler = build_sampler(dc_floor=floor, **common)
             label = f"{sampler.name} (registry defaults{'' if floor is None else f', floor {floor:g}'})"
             rows.append(evaluate_config(label, sampler, score_fn, volumes, device, args))
+        if args.with_resize:
+            rows.append(resize_row(train_size, score_fn, volumes, device, args, common))
         print_table(rows, regimes, None)
     else:
         ref = evaluate_config("pc (gradient, w=0.3)", build_sampler("pc", steps=args.steps_ref, **common),
@@ -271,13 +278,20 @@ def main() -> None:
                 sampler = build_sampler(name, dc=dc, dc_weight=args.dc_weight, **common)
                 label = f"{name} ({dc}{f', w={args.dc_weight:g}' if dc == 'gradient' else ''})"
                 rows.append(evaluate_config(label, sampler, score_fn, volumes, device, args))
-        old = build_sampler("warm_ddim", steps=20, t0=0.4, dc="gradient", dc_weight=0.05, **common)
-        rows.append(evaluate_config(f"resize to {train_size}² (former path)", old, score_fn, volumes, device,
-                                    args, resize_to=train_size))
+        rows.append(resize_row(train_size, score_fn, volumes, device, args, common))
         print_table(rows, regimes, ref["wall_s"])
     if args.json_out:
         args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                              "model": model_label, "rows": rows}, indent=2))
+
+
+def resize_row(train_size: int, score_fn: ScoreFn, volumes: list[Volume], device: torch.device,
+               args: argparse.Namespace, common: dict) -> dict:
+    """The former path: slices resampled to the model's training size, warm_ddim 20 steps from t0 0.4 with
+    gradient DC w 0.05, resized back."""
+    old = build_sampler("warm_ddim", steps=20, t0=0.4, dc="gradient", dc_weight=0.05, **common)
+    return evaluate_config(f"resize to {train_size}² (former path)", old, score_fn, volumes, device, args,
+                           resize_to=train_size)
 
 
 def time_34m(args: argparse.Namespace, score_fn: ScoreFn, common: dict, device: torch.device) -> None:

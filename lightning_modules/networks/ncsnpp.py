@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_modules.ddpm import _ACTIVATIONS, NIN, _default_init_
+from lightning_modules.ddpm import _ACTIVATIONS, AttnBlock, _default_init_
 from lightning_modules.sde import pad_to_multiple
 
 _SQRT2 = math.sqrt(2.0)
@@ -121,25 +121,16 @@ def _groupnorm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=min(ch // 4, 32), num_channels=ch, eps=1e-6)
 
 
-class AttnBlockpp(nn.Module):
-    """Single-head self-attention over all pixels; output (x + h) / sqrt 2 with skip_rescale."""
+class AttnBlockpp(AttnBlock):
+    """The DDPM attention block (same weights and keys) with NCSN++'s GroupNorm groups min(C // 4, 32) and
+    output (x + h) / sqrt 2 with skip_rescale."""
 
     def __init__(self, channels: int, skip_rescale: bool = True, init_scale: float = 0.0) -> None:
-        super().__init__()
-        self.GroupNorm_0 = _groupnorm(channels)
-        self.NIN_0 = NIN(channels, channels)
-        self.NIN_1 = NIN(channels, channels)
-        self.NIN_2 = NIN(channels, channels)
-        self.NIN_3 = NIN(channels, channels, init_scale=init_scale)
+        super().__init__(channels, num_groups=min(channels // 4, 32), init_scale=init_scale)
         self.skip_rescale = skip_rescale
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        hn = self.GroupNorm_0(x)
-        q, k, v = (m(hn).reshape(b, 1, c, h * w).transpose(-1, -2)
-                   for m in (self.NIN_0, self.NIN_1, self.NIN_2))
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, [B, 1, HW, C]
-        out = x + self.NIN_3(out.transpose(-1, -2).reshape(b, c, h, w))
+        out = super().forward(x)
         return out / _SQRT2 if self.skip_rescale else out
 
 

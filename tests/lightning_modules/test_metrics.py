@@ -59,8 +59,10 @@ def test_slice_metrics_use_the_volume_range_slice_by_slice(mni: np.ndarray) -> N
         ref64, pred64 = mni[s].astype(np.float64), pred[s].astype(np.float64)
         assert per["ssim"][s] == pytest.approx(structural_similarity(ref64, pred64, data_range=L), abs=1e-6)
         assert per["psnr"][s] == pytest.approx(peak_signal_noise_ratio(ref64, pred64, data_range=L), abs=1e-5)
-        assert per["nmse"][s] == pytest.approx(((ref64 - pred64) ** 2).sum() / (ref64**2).sum(), rel=1e-6)
+        energy = (mni.astype(np.float64) ** 2).sum() / mni.shape[0]  # the volume's mean energy per slice
+        assert per["nmse"][s] == pytest.approx(((ref64 - pred64) ** 2).sum() / energy, rel=1e-6)
     assert per["ssim"].mean() == pytest.approx(ssim_volume(pred, mni), abs=1e-9)
+    assert per["nmse"].mean() == pytest.approx(nmse_volume(pred, mni), rel=1e-6)
 
 
 @pytest.mark.parametrize("rel_sigma", [0.01, 0.05, 0.2])
