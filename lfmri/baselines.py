@@ -48,9 +48,7 @@ import torch
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 from torch import Tensor
 
-from datamodules.errors import InputError
-from degradations import ForwardOperator, estimate_noise_sigma, ifft2c
-from degradations.b0 import segment_count
+from degradations import ForwardOperator, ifft2c
 
 #: a volume metric, `metric(pred [S,H,W], ref [S,H,W]) -> float` (higher is better for tuning)
 VolumeMetric = Callable[[np.ndarray, np.ndarray], float]
@@ -105,26 +103,13 @@ class Measurement:
         """
         if not y.is_complex() or y.dim() != 4 or y.shape[1] != 1:
             raise ValueError(f"y must be complex [S,1,H,W], got {tuple(y.shape)} {y.dtype}")
+        from lightning_modules.inference import stack_noise_sigma, stack_segment_count
+
         params = {k: v.detach().cpu() for k, v in params.items()}
         y = y.detach().cpu().to(torch.complex64)
-        if n_segments is None and b0_method == "segmented" and "b0_map_hz" in params \
-                and bool((params["b0_map_hz"] != 0).any()):
-            n_segments = segment_count(params["b0_map_hz"], params["readout_ms"], y.shape[-1])
-        m = cls(y, params, torch.zeros(y.shape[0]), b0_method, n_segments)
-        known = noise_sigma if noise_sigma is not None else params.get("noise_sigma")
-        sigma = torch.full((len(m),), math.nan) if known is None else \
-            torch.as_tensor(known, dtype=torch.float32).detach().cpu().reshape(len(m)).clone()
-        for i in torch.nonzero(torch.isnan(sigma)).flatten().tolist():
-            try:
-                sigma[i] = float(estimate_noise_sigma(y[i:i + 1], m.operator(slice(i, i + 1)))[0])
-            except ValueError:
-                pass  # all-zero slice: the median of the others, below
-        failed = torch.isnan(sigma)
-        if bool(failed.all()):
-            raise InputError("cannot estimate the k-space noise level of any slice (all empty?)")
-        sigma[failed] = sigma[~failed].median()
-        if bool((sigma < 0).any()) or not bool(torch.isfinite(sigma).all()):
-            raise InputError(f"noise_sigma must be finite and >= 0, got {sigma.tolist()}")
+        n_segments = stack_segment_count(params, y.shape[-1], b0_method, n_segments)
+        sigma, _ = stack_noise_sigma(
+            y, params, lambda p: ForwardOperator.from_params(dict(p), b0_method, n_segments), noise_sigma)
         return cls(y, params, sigma, b0_method, n_segments)
 
     def __len__(self) -> int:

@@ -57,6 +57,48 @@ class Reconstruction:
     nfe: int
 
 
+def stack_noise_sigma(y: Tensor, params: Mapping[str, Tensor],
+                      operator: Callable[[Mapping[str, Tensor]], ForwardOperator],
+                      noise_sigma: Tensor | None = None, device: torch.device | str | None = None,
+                      ) -> tuple[Tensor, Tensor]:
+    """(sigma [S] float32 CPU, estimated [S] bool) of a stack: the known noise std where given
+    (`noise_sigma`, else `params["noise_sigma"]`; NaN = unknown), else `estimate_noise_sigma` of y [S,1,H,W]
+    with each slice's `operator(params of that slice)` on `device` (default y's); see the module docstring.
+    InputError when no slice's noise can be estimated or a value is negative or not finite."""
+    n = y.shape[0]
+    device = y.device if device is None else device
+    known = noise_sigma if noise_sigma is not None else params.get("noise_sigma")
+    sigma = torch.full((n,), float("nan")) if known is None else \
+        torch.as_tensor(known, dtype=torch.float32).detach().cpu().reshape(n).clone()
+    unknown = torch.isnan(sigma)
+    for i in torch.nonzero(unknown).flatten().tolist():
+        p = {k: v[i:i + 1].to(device) for k, v in params.items()}
+        try:
+            sigma[i] = float(estimate_noise_sigma(y[i:i + 1].to(device), operator(p))[0])
+        except ValueError:
+            pass  # e.g. an all-zero slice: below, the median of the volume's other slices
+    failed = torch.isnan(sigma)
+    if bool(failed.all()):
+        raise InputError("cannot estimate the k-space noise level of any slice (all empty?); give the "
+                         "noise std (e.g. lfmri degrade's parameters) or a volume with signal")
+    if bool(failed.any()):
+        sigma[failed] = sigma[~failed].median()
+    if bool((sigma < 0).any()) or not bool(torch.isfinite(sigma).all()):
+        raise InputError(f"noise_sigma must be finite and >= 0, got {sigma.tolist()}")
+    return sigma, unknown
+
+
+def stack_segment_count(params: Mapping[str, Tensor], width: int, b0_method: str,
+                        n_segments: int | None = None) -> int | None:
+    """`n_segments`, or where it is None and the segmented B0 method has a field map, one number of B0
+    time segments for the whole stack (readout length `width`), so a batch's operator does not depend on
+    which slices share it."""
+    if n_segments is None and b0_method == "segmented" and "b0_map_hz" in params \
+            and bool((params["b0_map_hz"] != 0).any()):
+        return segment_count(params["b0_map_hz"], params["readout_ms"], width)
+    return n_segments
+
+
 def slice_generators(seed: int, slice_ids: Sequence[int],
                      device: torch.device | str) -> list[torch.Generator]:
     """One generator per slice, seeded by (seed, slice index): the randomness of a slice's reconstruction."""
@@ -102,29 +144,8 @@ class Reconstructor:
 
     def noise_sigma(self, y: Tensor, params: Mapping[str, Tensor],
                     noise_sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(sigma [S], estimated [S] bool): the known noise std where given (`noise_sigma`, else
-        `params["noise_sigma"]`; NaN = unknown), else the estimate from y [S,1,H,W] (see the module
-        docstring). InputError when no slice's noise can be estimated."""
-        n = y.shape[0]
-        known = noise_sigma if noise_sigma is not None else params.get("noise_sigma")
-        sigma = torch.full((n,), float("nan")) if known is None else \
-            torch.as_tensor(known, dtype=torch.float32).detach().cpu().reshape(n).clone()
-        unknown = torch.isnan(sigma)
-        for i in torch.nonzero(unknown).flatten().tolist():
-            p = {k: v[i:i + 1].to(self.device) for k, v in params.items()}
-            try:
-                sigma[i] = float(estimate_noise_sigma(y[i:i + 1].to(self.device), self.operator(p))[0])
-            except ValueError:
-                pass  # e.g. an all-zero slice: below, the median of the volume's other slices
-        failed = torch.isnan(sigma)
-        if bool(failed.all()):
-            raise InputError("cannot estimate the k-space noise level of any slice (all empty?); give the "
-                             "noise std (e.g. lfmri degrade's parameters) or a volume with signal")
-        if bool(failed.any()):
-            sigma[failed] = sigma[~failed].median()
-        if bool((sigma < 0).any()) or not bool(torch.isfinite(sigma).all()):
-            raise InputError(f"noise_sigma must be finite and >= 0, got {sigma.tolist()}")
-        return sigma, unknown
+        """`stack_noise_sigma` with this reconstructor's operator and device."""
+        return stack_noise_sigma(y, params, self.operator, noise_sigma, self.device)
 
     def __call__(self, x_init: Tensor, y: Tensor, params: Mapping[str, Tensor], slice_ids: Sequence[int],
                  seed: int = 0, samples: int = 1, noise_sigma: Tensor | None = None) -> Reconstruction:
@@ -151,11 +172,7 @@ class Reconstructor:
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         sigma, estimated = self.noise_sigma(y, params, noise_sigma)
-        n_segments = self.n_segments
-        if n_segments is None and self.b0_method == "segmented" and bool((params["b0_map_hz"] != 0).any()):
-            # one number of B0 time segments for the whole stack, so a batch's operator does not depend on
-            # which slices share it
-            n_segments = segment_count(params["b0_map_hz"], params["readout_ms"], y.shape[-1])
+        n_segments = stack_segment_count(params, y.shape[-1], self.b0_method, self.n_segments)
         means, stds, nfe = [], [], 0
         bar = tqdm(total=n, desc=self.progress, unit="slice", file=sys.stderr, leave=False,
                    disable=self.progress is None)

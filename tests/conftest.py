@@ -20,6 +20,48 @@ def one_thread():
 
 
 
+TINY_MODEL = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=32, num_groups=4,
+                  dropout=0.0, warmup_steps=1)
+
+
+def _save_score_model(path: Path, model=None) -> Path:
+    """Save `model` (default: a tiny ScoreModel, `TINY_MODEL`) as `lfmri fit` saves a Lightning checkpoint
+    (weights, EMA, hyper-parameters with the CLI's `_class_path`); returns `path`."""
+    import lightning as L
+
+    from lightning_modules.module import ScoreModel
+
+    model = model if model is not None else ScoreModel(**TINY_MODEL)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.strategy.connect(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["hyper_parameters"]["_class_path"] = "lightning_modules.module.ScoreModel"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def save_score_model():
+    """`save_score_model(path, model=None) -> path`: see `_save_score_model`."""
+    return _save_score_model
+
+
+@pytest.fixture()
+def lightning_logs_to_stderr():
+    """Lightning's log handlers keep the stderr of the test that first imported it (closed by now): point
+    them at this test's (use with `pytestmark = pytest.mark.usefixtures("lightning_logs_to_stderr")`)."""
+    import logging
+    import sys
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(sys.stderr)
+
+
 @pytest.fixture()
 def unwritable(tmp_path: Path):
     """A folder this process cannot create files in: a read-only folder, or /sys for root (who ignores

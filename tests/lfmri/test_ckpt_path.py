@@ -4,9 +4,7 @@ Lightning."""
 
 from __future__ import annotations
 
-import logging
 import re
-import sys
 from pathlib import Path
 
 import lightning.pytorch  # noqa: F401  (its log handlers exist before the fixture below adjusts them)
@@ -20,13 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "configs/quickstart.yaml")
 
 
-@pytest.fixture(autouse=True)
-def lightning_logs_to_this_tests_stderr():
-    """Lightning's log handlers keep the stderr of the test that first imported it (closed by now)."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler):
-                handler.setStream(sys.stderr)
+pytestmark = pytest.mark.usefixtures("lightning_logs_to_stderr")
 
 
 def _bad_checkpoint(tmp_path: Path, kind: str) -> tuple[Path, str]:

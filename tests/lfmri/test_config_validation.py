@@ -5,9 +5,7 @@ multiple of the U-Net's size multiple) train."""
 
 from __future__ import annotations
 
-import logging
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -48,13 +46,7 @@ BAD = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def lightning_logs_to_this_tests_stderr():
-    """Lightning's log handlers keep the stderr of the test that first imported it (closed by now)."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler):
-                handler.setStream(sys.stderr)
+pytestmark = pytest.mark.usefixtures("lightning_logs_to_stderr")
 
 
 @pytest.mark.parametrize(("arg", "option", "words"), BAD, ids=[b[0][2:] for b in BAD])

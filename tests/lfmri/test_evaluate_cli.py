@@ -8,13 +8,11 @@ import json
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 
 from lfmri.baselines import BASELINES, available_baselines
 from lfmri.cli import main
 from lfmri.evaluation import CSV_COLUMNS
-from lightning_modules.module import ScoreModel
 
 SCORE_SDE_CKPT = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny" / "checkpoint.pth"
 CONFIG = """\
@@ -38,15 +36,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tv_model wit
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def setup(tmp_path_factory: pytest.TempPathFactory, save_score_model) -> dict[str, Path]:
     """A tiny ScoreModel checkpoint (trained size 32) and a data config resizing slices to 32 x 32."""
     d = tmp_path_factory.mktemp("evaluate")
-    model = ScoreModel(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=32,
-                       num_groups=4, dropout=0.0, warmup_steps=1)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
-    trainer.strategy.connect(model)
-    trainer.save_checkpoint(d / "tiny.ckpt")
+    save_score_model(d / "tiny.ckpt")
     (d / "data.yaml").write_text(CONFIG.format(size=32))
     return {"ckpt": d / "tiny.ckpt", "config": d / "data.yaml"}
 

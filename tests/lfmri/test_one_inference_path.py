@@ -29,17 +29,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def files(tmp_path_factory: pytest.TempPathFactory, save_score_model) -> dict[str, Path]:
     """A tiny model (trained on 16 x 16) and three real MNI-derived subjects of 38 x 45 x 3 voxels."""
     d = tmp_path_factory.mktemp("one_path")
-    model = ScoreModel(**TINY)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
-    trainer.strategy.connect(model)
-    trainer.save_checkpoint(d / "tiny.ckpt")
-    ckpt = torch.load(d / "tiny.ckpt", weights_only=True)
-    ckpt["hyper_parameters"]["_class_path"] = "lightning_modules.module.ScoreModel"  # as `lfmri fit` does
-    torch.save(ckpt, d / "tiny.ckpt")
+    save_score_model(d / "tiny.ckpt", ScoreModel(**TINY))
     img = nib.load(str(MNI))
     data = np.asarray(img.dataobj, dtype=np.float32)
     (d / "data").mkdir()

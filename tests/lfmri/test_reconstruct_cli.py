@@ -7,39 +7,26 @@ import json
 from pathlib import Path
 
 import h5py
-import lightning as L
 import nibabel as nib
 import numpy as np
 import pytest
 
 from lfmri.cli import main
-from lightning_modules.module import ScoreModel
 
 MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 SCORE_SDE_CKPT = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny" / "checkpoint.pth"
 FAST = ["--steps", "2", "--device", "cpu", "--sampler", "warm_ddim"]
 
 
-def save_tiny_checkpoint(path: Path) -> Path:
-    """A tiny ScoreModel (nf 8, 32 x 32) saved as a Lightning checkpoint (with its EMA)."""
-    model = ScoreModel(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=32,
-                       num_groups=4, dropout=0.0, warmup_steps=1)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
-    trainer.strategy.connect(model)
-    trainer.save_checkpoint(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def files(tmp_path_factory: pytest.TempPathFactory, save_score_model) -> dict[str, Path]:
     """A tiny checkpoint, two real MNI-derived volumes (32 x 32 x 2 and 40 x 47 x 2) and a degraded one."""
     d = tmp_path_factory.mktemp("reconstruct")
     img = nib.load(str(MNI))
     data = np.asarray(img.dataobj, dtype=np.float32)
     square = data[20:180:5, 30:190:5, 80:110:20]  # 32 x 32 x 2
     rect = data[::5, ::5, 80:110:20]  # 40 x 47 x 2
-    out = {"ckpt": save_tiny_checkpoint(d / "tiny.ckpt"), "square": d / "square.nii.gz",
+    out = {"ckpt": save_score_model(d / "tiny.ckpt"), "square": d / "square.nii.gz",
            "rect": d / "rect.nii.gz"}
     nib.save(nib.Nifti1Image(square, img.affine), out["square"])
     nib.save(nib.Nifti1Image(rect, img.affine), out["rect"])

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
@@ -72,7 +71,7 @@ def command_lines(sweep: dict) -> list[tuple[list[str], dict]]:
 
 
 @pytest.fixture
-def no_run(monkeypatch, tmp_path):
+def no_run(monkeypatch, tmp_path, save_score_model):
     """Parse and instantiate without running the subcommand, from a folder that looks like the repo root."""
     monkeypatch.setattr(LfmriCLI, "_run_subcommand", lambda self, subcommand: None)
     monkeypatch.setattr(sys, "argv", ["lfmri"])
@@ -80,25 +79,7 @@ def no_run(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_RUN_ID", "sweeprun1")  # the agent sets it for each run
     (tmp_path / "configs").symlink_to(REPO / "configs")
     monkeypatch.chdir(tmp_path)
-    _tiny_checkpoint(tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt")  # the sampler sweep's
-
-
-def _tiny_checkpoint(path: Path) -> None:
-    """A real (tiny) ScoreModel checkpoint at `path`: `--ckpt_path` must name one (it is read at parse)."""
-    import lightning as L
-
-    from lightning_modules.module import ScoreModel
-
-    model = ScoreModel(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=32,
-                       num_groups=4, dropout=0.0, warmup_steps=1)
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu")
-    trainer.strategy.connect(model)
-    path.parent.mkdir(parents=True)
-    trainer.save_checkpoint(path)
-    ckpt = torch.load(path, weights_only=True)  # as `lfmri fit` saves it: the CLI records the class path
-    ckpt["hyper_parameters"]["_class_path"] = "lightning_modules.module.ScoreModel"
-    torch.save(ckpt, path)
+    save_score_model(tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt")  # the sampler sweep's
 
 
 def test_sweep_files_exist():
