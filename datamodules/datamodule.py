@@ -34,7 +34,7 @@ from datamodules.dataset import (
 )
 from datamodules.errors import InputError
 from datamodules.options import check_options, number
-from datamodules.resumable import resumable_loader
+from datamodules.resumable import IgnoreStopSignals, resumable_loader
 from datamodules.sources import NiftiDirSource, VolumeRecord, VolumeSource, make_source, warn_skipped
 from datamodules.splits import SPLITS, Split, hash_split, load_split_file
 from degradations import make_regime
@@ -387,6 +387,9 @@ class LowFieldDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            # Ctrl-C / SIGTERM are the main process's to handle (InterruptCheckpoint), as in training; a
+            # partly read validation loader (limit_val_batches) keeps its workers alive during training
+            worker_init_fn=IgnoreStopSignals(),
         )
 
     def train_dataloader(self) -> DataLoader:

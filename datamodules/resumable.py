@@ -14,10 +14,10 @@ after a crash continues exactly where the checkpoint was written:
   from (seed, global seed, epoch, batch, rank), so the model's own draws (DSM noise, diffusion times,
   dropout) repeat after a resume too, without storing per-rank RNG states.
 
-Worker processes ignore SIGINT and SIGTERM (`_IgnoreStopSignals`): a terminal's Ctrl-C and SLURM's
-pre-emption signal every process of the job, and a worker killed by it would make the main process fail
-mid-step instead of saving its checkpoint (`lightning_modules.callbacks.InterruptCheckpoint`). The workers
-still stop with the loader, or when the main process is gone (PyTorch's worker watchdog).
+Worker processes (also the evaluation loaders') ignore SIGINT and SIGTERM (`IgnoreStopSignals`): a terminal's
+Ctrl-C and SLURM's pre-emption signal every process of the job, and a worker killed by it would make the main
+process fail mid-step instead of saving its checkpoint (`lightning_modules.callbacks.InterruptCheckpoint`).
+The workers still stop with the loader, or when the main process is gone (PyTorch's worker watchdog).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class ResumableSampler(DistributedSampler):
         return iter(indices[start:])
 
 
-class _IgnoreStopSignals:
+class IgnoreStopSignals:
     """A DataLoader `worker_init_fn`: ignore SIGINT / SIGTERM in the worker, then run the user's own one."""
 
     def __init__(self, then: Callable[[int], None] | None = None) -> None:
@@ -105,7 +105,7 @@ class ResumableDataLoader(DataLoader):
     """
 
     def __init__(self, dataset: Dataset, sampler: ResumableSampler, **kwargs: Any) -> None:
-        kwargs["worker_init_fn"] = _IgnoreStopSignals(kwargs.get("worker_init_fn"))
+        kwargs["worker_init_fn"] = IgnoreStopSignals(kwargs.get("worker_init_fn"))
         super().__init__(dataset, sampler=sampler, **kwargs)
         self.global_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self._epoch = sampler.epoch

@@ -22,7 +22,6 @@ so a failure leaves nothing half-written.
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import os
@@ -358,72 +357,6 @@ def write_results(result: EvaluationResult, out_dir: str | os.PathLike) -> list[
         writers["figure.png"] = lambda p: write_figure(result.panels, p)
     write_files_atomically(out_dir, writers)
     return [Path(out_dir) / name for name in writers]
-
-
-# ----------------------------------------------------------------------------------------------------
-# model, device and data module loading (shared by `lfmri evaluate` and `lfmri reconstruct`)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; `cpu` / `cuda` (InputError when CUDA is absent)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"--device: unknown device {name!r}; choose auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
-def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
-    """The dict of an lfmri `ScoreModel` Lightning checkpoint, read once on the CPU.
-
-    Raises InputError (one line naming the file) for a missing file or anything that is not one of our
-    checkpoints (e.g. a score_sde checkpoint, which is imported through `model.pretrained` instead).
-    """
-    from lightning_modules.checkpoint import load_torch_file
-
-    path = Path(path)
-    # weights_only: unpickling arbitrary objects would run a crafted file's code; one-line reasons naming the
-    # file (missing, a folder, a text file, refused objects, damaged)
-    ckpt = load_torch_file(path, error=InputError)
-    if isinstance(ckpt, dict) and {"model", "ema"} <= set(ckpt):
-        raise InputError(f"{path}: a score_sde checkpoint, not an lfmri (Lightning) one; fine-tune from it "
-                         "(model.init_args.pretrained in a config) and pass the Lightning checkpoint")
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise InputError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-    if "ema" not in ckpt or not any(k.startswith("net.") for k in ckpt["state_dict"]):
-        raise InputError(f"{path}: not a ScoreModel checkpoint (no 'ema' or no 'net.*' weights)")
-    return ckpt
-
-
-def score_model_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> ScoreModel:
-    """A `ScoreModel` (CPU) with the weights and EMA of a checkpoint dict from `read_lightning_checkpoint`."""
-    from lightning_modules.module import ScoreModel
-
-    accepted = inspect.signature(ScoreModel.__init__).parameters
-    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in accepted}
-    try:
-        model = ScoreModel(**hparams)
-        model.on_load_checkpoint(ckpt)
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    except (RuntimeError, ValueError, TypeError, KeyError) as err:
-        # all of torch's lines: its first one ("Error(s) in loading state_dict for ...:") holds no reason
-        reason = " ".join(str(err).split()) or type(err).__name__
-        reason = reason if len(reason) <= 400 else reason[:400] + " ..."
-        raise InputError(f"{path}: checkpoint does not fit its ScoreModel hyperparameters ({reason})",
-                         ) from None
-    return model
-
-
-def load_score_model(path: str | os.PathLike, device: torch.device) -> ScoreModel:
-    """Load an lfmri `ScoreModel` Lightning checkpoint onto `device` (eval mode; samplers use its EMA);
-    reconstruction needs a 2-channel (real, imaginary) network. Bad files -> InputError."""
-    model = score_model_from_checkpoint(read_lightning_checkpoint(path), path)
-    if int(model.hparams.num_channels) != 2:
-        raise InputError(f"--ckpt {path}: the network has {model.hparams.num_channels} channel(s); "
-                         "reconstruction needs a 2-channel (real, imaginary) model")
-    return model.to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -127,14 +127,14 @@ class LfmriCLI(LightningCLI):
 def _check_ckpt_path(ckpt_path: Any) -> None:
     """InputError (one line) unless a local `--ckpt_path` is an lfmri ScoreModel checkpoint: a missing file, a
     folder, a truncated file or another model's checkpoint, read with `weights_only=True`
-    (`evaluation.read_lightning_checkpoint`). Lightning's keywords (last, best, hpc, registry) and remote
+    (`lfmri.models.read_lightning_checkpoint`). Lightning's keywords (last, best, hpc, registry) and remote
     URLs are left to Lightning."""
     if not ckpt_path or not _is_local_file_protocol(ckpt_path):
         return
     if str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).lower().split(":")[0] == "registry":
         return
     from datamodules.errors import InputError
-    from lfmri.evaluation import read_lightning_checkpoint
+    from lfmri.models import read_lightning_checkpoint
 
     try:
         read_lightning_checkpoint(ckpt_path)

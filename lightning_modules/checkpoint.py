@@ -47,6 +47,25 @@ class CheckpointError(InputError):
     """A checkpoint that cannot be read or does not fit the network; a one-line message naming the file."""
 
 
+#: checkpoints shipped with lfmri, by short name: `--ckpt reference-small` (reconstruct, evaluate, export) and
+#: `model.init_args.pretrained: reference-small` (fine-tune). A short name wins over a file of the same name.
+SHIPPED_CHECKPOINTS: dict[str, Path] = {
+    "reference-small": Path(__file__).parent / "pretrained" / "reference_small.ckpt",
+}
+
+
+def resolve_checkpoint(name: str | os.PathLike) -> Path:
+    """The file of a shipped checkpoint's short name (InputError if the install lacks it); any other value is
+    a path, returned unchanged."""
+    path = SHIPPED_CHECKPOINTS.get(str(name))
+    if path is None:
+        return Path(name)
+    if not path.is_file():
+        raise InputError(f"{name}: the shipped checkpoint {path} is missing from this installation "
+                         "(reinstall lfmri from a full clone)")
+    return path
+
+
 #: the legacy (non-zip) `torch.save` format starts with this pickled magic number
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
 
@@ -147,13 +166,17 @@ def ddpm_kwargs_from_config(config: Mapping | str | os.PathLike) -> dict:
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
-    """(model state dict without the DataParallel prefix, ema state or None) of a score_sde checkpoint."""
+    """(model state dict without the DataParallel prefix, ema state or None) of a score_sde checkpoint, or
+    of an lfmri `ScoreModel` Lightning checkpoint (its `net.*` weights and EMA state, same layouts)."""
     obj = load_torch_file(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a score_sde checkpoint (a {type(obj).__name__}, expected a dict)")
     if "state_dict" in obj and "pytorch-lightning_version" in obj:
-        raise CheckpointError(f"{path}: this is a Lightning checkpoint, not a score_sde one; convert it with "
-                              "`lfmri export --ckpt` or resume from it with --ckpt_path")
+        net = {k[len("net."):]: v for k, v in obj["state_dict"].items() if k.startswith("net.")}
+        if not net:
+            raise CheckpointError(f"{path}: a Lightning checkpoint without a ScoreModel network ('net.*' "
+                                  "weights)")
+        return net, obj.get("ema")
     if isinstance(obj.get("model"), dict):
         model, ema = obj["model"], obj.get("ema")
     elif obj and all(isinstance(v, Tensor) for v in obj.values()) and any("all_modules" in k for k in obj):
@@ -237,6 +260,7 @@ def load_score_sde_checkpoint(path: str | os.PathLike, model_config: Mapping | s
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     kwargs = ddpm_kwargs_from_config(model_config)
+    path = resolve_checkpoint(path)
     model_state, ema = _read(path)
     with torch.device("meta"):
         net = DDPM(**kwargs)

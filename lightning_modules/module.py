@@ -48,7 +48,8 @@ class ScoreModel(LightningModule):
     resamp_with_conv, conditional, scale_by_sigma, nonlinearity, image_size, num_channels, centered,
     sigma_min, sigma_max, num_scales (score_sde's `sigmas` buffer), num_groups (GroupNorm groups, 32 in
     score_sde), grad_checkpointing.
-    Pretrained: `pretrained` a score_sde checkpoint path; `pretrained_weights` 'ema' | 'model';
+    Pretrained: `pretrained` a score_sde checkpoint path, an lfmri Lightning checkpoint, or a shipped short
+    name (`reference-small`, checkpoint.SHIPPED_CHECKPOINTS); `pretrained_weights` 'ema' | 'model';
     `pretrained_config` the checkpoint's score_sde config.json (default: this network's config, with the
     other channel count when `adapt_channels` is set);
     `adapt_channels` adapt a 1 <-> 2 channel checkpoint to this network's `num_channels` (set it to

@@ -89,7 +89,7 @@ def load_volumes(split: str, regimes: list[str], slices: int, seed: int, snr_db:
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ScoreFn, VPSDE, int, str]:
     """(score_fn, SDE, the model's training size, description) of the model chosen on the command line."""
     if args.ckpt:
-        from lfmri.evaluation import load_score_model
+        from lfmri.models import load_score_model
 
         model = load_score_model(args.ckpt, device)
         return model.score_fn(), model.sde, int(model.hparams.image_size), f"checkpoint {args.ckpt}"

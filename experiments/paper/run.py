@@ -17,11 +17,12 @@ Small scale on the shipped data (CPU, minutes; `DATA` = `bundled`):
 
     python experiments/paper/run.py bundled --small [--out runs/paper_small] [--jobs 2]
 
-  0. no clinical checkpoint can be downloaded, so a stand-in is made: a small prior (the quickstart network,
-     64x64) pre-trained with DSM on the bundled MNI pseudo-subjects sliced CORONALLY (small_pretrain.yaml),
-     exported in score_sde's format with `lfmri export` (OUT/clinical.pth + .json);
-  1.-2. fine-tuned on the AXIAL slices (small_finetune.yaml) from that file through the same import path;
-     the same model is also trained from scratch for the same steps;
+  0. no clinical checkpoint can be downloaded, so the prior shipped with lfmri stands in for it
+     (`--pretrained reference-small`, the default with --small: the quickstart network trained for ~1 h on
+     the bundled axial MNI slices, configs/reference_small.yaml); a Lightning checkpoint is exported in
+     score_sde's format with `lfmri export` (OUT/clinical.pth + .json), as a clinical checkpoint would come;
+  1.-2. fine-tuned (small_finetune.yaml, axial slices, a few minutes) from that file through the same import
+     path; the same model is also trained from scratch for the same steps;
   3.-4. both are evaluated on the bundled source's test subject (Colin27, a real held-out brain) and compared.
 
 Every command is printed and recorded with its wall time in OUT/protocol.md and OUT/protocol.json; the
@@ -47,10 +48,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 FULL_CONFIG = REPO / "configs" / "finetune_mouse.yaml"
-SMALL_PRETRAIN = HERE / "small_pretrain.yaml"
 SMALL_FINETUNE = HERE / "small_finetune.yaml"
 #: what the protocol writes under OUT (only these are removed by --overwrite)
-OUTPUTS = ("clinical_pretrain", "clinical.pth", "clinical.json", "split.yaml", "finetune", "scratch",
+OUTPUTS = ("clinical.pth", "clinical.json", "split.yaml", "finetune", "scratch",
            "eval_finetune", "eval_scratch", "comparison.md", "protocol.md", "protocol.json")
 
 
@@ -73,19 +73,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("data", help="'bundled' (the shipped data) or a directory of high-field NIfTI volumes")
     p.add_argument("--pretrained", default=None,
-                   help="clinical score_sde checkpoint (.pth); --small without it pre-trains a stand-in")
+                   help="clinical prior: a score_sde checkpoint (.pth), or an lfmri Lightning checkpoint or "
+                        "shipped name, exported first (default with --small: reference-small)")
     p.add_argument("--pretrained-config", default=None, help="the checkpoint's score_sde config.json")
     p.add_argument("--small", action="store_true", help="small-scale protocol (CPU, minutes)")
     p.add_argument("--out", default=None, help="output folder (default runs/paper or runs/paper_small)")
     p.add_argument("--overwrite", action="store_true", help="replace this protocol's outputs in --out")
     p.add_argument("--config", default=None, help="fine-tune config (default: configs/finetune_mouse.yaml, "
                                                   "or experiments/paper/small_finetune.yaml with --small)")
-    p.add_argument("--pretrain-config", default=str(SMALL_PRETRAIN), help="--small: the stand-in's config")
     p.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=None,
                    help="also train from scratch for the same steps (default: on with --small)")
     p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default: the config's)")
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tune max_steps (default: config's)")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="--small: stand-in max_steps")
     p.add_argument("--image-size", type=int, default=None,
                    help="every fit: the model's training size and the data's training crop_size")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -116,7 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.out = "runs/paper_small" if args.small else "runs/paper"
     if not args.small and not args.pretrained:
         p.error("the full protocol needs --pretrained CLINICAL.pth (a score_sde checkpoint); "
-                "--small makes a small stand-in from the shipped data")
+                "--small starts from the shipped reference prior")
+    if args.pretrained is None:
+        args.pretrained = "reference-small"
     return args
 
 
@@ -224,6 +225,18 @@ def validation_losses(out: Path, stages: list[str]) -> list[str]:
     return lines
 
 
+def is_lightning_checkpoint(name: str) -> bool:
+    """A shipped short name (reference-small) or a file that `lfmri export` reads (a Lightning checkpoint)."""
+    from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS, load_torch_file
+
+    if name in SHIPPED_CHECKPOINTS:
+        return True
+    if not Path(name).is_file():
+        return False
+    obj = load_torch_file(name, error=ProtocolError)
+    return isinstance(obj, dict) and "state_dict" in obj
+
+
 def prepare_out(out: Path, overwrite: bool) -> None:
     """Create OUT; refuse to mix with an earlier run unless --overwrite (which removes only our outputs)."""
     existing = [name for name in OUTPUTS if (out / name).exists()]
@@ -281,18 +294,13 @@ def run_protocol(args: argparse.Namespace) -> Path:
         shared += [f"--model.init_args.image_size={args.image_size}",
                    f"--data.init_args.crop_size={args.image_size}"]
 
-    # 0. (small, without a checkpoint) the clinical stand-in: DSM on the coronal bundled slices, exported
+    # 0. the clinical prior in score_sde's format: a Lightning checkpoint (or the shipped reference-small) is
+    #    exported first, so the fine-tune takes the import path of a clinical checkpoint
     pretrained, pretrained_config = args.pretrained, args.pretrained_config
-    if pretrained is None:
-        stage = out / "clinical_pretrain"
-        pre = ["--config", args.pretrain_config, *shared, f"--trainer.default_root_dir={stage}"]
-        pre += [f"--trainer.max_steps={args.pretrain_steps}"] if args.pretrain_steps else []
-        stage.mkdir(parents=True)
-        (stage / "config.yaml").write_text(resolve_config(pre))
-        proto.run("clinical_pretrain", [lfmri_cmd("fit", *pre)])
+    if is_lightning_checkpoint(pretrained):
+        lightning = pretrained
         pretrained, pretrained_config = str(out / "clinical.pth"), str(out / "clinical.json")
-        last = str(stage / "checkpoints" / "last.ckpt")
-        proto.run("export", [lfmri_cmd("export", "--ckpt", last, pretrained)])
+        proto.run("export", [lfmri_cmd("export", "--ckpt", lightning, pretrained)])
     elif not Path(pretrained).is_file():
         raise ProtocolError(f"--pretrained {pretrained}: no such checkpoint file")
 
@@ -346,8 +354,8 @@ def run_protocol(args: argparse.Namespace) -> Path:
 
     labels = {"finetune": "fine-tuned", "scratch": "from scratch"}
     compare_args = [f"{labels[name]}={out / f'eval_{name}' / 'results.csv'}" for name in models]
-    compare_args += ["--out", str(out / "comparison.md"), "--title",
-                     "lfmri (small stand-in transfer) vs the paper" if args.small else "lfmri vs the paper"]
+    title = "lfmri (small transfer from reference-small)" if args.small else "lfmri"
+    compare_args += ["--out", str(out / "comparison.md"), "--title", f"{title} vs the paper"]
     t0 = time.perf_counter()
     print()
     if compare.main(compare_args) != 0:

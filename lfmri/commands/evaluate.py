@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate", help="SSIM / PSNR / NMSE per regime on the held-out subjects, with baselines",
         description="Evaluate a checkpoint on the test subjects of a config's data module, per degradation "
                     "regime, next to classical baselines tuned on the validation subjects.")
-    p.add_argument("--ckpt", required=True, help="lfmri (ScoreModel) Lightning checkpoint")
+    p.add_argument("--ckpt", required=True,
+                   help="lfmri (ScoreModel) Lightning checkpoint, or reference-small (the shipped prior)")
     p.add_argument("--config", required=True, help="LightningCLI YAML with a data: block")
     p.add_argument("--regimes", default="all", help="all, or a comma-separated list of regimes")
     p.add_argument("--out", required=True, help="output folder for results.csv / .md / .json and figure.png")
@@ -83,13 +84,9 @@ def run(args: argparse.Namespace) -> int:
     """Run `lfmri evaluate`; bad input raises InputError before anything is written."""
     from lfmri.baselines import parse_baselines
     from lfmri.data_config import load_datamodule
-    from lfmri.evaluation import (
-        format_markdown,
-        load_score_model,
-        resolve_device,
-        run_evaluation,
-        write_results,
-    )
+    from lfmri.evaluation import format_markdown, run_evaluation, write_results
+    from lfmri.models import load_score_model, resolve_device
+    from lightning_modules.checkpoint import resolve_checkpoint
 
     _validate(args)
     regimes = parse_regimes(args.regimes)
@@ -109,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = {} if args.max_slices_per_subject is None else {
         "eval_slices_per_volume": args.max_slices_per_subject}
     datamodule = load_datamodule(args.config, **overrides)
-    settings = {"ckpt": str(Path(args.ckpt).resolve()), "config": str(Path(args.config).resolve()),
+    settings = {"ckpt": str(resolve_checkpoint(args.ckpt).resolve()),
+                "config": str(Path(args.config).resolve()),
                 **sampler.settings(), "samples": args.samples, "seed": args.seed, "device": str(device)}
     settings.update({f"{name}: {k}": v for name, s in others.items() for k, v in s.settings().items()})
     result = run_evaluation(model, datamodule, regimes, baselines, sampler, samples=args.samples,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from datamodules.errors import InputError
 from datamodules.io import check_output_file
-from lfmri.evaluation import read_lightning_checkpoint, score_model_from_checkpoint
+from lfmri.models import read_lightning_checkpoint, score_model_from_checkpoint
 from lightning_modules.checkpoint import export_score_sde_checkpoint, is_torch_file
 
 
@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `export` subcommand."""
     p = subparsers.add_parser("export", help="Lightning checkpoint -> score_sde checkpoint",
                               description=__doc__.split("\n\n")[1])
-    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt) of a ScoreModel")
+    p.add_argument("--ckpt", required=True,
+                   help="Lightning checkpoint (.ckpt) of a ScoreModel, or reference-small")
     p.add_argument("out", help="output score_sde checkpoint (.pth or .pt)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema",
                    help="weights written into `model` (default: ema)")

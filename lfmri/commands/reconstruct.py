@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "the input's affine, in the input's units.")
     p.add_argument("input", help="low-field magnitude NIfTI (.nii / .nii.gz), 3D")
     p.add_argument("output", help="reconstruction NIfTI path (.nii / .nii.gz)")
-    p.add_argument("--ckpt", required=True, help="lfmri (ScoreModel) Lightning checkpoint")
+    p.add_argument("--ckpt", required=True,
+                   help="lfmri (ScoreModel) Lightning checkpoint, or reference-small (the shipped prior)")
     p.add_argument("--regime", required=True,
                    help="noise | noise_blur | noise_blur_t2star | noise_blur_t2star_b0")
     p.add_argument("--kspace", default=None, help="measured k-space HDF5 from `lfmri degrade --kspace-out`")
@@ -255,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     from datamodules.io import atomic_path, load_nifti, nifti_like
     from datamodules.transforms import fit_to_square, from_slices, restore_shape, robust_scale, to_slices
     from degradations import complex_to_channels, fft2c, ifft2c, make_regime
-    from lfmri.evaluation import load_score_model, resolve_device
+    from lfmri.models import load_score_model, resolve_device
     from lightning_modules.inference import Reconstructor
 
     _validate(args)

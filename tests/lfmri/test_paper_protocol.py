@@ -1,8 +1,8 @@
 """The paper protocol script (experiments/paper/run.py) end to end at absurdly small settings, and its parts.
 
-The end-to-end run takes the --small path exactly as `make demo`-style users do (stand-in pre-training,
-`lfmri export`, fine-tune through `model.init_args.pretrained`, scratch, `lfmri evaluate`, compare.py), with a
-few steps at 32x32, one slice of the test subject (Colin27) and one bundled pseudo-subject per split.
+The end-to-end run takes the --small path exactly as `make demo` does (`lfmri export` of the shipped reference
+prior, fine-tune through `model.init_args.pretrained`, scratch, `lfmri evaluate`, compare.py), with two steps,
+one slice of the test subject (Colin27) and one bundled pseudo-subject per split.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
+from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER = ROOT / "experiments" / "paper"
@@ -44,7 +46,7 @@ def small_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("paper") / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, str(PAPER / "run.py"), "bundled", "--small", "--out", str(out), "--jobs", "2",
-           "--image-size", "32", "--pretrain-steps", "2", "--finetune-steps", "2", "--eval-steps", "2",
+           "--finetune-steps", "2", "--eval-steps", "2",
            "--max-slices-per-subject", "1", "--baselines", "tv",
            "--set", "data.init_args.bundled_train_subjects=1",
            "--set", "data.init_args.bundled_val_subjects=1",
@@ -58,13 +60,13 @@ def small_run(tmp_path_factory) -> Path:
 def test_small_protocol_runs_every_stage_and_writes_the_comparison(small_run):
     out = small_run
     stages = [s["stage"] for s in json.loads((out / "protocol.json").read_text())["steps"]]
-    assert stages[:2] == ["clinical_pretrain", "export"] and stages[-1] == "compare"
-    assert set(stages[2:4]) == {"finetune", "scratch"}  # side by side: in the order they finished
-    assert set(stages[4:6]) == {"eval_finetune", "eval_scratch"}
+    assert stages[0] == "export" and stages[-1] == "compare"
+    assert set(stages[1:3]) == {"finetune", "scratch"}  # side by side: in the order they finished
+    assert set(stages[3:5]) == {"eval_finetune", "eval_scratch"}
     table = (out / "comparison.md").read_text()
     assert "0.758 ± 0.050" in table and "19.25 ± 1.56" in table  # the paper's figures beside ours
     assert "fine-tuned" in table and "from scratch" in table and "Paired difference" in table
-    assert "lfmri fit --config experiments/paper/small_pretrain.yaml" in (out / "protocol.md").read_text()
+    assert "lfmri export --ckpt reference-small" in (out / "protocol.md").read_text()  # the shipped prior
 
 
 def test_the_fine_tune_imports_the_exported_score_sde_checkpoint(small_run):
@@ -79,6 +81,9 @@ def test_the_fine_tune_imports_the_exported_score_sde_checkpoint(small_run):
         {k: v for k, v in scratch.items() if not k.startswith("pretrained")}  # the same model otherwise
     ckpt = torch.load(out / "finetune" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["pretrained"] == str(out / "clinical.pth")
+    shipped = torch.load(SHIPPED_CHECKPOINTS["reference-small"], map_location="cpu", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(exported["ema"]["shadow_params"],
+                                                 shipped["ema"]["shadow_params"], strict=True))
 
 
 def test_both_models_are_evaluated_on_the_same_held_out_volumes_in_all_regimes(small_run):

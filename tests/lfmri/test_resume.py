@@ -299,3 +299,22 @@ def test_training_samples_do_not_depend_on_workers_or_the_global_rng():
     for a, b in zip(*batches, strict=True):
         assert a["regime"] == b["regime"] and torch.equal(a["slice"], b["slice"])
         assert torch.equal(a["degraded"], b["degraded"]) and torch.equal(a["y"], b["y"])
+
+
+def test_a_partly_read_validation_loader_keeps_its_workers_on_sigterm():
+    """`limit_val_batches` leaves the validation iterator unfinished, its worker alive through training; a
+    SIGTERM to the process group must not kill it (the fit then fails instead of saving last.ckpt)."""
+    from datamodules import LowFieldDataModule
+
+    dm = LowFieldDataModule(image_size=32, batch_size=2, num_workers=1, bundled_train_subjects=1,
+                            bundled_val_subjects=1, eval_slices_per_volume=2, eval_batch_size=1,
+                            eval_regimes=["noise"])
+    dm.setup("fit")
+    it = iter(dm.val_dataloader())
+    next(it)  # a partial read, as limit_val_batches does
+    (worker,) = it._workers
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert next(it)["clean"].shape[0] >= 1  # and it still delivers
+    del it
