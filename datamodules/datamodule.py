@@ -37,9 +37,8 @@ from datamodules.options import check_options, number
 from datamodules.resumable import IgnoreStopSignals, resumable_loader
 from datamodules.sources import NiftiDirSource, VolumeRecord, VolumeSource, make_source, warn_skipped
 from datamodules.splits import SPLITS, Split, hash_split, load_split_file
-from degradations import make_regime
+from degradations import REGIMES, make_regime
 
-ALL_REGIMES = ["noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0"]
 MIN_SIZE = 8  # smallest image_size / crop_size in pixels
 
 
@@ -201,14 +200,14 @@ class LowFieldDataModule(L.LightningDataModule):
         # with two values. `lfmri` logs the whole config (data included) itself (`LogConfigCallback`).
         self.save_hyperparameters(logger=False)
         check_options(self.hparams, self.OPTION_RULES)  # before anything is read or built
-        self.regimes = list(regimes) if regimes else list(ALL_REGIMES)
-        self.eval_regimes = list(eval_regimes) if eval_regimes else list(ALL_REGIMES)
+        self.regimes = list(regimes) if regimes else list(REGIMES)
+        self.eval_regimes = list(eval_regimes) if eval_regimes else list(REGIMES)
         for option, names in (("regimes", self.regimes), ("eval_regimes", self.eval_regimes)):
             for name in names:
-                if name not in ALL_REGIMES:
+                if name not in REGIMES:
                     raise InputError(f"{option}: unknown regime {name!r}; choose from "
-                                     f"{', '.join(ALL_REGIMES)}")
-        for name in ALL_REGIMES:  # the degradations' own checks of the overrides, once, now
+                                     f"{', '.join(REGIMES)}")
+        for name in REGIMES:  # the degradations' own checks of the overrides, once, now
             try:
                 make_regime(name, **dict(regime_overrides or {}))
             except (TypeError, ValueError) as err:

@@ -6,7 +6,15 @@ the readout runs along ``W`` and phase encoding along ``H``; every random draw t
 
 from .b0 import B0PhaseCorruption, OffResonanceEncoding, random_b0_map
 from .blur import GaussianBlur, gaussian_mtf
-from .compose import PARAM_KEYS, REGIMES, LowFieldDegradation, make_regime, neutral_params, params_to_jsonable
+from .compose import (
+    PARAM_KEYS,
+    REGIMES,
+    LowFieldDegradation,
+    make_regime,
+    neutral_params,
+    params_to_jsonable,
+    regime_label,
+)
 from .fourier import channels_to_complex, complex_to_channels, fft2c, ifft2c
 from .noise import ComplexGaussianNoise
 from .noise_estimate import estimate_noise_sigma
@@ -22,5 +30,6 @@ __all__ = [
     "B0PhaseCorruption", "OffResonanceEncoding",
     "random_b0_map", "ComplexGaussianNoise", "AcquisitionTiming", "sample_times_ms",
     "LowFieldDegradation", "make_regime", "REGIMES", "PARAM_KEYS", "neutral_params", "params_to_jsonable",
+    "regime_label",
     "ForwardOperator", "estimate_noise_sigma",
 ]

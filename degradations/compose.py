@@ -24,9 +24,17 @@ from .t2star import T2StarDecay
 from .timing import AcquisitionTiming
 
 __all__ = ["LowFieldDegradation", "make_regime", "REGIMES", "PARAM_KEYS", "neutral_params",
-           "params_to_jsonable"]
+           "params_to_jsonable", "regime_label"]
 
+#: the four regimes of the paper, in its order (the one list every module, command and script uses)
 REGIMES = ("noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0")
+
+
+def regime_label(regime: str) -> str:
+    """`noise_blur_t2star_b0` -> `noise + blur + T2* + B0` (the paper's row names)."""
+    names = {"t2star": "T2*", "b0": "B0"}
+    return " + ".join(names.get(part, part) for part in regime.split("_"))
+
 _REGIME_STEPS = {
     "noise": ("noise",),
     "noise_blur": ("blur", "noise"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._random import check_range, uniform
+from .snr import sigma_for_power
 from .snr import signal_power as foreground_power
 
 __all__ = ["ComplexGaussianNoise"]
@@ -54,7 +55,7 @@ class ComplexGaussianNoise:
         empty = power <= 0
         if bool(empty.any()) and not bool(empty.all()):
             power = torch.where(empty, power[~empty].mean(), power)
-        return torch.sqrt(power / 10.0 ** (snr_db.to(power) / 10.0))
+        return sigma_for_power(power, snr_db)
 
     def sample_params(self, x_in: torch.Tensor, generator: torch.Generator | None = None,
                       signal_power: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

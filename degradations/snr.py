@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["foreground_mask", "foreground_power_sums", "percentile", "signal_power", "snr_db",
-           "noise_sigma_for_snr", "FOREGROUND_FRACTION"]
+           "noise_sigma_for_snr", "snr_db_for_power", "sigma_for_power", "FOREGROUND_FRACTION"]
 
 #: foreground threshold as a fraction of the 99th percentile of |x| of the slice
 FOREGROUND_FRACTION = 0.1
@@ -67,13 +67,25 @@ def signal_power(x: torch.Tensor) -> torch.Tensor:
     return (total / count.clamp_min(1.0)).to(torch.float32)
 
 
+def snr_db_for_power(power: torch.Tensor | float, noise_var: torch.Tensor | float) -> torch.Tensor:
+    """SNR (dB) ``10 log10(power / noise_var)`` of a signal power and a noise variance per complex sample
+    (both in units^2, scalars or ``[B]``): the definition, written once."""
+    power = torch.as_tensor(power)
+    return 10.0 * torch.log10(power / torch.as_tensor(noise_var, dtype=power.dtype, device=power.device))
+
+
+def sigma_for_power(power: torch.Tensor | float, snr_db: torch.Tensor | float) -> torch.Tensor:
+    """Noise std per complex sample giving ``snr_db`` (dB) for a signal power (units^2; scalars or ``[B]``):
+    the inverse of `snr_db_for_power`, in ``power``'s dtype."""
+    power = torch.as_tensor(power)
+    return torch.sqrt(power / 10.0 ** (torch.as_tensor(snr_db, device=power.device).to(power.dtype) / 10.0))
+
+
 def snr_db(x: torch.Tensor, noise_var: torch.Tensor | float) -> torch.Tensor:
     """SNR (dB) of the noise-free image ``x`` ``[B, ..., H, W]`` for a noise variance per complex sample."""
-    noise_var = torch.as_tensor(noise_var, dtype=torch.float32, device=x.device)
-    return 10.0 * torch.log10(signal_power(x) / noise_var)
+    return snr_db_for_power(signal_power(x), noise_var)
 
 
 def noise_sigma_for_snr(x: torch.Tensor, snr_db: torch.Tensor | float) -> torch.Tensor:
     """Noise std per complex sample ``[B]`` giving ``snr_db`` (dB, scalar or ``[B]``) for the image ``x``."""
-    snr = torch.as_tensor(snr_db, dtype=torch.float32, device=x.device)
-    return torch.sqrt(signal_power(x) / 10.0 ** (snr / 10.0))
+    return sigma_for_power(signal_power(x), snr_db)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from datamodules.errors import InputError
 from datamodules.io import atomic_dir
+from degradations import regime_label
 from lfmri.baselines import BASELINES, Measurement, TuningResult, tune_baselines
 
 if TYPE_CHECKING:
@@ -96,12 +97,6 @@ class EvaluationResult:
     tuning: dict[str, dict[str, TuningResult]] = field(default_factory=dict)
     panels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-def regime_label(regime: str) -> str:
-    """`noise_blur_t2star_b0` -> `noise + blur + T2* + B0` (the paper's row names)."""
-    names = {"t2star": "T2*", "b0": "B0"}
-    return " + ".join(names.get(part, part) for part in regime.split("_"))
 
 
 def _ordered(values: Sequence[str], first: Sequence[str] = ()) -> list[str]:

@@ -20,11 +20,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from degradations import REGIMES, regime_label
 from lfmri.baselines import BASELINES as _BASELINES
 
-REGIMES = ("noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0")
-LABELS = {"noise": "noise", "noise_blur": "noise + blur", "noise_blur_t2star": "noise + blur + T2*",
-          "noise_blur_t2star_b0": "noise + blur + T2* + B0"}
 #: the paper's lfmri results on 10 held-out mouse subjects: (mean, std) per metric, nmse in %; None: not given
 PAPER: dict[str, dict[str, tuple[float, float] | None]] = {
     "noise": {"ssim": (0.758, 0.050), "psnr": (32.72, 1.53), "nmse": (2.42, 0.77)},
@@ -107,7 +105,7 @@ def format_comparison(table: Table, title: str = "lfmri vs the paper") -> str:
             paper = f"{ref[0]:.{digits}f} ± {ref[1]:.{digits}f}" if ref else "–"
             cells = [_cell([v[key] for v in table[c].get(regime, {}).values()], scale, digits)
                      for c in columns]
-            lines.append(f"| {LABELS.get(regime, regime)} | {paper} | " + " | ".join(cells) + " |")
+            lines.append(f"| {regime_label(regime)} | {paper} | " + " | ".join(cells) + " |")
     models = [c for c in columns if c not in BASELINES]
     if len(models) >= 2:
         lines += [""] + format_difference(table, models[0], models[1])
@@ -131,7 +129,7 @@ def format_difference(table: Table, a: str, b: str) -> list[str]:
             mean, std = _mean_std(diffs)
             cells.append(f"{mean:+.{digits}f} ± {std:.{digits}f}")
             wins.append(str(sum((d > 0) if higher_better else (d < 0) for d in diffs)))
-        lines.append(f"| {LABELS.get(regime, regime)} | " + " | ".join(cells) + f" | {' / '.join(wins)} of "
+        lines.append(f"| {regime_label(regime)} | " + " | ".join(cells) + f" | {' / '.join(wins)} of "
                      f"{len(common)} |")
     return lines
 

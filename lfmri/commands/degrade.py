@@ -138,7 +138,7 @@ def degrade_volume(data: np.ndarray, regime: str, seed: int, slice_axis: int, sn
     from tqdm import tqdm
 
     from degradations import ComplexGaussianNoise, ifft2c, make_regime, params_to_jsonable
-    from degradations.snr import foreground_power_sums
+    from degradations.snr import foreground_power_sums, sigma_for_power, snr_db_for_power
 
     degradation = make_regime(regime, **({} if snr_db is None else {"snr_db": snr_db}))
     slices = np.ascontiguousarray(np.moveaxis(data, slice_axis, 0), dtype=np.float32)
@@ -172,13 +172,13 @@ def degrade_volume(data: np.ndarray, regime: str, seed: int, slice_axis: int, sn
         power_slice = torch.where(fg_count > 0, fg_sum / fg_count.clamp_min(1.0), torch.tensor(power_volume))
         target = float(scalars["snr_db"][0])
         power_for_sigma = power_slice if noise_level == "slice" else torch.full((n_slices,), power_volume)
-        sigma = torch.sqrt(power_for_sigma / 10.0 ** (target / 10.0)).to(torch.float32)
+        sigma = sigma_for_power(power_for_sigma, target).to(torch.float32)
         noise = torch.cat([ComplexGaussianNoise.draw(k0[i:i + 1], sigma[i:i + 1], generators[i])
                            for i in range(n_slices)])
         y = k0 + noise
         magnitude = ifft2c(y).abs()[:, 0].numpy()
 
-    realised = torch.where(fg_count > 0, 10.0 * torch.log10(power_slice / sigma.double() ** 2),
+    realised = torch.where(fg_count > 0, snr_db_for_power(power_slice, sigma.double() ** 2),
                            torch.tensor(math.nan, dtype=torch.float64)).to(torch.float32)
     per_slice = {key: value.expand(n_slices) for key, value in scalars.items()}
     per_slice.update({"snr_db": realised, "noise_sigma": sigma})

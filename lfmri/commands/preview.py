@@ -16,14 +16,8 @@ from pathlib import Path
 
 from datamodules.errors import InputError
 from datamodules.io import atomic_path, check_output_file
+from degradations import regime_label
 from lfmri.data_config import load_datamodule
-
-REGIME_LABELS = {
-    "noise": "noise",
-    "noise_blur": "noise + blur",
-    "noise_blur_t2star": "noise + blur + T2*",
-    "noise_blur_t2star_b0": "noise + blur + T2* + B0",
-}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,7 +42,7 @@ def _title(regime: str, p: dict[str, float | None]) -> str:
         parts.append(f"T2* {p['t2star_ms']:.0f} ms")
     if p.get("b0_max_hz"):
         parts.append(f"B0 {p['b0_max_hz']:.0f} Hz")
-    return REGIME_LABELS.get(regime, regime) + "\n" + ", ".join(parts)
+    return regime_label(regime) + "\n" + ", ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,9 +55,8 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
     import torch
 
-    from datamodules.datamodule import ALL_REGIMES
     from datamodules.dataset import EvalSliceDataset
-    from degradations import params_to_jsonable
+    from degradations import REGIMES, params_to_jsonable
 
     if args.subjects_per_split < 1:
         raise InputError(f"--subjects-per-split must be >= 1, got {args.subjects_per_split}")
@@ -81,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             for i in infos[: args.subjects_per_split]
         ]
         ds = EvalSliceDataset(
-            dm.source, picked, ALL_REGIMES, dm.image_size, dm.background_phase, dm.seed, dm.regime_overrides
+            dm.source, picked, REGIMES, dm.image_size, dm.background_phase, dm.seed, dm.regime_overrides
         )
         for v, info in enumerate(picked):
             samples = [ds[i] for i, item in enumerate(ds.items) if item[0] == v]
@@ -90,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.config}: no usable volume to preview in any split")
     fig, axes = plt.subplots(
         len(rows),
-        1 + len(ALL_REGIMES),
-        figsize=(3.0 * (1 + len(ALL_REGIMES)), 3.6 * len(rows)),
+        1 + len(REGIMES),
+        figsize=(3.0 * (1 + len(REGIMES)), 3.6 * len(rows)),
         squeeze=False,
     )
     for r, (split, info, samples) in enumerate(rows):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from degradations import channels_to_complex, fft2c, neutral_params
+from degradations import channels_to_complex, fft2c, neutral_params, regime_label
 from lfmri.baselines import TuningResult
 from lfmri.evaluation import (
     CSV_COLUMNS,
@@ -24,7 +24,6 @@ from lfmri.evaluation import (
     format_benchmark,
     format_markdown,
     read_csv,
-    regime_label,
     run_evaluation,
     summarise,
     write_files_atomically,
