@@ -49,11 +49,8 @@ def run(args: argparse.Namespace) -> int:
     """Write the preview PNG; print split sizes and realised parameters."""
     out = Path(args.out)
     check_output_file(out, "--out", (".png",), (args.config,))  # before any work: suffix, folder, writable
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch
+    from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend is left alone
 
     from datamodules.dataset import EvalSliceDataset
     from degradations import REGIMES, params_to_jsonable
@@ -81,12 +78,8 @@ def run(args: argparse.Namespace) -> int:
             rows.append((split, info, samples))
     if not rows:
         raise InputError(f"{args.config}: no usable volume to preview in any split")
-    fig, axes = plt.subplots(
-        len(rows),
-        1 + len(REGIMES),
-        figsize=(3.0 * (1 + len(REGIMES)), 3.6 * len(rows)),
-        squeeze=False,
-    )
+    fig = Figure(figsize=(3.0 * (1 + len(REGIMES)), 3.6 * len(rows)))
+    axes = fig.subplots(len(rows), 1 + len(REGIMES), squeeze=False)
     for r, (split, info, samples) in enumerate(rows):
         clean = torch.view_as_complex(samples[0]["clean"].permute(1, 2, 0).contiguous()).abs()
         vmax = float(clean.max()) or 1.0
@@ -112,6 +105,5 @@ def run(args: argparse.Namespace) -> int:
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * len(rows))))
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
     print(f"wrote {out}")
     return 0

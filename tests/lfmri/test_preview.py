@@ -2,6 +2,7 @@
 
 import argparse
 
+import matplotlib
 import matplotlib.image as mpimg
 import pytest
 import yaml
@@ -34,7 +35,13 @@ def test_preview_from_a_lightning_cli_config(tmp_path, capsys):
         yaml.safe_dump({"model": {"class_path": "x.Y"}, "trainer": {"max_epochs": 1}, "data": DATA})
     )
     out = tmp_path / "sub" / "preview.png"
-    assert _run(["--config", str(cfg), "--out", str(out), "--subjects-per-split", "1"]) == 0
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a caller's own backend (a notebook's, a GUI's) ...
+    try:
+        assert _run(["--config", str(cfg), "--out", str(out), "--subjects-per-split", "1"]) == 0
+        assert matplotlib.get_backend() == "svg"  # ... is left alone
+    finally:
+        matplotlib.use(backend)
     image = mpimg.imread(out)
     assert image.shape[0] > 300 and image.shape[1] > 600  # 3 rows x 5 panels
     text = capsys.readouterr().out
