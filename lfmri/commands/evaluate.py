@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     """Run `lfmri evaluate`; bad input raises InputError before anything is written."""
     from lfmri.baselines import parse_baselines
     from lfmri.data_config import load_datamodule
-    from lfmri.evaluation import format_markdown, run_evaluation, write_results
+    from lfmri.evaluation import run_evaluation
     from lfmri.models import load_score_model, resolve_device
+    from lfmri.results import format_markdown, write_results
     from lightning_modules.checkpoint import resolve_checkpoint
 
     _validate(args)
@@ -99,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
         if args.reference_pc_steps:
             from lightning_modules.samplers import build_sampler
 
-            others["lfmri_pc"] = build_sampler("pc", steps=args.reference_pc_steps, dc="gradient",
-                                               dc_weight=0.3, sde=model.sde)
+            # the registry's `pc`: the paper's reference, gradient DC w = 0.3
+            others["lfmri_pc"] = build_sampler("pc", steps=args.reference_pc_steps, sde=model.sde)
     except ValueError as err:  # InputError included
         raise InputError(str(err)) from None
     overrides = {} if args.max_slices_per_subject is None else {

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI builds its parsers without importing torch
     from lightning_modules.samplers import Sampler
-    from lightning_modules.sde import VPSDE
+    from lightning_modules.sde import SDE
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,8 +29,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
                    help="gradient DC step weight (default: the sampler's)")
 
 
-def sampler_from_args(args: argparse.Namespace, sde: VPSDE) -> Sampler:
-    """The sampler the options name, on the model's SDE; ValueError on an invalid option."""
+def sampler_from_args(args: argparse.Namespace, sde: SDE) -> Sampler:
+    """The sampler the options name, on the model's SDE (`ScoreModel.sde`: `VPSDE`, `DiscreteVPSDE` or
+    `VESDE`, whatever its family); ValueError on an invalid option."""
     from lightning_modules.samplers import build_sampler
 
     return build_sampler(args.sampler, steps=args.steps, t0=args.t0, dc=args.dc, dc_weight=args.dc_weight,

@@ -12,7 +12,7 @@ import pytest
 
 from lfmri.baselines import BASELINES, available_baselines
 from lfmri.cli import main
-from lfmri.evaluation import CSV_COLUMNS
+from lfmri.results import CSV_COLUMNS
 
 SCORE_SDE_CKPT = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny" / "checkpoint.pth"
 CONFIG = """\

@@ -16,7 +16,8 @@ import torch
 
 from degradations import channels_to_complex, fft2c, neutral_params, regime_label
 from lfmri.baselines import TuningResult
-from lfmri.evaluation import (
+from lfmri.evaluation import run_evaluation
+from lfmri.results import (
     CSV_COLUMNS,
     EvaluationResult,
     ResultRow,
@@ -24,7 +25,6 @@ from lfmri.evaluation import (
     format_benchmark,
     format_markdown,
     read_csv,
-    run_evaluation,
     summarise,
     write_files_atomically,
     write_results,
@@ -130,7 +130,7 @@ def test_a_failing_writer_leaves_out_untouched(tmp_path: Path, exists: bool) -> 
 _KILLED_WRITE = """
 import os, signal, sys
 from pathlib import Path
-from lfmri.evaluation import write_files_atomically
+from lfmri.results import write_files_atomically
 calls = [0]
 def counted(real):
     def call(*args, **kwargs):
