@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: the whole job on real MRI shipped with the install, on a CPU in about 10 minutes.
 #  1. lfmri degrade: simulate a portable low-field scan of a small real brain volume (all four regimes);
-#  2. the small-scale transfer of the paper's protocol (experiments/paper/run.py --small): pre-train a small
-#     "clinical" prior on coronal slices, export it in score_sde's format, fine-tune it on axial slices through
-#     the checkpoint-import path (and the same model from scratch, for comparison), evaluate both with
-#     baselines on the held-out real brain (Colin27);
+#  2. the small-scale transfer of the paper's protocol (experiments/paper/run.py --small): export the prior shipped
+#     with lfmri (reference-small, configs/reference_small.yaml) in score_sde's format, fine-tune it through the
+#     checkpoint-import path (and the same model from scratch for the same steps, for comparison), evaluate
+#     both with baselines on the held-out real brain (Colin27);
 #  3. print the results table and the paths of the figure and the checkpoint.
 # DEMO_OUT (default runs/demo) holds everything; a second run replaces it.
 set -euo pipefail
@@ -24,12 +24,12 @@ for regime in noise noise_blur noise_blur_t2star noise_blur_t2star_b0; do
   echo "   $OUT/degrade/$regime.nii.gz (+ .json parameters, .h5 k-space)"
 done
 
-echo "== 2. small-scale transfer: pre-train stand-in -> export -> fine-tune -> evaluate (and from scratch)"
+echo "== 2. small-scale transfer: shipped prior (reference-small) -> export -> fine-tune -> evaluate (and from scratch)"
 # the sampler registry's defaults (chosen on VALIDATION volumes: experiments/benchmarks/sampling.py, RESULTS.md);
 # the fast baselines only (BM3D and model-based TV take seconds per slice, tuned on validation: they are in
 # experiments/benchmarks/quality.py, the full benchmark table)
-$PY experiments/paper/run.py bundled --small --out "$OUT/transfer" --overwrite --jobs 2 \
-  --max-slices-per-subject 8 --baselines tv,nlm,tv_complex,nlm_complex
+$PY experiments/paper/run.py bundled --small --pretrained reference-small --out "$OUT/transfer" --overwrite \
+  --jobs 2 --finetune-steps 150 --max-slices-per-subject 8 --baselines tv,nlm,tv_complex,nlm_complex
 
 echo
 echo "== 3. results (the held-out real brain, Colin27)"

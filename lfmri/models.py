@@ -78,7 +78,8 @@ def load_score_model(path: str | os.PathLike, device: torch.device) -> ScoreMode
     mode; samplers use its EMA); reconstruction needs a 2-channel (real, imaginary) network. Bad files ->
     InputError."""
     model = score_model_from_checkpoint(read_lightning_checkpoint(path), path)
-    if int(model.hparams.num_channels) != 2:
+    # (a family's prior: its constructor already refused one that cannot take the 2-channel layout)
+    if model.prior is None and int(model.hparams.num_channels) != 2:
         raise InputError(f"--ckpt {path}: the network has {model.hparams.num_channels} channel(s); "
                          "reconstruction needs a 2-channel (real, imaginary) model")
     return model.to(device).eval()

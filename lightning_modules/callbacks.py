@@ -160,7 +160,8 @@ class SamplerCallback(Callback):
     never in the sanity check; also under `trainer.validate`), with the module's EMA weights
     (`pl_module.score_fn()`), through the one inference path (`lightning_modules.inference.Reconstructor`)
     with the sampler `build_sampler(sampler, steps, t0, dc, dc_weight, dc_lambda, dc_floor)` on the module's
-    SDE (None: the sampler registry's defaults). Data consistency uses the regime's forward operator of each
+    SDE (`pl_module.sde`, whatever its class: a family's VP, discrete VP or VE; None options: the sampler
+    registry's defaults). Data consistency uses the regime's forward operator of each
     slice's realised parameters, its measured k-space `y` and its known noise level, at the slice's native
     matrix.
 

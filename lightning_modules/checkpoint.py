@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from datamodules.errors import InputError
 from datamodules.io import atomic_path, check_input_file
 from lightning_modules.ddpm import DDPM
+from lightning_modules.sde import VPSDE
 
 _PREFIX = "module."
 #: score_sde config fields -> DDPM argument; fields in _REQUIRED must be present
@@ -285,14 +286,17 @@ def _atomic_save(obj: object, path: Path, write) -> None:
 def export_score_sde_checkpoint(net: DDPM, path: str | os.PathLike,
                                 ema_params: Sequence[Tensor] | None = None, step: int = 0,
                                 ema_decay: float = 0.9999, ema_num_updates: int | None = None,
-                                config_path: str | os.PathLike | None = None) -> None:
+                                config_path: str | os.PathLike | None = None, sde: VPSDE | None = None,
+                                lr: float = 2e-4) -> None:
     """Write `net` as a score_sde checkpoint (atomically: a temporary file, then os.replace).
 
     `model` holds net's state dict with the `module.` prefix (including `module.sigmas`); `ema` holds
     `ema_params` (a list in parameters() order; default: net's parameters) with `ema_decay` and
     `ema_num_updates` (default: step); `optimizer` is a fresh Adam state dict over the parameters (no
-    moments), so score_sde can resume from it; `step` is `step`. With `config_path`, also write the network's
-    score_sde config JSON (nested layout) there, which `load_score_sde_checkpoint` takes as `model_config`.
+    moments) with learning rate `lr`, so score_sde can resume from it; `step` is `step`. With `config_path`,
+    also write the score_sde config JSON (nested layout; `load_score_sde_checkpoint` takes it as
+    `model_config`): the network and data fields, the SDE (`training.sde` 'vpsde', `training.continuous`,
+    `model.beta_min` / `beta_max` of `sde`, default `VPSDE()`) and `optim` (Adam, `lr`).
     """
     params = list(net.parameters())
     shadows = list(ema_params) if ema_params is not None else params
@@ -306,10 +310,15 @@ def export_score_sde_checkpoint(net: DDPM, path: str | os.PathLike,
         "ema": {"decay": float(ema_decay),
                 "num_updates": int(step if ema_num_updates is None else ema_num_updates),
                 "shadow_params": [s.detach().cpu().clone() for s in shadows]},
-        "optimizer": torch.optim.Adam(params).state_dict(),
+        "optimizer": torch.optim.Adam(params, lr=float(lr)).state_dict(),
         "step": int(step),
     }
     _atomic_save(blob, Path(path), torch.save)
     if config_path is not None:
-        _atomic_save(net.score_sde_config(), Path(config_path),
+        sde = sde or VPSDE()
+        config = net.score_sde_config()
+        config["model"].update(beta_min=float(sde.beta_min), beta_max=float(sde.beta_max))
+        config["training"] = {"sde": "vpsde", "continuous": True}
+        config["optim"] = {"optimizer": "Adam", "lr": float(lr)}
+        _atomic_save(config, Path(config_path),
                      lambda cfg, tmp: Path(tmp).write_text(json.dumps(cfg, indent=1) + "\n"))

@@ -1,7 +1,14 @@
 """Training losses: continuous-time denoising score matching and the supervised one-step reconstruction loss.
 
-Both take the network (called as `net(x, labels)`) and the VP-SDE, images float [B, C, H, W], and an optional
-`torch.Generator` for every random draw (on the images' device), so validation losses can be deterministic.
+Both take the network (called as `net(x, labels)`) and the model's SDE, images float [B, C, H, W], and an
+optional `torch.Generator` for every random draw (on the images' device), so validation losses can be
+deterministic. With `score_fn` (x [B, C, H, W], t [B]) -> score, e.g. a checkpoint family's
+`Pretrained.score`, they train through that score function instead of score_sde's DDPM convention, for any
+SDE of `sde`:
+- `VPSDE` (continuous VP, score_sde / HFS-SDE) and `VESDE` (score-MRI: x_t = x + sigma(t) z, alpha = 1): DSM
+  |std(t) s(x_t, t) + z|^2 at t ~ U(eps, 1);
+- `DiscreteVPSDE` (DDS): the same expression at integer steps i ~ U{0, ..., N - 1}, t = i / (N - 1); with
+  s = -eps_hat / std(t) it is the DDPM noise-prediction loss |eps_hat - z|^2.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.sde import VPSDE, get_score_fn
+from lightning_modules.sde import SDE, DiscreteVPSDE, ScoreFn, get_score_fn
 
 DSM_EPS = 1e-5
 
@@ -28,20 +35,32 @@ def _normal(like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
-def dsm_loss(net: nn.Module, sde: VPSDE, x: Tensor, *, likelihood_weighting: bool = False,
-             reduce_mean: bool = True, eps: float = DSM_EPS,
-             generator: torch.Generator | None = None) -> Tensor:
+def _dsm_times(sde: SDE, n: int, eps: float, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """DSM times [B]: U(eps, T), or for a `DiscreteVPSDE` i / (N - 1) at uniform integer steps i."""
+    if isinstance(sde, DiscreteVPSDE):
+        i = torch.randint(0, sde.N, (n,), generator=generator, device=like.device)
+        return i.to(torch.float32) / (sde.N - 1)
+    return _uniform(n, eps, sde.T, like, generator)
+
+
+def dsm_loss(net: nn.Module | None, sde: SDE, x: Tensor, *, likelihood_weighting: bool = False,
+             reduce_mean: bool = True, eps: float = DSM_EPS, generator: torch.Generator | None = None,
+             score_fn: ScoreFn | None = None) -> Tensor:
     """score_sde's continuous-time DSM loss (`get_sde_loss_fn`), a scalar.
 
-    t ~ U(eps, T) [B], z ~ N(0, I) (drawn in that order), x_t = alpha(t) x + std(t) z, s = score(x_t, t).
+    t ~ U(eps, T) [B] (a `DiscreteVPSDE`: uniform integer steps, see the module docstring), z ~ N(0, I)
+    (drawn in that order), x_t = alpha(t) x + std(t) z, s = score(x_t, t) (`score_fn`, or
+    `get_score_fn(net, sde)` when it is None).
     Per sample: reduce(|s std(t) + z|^2) (the score_sde weighting lambda(t) = std(t)^2), or with
-    `likelihood_weighting` reduce(|s + z / std(t)|^2) beta(t). `reduce` is the mean over pixels
-    (`reduce_mean`) or half the sum. Returns the batch mean.
+    `likelihood_weighting` reduce(|s + z / std(t)|^2) g(t)^2 (g the SDE's diffusion; `DiscreteVPSDE`: its
+    continuous limit). `reduce` is the mean over pixels (`reduce_mean`) or half the sum. Returns the batch
+    mean.
     """
-    t = _uniform(x.shape[0], eps, sde.T, x, generator)
+    score_fn = get_score_fn(net, sde) if score_fn is None else score_fn
+    t = _dsm_times(sde, x.shape[0], eps, x, generator)
     z = _normal(x, generator)
     mean, std = sde.marginal_prob(x, t)
-    score = get_score_fn(net, sde)(mean + _bc(std) * z, t)
+    score = score_fn(mean + _bc(std) * z, t)
     if likelihood_weighting:
         losses = torch.square(score + z / _bc(std)).flatten(1)
     else:
@@ -52,20 +71,22 @@ def dsm_loss(net: nn.Module, sde: VPSDE, x: Tensor, *, likelihood_weighting: boo
     return losses.mean()
 
 
-def tweedie_x0(sde: VPSDE, x_t: Tensor, t: Tensor, score: Tensor) -> Tensor:
+def tweedie_x0(sde: SDE, x_t: Tensor, t: Tensor, score: Tensor) -> Tensor:
     """One-step Tweedie estimate of x_0: (x_t + std(t)^2 s) / alpha(t), [B, C, H, W]."""
     return (x_t + _bc(sde.std(t) ** 2) * score) / _bc(sde.alpha(t))
 
 
-def supervised_loss(net: nn.Module, sde: VPSDE, degraded: Tensor, clean: Tensor, *,
+def supervised_loss(net: nn.Module | None, sde: SDE, degraded: Tensor, clean: Tensor, *,
                     t0_range: tuple[float, float] = (0.05, 0.3), loss: Literal["l1", "l2"] = "l1",
-                    generator: torch.Generator | None = None) -> Tensor:
+                    generator: torch.Generator | None = None, score_fn: ScoreFn | None = None) -> Tensor:
     """Supervised reconstruction loss of a warm-started sampler's first step, a scalar.
 
     t0 ~ U(t0_range) [B], z ~ N(0, I) (drawn in that order); the degraded slice is diffused to t0,
     x_t0 = alpha(t0) degraded + std(t0) z, denoised in one Tweedie step
     x0_hat = (x_t0 + std(t0)^2 s(x_t0, t0)) / alpha(t0), and compared to the clean slice:
     mean |x0_hat - clean| (l1) or mean (x0_hat - clean)^2 (l2) over all pixels and the batch.
+    With `net` (a noise prediction, score_sde's DDPM) std^2 s = -std net(x_t0, labels), finite at t0 = 0; with
+    `score_fn` (any family) the score itself, at t0 >= `DSM_EPS` (where an eps-network's std(t0) > 0).
     """
     low, high = t0_range
     if not 0.0 <= low <= high <= sde.T:
@@ -74,9 +95,13 @@ def supervised_loss(net: nn.Module, sde: VPSDE, degraded: Tensor, clean: Tensor,
         raise ValueError(f"loss must be 'l1' or 'l2', got {loss!r}")
     t0 = _uniform(degraded.shape[0], low, high, degraded, generator)
     z = _normal(degraded, generator)
+    if score_fn is not None:
+        t0 = t0.clamp_min(DSM_EPS)
     mean, std = sde.marginal_prob(degraded, t0)
     x_t0 = mean + _bc(std) * z
-    # std^2 s = -std out (s = -out / std): the same estimate, finite at t0 = 0
-    x0_hat = (x_t0 - _bc(std) * net(x_t0, sde.labels(t0))) / _bc(sde.alpha(t0))
+    if score_fn is not None:
+        x0_hat = tweedie_x0(sde, x_t0, t0, score_fn(x_t0, t0))
+    else:  # std^2 s = -std out (s = -out / std): the same estimate, finite at t0 = 0
+        x0_hat = (x_t0 - _bc(std) * net(x_t0, sde.labels(t0))) / _bc(sde.alpha(t0))
     diff = x0_hat - clean
     return diff.abs().mean() if loss == "l1" else diff.square().mean()

@@ -1,8 +1,10 @@
-"""`ScoreModel`: the LightningModule that trains / fine-tunes the DDPM score network under the VP-SDE.
+"""`ScoreModel`: the LightningModule that trains / fine-tunes a score network under its SDE.
 
 Thin over the plain parts: `ddpm.DDPM` (the network, `self.net`), `sde.VPSDE` (`self.sde`), `losses` (DSM and
-the supervised one-step reconstruction loss) and `ema.EMA` (`self.ema`). Batches are dicts with `clean` and
-`degraded` float [B, 2, H, W] (see datamodules); other keys are ignored.
+the supervised one-step reconstruction loss) and `ema.EMA` (`self.ema`). With `pretrained_family` the network,
+SDE and score function are instead a public checkpoint family's (`networks.families`: score_sde, hfs_sde,
+score_mri, dds), so fine-tuning and sampling follow that family's conventions (VP, discrete VP or VE SDE).
+Batches are dicts with `clean` and `degraded` float [B, 2, H, W] (see datamodules); other keys are ignored.
 
 - Loss: `dsm_weight * DSM(clean) + supervised_weight * supervised(degraded -> clean)`; a term with weight 0
   is not computed in training. Validation and test always compute and log both, with a generator seeded by
@@ -13,26 +15,32 @@ the supervised one-step reconstruction loss) and `ema.EMA` (`self.ema`). Batches
 - EMA: updated after every optimiser step, stored in the Lightning checkpoint under `"ema"` (score_sde's
   layout), swapped into the network for validation, test and predict; `score_fn()` gives samplers a
   score function on a frozen copy of the EMA weights.
-- Pretrained weights (`pretrained`, a score_sde checkpoint) are loaded when fit / validate / test / predict
-  start (after Lightning restored any `ckpt_path`), not in `__init__`: `load_from_checkpoint` and resuming
-  with `ckpt_path` never re-read the clinical file.
+- Pretrained weights (`pretrained`, a score_sde checkpoint, or a family's with `pretrained_family`) are loaded
+  when fit / validate / test / predict start (after Lightning restored any `ckpt_path`), not in `__init__`:
+  `load_from_checkpoint` and resuming with `ckpt_path` never re-read the clinical file. A family's network is
+  built in `__init__` from its config alone, which is then kept in the hyperparameters
+  (`pretrained_config`), so a Lightning checkpoint of such a model rebuilds without the original files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from torch import Tensor
+from torch import Tensor, nn
 
 from datamodules.errors import InputError
-from datamodules.options import check_options, number, ordered_range, sequence
+from datamodules.options import Rule, check_options, number, ordered_range, sequence
 from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpoint
 from lightning_modules.ddpm import DDPM
 from lightning_modules.ema import EMA
 from lightning_modules.losses import dsm_loss, supervised_loss
+from lightning_modules.networks.families import FAMILIES, Pretrained, family_prior
+from lightning_modules.networks.families import load_pretrained as load_family_checkpoint
 from lightning_modules.sde import VPSDE, ScoreFn, get_score_fn
 
 #: ScoreModel arguments that configure the network (the DDPM constructor's)
@@ -42,20 +50,34 @@ NET_ARGS = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "r
 
 
 class ScoreModel(LightningModule):
-    """VP-SDE score model (score_sde's DDPM U-Net) with DSM + supervised losses, EMA and checkpoint import.
+    """Score model with DSM + supervised losses, EMA and checkpoint import: score_sde's DDPM U-Net under the
+    VP-SDE, or (`pretrained_family`) a public checkpoint family's network, SDE and score function.
 
     Network (score_sde config fields, see `DDPM`): nf, ch_mult, num_res_blocks, attn_resolutions, dropout,
     resamp_with_conv, conditional, scale_by_sigma, nonlinearity, image_size, num_channels, centered,
     sigma_min, sigma_max, num_scales (score_sde's `sigmas` buffer), num_groups (GroupNorm groups, 32 in
     score_sde), grad_checkpointing.
     Pretrained: `pretrained` a score_sde checkpoint path, an lfmri Lightning checkpoint, or a shipped short
-    name (`reference-small`, checkpoint.SHIPPED_CHECKPOINTS); `pretrained_weights` 'ema' | 'model';
+    name (`reference-small`, checkpoint.SHIPPED_CHECKPOINTS); `pretrained_weights` 'ema' | 'model' ('family':
+    the family's sampling weights, with `pretrained_family`);
     `pretrained_config` the checkpoint's score_sde config.json (default: this network's config, with the
     other channel count when `adapt_channels` is set);
     `adapt_channels` adapt a 1 <-> 2 channel checkpoint to this network's `num_channels` (set it to
     num_channels; see `checkpoint` for the rule).
+    Family (`pretrained_family`: 'score_sde' | 'hfs_sde' | 'score_mri' | 'dds'; None: the DDPM above):
+    `pretrained` is then that family's public checkpoint (`networks.families.load_pretrained`) and
+    `pretrained_config` its config (a JSON / YAML / score_sde `.py` file; default: `config.json` beside
+    `pretrained`). The network (`self.net`), the SDE (`self.sde`: `VPSDE`, `DiscreteVPSDE` or `VESDE`) and
+    the score function come from the family and its config: the network and SDE arguments above (nf ...
+    num_groups, grad_checkpointing, beta_min, beta_max) and `adapt_channels` are ignored. The prior must take
+    2 channels (real, imaginary), or 1 channel with the family's real / imaginary rule (score_mri: the score
+    of [re, im] is [prior(re), prior(im)]). `__init__` reads only the config; `hparams.pretrained_config`
+    then holds it (resolved, a mapping), so the model's Lightning checkpoints rebuild without the original
+    files.
     SDE and losses: beta_min, beta_max; dsm_weight; supervised_weight (lambda); supervised_t0 (range of t0);
-    supervised_loss 'l1' | 'l2'; likelihood_weighting (DSM).
+    supervised_loss 'l1' | 'l2'; likelihood_weighting (DSM). With a family, DSM is the family SDE's
+    (`losses`: VP and VE weighted by std(t)^2, discrete VP the noise-prediction loss at integer steps) and the
+    supervised loss the Tweedie step through the family's score.
     Optimisation: lr, weight_decay (AdamW), warmup_steps, ema_decay, compile (torch.compile the network in
     setup), val_seed.
     Predict (`lfmri predict`): predict_sampler (a `samplers.SAMPLERS` name), predict_steps, predict_t0,
@@ -87,6 +109,8 @@ class ScoreModel(LightningModule):
         "weight_decay": number(0),
         "warmup_steps": number(0, integer=True),
         "ema_decay": number(0, 1),
+        "pretrained_family": Rule(lambda v: v is None or v in FAMILIES,
+                                  f"null or one of {', '.join(FAMILIES)}"),
     }
 
     def __init__(self, nf: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
@@ -96,8 +120,9 @@ class ScoreModel(LightningModule):
                  image_size: int = 256, num_channels: int = 2, centered: bool = True, sigma_min: float = 0.01,
                  sigma_max: float = 50.0, num_scales: int = 1000, num_groups: int = 32,
                  grad_checkpointing: bool = False,
-                 pretrained: str | None = None, pretrained_weights: Literal["ema", "model"] = "ema",
-                 pretrained_config: str | None = None, adapt_channels: int | None = None,
+                 pretrained: str | None = None, pretrained_weights: Literal["ema", "model", "family"] = "ema",
+                 pretrained_config: str | dict[str, Any] | None = None, adapt_channels: int | None = None,
+                 pretrained_family: str | None = None,
                  beta_min: float = 0.1, beta_max: float = 20.0, dsm_weight: float = 1.0,
                  supervised_weight: float = 0.0, supervised_t0: tuple[float, float] = (0.05, 0.3),
                  supervised_loss: Literal["l1", "l2"] = "l1", likelihood_weighting: bool = False,
@@ -111,24 +136,64 @@ class ScoreModel(LightningModule):
         self.save_hyperparameters()
         hp = self.hparams
         check_options(hp, self.OPTION_RULES)  # before anything is built
-        channels = [hp.nf * m for m in hp.ch_mult]
-        if any(c % hp.num_groups for c in [hp.nf, *channels]):
-            raise InputError(f"num_groups must divide the channel counts nf * ch_mult = {channels}, "
-                             f"got {hp.num_groups}")
+        if pretrained_family is None:  # the flat network arguments are used
+            channels = [hp.nf * m for m in hp.ch_mult]
+            if any(c % hp.num_groups for c in [hp.nf, *channels]):
+                raise InputError(f"num_groups must divide the channel counts nf * ch_mult = {channels}, "
+                                 f"got {hp.num_groups}")
+            if pretrained_weights == "family":
+                raise InputError("pretrained_weights 'family' needs pretrained_family")
         if hp.dsm_weight == 0 and hp.supervised_weight == 0:
             raise InputError("dsm_weight and supervised_weight are both 0: nothing to train; make one > 0")
-        self.net = DDPM(**{k: hp[k] for k in NET_ARGS})
-        self.sde = VPSDE(beta_min=beta_min, beta_max=beta_max)
+        #: the family prior around `self.net` (None: score_sde's DDPM under `VPSDE`, the flat arguments)
+        self.prior: Pretrained | None = None
+        if pretrained_family is None:
+            self.net = DDPM(**{k: hp[k] for k in NET_ARGS})
+            self.sde = VPSDE(beta_min=beta_min, beta_max=beta_max)
+        else:
+            self.prior = family_prior(pretrained_family, self._family_config())
+            hp.pretrained_config = self.prior.config  # the checkpoint rebuilds from it alone
+            c, rule = self.prior.channels, self.prior.family.complex_rule
+            if not (c == 2 or (c == 1 and rule == "real_imag_separately")):
+                raise InputError(f"the {pretrained_family} prior takes {c} channel(s) ({rule}); lfmri's "
+                                 "images are 2 (real, imaginary)")
+            self.net = self.prior.network
+            self.sde = self.prior.sde
         self.ema = EMA(self.net.parameters(), decay=ema_decay)
         self._weights_ready = pretrained is None  # False: `pretrained` still to load (_ensure_weights)
         self._compiled = False
         self._ema_swap: ExitStack | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
-    def load_pretrained(self) -> None:
-        """Load `pretrained` into the network (strictly; CheckpointError if it does not fit) and restart the
-        EMA from those weights."""
+    def _family_config(self) -> str | dict[str, Any]:
+        """The family config to build from: `pretrained_config`, else `config.json` beside `pretrained`
+        (InputError, one line, when neither is there)."""
         hp = self.hparams
+        if hp.pretrained_config is not None:
+            return hp.pretrained_config
+        if hp.pretrained is None:
+            raise InputError(f"pretrained_family {hp.pretrained_family!r} needs pretrained (the checkpoint) "
+                             "or pretrained_config (its config)")
+        path = Path(hp.pretrained)
+        if not path.is_file():
+            raise InputError(f"pretrained {path}: no such file")
+        beside = path.with_name("config.json")
+        if not beside.is_file():
+            raise InputError(f"pretrained {path}: no config.json beside it; pass pretrained_config (the "
+                             f"{hp.pretrained_family} config: JSON, YAML or .py)")
+        return str(beside)
+
+    def load_pretrained(self) -> None:
+        """Load `pretrained` into the network (strictly; CheckpointError, or InputError for a family, if it
+        does not fit) and restart the EMA from those weights."""
+        hp = self.hparams
+        if self.prior is not None:
+            loaded = load_family_checkpoint(hp.pretrained, hp.pretrained_config, hp.pretrained_family,
+                                            weights=hp.pretrained_weights)
+            self.net.load_state_dict(loaded.network.state_dict(), strict=True)
+            self.ema = EMA(self.net.parameters(), decay=hp.ema_decay)
+            self._weights_ready = True
+            return
         config = hp.pretrained_config
         if config is None:  # taken to be this network (with the other channel count when adapting)
             config = self.net.score_sde_config()
@@ -169,40 +234,64 @@ class ScoreModel(LightningModule):
     def on_predict_start(self) -> None:
         self._ensure_weights()
 
+    @property
+    def train_size(self) -> int:
+        """The image size the network was configured for (pixels): `image_size`, or with a family its
+        config's (`data.image_size`; dds: `model.image_size`)."""
+        if self.prior is None:
+            return int(self.hparams.image_size)
+        config = self.prior.config
+        return int(config["model"]["image_size"] if self.prior.family.architecture == "adm"
+                   else config["data"]["image_size"])
+
     # ------------------------------------------------------------------------------------------- forward
+    def _score_of(self, net: nn.Module) -> ScoreFn:
+        """The score function of `net` (this model's network or a copy): score_sde's convention
+        (`get_score_fn`) or the family's (`Pretrained.score`)."""
+        if self.prior is None:
+            return get_score_fn(net, self.sde)
+        return dataclasses.replace(self.prior, network=net).score
+
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """Score [B, C, H, W] at x [B, C, H, W] (any H x W: the network pads to its `size_multiple` and crops
         back), t [B], with the network's current weights."""
-        return get_score_fn(self.net, self.sde)(x, t)
+        return self._score_of(self.net)(x, t)
 
-    def frozen_net(self, use_ema: bool = True) -> DDPM:
+    def frozen_net(self, use_ema: bool = True) -> nn.Module:
         """A frozen eval-mode copy of the network (on the module's device) with the EMA or current weights."""
-        net = DDPM(**self.net.config).to(self.device)
+        if self.prior is None:
+            net = DDPM(**self.net.config).to(self.device)
+        else:  # the family's architecture, without a second random initialisation
+            net = self.prior.empty_network(self.device)
         net.load_state_dict(self.net.state_dict())
         if use_ema:
             self.ema.copy_to(net.parameters())
         return net.eval().requires_grad_(False)
 
     def score_fn(self, use_ema: bool = True) -> ScoreFn:
-        """score_fn(x [B, C, H, W], t [B]) for samplers, on a frozen copy of the EMA (or current) weights.
+        """score_fn(x [B, 2, H, W] (real, imaginary), t [B]) -> score [B, 2, H, W] for samplers, on a frozen
+        copy of the EMA (or current) weights; with a family, its score (`Pretrained.score`; score_mri's
+        1-channel prior on the real and the imaginary part apart).
 
         It runs at any H x W (a slice's native matrix): the network pads x at the bottom and right to
-        multiples of `DDPM.size_multiple` and crops its output back (`sde.pad_to_multiple`; exactly the
+        multiples of its `size_multiple` and crops its output back (`sde.pad_to_multiple`; exactly the
         unpadded network where H and W are multiples)."""
-        return get_score_fn(self.frozen_net(use_ema), self.sde)
+        return self._score_of(self.frozen_net(use_ema))
 
     # ------------------------------------------------------------------------------------------ losses
     def _losses(self, batch: dict[str, Any], generator: torch.Generator | None, compute_all: bool,
                 ) -> dict[str, Tensor]:
         hp = self.hparams
+        score_fn = None if self.prior is None else self.prior.score  # None: score_sde's DDPM convention
         out: dict[str, Tensor] = {}
         if compute_all or hp.dsm_weight > 0:
             out["dsm"] = dsm_loss(self.net, self.sde, batch["clean"],
-                                  likelihood_weighting=hp.likelihood_weighting, generator=generator)
+                                  likelihood_weighting=hp.likelihood_weighting, generator=generator,
+                                  score_fn=score_fn)
         if compute_all or hp.supervised_weight > 0:
             out["supervised"] = supervised_loss(self.net, self.sde, batch["degraded"], batch["clean"],
                                                 t0_range=tuple(hp.supervised_t0), loss=hp.supervised_loss,
-                                                generator=generator)
+                                                generator=generator, score_fn=score_fn)
         weights = {"dsm": hp.dsm_weight, "supervised": hp.supervised_weight}
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out

@@ -1,4 +1,4 @@
-"""Reconstruction samplers for the VP-SDE with k-space data consistency (plain torch, no Lightning).
+"""Reconstruction samplers for a score prior's SDE with k-space data consistency (plain torch, no Lightning).
 
 Every sampler has one signature, k-diffusion style::
 
@@ -9,7 +9,9 @@ Every sampler has one signature, k-diffusion style::
 - `x_init`: float `[B,2,H,W]`, the starting image (the degraded image). Every sampler starts from
   `x = alpha(t_start) x_init + std(t_start) z`; with `t_start = 1` that is (up to alpha(1) ~ 0.006) the prior.
   A batch holds any number of slices (or K copies of one slice); they are sampled in parallel.
-- `schedule`: a `Schedule` (the discretisation SDE, the descending time grid and the sampler's options).
+- `schedule`: a `Schedule` (the model's SDE, its discretisation, the descending time grid and the sampler's
+  options). Any SDE of `sde` works: `VPSDE` (continuous VP), `DiscreteVPSDE` (a DDPM chain, DDS) and `VESDE`
+  (variance exploding, score-MRI); the samplers use its marginal `alpha(t)`, `std(t)` (VE: 1, sigma(t)).
 - `dc`: a data-consistency step (`data_consistency.GradientDC` or `ProximalDC`, see `DataConsistency`):
   DDIM applies `dc(x0, sigma_t)` to its denoised (Tweedie) estimate, PC `dc.on_iterate(x, alpha_t, std_t)` to
   its noisy iterate.
@@ -24,10 +26,10 @@ NFE counts calls of `score_fn`, each on the whole batch: `pc_sampler` makes `n_s
 `ddim_sampler` makes `n_steps`.
 
 Samplers:
-- `pc_sampler`: score-MRI's predictor-corrector for the VP-SDE (score_sde's Langevin corrector then its
+- `pc_sampler`: score-MRI's predictor-corrector (score_sde's Langevin corrector then its
   reverse-diffusion predictor at each time of the grid, DC after each corrector and each predictor step; the
   result is the noise-free mean of the last predictor step). With `t_start < 1` it is the warm start.
-- `ddim_sampler`: DDIM on the VP-SDE (deterministic for `eta = 0`); DC is applied to the Tweedie estimate
+- `ddim_sampler`: DDIM (deterministic for `eta = 0`); DC is applied to the Tweedie estimate
   of the clean image at each step, which is then re-noised to the next time.
 
 `SAMPLERS` names the four configurations ("pc", "warm_pc", "ddim", "warm_ddim") with ALL their defaults
@@ -48,7 +50,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.data_consistency import GradientDC, ProximalDC
-from lightning_modules.sde import VPSDE
+from lightning_modules.sde import SDE, VESDE, VPSDE
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
@@ -96,9 +98,13 @@ class DataConsistency(Protocol):
 class Schedule:
     """The time grid and options of a sampler.
 
-    - `sde`: the VP-SDE used for the discretisation. Its `N` is the number of points of the FULL grid
-      `linspace(T, eps, N)` whose spacing the steps have (score_sde's predictor and Langevin corrector use
-      the discrete betas `sde.discretize` gives at that resolution); `Schedule.make` sets it.
+    - `sde`: the SDE used for the PC discretisation (`VPSDE` or `VESDE`). Its `N` is the number of points of
+      the FULL grid `linspace(T, eps, N)` whose spacing the steps have (score_sde's predictor and Langevin
+      corrector use the discrete betas / sigmas `sde.discretize` gives at that resolution); `Schedule.make`
+      sets it (`model_sde.grid(N)`).
+    - `model_sde`: the model's SDE, whose marginal `alpha(t)`, `std(t)` the samplers use (warm start, DDIM,
+      DC); None: `sde` (the same marginals for `VPSDE` and `VESDE`, not for a `DiscreteVPSDE`, whose grid is
+      its continuous limit). See `marginals`.
     - `timesteps`: float64 `[n_steps]`, descending from `t_start` to `eps`; one (predictor or DDIM) step each.
     - `snr`, `n_corrector`: the Langevin corrector's target signal-to-noise ratio and steps per time (PC).
     - `eta`: DDIM's stochasticity (0 = deterministic, 1 = DDPM-like ancestral noise).
@@ -113,15 +119,18 @@ class Schedule:
     eta: float = 0.0
     denoise: bool = True
     autocast: bool = False
+    model_sde: SDE | None = None
 
     @classmethod
     def make(cls, n_steps: int, t_start: float = 1.0, eps: float = 1e-3, beta_min: float = 0.1,
-             beta_max: float = 20.0, **options: Any) -> Schedule:
+             beta_max: float = 20.0, sde: SDE | None = None, **options: Any) -> Schedule:
         """`n_steps` times `linspace(t_start, eps, n_steps)`; the SDE's `N` matches that grid's spacing.
 
         For `t_start = 1` this is score_sde's grid `linspace(1, eps, N)` with `N = n_steps`; for a warm start
         `t_start < 1` it is the tail of a full grid with the same spacing (N ~ n_steps / t_start).
-        `options` are the other fields (`snr`, `n_corrector`, `eta`, `denoise`, `autocast`).
+        `sde` is the model's SDE (any class; None: `VPSDE(beta_min, beta_max)`, beta_min / beta_max are
+        otherwise unused). `options` are the other fields (`snr`, `n_corrector`, `eta`, `denoise`,
+        `autocast`).
         """
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
@@ -130,7 +139,13 @@ class Schedule:
         dt = (t_start - eps) / (n_steps - 1) if n_steps > 1 else t_start - eps
         n_full = max(n_steps, round((VPSDE.T - eps) / dt) + 1)
         timesteps = torch.linspace(t_start, eps, n_steps, dtype=torch.float64)
-        return cls(sde=VPSDE(beta_min, beta_max, N=n_full), timesteps=timesteps, **options)
+        model_sde = VPSDE(beta_min, beta_max) if sde is None else sde
+        return cls(sde=model_sde.grid(n_full), timesteps=timesteps, model_sde=model_sde, **options)
+
+    @property
+    def marginals(self) -> SDE:
+        """The SDE of the model's marginals alpha(t), std(t): `model_sde`, or `sde` when that is None."""
+        return self.sde if self.model_sde is None else self.model_sde
 
     @property
     def n_steps(self) -> int:
@@ -188,57 +203,60 @@ def _score(score_fn: ScoreFn, x: Tensor, t: Tensor, autocast: bool) -> Tensor:
 
 
 def _warm_start(x_init: Tensor, schedule: Schedule, generator: Generators) -> Tensor:
-    """`alpha(t_start) x_init + std(t_start) z`."""
+    """`alpha(t_start) x_init + std(t_start) z` (VE: `x_init + sigma(t_start) z`)."""
     t = torch.full((x_init.shape[0],), schedule.t_start, device=x_init.device, dtype=x_init.dtype)
-    mean, std = schedule.sde.marginal_prob(x_init, t)
+    mean, std = schedule.marginals.marginal_prob(x_init, t)
     return mean + _bc(std) * _randn(x_init, generator)
 
 
 @torch.no_grad()
 def pc_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataConsistency | None = None,
                generator: Generators = None, callback: Callback | None = None) -> Tensor:
-    """score-MRI's predictor-corrector sampler on the VP-SDE with data consistency; float `[B,2,H,W]`.
+    """score-MRI's predictor-corrector sampler with data consistency; float `[B,2,H,W]`.
 
     At each time t of `schedule.timesteps`: `n_corrector` Langevin steps (step size
-    `2 alpha_i (snr ||z|| / ||score||)^2`, alpha_i = 1 - beta_i, norms averaged over the batch as in
-    score_sde), each followed by DC; then one reverse-diffusion predictor step
-    `x <- x - f + G^2 score + G z` (f, G from `sde.discretize`), followed by DC. DC acts on the noisy
-    iterate (`dc.on_iterate(x, alpha(t), std(t))`; the gradient step is score-MRI's). Returns the DC'd mean of
-    the last predictor step (`denoise`, score-MRI's output, treated as noise-free) or the last sample.
-    NFE = `n_steps * (1 + n_corrector)`. score_sde's discretisation needs `beta_max / N < 1` (N: the full
-    grid, ~ n_steps / t_start), i.e. more than 20 steps from t = 1; fewer raise ValueError.
+    `2 alpha_i (snr ||z|| / ||score||)^2`, VP: alpha_i = 1 - beta_i, VE: alpha_i = 1, norms averaged over the
+    batch as in score_sde), each followed by DC; then one reverse-diffusion predictor step
+    `x <- x - f + G^2 score + G z` (f, G from `schedule.sde.discretize`: VP f = (sqrt(1 - beta_i) - 1) x,
+    G = sqrt(beta_i); VE f = 0, G = sqrt(sigma_i^2 - sigma_{i-1}^2)), followed by DC. DC acts on the noisy
+    iterate (`dc.on_iterate(x, alpha(t), std(t))` of the model's marginals; the gradient step is
+    score-MRI's). Returns the DC'd mean of the last predictor step (`denoise`, score-MRI's output, treated as
+    noise-free) or the last sample. NFE = `n_steps * (1 + n_corrector)`. score_sde's VP discretisation needs
+    `beta_max / N < 1` (N: the full grid, ~ n_steps / t_start), i.e. more than 20 steps from t = 1; fewer
+    raise ValueError.
     """
-    sde = schedule.sde
-    if sde.beta_max / sde.N >= 1:
+    sde, marginals = schedule.sde, schedule.marginals
+    ve = isinstance(sde, VESDE)
+    if not ve and sde.beta_max / sde.N >= 1:
         raise ValueError(f"the PC sampler's discretisation needs a full grid of more than beta_max = "
                          f"{sde.beta_max:g} steps (N = {sde.N}): use more steps or a smaller t_start")
 
     def consistent(x: Tensor, t: Tensor) -> Tensor:
-        return x if dc is None else dc.on_iterate(x, sde.alpha(t), sde.std(t))
+        return x if dc is None else dc.on_iterate(x, marginals.alpha(t), marginals.std(t))
 
     t_first = torch.full((x_init.shape[0],), schedule.t_start, device=x_init.device, dtype=x_init.dtype)
     x = consistent(_warm_start(x_init, schedule, generator), t_first)
     x_mean, nfe = x, 0
-    # G_i = sqrt(beta_i) of all steps at once (sde.discretize; f = (sqrt(1 - beta_i) - 1) x): one
-    # host-to-device copy instead of one per step
+    # G_i of all steps at once (sde.discretize; VP: G_i = sqrt(beta_i), f = (sqrt(1 - beta_i) - 1) x; VE:
+    # f = 0): one host-to-device copy instead of one per step
     _, g_all = sde.discretize(torch.zeros(schedule.n_steps, 1, 1, 1), schedule.timesteps)
     g_all = g_all.to(device=x.device, dtype=x.dtype)
     times = schedule.timesteps.tolist()
     for i, t_i in enumerate(times):
         t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
         G = g_all[i].expand(x.shape[0])
-        for _ in range(schedule.n_corrector):  # Langevin corrector (score_sde, VP-SDE: alpha_i = 1 - beta_i)
+        for _ in range(schedule.n_corrector):  # Langevin corrector (score_sde: VP alpha_i = 1 - beta_i, VE 1)
             grad = _score(score_fn, x, t, schedule.autocast)
             noise = _randn(x, generator)
             grad_norm = torch.linalg.vector_norm(grad.flatten(1), dim=1).mean()
             noise_norm = torch.linalg.vector_norm(noise.flatten(1), dim=1).mean()
-            step = 2 * (1 - G**2) * (schedule.snr * noise_norm / grad_norm) ** 2
+            ratio = (schedule.snr * noise_norm / grad_norm) ** 2
+            step = 2 * ratio * torch.ones_like(G) if ve else 2 * (1 - G**2) * ratio
             x = consistent(x + _bc(step) * grad + _bc(torch.sqrt(2 * step)) * noise, t)
-        # reverse-diffusion predictor (score_sde's VP discretisation): x - f + G^2 score + G z
-        f = _bc(torch.sqrt(1 - G**2) - 1) * x
+        # reverse-diffusion predictor (score_sde's discretisation): x - f + G^2 score + G z
         score = _score(score_fn, x, t, schedule.autocast)
         nfe += 1 + schedule.n_corrector
-        x_mean = x - f + _bc(G**2) * score
+        x_mean = x + _bc(G**2) * score if ve else x - _bc(torch.sqrt(1 - G**2) - 1) * x + _bc(G**2) * score
         t_next = torch.full_like(t, times[i + 1] if i + 1 < len(times) else 0.0)
         x = consistent(x_mean + _bc(G) * _randn(x, generator), t_next)
         if callback is not None:
@@ -252,15 +270,17 @@ def pc_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataCo
 def ddim_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule,
                  dc: DataConsistency | None = None,
                  generator: Generators = None, callback: Callback | None = None) -> Tensor:
-    """DDIM on the VP-SDE with data consistency on the clean estimate; float `[B,2,H,W]`.
+    """DDIM with data consistency on the clean estimate; float `[B,2,H,W]`.
 
-    At each time t (next time s, 0 after the last): Tweedie `x0 = (x + std_t^2 score) / alpha_t`,
-    `eps = -std_t score`, `x0 <- dc(x0, std_t / alpha_t)` (the estimate's noise level in image units), then
-    `x <- alpha_s x0 + sqrt(std_s^2 - sigma^2) eps + sigma z` with
-    `sigma = eta * (std_s / std_t) sqrt(1 - alpha_t^2 / alpha_s^2)`. Returns the last `dc(x0)`.
+    With the model's marginals (`schedule.marginals`; VE: alpha = 1, std = sigma(t)), at each time t (next
+    time s, 0 after the last): Tweedie `x0 = (x + std_t^2 score) / alpha_t`, `eps = -std_t score`,
+    `x0 <- dc(x0, std_t / alpha_t)` (the estimate's noise level in image units), then
+    `x <- alpha_s x0 + sqrt(std_s^2 - sigma^2) eps + sigma z` with the posterior std
+    `sigma = eta * (std_s / std_t) sqrt(std_t^2 - (alpha_t / alpha_s)^2 std_s^2)` (VP:
+    `sqrt(1 - alpha_t^2 / alpha_s^2)`). Returns the last `dc(x0)`.
     Deterministic given x's starting noise when `eta = 0`. NFE = `n_steps`.
     """
-    sde = schedule.sde
+    sde = schedule.marginals
     x = _warm_start(x_init, schedule, generator)
     times = schedule.timesteps.tolist()
     x0 = x
@@ -275,7 +295,8 @@ def ddim_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule,
         if i + 1 < len(times):
             s = torch.full_like(t, times[i + 1])
             a_s, sd_s = _bc(sde.alpha(s)), _bc(sde.std(s))
-            sigma = schedule.eta * sd_s / sd_t * torch.sqrt((1 - a_t**2 / a_s**2).clamp_min(0))
+            posterior_var = (sd_t**2 - (a_t / a_s) ** 2 * sd_s**2).clamp_min(0)
+            sigma = schedule.eta * sd_s / sd_t * torch.sqrt(posterior_var)
             x = a_s * x0 + torch.sqrt((sd_s**2 - sigma**2).clamp_min(0)) * eps_hat
             if schedule.eta > 0:
                 x = x + sigma * _randn(x, generator)
@@ -413,10 +434,10 @@ class Sampler:
 def build_sampler(name: str | None = None, steps: int | None = None, t0: float | None = None,
                   dc: DCKind | None = None, dc_weight: float | None = None, dc_lambda: float | None = None,
                   dc_floor: float | None = None, snr: float = 0.16, n_corrector: int = 1, eta: float = 0.0,
-                  eps: float = 1e-3, autocast: bool = False, sde: VPSDE | None = None) -> Sampler:
+                  eps: float = 1e-3, autocast: bool = False, sde: SDE | None = None) -> Sampler:
     """A `Sampler` from a `SAMPLERS` name (None: `DEFAULT_SAMPLER`); None for any option takes the name's
-    registry default. `sde` gives beta_min / beta_max (the score model's SDE; default VPSDE()).
-    Unknown name or an invalid option -> ValueError."""
+    registry default. `sde`: the score model's SDE (`VPSDE`, `DiscreteVPSDE` or `VESDE`, e.g.
+    `ScoreModel.sde`; default VPSDE()). Unknown name or an invalid option -> ValueError."""
     name = DEFAULT_SAMPLER if name is None else name
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
@@ -433,13 +454,12 @@ def build_sampler(name: str | None = None, steps: int | None = None, t0: float |
         raise ValueError(f"dc_lambda must be finite and > 0, got {dc_lambda}")
     if not math.isfinite(dc_floor) or dc_floor < 0:
         raise ValueError(f"dc_floor must be finite and >= 0, got {dc_floor}")
-    sde = sde or VPSDE()
     schedule = Schedule.make(
         spec.steps if steps is None else int(steps), spec.t0 if t0 is None else float(t0), eps=eps,
-        beta_min=sde.beta_min, beta_max=sde.beta_max, snr=snr, n_corrector=n_corrector, eta=eta,
-        autocast=autocast,
+        sde=VPSDE() if sde is None else sde, snr=snr, n_corrector=n_corrector, eta=eta, autocast=autocast,
     )
-    if spec.sample_fn is pc_sampler and schedule.sde.beta_max / schedule.sde.N >= 1:
+    if spec.sample_fn is pc_sampler and isinstance(schedule.sde, VPSDE) \
+            and schedule.sde.beta_max / schedule.sde.N >= 1:
         raise ValueError(f"sampler {name!r} with {schedule.n_steps} steps from t0 = {schedule.t_start:g} has "
                          f"a full grid of N = {schedule.sde.N} <= beta_max = {schedule.sde.beta_max:g} "
                          "steps, which score_sde's discretisation cannot take: more steps or a smaller t0")

@@ -6,7 +6,7 @@ alpha(t) = exp(-1/4 t^2 (beta_max - beta_min) - 1/2 t beta_min) and std(t) = sqr
 Times t are float tensors [B]; images are [B, C, H, W].
 `VESDE` (score_sde's variance-exploding SDE, the score-MRI prior) and `DiscreteVPSDE` (a discrete DDPM
 schedule, the DDS prior; t maps to the step round(t (N - 1))) share that interface (`alpha`, `std`,
-`marginal_prob`, `sde`, `discretize`, `prior_sampling`).
+`marginal_prob`, `sde`, `discretize`, `grid`, `prior_sampling`); `SDE` names any of them.
 
 `pad_to_multiple` runs a score function (or a network called as `net(x, labels)`) at any H x W: a U-Net with
 k resolution levels needs H and W to be multiples of 2**(k - 1), and slices are reconstructed at their native
@@ -73,6 +73,11 @@ class VPSDE:
         f = _bc(torch.sqrt(1.0 - beta)) * x - x
         return f, torch.sqrt(beta)
 
+    def grid(self, N: int) -> VPSDE:
+        """This SDE discretised on N time points (a sampler's grid): a `VPSDE` with the same beta_min,
+        beta_max (for a `DiscreteVPSDE`: its continuous limit) and `N`."""
+        return VPSDE(self.beta_min, self.beta_max, N=N)
+
     def prior_sampling(self, shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None,
                        device: torch.device | str | None = None) -> Tensor:
         """A sample of the prior N(0, I) of the given shape (on the generator's device unless given)."""
@@ -134,6 +139,10 @@ class VESDE:
         previous = torch.where(i == 0, torch.zeros_like(sigma), sigmas[(i - 1).clamp_min(0)])
         return torch.zeros_like(x), torch.sqrt(sigma**2 - previous**2)
 
+    def grid(self, N: int) -> VESDE:
+        """This SDE discretised on N time points (a sampler's grid): the same sigma_min, sigma_max; `N`."""
+        return VESDE(self.sigma_min, self.sigma_max, N=N)
+
     def prior_sampling(self, shape: tuple[int, ...] | torch.Size, generator: torch.Generator | None = None,
                        device: torch.device | str | None = None) -> Tensor:
         """A sample of the prior N(0, sigma_max^2 I) of the given shape."""
@@ -187,6 +196,10 @@ class DiscreteVPSDE(VPSDE):
     def labels(self, t: Tensor) -> Tensor:
         """The discrete-time network label: the step index round(t (N - 1)) as float32, [B]."""
         return self.index(t).float()
+
+
+#: any of the SDEs above (a `DiscreteVPSDE` is a `VPSDE`)
+SDE = VPSDE | VESDE
 
 
 def _pad_bottom_right(x: Tensor, pad_h: int, pad_w: int) -> Tensor:

@@ -44,7 +44,7 @@ from degradations import REGIMES, complex_to_channels, fft2c
 from lightning_modules.inference import Reconstructor
 from lightning_modules.metrics import psnr_volume, ssim_volume
 from lightning_modules.samplers import SAMPLERS, Sampler, build_sampler, magnitude
-from lightning_modules.sde import VPSDE, ScoreFn, get_score_fn
+from lightning_modules.sde import SDE, VPSDE, ScoreFn, get_score_fn
 
 FULL_34M = dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
 #: `--tune`'s coordinate search: dc_lambda at the registry's t0 and 10 steps, then t0 x steps at the best
@@ -86,13 +86,13 @@ def load_volumes(split: str, regimes: list[str], slices: int, seed: int, snr_db:
     return out
 
 
-def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ScoreFn, VPSDE, int, str]:
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ScoreFn, SDE, int, str]:
     """(score_fn, SDE, the model's training size, description) of the model chosen on the command line."""
     if args.ckpt:
         from lfmri.models import load_score_model
 
         model = load_score_model(args.ckpt, device)
-        return model.score_fn(), model.sde, int(model.hparams.image_size), f"checkpoint {args.ckpt}"
+        return model.score_fn(), model.sde, model.train_size, f"checkpoint {args.ckpt}"
     from lightning_modules.ddpm import DDPM
 
     torch.manual_seed(args.seed)

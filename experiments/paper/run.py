@@ -300,7 +300,8 @@ def run_protocol(args: argparse.Namespace) -> Path:
     if is_lightning_checkpoint(pretrained):
         lightning = pretrained
         pretrained, pretrained_config = str(out / "clinical.pth"), str(out / "clinical.json")
-        proto.run("export", [lfmri_cmd("export", "--ckpt", lightning, pretrained)])
+        # --force: the small network has 8 GroupNorm groups, not score_sde's 32 (lfmri reads the JSON's)
+        proto.run("export", [lfmri_cmd("export", "--ckpt", lightning, pretrained, "--force")])
     elif not Path(pretrained).is_file():
         raise ProtocolError(f"--pretrained {pretrained}: no such checkpoint file")
 

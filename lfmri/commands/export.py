@@ -1,4 +1,4 @@
-"""`lfmri export --ckpt C OUT.pth [--weights ema|model] [--config-out OUT.json]`.
+"""`lfmri export --ckpt C OUT.pth [--weights ema|model] [--config-out OUT.json] [--force]`.
 
 Converts a Lightning checkpoint of `lightning_modules.module.ScoreModel` into score_sde's checkpoint format
 (`model` / `ema` / `optimizer` / `step`, keys with `module.`), plus the network's score_sde config JSON, so
@@ -7,6 +7,14 @@ score_sde, score-MRI or `lightning_modules.checkpoint.load_score_sde_checkpoint`
 `--weights ema` (default) writes the EMA weights into both `model` and `ema` (whatever a consumer reads, it
 gets the weights lfmri validates and samples with); `--weights model` writes the raw training weights into
 `model` and the EMA into `ema`, as score_sde's own training saves them.
+
+The config JSON carries what score_sde's own code needs to run the file correctly: the network, the data
+fields, the SDE (`training.sde: vpsde`, `training.continuous`, `model.beta_min` / `beta_max`) and the
+learning rate (`optim.lr`, also the exported Adam state's). score_sde's DDPM hard-codes 32 GroupNorm groups:
+a network with another `num_groups` (the quickstart's and the reference prior's 8) would run wrong there
+without an error, so it is refused unless `--force` (lfmri itself reads `num_groups` from the JSON and loads
+such a file exactly). A fine-tune of another checkpoint family (`pretrained_family`) is refused: the format is
+score_sde's DDPM.
 
 OUT must end with .pth or .pt and the config with .json; an existing file is replaced only when it is of the
 same kind (a PyTorch checkpoint, a JSON file), so a mistyped name never overwrites a NIfTI volume or a YAML
@@ -36,9 +44,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weights written into `model` (default: ema)")
     p.add_argument("--config-out", default=None,
                    help="where to write the score_sde config JSON (default: OUT with suffix .json)")
+    p.add_argument("--force", action="store_true",
+                   help="write a network score_sde's own code cannot run (num_groups != 32): for lfmri only")
     p.set_defaults(func=run)
 
 
+#: GroupNorm groups of score_sde's DDPM (fixed in its code)
+SCORE_SDE_GROUPS = 32
 #: suffixes of the exported score_sde checkpoint
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
 
@@ -75,7 +87,16 @@ def run(args: argparse.Namespace) -> int:
     """Export; prints the written paths."""
     out, config_out = _check_outputs(args)
     ckpt = read_lightning_checkpoint(args.ckpt)
+    family = ckpt.get("hyper_parameters", {}).get("pretrained_family")
+    if family is not None:
+        raise InputError(f"--ckpt {args.ckpt}: a fine-tune of a {family} prior; lfmri export writes "
+                         "score_sde DDPM checkpoints only")
     model, step = score_model_from_checkpoint(ckpt, args.ckpt), int(ckpt.get("global_step", 0))
+    groups = int(model.net.config["num_groups"])
+    if groups != SCORE_SDE_GROUPS and not args.force:
+        raise InputError(f"--ckpt {args.ckpt}: the network has num_groups = {groups}; score_sde's DDPM "
+                         f"hard-codes {SCORE_SDE_GROUPS} and would run it wrong without an error (lfmri "
+                         "reads num_groups from the config JSON): --force to write it for lfmri")
     ema = model.ema
     if args.weights == "ema":
         net = model.frozen_net(use_ema=True)
@@ -83,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         net, shadows = model.net, ema.shadow_params
     export_score_sde_checkpoint(net, out, ema_params=shadows, step=step, ema_decay=ema.decay,
-                                ema_num_updates=ema.num_updates, config_path=config_out)
+                                ema_num_updates=ema.num_updates, config_path=config_out, sde=model.sde,
+                                lr=float(model.hparams.lr))
     print(f"wrote {out} ({args.weights} weights in 'model', step {step}) and its config {config_out}")
     return 0

@@ -304,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         x = torch.from_numpy(stack)[:, None].to(torch.complex64) / scale
     if args.resize:
-        size = int(model.hparams.image_size)
+        size = model.train_size
         params = operator_params_on_grid(scalars, b0_map, (height, width), size)
         x = fit_to_square(x, size)  # [S, 1, size, size]
         sigma = np.full(n_slices, np.nan)  # resampling changes the noise: estimate it on the new grid
@@ -335,6 +335,6 @@ def run(args: argparse.Namespace) -> int:
                       **sampler.settings(), "samples": args.samples, "nfe_per_slice": result.nfe,
                       "noise_sigma": float(result.noise_sigma.double().quantile(0.5)) * scale,
                       "noise_sigma_origin": sigma_origin,
-                      "resize": int(model.hparams.image_size) if args.resize else None, "scale": scale,
+                      "resize": model.train_size if args.resize else None, "scale": scale,
                       "device": str(device)}, indent=2))
     return 0

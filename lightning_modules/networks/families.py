@@ -23,6 +23,7 @@ Files and configs (facts recorded by each original code, `tests/fixtures/*/READM
   'training'}`.
 - DDS: a bare guided-diffusion `UNetModel.state_dict()`; config: DDS's YAML (`model`, `diffusion` sections).
 
+`family_prior(family, config)` builds a family's network (its own initialisation) and SDE from a config alone.
 `load_pretrained(path, config=None, family=None, weights="ema")` returns a `Pretrained`: `.network` (takes the
 family's labels), `.labels(t)`, `.score(x, t)` (the score of the family's SDE at continuous t in (0, 1];
 discrete families use step round(t (N - 1))) and `.sde` (`VPSDE`, `DiscreteVPSDE` or `VESDE`).
@@ -337,21 +338,26 @@ def _check_family(family: Family, file: _File, config: Mapping[str, Any] | None,
         detected = detect_family(file, config).name
         raise InputError(f"{path}: family {family.name!r} needs {names[family.architecture]} checkpoint, the "
                          f"file holds {names[file.architecture]} (family {detected!r})")
-    if config is None:
-        return
+    if config is not None:
+        _check_markers(family, config, str(path))
+
+
+def _check_markers(family: Family, config: Mapping[str, Any], where: str) -> None:
+    """Refuse (one line naming `where`) a config that has another family's marker fields."""
     for other in FAMILIES.values():
         found = [k for k in other.markers if has(config, k)]
         if other is not family and found:
-            raise InputError(f"{path}: the config has {found[0]}, a {other.name} field: this is a "
+            raise InputError(f"{where}: the config has {found[0]}, a {other.name} field: this is a "
                              f"{other.name} checkpoint (labels {other.label}, output {other.output}), not "
                              f"{family.name}; pass family={other.name!r}")
 
 
 # ----------------------------------------------------------------------------------------------- networks
-def _build_network(family: Family, config: Mapping[str, Any]) -> nn.Module:
-    """The family's network for a resolved config, on the meta device (weights assigned later)."""
+def _build_network(family: Family, config: Mapping[str, Any], device: str = "meta") -> nn.Module:
+    """The family's network for a resolved config, on `device` (meta: no storage, weights assigned later;
+    cpu: the architecture's own initialisation)."""
     g = lambda key: get(config, key)  # noqa: E731
-    with torch.device("meta"):
+    with torch.device(device):
         if family.architecture == "ddpm":
             from lightning_modules.ddpm import DDPM
 
@@ -439,15 +445,17 @@ class Pretrained:
             (score_sde: 999 t; hfs_sde: the VP std; score_mri: sigma(t); dds: float step indices).
         family: the `Family` (conventions). sde: `VPSDE` / `DiscreteVPSDE` / `VESDE` with the config's
             parameters.
-        config: the checkpoint's config (nested dicts, family defaults filled in). path: the checkpoint file.
-        weights: 'ema' or 'model' (score_sde format), 'file' (a bare state dict: the only weights it holds).
+        config: the checkpoint's config (nested dicts, family defaults filled in). path: the checkpoint file
+            (None: `family_prior`, no file).
+        weights: 'ema' or 'model' (score_sde format), 'file' (a bare state dict: the only weights it holds),
+            'init' (`family_prior`: the architecture's initialisation).
     """
 
     network: nn.Module
     family: Family
     sde: VPSDE | VESDE
     config: dict[str, Any]
-    path: Path
+    path: Path | None
     weights: str
 
     @property
@@ -456,6 +464,11 @@ class Pretrained:
         if self.family.architecture == "adm":
             return int(get(self.config, "model.in_channels"))
         return int(get(self.config, "data.num_channels"))
+
+    def empty_network(self, device: torch.device | str = "cpu") -> nn.Module:
+        """A new network of this prior's architecture and config on `device`, its tensors uninitialised (load
+        a state dict into it, e.g. `network.state_dict()`)."""
+        return _build_network(self.family, self.config).to_empty(device=device)
 
     def labels(self, t: Tensor) -> Tensor:
         """The network's time labels [B] for continuous times t [B] in (0, 1], in the family's convention."""
@@ -498,6 +511,25 @@ class Pretrained:
                             if self.family.complex_rule == "real_imag_separately" else ""))
 
     __call__ = score
+
+
+def family_prior(family: str, config: Mapping[str, Any] | str | os.PathLike) -> Pretrained:
+    """A family's prior without a checkpoint: its network for `config` (a mapping, a JSON / YAML file or a
+    score_sde-style `.py`), freshly initialised on the CPU in train mode, and its SDE (`Pretrained.path` None,
+    `weights` 'init'). What a model is built from before a checkpoint's weights are loaded into it.
+
+    Raises InputError (one line): an unknown family, an unreadable config, conventions that cannot be
+    established or that belong to another family.
+    """
+    if family not in FAMILIES:
+        raise InputError(f"unknown checkpoint family {family!r} (known: {', '.join(FAMILIES)})")
+    fam = FAMILIES[family]
+    where = "the config" if isinstance(config, Mapping) else str(config)
+    raw = read_config(config)
+    _check_markers(fam, raw, where)
+    resolved = resolve_config(fam, raw, where)
+    return Pretrained(network=_build_network(fam, resolved, device="cpu").train(), family=fam,
+                      sde=_build_sde(fam, resolved), config=resolved, path=None, weights="init")
 
 
 def load_pretrained(path: str | os.PathLike, config: Mapping[str, Any] | str | os.PathLike | None = None,

@@ -1,5 +1,6 @@
 """`lfmri export`: a ScoreModel Lightning checkpoint -> score_sde format, loadable with identical outputs."""
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -10,6 +11,7 @@ from torch.utils.data import DataLoader
 from lfmri import cli
 from lightning_modules.checkpoint import load_score_sde_checkpoint
 from lightning_modules.module import ScoreModel
+from lightning_modules.networks.families import load_pretrained
 
 TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
 
@@ -43,7 +45,7 @@ def lightning_ckpt(tmp_path_factory) -> tuple[ScoreModel, Path]:
 def test_export_round_trip(lightning_ckpt, tmp_path, capsys, weights):
     model, ckpt = lightning_ckpt
     out = tmp_path / "finetuned.pth"
-    assert main(["export", "--ckpt", str(ckpt), str(out), "--weights", weights]) == 0
+    assert main(["export", "--ckpt", str(ckpt), str(out), "--weights", weights, "--force"]) == 0
     assert str(out) in capsys.readouterr().out
     config = tmp_path / "finetuned.json"
     assert config.is_file()
@@ -57,6 +59,24 @@ def test_export_round_trip(lightning_ckpt, tmp_path, capsys, weights):
     blob = torch.load(out, map_location="cpu", weights_only=True)
     assert blob["step"] == 3 and blob["ema"]["num_updates"] == 3 and blob["ema"]["decay"] == 0.5
     assert all(k.startswith("module.") for k in blob["model"]) and "module.sigmas" in blob["model"]
+    # what score_sde's own code needs to run the file: its SDE and learning rate
+    fields = json.loads(config.read_text())
+    assert fields["training"] == {"sde": "vpsde", "continuous": True}
+    assert (fields["model"]["beta_min"], fields["model"]["beta_max"]) == (model.sde.beta_min,
+                                                                          model.sde.beta_max)
+    assert fields["optim"]["lr"] == 1e-3 == blob["optimizer"]["param_groups"][0]["lr"]
+    # the family importer reads it back as a score_sde checkpoint: the same score as the lfmri model
+    prior = load_pretrained(out, config, family="score_sde", weights="ema")
+    torch.testing.assert_close(prior.score(x, t), model.score_fn(use_ema=True)(x, t), rtol=1e-6, atol=1e-6)
+
+
+def test_export_refuses_a_network_score_sde_would_run_wrong(lightning_ckpt, tmp_path, capsys):
+    _, ckpt = lightning_ckpt
+    out = tmp_path / "out.pth"
+    assert main(["export", "--ckpt", str(ckpt), str(out)]) == 2  # num_groups 8: score_sde hard-codes 32
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "num_groups = 8" in err[0] and "--force" in err[0]
+    assert not out.exists() and not out.with_suffix(".json").exists()
 
 
 def test_export_of_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, capsys):
@@ -97,5 +117,5 @@ def test_export_checks_its_suffix_and_never_replaces_another_kind_of_file(lightn
     assert not out.exists()
     (tmp_path / "ok.json").unlink()
     for _ in range(2):  # a previous export (a checkpoint and its JSON) is replaced
-        assert main(["export", "--ckpt", str(ckpt), str(out)]) == 0
+        assert main(["export", "--ckpt", str(ckpt), str(out), "--force"]) == 0
     assert torch.load(out, weights_only=True)["step"] == 3

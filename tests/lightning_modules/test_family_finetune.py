@@ -1,0 +1,240 @@
+"""Fine-tuning and sampling through a checkpoint family's network, SDE and score
+(`ScoreModel(pretrained_family=...)`) against the four real-format fixtures (tests/fixtures/*): the model's
+score is `load_pretrained(...).score` (score_mri's 1-channel prior on the real and the imaginary part apart),
+its losses are finite, reach the family network and decrease; the losses and samplers are right for every SDE
+class (VP, discrete VP, VE: zero DSM at the exact score, the moments of a Gaussian); `lfmri fit` fine-tunes
+from each fixture and `lfmri reconstruct` samples the resulting checkpoint, which rebuilds without the
+original files."""
+
+from __future__ import annotations
+
+import importlib.resources
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from datamodules.errors import InputError
+from lfmri.cli import main
+from lfmri.models import read_lightning_checkpoint, score_model_from_checkpoint
+from lightning_modules.losses import dsm_loss, supervised_loss
+from lightning_modules.module import ScoreModel
+from lightning_modules.networks.families import FAMILIES, load_pretrained
+from lightning_modules.samplers import SAMPLERS, build_sampler
+from lightning_modules.sde import VESDE, VPSDE, DiscreteVPSDE
+
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures"
+CKPT = {"score_sde": FIXTURES / "score_sde_tiny" / "checkpoint.pth",
+        "hfs_sde": FIXTURES / "hfs_sde_vp_tiny" / "checkpoint.pth",
+        "score_mri": FIXTURES / "score_mri_ncsnpp_ve_tiny" / "checkpoint.pth",
+        "dds": FIXTURES / "dds_adm_tiny" / "checkpoint.pt"}
+SDE_CLASS = {"score_sde": VPSDE, "hfs_sde": VPSDE, "score_mri": VESDE, "dds": DiscreteVPSDE}
+CROP = {"score_sde": 16, "hfs_sde": 24, "score_mri": 24, "dds": 32}  # the fixture's image size, at most 32
+MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(family: str, **kw) -> ScoreModel:
+    """A ScoreModel on the family fixture with its pretrained weights loaded."""
+    model = ScoreModel(pretrained=str(CKPT[family]), pretrained_family=family, warmup_steps=1, **kw)
+    model.load_pretrained()
+    return model
+
+
+def _batch(size: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randn(2, 2, size, size, generator=g).mul(0.3)
+    return {"clean": clean, "degraded": clean + 0.1 * torch.randn(2, 2, size, size, generator=g)}
+
+
+# ------------------------------------------------------------------------------------- the family's score
+@pytest.mark.parametrize("family", list(CKPT))
+def test_score_fn_is_the_family_score(family: str) -> None:
+    model = _model(family)
+    ref = load_pretrained(CKPT[family], family=family)
+    grid = torch.linspace(1e-3, 1, 50)
+    assert type(model.sde) is SDE_CLASS[family] and model.sde.N == ref.sde.N
+    assert model.train_size == {"score_sde": 16, "hfs_sde": 24, "score_mri": 24, "dds": 48}[family]
+    assert torch.equal(model.sde.alpha(grid), ref.sde.alpha(grid))
+    assert torch.equal(model.sde.std(grid), ref.sde.std(grid))
+    x = torch.randn(3, 2, 18, 22, generator=torch.Generator().manual_seed(1))  # not a multiple of the U-Net's
+    t = torch.tensor([0.02, 0.4, 0.9])
+    with torch.no_grad():
+        got = model.score_fn()(x, t)
+        assert got.shape == x.shape and torch.isfinite(got).all()
+        if ref.channels == 1:  # score_mri: the score of [re, im] is [prior(re), prior(im)]
+            expected = torch.cat([ref.score(x[:, :1], t), ref.score(x[:, 1:], t)], dim=1)
+        else:
+            expected = ref.score(x, t)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.eval()(x, t), expected, rtol=1e-5, atol=1e-5)  # current weights
+
+
+@pytest.mark.parametrize("family", list(CKPT))
+def test_losses_are_finite_reach_the_network_and_decrease(family: str) -> None:
+    model = _model(family, supervised_weight=1.0)
+    model.net.train()
+    batch = _batch()
+    opt = torch.optim.Adam([p for p in model.net.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(6):  # the same noise every step: the loss of one fixed draw
+        out = model._losses(batch, torch.Generator().manual_seed(0), compute_all=True)
+        assert all(torch.isfinite(v) for v in out.values()), out
+        opt.zero_grad()
+        out["loss"].backward()
+        grads = [p.grad for p in model.net.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) for g in grads) > 0
+        opt.step()
+        losses.append(float(out["loss"]))
+    assert losses[-1] < losses[0], losses
+
+
+# ------------------------------------------------------------------------------- losses for every SDE
+SDES = [VPSDE(), DiscreteVPSDE(), VESDE(0.01, 50.0)]
+
+
+@pytest.mark.parametrize("sde", SDES, ids=lambda s: type(s).__name__)
+def test_dsm_and_supervised_are_zero_at_the_exact_score(sde) -> None:
+    x = torch.randn(4, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    seen: list[torch.Tensor] = []
+
+    def exact(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # score of p(x_t | x_0 = x)
+        seen.append(t)
+        mean, std = sde.marginal_prob(x, t)
+        return -(xt - mean) / std[:, None, None, None] ** 2
+
+    assert float(dsm_loss(None, sde, x, score_fn=exact, generator=torch.Generator().manual_seed(3))) < 1e-8
+    if isinstance(sde, DiscreteVPSDE):  # DDPM training: integer steps, all over the chain
+        steps = seen[0] * (sde.N - 1)
+        torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3)
+    # the supervised Tweedie step recovers x exactly when the degraded slice is x
+    loss = supervised_loss(None, sde, x, x, score_fn=exact, generator=torch.Generator().manual_seed(4))
+    assert float(loss) < 1e-4
+    # and a wrong score is penalised
+    assert float(dsm_loss(None, sde, x, score_fn=lambda xt, t: torch.zeros_like(xt))) > 0.5
+
+
+# ---------------------------------------------------------------------------------- samplers, every SDE
+S = 0.5
+MU = torch.linspace(-1, 1, 128, dtype=torch.float64).reshape(1, 2, 8, 8)
+B = 512
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+@pytest.mark.parametrize("sde", [DiscreteVPSDE(), VESDE(0.01, 50.0)], ids=lambda s: type(s).__name__)
+def test_samplers_draw_the_gaussian_of_any_sde(sde, name: str) -> None:
+    """Data N(MU, S^2) per pixel: the samplers on the SDE's own marginals draw it (moments within 5 standard
+    errors of the mean, 5 % of the variance)."""
+
+    def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = sde.alpha(t).double()[:, None, None, None]
+        sd = sde.std(t).double()[:, None, None, None]
+        return -(x - a * MU) / (a**2 * S**2 + sd**2)
+
+    warm = SAMPLERS[name].t0 < 1
+    x_init = MU + S * torch.randn(B, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    steps = 100 if warm else 200
+    sampler = build_sampler(name, steps=steps, t0=0.5 if warm else 1.0, dc="none", sde=sde)
+    start = x_init if warm else torch.zeros_like(x_init)
+    x = sampler(score, start, generator=torch.Generator().manual_seed(6))
+    assert ((x.mean(0) - MU).abs() < 5 * S / B**0.5).all()
+    assert abs(float(x.var(0).mean()) / S**2 - 1) < 0.05
+
+
+# -------------------------------------------------------------------------------------------- refusals
+def test_bad_family_options_are_one_line_input_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="pretrained_family must be null or one of " + ", ".join(FAMILIES)):
+        ScoreModel(pretrained=str(CKPT["dds"]), pretrained_family="ddpm++")
+    with pytest.raises(InputError, match=f"pretrained {tmp_path / 'gone.pt'}: no such file"):
+        ScoreModel(pretrained=str(tmp_path / "gone.pt"), pretrained_family="dds")
+    alone = tmp_path / "alone.pt"
+    shutil.copy(CKPT["dds"], alone)
+    with pytest.raises(InputError, match="no config.json beside it; pass pretrained_config"):
+        ScoreModel(pretrained=str(alone), pretrained_family="dds")
+    with pytest.raises(InputError, match="needs pretrained"):
+        ScoreModel(pretrained_family="dds")
+    with pytest.raises(InputError, match="needs pretrained_family"):
+        ScoreModel(pretrained_weights="family")
+    one_channel = yaml.safe_load((CKPT["score_sde"].with_name("config.json")).read_text())
+    one_channel["data"]["num_channels"] = 1
+    with pytest.raises(InputError, match="takes 1 channel"):  # a 1-channel prior without a complex rule
+        ScoreModel(pretrained_family="score_sde", pretrained_config=one_channel)
+    with pytest.raises(InputError, match="hfs_sde field"):  # another family's config
+        ScoreModel(pretrained_family="score_sde",
+                   pretrained_config=str(CKPT["hfs_sde"].with_name("config.json")))
+
+
+# ------------------------------------------------------------------------------- lfmri fit, reconstruct
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real MNI-derived 32 x 32 x 2 magnitude volume."""
+    img = nib.load(str(MNI))
+    data = np.asarray(img.dataobj, dtype=np.float32)[20:180:5, 30:190:5, 80:110:20]
+    path = tmp_path_factory.mktemp("family_volume") / "square.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), path)
+    return path
+
+
+@pytest.mark.usefixtures("lightning_logs_to_stderr")
+@pytest.mark.parametrize("family", list(CKPT))
+def test_fit_finetunes_from_the_family_and_reconstruct_samples_it(family: str, tmp_path: Path,
+                                                                  volume: Path) -> None:
+    prior = tmp_path / "prior"  # a copy, removed after fitting: the checkpoint must not need it
+    shutil.copytree(CKPT[family].parent, prior)
+    run = tmp_path / "run"
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_steps": 2,
+                    "limit_val_batches": 0, "num_sanity_val_steps": 0, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(run),
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True,
+                                                 "save_top_k": 0}}]},
+        "model": {"class_path": "lightning_modules.module.ScoreModel",
+                  "init_args": {"pretrained": str(prior / CKPT[family].name), "pretrained_family": family,
+                                "pretrained_weights": "family", "supervised_weight": 1.0, "lr": 1e-3,
+                                "warmup_steps": 1, "ema_decay": 0.9}},
+        "data": {"class_path": "datamodules.LowFieldDataModule",
+                 "init_args": {"source": "bundled", "crop_size": CROP[family], "batch_size": 2,
+                               "num_workers": 0, "bundled_train_subjects": 1, "bundled_val_subjects": 1,
+                               "seed": 0}},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(tmp_path / "fit.yaml")]) == 0
+    last = run / "checkpoints" / "last.ckpt"
+    shutil.rmtree(prior)
+
+    ckpt = read_lightning_checkpoint(last)
+    assert ckpt["global_step"] == 2 and isinstance(ckpt["hyper_parameters"]["pretrained_config"], dict)
+    tuned = score_model_from_checkpoint(ckpt, last)
+    ref = load_pretrained(CKPT[family], family=family, weights="family")
+    assert type(tuned.sde) is SDE_CLASS[family] and type(tuned.net) is type(ref.network)
+    # fine-tuned from the family's weights: two Adam steps of lr 1e-3 move each weight by about 1e-3 at most
+    change = [float((a.double() - b.double()).abs().max()) for a, b in
+              zip(tuned.net.state_dict().values(), ref.network.state_dict().values(), strict=True)]
+    assert 0 < max(change) < 3e-3, max(change)
+
+    out = tmp_path / "rec.nii.gz"
+    assert main(["reconstruct", str(volume), str(out), "--ckpt", str(last), "--regime", "noise_blur",
+                 "--steps", "2", "--device", "cpu", "--sampler", "warm_ddim"]) == 0
+    rec = np.asarray(nib.load(str(out)).dataobj, dtype=np.float32)
+    assert rec.shape == (32, 32, 2) and np.isfinite(rec).all() and rec.max() > 0
+    # score_sde's DDPM format cannot hold another family's fine-tune: refused, nothing written
+    assert main(["export", "--ckpt", str(last), str(tmp_path / "out.pth")]) == 2
+    assert not (tmp_path / "out.pth").exists()
+
+
+@pytest.mark.usefixtures("lightning_logs_to_stderr")
+def test_fit_refuses_an_unknown_family_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = main(["fit", "--config", str(REPO / "configs/quickstart.yaml"),
+               f"--trainer.default_root_dir={tmp_path}", f"--model.init_args.pretrained={CKPT['dds']}",
+               "--model.init_args.pretrained_family=adm"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "pretrained_family must be null or one of score_sde, hfs_sde" in lines[-1], lines[-3:]
