@@ -69,11 +69,12 @@ class ScoreModel(LightningModule):
     `pretrained_config` its config (a JSON / YAML / score_sde `.py` file; default: `config.json` beside
     `pretrained`). The network (`self.net`), the SDE (`self.sde`: `VPSDE`, `DiscreteVPSDE` or `VESDE`) and
     the score function come from the family and its config: the network and SDE arguments above (nf ...
-    num_groups, grad_checkpointing, beta_min, beta_max) and `adapt_channels` are ignored. The prior must take
-    2 channels (real, imaginary), or 1 channel with the family's real / imaginary rule (score_mri: the score
-    of [re, im] is [prior(re), prior(im)]). `__init__` reads only the config; `hparams.pretrained_config`
-    then holds it (resolved, a mapping), so the model's Lightning checkpoints rebuild without the original
-    files.
+    num_groups, beta_min, beta_max) and `adapt_channels` are ignored; `grad_checkpointing` applies to the
+    family's network too (with `trainer.precision: bf16-mixed`, what fine-tuning DDS's 361M ADM needs). The
+    prior must take 2 channels (real, imaginary), or 1 channel with the family's real / imaginary rule
+    (score_mri: the score of [re, im] is [prior(re), prior(im)]). `__init__` reads only the config;
+    `hparams.pretrained_config` then holds it (resolved, a mapping), so the model's Lightning checkpoints
+    rebuild without the original files.
     SDE and losses: beta_min, beta_max; dsm_weight; supervised_weight (lambda); supervised_t0 (range of t0);
     supervised_loss 'l1' | 'l2'; likelihood_weighting (DSM). With a family, DSM is the family SDE's
     (`losses`: VP and VE weighted by std(t)^2, discrete VP the noise-prediction loss at integer steps) and the
@@ -151,7 +152,7 @@ class ScoreModel(LightningModule):
             self.net = DDPM(**{k: hp[k] for k in NET_ARGS})
             self.sde = VPSDE(beta_min=beta_min, beta_max=beta_max)
         else:
-            self.prior = family_prior(pretrained_family, self._family_config())
+            self.prior = family_prior(pretrained_family, self._family_config(), grad_checkpointing)
             hp.pretrained_config = self.prior.config  # the checkpoint rebuilds from it alone
             c, rule = self.prior.channels, self.prior.family.complex_rule
             if not (c == 2 or (c == 1 and rule == "real_imag_separately")):

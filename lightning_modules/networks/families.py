@@ -353,9 +353,11 @@ def _check_markers(family: Family, config: Mapping[str, Any], where: str) -> Non
 
 
 # ----------------------------------------------------------------------------------------------- networks
-def _build_network(family: Family, config: Mapping[str, Any], device: str = "meta") -> nn.Module:
+def _build_network(family: Family, config: Mapping[str, Any], device: str = "meta",
+                   grad_checkpointing: bool = False) -> nn.Module:
     """The family's network for a resolved config, on `device` (meta: no storage, weights assigned later;
-    cpu: the architecture's own initialisation)."""
+    cpu: the architecture's own initialisation); `grad_checkpointing` recomputes its blocks' activations in
+    the backward pass (fine-tuning the large priors, e.g. DDS's 361M ADM)."""
     g = lambda key: get(config, key)  # noqa: E731
     with torch.device(device):
         if family.architecture == "ddpm":
@@ -371,7 +373,7 @@ def _build_network(family: Family, config: Mapping[str, Any], device: str = "met
             for key in optional:
                 if has(config, f"model.{key}"):
                     kwargs[key] = g(f"model.{key}")
-            return DDPM(**kwargs)
+            return DDPM(**kwargs, grad_checkpointing=grad_checkpointing)
         if family.architecture == "ncsnpp":
             from lightning_modules.networks.ncsnpp import NCSNpp
 
@@ -383,10 +385,12 @@ def _build_network(family: Family, config: Mapping[str, Any], device: str = "met
                           fir_kernel=tuple(g("model.fir_kernel")), skip_rescale=g("model.skip_rescale"),
                           init_scale=g("model.init_scale"), scale_by_sigma=g("model.scale_by_sigma"),
                           sigma_min=g("model.sigma_min"), sigma_max=g("model.sigma_max"),
-                          num_scales=g("model.num_scales"), nonlinearity=g("model.nonlinearity"))
+                          num_scales=g("model.num_scales"), nonlinearity=g("model.nonlinearity"),
+                          grad_checkpointing=grad_checkpointing)
         from lightning_modules.networks.adm import ADMConfig, ADMUNet
 
-        return ADMUNet(ADMConfig.from_guided_diffusion(config["model"]))
+        return ADMUNet(ADMConfig.from_guided_diffusion(config["model"]),
+                       grad_checkpointing=grad_checkpointing)
 
 
 def _build_sde(family: Family, config: Mapping[str, Any]) -> VPSDE | VESDE:
@@ -513,10 +517,12 @@ class Pretrained:
     __call__ = score
 
 
-def family_prior(family: str, config: Mapping[str, Any] | str | os.PathLike) -> Pretrained:
+def family_prior(family: str, config: Mapping[str, Any] | str | os.PathLike,
+                 grad_checkpointing: bool = False) -> Pretrained:
     """A family's prior without a checkpoint: its network for `config` (a mapping, a JSON / YAML file or a
-    score_sde-style `.py`), freshly initialised on the CPU in train mode, and its SDE (`Pretrained.path` None,
-    `weights` 'init'). What a model is built from before a checkpoint's weights are loaded into it.
+    score_sde-style `.py`), freshly initialised on the CPU in train mode (`grad_checkpointing`: see
+    `_build_network`), and its SDE (`Pretrained.path` None, `weights` 'init'). What a model is built from
+    before a checkpoint's weights are loaded into it.
 
     Raises InputError (one line): an unknown family, an unreadable config, conventions that cannot be
     established or that belong to another family.
@@ -528,7 +534,8 @@ def family_prior(family: str, config: Mapping[str, Any] | str | os.PathLike) -> 
     raw = read_config(config)
     _check_markers(fam, raw, where)
     resolved = resolve_config(fam, raw, where)
-    return Pretrained(network=_build_network(fam, resolved, device="cpu").train(), family=fam,
+    net = _build_network(fam, resolved, device="cpu", grad_checkpointing=grad_checkpointing)
+    return Pretrained(network=net.train(), family=fam,
                       sde=_build_sde(fam, resolved), config=resolved, path=None, weights="init")
 
 

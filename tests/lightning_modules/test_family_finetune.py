@@ -23,6 +23,7 @@ from lfmri.cli import main
 from lfmri.models import read_lightning_checkpoint, score_model_from_checkpoint
 from lightning_modules.losses import dsm_loss, supervised_loss
 from lightning_modules.module import ScoreModel
+from lightning_modules.networks.adm import ADMUNet
 from lightning_modules.networks.families import FAMILIES, load_pretrained
 from lightning_modules.samplers import SAMPLERS, build_sampler
 from lightning_modules.sde import VESDE, VPSDE, DiscreteVPSDE
@@ -94,6 +95,23 @@ def test_losses_are_finite_reach_the_network_and_decrease(family: str) -> None:
         opt.step()
         losses.append(float(out["loss"]))
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("family", list(CKPT))
+def test_gradient_checkpointing_reaches_the_family_network_and_keeps_the_gradients(family: str) -> None:
+    grads = {}
+    for flag in (False, True):
+        model = _model(family, grad_checkpointing=flag)
+        net = model.net
+        on = net.unet.is_gradient_checkpointing if isinstance(net, ADMUNet) else net.grad_checkpointing
+        assert on == flag
+        net.train()
+        torch.manual_seed(0)  # the same dropout draws in both runs
+        out = model._losses(_batch(), torch.Generator().manual_seed(0), compute_all=True)
+        out["loss"].backward()
+        grads[flag] = [p.grad for p in net.parameters() if p.requires_grad]
+    for a, b in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------- losses for every SDE
