@@ -261,39 +261,27 @@ def write_figure(panels: Mapping[str, Mapping[str, np.ndarray]], path: str | os.
     Magnitudes share one grey scale per regime (0 to the reference's max); the error maps share one scale per
     regime (0 to the 99.5th percentile of lfmri's error, or of the first method's without lfmri).
     """
-    from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend is left alone
+    from lightning_modules.figures import Panel, image_grid
 
     regimes = list(panels)
     columns = list(panels[regimes[0]]) if regimes else []
     has_ref = "reference" in columns
-    fig = Figure(figsize=(2.2 * len(columns), 2.3 * len(regimes) * (1 + int(has_ref))))
-    axes = fig.subplots(len(regimes) * (1 + int(has_ref)), len(columns), squeeze=False)
+    cells: list[list[Panel | None]] = []
+    labels: list[str] = []
     for i, regime in enumerate(regimes):
         row = panels[regime]
-        img_ax = axes[i * (1 + int(has_ref))]
         vmax = float(np.max(row["reference"])) if has_ref else None
-        for j, col in enumerate(columns):
-            img_ax[j].imshow(row[col], cmap="gray", vmin=0.0, vmax=vmax)
-            if i == 0:
-                img_ax[j].set_title(col, fontsize=9)
-        img_ax[0].set_ylabel(regime_label(regime), fontsize=9)
+        cells.append([Panel(row[col], vmax=vmax, title=col if i == 0 else "") for col in columns])
+        labels.append(regime_label(regime))
         if not has_ref:
             continue
-        err_ax = axes[i * 2 + 1]
         errors = {c: np.abs(row[c] - row["reference"]) for c in columns if c != "reference"}
         scale_from = errors.get(LFMRI, next(iter(errors.values()), None))
         emax = float(np.percentile(scale_from, 99.5)) if scale_from is not None else 0.0
-        for j, col in enumerate(columns):
-            if col in errors:
-                err_ax[j].imshow(errors[col], cmap="magma", vmin=0.0, vmax=emax or None)
-            else:
-                err_ax[j].axis("off")
-        err_ax[0].set_ylabel("|error|", fontsize=9)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        cells.append([Panel(errors[col], "magma", vmax=emax or None) if col in errors else None
+                      for col in columns])
+        labels.append("|error|")
+    image_grid(cells, labels).savefig(path, dpi=110)
 
 
 def write_files_atomically(out_dir: str | os.PathLike, writers: Mapping[str, Callable[[Path], None]]) -> None:

@@ -414,23 +414,18 @@ def render_grid(regimes: Sequence[str], panels: np.ndarray) -> np.ndarray:
     The three magnitude images of a row share one grey scale (0 to the reference's max); |error| has its own.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(2.0 * len(COLUMNS), 2.1 * len(regimes)))  # no pyplot: leaves the backend alone
-    canvas = FigureCanvasAgg(fig)
-    axes = fig.subplots(len(regimes), len(COLUMNS), squeeze=False)
-    for r, regime in enumerate(regimes):
+    from lightning_modules.figures import Panel, image_grid
+
+    cells = []
+    for r in range(len(regimes)):
         vmax = float(panels[r, 2].max()) or None
-        for c, title in enumerate(COLUMNS):
-            error = c == len(COLUMNS) - 1
-            axes[r, c].imshow(panels[r, c], cmap="magma" if error else "gray", vmin=0.0,
-                              vmax=(float(panels[r, c].max()) or None) if error else vmax)
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
-            if r == 0:
-                axes[r, c].set_title(title, fontsize=9)
-        axes[r, 0].set_ylabel(regime, fontsize=8)
-    fig.tight_layout()
+        cells.append([Panel(panels[r, c], "magma" if c == len(COLUMNS) - 1 else "gray", 0.0,
+                            (float(panels[r, c].max()) or None) if c == len(COLUMNS) - 1 else vmax,
+                            title if r == 0 else "")
+                      for c, title in enumerate(COLUMNS)])
+    fig = image_grid(cells, list(regimes), cell_size=(2.0, 2.1))
+    canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 

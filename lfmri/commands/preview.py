@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_output_file(out, "--out", (".png",), (args.config,))  # before any work: suffix, folder, writable
     import torch
-    from matplotlib.figure import Figure  # no pyplot: the caller's plotting backend is left alone
 
     from datamodules.dataset import EvalSliceDataset
     from degradations import REGIMES, params_to_jsonable
+    from lightning_modules.figures import Panel, image_grid
 
     if args.subjects_per_split < 1:
         raise InputError(f"--subjects-per-split must be >= 1, got {args.subjects_per_split}")
@@ -78,23 +78,20 @@ def run(args: argparse.Namespace) -> int:
             rows.append((split, info, samples))
     if not rows:
         raise InputError(f"{args.config}: no usable volume to preview in any split")
-    fig = Figure(figsize=(3.0 * (1 + len(REGIMES)), 3.6 * len(rows)))
-    axes = fig.subplots(len(rows), 1 + len(REGIMES), squeeze=False)
-    for r, (split, info, samples) in enumerate(rows):
+    cells = []
+    for split, info, samples in rows:
         clean = torch.view_as_complex(samples[0]["clean"].permute(1, 2, 0).contiguous()).abs()
         vmax = float(clean.max()) or 1.0
-        axes[r, 0].imshow(clean.numpy(), cmap="gray", vmin=0, vmax=vmax)
-        axes[r, 0].set_title(f"{split}: {info.record.volume_id}\nclean, slice {info.slices[0]}", fontsize=8)
-        for c, sample in enumerate(samples, start=1):
+        row = [Panel(clean.numpy(), vmax=vmax,
+                     title=f"{split}: {info.record.volume_id}\nclean, slice {info.slices[0]}")]
+        for sample in samples:
             img = torch.view_as_complex(sample["degraded"].permute(1, 2, 0).contiguous()).abs()
             params = params_to_jsonable({k: v[None] for k, v in sample["params"].items()})[0]
-            axes[r, c].imshow(img.numpy(), cmap="gray", vmin=0, vmax=vmax)
-            axes[r, c].set_title(_title(sample["regime"], params), fontsize=8)
+            row.append(Panel(img.numpy(), vmax=vmax, title=_title(sample["regime"], params)))
             shown = {k: round(v, 3) if v is not None else None for k, v in params.items()}
             print(f"  {split} {info.record.volume_id} slice {info.slices[0]} {sample['regime']}: {shown}")
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
+        cells.append(row)
+    fig = image_grid(cells, cell_size=(3.0, 3.6), fontsize=8)
     fig.suptitle(
         f"{dm.source.name} data: "
         + ", ".join(f"{k} {v}" for k, v in sizes.items())
