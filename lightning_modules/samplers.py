@@ -210,6 +210,16 @@ def _warm_start(x_init: Tensor, schedule: Schedule, generator: Generators) -> Te
 
 
 @torch.no_grad()
+def check_pc_grid(schedule: Schedule, what: str) -> None:
+    """ValueError (naming `what`) when score_sde's VP discretisation cannot take the schedule's grid: the full
+    grid N (~ n_steps / t_start) must exceed beta_max (beta_i = beta_max / N < 1)."""
+    sde = schedule.sde
+    if isinstance(sde, VPSDE) and sde.beta_max / sde.N >= 1:
+        raise ValueError(f"{what} with {schedule.n_steps} steps from t0 = {schedule.t_start:g} has a full "
+                         f"grid of N = {sde.N} <= beta_max = {sde.beta_max:g} steps, which score_sde's "
+                         "discretisation cannot take: more steps or a smaller t0")
+
+
 def pc_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataConsistency | None = None,
                generator: Generators = None, callback: Callback | None = None) -> Tensor:
     """score-MRI's predictor-corrector sampler with data consistency; float `[B,2,H,W]`.
@@ -227,9 +237,7 @@ def pc_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataCo
     """
     sde, marginals = schedule.sde, schedule.marginals
     ve = isinstance(sde, VESDE)
-    if not ve and sde.beta_max / sde.N >= 1:
-        raise ValueError(f"the PC sampler's discretisation needs a full grid of more than beta_max = "
-                         f"{sde.beta_max:g} steps (N = {sde.N}): use more steps or a smaller t_start")
+    check_pc_grid(schedule, "the PC sampler")
 
     def consistent(x: Tensor, t: Tensor) -> Tensor:
         return x if dc is None else dc.on_iterate(x, marginals.alpha(t), marginals.std(t))
@@ -458,10 +466,7 @@ def build_sampler(name: str | None = None, steps: int | None = None, t0: float |
         spec.steps if steps is None else int(steps), spec.t0 if t0 is None else float(t0), eps=eps,
         sde=VPSDE() if sde is None else sde, snr=snr, n_corrector=n_corrector, eta=eta, autocast=autocast,
     )
-    if spec.sample_fn is pc_sampler and isinstance(schedule.sde, VPSDE) \
-            and schedule.sde.beta_max / schedule.sde.N >= 1:
-        raise ValueError(f"sampler {name!r} with {schedule.n_steps} steps from t0 = {schedule.t_start:g} has "
-                         f"a full grid of N = {schedule.sde.N} <= beta_max = {schedule.sde.beta_max:g} "
-                         "steps, which score_sde's discretisation cannot take: more steps or a smaller t0")
+    if spec.sample_fn is pc_sampler:
+        check_pc_grid(schedule, f"sampler {name!r}")  # when it is built, not when it first samples
     return Sampler(name=name, sample_fn=spec.sample_fn, schedule=schedule, dc=dc, dc_weight=dc_weight,
                    dc_lambda=dc_lambda, dc_floor=dc_floor)
