@@ -301,21 +301,6 @@ class LowFieldDataModule(L.LightningDataModule):
             self._infos[split] = infos
         return self._infos[split]
 
-    @property
-    def train_subjects(self) -> list[str]:
-        """Volume ids (the samples' "subject") of the training split."""
-        return [r.volume_id for r in self.records("train")]
-
-    @property
-    def val_subjects(self) -> list[str]:
-        """Volume ids (the samples' "subject") of the validation split."""
-        return [r.volume_id for r in self.records("val")]
-
-    @property
-    def test_subjects(self) -> list[str]:
-        """Volume ids (the samples' "subject") of the test split."""
-        return [r.volume_id for r in self.records("test")]
-
     # ---- datasets -----------------------------------------------------------------------------------------
     def _eval_dataset(self, split: str) -> EvalSliceDataset:
         return EvalSliceDataset(

@@ -221,8 +221,6 @@ class B0PhaseCorruption:
         n_segments: number of segment times (``None``: automatic, see module docstring).
     """
 
-    keys = ("b0_map_hz", "b0_max_hz")
-
     def __init__(self, b0_max_hz_range: tuple[float, float] = (10.0, 60.0), b0_max_hz: float | None = None,
                  poly_degree: int = 3, method: str = "segmented", n_segments: int | None = None) -> None:
         self.b0_max_hz_range = check_range("b0_max_hz_range", b0_max_hz_range, low=0.0)
@@ -249,17 +247,13 @@ class B0PhaseCorruption:
         """Random field maps ``[B, 1, H, W]`` (Hz) with the given maxima."""
         return random_b0_map(b0_max_hz, height, width, generator, self.poly_degree)
 
-    def sample_params(self, batch: int, height: int, width: int, generator: torch.Generator | None = None,
-                      device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """``{"b0_max_hz": [B], "b0_map_hz": [B, 1, H, W]}`` drawn with ``generator``."""
-        b0_max = self.sample_max(batch, generator, device)
-        return {"b0_max_hz": b0_max, "b0_map_hz": self.sample_map(b0_max, height, width, generator)}
-
-    def encoding(self, params: dict[str, torch.Tensor]) -> OffResonanceEncoding:
-        """The encoding operator of ``params`` (needs ``b0_map_hz``, ``readout_ms``, ``te_ms``)."""
-        return OffResonanceEncoding(params["b0_map_hz"], params["readout_ms"], params["te_ms"], self.method,
-                                    self.n_segments)
-
-    def encode(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Image ``x`` (complex ``[B, 1, H, W]``) -> k-space acquired with off-resonance."""
-        return self.encoding(params).forward(x)
+    @staticmethod
+    def encoding(params: dict[str, torch.Tensor], method: str = "segmented",
+                 n_segments: int | None = None) -> OffResonanceEncoding | None:
+        """The encoding this step contributes to ``A``: :class:`OffResonanceEncoding` of ``b0_map_hz``
+        ``[B, 1, H, W]`` (Hz), ``readout_ms`` and ``te_ms`` ``[B]`` (ms) evaluated with ``method`` /
+        ``n_segments``, or ``None`` (plain :func:`fft2c`) when every field map is zero."""
+        b0_map = params["b0_map_hz"]
+        if not bool((b0_map != 0).any()):
+            return None
+        return OffResonanceEncoding(b0_map, params["readout_ms"], params["te_ms"], method, n_segments)

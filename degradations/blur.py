@@ -44,8 +44,6 @@ class GaussianBlur:
         fwhm_px: fixed FWHM that replaces the draw.
     """
 
-    keys = ("fwhm_px",)
-
     def __init__(self, fwhm_px_range: tuple[float, float] = (1.0, 2.5), fwhm_px: float | None = None) -> None:
         self.fwhm_px_range = check_range("fwhm_px_range", fwhm_px_range, low=0.0)
         if fwhm_px is not None and fwhm_px < 0:
@@ -57,6 +55,9 @@ class GaussianBlur:
         """``{"fwhm_px": [B]}`` drawn with ``generator``."""
         return {"fwhm_px": uniform(batch, self.fwhm_px_range, self.fwhm_px, generator, device)}
 
-    def apply(self, k: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Blur the k-space ``k`` (complex ``[B, 1, H, W]``): ``k * MTF``."""
-        return k * gaussian_mtf(params["fwhm_px"], k.shape[-2], k.shape[-1], k.real.dtype)
+    @staticmethod
+    def kspace_weights(params: dict[str, torch.Tensor], height: int, width: int) -> torch.Tensor | None:
+        """The k-space weights this step contributes to ``A``: the MTF ``[B, 1, H, W]`` (float32) of
+        ``params["fwhm_px"]`` ``[B]``, or ``None`` when no sample is blurred (all ``fwhm_px = 0``)."""
+        fwhm = params["fwhm_px"]
+        return gaussian_mtf(fwhm, height, width) if bool((fwhm > 0).any()) else None

@@ -33,8 +33,6 @@ class ComplexGaussianNoise:
         snr_db: fixed target SNR that replaces the draw.
     """
 
-    keys = ("snr_db", "noise_sigma")
-
     def __init__(self, snr_db_range: tuple[float, float] = (2.0, 7.0), snr_db: float | None = None) -> None:
         self.snr_db_range = check_range("snr_db_range", snr_db_range)
         self.snr_db = snr_db
@@ -56,12 +54,6 @@ class ComplexGaussianNoise:
         if bool(empty.any()) and not bool(empty.all()):
             power = torch.where(empty, power[~empty].mean(), power)
         return sigma_for_power(power, snr_db)
-
-    def sample_params(self, x_in: torch.Tensor, generator: torch.Generator | None = None,
-                      signal_power: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``{"snr_db": [B], "noise_sigma": [B]}`` for the noise-free image ``x_in`` ``[B, 1, H, W]``."""
-        snr = self.sample_snr(x_in.shape[0], generator, x_in.device)
-        return {"snr_db": snr, "noise_sigma": self.sigma_for(x_in, snr, signal_power)}
 
     @staticmethod
     def draw(like: torch.Tensor, sigma: torch.Tensor,

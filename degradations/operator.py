@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .b0 import OffResonanceEncoding
-from .blur import gaussian_mtf
+from .b0 import B0PhaseCorruption, OffResonanceEncoding
+from .blur import GaussianBlur
 from .fourier import fft2c, ifft2c
-from .t2star import t2star_weights
+from .t2star import T2StarDecay
 
 __all__ = ["ForwardOperator"]
 
@@ -39,27 +39,17 @@ class ForwardOperator:
 
         Needs ``fwhm_px``, ``t2star_ms``, ``readout_ms``, ``te_ms`` ``[B]`` and ``b0_map_hz``
         ``[B, 1, H, W]``; ``t2star_gre`` ``[B]`` defaults to spin echo. ``b0_method`` / ``n_segments``: see
-        :mod:`degradations.b0`.
+        :mod:`degradations.b0`. Each step class contributes its part (``None`` where it is neutral for the
+        whole batch): the blur MTF and the T2* damping multiply into ``W``, the B0 step gives ``E``.
         """
         missing = [key for key in REQUIRED_KEYS if key not in params]
         if missing:
             raise ValueError(f"params lack {', '.join(missing)} (needed to build the forward operator)")
-        b0_map = params["b0_map_hz"]
-        height, width = b0_map.shape[-2:]
-        weights = None
-        fwhm = params["fwhm_px"]
-        if bool((fwhm > 0).any()):
-            weights = gaussian_mtf(fwhm, height, width)
-        t2star = params["t2star_ms"]
-        if bool(torch.isfinite(t2star).any()):
-            decay = t2star_weights(t2star, params["readout_ms"], params["te_ms"], width,
-                                   params.get("t2star_gre"))
-            weights = decay if weights is None else weights * decay
-        encoding = None
-        if bool((b0_map != 0).any()):
-            encoding = OffResonanceEncoding(b0_map, params["readout_ms"], params["te_ms"], b0_method,
-                                            n_segments)
-        return cls(weights, encoding)
+        height, width = params["b0_map_hz"].shape[-2:]
+        mtf = GaussianBlur.kspace_weights(params, height, width)
+        decay = T2StarDecay.kspace_weights(params, width)
+        weights = decay if mtf is None else mtf if decay is None else mtf * decay
+        return cls(weights, B0PhaseCorruption.encoding(params, b0_method, n_segments))
 
     @property
     def is_fourier(self) -> bool:

@@ -51,8 +51,6 @@ class T2StarDecay:
             see :func:`t2star_weights`. Recorded in the params as ``t2star_gre`` (0.0 or 1.0).
     """
 
-    keys = ("t2star_ms", "t2star_gre")
-
     def __init__(self, t2star_ms_range: tuple[float, float] = (15.0, 60.0), t2star_ms: float | None = None,
                  mode: str = "spin_echo") -> None:
         self.t2star_ms_range = check_range("t2star_ms_range", t2star_ms_range, low=1e-6)
@@ -70,8 +68,12 @@ class T2StarDecay:
         return {"t2star_ms": uniform(batch, self.t2star_ms_range, self.t2star_ms, generator, device),
                 "t2star_gre": torch.full((batch,), gre, device=device)}
 
-    def apply(self, k: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Damp k-space ``k`` (complex ``[B, 1, H, W]``); needs ``t2star_ms``, ``readout_ms``, ``te_ms``."""
-        w = t2star_weights(params["t2star_ms"], params["readout_ms"], params["te_ms"], k.shape[-1],
-                           params.get("t2star_gre"), k.real.dtype)
-        return k * w
+    @staticmethod
+    def kspace_weights(params: dict[str, torch.Tensor], width: int) -> torch.Tensor | None:
+        """The k-space weights this step contributes to ``A``: the readout damping ``[B, 1, 1, W]`` (float32,
+        see :func:`t2star_weights`) from ``t2star_ms``, ``readout_ms``, ``te_ms`` and optional ``t2star_gre``
+        ``[B]`` (spin echo without it), or ``None`` when no sample decays (all ``t2star_ms = inf``)."""
+        t2star = params["t2star_ms"]
+        if not bool(torch.isfinite(t2star).any()):
+            return None
+        return t2star_weights(t2star, params["readout_ms"], params["te_ms"], width, params.get("t2star_gre"))

@@ -100,10 +100,6 @@ class GradientDC:
         """``A x - y``, complex ``[B,1,H,W]``, for ``x`` float ``[B,2,H,W]``."""
         return self.A.forward(channels_to_complex(x)) - self.y
 
-    def residual_norm(self, x: Tensor) -> Tensor:
-        """``||A x - y||`` per slice, ``[B]``."""
-        return torch.linalg.vector_norm(self.residual(x).flatten(1), dim=1)
-
     def __call__(self, x: Tensor, sigma_t: Tensor | None = None) -> Tensor:
         """One step on float ``[B,2,H,W]`` (``sigma_t`` is ignored)."""
         step = complex_to_channels(self.A.adjoint(self.residual(x)))

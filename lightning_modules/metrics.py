@@ -9,9 +9,7 @@ inputs are `[S, H, W]` or `[S, 1, H, W]` (a single `[H, W]` slice is a volume of
 - PSNR: `10 log10(data_range^2 / MSE)` over the whole volume, `data_range = ref.max()` (dB).
 - NMSE: `||pred - ref||^2 / ||ref||^2` over the whole volume (a fraction, not %).
 
-The plain functions return Python floats for one volume. The `Metric` classes accumulate one value per
-subject volume (`update(pred_volume, ref_volume)`) and `compute()` gives the mean and sample standard
-deviation across subjects; their list state is concatenated across DDP ranks.
+The volume functions return Python floats for one volume; `slice_metrics` gives per-slice arrays.
 """
 
 from __future__ import annotations
@@ -20,14 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
     "SSIM_WIN_SIZE",
-    "VolumeNMSE",
-    "VolumePSNR",
-    "VolumeSSIM",
     "nmse_volume",
     "psnr_volume",
     "slice_metrics",
@@ -120,66 +113,3 @@ def slice_metrics(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> dict[s
         nmse = (se.sum(dim=1) / ((ref**2).sum() / ref.shape[0])).cpu().numpy()
     return {"ssim": ssim_slices(pred, ref).cpu().numpy(), "psnr": psnr, "nmse": nmse}
 
-
-class _VolumeMetric(Metric):
-    """One value per subject volume; `compute()` -> `{"mean", "std", "n", "values"}` across subjects.
-
-    `std` is the sample standard deviation (ddof = 1; 0 for a single subject). `values` is `[n]` float64,
-    concatenated over DDP ranks (order: rank by rank).
-    """
-
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("values", default=[], dist_reduce_fx="cat")
-        self.set_dtype(torch.float64)  # a rank without updates syncs an empty tensor of this dtype
-
-    @staticmethod
-    def _volume_value(pred: Tensor, ref: Tensor) -> float:
-        raise NotImplementedError
-
-    def update(self, pred: Tensor, ref: Tensor) -> None:
-        """Add one subject: `pred`, `ref` magnitude volumes `[S,H,W]` or `[S,1,H,W]`."""
-        value = self._volume_value(pred, ref)
-        self.values.append(torch.tensor([value], dtype=torch.float64, device=self.device))
-
-    def compute(self) -> dict[str, Tensor]:
-        values = self.values  # a list before a DDP sync, one tensor after it
-        values = dim_zero_cat(values) if isinstance(values, Tensor) or len(values) else values
-        n = values.numel() if isinstance(values, Tensor) else 0
-        if n == 0:
-            raise RuntimeError(f"{type(self).__name__}.compute() called before any update()")
-        std = values.std() if n > 1 else torch.zeros((), dtype=values.dtype, device=values.device)
-        return {"mean": values.mean(), "std": std, "n": torch.tensor(n), "values": values}
-
-
-class VolumeSSIM(_VolumeMetric):
-    """fastMRI SSIM per subject volume (see `ssim_volume`), mean ± std across subjects."""
-
-    higher_is_better = True
-
-    @staticmethod
-    def _volume_value(pred: Tensor, ref: Tensor) -> float:
-        return ssim_volume(pred, ref)
-
-
-class VolumePSNR(_VolumeMetric):
-    """fastMRI PSNR (dB) per subject volume (see `psnr_volume`), mean ± std across subjects."""
-
-    higher_is_better = True
-
-    @staticmethod
-    def _volume_value(pred: Tensor, ref: Tensor) -> float:
-        return psnr_volume(pred, ref)
-
-
-class VolumeNMSE(_VolumeMetric):
-    """fastMRI NMSE (fraction) per subject volume (see `nmse_volume`), mean ± std across subjects."""
-
-    higher_is_better = False
-
-    @staticmethod
-    def _volume_value(pred: Tensor, ref: Tensor) -> float:
-        return nmse_volume(pred, ref)

@@ -167,7 +167,7 @@ def test_split_file_with_unknown_subject(bids, tmp_path):
         _setup(bids, split_file=str(split))
     split.write_text("train: [sub-01, sub-03, sub-04]\nval: [sub-05]\ntest: [sub-02]\n")
     dm = _setup(bids, split_file=str(split))
-    assert dm.test_subjects == ["sub-02"]
+    assert [r.volume_id for r in dm.records("test")] == ["sub-02"]
 
 
 def test_unreadable_hdf5(tmp_path):

@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from degradations import (
+    ForwardOperator,
     GaussianBlur,
+    LowFieldDegradation,
     T2StarDecay,
     fft2c,
     gaussian_mtf,
     ifft2c,
+    neutral_params,
     sample_times_ms,
     t2star_weights,
 )
@@ -22,7 +25,8 @@ def test_blur_keeps_dc_and_damps_each_frequency_as_the_mtf_says():
     x = torch.rand(1, 1, 32, 40, generator=g) + 0j
     k = fft2c(x)
     fwhm = 2.0
-    blurred = GaussianBlur(fwhm_px=fwhm).apply(k, {"fwhm_px": torch.tensor([fwhm])})
+    blur_only = LowFieldDegradation("blur", blur=GaussianBlur(fwhm_px=fwhm))
+    blurred = blur_only.apply(x, blur_only.sample_params(x, g))
     assert blurred[0, 0, 16, 20] == k[0, 0, 16, 20]  # MTF(0) = 1 exactly: mean intensity kept
     sigma = fwhm / (2 * math.sqrt(2 * math.log(2)))
     fy = (torch.arange(32) - 16) / 32
@@ -74,11 +78,12 @@ def test_gradient_echo_decays_monotonically_in_time():
 
 
 def test_t2star_acts_along_the_readout_only_and_inf_is_identity():
-    k = torch.randn(2, 1, 6, 10, dtype=torch.complex64)
-    step = T2StarDecay(t2star_ms=20.0)
-    params = {"t2star_ms": torch.tensor([20.0, math.inf]), "readout_ms": torch.tensor([8.0, 8.0]),
-              "te_ms": torch.tensor([10.0, 10.0]), "t2star_gre": torch.zeros(2)}
-    out = step.apply(k, params)
+    x = torch.randn(2, 1, 6, 10, dtype=torch.complex64)
+    k = fft2c(x)
+    params = neutral_params(2, 6, 10)
+    params.update(t2star_ms=torch.tensor([20.0, math.inf]), readout_ms=torch.tensor([8.0, 8.0]),
+                  te_ms=torch.tensor([10.0, 10.0]))
+    out = ForwardOperator.from_params(params).forward(x)
     ratio = (out / k).real
     torch.testing.assert_close(ratio[0, 0], ratio[0, 0, :1].expand(6, -1))  # same weight on every row
     torch.testing.assert_close(out[1], k[1])

@@ -10,10 +10,13 @@ from degradations import (
     REGIMES,
     ComplexGaussianNoise,
     ForwardOperator,
+    OffResonanceEncoding,
     fft2c,
+    gaussian_mtf,
     make_regime,
     neutral_params,
     params_to_jsonable,
+    t2star_weights,
 )
 
 H, W = 20, 28
@@ -42,9 +45,30 @@ def test_adjoint_is_exact_for_every_regime(regime, b0_method, t2star_mode):
         assert abs(lhs - rhs).item() <= tol * abs(lhs).item()
 
 
+@pytest.mark.parametrize("regime", REGIMES)
+@pytest.mark.parametrize("b0_method", ["segmented", "exact"])
+@pytest.mark.parametrize("t2star_mode", ["spin_echo", "gradient_echo"])
+def test_operator_is_exactly_mtf_times_t2star_weights_times_the_encoding(regime, b0_method, t2star_mode):
+    """``A x = MTF * T2*-weights * E(x)`` and ``A^H k = E^H(MTF * T2*-weights * k)``, bit for bit (a neutral
+    factor is exactly 1, so the formula needs no case for absent steps)."""
+    params = make_regime(regime, b0_method=b0_method, t2star_mode=t2star_mode).sample_params(
+        image(), torch.Generator().manual_seed(3))
+    op = ForwardOperator.from_params(params, b0_method=b0_method, n_segments=5)
+    weights = gaussian_mtf(params["fwhm_px"], H, W) * t2star_weights(
+        params["t2star_ms"], params["readout_ms"], params["te_ms"], W, params["t2star_gre"])
+    encoding = OffResonanceEncoding(params["b0_map_hz"], params["readout_ms"], params["te_ms"], b0_method, 5)
+    for dtype in (torch.complex64, torch.complex128):
+        x, k = image(dtype=dtype, seed=4), image(dtype=dtype, seed=5)
+        w = weights.to(x.real.dtype)
+        assert torch.equal(op.forward(x), encoding.forward(x) * w)
+        assert torch.equal(op.adjoint(k), encoding.adjoint(k * w))
+    assert op.is_fourier == (regime == "noise")
+
+
 def test_neutral_params_give_the_plain_fourier_transform():
     x = image()
     op = ForwardOperator.from_params(neutral_params(2, H, W))
+    assert op.is_fourier
     torch.testing.assert_close(op.forward(x), fft2c(x))
     torch.testing.assert_close(op.adjoint(fft2c(x)), x)
 

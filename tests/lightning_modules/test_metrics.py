@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import importlib.resources
-import os
-import socket
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from lightning_modules.metrics import (
-    VolumeNMSE,
-    VolumePSNR,
-    VolumeSSIM,
     nmse_volume,
     psnr_volume,
     slice_metrics,
@@ -110,54 +103,3 @@ def test_more_noise_scores_worse(mni: np.ndarray) -> None:
     assert ssim_volume(low, mni) > ssim_volume(high, mni)
     assert psnr_volume(low, mni) > psnr_volume(high, mni)
     assert nmse_volume(low, mni) < nmse_volume(high, mni)
-
-
-def test_metric_classes_mean_std_over_subjects(mni: np.ndarray) -> None:
-    subjects = [(mni[i : i + 4], _noisy(mni[i : i + 4], 0.03 * (i + 1), seed=i)) for i in (0, 4, 8)]
-    metrics = {"ssim": VolumeSSIM(), "psnr": VolumePSNR(), "nmse": VolumeNMSE()}
-    for ref, pred in subjects:
-        for m in metrics.values():
-            m.update(torch.from_numpy(pred)[:, None], torch.from_numpy(ref)[:, None])
-    for name, m in metrics.items():
-        expected = np.array([_oracle(pred, ref)[name] for ref, pred in subjects])
-        out = m.compute()
-        assert int(out["n"]) == 3
-        np.testing.assert_allclose(out["values"].numpy(), expected, rtol=1e-6, atol=1e-8)
-        assert float(out["mean"]) == pytest.approx(expected.mean(), rel=1e-6)
-        assert float(out["std"]) == pytest.approx(expected.std(ddof=1), rel=1e-6)
-    single = VolumeSSIM()
-    single.update(torch.from_numpy(mni), torch.from_numpy(mni))
-    assert float(single.compute()["std"]) == 0.0
-    with pytest.warns(UserWarning, match="before the"), pytest.raises(RuntimeError, match="before"):
-        VolumePSNR().compute()
-
-
-def _ddp_worker(rank: int, port: int, volumes: list[tuple[np.ndarray, np.ndarray]], out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        split, rank0_only = VolumePSNR(), VolumeSSIM()
-        for ref, pred in volumes[rank::2]:
-            split.update(torch.from_numpy(pred), torch.from_numpy(ref))
-        for ref, pred in volumes if rank == 0 else []:
-            rank0_only.update(torch.from_numpy(pred), torch.from_numpy(ref))
-        out[rank] = [sorted(m.compute()["values"].tolist()) for m in (split, rank0_only)]
-    finally:
-        dist.destroy_process_group()
-
-
-def test_list_state_syncs_across_ddp_ranks(mni: np.ndarray) -> None:
-    """Two gloo ranks, 3 subjects split 2/1 (and 3/0): both ranks compute over all 3 subjects."""
-    volumes = [(mni[i : i + 4], _noisy(mni[i : i + 4], 0.05, seed=10 + i)) for i in (0, 4, 8)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(_ddp_worker, args=(port, volumes, out), nprocs=2, start_method="spawn")
-        results = dict(out)
-    psnr = sorted(_oracle(pred, ref)["psnr"] for ref, pred in volumes)
-    ssim = sorted(_oracle(pred, ref)["ssim"] for ref, pred in volumes)
-    for rank in (0, 1):
-        np.testing.assert_allclose(results[rank][0], psnr, rtol=1e-6)
-        np.testing.assert_allclose(results[rank][1], ssim, rtol=1e-6)
