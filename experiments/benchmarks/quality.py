@@ -29,7 +29,7 @@ from lfmri.cli import main as lfmri_main
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="ScoreModel Lightning checkpoint")
+    p.add_argument("--ckpt", required=True, help="ScoreModel Lightning checkpoint, or reference-small")
     p.add_argument("--config", default=str(Path(__file__).with_name("quality_data.yaml")),
                    help="YAML whose data: block gives the test (and validation) subjects")
     p.add_argument("--slices", type=int, default=4, help="evenly spaced slices per volume (test and val)")
