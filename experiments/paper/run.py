@@ -5,7 +5,7 @@ Full scale (your mouse NIfTI directory and a clinical score_sde checkpoint; a GP
     python experiments/paper/run.py /data/mouse_t2w --pretrained clinical.pth [--out runs/paper]
 
   1. import the clinical weights: `--model.init_args.pretrained=clinical.pth` of configs/finetune_mouse.yaml
-     (34.4M DDPM, 256x256, 2 channels, bf16);
+     stacked on configs/model/ddpm_34m.yaml (34.4M DDPM, 256x256, 2 channels, bf16);
   2. fine-tune 15 epochs with DSM + the supervised loss (`lfmri fit`);
   3. `lfmri evaluate` on 10 held-out subjects (OUT/split.yaml: 10 test and --n-val validation subjects chosen
      by a seeded hash of the subject ids, the rest train; or --split-file) in the four regimes, with the
@@ -48,6 +48,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 FULL_CONFIG = REPO / "configs" / "finetune_mouse.yaml"
+#: the full-scale fits stack the 34.4M network block first (a run config holds only what it sets)
+NETWORK_34M = REPO / "configs" / "model" / "ddpm_34m.yaml"
 SMALL_FINETUNE = HERE / "small_finetune.yaml"
 #: what the protocol writes under OUT (only these are removed by --overwrite)
 OUTPUTS = ("clinical.pth", "clinical.json", "split.yaml", "finetune", "scratch",
@@ -306,7 +308,8 @@ def run_protocol(args: argparse.Namespace) -> Path:
         raise ProtocolError(f"--pretrained {pretrained}: no such checkpoint file")
 
     # 1.-2. fine-tune from the clinical weights (and the same model from scratch)
-    fit = ["--config", args.config, *data_overrides(args.data), *shared]
+    network = [] if args.small else ["--config", str(NETWORK_34M)]
+    fit = [*network, "--config", args.config, *data_overrides(args.data), *shared]
     fit += [f"--trainer.max_epochs={args.epochs}"] if args.epochs else []
     fit += [f"--trainer.max_steps={args.finetune_steps}"] if args.finetune_steps else []
     split_file = args.split_file

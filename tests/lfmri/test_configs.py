@@ -27,6 +27,9 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 MAIN_KEYS = {"seed_everything", "trainer", "model", "data", "ckpt_path", "optimizer", "lr_scheduler"}
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "experiments" / "paper").glob("*.yaml"))
 PARAMS_34M = 34_425_602
+NETWORK_34M = ROOT / "configs" / "model" / "ddpm_34m.yaml"
+#: run configs used stacked on a block that holds what they leave out (their headers say so)
+STACKED_ON = {"configs/finetune_mouse.yaml": NETWORK_34M, "configs/pretrain_fastmri.yaml": NETWORK_34M}
 
 
 def required_leaves(node: object, prefix: str = "") -> list[str]:
@@ -47,6 +50,8 @@ def cli_args(path: Path) -> list[str]:
     elif set(content) <= MAIN_KEYS:
         standalone = {"model", "data"} <= set(content)
         args = ["--config", str(path)] if standalone else ["--config", str(QUICKSTART), "--config", str(path)]
+        if rel(path) in STACKED_ON:
+            args = ["--config", str(STACKED_ON[rel(path)]), *args]
         required = required_leaves(content)
     else:  # a bare block of another group, e.g. configs/trainer/X.yaml
         args = ["--config", str(QUICKSTART), f"--{path.parent.name}", str(path)]
@@ -138,9 +143,16 @@ def test_finetune_mouse_is_the_papers_fine_tune(parsed):
     assert trainer["logger"]["class_path"].endswith("CSVLogger")
     cbs = callbacks(config)
     assert cbs["ModelCheckpoint"]["save_last"] is True and "FiniteLossGuard" in cbs
-    # the network is exactly configs/model/ddpm_34m.yaml's
+    # the network is exactly configs/model/ddpm_34m.yaml's, written there only: the run config stacks on it
     block = parsed["configs/model/ddpm_34m.yaml"]["model"]["init_args"]
     assert {k: model[k] for k in NET_ARGS} == {k: block[k] for k in NET_ARGS}
+
+
+@pytest.mark.parametrize("name", sorted(STACKED_ON))
+def test_run_configs_hold_only_what_differs_from_the_block_they_stack_on(name):
+    own = yaml.safe_load((ROOT / name).read_text())["model"]["init_args"]
+    block = yaml.safe_load(STACKED_ON[name].read_text())["model"]["init_args"]
+    assert not set(own) & set(block), set(own) & set(block)  # the network and SDE are written once
 
 
 def test_pretrain_fastmri_trains_a_dsm_only_prior_from_fastmri(parsed):

@@ -40,7 +40,7 @@ def test_34m_parameter_count(channels, expected):
 
 
 def test_34m_yaml_config_builds_the_34m_net():
-    init_args = yaml.safe_load((ROOT / "configs/model/ddpm_34m.yaml").read_text())["init_args"]
+    init_args = yaml.safe_load((ROOT / "configs/model/ddpm_34m.yaml").read_text())["model"]["init_args"]
     with torch.device("meta"):
         net = DDPM(**{k: init_args[k] for k in NET_ARGS if k in init_args})
     assert n_params(net) == 34_425_602
