@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wall-s", type=float, required=True, help="the run's measured wall time (s)")
     p.add_argument("--config", default="configs/reference_small.yaml")
     args = p.parse_args(argv)
-    run_dir = Path(args.ckpt).resolve().parents[1]
-    metrics = sorted(run_dir.glob("logs/version_*/metrics.csv"))
+    # the run's CSV logs: the nearest folder above the checkpoint that holds logs/version_*/metrics.csv
+    runs = [d for d in Path(args.ckpt).resolve().parents if any(d.glob("logs/version_*/metrics.csv"))]
+    metrics = sorted(runs[0].glob("logs/version_*/metrics.csv")) if runs else []
     provenance = {"config": args.config, "command": f"OMP_NUM_THREADS=2 lfmri fit --config {args.config}",
                   "wall_s": args.wall_s, "machine": "2-core CPU",
                   "val": last_validation(metrics[-1]) if metrics else {}}
