@@ -39,7 +39,7 @@ from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpo
 from lightning_modules.ddpm import DDPM
 from lightning_modules.ema import EMA
 from lightning_modules.losses import dsm_loss, supervised_loss
-from lightning_modules.networks.families import FAMILIES, Pretrained, family_prior
+from lightning_modules.networks.families import FAMILIES, Pretrained, check_family_config, family_prior
 from lightning_modules.networks.families import load_pretrained as load_family_checkpoint
 from lightning_modules.sde import VPSDE, ScoreFn, get_score_fn
 
@@ -196,6 +196,11 @@ class ScoreModel(LightningModule):
             self._weights_ready = True
             return
         config = hp.pretrained_config
+        if config is not None:  # another family's checkpoint would load "strictly" and score wrong: refuse it
+            try:
+                check_family_config("score_sde", config)
+            except InputError as err:
+                raise InputError(f"pretrained_config {err}; set model.init_args.pretrained_family") from None
         if config is None:  # taken to be this network (with the other channel count when adapting)
             config = self.net.score_sde_config()
             if hp.adapt_channels is not None:

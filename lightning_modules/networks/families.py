@@ -352,6 +352,17 @@ def _check_markers(family: Family, config: Mapping[str, Any], where: str) -> Non
                              f"{family.name}; pass family={other.name!r}")
 
 
+def check_family_config(family: str, config: Mapping[str, Any] | str | os.PathLike) -> None:
+    """Refuse (InputError, one line naming the config) a checkpoint config that is not `family`'s: another
+    family's marker fields (HFS-SDE's data.normalize_*), or values the family does not have (e.g. a VE or an
+    NCSN++ config for score_sde's DDPM), or missing required keys."""
+    fam = FAMILIES[family]
+    where = "the config" if isinstance(config, Mapping) else str(config)
+    raw = read_config(config)
+    _check_markers(fam, raw, where)
+    resolve_config(fam, raw, where)
+
+
 # ----------------------------------------------------------------------------------------------- networks
 def _build_network(family: Family, config: Mapping[str, Any], device: str = "meta",
                    grad_checkpointing: bool = False) -> nn.Module:

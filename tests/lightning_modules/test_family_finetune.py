@@ -256,3 +256,22 @@ def test_fit_refuses_an_unknown_family_in_one_line(tmp_path: Path, capsys: pytes
                "--model.init_args.pretrained_family=adm"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "pretrained_family must be null or one of score_sde, hfs_sde" in lines[-1], lines[-3:]
+
+
+@pytest.mark.parametrize("family", ["hfs_sde", "score_mri"])
+def test_another_familys_checkpoint_through_the_score_sde_path_is_refused(family: str) -> None:
+    """The issue's silent wrong scores: an HFS-SDE checkpoint loaded "strictly" as score_sde's DDPM scored
+    wrong; with its config given, the plain path refuses it in one line and names the family option."""
+    config = CKPT[family].parent / "config.json"
+    model = ScoreModel(pretrained=str(CKPT[family]), pretrained_config=str(config))
+    with pytest.raises(InputError) as err:
+        model.load_pretrained()
+    line = str(err.value)
+    assert "\n" not in line and "pretrained_family" in line and "config.json" in line
+    if family == "hfs_sde":
+        assert "hfs_sde" in line
+    # the score_sde fixture with its own config still loads
+    net = dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
+    ok = ScoreModel(**net, pretrained=str(CKPT["score_sde"]),
+                    pretrained_config=str(CKPT["score_sde"].parent / "config.json"))
+    ok.load_pretrained()
