@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                   "val": last_validation(metrics[-1]) if metrics else {}}
     ckpt = slim_checkpoint(args.ckpt, provenance)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp:  # (creates missing folders)
         torch.save(ckpt, tmp)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MiB, step {ckpt['global_step']}, "
           f"val {provenance['val']})")
