@@ -1,7 +1,7 @@
 """Volume sources, subject splits, slice datasets and the LightningDataModule that degrades on the fly.
 
-Exports are loaded lazily (PEP 562), so `import datamodules` (or `datamodules.errors`) does not import
-Lightning.
+Exports are loaded lazily (PEP 562), so `import datamodules` does not import Lightning. The project-wide
+helpers (InputError, atomic writes, option checks, `stable_hash`) are in `lfmri_utils`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ _EXPORTS = {
     "Split": "datamodules.splits",
     "hash_split": "datamodules.splits",
     "load_split_file": "datamodules.splits",
-    "stable_hash": "datamodules.splits",
     "TrainSliceDataset": "datamodules.dataset",
     "EvalSliceDataset": "datamodules.dataset",
     "PredictSliceDataset": "datamodules.dataset",

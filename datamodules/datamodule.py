@@ -32,12 +32,12 @@ from datamodules.dataset import (
     VolumeInfo,
     index_volume,
 )
-from datamodules.errors import InputError
-from datamodules.options import check_options, number
 from datamodules.resumable import IgnoreStopSignals, resumable_loader
 from datamodules.sources import NiftiDirSource, VolumeRecord, VolumeSource, make_source, warn_skipped
 from datamodules.splits import SPLITS, Split, hash_split, load_split_file
 from degradations import REGIMES, make_regime
+from lfmri_utils.errors import InputError
+from lfmri_utils.options import check_options, number
 
 MIN_SIZE = 8  # smallest image_size / crop_size in pixels
 

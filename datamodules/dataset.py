@@ -35,9 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from datamodules.errors import InputError
 from datamodules.sources import VolumeRecord, VolumeSource
-from datamodules.splits import stable_hash
 from datamodules.transforms import (
     NORMALISE_PERCENTILE,
     crop,
@@ -47,6 +45,9 @@ from datamodules.transforms import (
     robust_scale,
     smooth_background_phase,
 )
+from degradations import complex_to_channels, fft2c, ifft2c, make_regime, neutral_params
+from lfmri_utils.errors import InputError
+from lfmri_utils.seeding import stable_hash
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,6 @@ class SliceDataset(Dataset):
     ) -> dict:
         """The sample dict (module docstring) of complex clean, degraded and y [1, 1, H, W] and batched
         params."""
-        from degradations import complex_to_channels
-
         return {
             "clean": complex_to_channels(clean)[0],
             "degraded": complex_to_channels(degraded)[0].float(),
@@ -198,8 +197,6 @@ class SliceDataset(Dataset):
 
 
 def _regimes(names: list[str], overrides: dict | None) -> dict:
-    from degradations import make_regime
-
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}
     return {name: make_regime(name, **kwargs) for name in names}
 
@@ -251,8 +248,6 @@ class TrainSliceDataset(SliceDataset):
         return len(self.items)
 
     def _get(self, index: int) -> dict:
-        from degradations import fft2c, ifft2c
-
         v, s = self.items[index]
         draw = int(torch.randint(0, 2**62, (1,)))
         g = torch.Generator().manual_seed(stable_hash("train", self.seed, self.epoch, index, draw))
@@ -306,8 +301,6 @@ class EvalSliceDataset(SliceDataset):
         )
 
     def _get(self, index: int) -> dict:
-        from degradations import ifft2c
-
         v, s, regime = self.items[index]
         x, y, params = self._degrade(v, s, self.degradations[regime], self.generator(v, s, regime))
         return self._sample(v, s, regime, x, ifft2c(y), y, params)
@@ -333,8 +326,6 @@ class PredictSliceDataset(SliceDataset):
         return len(self.items)
 
     def _get(self, index: int) -> dict:
-        from degradations import complex_to_channels, fft2c, neutral_params
-
         v, s = self.items[index]
         x = self.clean_slice(v, s)
         return {

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.splits import stable_hash
+from lfmri_utils.seeding import stable_hash
 
 _SEED_MOD = 2**63 - 1
 

@@ -15,6 +15,7 @@ one.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -23,13 +24,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import h5py
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.errors import InputError
-from datamodules.splits import Split, stable_hash
+from datamodules.io import load_nifti
+from datamodules.splits import Split
 from datamodules.transforms import to_slices
+from degradations import ifft2c
+from lfmri_utils.errors import InputError
+from lfmri_utils.seeding import stable_hash
 
 _BIDS_SUBJECT = re.compile(r"(?:^|[/_])(sub-[A-Za-z0-9]+)(?=[/_.]|$)")
 
@@ -137,24 +143,18 @@ class NiftiDirSource(VolumeSource):
         return self._records
 
     def load(self, record: VolumeRecord) -> np.ndarray:
-        from datamodules.io import load_nifti
-
         data, _ = load_nifti(record.path)
         return _check_stack(
             np.ascontiguousarray(to_slices(np.asarray(data, np.float32), self.slice_axis)), str(record.path)
         )
 
     def open(self, record: VolumeRecord) -> np.ndarray:
-        import nibabel as nib
-
         data = np.asanyarray(nib.load(record.path, mmap=True).dataobj)
         if data.ndim == 4 and data.shape[-1] == 1:
             data = data[..., 0]
         return to_slices(data, self.slice_axis)
 
     def metadata(self, record: VolumeRecord) -> dict[str, Any]:
-        import nibabel as nib
-
         img = nib.load(record.path)
         return {
             "path": record.path,
@@ -205,16 +205,12 @@ class FastMRISource(VolumeSource):
         return self._records
 
     def _open_file(self, path: str):
-        import h5py
-
         try:
             return h5py.File(path, "r")
         except OSError:
             raise InputError(f"{path}: not a readable HDF5 file") from None
 
     def load(self, record: VolumeRecord) -> np.ndarray:
-        from degradations import ifft2c
-
         with self._open_file(record.path) as f:
             key = self.key
             if key == "auto":
@@ -250,8 +246,6 @@ class FastMRISource(VolumeSource):
 
 
 def _package_file(package: str, *parts: str) -> Path:
-    import importlib.util
-
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise InputError(f"the bundled data needs the package {package!r}: run `make setup`")
@@ -313,8 +307,6 @@ class BundledSource(VolumeSource):
     def load(self, record: VolumeRecord) -> np.ndarray:
         if record.volume_id not in self._cache:
             if record.volume_id in self.REAL_TEST:
-                from datamodules.io import load_nifti
-
                 data, _ = load_nifti(record.path)
             else:
                 data = self._pseudo_subject(record.volume_id)
@@ -324,8 +316,6 @@ class BundledSource(VolumeSource):
     def metadata(self, record: VolumeRecord) -> dict[str, Any]:
         if record.path is None:  # a pseudo-subject: no file
             return super().metadata(record)
-        import nibabel as nib
-
         img = nib.load(record.path)
         return {
             **super().metadata(record),
@@ -337,8 +327,6 @@ class BundledSource(VolumeSource):
 
     def _mni(self) -> np.ndarray:
         if self._template is None:
-            import nibabel as nib
-
             data = np.asarray(nib.load(_package_file(*self.MNI)).dataobj, dtype=np.float32)
             nz = np.nonzero(data > 0)
             lo = [max(int(a.min()) - 4, 0) for a in nz]

@@ -11,21 +11,15 @@ paper's protocol: 167 train subjects, 10 test, no val).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from datamodules.errors import InputError
+from lfmri_utils.errors import InputError
+from lfmri_utils.seeding import stable_hash
 
 SPLITS = ("train", "val", "test")
-
-
-def stable_hash(*parts: object) -> int:
-    """A 63-bit integer from the parts' string forms, identical on every machine and run (sha256)."""
-    text = "\x1f".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little") & (2**63 - 1)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.errors import InputError
+from lfmri_utils.errors import InputError
 
 NORMALISE_PERCENTILE = 99.5
 

@@ -19,8 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datamodules.io import atomic_path  # noqa: E402
 from lfmri.models import slim_checkpoint  # noqa: E402
+from lfmri_utils.files import atomic_path  # noqa: E402
 from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS  # noqa: E402
 
 
@@ -37,15 +37,16 @@ def last_validation(metrics_csv: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", help="last.ckpt of the configs/reference_small.yaml run")
+    p.add_argument("ckpt", help="last.ckpt of the configs/reference_small.yaml run (stacked on quickstart)")
     p.add_argument("--out", default=str(SHIPPED_CHECKPOINTS["reference-small"]))
     p.add_argument("--wall-s", type=float, required=True, help="the run's measured wall time (s)")
-    p.add_argument("--config", default="configs/reference_small.yaml")
+    p.add_argument("--config", default="configs/reference_small.yaml", help="the run config (on quickstart)")
     args = p.parse_args(argv)
     # the run's CSV logs: the nearest folder above the checkpoint that holds logs/version_*/metrics.csv
     runs = [d for d in Path(args.ckpt).resolve().parents if any(d.glob("logs/version_*/metrics.csv"))]
     metrics = sorted(runs[0].glob("logs/version_*/metrics.csv")) if runs else []
-    provenance = {"config": args.config, "command": f"OMP_NUM_THREADS=2 lfmri fit --config {args.config}",
+    command = f"OMP_NUM_THREADS=2 lfmri fit --config configs/quickstart.yaml --config {args.config}"
+    provenance = {"config": args.config, "command": command,
                   "wall_s": args.wall_s, "machine": "2-core CPU",
                   "val": last_validation(metrics[-1]) if metrics else {}}
     ckpt = slim_checkpoint(args.ckpt, provenance)

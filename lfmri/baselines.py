@@ -49,6 +49,7 @@ from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 from torch import Tensor
 
 from degradations import ForwardOperator, ifft2c
+from lightning_modules.inference import stack_noise_sigma, stack_segment_count
 
 #: a volume metric, `metric(pred [S,H,W], ref [S,H,W]) -> float` (higher is better for tuning)
 VolumeMetric = Callable[[np.ndarray, np.ndarray], float]
@@ -103,8 +104,6 @@ class Measurement:
         """
         if not y.is_complex() or y.dim() != 4 or y.shape[1] != 1:
             raise ValueError(f"y must be complex [S,1,H,W], got {tuple(y.shape)} {y.dtype}")
-        from lightning_modules.inference import stack_noise_sigma, stack_segment_count
-
         params = {k: v.detach().cpu() for k, v in params.items()}
         y = y.detach().cpu().to(torch.complex64)
         n_segments = stack_segment_count(params, y.shape[-1], b0_method, n_segments)
@@ -183,7 +182,7 @@ def _nlm_2d(image: np.ndarray, sigma: float, h_factor: float) -> np.ndarray:
 def _import_bm3d() -> Any:
     """The `bm3d` module, or ModuleNotFoundError with a one-line message naming the extra."""
     try:
-        import bm3d
+        import bm3d  # optional / heavy: imported on use (the `lfmri[bm3d]` extra)
     except ImportError as err:
         raise ModuleNotFoundError(BM3D_MISSING) from err
     return bm3d

@@ -2,7 +2,7 @@
 
 Our own subcommands are plain argparse programs in `lfmri.commands.<name>`; each module defines
 `register(subparsers)` (adding its parser with `set_defaults(func=run)`) and `run(args) -> int`.
-Bad user input raises `datamodules.errors.InputError` (a `ValueError`): it is printed as one line on stderr
+Bad user input raises `lfmri_utils.errors.InputError` (a `ValueError`): it is printed as one line on stderr
 and the exit code is 2, with no traceback. A `fit` stopped by SIGINT / SIGTERM saves a resumable checkpoint,
 prints one line naming it and exits with 128 + the signal number (130, 143).
 """
@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from datamodules.errors import InputError
+from lfmri_utils.errors import InputError
 
 #: our own subcommands, each implemented by the module `lfmri.commands.<name>`
 COMMANDS: tuple[str, ...] = ("degrade", "preview", "metrics", "export", "reconstruct", "evaluate")

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from datamodules.errors import InputError
+from jsonargparse import ArgumentParser
+from lightning.pytorch import LightningDataModule
+from omegaconf import OmegaConf
 
-if TYPE_CHECKING:
-    from lightning.pytorch import LightningDataModule
+import datamodules.datamodule  # noqa: F401  (registers LowFieldDataModule for class_path shorthand)
+from lfmri_utils.errors import InputError
 
 #: the data module a block without `class_path` configures
 DEFAULT_DATAMODULE = "datamodules.LowFieldDataModule"
@@ -31,8 +33,6 @@ def data_block(config: str | os.PathLike) -> dict[str, Any]:
 
     InputError (one line naming the file) for a missing or unreadable file, or a config without a data block.
     """
-    from omegaconf import OmegaConf
-
     path = Path(config)
     if not path.is_file():
         raise InputError(f"--config {path}: no such file" + (" (it is a folder)" if path.is_dir() else ""))
@@ -67,11 +67,6 @@ def load_datamodule(config: str | os.PathLike, **init_overrides: Any) -> Lightni
     `init_overrides` replace init_args (e.g. `eval_slices_per_volume`). Bad files, classes or arguments ->
     InputError naming the file.
     """
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch import LightningDataModule
-
-    import datamodules.datamodule  # noqa: F401  (registers LowFieldDataModule for class_path shorthand)
-
     block = data_block(config)
     block["init_args"].update(init_overrides)
     parser = ArgumentParser(exit_on_error=False)

@@ -22,20 +22,20 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from datamodules.errors import InputError
+from degradations import LowFieldDegradation, make_regime
 from lfmri.baselines import BASELINES, Measurement, TuningResult, tune_baselines
 from lfmri.results import LFMRI, EvaluationResult, ResultRow, SliceRow
-
-if TYPE_CHECKING:
-    from degradations import LowFieldDegradation
-    from lightning_modules.module import ScoreModel
-    from lightning_modules.samplers import Sampler
+from lfmri_utils.errors import InputError
+from lightning_modules.inference import Reconstructor
+from lightning_modules.metrics import nmse_volume, psnr_volume, slice_metrics, ssim_volume
+from lightning_modules.module import ScoreModel
+from lightning_modules.sampling.samplers import Sampler
 
 
 def _magnitude(x: torch.Tensor) -> np.ndarray:
@@ -61,14 +61,10 @@ def run_baseline(name: str, m: Measurement, params: Mapping[str, float] | None =
 
 
 def _volume_metrics(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
-    from lightning_modules.metrics import nmse_volume, psnr_volume, ssim_volume
-
     return ssim_volume(pred, ref), psnr_volume(pred, ref), nmse_volume(pred, ref)
 
 
 def _tuning_metric(pred: np.ndarray, ref: np.ndarray) -> float:
-    from lightning_modules.metrics import ssim_volume
-
     return ssim_volume(pred, ref)
 
 
@@ -86,8 +82,6 @@ def tune_on_validation(datamodule: Any, regimes: Sequence[str], names: Sequence[
                        device: torch.device | str = "cpu") -> dict[str, dict[str, TuningResult]]:
     """Tune the named baselines once per regime on the data module's VALIDATION volumes (never test);
     `device`: where the torch baselines (`tv_model`) compute."""
-    from degradations import make_regime
-
     names = [n for n in names if BASELINES[n].grid]
     if not names:
         return {}
@@ -119,15 +113,10 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
     `lfmri_pc` -> sampler) are scored on the same slices with the same seeds. The figure shows the middle
     slice of the first test subject per regime.
     """
-    from degradations import make_regime
-    from lightning_modules.inference import Reconstructor
-
     device = torch.device(device)
     overrides = _regime_overrides(datamodule)
     score_fn = model.score_fn()  # one frozen copy of the EMA network for the whole protocol
     tuning = tune_on_validation(datamodule, regimes, baselines, device)
-    from lightning_modules.metrics import slice_metrics
-
     ours = {LFMRI: sampler, **(other_samplers or {})}
     rows: list[ResultRow] = []
     slice_rows: list[SliceRow] = []
@@ -146,7 +135,7 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
             for method, method_sampler in ours.items():
                 reconstruct = Reconstructor.for_degradation(
                     score_fn, method_sampler, degradation, batch_size, device,
-                    progress=f"{vol.subject} {regime} {method}")
+                    progress=f"{vol.subject} {regime} {method}", data_scale=model.data_scale)
                 start = time.perf_counter()
                 result = reconstruct(vol.degraded, vol.y, vol.params, vol.slices.tolist(), seed, samples)
                 seconds[method] = (time.perf_counter() - start) / max(len(m), 1)

@@ -20,19 +20,24 @@ import torch
 import yaml
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from datamodules.io import atomic_path
+import datamodules.datamodule  # noqa: F401  (defines the classes, so `--data LowFieldDataModule` works)
+import lightning_modules.module  # noqa: F401  (likewise `--model ScoreModel`)
+from lfmri.models import read_lightning_checkpoint
+from lfmri_utils.errors import InputError
+from lfmri_utils.files import atomic_path
+from lightning_modules.callbacks import InterruptCheckpoint
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Saves a checkpoint to a temporary file in its own directory, fsyncs it, then `os.replace`s it
-    (`datamodules.io.atomic_path`): a crash leaves the previous file or the new one, never a truncated one. A
-    `last.ckpt` that is a symbolic link (`ModelCheckpoint(save_last="link")`) is replaced, not written
-    through, so the checkpoint it points at is kept.
+    (`lfmri_utils.files.atomic_path`): a crash leaves the previous file or the new one, never a truncated
+    one. A `last.ckpt` that is a symbolic link (`ModelCheckpoint(save_last="link")`) is replaced, not
+    written through, so the checkpoint it points at is kept.
 
     Lightning's own save stages the bytes in `$TMPDIR` (fsspec transaction) and `shutil.move`s them, which
     is a plain, interruptible copy when `$TMPDIR` is another file system than the checkpoint directory
@@ -74,8 +79,6 @@ class LfmriCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         missing = missing_values(config)
         if missing:
-            from datamodules.errors import InputError
-
             raise InputError(f"the config leaves {', '.join(missing)} to the command line (???): give "
                              + " ".join(f"--{k}=..." for k in missing))
 
@@ -111,10 +114,6 @@ class LfmriCLI(LightningCLI):
             # `--trainer.logger=false` with the configs' monitor: Lightning would refuse to start the run
             rank_zero_warn("LearningRateMonitor dropped: the run has no logger (trainer.logger is false)")
             trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, LearningRateMonitor)]
-        from lightning.pytorch.callbacks import Checkpoint
-
-        from lightning_modules.callbacks import InterruptCheckpoint
-
         if not any(isinstance(cb, InterruptCheckpoint) for cb in trainer.callbacks):
             # SIGINT / SIGTERM during fit: save a resumable last.ckpt at the end of the step, then stop;
             # placed before the checkpoint callbacks so an interrupted step is saved once
@@ -133,9 +132,6 @@ def _check_ckpt_path(ckpt_path: Any) -> None:
         return
     if str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).lower().split(":")[0] == "registry":
         return
-    from datamodules.errors import InputError
-    from lfmri.models import read_lightning_checkpoint
-
     try:
         read_lightning_checkpoint(ckpt_path)
     except InputError as err:
@@ -144,8 +140,6 @@ def _check_ckpt_path(ckpt_path: Any) -> None:
 
 def _input_error_in(err: BaseException) -> Exception | None:
     """The InputError that caused `err` (itself, or along its `__cause__` / `__context__` chain), if any."""
-    from datamodules.errors import InputError
-
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
@@ -177,9 +171,6 @@ def _default_wandb_mode() -> None:
 def run_lightning_cli(args: ArgsType = None, run: bool = True) -> LfmriCLI:
     """Build (and by default run) the CLI; `args` as `sys.argv[1:]`."""
     _default_wandb_mode()
-    import datamodules.datamodule  # noqa: F401  (defines the classes, so `--data LowFieldDataModule` works)
-    import lightning_modules.module  # noqa: F401  (likewise `--model ScoreModel`)
-
     return LfmriCLI(
         LightningModule,
         LightningDataModule,

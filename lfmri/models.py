@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from datamodules.errors import InputError
-from lightning_modules.checkpoint import resolve_checkpoint
-
-if TYPE_CHECKING:
-    from lightning_modules.module import ScoreModel
+from lfmri_utils.errors import InputError
+from lightning_modules.checkpoint import load_torch_file, resolve_checkpoint
+from lightning_modules.module import ScoreModel
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,8 +36,6 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
     Raises InputError (one line naming the file) for a missing file or anything that is not one of our
     checkpoints (e.g. a score_sde checkpoint, which is imported through `model.pretrained` instead).
     """
-    from lightning_modules.checkpoint import load_torch_file
-
     path = resolve_checkpoint(path)
     # weights_only: unpickling arbitrary objects would run a crafted file's code; one-line reasons naming the
     # file (missing, a folder, a text file, refused objects, damaged)
@@ -56,8 +52,6 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
 
 def score_model_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> ScoreModel:
     """A `ScoreModel` (CPU) with the weights and EMA of a checkpoint dict from `read_lightning_checkpoint`."""
-    from lightning_modules.module import ScoreModel
-
     accepted = inspect.signature(ScoreModel.__init__).parameters
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in accepted}
     try:

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.io import atomic_dir
 from degradations import regime_label
 from lfmri.baselines import BASELINES, TuningResult
+from lfmri_utils.files import atomic_dir
 
 #: the columns of results.csv, in order; nmse is a fraction (results.md shows it in %)
 CSV_COLUMNS = ("subject", "regime", "method", "ssim", "psnr", "nmse", "n_slices", "seconds_per_slice")
@@ -261,7 +261,7 @@ def write_figure(panels: Mapping[str, Mapping[str, np.ndarray]], path: str | os.
     Magnitudes share one grey scale per regime (0 to the reference's max); the error maps share one scale per
     regime (0 to the 99.5th percentile of lfmri's error, or of the first method's without lfmri).
     """
-    from lightning_modules.figures import Panel, image_grid
+    from lightning_modules.figures import Panel, image_grid  # optional / heavy: imported on use (matplotlib)
 
     regimes = list(panels)
     columns = list(panels[regimes[0]]) if regimes else []
@@ -286,7 +286,7 @@ def write_figure(panels: Mapping[str, Mapping[str, np.ndarray]], path: str | os.
 
 def write_files_atomically(out_dir: str | os.PathLike, writers: Mapping[str, Callable[[Path], None]]) -> None:
     """Call every `writer(path)` into a temporary folder beside `out_dir`, then give the files to `out_dir`
-    all at once (`datamodules.io.atomic_dir`, which states the guarantee precisely).
+    all at once (`lfmri_utils.files.atomic_dir`, which states the guarantee precisely).
 
     If any writer fails, `out_dir` is left as it was (not created when it did not exist). A new `out_dir`, or
     an existing folder of files (e.g. a previous run's results), gets the new set in one swap of folders:

@@ -1,5 +1,12 @@
-"""The score network (score_sde's DDPM U-Net), the VP-SDE, losses, samplers, metrics, checkpoint import and
-export, the LightningModule and its callbacks.
+"""The score networks, the SDEs and samplers, losses, metrics, checkpoint import and export, the
+LightningModule and its callbacks.
+
+- `networks/`: the score networks (`networks.ddpm.DDPM`, score_sde's DDPM U-Net; NCSN++, ADM) and the
+  pretrained checkpoint families.
+- `sampling/`: plain-torch sampling code: the SDEs (`sampling.sde`), data consistency
+  (`sampling.data_consistency`) and the reverse-diffusion samplers with their registry (`sampling.samplers`).
+- `module` (the LightningModule `ScoreModel`), `losses`, `ema`, `metrics`, `figures`, `inference`
+  (`Reconstructor`), `checkpoint` (score_sde import / export) and `callbacks`.
 
 Exports are loaded lazily (PEP 562): `import lightning_modules` stays cheap until a name is used.
 """
@@ -10,9 +17,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DDPM": "lightning_modules.ddpm",
-    "VPSDE": "lightning_modules.sde",
-    "get_score_fn": "lightning_modules.sde",
+    "DDPM": "lightning_modules.networks.ddpm",
+    "VPSDE": "lightning_modules.sampling.sde",
+    "get_score_fn": "lightning_modules.sampling.sde",
     "EMA": "lightning_modules.ema",
     "dsm_loss": "lightning_modules.losses",
     "supervised_loss": "lightning_modules.losses",
@@ -22,14 +29,14 @@ _EXPORTS = {
     "load_pretrained": "lightning_modules.networks.families",
     "Pretrained": "lightning_modules.networks.families",
     "FAMILIES": "lightning_modules.networks.families",
-    "VESDE": "lightning_modules.sde",
-    "DiscreteVPSDE": "lightning_modules.sde",
+    "VESDE": "lightning_modules.sampling.sde",
+    "DiscreteVPSDE": "lightning_modules.sampling.sde",
     "ScoreModel": "lightning_modules.module",
-    "build_sampler": "lightning_modules.samplers",
-    "GradientDC": "lightning_modules.data_consistency",
-    "ProximalDC": "lightning_modules.data_consistency",
+    "build_sampler": "lightning_modules.sampling.samplers",
+    "GradientDC": "lightning_modules.sampling.data_consistency",
+    "ProximalDC": "lightning_modules.sampling.data_consistency",
     "Reconstructor": "lightning_modules.inference",
-    "SAMPLERS": "lightning_modules.samplers",
+    "SAMPLERS": "lightning_modules.sampling.samplers",
     "FiniteLossGuard": "lightning_modules.callbacks",
     "InterruptCheckpoint": "lightning_modules.callbacks",
     "TrainingInterrupted": "lightning_modules.callbacks",

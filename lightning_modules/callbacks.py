@@ -7,21 +7,26 @@ import math
 import os
 import signal
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torch.utils.data import default_collate
 
+from datamodules.io import save_nifti_atomic
+from datamodules.transforms import from_slices
 from degradations import REGIMES
+from lightning_modules.inference import Reconstructor
 from lightning_modules.metrics import nmse_volume, psnr_volume, ssim_volume
-from lightning_modules.samplers import build_sampler, magnitude
+from lightning_modules.sampling.samplers import build_sampler, magnitude
 
 
 class NonFiniteLossError(RuntimeError):
@@ -132,8 +137,6 @@ class InterruptCheckpoint(Callback):
     @staticmethod
     def _save(trainer: Trainer) -> tuple[str, str]:
         """Write the checkpoint; returns (its path, what to pass to --ckpt_path to resume from it)."""
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
         callback = trainer.checkpoint_callback
         if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
             path = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
@@ -247,8 +250,6 @@ class SamplerCallback(Callback):
     # ------------------------------------------------------------------------------------------------
     def run(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Reconstruct the subset (this rank's batches), gather, log; returns the metrics (all ranks)."""
-        from lightning_modules.inference import Reconstructor
-
         dataset = _val_dataset(trainer)
         subset = validation_subset([item[-1] for item in dataset.items], self.regimes, self.n_slices)
         regimes = list(subset)
@@ -265,7 +266,7 @@ class SamplerCallback(Callback):
         for regime, idx in batches[trainer.global_rank::trainer.world_size]:
             batch = default_collate([dataset[i] for i in idx])
             reconstruct = Reconstructor.for_degradation(score_fn, sampler, dataset.degradations[regime],
-                                                        len(idx), device)
+                                                        len(idx), device, data_scale=pl_module.data_scale)
             recon = reconstruct(batch["degraded"], batch["y"], batch["params"], batch["slice"].tolist(),
                                 seed=self.seed).mean.to(device)
             ref = magnitude(batch["clean"].to(device))
@@ -337,13 +338,6 @@ class NiftiPredictionWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any],
                            batch_indices: Sequence[Any]) -> None:
-        import warnings
-
-        import nibabel as nib
-
-        from datamodules.io import save_nifti_atomic
-        from datamodules.transforms import from_slices
-
         dataset = getattr(trainer.datamodule, "predict_dataset", None)
         if dataset is None or not hasattr(dataset, "volumes"):
             raise TypeError("NiftiPredictionWriter needs LowFieldDataModule's predict_dataset")
@@ -413,6 +407,7 @@ def render_grid(regimes: Sequence[str], panels: np.ndarray) -> np.ndarray:
 
     The three magnitude images of a row share one grey scale (0 to the reference's max); |error| has its own.
     """
+    # optional / heavy: imported on use (matplotlib, also via lightning_modules.figures)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from lightning_modules.figures import Panel, image_grid
@@ -432,7 +427,7 @@ def render_grid(regimes: Sequence[str], panels: np.ndarray) -> np.ndarray:
 
 def _save_png(path: Path, image: np.ndarray) -> None:
     """Write an RGB uint8 [H, W, 3] image as PNG."""
-    import matplotlib.image
+    import matplotlib.image  # optional / heavy: imported on use
 
     matplotlib.image.imsave(path, image)
 

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from datamodules.errors import InputError
-from datamodules.io import atomic_path, check_input_file
-from lightning_modules.ddpm import DDPM
-from lightning_modules.sde import VPSDE
+from lfmri_utils.errors import InputError
+from lfmri_utils.files import atomic_path, check_input_file
+from lightning_modules.networks.ddpm import DDPM
+from lightning_modules.networks.families import detect_family, parse_checkpoint, with_ema
+from lightning_modules.sampling.sde import VPSDE
 
 _PREFIX = "module."
 #: score_sde config fields -> DDPM argument; fields in _REQUIRED must be present
@@ -167,27 +168,22 @@ def ddpm_kwargs_from_config(config: Mapping | str | os.PathLike) -> dict:
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
-    """(model state dict without the DataParallel prefix, ema state or None) of a score_sde checkpoint, or
-    of an lfmri `ScoreModel` Lightning checkpoint (its `net.*` weights and EMA state, same layouts)."""
+    """(model state dict without the DataParallel prefix, ema state or None) of a score_sde DDPM checkpoint
+    (`families.parse_checkpoint`), or of an lfmri `ScoreModel` Lightning checkpoint (its `net.*` weights and
+    EMA state, same layouts). Another family's network (NCSN++, ADM) is refused, naming the family option."""
     obj = load_torch_file(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: not a score_sde checkpoint (a {type(obj).__name__}, expected a dict)")
-    if "state_dict" in obj and "pytorch-lightning_version" in obj:
+    if isinstance(obj, dict) and "state_dict" in obj and "pytorch-lightning_version" in obj:
         net = {k[len("net."):]: v for k, v in obj["state_dict"].items() if k.startswith("net.")}
         if not net:
             raise CheckpointError(f"{path}: a Lightning checkpoint without a ScoreModel network ('net.*' "
                                   "weights)")
         return net, obj.get("ema")
-    if isinstance(obj.get("model"), dict):
-        model, ema = obj["model"], obj.get("ema")
-    elif obj and all(isinstance(v, Tensor) for v in obj.values()) and any("all_modules" in k for k in obj):
-        model, ema = obj, None
-    else:
-        raise CheckpointError(f"{path}: not a score_sde checkpoint (expected keys 'model' and 'ema', found "
-                              f"{sorted(map(str, obj))[:6]})")
-    if model and all(k.startswith(_PREFIX) for k in model):
-        model = {k[len(_PREFIX):]: v for k, v in model.items()}
-    return model, ema
+    file = parse_checkpoint(obj, Path(path), CheckpointError)
+    if file.architecture != "ddpm":
+        family = detect_family(file, None).name
+        raise CheckpointError(f"{path}: not score_sde's DDPM but {family}'s network; set "
+                              f"pretrained_family={family} (with pretrained_config, its config)")
+    return file.model, file.ema
 
 
 def _check_fit(path: str | os.PathLike, expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> None:
@@ -204,26 +200,6 @@ def _check_fit(path: str | os.PathLike, expected: Mapping[str, Tensor], found: M
         if tuple(found[k].shape) != tuple(v.shape):
             raise CheckpointError(f"{head}: '{_PREFIX}{k}' has shape {tuple(found[k].shape)} in the "
                                   f"checkpoint, {tuple(v.shape)} in the network")
-
-
-def _with_ema(path: str | os.PathLike, net: nn.Module, state: dict[str, Tensor], ema: dict | None,
-              ) -> dict[str, Tensor]:
-    """`state` (net's layout) with the EMA shadow parameters in place of the parameters."""
-    if not isinstance(ema, dict) or "shadow_params" not in ema:
-        raise CheckpointError(f"{path}: no EMA weights in the checkpoint; use weights='model'")
-    names = [n for n, _ in net.named_parameters()]
-    shadows = list(ema["shadow_params"])
-    if len(shadows) != len(names):
-        raise CheckpointError(f"{path}: EMA has {len(shadows)} shadow parameters, the network "
-                              f"{len(names)} parameters")
-    state = dict(state)
-    for i, (name, s) in enumerate(zip(names, shadows, strict=True)):
-        if tuple(s.shape) != tuple(state[name].shape):
-            raise CheckpointError(f"{path}: EMA shadow parameter {i} ('{_PREFIX}{name}') has shape "
-                                  f"{tuple(s.shape)} in the checkpoint, {tuple(state[name].shape)} in the "
-                                  "network")
-        state[name] = s
-    return state
 
 
 def _adapted(state: dict[str, Tensor], net: DDPM, channels: int) -> dict[str, Tensor]:
@@ -269,7 +245,7 @@ def load_score_sde_checkpoint(path: str | os.PathLike, model_config: Mapping | s
     _check_fit(path, expected, model_state)
     state = {k: model_state[k] for k in expected}
     if weights == "ema":
-        state = _with_ema(path, net, state, ema)
+        state = with_ema(state, net, ema, path, CheckpointError)
     if adapt_channels is not None and adapt_channels != net.num_channels:
         state = _adapted(state, net, adapt_channels)
         with torch.device("meta"):

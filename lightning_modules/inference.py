@@ -17,6 +17,11 @@ slices of one matrix size it
    `ScoreModel.score_fn`);
 4. returns the per-pixel mean and std of the K magnitude images.
 
+A prior trained on another data range (a checkpoint family's normalisation, `ScoreModel.data_scale`) gets
+each slice multiplied by its factor c (`data_scale(y, noise_sigma)`, [S]) before sampling: x_init, y and the
+noise std are scaled by c (A is linear and its parameters unitless), and the mean and std are divided by c,
+so the output stays in the slices' units.
+
 Randomness: every slice has its own generator, seeded by (seed, its slice index in the volume's stack), so a
 slice's reconstruction depends on the seed and the slice only, not on the batch size or on which other slices
 share its batch (up to floating-point summation order; the PC corrector's step size uses batch-averaged norms,
@@ -33,15 +38,17 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from datamodules.errors import InputError
-from datamodules.splits import stable_hash
 from degradations import ForwardOperator, LowFieldDegradation, estimate_noise_sigma
 from degradations.b0 import segment_count
-from lightning_modules.samplers import Sampler
+from lfmri_utils.errors import InputError
+from lfmri_utils.seeding import stable_hash
+from lightning_modules.sampling.samplers import Sampler
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
+#: `data_scale(y complex [S,1,H,W], noise_sigma [S]) -> c [S]`: the factor from the slices' units to a prior's
+DataScale = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["Reconstruction", "Reconstructor", "slice_generators"]
+__all__ = ["DataScale", "Reconstruction", "Reconstructor", "slice_generators"]
 
 
 @dataclass
@@ -116,27 +123,31 @@ class Reconstructor:
         device: where the sampler runs; inputs may be anywhere, outputs come back on the CPU.
         b0_method, n_segments: how A evaluates off-resonance (`degradations.b0`); the regime's settings.
         progress: a label for a progress bar on stderr (None: no bar).
+        data_scale: the prior's per-slice data normalisation (`ScoreModel.data_scale`; None: the slices'
+            units are the prior's); see the module docstring.
     """
 
     def __init__(self, score_fn: ScoreFn, sampler: Sampler, batch_size: int = 8,
                  device: torch.device | str = "cpu", b0_method: str = "segmented",
-                 n_segments: int | None = None, progress: str | None = None) -> None:
+                 n_segments: int | None = None, progress: str | None = None,
+                 data_scale: DataScale | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.score_fn, self.sampler, self.batch_size = score_fn, sampler, int(batch_size)
         self.device = torch.device(device)
         self.b0_method, self.n_segments, self.progress = b0_method, n_segments, progress
+        self.data_scale = data_scale
 
     @classmethod
     def for_degradation(cls, score_fn: ScoreFn, sampler: Sampler, degradation: LowFieldDegradation,
                         batch_size: int = 8, device: torch.device | str = "cpu",
-                        progress: str | None = None) -> Reconstructor:
+                        progress: str | None = None, data_scale: DataScale | None = None) -> Reconstructor:
         """A Reconstructor whose A evaluates B0 as the regime `degradation` simulates it (its method and
         number of segments; the defaults when the regime has no B0)."""
         b0 = degradation.b0
         if b0 is None:
-            return cls(score_fn, sampler, batch_size, device, progress=progress)
-        return cls(score_fn, sampler, batch_size, device, b0.method, b0.n_segments, progress)
+            return cls(score_fn, sampler, batch_size, device, progress=progress, data_scale=data_scale)
+        return cls(score_fn, sampler, batch_size, device, b0.method, b0.n_segments, progress, data_scale)
 
     def operator(self, params: Mapping[str, Tensor]) -> ForwardOperator:
         """The forward operator A of a batch of realised parameters (the one place inference builds A)."""
@@ -172,6 +183,10 @@ class Reconstructor:
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         sigma, estimated = self.noise_sigma(y, params, noise_sigma)
+        scale = torch.ones(n) if self.data_scale is None else \
+            self.data_scale(y.to(self.device, torch.complex64), sigma.to(self.device)).float().cpu()
+        if scale.shape != (n,) or not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+            raise ValueError(f"data_scale must give {n} finite factors > 0, got {scale.tolist()}")
         n_segments = stack_segment_count(params, y.shape[-1], self.b0_method, self.n_segments)
         means, stds, nfe = [], [], 0
         bar = tqdm(total=n, desc=self.progress, unit="slice", file=sys.stderr, leave=False,
@@ -182,12 +197,13 @@ class Reconstructor:
                 p = {k: v[sl].to(self.device) for k, v in params.items()}
                 generators = slice_generators(seed, [int(s) for s in slice_ids[sl]], self.device)
                 A = ForwardOperator.from_params(p, self.b0_method, n_segments)
+                c = scale[sl].to(self.device)
                 mean, std = self.sampler.posterior(
-                    self.score_fn, x_init[sl].to(self.device, torch.float32), A,
-                    y[sl].to(self.device, torch.complex64), samples, generators,
-                    noise_sigma=sigma[sl].to(self.device))
+                    self.score_fn, x_init[sl].to(self.device, torch.float32) * c[:, None, None, None], A,
+                    y[sl].to(self.device, torch.complex64) * c[:, None, None, None], samples, generators,
+                    noise_sigma=sigma[sl].to(self.device) * c)
                 nfe = self.sampler.last_nfe
-                means.append(mean.float().cpu())
-                stds.append(std.float().cpu())
+                means.append((mean.float() / c[:, None, None, None]).cpu())
+                stds.append((std.float() / c[:, None, None, None]).cpu())
                 bar.update(sl.stop - sl.start)
         return Reconstruction(torch.cat(means), torch.cat(stds), sigma, estimated, nfe)

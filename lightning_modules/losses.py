@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.sde import SDE, DiscreteVPSDE, ScoreFn, get_score_fn
+from lightning_modules.sampling.sde import SDE, DiscreteVPSDE, ScoreFn, get_score_fn
 
 DSM_EPS = 1e-5
 

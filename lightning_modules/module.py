@@ -20,6 +20,12 @@ Batches are dicts with `clean` and `degraded` float [B, 2, H, W] (see datamodule
   `load_from_checkpoint` and resuming with `ckpt_path` never re-read the clinical file. A family's network is
   built in `__init__` from its config alone, which is then kept in the hyperparameters
   (`pretrained_config`), so a Lightning checkpoint of such a model rebuilds without the original files.
+  Without `pretrained_family` the family is detected from the checkpoint's config (`pretrained_config`, else
+  `config.json` beside the file) where it names one other than score_sde (HFS-SDE's data.normalize_* fields,
+  an NCSN++ or a guided-diffusion config; `networks.families.config_family`).
+- A family trained on another data range (`Family.data_scale`; HFS-SDE: k-space / (1.5 x its std)) sees
+  each slice multiplied by its factor (`data_scale`): the training batch (from the clean slice's k-space)
+  and, through `inference.Reconstructor`, every reconstruction (from the measured k-space).
 """
 
 from __future__ import annotations
@@ -31,17 +37,28 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from datamodules.errors import InputError
-from datamodules.options import Rule, check_options, number, ordered_range, sequence
-from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpoint
-from lightning_modules.ddpm import DDPM
+from degradations import channels_to_complex, fft2c
+from lfmri_utils.errors import InputError
+from lfmri_utils.options import Rule, check_options, number, ordered_range, sequence
+from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpoint, resolve_checkpoint
 from lightning_modules.ema import EMA
+from lightning_modules.inference import DataScale, Reconstructor
 from lightning_modules.losses import dsm_loss, supervised_loss
-from lightning_modules.networks.families import FAMILIES, Pretrained, check_family_config, family_prior
+from lightning_modules.networks.ddpm import DDPM
+from lightning_modules.networks.families import (
+    FAMILIES,
+    Pretrained,
+    check_family_config,
+    config_family,
+    family_prior,
+    read_config,
+)
 from lightning_modules.networks.families import load_pretrained as load_family_checkpoint
-from lightning_modules.sde import VPSDE, ScoreFn, get_score_fn
+from lightning_modules.sampling.samplers import build_sampler
+from lightning_modules.sampling.sde import VPSDE, ScoreFn, get_score_fn
 
 #: ScoreModel arguments that configure the network (the DDPM constructor's)
 NET_ARGS = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv",
@@ -137,6 +154,8 @@ class ScoreModel(LightningModule):
         self.save_hyperparameters()
         hp = self.hparams
         check_options(hp, self.OPTION_RULES)  # before anything is built
+        if pretrained_family is None and pretrained is not None:
+            pretrained_family = self._detect_family()
         if pretrained_family is None:  # the flat network arguments are used
             channels = [hp.nf * m for m in hp.ch_mult]
             if any(c % hp.num_groups for c in [hp.nf, *channels]):
@@ -166,6 +185,27 @@ class ScoreModel(LightningModule):
         self._ema_swap: ExitStack | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
+    def _detect_family(self) -> str | None:
+        """The family of `pretrained` when its config (`pretrained_config`, else `config.json` beside the
+        file) says it unambiguously and it is not score_sde's (whose DDPM the flat arguments describe);
+        recorded in the hyper-parameters, so the checkpoint rebuilds without detecting again. None
+        otherwise."""
+        hp = self.hparams
+        config = hp.pretrained_config
+        if config is None:
+            beside = resolve_checkpoint(hp.pretrained).with_name("config.json")
+            if not beside.is_file():
+                return None
+            config = str(beside)
+        family = config_family(read_config(config))
+        if family is None or family.name == "score_sde":
+            return None
+        where = "pretrained_config" if hp.pretrained_config is not None else str(config)
+        rank_zero_info(f"{where} is a {family.name} checkpoint config ({family.summary}): using "
+                       f"pretrained_family={family.name}")
+        hp.pretrained_family = family.name
+        return family.name
+
     def _family_config(self) -> str | dict[str, Any]:
         """The family config to build from: `pretrained_config`, else `config.json` beside `pretrained`
         (InputError, one line, when neither is there)."""
@@ -284,11 +324,24 @@ class ScoreModel(LightningModule):
         unpadded network where H and W are multiples)."""
         return self._score_of(self.frozen_net(use_ema))
 
+    @property
+    def data_scale(self) -> DataScale | None:
+        """The family's per-slice data normalisation (`Pretrained.data_scale`: `(kspace, noise_sigma) -> [B]`,
+        the factor from lfmri's units to the prior's); None where lfmri's units are the prior's (score_sde's
+        DDPM, and the families whose `data_scale` is 'none'). The `inference.Reconstructor` and the losses
+        apply it."""
+        if self.prior is None or self.prior.family.data_scale == "none":
+            return None
+        return self.prior.data_scale
+
     # ------------------------------------------------------------------------------------------ losses
     def _losses(self, batch: dict[str, Any], generator: torch.Generator | None, compute_all: bool,
                 ) -> dict[str, Tensor]:
         hp = self.hparams
         score_fn = None if self.prior is None else self.prior.score  # None: score_sde's DDPM convention
+        if self.data_scale is not None:  # in the prior's data range, from each clean slice's k-space
+            c = self.data_scale(fft2c(channels_to_complex(batch["clean"])))[:, None, None, None]
+            batch = {**batch, "clean": batch["clean"] * c, "degraded": batch["degraded"] * c}
         out: dict[str, Tensor] = {}
         if compute_all or hp.dsm_weight > 0:
             out["dsm"] = dsm_loss(self.net, self.sde, batch["clean"],
@@ -335,16 +388,13 @@ class ScoreModel(LightningModule):
         `noise_sigma` [B] (normalised units), with `subject`, `slice` and `scale` passed through;
         `callbacks.NiftiPredictionWriter` writes them as NIfTI volumes.
         """
-        from lightning_modules.inference import Reconstructor
-        from lightning_modules.samplers import build_sampler
-
         hp = self.hparams
         sampler = build_sampler(hp.predict_sampler, steps=hp.predict_steps, t0=hp.predict_t0,
                                 dc=hp.predict_dc, dc_weight=hp.predict_dc_weight,
                                 dc_lambda=hp.predict_dc_lambda, dc_floor=hp.predict_dc_floor,
                                 sde=self.sde)
         n = batch["degraded"].shape[0]
-        result = Reconstructor(self.score_fn(), sampler, n, self.device)(
+        result = Reconstructor(self.score_fn(), sampler, n, self.device, data_scale=self.data_scale)(
             batch["degraded"], batch["y"], batch["params"], batch["slice"].tolist(), seed=hp.val_seed,
             noise_sigma=torch.full((n,), float("nan")))
         return {"reconstruction": result.mean, "std": result.std, "noise_sigma": result.noise_sigma,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -18,10 +19,6 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
-
-
-TINY_MODEL = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=32, num_groups=4,
-                  dropout=0.0, warmup_steps=1)
 
 
 def _save_score_model(path: Path, model=None) -> Path:
@@ -47,6 +44,13 @@ def _save_score_model(path: Path, model=None) -> Path:
 def save_score_model():
     """`save_score_model(path, model=None) -> path`: see `_save_score_model`."""
     return _save_score_model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny ScoreModel checkpoint (`TINY_MODEL`, untrained) for the whole session: read it, never change
+    it (copy it first)."""
+    return _save_score_model(tmp_path_factory.mktemp("tiny_checkpoint") / "tiny.ckpt")
 
 
 @pytest.fixture()

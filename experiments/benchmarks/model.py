@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.ddpm import DDPM
 from lightning_modules.losses import dsm_loss
-from lightning_modules.sde import VPSDE
+from lightning_modules.networks.ddpm import DDPM
+from lightning_modules.sampling.sde import VPSDE
 
 NET_34M = dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), image_size=256)
 

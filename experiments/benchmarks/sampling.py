@@ -43,8 +43,8 @@ import torch
 from degradations import REGIMES, complex_to_channels, fft2c
 from lightning_modules.inference import Reconstructor
 from lightning_modules.metrics import psnr_volume, ssim_volume
-from lightning_modules.samplers import SAMPLERS, Sampler, build_sampler, magnitude
-from lightning_modules.sde import SDE, VPSDE, ScoreFn, get_score_fn
+from lightning_modules.sampling.samplers import SAMPLERS, Sampler, build_sampler, magnitude
+from lightning_modules.sampling.sde import SDE, VPSDE, ScoreFn, get_score_fn
 
 FULL_34M = dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
 #: `--tune`'s coordinate search: dc_lambda at the registry's t0 and 10 steps, then t0 x steps at the best
@@ -92,8 +92,12 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ScoreFn,
         from lfmri.models import load_score_model
 
         model = load_score_model(args.ckpt, device)
+        if model.data_scale is not None:
+            raise SystemExit(f"{args.ckpt}: a {model.prior.family.name} prior rescales each slice to its "
+                             "data range; this benchmark runs priors in lfmri's units only (use lfmri "
+                             "evaluate)")
         return model.score_fn(), model.sde, model.train_size, f"checkpoint {args.ckpt}"
-    from lightning_modules.ddpm import DDPM
+    from lightning_modules.networks.ddpm import DDPM
 
     torch.manual_seed(args.seed)
     net = DDPM(image_size=args.size, num_channels=2, **FULL_34M)
@@ -113,8 +117,10 @@ def _sync(device: torch.device) -> None:
 
 
 def reconstruct(sampler: Sampler, score_fn: ScoreFn, vol: Volume, device: torch.device, seed: int,
-                batch_size: int, resize_to: int | None = None) -> tuple[np.ndarray, float, int]:
-    """(magnitude [S,H,W], wall seconds, NFE per slice) of one volume; `resize_to`: the former path."""
+                batch_size: int, resize_to: int | None = None,
+                samples: int = 1) -> tuple[np.ndarray, float, int]:
+    """(magnitude [S,H,W], wall seconds, NFE per slice) of one volume: the mean of `samples` posterior
+    samples; `resize_to`: the former path."""
     x_init, y, params = vol.degraded, vol.y, vol.params
     if resize_to is not None:
         from datamodules.transforms import fit_to_square
@@ -131,7 +137,7 @@ def reconstruct(sampler: Sampler, score_fn: ScoreFn, vol: Volume, device: torch.
     rec = Reconstructor(score_fn, sampler, batch_size, device, b0_method=vol.b0_method)
     _sync(device)
     start = time.perf_counter()
-    out = rec(x_init, y, params, vol.slices, seed=seed)
+    out = rec(x_init, y, params, vol.slices, seed=seed, samples=samples)
     _sync(device)
     wall = time.perf_counter() - start
     mean = out.mean[:, 0]
@@ -148,13 +154,14 @@ def score(pred: np.ndarray, vol: Volume) -> tuple[float, float]:
 
 
 def evaluate_config(label: str, sampler: Sampler, score_fn: ScoreFn, volumes: list[Volume],
-                    device: torch.device, args: argparse.Namespace, resize_to: int | None = None) -> dict:
+                    device: torch.device, args: argparse.Namespace, resize_to: int | None = None,
+                    samples: int = 1) -> dict:
     """Mean SSIM / PSNR over the volumes of each regime (and overall), NFE per slice, total wall time."""
     per_regime: dict[str, list[tuple[float, float]]] = {}
     wall, nfe = 0.0, 0
     for vol in volumes:
         pred, seconds, nfe = reconstruct(sampler, score_fn, vol, device, args.seed, args.batch_size,
-                                         resize_to)
+                                         resize_to, samples)
         wall += seconds
         per_regime.setdefault(vol.regime, []).append(score(pred, vol))
     row = {"config": label, "nfe": nfe, "wall_s": wall, **sampler.settings()}
@@ -212,6 +219,8 @@ def main() -> None:
     p.add_argument("--floors", default=None,
                    help="--defaults-only: comma-separated dc_floor values, one row each "
                         "(default: the registry's)")
+    p.add_argument("--samples", default="1",
+                   help="--defaults-only: comma-separated K, the posterior mean of K samples per slice")
     p.add_argument("--size", type=int, default=256, help="image size for --random-34m")
     p.add_argument("--timing-only", action="store_true", help="--random-34m: time the default sampler only")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast around the network")
@@ -260,10 +269,11 @@ def main() -> None:
         print_table([rows[0]] + sorted(rows[1:], key=lambda r: -r["ssim"]), regimes, None)
     elif args.defaults_only:
         floors = [None] if args.floors is None else [float(f) for f in args.floors.split(",")]
-        for floor in floors:
+        for floor, k in itertools.product(floors, [int(k) for k in args.samples.split(",")]):
             sampler = build_sampler(dc_floor=floor, **common)
-            label = f"{sampler.name} (registry defaults{'' if floor is None else f', floor {floor:g}'})"
-            rows.append(evaluate_config(label, sampler, score_fn, volumes, device, args))
+            label = f"{sampler.name} (registry defaults{'' if floor is None else f', floor {floor:g}'}" \
+                f"{'' if k == 1 else f', mean of {k}'})"
+            rows.append(evaluate_config(label, sampler, score_fn, volumes, device, args, samples=k))
         if args.with_resize:
             rows.append(resize_row(train_size, score_fn, volumes, device, args, common))
         print_table(rows, regimes, None)

@@ -48,8 +48,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 FULL_CONFIG = REPO / "configs" / "finetune_mouse.yaml"
-#: the full-scale fits stack the 34.4M network block first (a run config holds only what it sets)
+#: a run config holds only what it sets, stacked on a base: the full-scale fits on the 34.4M network block,
+#: the small ones (--small) on the quickstart config (its 1.1M network, the reference prior's)
 NETWORK_34M = REPO / "configs" / "model" / "ddpm_34m.yaml"
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
 SMALL_FINETUNE = HERE / "small_finetune.yaml"
 #: what the protocol writes under OUT (only these are removed by --overwrite)
 OUTPUTS = ("clinical.pth", "clinical.json", "split.yaml", "finetune", "scratch",
@@ -81,8 +83,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="small-scale protocol (CPU, minutes)")
     p.add_argument("--out", default=None, help="output folder (default runs/paper or runs/paper_small)")
     p.add_argument("--overwrite", action="store_true", help="replace this protocol's outputs in --out")
-    p.add_argument("--config", default=None, help="fine-tune config (default: configs/finetune_mouse.yaml, "
-                                                  "or experiments/paper/small_finetune.yaml with --small)")
+    p.add_argument("--config", default=None,
+                   help="fine-tune config, stacked on configs/model/ddpm_34m.yaml (--small: on "
+                        "configs/quickstart.yaml); default: configs/finetune_mouse.yaml (--small: "
+                        "experiments/paper/small_finetune.yaml)")
     p.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=None,
                    help="also train from scratch for the same steps (default: on with --small)")
     p.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (default: the config's)")
@@ -308,8 +312,8 @@ def run_protocol(args: argparse.Namespace) -> Path:
         raise ProtocolError(f"--pretrained {pretrained}: no such checkpoint file")
 
     # 1.-2. fine-tune from the clinical weights (and the same model from scratch)
-    network = [] if args.small else ["--config", str(NETWORK_34M)]
-    fit = [*network, "--config", args.config, *data_overrides(args.data), *shared]
+    base = QUICKSTART if args.small else NETWORK_34M
+    fit = ["--config", str(base), "--config", args.config, *data_overrides(args.data), *shared]
     fit += [f"--trainer.max_epochs={args.epochs}"] if args.epochs else []
     fit += [f"--trainer.max_steps={args.finetune_steps}"] if args.finetune_steps else []
     split_file = args.split_file

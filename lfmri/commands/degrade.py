@@ -37,15 +37,19 @@ Outputs (each written to a temporary file, then renamed; nothing is created on e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
+from tqdm import tqdm
 
-from datamodules.errors import InputError
+from lfmri_utils.errors import InputError
+from lfmri_utils.files import atomic_path, check_output_file
 
 SNR_DB_LIMITS = (-10.0, 60.0)
 NOISE_LEVELS = ("volume", "slice")
@@ -91,7 +95,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.noise_level not in NOISE_LEVELS:
         raise InputError(f"--noise-level: unknown value {args.noise_level!r}; choose volume or slice")
-    from datamodules.io import NIFTI_SUFFIXES, check_output_file
+    from datamodules.io import NIFTI_SUFFIXES
 
     # the outputs (the NIfTI, its JSON, the k-space file), before any work: the shared checks
     output = check_output_file(args.output, "OUTPUT", NIFTI_SUFFIXES, (args.input,))
@@ -135,7 +139,6 @@ def degrade_volume(data: np.ndarray, regime: str, seed: int, slice_axis: int, sn
     (the volume's parameters), ``summary`` and ``slices`` (JSON-ready).
     """
     import torch
-    from tqdm import tqdm
 
     from degradations import ComplexGaussianNoise, ifft2c, make_regime, params_to_jsonable
     from degradations.snr import foreground_power_sums, sigma_for_power, snr_db_for_power
@@ -196,11 +199,9 @@ def degrade_volume(data: np.ndarray, regime: str, seed: int, slice_axis: int, sn
 def _write_outputs(args: argparse.Namespace, img: Any, result: dict[str, Any],
                    record: dict[str, Any]) -> None:
     """Write the NIfTI, the JSON and the optional HDF5 via temporary files renamed only when all succeeded."""
-    import contextlib
-
     import nibabel as nib
 
-    from datamodules.io import atomic_path, nifti_like
+    from datamodules.io import nifti_like
 
     with contextlib.ExitStack() as stack:
         nii_tmp = stack.enter_context(atomic_path(args.output))
@@ -213,8 +214,6 @@ def _write_outputs(args: argparse.Namespace, img: Any, result: dict[str, Any],
 
 
 def _write_kspace(path: Path, result: dict[str, Any], record: dict[str, Any]) -> None:
-    import h5py
-
     with h5py.File(path, "w") as f:
         f.create_dataset("kspace", data=result["kspace"].astype(np.complex64))
         f.create_dataset("noise_sigma", data=result["noise_sigma"].astype(np.float32))

@@ -21,8 +21,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from datamodules.errors import InputError
 from lfmri.commands.sampler_options import add_sampler_arguments, sampler_from_args
+from lfmri_utils.errors import InputError
+from lfmri_utils.files import check_output_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -69,8 +70,6 @@ def parse_regimes(spec: str) -> list[str]:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from datamodules.io import check_output_dir
-
     check_output_dir(args.out, "--out")  # before any computing: not a file, a writable place for it
     for name in ("samples", "batch_size", "steps", "max_slices_per_subject"):
         value = getattr(args, name)
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         sampler = sampler_from_args(args, model.sde)
         others = {}
         if args.reference_pc_steps:
-            from lightning_modules.samplers import build_sampler
+            from lightning_modules.sampling.samplers import build_sampler
 
             # the registry's `pc`: the paper's reference, gradient DC w = 0.3
             others["lfmri_pc"] = build_sampler("pc", steps=args.reference_pc_steps, sde=model.sde)

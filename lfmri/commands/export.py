@@ -27,10 +27,8 @@ import argparse
 import json
 from pathlib import Path
 
-from datamodules.errors import InputError
-from datamodules.io import check_output_file
-from lfmri.models import read_lightning_checkpoint, score_model_from_checkpoint
-from lightning_modules.checkpoint import export_score_sde_checkpoint, is_torch_file
+from lfmri_utils.errors import InputError
+from lfmri_utils.files import check_output_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,6 +64,8 @@ def _is_json_file(path: Path) -> bool:
 def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path]:
     """(OUT, config JSON) checked before any work: suffixes, writable folders, not the input, and an existing
     file replaced only when it is of the same kind."""
+    from lightning_modules.checkpoint import is_torch_file
+
     out = Path(args.out)
     config_out = Path(args.config_out) if args.config_out else out.with_suffix(".json")
     check_output_file(out, "OUT", CHECKPOINT_SUFFIXES)
@@ -85,6 +85,9 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Export; prints the written paths."""
+    from lfmri.models import read_lightning_checkpoint, score_model_from_checkpoint
+    from lightning_modules.checkpoint import export_score_sde_checkpoint
+
     out, config_out = _check_outputs(args)
     ckpt = read_lightning_checkpoint(args.ckpt)
     family = ckpt.get("hyper_parameters", {}).get("pretrained_family")

@@ -16,10 +16,7 @@ import math
 
 import numpy as np
 
-from datamodules.errors import InputError
-from datamodules.io import load_nifti
-from datamodules.transforms import check_slice_axis
-from lightning_modules.metrics import SSIM_WIN_SIZE, nmse_volume, psnr_volume, ssim_volume
+from lfmri_utils.errors import InputError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def volume_metrics(ref: np.ndarray, pred: np.ndarray, slice_axis: int = 2) -> dict[str, float]:
     """fastMRI's {"ssim", "psnr", "nmse"} of 3D `pred` against 3D `ref`, slices along `slice_axis`."""
+    from lightning_modules.metrics import nmse_volume, psnr_volume, ssim_volume
+
     ref_s = np.moveaxis(ref, slice_axis, 0)
     pred_s = np.moveaxis(pred, slice_axis, 0)
     return {"ssim": ssim_volume(pred_s, ref_s), "psnr": psnr_volume(pred_s, ref_s),
@@ -47,6 +46,10 @@ def volume_metrics(ref: np.ndarray, pred: np.ndarray, slice_axis: int = 2) -> di
 
 def run(args: argparse.Namespace) -> int:
     """Load both volumes, check them, print the metrics as JSON."""
+    from datamodules.io import load_nifti
+    from datamodules.transforms import check_slice_axis
+    from lightning_modules.metrics import SSIM_WIN_SIZE
+
     check_slice_axis(args.slice_axis)
     ref, _ = load_nifti(args.ref)
     pred, _ = load_nifti(args.pred)

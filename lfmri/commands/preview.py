@@ -14,10 +14,8 @@ import dataclasses
 import math
 from pathlib import Path
 
-from datamodules.errors import InputError
-from datamodules.io import atomic_path, check_output_file
-from degradations import regime_label
-from lfmri.data_config import load_datamodule
+from lfmri_utils.errors import InputError
+from lfmri_utils.files import atomic_path, check_output_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _title(regime: str, p: dict[str, float | None]) -> str:
+    from degradations import regime_label
+
     parts = [f"SNR {p['snr_db']:.1f} dB"]
     if p.get("fwhm_px"):
         parts.append(f"FWHM {p['fwhm_px']:.2f} px")
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     from datamodules.dataset import EvalSliceDataset
     from degradations import REGIMES, params_to_jsonable
+    from lfmri.data_config import load_datamodule
     from lightning_modules.figures import Panel, image_grid
 
     if args.subjects_per_split < 1:

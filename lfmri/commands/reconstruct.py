@@ -30,8 +30,8 @@ readout duration scale by image_size / max(H, W), field maps are resized), the n
 that grid, and the result is resized back. The reconstruction (the mean of the K posterior magnitudes) and the
 uncertainty map (their per-pixel std, `--std-out`, K >= 2) are multiplied by the scale (input units) and
 written with the input's affine and header (float32). Sampler defaults (steps, t0, DC kind and strength) are
-the sampler registry's (`lightning_modules.samplers.SAMPLERS`). Batches of slices run on CUDA when available,
-with a progress bar.
+the sampler registry's (`lightning_modules.sampling.samplers.SAMPLERS`). Batches of slices run on CUDA when
+available, with a progress bar.
 
 Bad input (a checkpoint that is not ours, a NIfTI and k-space file or params file that disagree in shape or
 regime, NaN in the input, a volume whose noise cannot be estimated, ...) -> one line on stderr, exit code 2,
@@ -41,15 +41,18 @@ nothing written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
-from datamodules.errors import InputError
 from lfmri.commands.sampler_options import add_sampler_arguments, sampler_from_args
+from lfmri_utils.errors import InputError
+from lfmri_utils.files import atomic_path, check_input_file, check_output_file
 
 #: per-slice scalar parameters of the forward operator, as `lfmri degrade` records them
 SCALAR_KEYS = ("fwhm_px", "t2star_ms", "t2star_gre", "readout_ms", "te_ms", "b0_max_hz")
@@ -86,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from datamodules.io import NIFTI_SUFFIXES, check_output_file
+    from datamodules.io import NIFTI_SUFFIXES
     from datamodules.transforms import check_slice_axis
     from degradations import REGIMES
 
@@ -118,10 +121,6 @@ def read_kspace(path: str | Path, shape: tuple[int, int, int], regime: str) -> d
     """The measured k-space file -> {"kspace": complex64 [S,H,W], "b0_map_hz": float32 [S,H,W] | None,
     "noise_sigma": float64 [S] | None (input units), "attrs": dict}; InputError when it is unreadable, lacks
     `kspace`, disagrees with the NIfTI's slice stack `shape` or with the regime, or holds NaN / Inf."""
-    import h5py
-
-    from datamodules.io import check_input_file
-
     path = check_input_file(path, "--kspace")  # missing, a folder, not a regular file: said so
     try:
         with h5py.File(path, "r") as f:
@@ -160,8 +159,6 @@ def read_params(path: str | Path, n_slices: int, regime: str) -> dict[str, Any]:
     """`lfmri degrade`'s JSON -> {"scalars": {key: float64 [S]}, "b0_method": str | None, "noise_sigma":
     float64 [S] | None (input units)}; InputError when it is unreadable, has no per-slice parameters, or
     disagrees with the NIfTI's slice count or regime."""
-    from datamodules.io import check_input_file
-
     path = check_input_file(path, "--params")
     try:
         record = json.loads(path.read_text())
@@ -248,12 +245,10 @@ def operator_params_on_grid(scalars: dict[str, np.ndarray], b0_map_hz: np.ndarra
 
 def run(args: argparse.Namespace) -> int:
     """Run `lfmri reconstruct`; bad input raises InputError before anything is written."""
-    import contextlib
-
     import nibabel as nib
     import torch
 
-    from datamodules.io import atomic_path, load_nifti, nifti_like
+    from datamodules.io import load_nifti, nifti_like
     from datamodules.transforms import fit_to_square, from_slices, restore_shape, robust_scale, to_slices
     from degradations import complex_to_channels, fft2c, ifft2c, make_regime
     from lfmri.models import load_score_model, resolve_device
@@ -313,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
         params = operator_params_on_grid(scalars, b0_map, (height, width), None)
     reconstructor = Reconstructor.for_degradation(
         model.score_fn(), sampler, degradation, args.batch_size, device,
-        progress=f"reconstruct ({sampler.name}, {sampler.expected_nfe} NFE)")
+        progress=f"reconstruct ({sampler.name}, {sampler.expected_nfe} NFE)", data_scale=model.data_scale)
     result = reconstructor(complex_to_channels(x), fft2c(x), params, list(range(n_slices)), seed=args.seed,
                            samples=args.samples, noise_sigma=torch.from_numpy(sigma / scale).float())
 

@@ -6,8 +6,8 @@ import argparse
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI builds its parsers without importing torch
-    from lightning_modules.samplers import Sampler
-    from lightning_modules.sde import SDE
+    from lightning_modules.sampling.samplers import Sampler
+    from lightning_modules.sampling.sde import SDE
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
 def sampler_from_args(args: argparse.Namespace, sde: SDE) -> Sampler:
     """The sampler the options name, on the model's SDE (`ScoreModel.sde`: `VPSDE`, `DiscreteVPSDE` or
     `VESDE`, whatever its family); ValueError on an invalid option."""
-    from lightning_modules.samplers import build_sampler
+    from lightning_modules.sampling.samplers import build_sampler
 
     return build_sampler(args.sampler, steps=args.steps, t0=args.t0, dc=args.dc, dc_weight=args.dc_weight,
                          dc_lambda=args.dc_lambda, dc_floor=args.dc_floor, sde=sde)

@@ -43,8 +43,12 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from datamodules.errors import InputError
-from lightning_modules.sde import VESDE, VPSDE, DiscreteVPSDE
+from lfmri_utils.errors import InputError
+from lightning_modules.networks.adm import ADMConfig, ADMUNet
+from lightning_modules.networks.ddpm import DDPM
+from lightning_modules.networks.ncsnpp import NCSNpp
+from lightning_modules.networks.pyconfig import read_py_config
+from lightning_modules.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
 
 Weights = Literal["ema", "model", "family"]
 _PREFIX = "module."
@@ -76,7 +80,11 @@ class Family:
             ADM with learned variances outputs 2C).
         input_shift: how inputs reach the first conv: '2x-1 unless centered' (the network maps x to 2x - 1
             when the config's data.centered is False, whatever the data range) or 'none'.
-        normalisation: the data normalisation the prior was trained with (what a caller must reproduce).
+        normalisation: the data normalisation the prior was trained with, in words.
+        data_scale: how lfmri reproduces it per slice (`Pretrained.data_scale`): 'none' (lfmri's images,
+            magnitude scaled to 1 at the volume's 99.5th percentile, are taken as the family's range) or
+            'kspace_std' (the slice is multiplied by 1 / (data.normalize_coeff x the std of its k-space), as
+            HFS-SDE's data set does).
         ema: 'shadow_trainable' (EMA shadows replace the trainable parameters in `parameters()` order; buffers
             and non-trainable parameters come from `model`) or 'none' (the file holds one set of weights).
         default_weights: the weights the original code samples with: 'ema' or 'model'.
@@ -99,6 +107,7 @@ class Family:
     eps_channels: Literal["all", "input_channels"]
     input_shift: Literal["2x-1 unless centered", "none"]
     normalisation: str
+    data_scale: Literal["none", "kspace_std"]
     ema: Literal["shadow_trainable", "none"]
     default_weights: Literal["ema", "model"]
     complex_rule: Literal["channels", "real_imag_separately"]
@@ -120,7 +129,7 @@ FAMILIES: Mapping[str, Family] = _frozen({f.name: f for f in (
         eps_channels="all",
         input_shift="2x-1 unless centered",
         normalisation="images in [0, 1] (data.centered: the data scaler maps them to [-1, 1])",
-        ema="shadow_trainable", default_weights="ema", complex_rule="channels",
+        data_scale="none", ema="shadow_trainable", default_weights="ema", complex_rule="channels",
         config_defaults=_frozen({"model.name": "ddpm", "training.sde": "vpsde", "training.continuous": True,
                                  "model.beta_min": 0.1, "model.beta_max": 20.0,
                                  "model.scale_by_sigma": False}),
@@ -137,12 +146,13 @@ FAMILIES: Mapping[str, Family] = _frozen({f.name: f for f in (
         eps_channels="all", input_shift="2x-1 unless centered",
         normalisation="complex coil-combined images whose multi-coil k-space was divided by "
                       "data.normalize_coeff (1.5) x its std (data.normalize_type 'std')",
-        ema="shadow_trainable", default_weights="model", complex_rule="channels",
+        data_scale="kspace_std", ema="shadow_trainable", default_weights="model", complex_rule="channels",
+        config_defaults=_frozen({"data.normalize_coeff": 1.5, "data.normalize_type": "std"}),
         config_required=(*_DDPM_REQUIRED, "model.beta_min", "model.beta_max", "training.sde",
                          "training.continuous"),
         config_expect=_frozen({"model.name": ("ddpm",), "training.sde": ("vpsde",),
                                "training.continuous": (True,), "model.scale_by_sigma": (False,),
-                               "model.conditional": (True,)}),
+                               "model.conditional": (True,), "data.normalize_type": ("std",)}),
         markers=("data.normalize_type", "data.normalize_coeff"),
     ),
     Family(
@@ -151,8 +161,8 @@ FAMILIES: Mapping[str, Family] = _frozen({f.name: f for f in (
                 "fastMRI knee magnitude 1-channel",
         architecture="ncsnpp", file_format="score_sde", sde="ve", label="ve_sigma", output="score",
         eps_channels="all", input_shift="2x-1 unless centered",
-        normalisation="magnitude images in [0, 1]",
-        ema="shadow_trainable", default_weights="ema", complex_rule="real_imag_separately",
+        normalisation="magnitude images in [0, 1] (multi-coil scripts: magnitude min-max normalised)",
+        data_scale="none", ema="shadow_trainable", default_weights="ema", complex_rule="real_imag_separately",
         config_defaults=_frozen({"model.dropout": 0.0, "model.nonlinearity": "swish",
                                  "model.init_scale": 0.0}),
         config_required=(*_DDPM_REQUIRED, "model.sigma_min", "model.sigma_max", "model.num_scales",
@@ -174,7 +184,7 @@ FAMILIES: Mapping[str, Family] = _frozen({f.name: f for f in (
         architecture="adm", file_format="bare", sde="vp_discrete", label="index", output="eps",
         eps_channels="input_channels", input_shift="none",
         normalisation="complex images as stored (.npy), no scaling or shift; x_T ~ N(0, I)",
-        ema="none", default_weights="model", complex_rule="channels",
+        data_scale="none", ema="none", default_weights="model", complex_rule="channels",
         config_defaults=_frozen({"model.learn_sigma": False}),
         config_required=("model.image_size", "model.in_channels", "model.num_channels",
                          "model.num_res_blocks",
@@ -225,8 +235,6 @@ def read_config(config: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]
     if not path.is_file():
         raise InputError(f"{path}: no such config file")
     if path.suffix == ".py":
-        from lightning_modules.networks.pyconfig import read_py_config
-
         return read_py_config(path)
     try:
         text = path.read_text()
@@ -288,35 +296,57 @@ def _architecture(keys: list[str]) -> Literal["ddpm", "ncsnpp", "adm"] | None:
     return "ddpm"
 
 
-def read_checkpoint(path: str | os.PathLike) -> _File:
-    """Load a checkpoint file safely (`weights_only`) and say what it holds; InputError (one line)
-    otherwise."""
+def read_checkpoint(path: str | os.PathLike, error: type[InputError] = InputError) -> _File:
+    """Load a checkpoint file safely (`weights_only`) and say what it holds (`parse_checkpoint`); `error`
+    (one line naming the file) otherwise."""
+    # lazy: import cycle (lightning_modules.checkpoint imports this module at its top)
     from lightning_modules.checkpoint import load_torch_file
 
-    path = Path(path)
-    obj = load_torch_file(path, error=InputError)
+    return parse_checkpoint(load_torch_file(path, error=error), Path(path), error)
+
+
+def parse_checkpoint(obj: Any, path: Path, error: type[InputError] = InputError) -> _File:
+    """What a loaded public-prior file `obj` holds: score_sde's `{'model', 'ema', ...}` (DataParallel's
+    `module.` prefix removed), or a bare state dict (guided-diffusion's ADM, or a score_sde network); `error`
+    (one line naming `path`) for anything else, a Lightning checkpoint included."""
     if not isinstance(obj, dict):
-        raise InputError(f"{path}: not a checkpoint (a {type(obj).__name__}, expected a dict)")
+        raise error(f"{path}: not a score_sde checkpoint or a state dict (a {type(obj).__name__}, expected "
+                    "a dict)")
     if "state_dict" in obj and "pytorch-lightning_version" in obj:
-        raise InputError(f"{path}: this is a Lightning checkpoint, not a public prior; resume from it with "
-                         "--ckpt_path or convert it with `lfmri export`")
+        raise error(f"{path}: this is a Lightning checkpoint, not a public prior; resume from it with "
+                    "--ckpt_path or convert it with `lfmri export`")
     if isinstance(obj.get("model"), dict):
         fmt, model, ema = "score_sde", obj["model"], obj.get("ema")
     elif obj and all(isinstance(v, Tensor) for v in obj.values()):
         fmt, model, ema = "bare", obj, None
     else:
-        raise InputError(f"{path}: neither a score_sde checkpoint (keys 'model', 'ema') nor a bare state "
-                         "dict "
-                         f"(found keys {sorted(map(str, obj))[:6]})")
+        raise error(f"{path}: not a score_sde checkpoint (keys 'model', 'ema') or a bare state dict (found "
+                    f"keys {sorted(map(str, obj))[:6]})")
     if model and all(str(k).startswith(_PREFIX) for k in model):
         model = {k[len(_PREFIX):]: v for k, v in model.items()}
     arch = _architecture(list(model))
     if arch is None:
-        raise InputError(f"{path}: the state dict is neither a score_sde DDPM / NCSN++ (all_modules.*) nor a "
-                         f"guided-diffusion ADM (input_blocks.*); first keys {list(model)[:3]}")
+        raise error(f"{path}: the state dict is neither a score_sde DDPM / NCSN++ (all_modules.*) nor a "
+                    f"guided-diffusion ADM (input_blocks.*); first keys {list(model)[:3]}")
     if fmt == "bare" and arch != "adm":
         fmt = "score_sde"  # a bare score_sde network state dict: `model` without EMA
     return _File(format=fmt, architecture=arch, model=dict(model), ema=ema if isinstance(ema, dict) else None)
+
+
+def config_family(config: Mapping[str, Any]) -> Family | None:
+    """The family a checkpoint config belongs to, from the config alone (None: it cannot tell): a
+    guided-diffusion config (a `diffusion` section, `model.type` 'openai') is dds; an NCSN++ one score_mri;
+    a DDPM one with HFS-SDE's data.normalize_* fields hfs_sde, without them score_sde."""
+    if isinstance(config.get("diffusion"), Mapping) or _norm(get(config, "model.type", "")) == "openai":
+        return FAMILIES["dds"]
+    name = _norm(get(config, "model.name", None))
+    if name == "ncsnpp":
+        return FAMILIES["score_mri"]
+    if any(has(config, k) for k in FAMILIES["hfs_sde"].markers):
+        return FAMILIES["hfs_sde"]
+    if name == "ddpm" or has(config, "model.nf"):
+        return FAMILIES["score_sde"]
+    return None
 
 
 def detect_family(file: _File, config: Mapping[str, Any] | None) -> Family:
@@ -325,10 +355,8 @@ def detect_family(file: _File, config: Mapping[str, Any] | None) -> Family:
         return FAMILIES["dds"]
     if file.architecture == "ncsnpp":
         return FAMILIES["score_mri"]
-    hfs = FAMILIES["hfs_sde"]
-    if config is not None and any(has(config, k) for k in hfs.markers):
-        return hfs
-    return FAMILIES["score_sde"]
+    found = config_family(config) if config is not None else None
+    return found if found is not None and found.architecture == "ddpm" else FAMILIES["score_sde"]
 
 
 def _check_family(family: Family, file: _File, config: Mapping[str, Any] | None, path: Path) -> None:
@@ -372,8 +400,6 @@ def _build_network(family: Family, config: Mapping[str, Any], device: str = "met
     g = lambda key: get(config, key)  # noqa: E731
     with torch.device(device):
         if family.architecture == "ddpm":
-            from lightning_modules.ddpm import DDPM
-
             kwargs = dict(nf=g("model.nf"), ch_mult=tuple(g("model.ch_mult")),
                           num_res_blocks=g("model.num_res_blocks"),
                           attn_resolutions=tuple(g("model.attn_resolutions")),
@@ -386,8 +412,6 @@ def _build_network(family: Family, config: Mapping[str, Any], device: str = "met
                     kwargs[key] = g(f"model.{key}")
             return DDPM(**kwargs, grad_checkpointing=grad_checkpointing)
         if family.architecture == "ncsnpp":
-            from lightning_modules.networks.ncsnpp import NCSNpp
-
             return NCSNpp(nf=g("model.nf"), ch_mult=tuple(g("model.ch_mult")),
                           num_res_blocks=g("model.num_res_blocks"),
                           attn_resolutions=tuple(g("model.attn_resolutions")), dropout=g("model.dropout"),
@@ -398,8 +422,6 @@ def _build_network(family: Family, config: Mapping[str, Any], device: str = "met
                           sigma_min=g("model.sigma_min"), sigma_max=g("model.sigma_max"),
                           num_scales=g("model.num_scales"), nonlinearity=g("model.nonlinearity"),
                           grad_checkpointing=grad_checkpointing)
-        from lightning_modules.networks.adm import ADMConfig, ADMUNet
-
         return ADMUNet(ADMConfig.from_guided_diffusion(config["model"]),
                        grad_checkpointing=grad_checkpointing)
 
@@ -434,20 +456,29 @@ def _state(family: Family, file: _File, net: nn.Module, weights: str, path: Path
     state = {k: file.model[k] for k in expected}
     if weights == "model":
         return state, "model"
-    if file.ema is None or "shadow_params" not in file.ema:
-        raise InputError(f"{path}: no EMA weights in the checkpoint; use weights='model'")
+    return with_ema(state, net, file.ema, path), "ema"
+
+
+def with_ema(state: Mapping[str, Tensor], net: nn.Module, ema: Mapping[str, Any] | None, path: Path,
+             error: type[InputError] = InputError) -> dict[str, Tensor]:
+    """`state` (net's layout) with score_sde's EMA shadows (`ema['shadow_params']`, one per *trainable*
+    parameter in `parameters()` order) in place of those parameters; `error` (one line naming `path`) when
+    the file has no EMA or its shadows do not fit."""
+    if not isinstance(ema, Mapping) or "shadow_params" not in ema:
+        raise error(f"{path}: no EMA weights in the checkpoint; use weights='model'")
     names = [n for n, p in net.named_parameters() if p.requires_grad]
-    shadows = list(file.ema["shadow_params"])
+    shadows = list(ema["shadow_params"])
     if len(shadows) != len(names):
-        raise InputError(f"{path}: the EMA has {len(shadows)} shadow tensors, the network {len(names)} "
-                         "trainable parameters")
+        raise error(f"{path}: the EMA has {len(shadows)} shadow tensors, the network {len(names)} trainable "
+                    "parameters")
+    state = dict(state)
     for i, (name, s) in enumerate(zip(names, shadows, strict=True)):
-        if not isinstance(s, Tensor) or tuple(s.shape) != tuple(expected[name].shape):
+        if not isinstance(s, Tensor) or tuple(s.shape) != tuple(state[name].shape):
             shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-            raise InputError(f"{path}: EMA shadow {i} ('{_PREFIX}{name}') has shape {shape}, the network "
-                             f"{tuple(expected[name].shape)}")
+            raise error(f"{path}: EMA shadow {i} ('{_PREFIX}{name}') has shape {shape}, the network "
+                        f"{tuple(state[name].shape)}")
         state[name] = s
-    return state, "ema"
+    return state
 
 
 # ------------------------------------------------------------------------------------------------ the API
@@ -479,6 +510,28 @@ class Pretrained:
         if self.family.architecture == "adm":
             return int(get(self.config, "model.in_channels"))
         return int(get(self.config, "data.num_channels"))
+
+    def data_scale(self, kspace: Tensor, noise_sigma: Tensor | None = None) -> Tensor:
+        """The factor [B] that takes each slice from lfmri's units to the data range this prior was trained
+        on (`Family.data_scale`): ones for 'none'; for 'kspace_std' 1 / (data.normalize_coeff x std(k)),
+        the std over the slice's k-space samples (numpy's complex std: sqrt(mean |k - mean k|^2)).
+
+        Args:
+            kspace: complex [B, ...] k-space of each slice (centred orthonormal FFT; the clean slice when
+                training, the measured `y` at inference).
+            noise_sigma: [B] the std of the complex noise per k-space sample in `kspace` (None: noiseless);
+                its variance is taken off the measured one, so the factor is the clean slice's.
+        """
+        ones = torch.ones(kspace.shape[0], dtype=torch.float32, device=kspace.device)
+        if self.family.data_scale == "none":
+            return ones
+        k = kspace.reshape(kspace.shape[0], -1)
+        var = (k - k.mean(dim=1, keepdim=True)).abs().square().mean(dim=1).float()
+        if noise_sigma is not None:  # the signal's part; a slice of noise alone keeps the measured variance
+            clean = var - noise_sigma.to(var).square()
+            var = torch.where(clean > 0, clean, var)
+        coeff = float(get(self.config, "data.normalize_coeff"))
+        return torch.where(var > 0, 1.0 / (coeff * var.clamp_min(1e-30).sqrt()), ones)
 
     def empty_network(self, device: torch.device | str = "cpu") -> nn.Module:
         """A new network of this prior's architecture and config on `device`, its tensors uninitialised (load

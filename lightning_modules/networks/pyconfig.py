@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from datamodules.errors import InputError
+from lfmri_utils.errors import InputError
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}

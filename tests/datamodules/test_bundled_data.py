@@ -9,11 +9,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import REPO
 
 from datamodules.sources import COLIN27_SHA256, BundledSource
 from datamodules.transforms import to_slices
 
-ROOT = Path(__file__).resolve().parents[2]
 DATA = importlib.resources.files("datamodules") / "data"
 SHIPPED = {"colin27_ch2.nii.gz", "LICENSE-colin27.txt", "README.md"}
 
@@ -34,7 +34,7 @@ def test_colin27_is_installed_with_the_package_byte_identical_to_the_debian_file
 def test_only_the_recorded_files_are_shipped_and_pyproject_declares_them_as_package_data():
     assert {p.name for p in DATA.iterdir() if not p.name.startswith(".")} == SHIPPED  # no inia19-* etc.
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
     patterns = config["tool"]["setuptools"]["package-data"]["datamodules"]
     for name in SHIPPED:
         assert any(fnmatch.fnmatch(f"data/{name}", p) for p in patterns), name

@@ -8,11 +8,11 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from datamodules.datamodule import LowFieldDataModule, ShapeGroupedBatchSampler
-from datamodules.errors import InputError
 from datamodules.resumable import SeededSamples
 from datamodules.transforms import fit_to_square, restore_shape
 from degradations import REGIMES as ALL_REGIMES
 from degradations import ForwardOperator, channels_to_complex, fft2c, gaussian_mtf, ifft2c
+from lfmri_utils.errors import InputError
 
 KW = dict(
     source="bundled",
@@ -119,6 +119,7 @@ def test_test_batches_are_identical_with_0_and_2_workers(dm):
         assert torch.equal(a["params"]["b0_map_hz"], b["params"]["b0_map_hz"])
 
 
+@pytest.mark.slow
 def test_training_samples_differ_between_epochs_and_repeat_with_the_global_seed(dm):
     def epoch(workers: int) -> dict:
         loader = DataLoader(dm.train_dataset, batch_size=16, num_workers=workers, shuffle=True)

@@ -1,4 +1,4 @@
-"""Atomic writes and output checks (`datamodules.io`), the one helper every lfmri output goes through
+"""Atomic writes and output checks (`lfmri_utils.files`), the one helper every lfmri output goes through
 (issue 14, items 9 and 10): a replaced file keeps its mode, a symbolic link is written through, a write killed
 midway leaves a visibly named temporary that the next write removes, and an output location that cannot be
 written is reported before any work."""
@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-import datamodules.io as io
-from datamodules.errors import InputError
-
-REPO = Path(__file__).resolve().parents[2]
+import lfmri_utils.files as files
+from datamodules.io import NIFTI_SUFFIXES
+from lfmri_utils.errors import InputError
 
 
 def _umask() -> int:
@@ -30,12 +30,12 @@ def test_replacing_a_file_keeps_its_mode_and_a_new_file_gets_the_usual_one(tmp_p
     out = tmp_path / "v.nii.gz"
     out.write_bytes(b"old")
     out.chmod(0o640)
-    with io.atomic_path(out) as tmp:
+    with files.atomic_path(out) as tmp:
         tmp.write_bytes(b"new")
     assert out.read_bytes() == b"new"
     assert stat.S_IMODE(out.stat().st_mode) == 0o640
     fresh = tmp_path / "fresh.json"
-    with io.atomic_path(fresh) as tmp:
+    with files.atomic_path(fresh) as tmp:
         tmp.write_text("{}")
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~_umask()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.json", "v.nii.gz"]
@@ -49,7 +49,7 @@ def test_a_symlinked_output_is_written_through_to_its_target(tmp_path: Path) -> 
     target.chmod(0o600)
     link = tmp_path / "v.nii.gz"
     link.symlink_to(target)
-    with io.atomic_path(link) as tmp:
+    with files.atomic_path(link) as tmp:
         tmp.write_bytes(b"new")
     assert link.is_symlink() and Path(os.readlink(link)) == target  # the link stays a link
     assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o600
@@ -60,7 +60,7 @@ def test_a_symlinked_output_is_written_through_to_its_target(tmp_path: Path) -> 
 def test_a_write_killed_midway_leaves_a_visible_temporary_that_the_next_write_removes(tmp_path: Path) -> None:
     out = tmp_path / "v.nii.gz"
     out.write_bytes(b"old")
-    code = ("import os, signal, sys\nfrom datamodules.io import atomic_path\n"
+    code = ("import os, signal, sys\nfrom lfmri_utils.files import atomic_path\n"
             "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'partial')\n"
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO, stderr=subprocess.PIPE,
@@ -68,12 +68,12 @@ def test_a_write_killed_midway_leaves_a_visible_temporary_that_the_next_write_re
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, err
     left = sorted(p.name for p in tmp_path.iterdir() if p.name != "v.nii.gz")
-    assert left == [f".v.nii.gz.tmp-{io._host()}-{proc.pid}.nii.gz"]  # named for users to recognise
+    assert left == [f".v.nii.gz.tmp-{files._host()}-{proc.pid}.nii.gz"]  # named for users to recognise
     assert out.read_bytes() == b"old"
     # a temporary of a process that still runs (here: pytest's parent) is left alone
-    alive = tmp_path / f".v.nii.gz.tmp-{io._host()}-{os.getppid()}.nii.gz"
+    alive = tmp_path / f".v.nii.gz.tmp-{files._host()}-{os.getppid()}.nii.gz"
     alive.write_bytes(b"busy")
-    with io.atomic_path(out) as tmp:
+    with files.atomic_path(out) as tmp:
         tmp.write_bytes(b"new")
     assert out.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "v.nii.gz"]
@@ -92,16 +92,16 @@ def test_check_output_file_reports_each_problem_in_one_line(tmp_path: Path, unwr
     (tmp_path / "folder.nii").mkdir()
     for problem, (path, inputs) in cases.items():
         with pytest.raises(InputError) as info:
-            io.check_output_file(path, "OUTPUT", io.NIFTI_SUFFIXES, inputs)
+            files.check_output_file(path, "OUTPUT", NIFTI_SUFFIXES, inputs)
         message = str(info.value)
         assert message.startswith(f"OUTPUT {path}: ") and problem in message and "\n" not in message
     # a folder that does not exist yet but can be created is fine, and nothing is created by the check
     deep = tmp_path / "a" / "b" / "out.nii.gz"
-    assert io.check_output_file(deep, "OUTPUT", io.NIFTI_SUFFIXES) == deep
+    assert files.check_output_file(deep, "OUTPUT", NIFTI_SUFFIXES) == deep
     assert not (tmp_path / "a").exists()
     expected = f"cannot write in {unwritable} \\(to create {unwritable / 'new'}\\)"
     with pytest.raises(InputError, match=expected):
-        io.check_output_file(unwritable / "new" / "out.nii.gz", "OUTPUT", io.NIFTI_SUFFIXES)
+        files.check_output_file(unwritable / "new" / "out.nii.gz", "OUTPUT", NIFTI_SUFFIXES)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no probe file left
 
 
@@ -109,15 +109,15 @@ def test_check_output_dir(tmp_path: Path, unwritable: Path) -> None:
     a_file = tmp_path / "results.csv"
     a_file.write_text("x")
     with pytest.raises(InputError, match="--out .*results.csv: exists and is not a folder"):
-        io.check_output_dir(a_file, "--out")
+        files.check_output_dir(a_file, "--out")
     with pytest.raises(InputError, match="cannot write in"):
-        io.check_output_dir(unwritable / "eval", "--out")
-    assert io.check_output_dir(tmp_path / "eval", "--out") == tmp_path / "eval"
+        files.check_output_dir(unwritable / "eval", "--out")
+    assert files.check_output_dir(tmp_path / "eval", "--out") == tmp_path / "eval"
     assert not (tmp_path / "eval").exists()
 
 
 def test_check_input_file_tells_a_folder_from_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"^--kspace .*: is a folder, expected a file$"):
-        io.check_input_file(tmp_path, "--kspace")
+        files.check_input_file(tmp_path, "--kspace")
     with pytest.raises(InputError, match=r"^--kspace .*absent.h5: no such file$"):
-        io.check_input_file(tmp_path / "absent.h5", "--kspace")
+        files.check_input_file(tmp_path / "absent.h5", "--kspace")

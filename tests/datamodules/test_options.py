@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from datamodules.errors import InputError
-from datamodules.options import check_options, number, ordered_range, sequence
+from lfmri_utils.errors import InputError
+from lfmri_utils.options import check_options, number, ordered_range, sequence
 
 
 def test_numbers_bounds_integers_and_null():

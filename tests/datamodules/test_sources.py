@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from datamodules.datamodule import LowFieldDataModule
-from datamodules.errors import InputError
 from datamodules.sources import FastMRISource, NiftiDirSource, make_source
 from datamodules.transforms import to_slices
 from degradations import fft2c, ifft2c
+from lfmri_utils.errors import InputError
 
 
 def phantom(shape=(24, 20, 12), seed=0) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 import pytest
 
-from datamodules.errors import InputError
-from datamodules.splits import Split, hash_split, load_split_file, stable_hash
+from datamodules.splits import Split, hash_split, load_split_file
+from lfmri_utils.errors import InputError
+from lfmri_utils.seeding import stable_hash
 
 SUBJECTS = [f"sub-{i:02d}" for i in range(30)]
 

@@ -6,10 +6,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import MNI
 
 from degradations import REGIMES, ForwardOperator, estimate_noise_sigma, fft2c, make_regime
 
-MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 ANATOMICAL = importlib.resources.files("nibabel") / "tests/data/anatomical.nii"
 SNRS_DB = (2.0, 5.0, 10.0, 20.0)
 

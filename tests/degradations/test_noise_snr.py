@@ -1,15 +1,13 @@
 """Complex Gaussian noise: the measured SNR on a real brain slice equals the target."""
 
-import importlib.resources
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import MNI
 
 from degradations import ComplexGaussianNoise, fft2c, ifft2c, make_regime, signal_power, snr_db
-
-MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
 @pytest.fixture(scope="module")

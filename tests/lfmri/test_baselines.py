@@ -13,9 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import MNI
 from skimage.metrics import structural_similarity
 
-from datamodules.errors import InputError
 from degradations import fft2c, ifft2c, make_regime, neutral_params
 from degradations.b0 import segment_count
 from lfmri.baselines import (
@@ -28,8 +28,8 @@ from lfmri.baselines import (
     tune_baseline,
     tune_baselines,
 )
+from lfmri_utils.errors import InputError
 
-MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 HAS_BM3D = importlib.util.find_spec("bm3d") is not None
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,6 +184,7 @@ def test_bm3d_without_the_extra_says_how_to_install_it(mni: np.ndarray, monkeypa
         assert str(err.value) == BM3D_MISSING and "lfmri[bm3d]" in BM3D_MISSING
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_BM3D, reason="the optional bm3d extra is not installed")
 def test_bm3d_denoises_the_magnitude_and_the_complex_image(mni: np.ndarray) -> None:
     ref = mni[:1, :48, :48]

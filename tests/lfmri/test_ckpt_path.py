@@ -10,13 +10,10 @@ from pathlib import Path
 import lightning.pytorch  # noqa: F401  (its log handlers exist before the fixture below adjusts them)
 import pytest
 import torch
+from helpers import QUICKSTART
 
 from lfmri.cli import main
 from lfmri.lightning_cli import _check_ckpt_path
-
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = str(REPO / "configs/quickstart.yaml")
-
 
 pytestmark = pytest.mark.usefixtures("lightning_logs_to_stderr")
 
@@ -48,7 +45,7 @@ def _bad_checkpoint(tmp_path: Path, kind: str) -> tuple[Path, str]:
 @pytest.mark.parametrize("kind", ["missing", "folder", "truncated", "other_model", "score_sde"])
 def test_a_bad_ckpt_path_is_one_line(tmp_path, capsys, command, kind):
     path, words = _bad_checkpoint(tmp_path, kind)
-    rc = main([command, "--config", QUICKSTART, f"--trainer.default_root_dir={tmp_path}/run",
+    rc = main([command, "--config", str(QUICKSTART), f"--trainer.default_root_dir={tmp_path}/run",
                f"--data.init_args.source={tmp_path}/no-data", "--ckpt_path", str(path)])
     err = capsys.readouterr().err
     lines = err.strip().splitlines()

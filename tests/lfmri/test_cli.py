@@ -3,12 +3,10 @@ stderr and exit code 2, not a traceback."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from helpers import QUICKSTART, REPO
 
 from lfmri.cli import main
 from lfmri.lightning_cli import missing_values
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_unknown_command(capsys):
@@ -41,7 +39,7 @@ def test_required_config_values_are_refused_before_anything_is_built(capsys):
 
 
 def test_a_missing_data_directory_is_one_line(tmp_path, capsys):
-    rc = main(["fit", "--config", str(REPO / "configs/quickstart.yaml"),
+    rc = main(["fit", "--config", str(QUICKSTART),
                f"--data.init_args.source={tmp_path}/nope", f"--trainer.default_root_dir={tmp_path}/run",
                "--trainer.enable_progress_bar=false"])
     assert rc == 2

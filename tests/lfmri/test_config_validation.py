@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 
 import lightning.pytorch  # noqa: F401  (its log handlers exist before the fixture below adjusts them)
 import pytest
+from helpers import QUICKSTART
 
 from lfmri.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
-QUICKSTART = str(REPO / "configs/quickstart.yaml")
 TINY = ["--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--model.init_args.nf=8", "--model.init_args.num_groups=4",
@@ -53,7 +51,7 @@ pytestmark = pytest.mark.usefixtures("lightning_logs_to_stderr")
 def test_a_bad_option_is_one_line_before_any_data_is_read(tmp_path, capsys, arg, option, words):
     # the data directory does not exist: an error about it would mean the data was looked at first
     start = time.monotonic()
-    rc = main(["fit", "--config", QUICKSTART, f"--trainer.default_root_dir={tmp_path}/run",
+    rc = main(["fit", "--config", str(QUICKSTART), f"--trainer.default_root_dir={tmp_path}/run",
                f"--data.init_args.source={tmp_path}/no-data", *TINY, arg])
     seconds = time.monotonic() - start
     err = capsys.readouterr().err
@@ -67,10 +65,12 @@ def test_a_bad_option_is_one_line_before_any_data_is_read(tmp_path, capsys, arg,
     assert seconds < 60
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_unusual_but_valid_sizes_train(tmp_path, capsys):
     # data resized to 50 x 50 (not a multiple of the U-Net's 4) and a model image_size of 25 (attention
     # placement only): the network pads to its multiple, and both image_size values are logged without a clash
-    rc = main(["fit", "--config", QUICKSTART, f"--trainer.default_root_dir={tmp_path}/run", *TINY,
+    rc = main(["fit", "--config", str(QUICKSTART), f"--trainer.default_root_dir={tmp_path}/run", *TINY,
                "--data.init_args.image_size=50", "--data.init_args.crop_size=null",
                "--model.init_args.image_size=25"])
     err = capsys.readouterr().err
@@ -78,10 +78,12 @@ def test_unusual_but_valid_sizes_train(tmp_path, capsys):
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_run_without_a_logger_trains(tmp_path, capsys):
     # the quickstart config has a LearningRateMonitor, which needs a logger: it is dropped with a warning
     with pytest.warns(UserWarning, match="LearningRateMonitor.*no logger"):
-        rc = main(["fit", "--config", QUICKSTART, f"--trainer.default_root_dir={tmp_path}/run", *TINY,
+        rc = main(["fit", "--config", str(QUICKSTART), f"--trainer.default_root_dir={tmp_path}/run", *TINY,
                    "--trainer.logger=false", "--trainer.val_check_interval=1",
                    "--trainer.limit_val_batches=1.0",
                    "--data.init_args.eval_slices_per_volume=1", "--data.init_args.eval_regimes=[noise]",

@@ -17,19 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import QUICKSTART, REPO
 
 from lfmri.lightning_cli import run_lightning_cli
-from lightning_modules.ddpm import DDPM
 from lightning_modules.module import NET_ARGS
+from lightning_modules.networks.ddpm import DDPM
 
-ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 MAIN_KEYS = {"seed_everything", "trainer", "model", "data", "ckpt_path", "optimizer", "lr_scheduler"}
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + sorted((ROOT / "experiments" / "paper").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "experiments" / "paper").glob("*.yaml"))
 PARAMS_34M = 34_425_602
-NETWORK_34M = ROOT / "configs" / "model" / "ddpm_34m.yaml"
+NETWORK_34M = REPO / "configs" / "model" / "ddpm_34m.yaml"
 #: run configs used stacked on a block that holds what they leave out (their headers say so)
-STACKED_ON = {"configs/finetune_mouse.yaml": NETWORK_34M, "configs/pretrain_fastmri.yaml": NETWORK_34M}
+STACKED_ON = {"configs/finetune_mouse.yaml": NETWORK_34M, "configs/pretrain_fastmri.yaml": NETWORK_34M,
+              "configs/reference_small.yaml": QUICKSTART, "experiments/paper/small_finetune.yaml": QUICKSTART}
 
 
 def required_leaves(node: object, prefix: str = "") -> list[str]:
@@ -70,7 +70,7 @@ def print_config(args: list[str], monkeypatch: pytest.MonkeyPatch) -> dict:
 
 
 def rel(path: Path) -> str:
-    return str(path.relative_to(ROOT))
+    return str(path.relative_to(REPO))
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +114,8 @@ def test_every_config_parses_with_print_config(path, parsed):
 
 
 def test_required_paths_are_required_and_given_on_the_command_line(parsed):
-    finetune = yaml.safe_load((ROOT / "configs/finetune_mouse.yaml").read_text())
-    pretrain = yaml.safe_load((ROOT / "configs/pretrain_fastmri.yaml").read_text())
+    finetune = yaml.safe_load((REPO / "configs/finetune_mouse.yaml").read_text())
+    pretrain = yaml.safe_load((REPO / "configs/pretrain_fastmri.yaml").read_text())
     assert required_leaves(finetune) == ["model.init_args.pretrained", "data.init_args.root"]
     assert required_leaves(pretrain) == ["data.init_args.root"]
     given = parsed["configs/finetune_mouse.yaml"]
@@ -148,9 +148,9 @@ def test_finetune_mouse_is_the_papers_fine_tune(parsed):
     assert {k: model[k] for k in NET_ARGS} == {k: block[k] for k in NET_ARGS}
 
 
-@pytest.mark.parametrize("name", sorted(STACKED_ON))
+@pytest.mark.parametrize("name", sorted(n for n, base in STACKED_ON.items() if base == NETWORK_34M))
 def test_run_configs_hold_only_what_differs_from_the_block_they_stack_on(name):
-    own = yaml.safe_load((ROOT / name).read_text())["model"]["init_args"]
+    own = yaml.safe_load((REPO / name).read_text())["model"]["init_args"]
     block = yaml.safe_load(STACKED_ON[name].read_text())["model"]["init_args"]
     assert not set(own) & set(block), set(own) & set(block)  # the network and SDE are written once
 
@@ -174,6 +174,27 @@ def test_data_blocks_train_on_crops_of_native_slices(name, parsed):
     if name == "configs/quickstart.yaml":
         assert data["crop_size"] == parsed[name]["model"]["init_args"]["image_size"] == 64
         assert parsed[name]["trainer"]["limit_val_batches"] <= 4  # whole native slices: a few batches
+
+
+def leaves(node: object, prefix: str = "") -> dict[str, object]:
+    """{dotted key: value} of a YAML tree's leaves; a list (e.g. trainer.callbacks) is one leaf."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in leaves(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+@pytest.mark.parametrize("name", [n for n, base in STACKED_ON.items() if base == QUICKSTART])
+def test_configs_stacked_on_the_quickstart_hold_only_what_differs(name, parsed):
+    """A run config stacked on configs/quickstart.yaml sets nothing the quickstart already resolves to
+    (no second copy of a value to keep in sync), and the stack resolves to what the file says."""
+    own = leaves(yaml.safe_load((REPO / name).read_text()))
+    base, stacked = leaves(parsed["configs/quickstart.yaml"]), leaves(parsed[name])
+    assert own and all(key in base for key in own), [k for k in own if k not in base]
+    same = [key for key, value in own.items() if base[key] == value and "${" not in yaml.safe_dump(value)]
+    assert not same, f"{name} repeats the quickstart's {same}"
+    for key, value in own.items():
+        if "${" not in yaml.safe_dump(value):
+            assert stacked[key] == value, key
 
 
 def test_the_reference_prior_fine_tunes_into_the_small_protocol_and_the_quickstart(parsed):

@@ -3,15 +3,12 @@ and each rank gets its own shard of the training data."""
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
+import pytest
 import torch
+from helpers import LFMRI, QUICKSTART, REPO, TINY_QUICKSTART_ARGS
 
 from datamodules.resumable import resumable_loader
-
-LFMRI = Path(sys.executable).with_name("lfmri")
-REPO = Path(__file__).resolve().parents[2]
 
 #: a callback for the subprocess (on PYTHONPATH): each rank writes the (subject, slice) of its samples
 RECORDER = '''
@@ -29,20 +26,18 @@ class Seen(Callback):
 '''
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_process_cpu_ddp_fit(tmp_path):
     (tmp_path / "seen_cb.py").write_text(RECORDER)
     root = tmp_path / "run"
-    cmd = [str(LFMRI), "fit", "--config", str(REPO / "configs/quickstart.yaml"),
+    cmd = [str(LFMRI), "fit", "--config", str(QUICKSTART),
            "--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2",
            "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
            "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
            f"--trainer.default_root_dir={root}",
            "--trainer.callbacks+=seen_cb.Seen", f"--trainer.callbacks.path={tmp_path / 'seen'}",
-           "--model.init_args.image_size=32", "--model.init_args.nf=8", "--model.init_args.num_groups=4",
-           "--data.init_args.image_size=32", "--data.init_args.crop_size=null",
-           "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
-           "--data.init_args.bundled_train_subjects=2", "--data.init_args.bundled_val_subjects=1",
-           "--data.init_args.eval_slices_per_volume=1"]
+           *TINY_QUICKSTART_ARGS]
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     log = out.stdout + out.stderr

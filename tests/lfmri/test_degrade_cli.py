@@ -1,6 +1,5 @@
 """`lfmri degrade`: round trip on a small real NIfTI, reproducibility, the SNR it promises, bad inputs."""
 
-import importlib.resources
 import json
 import math
 import subprocess
@@ -12,12 +11,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import MNI
 
 from degradations import ForwardOperator, fft2c, ifft2c
 from degradations.snr import foreground_mask
 from lfmri.cli import main
-
-MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +151,8 @@ def test_bad_inputs_exit_2_with_one_line_and_create_nothing(small_volume, tmp_pa
         assert list(outdir.iterdir()) == [], case  # no output, no JSON, no HDF5, no temporary file
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_installed_console_script(small_volume, tmp_path):
     script = Path(sys.executable).with_name("lfmri")
     out = tmp_path / "deg.nii.gz"

@@ -9,12 +9,12 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import SCORE_SDE_CKPT
 
 from lfmri.baselines import BASELINES, available_baselines
 from lfmri.cli import main
 from lfmri.results import CSV_COLUMNS
 
-SCORE_SDE_CKPT = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny" / "checkpoint.pth"
 CONFIG = """\
 trainer:
   max_epochs: 1
@@ -36,12 +36,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (tv_model wit
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, save_score_model) -> dict[str, Path]:
+def setup(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> dict[str, Path]:
     """A tiny ScoreModel checkpoint (trained size 32) and a data config resizing slices to 32 x 32."""
     d = tmp_path_factory.mktemp("evaluate")
-    save_score_model(d / "tiny.ckpt")
     (d / "data.yaml").write_text(CONFIG.format(size=32))
-    return {"ckpt": d / "tiny.ckpt", "config": d / "data.yaml"}
+    return {"ckpt": tiny_checkpoint, "config": d / "data.yaml"}
 
 
 def _argv(setup: dict[str, Path], out: Path, *extra: str, ckpt: Path | None = None,
@@ -51,6 +50,8 @@ def _argv(setup: dict[str, Path], out: Path, *extra: str, ckpt: Path | None = No
             "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_evaluate_writes_well_formed_results_and_tunes_on_validation_only(
         setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 
 from degradations import channels_to_complex, fft2c, neutral_params, regime_label
 from lfmri.baselines import TuningResult
@@ -29,7 +30,7 @@ from lfmri.results import (
     write_files_atomically,
     write_results,
 )
-from lightning_modules.samplers import build_sampler
+from lightning_modules.sampling.samplers import build_sampler
 
 
 def _result() -> EvaluationResult:
@@ -145,6 +146,8 @@ write_files_atomically(sys.argv[1], {n: (lambda p, n=n: Path(p).write_text("new 
 NAMES = ("results.csv", "results.md", "results.json")
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("kill_at", [1, 2, 3])
 def test_an_existing_out_folder_is_replaced_all_or_nothing_if_killed(tmp_path: Path, kill_at: int) -> None:
     out = tmp_path / "eval"
@@ -153,7 +156,7 @@ def test_an_existing_out_folder_is_replaced_all_or_nothing_if_killed(tmp_path: P
         (out / name).write_text("old " + name)
     (out / "notes.txt").write_text("mine")  # a file of the user's: kept
     proc = subprocess.run([sys.executable, "-c", _KILLED_WRITE % (NAMES,), str(out), str(kill_at)],
-                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                          cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode in (0, -signal.SIGKILL), proc.stderr[-2000:]
 
@@ -217,7 +220,7 @@ class _FakeDataModule:
 
 def test_protocol_tunes_on_validation_and_scores_test_subjects() -> None:
     dm = _FakeDataModule()
-    model = SimpleNamespace(score_fn=lambda: (lambda x, t: torch.zeros_like(x)))
+    model = SimpleNamespace(score_fn=lambda: (lambda x, t: torch.zeros_like(x)), data_scale=None)
     sampler = build_sampler("ddim", steps=1, dc="gradient", dc_weight=1.0)  # zero score + full DC: the data
     names = ["degraded", "tv", "tv_complex", "tv_model"]
     result = run_evaluation(model, dm, ["noise"], names, sampler, batch_size=1)

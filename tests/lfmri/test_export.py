@@ -6,15 +6,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import TINY_NET
 from torch.utils.data import DataLoader
 
 from lfmri import cli
 from lightning_modules.checkpoint import load_score_sde_checkpoint
 from lightning_modules.module import ScoreModel
 from lightning_modules.networks.families import load_pretrained
-
-TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +31,7 @@ def main(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def lightning_ckpt(tmp_path_factory) -> tuple[ScoreModel, Path]:
     tmp = tmp_path_factory.mktemp("export")
-    model = ScoreModel(**TINY, lr=1e-3, warmup_steps=1, ema_decay=0.5)
+    model = ScoreModel(**TINY_NET, lr=1e-3, warmup_steps=1, ema_decay=0.5)
     tr = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
     tr.fit(model, batches())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import subprocess
 import sys
@@ -11,11 +10,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import MNI
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from lfmri.cli import main
-
-MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
 @pytest.fixture(scope="module")

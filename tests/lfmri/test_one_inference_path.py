@@ -4,7 +4,6 @@ multiple of the U-Net's) matrix, from a model trained on smaller crops; `lfmri p
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 
 import lightning as L
@@ -13,15 +12,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import MNI, TINY_MODEL
 
 import lightning_modules.inference as inference
 from lfmri.cli import main
 from lightning_modules.callbacks import SamplerCallback
 from lightning_modules.module import ScoreModel
 
-MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-TINY = dict(nf=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8], image_size=16, num_groups=4,
-            dropout=0.0, warmup_steps=1)
+TINY = {**TINY_MODEL, "ch_mult": [1, 2], "attn_resolutions": [8], "image_size": 16}  # lists: written to YAML
 STEPS = 3
 REGIME = "noise_blur_t2star_b0"
 

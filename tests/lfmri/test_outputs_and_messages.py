@@ -1,5 +1,5 @@
 """Issue 14, items 9 and 12: outputs are checked before any work (`reconstruct`, `evaluate`, `preview` share
-`datamodules.io.check_output_file` / `check_output_dir`), and bad input files get one clear line naming the
+`lfmri_utils.files.check_output_file` / `check_output_dir`), and bad input files get one clear line naming the
 file and the problem (`lfmri <command>: error: ...`, exit code 2)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from datamodules.errors import InputError
 from lfmri.cli import main
+from lfmri_utils.errors import InputError
 from lightning_modules.checkpoint import CheckpointError, ddpm_kwargs_from_config, load_score_sde_checkpoint
 
 #: a complete score_sde config of a tiny DDPM (nested layout)

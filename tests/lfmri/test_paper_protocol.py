@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import REPO
 
 from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS
 
-ROOT = Path(__file__).resolve().parents[2]
-PAPER = ROOT / "experiments" / "paper"
+PAPER = REPO / "experiments" / "paper"
 REGIMES = ("noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0")
 
 
@@ -52,11 +52,13 @@ def small_run(tmp_path_factory) -> Path:
            "--set", "data.init_args.bundled_val_subjects=1",
            "--set", "trainer.limit_val_batches=0", "--set", "trainer.enable_progress_bar=false",
            "--set", "trainer.enable_model_summary=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_small_protocol_runs_every_stage_and_writes_the_comparison(small_run):
     out = small_run
     stages = [s["stage"] for s in json.loads((out / "protocol.json").read_text())["steps"]]
@@ -69,6 +71,8 @@ def test_small_protocol_runs_every_stage_and_writes_the_comparison(small_run):
     assert "lfmri export --ckpt reference-small" in (out / "protocol.md").read_text()  # the shipped prior
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_fine_tune_imports_the_exported_score_sde_checkpoint(small_run):
     out = small_run
     exported = torch.load(out / "clinical.pth", map_location="cpu", weights_only=True)
@@ -86,6 +90,8 @@ def test_the_fine_tune_imports_the_exported_score_sde_checkpoint(small_run):
                                                  shipped["ema"]["shadow_params"], strict=True))
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_both_models_are_evaluated_on_the_same_held_out_volumes_in_all_regimes(small_run):
     rows = {name: list(csv.DictReader((small_run / f"eval_{name}" / "results.csv").open()))
             for name in ("finetune", "scratch")}
@@ -98,6 +104,8 @@ def test_both_models_are_evaluated_on_the_same_held_out_volumes_in_all_regimes(s
     assert {r["method"] for r in rows["scratch"]} == {"degraded", "lfmri"}  # tuned baselines only once
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_second_run_into_the_same_folder_needs_overwrite(small_run):
     run = load_script("run")
     with pytest.raises(run.ProtocolError, match="--overwrite"):

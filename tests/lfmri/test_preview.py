@@ -7,9 +7,9 @@ import matplotlib.image as mpimg
 import pytest
 import yaml
 
-from datamodules.errors import InputError
 from lfmri.commands import preview
 from lfmri.data_config import data_block
+from lfmri_utils.errors import InputError
 
 DATA = {
     "class_path": "datamodules.LowFieldDataModule",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 from pathlib import Path
 
@@ -10,23 +9,22 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import MNI, SCORE_SDE_CKPT
 
 from lfmri.cli import main
 
-MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-SCORE_SDE_CKPT = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny" / "checkpoint.pth"
 FAST = ["--steps", "2", "--device", "cpu", "--sampler", "warm_ddim"]
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory, save_score_model) -> dict[str, Path]:
+def files(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> dict[str, Path]:
     """A tiny checkpoint, two real MNI-derived volumes (32 x 32 x 2 and 40 x 47 x 2) and a degraded one."""
     d = tmp_path_factory.mktemp("reconstruct")
     img = nib.load(str(MNI))
     data = np.asarray(img.dataobj, dtype=np.float32)
     square = data[20:180:5, 30:190:5, 80:110:20]  # 32 x 32 x 2
     rect = data[::5, ::5, 80:110:20]  # 40 x 47 x 2
-    out = {"ckpt": save_score_model(d / "tiny.ckpt"), "square": d / "square.nii.gz",
+    out = {"ckpt": tiny_checkpoint, "square": d / "square.nii.gz",
            "rect": d / "rect.nii.gz"}
     nib.save(nib.Nifti1Image(square, img.affine), out["square"])
     nib.save(nib.Nifti1Image(rect, img.affine), out["rect"])

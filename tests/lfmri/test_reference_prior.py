@@ -3,19 +3,18 @@ user's NIfTI right after set-up."""
 
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
+from helpers import MNI
 
 from lfmri.cli import main
 from lfmri.models import load_score_model, read_lightning_checkpoint
 from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS
 
 SHIPPED = SHIPPED_CHECKPOINTS["reference-small"]
-MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
 def test_the_shipped_reference_prior_is_small_and_loads() -> None:

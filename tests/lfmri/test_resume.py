@@ -10,19 +10,17 @@ the end of the current step with a resumable `last.ckpt` written on the way out 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import LFMRI, REPO
 
 from datamodules.resumable import resumable_loader
 from lfmri.lightning_cli import AtomicCheckpointIO
 
-LFMRI = Path(sys.executable).with_name("lfmri")
-REPO = Path(__file__).resolve().parents[2]
 EPOCH_BATCHES = 5  # limit_train_batches: a 16-step run crosses three epoch boundaries
 MAX_STEPS = 16
 
@@ -138,6 +136,8 @@ def runs(tmp_path_factory):
             "log": out.stdout + out.stderr, "tmp": tmp}
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_resumed_run_reaches_the_same_final_step(runs):
     final = load(runs["resumed"] / "checkpoints" / "last.ckpt")
     assert final["global_step"] == MAX_STEPS
@@ -145,12 +145,16 @@ def test_resumed_run_reaches_the_same_final_step(runs):
     assert f"Restored all states from the checkpoint at {runs['resumed']}" in runs["log"]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_resumed_run_sees_the_same_batches_and_random_draws(runs):
     full, resumed = records(runs["full"]), records(runs["resumed"])
     assert sorted(full) == list(range(MAX_STEPS))
     assert resumed == full  # data order, degradation draws, model RNG state before every step
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_resumed_weights_equal_an_uninterrupted_run(runs):
     assert_same_training_state(runs["full"] / "checkpoints" / "last.ckpt",
                                runs["resumed"] / "checkpoints" / "last.ckpt")
@@ -202,6 +206,8 @@ def interrupted(request, runs):
     return result
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_interrupt_saves_a_resumable_last_checkpoint_and_exits_non_zero(interrupted):
     run = interrupted
     assert run["rc"] == 128 + run["signal"], run["log"][-3000:]
@@ -213,6 +219,8 @@ def test_interrupt_saves_a_resumable_last_checkpoint_and_exits_non_zero(interrup
     assert "Traceback" not in run["log"]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_interrupted_run_resumes_to_the_uninterrupted_result(interrupted, runs):
     run = interrupted
     assert run["resume_rc"] == 0, run["resume_log"][-3000:]
@@ -224,6 +232,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(interrupted, runs):
         assert torch.equal(x, y)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_resumed_ema_equals_an_uninterrupted_run(runs):
     a = load(runs["full"] / "checkpoints" / "last.ckpt")
     b = load(runs["resumed"] / "checkpoints" / "last.ckpt")

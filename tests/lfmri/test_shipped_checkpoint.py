@@ -3,32 +3,28 @@ slim EMA-only file that `experiments/ship_reference.py` writes, and the real shi
 
 from __future__ import annotations
 
-import importlib.resources
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, TINY_MODEL
 
-from datamodules.errors import InputError
 from lfmri.models import load_score_model, read_lightning_checkpoint, slim_checkpoint
+from lfmri_utils.errors import InputError
 from lightning_modules import checkpoint as ckpt_mod
 from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS, resolve_checkpoint
 from lightning_modules.module import ScoreModel
 
-ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = SHIPPED_CHECKPOINTS["reference-small"]
-MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
-TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=32, num_groups=4,
-            dropout=0.0, warmup_steps=1)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, save_score_model) -> tuple[Path, ScoreModel]:
     """A tiny checkpoint whose EMA weights differ from its raw weights (as after training)."""
     torch.manual_seed(0)
-    model = ScoreModel(**TINY)
+    model = ScoreModel(**TINY_MODEL)
     with torch.no_grad():
         for p in model.net.parameters():
             p.add_(0.1 * torch.randn_like(p))  # raw weights move; the EMA keeps the initial ones
@@ -65,7 +61,7 @@ def test_short_name_resolves_and_a_missing_shipped_file_is_named(trained: tuple[
     monkeypatch.setitem(ckpt_mod.SHIPPED_CHECKPOINTS, "tiny-test", path)
     assert resolve_checkpoint("tiny-test") == path
     assert resolve_checkpoint(tmp_path / "x.ckpt") == tmp_path / "x.ckpt"  # other values are paths
-    assert load_score_model("tiny-test", torch.device("cpu")).hparams.nf == TINY["nf"]
+    assert load_score_model("tiny-test", torch.device("cpu")).hparams.nf == TINY_MODEL["nf"]
     monkeypatch.setitem(ckpt_mod.SHIPPED_CHECKPOINTS, "tiny-test", tmp_path / "gone.ckpt")
     with pytest.raises(InputError, match=r"tiny-test: the shipped checkpoint .*gone\.ckpt is missing"):
         load_score_model("tiny-test", torch.device("cpu"))
@@ -75,21 +71,23 @@ def test_fine_tuning_starts_from_a_lightning_checkpoint_by_short_name(trained: t
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     path, model = trained
     monkeypatch.setitem(ckpt_mod.SHIPPED_CHECKPOINTS, "tiny-test", path)
-    student = ScoreModel(**TINY, pretrained="tiny-test")
+    student = ScoreModel(**TINY_MODEL, pretrained="tiny-test")
     student.load_pretrained()
     for p, shadow in zip(student.net.parameters(), model.ema.shadow_params, strict=True):
         assert torch.equal(p, shadow)  # pretrained_weights="ema" by default
-    raw = ScoreModel(**TINY, pretrained="tiny-test", pretrained_weights="model")
+    raw = ScoreModel(**TINY_MODEL, pretrained="tiny-test", pretrained_weights="model")
     raw.load_pretrained()
     for p, q in zip(raw.net.parameters(), model.net.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_ship_reference_script_writes_the_slim_file(trained: tuple[Path, ScoreModel], tmp_path: Path) -> None:
     path, model = trained
     out = tmp_path / "reference.ckpt"
-    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "ship_reference.py"), str(path),
-                           "--out", str(out), "--wall-s", "12.5"], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, str(REPO / "experiments" / "ship_reference.py"), str(path),
+                           "--out", str(out), "--wall-s", "12.5"], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr
     ckpt = read_lightning_checkpoint(out)
     assert ckpt["lfmri"]["wall_s"] == 12.5 and "reference_small.yaml" in ckpt["lfmri"]["command"]

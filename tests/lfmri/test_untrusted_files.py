@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from datamodules.errors import InputError
 from lfmri.cli import main
 from lfmri.data_config import load_datamodule
+from lfmri_utils.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,22 +7,17 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import LFMRI, QUICKSTART, REPO, TINY_QUICKSTART_ARGS
 from wandb.proto import wandb_internal_pb2
 
-LFMRI = Path(sys.executable).with_name("lfmri")
-REPO = Path(__file__).resolve().parents[2]
 TINY = ["--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0",
-        "--trainer.enable_progress_bar=false",
-        "--model.init_args.image_size=32", "--model.init_args.nf=8", "--model.init_args.num_groups=4",
-        "--data.init_args.image_size=32", "--data.init_args.crop_size=null", "--data.init_args.batch_size=2",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.bundled_train_subjects=2", "--data.init_args.bundled_val_subjects=1",
-        "--data.init_args.eval_slices_per_volume=1"]
+        "--trainer.enable_progress_bar=false", *TINY_QUICKSTART_ARGS]
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]  # one `lfmri fit` process for the whole module
 
 
 def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
@@ -54,7 +49,7 @@ def offline_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wandb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # no key, no mode: offline
     env["NETRC"] = str(tmp / "no-netrc")  # and no `wandb login`
-    cmd = [str(LFMRI), "fit", "--config", str(REPO / "configs/quickstart.yaml"),
+    cmd = [str(LFMRI), "fit", "--config", str(QUICKSTART),
            "--config", str(REPO / "configs/logger/wandb.yaml"), *TINY]
     out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]

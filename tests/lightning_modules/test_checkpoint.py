@@ -89,7 +89,7 @@ def test_wrong_architecture_reports_the_first_difference():
 
 def test_ema_length_mismatch(raw, tmp_path):
     bad = dict(raw, ema=dict(raw["ema"], shadow_params=raw["ema"]["shadow_params"][:-1]))
-    with pytest.raises(CheckpointError, match="EMA has 133 shadow parameters"):
+    with pytest.raises(CheckpointError, match="the EMA has 133 shadow tensors"):
         load_score_sde_checkpoint(_save(bad, tmp_path / "ema.pth"), CONFIG, weights="ema")
     # the model weights of the same file still load
     load_score_sde_checkpoint(tmp_path / "ema.pth", CONFIG, weights="model")
@@ -106,8 +106,10 @@ def test_not_a_checkpoint(tmp_path, content):
 def test_other_objects_and_missing_files(tmp_path):
     with pytest.raises(CheckpointError, match="not a score_sde checkpoint"):
         load_score_sde_checkpoint(_save([1, 2], tmp_path / "list.pth"), CONFIG)
-    with pytest.raises(CheckpointError, match="not a score_sde checkpoint"):
+    with pytest.raises(CheckpointError, match="d.pth: the state dict is neither a score_sde DDPM"):
         load_score_sde_checkpoint(_save({"weights": torch.zeros(2)}, tmp_path / "d.pth"), CONFIG)
+    with pytest.raises(CheckpointError, match="o.pth: not a score_sde checkpoint"):
+        load_score_sde_checkpoint(_save({"weights": [1, 2]}, tmp_path / "o.pth"), CONFIG)
     lightning_like = {"state_dict": {}, "pytorch-lightning_version": "2.6.6"}
     with pytest.raises(CheckpointError, match="Lightning checkpoint"):
         load_score_sde_checkpoint(_save(lightning_like, tmp_path / "l.ckpt"), CONFIG)

@@ -2,24 +2,20 @@
 any H x W (non-square multiples of the size multiple as they are, other sizes padded and cropped back)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import REPO, SCORE_SDE_FIXTURE, SCORE_SDE_NET, TINY_NET
 
 from lightning_modules.checkpoint import load_score_sde_checkpoint
-from lightning_modules.ddpm import DDPM, AttnBlock
 from lightning_modules.module import NET_ARGS
-from lightning_modules.sde import pad_to_multiple
+from lightning_modules.networks.ddpm import DDPM, AttnBlock
+from lightning_modules.sampling.sde import pad_to_multiple
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny"  # copy of shared/fixtures
-ROOT = Path(__file__).resolve().parents[2]
-TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
 #: three levels (size multiple 4), attention at the level that is 8 px wide for a 16 px training crop
-THREE_LEVELS = dict(nf=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16,
-                    num_groups=8, dropout=0.0)
+THREE_LEVELS = {**TINY_NET, "ch_mult": (1, 2, 2), "dropout": 0.0}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,16 +36,16 @@ def test_34m_parameter_count(channels, expected):
 
 
 def test_34m_yaml_config_builds_the_34m_net():
-    init_args = yaml.safe_load((ROOT / "configs/model/ddpm_34m.yaml").read_text())["model"]["init_args"]
+    init_args = yaml.safe_load((REPO / "configs/model/ddpm_34m.yaml").read_text())["model"]["init_args"]
     with torch.device("meta"):
         net = DDPM(**{k: init_args[k] for k in NET_ARGS if k in init_args})
     assert n_params(net) == 34_425_602
 
 
 def test_state_dict_keys_and_shapes_match_the_score_sde_fixture():
-    ckpt = torch.load(FIXTURE / "checkpoint.pth", map_location="cpu", weights_only=True)
+    ckpt = torch.load(SCORE_SDE_FIXTURE / "checkpoint.pth", map_location="cpu", weights_only=True)
     with torch.device("meta"):
-        net = DDPM(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
+        net = DDPM(**SCORE_SDE_NET)
     ours = {f"module.{k}": tuple(v.shape) for k, v in net.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
     assert list(ours) == list(theirs)  # same order: parameters() order = EMA shadow order
@@ -58,7 +54,7 @@ def test_state_dict_keys_and_shapes_match_the_score_sde_fixture():
 
 def test_forward_shape_and_time_dependence():
     torch.manual_seed(0)
-    net = DDPM(**TINY, dropout=0.0)
+    net = DDPM(**TINY_NET, dropout=0.0)
     for p in net.parameters():  # DDPM zero-inits the last convs: perturb so the output depends on inputs
         p.data.add_(0.05 * torch.randn_like(p))
     x = torch.randn(3, 2, 16, 16)
@@ -70,8 +66,8 @@ def test_forward_shape_and_time_dependence():
 
 def test_uncentered_input_is_mapped_to_minus_one_one():
     torch.manual_seed(0)
-    a = DDPM(**TINY, centered=False)
-    b = DDPM(**TINY, centered=True)
+    a = DDPM(**TINY_NET, centered=False)
+    b = DDPM(**TINY_NET, centered=True)
     b.load_state_dict(a.state_dict())
     for p in a.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
@@ -83,8 +79,8 @@ def test_uncentered_input_is_mapped_to_minus_one_one():
 
 def test_gradient_checkpointing_gives_identical_outputs_and_gradients():
     torch.manual_seed(0)
-    plain = DDPM(**TINY, dropout=0.0)
-    ckpt = DDPM(**TINY, dropout=0.0, grad_checkpointing=True)
+    plain = DDPM(**TINY_NET, dropout=0.0)
+    ckpt = DDPM(**TINY_NET, dropout=0.0, grad_checkpointing=True)
     ckpt.load_state_dict(plain.state_dict())
     x, labels = torch.randn(2, 2, 16, 16), torch.tensor([1.0, 600.0])
     grads = []
@@ -97,7 +93,7 @@ def test_gradient_checkpointing_gives_identical_outputs_and_gradients():
 
 
 def test_config_round_trips_through_score_sde_layout():
-    net = DDPM(**TINY)
+    net = DDPM(**TINY_NET)
     cfg = net.score_sde_config()
     assert cfg["data"] == {"image_size": 16, "num_channels": 2, "centered": True}
     assert cfg["model"]["name"] == "ddpm" and cfg["model"]["nf"] == 16
@@ -105,7 +101,7 @@ def test_config_round_trips_through_score_sde_layout():
 
 def test_bad_nonlinearity_is_rejected():
     with pytest.raises(ValueError, match="nonlinearity"):
-        DDPM(**TINY, nonlinearity="gelu")
+        DDPM(**TINY_NET, nonlinearity="gelu")
 
 
 def _perturbed(net: DDPM) -> DDPM:
@@ -117,7 +113,7 @@ def _perturbed(net: DDPM) -> DDPM:
 
 
 def test_size_multiple_is_two_to_the_number_of_downsamplings():
-    assert DDPM(**TINY).size_multiple == 2
+    assert DDPM(**TINY_NET).size_multiple == 2
     assert DDPM(**THREE_LEVELS).size_multiple == 4
     with torch.device("meta"):
         assert DDPM(nf=128, ch_mult=(1, 2, 2, 2), image_size=256).size_multiple == 8
@@ -188,9 +184,9 @@ def test_pad_to_multiple_is_the_identity_at_multiples_and_crops_back_otherwise()
 
 
 def test_score_sde_fixture_outputs_are_reproduced_through_the_padding_forward():
-    io = torch.load(FIXTURE / "io.pt", map_location="cpu", weights_only=True)
-    config = json.loads((FIXTURE / "config.json").read_text())
-    net = load_score_sde_checkpoint(FIXTURE / "checkpoint.pth", config, weights="ema")
+    io = torch.load(SCORE_SDE_FIXTURE / "io.pt", map_location="cpu", weights_only=True)
+    config = json.loads((SCORE_SDE_FIXTURE / "config.json").read_text())
+    net = load_score_sde_checkpoint(SCORE_SDE_FIXTURE / "checkpoint.pth", config, weights="ema")
     with torch.no_grad():
         out = net(io["x"], io["labels"])
         assert torch.equal(out, net.unet(io["x"], io["labels"]))  # 16 x 16: no padding at all

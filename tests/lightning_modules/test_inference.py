@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from datamodules.errors import InputError
 from degradations import ForwardOperator, complex_to_channels, ifft2c, make_regime
+from lfmri_utils.errors import InputError
 from lightning_modules.inference import Reconstructor
-from lightning_modules.samplers import build_sampler
+from lightning_modules.sampling.samplers import build_sampler
+from lightning_modules.sampling.sde import VPSDE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +34,8 @@ def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return -x
 
 
-@pytest.mark.parametrize(("regime", "tol"), [("noise", 1e-5), ("noise_blur_t2star_b0", 5e-4)])
+@pytest.mark.parametrize(("regime", "tol"), [
+    ("noise", 1e-5), pytest.param("noise_blur_t2star_b0", 5e-4, marks=pytest.mark.slow)])
 def test_a_slice_does_not_depend_on_the_batch_size(regime: str, tol: float) -> None:
     """Same seed and slice index, same output whatever the batch (up to float32 rounding, which the B0
     regime's conjugate-gradient DC amplifies to ~1e-4)."""
@@ -98,3 +100,40 @@ def test_bad_shapes_are_refused() -> None:
         rec(x, y, params, [0, 1])
     with pytest.raises(ValueError, match="batch_size"):
         Reconstructor(score, build_sampler(), batch_size=0)
+
+
+def test_a_prior_data_scale_runs_the_sampler_in_the_priors_units_and_returns_the_slices() -> None:
+    """With `data_scale` c per slice (a family's normalisation), the reconstruction is the one of the slices
+    multiplied by c (x_init, y and the noise std), divided by c: the sampler sees the prior's data range, the
+    caller gets its own units back; the factor is computed from y and the noise std."""
+    _, y, params = _measure("noise_blur")
+    x_init = complex_to_channels(ifft2c(y))
+    sigma = params["noise_sigma"]
+    c = torch.tensor([0.5, 2.0, 4.0])
+    seen = []
+
+    def data_scale(k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        seen.append((k, noise))
+        return c
+
+    sde = VPSDE()
+
+    def gaussian(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # not scale-free: N(0.5, 0.3^2) data
+        a, s = sde.alpha(t)[:, None, None, None], sde.std(t)[:, None, None, None]
+        return -(x - a * 0.5) / (a**2 * 0.09 + s**2)
+
+    sampler = build_sampler("warm_ddim", steps=4, sde=sde)
+    scaled = Reconstructor(gaussian, sampler, data_scale=data_scale)(x_init, y, params, [0, 1, 2], seed=1,
+                                                                      samples=2)
+    torch.testing.assert_close(seen[0][0], y)
+    torch.testing.assert_close(seen[0][1], sigma.float())
+    cc = c[:, None, None, None]
+    direct = Reconstructor(gaussian, sampler)(x_init * cc, y * cc, params, [0, 1, 2], seed=1, samples=2,
+                                              noise_sigma=sigma * c)
+    torch.testing.assert_close(scaled.mean, direct.mean / cc, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scaled.std, direct.std / cc, rtol=1e-5, atol=1e-6)
+    plain = Reconstructor(gaussian, sampler)(x_init, y, params, [0, 1, 2], seed=1, samples=2)
+    assert not torch.allclose(plain.mean, scaled.mean, atol=1e-3)  # the scale matters to this prior
+    with pytest.raises(ValueError, match="data_scale must give 3 finite factors > 0"):
+        Reconstructor(gaussian, sampler, data_scale=lambda k, s: torch.tensor([1.0, 0.0, 1.0]))(
+            x_init, y, params, [0, 1, 2])

@@ -1,19 +1,18 @@
 """DSM and the supervised reconstruction loss: definitions on hand-computable nets, and a short real fit."""
 
-import importlib.resources
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import MNI, TINY_NET
 
-from lightning_modules.ddpm import DDPM
 from lightning_modules.losses import dsm_loss, supervised_loss, tweedie_x0
-from lightning_modules.sde import VPSDE
+from lightning_modules.networks.ddpm import DDPM
+from lightning_modules.sampling.sde import VPSDE
 
 SDE = VPSDE()
-MNI = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,8 +24,7 @@ def zero_net(x, labels):
 
 def mni_slices(n: int = 16, size: int = 32) -> torch.Tensor:
     """n axial slices of nilearn's MNI152 T1 template, area-downsampled to size^2, as (m, 0) 2-channel."""
-    path = importlib.resources.files("nilearn") / f"datasets/data/{MNI}"
-    vol = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)  # [197, 233, 189], axial = last axis
+    vol = np.asarray(nib.load(str(MNI)).dataobj, dtype=np.float32)  # [197, 233, 189], axial = last axis
     z = np.linspace(50, 140, n).round().astype(int)
     m = torch.from_numpy(vol[:, :, z]).permute(2, 0, 1)[:, None]  # [n, 1, X, Y]
     m = F.interpolate(m, size=(size, size), mode="area")
@@ -101,11 +99,11 @@ def test_tweedie_and_t0_validation():
         supervised_loss(zero_net, SDE, x, x, loss="l3")
 
 
+@pytest.mark.slow
 def test_dsm_decreases_on_real_slices():
     torch.manual_seed(0)
     data = mni_slices(16, 32)
-    net = DDPM(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=32, num_groups=8,
-               dropout=0.0)
+    net = DDPM(**{**TINY_NET, "attn_resolutions": (), "image_size": 32}, dropout=0.0)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
 
     def held_out_loss():

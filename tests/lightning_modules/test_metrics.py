@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.resources
-
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import MNI
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from lightning_modules.metrics import (
@@ -17,8 +16,6 @@ from lightning_modules.metrics import (
     ssim_slices,
     ssim_volume,
 )
-
-MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_modules.checkpoint import load_score_sde_checkpoint
 from lightning_modules.losses import dsm_loss
 from lightning_modules.module import ScoreModel
-from lightning_modules.sde import get_score_fn
+from lightning_modules.sampling.sde import get_score_fn
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny"  # copy of shared/fixtures
 TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from helpers import TINY_MODEL
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
@@ -23,9 +24,8 @@ def _batch_samples(n: int = 2, size: int = 16) -> list[dict]:
 
 def test_predict_with_full_data_consistency_returns_the_measured_magnitude():
     # with dc weight 1 and fully sampled noiseless y, the last DC step projects exactly onto the measurement
-    model = ScoreModel(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16,
-                       num_groups=4, dropout=0.0, predict_steps=3, predict_t0=0.3, predict_dc="gradient",
-                       predict_dc_weight=1.0)
+    model = ScoreModel(**{**TINY_MODEL, "attn_resolutions": (8,), "image_size": 16}, predict_steps=3,
+                       predict_t0=0.3, predict_dc="gradient", predict_dc_weight=1.0)
     samples = _batch_samples()
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     out = trainer.predict(model, DataLoader(samples, batch_size=2))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lightning_modules
-from datamodules.errors import InputError
+from lfmri_utils.errors import InputError
 from lightning_modules.networks.adm import _join_qkv, _split_qkv
 from lightning_modules.networks.families import (
     FAMILIES,
@@ -21,7 +21,7 @@ from lightning_modules.networks.families import (
     read_config,
     resolve_config,
 )
-from lightning_modules.sde import VESDE, VPSDE, DiscreteVPSDE, get_score_fn
+from lightning_modules.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, get_score_fn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lightning_modules.checkpoint import export_score_sde_checkpoint
-from lightning_modules.ddpm import DDPM
 from lightning_modules.module import ScoreModel
+from lightning_modules.networks.ddpm import DDPM
 
 TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=4)
 

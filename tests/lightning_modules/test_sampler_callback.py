@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_MODEL
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from datamodules import LowFieldDataModule
@@ -23,8 +24,7 @@ from lightning_modules.module import ScoreModel
 
 REGIMES = ["noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0"]
 NAMES = [f"val/{m}/{r}" for m in ("ssim", "psnr", "nmse") for r in REGIMES]
-TINY = dict(nf=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], image_size=32, num_groups=4,
-            lr=1e-3, warmup_steps=1, ema_decay=0.5)
+TINY = {**TINY_MODEL, "dropout": 0.1, "lr": 1e-3, "ema_decay": 0.5}  # trains with the default dropout
 DATA = dict(source="bundled", image_size=32, batch_size=2, eval_slices_per_volume=4, num_workers=0,
             bundled_train_subjects=2, bundled_val_subjects=1)
 CALLBACK = dict(n_slices=2, steps=2, batch_size=2, seed=3)  # 4 batches: both ranks get 2 in DDP
@@ -94,7 +94,7 @@ def test_zero_score_near_t0_reconstructs_the_degraded_input_of_the_chosen_slices
     degraded image of the noise regime unchanged: the logged metrics are those of |degraded| vs |clean| on the
     same slices, computed here independently."""
     from lightning_modules.metrics import psnr_volume, ssim_volume
-    from lightning_modules.samplers import magnitude
+    from lightning_modules.sampling.samplers import magnitude
 
     monkeypatch.setattr(fitted.model, "score_fn", lambda use_ema=True: lambda x, t: torch.zeros_like(x))
     callback = SamplerCallback(regimes=["noise"], n_slices=3, steps=1, t0=0.002, batch_size=2,
@@ -167,6 +167,8 @@ def test_grid_goes_to_wandb_as_an_image_instead_of_a_png(tmp_path):
     assert not (tmp_path / "samples").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_ddp_two_processes_log_the_same_numbers_as_one(fitted, tmp_path):
     """The fitted checkpoint validated on 2 CPU processes (gloo DDP): both ranks log exactly the numbers of
     the fit's last validation (same weights) on this 1 process."""

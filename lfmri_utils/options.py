@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from datamodules.errors import InputError
+from lfmri_utils.errors import InputError
 
 __all__ = ["Rule", "number", "sequence", "ordered_range", "check_options"]
 

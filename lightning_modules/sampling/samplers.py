@@ -49,8 +49,8 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from lightning_modules.data_consistency import GradientDC, ProximalDC
-from lightning_modules.sde import SDE, VESDE, VPSDE
+from lightning_modules.sampling.data_consistency import GradientDC, ProximalDC
+from lightning_modules.sampling.sde import SDE, VESDE, VPSDE
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]

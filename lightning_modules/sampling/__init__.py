@@ -1,0 +1,9 @@
+"""Plain-torch sampling code (no Lightning): what turns a score network into reconstructions.
+
+- `sde`: the SDEs (`VPSDE`, `DiscreteVPSDE`, `VESDE`), `get_score_fn` and `pad_to_multiple`.
+- `data_consistency`: the data-consistency steps (`GradientDC`, `ProximalDC`).
+- `samplers`: the reverse-diffusion samplers, their registry `SAMPLERS` / `DEFAULT_SAMPLER` and
+  `build_sampler`.
+
+Import the modules directly (`from lightning_modules.sampling.samplers import build_sampler`).
+"""
