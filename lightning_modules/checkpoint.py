@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_input_file
@@ -254,30 +254,33 @@ def load_score_sde_checkpoint(path: str | os.PathLike, model_config: Mapping | s
     return net.eval()
 
 
-def _atomic_save(obj: object, path: Path, write) -> None:
-    with atomic_path(path) as tmp:
-        write(obj, tmp)
-
-
-def export_score_sde_checkpoint(net: DDPM, path: str | os.PathLike,
+def export_score_sde_checkpoint(net: nn.Module, path: str | os.PathLike,
                                 ema_params: Sequence[Tensor] | None = None, step: int = 0,
                                 ema_decay: float = 0.9999, ema_num_updates: int | None = None,
                                 config_path: str | os.PathLike | None = None, sde: VPSDE | None = None,
-                                lr: float = 2e-4) -> None:
+                                lr: float = 2e-4, config: Mapping[str, Any] | None = None,
+                                trainable: Sequence[str] | None = None) -> None:
     """Write `net` as a score_sde checkpoint (atomically: a temporary file, then os.replace).
 
-    `model` holds net's state dict with the `module.` prefix (including `module.sigmas`); `ema` holds
-    `ema_params` (a list in parameters() order; default: net's parameters) with `ema_decay` and
-    `ema_num_updates` (default: step); `optimizer` is a fresh Adam state dict over the parameters (no
-    moments) with learning rate `lr`, so score_sde can resume from it; `step` is `step`. With `config_path`,
-    also write the score_sde config JSON (nested layout; `load_score_sde_checkpoint` takes it as
-    `model_config`): the network and data fields, the SDE (`training.sde` 'vpsde', `training.continuous`,
-    `model.beta_min` / `beta_max` of `sde`, default `VPSDE()`) and `optim` (Adam, `lr`).
+    `model` holds net's state dict with the `module.` prefix (including buffers such as `module.sigmas` and
+    non-trainable parameters such as NCSN++'s Fourier `W`); `ema` holds `ema_params` (one tensor per
+    trainable parameter, in parameters() order; default: net's) with `ema_decay` and `ema_num_updates`
+    (default: step); `optimizer` is a fresh Adam state dict over the trainable parameters (no moments) with
+    learning rate `lr`, so score_sde can resume from it; `step` is `step`. `trainable`: the names of the
+    trainable parameters (default: those of `net` that require gradients; give them for a frozen copy).
+    With `config_path`, also write the config JSON: `config` (a checkpoint family's resolved config, e.g.
+    HFS-SDE's or score-MRI's) with `optim.lr` set to `lr`; by default score_sde's DDPM config of `net`
+    (nested layout; `load_score_sde_checkpoint` takes it as `model_config`): the network and data fields,
+    the SDE (`training.sde` 'vpsde', `training.continuous`, `model.beta_min` / `beta_max` of `sde`, default
+    `VPSDE()`) and `optim` (Adam, `lr`).
     """
-    params = list(net.parameters())
+    named = dict(net.named_parameters())
+    names = list(trainable) if trainable is not None else [n for n, p in named.items() if p.requires_grad]
+    params = [named[n] for n in names]
     shadows = list(ema_params) if ema_params is not None else params
     if len(shadows) != len(params):
-        raise ValueError(f"ema_params has {len(shadows)} tensors, the network {len(params)} parameters")
+        raise ValueError(f"ema_params has {len(shadows)} tensors, the network {len(params)} trainable "
+                         "parameters")
     for i, (s, p) in enumerate(zip(shadows, params, strict=True)):
         if s.shape != p.shape:
             raise ValueError(f"ema_params[{i}] has shape {tuple(s.shape)}, the parameter {tuple(p.shape)}")
@@ -286,15 +289,38 @@ def export_score_sde_checkpoint(net: DDPM, path: str | os.PathLike,
         "ema": {"decay": float(ema_decay),
                 "num_updates": int(step if ema_num_updates is None else ema_num_updates),
                 "shadow_params": [s.detach().cpu().clone() for s in shadows]},
-        "optimizer": torch.optim.Adam(params, lr=float(lr)).state_dict(),
+        "optimizer": torch.optim.Adam([p.detach().clone().requires_grad_() for p in params],
+                                      lr=float(lr)).state_dict(),
         "step": int(step),
     }
-    _atomic_save(blob, Path(path), torch.save)
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
     if config_path is not None:
-        sde = sde or VPSDE()
-        config = net.score_sde_config()
-        config["model"].update(beta_min=float(sde.beta_min), beta_max=float(sde.beta_max))
-        config["training"] = {"sde": "vpsde", "continuous": True}
-        config["optim"] = {"optimizer": "Adam", "lr": float(lr)}
-        _atomic_save(config, Path(config_path),
-                     lambda cfg, tmp: Path(tmp).write_text(json.dumps(cfg, indent=1) + "\n"))
+        if config is None:
+            sde = sde or VPSDE()
+            config = net.score_sde_config()
+            config["model"].update(beta_min=float(sde.beta_min), beta_max=float(sde.beta_max))
+            config["training"] = {"sde": "vpsde", "continuous": True}
+            config["optim"] = {"optimizer": "Adam", "lr": float(lr)}
+        else:
+            config = json.loads(json.dumps(config))
+            config.setdefault("optim", {})["lr"] = float(lr)
+        write_config_json(config, config_path)
+
+
+def write_config_json(config: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write a checkpoint's config as JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(config, indent=1) + "\n")
+
+
+def export_guided_diffusion_checkpoint(net: nn.Module, path: str | os.PathLike,
+                                       config: Mapping[str, Any] | None = None,
+                                       config_path: str | os.PathLike | None = None) -> None:
+    """Write an `networks.adm.ADMUNet` as guided-diffusion's bare `UNetModel` state dict (DDS's format:
+    `net.guided_diffusion_state_dict()`), atomically; with `config_path`, its config (DDS's `model` /
+    `diffusion` sections) as JSON."""
+    with atomic_path(path) as tmp:
+        torch.save(net.guided_diffusion_state_dict(), tmp)
+    if config_path is not None:
+        write_config_json(config or {}, config_path)

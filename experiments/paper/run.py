@@ -21,8 +21,9 @@ Small scale on the shipped data (CPU, minutes; `DATA` = `bundled`):
      (`--pretrained reference-small`, the default with --small: the quickstart network trained for ~1 h on
      the bundled axial MNI slices, configs/reference_small.yaml); a Lightning checkpoint is exported in
      score_sde's format with `lfmri export` (OUT/clinical.pth + .json), as a clinical checkpoint would come;
-  1.-2. fine-tuned (small_finetune.yaml, axial slices, a few minutes) from that file through the same import
-     path; the same model is also trained from scratch for the same steps;
+  1.-2. fine-tuned (small_finetune.yaml on configs/quickstart.yaml, axial slices, lr 1e-4, a few minutes) from
+     that file through the same import path; the same model is also trained from scratch for the same steps,
+     at the quickstart's own rate (lr 1e-3: a from-scratch run at a fine-tune's rate would be a straw man);
   3.-4. both are evaluated on the bundled source's test subject (Colin27, a real held-out brain) and compared.
 
 Every command is printed and recorded with its wall time in OUT/protocol.md and OUT/protocol.json; the
@@ -44,6 +45,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -138,6 +141,11 @@ def display(cmd: list[str]) -> str:
     words = ["lfmri"] + cmd[3:] if cmd[1:3] == ["-m", "lfmri.cli"] else ["python"] + cmd[1:]
     repo = str(REPO) + os.sep
     return shlex.join(w.replace(repo, "") for w in words)
+
+
+def base_lr(config: Path) -> float:
+    """The learning rate a base config sets (`model.init_args.lr`)."""
+    return float(yaml.safe_load(config.read_text())["model"]["init_args"]["lr"])
 
 
 def resolve_config(fit_args: list[str]) -> str:
@@ -329,6 +337,8 @@ def run_protocol(args: argparse.Namespace) -> Path:
                  if pretrained_config else [])}
     if args.scratch:
         models["scratch"] = ["--model.init_args.pretrained=null"]
+        if args.small:  # training from scratch at its own recipe's rate (the quickstart's), not a fine-tune's
+            models["scratch"].append(f"--model.init_args.lr={base_lr(QUICKSTART)}")
     cmds = []
     for name, extra in models.items():
         stage_args = fit + [f"--trainer.default_root_dir={out / name}", *extra]

@@ -13,8 +13,10 @@ fields, the SDE (`training.sde: vpsde`, `training.continuous`, `model.beta_min` 
 learning rate (`optim.lr`, also the exported Adam state's). score_sde's DDPM hard-codes 32 GroupNorm groups:
 a network with another `num_groups` (the quickstart's and the reference prior's 8) would run wrong there
 without an error, so it is refused unless `--force` (lfmri itself reads `num_groups` from the JSON and loads
-such a file exactly). A fine-tune of another checkpoint family (`pretrained_family`) is refused: the format is
-score_sde's DDPM.
+such a file exactly). A fine-tune of a checkpoint family (`pretrained_family`) is written in that family's
+own format with its resolved config: score_sde's dict for score_sde, hfs_sde and score_mri, guided-diffusion's
+bare state dict for dds (`lightning_modules.load_pretrained(OUT, config=OUT.json, family=...)` reads it back;
+`--weights` picks the weights of DDS's single set).
 
 OUT must end with .pth or .pt and the config with .json; an existing file is replaced only when it is of the
 same kind (a PyTorch checkpoint, a JSON file), so a mistyped name never overwrites a NIfTI volume or a YAML
@@ -90,11 +92,9 @@ def run(args: argparse.Namespace) -> int:
 
     out, config_out = _check_outputs(args)
     ckpt = read_lightning_checkpoint(args.ckpt)
-    family = ckpt.get("hyper_parameters", {}).get("pretrained_family")
-    if family is not None:
-        raise InputError(f"--ckpt {args.ckpt}: a fine-tune of a {family} prior; lfmri export writes "
-                         "score_sde DDPM checkpoints only")
     model, step = score_model_from_checkpoint(ckpt, args.ckpt), int(ckpt.get("global_step", 0))
+    if model.prior is not None:
+        return _export_family(model, step, out, config_out, args.weights)
     groups = int(model.net.config["num_groups"])
     if groups != SCORE_SDE_GROUPS and not args.force:
         raise InputError(f"--ckpt {args.ckpt}: the network has num_groups = {groups}; score_sde's DDPM "
@@ -108,6 +108,32 @@ def run(args: argparse.Namespace) -> int:
         net, shadows = model.net, ema.shadow_params
     export_score_sde_checkpoint(net, out, ema_params=shadows, step=step, ema_decay=ema.decay,
                                 ema_num_updates=ema.num_updates, config_path=config_out, sde=model.sde,
-                                lr=float(model.hparams.lr))
+                                lr=float(model.hparams.lr),
+                                trainable=[n for n, p in model.net.named_parameters() if p.requires_grad])
     print(f"wrote {out} ({args.weights} weights in 'model', step {step}) and its config {config_out}")
+    return 0
+
+
+def _export_family(model, step: int, out: Path, config_out: Path, weights: str) -> int:
+    """A fine-tune of a checkpoint family, in that family's own format and with its resolved config (what
+    `lightning_modules.load_pretrained(out, config_out, family)` reads back): score_sde's dict for score_sde,
+    hfs_sde and score_mri (EMA shadows over the trainable parameters: NCSN++'s Fourier `W` only in `model`),
+    guided-diffusion's bare state dict for dds (one set of weights: `weights`)."""
+    from lightning_modules.checkpoint import export_guided_diffusion_checkpoint, export_score_sde_checkpoint
+
+    family, config = model.prior.family, model.prior.config
+    net = model.frozen_net(use_ema=weights == "ema")
+    if family.file_format == "bare":
+        export_guided_diffusion_checkpoint(net, out, config, config_out)
+        print(f"wrote {out} ({family.name}: guided-diffusion state dict, {weights} weights, step {step}) and "
+              f"its config {config_out}")
+        return 0
+    trainable = [n for n, p in model.net.named_parameters() if p.requires_grad]
+    named = dict(net.named_parameters())
+    shadows = [named[n] for n in trainable] if weights == "ema" else model.ema.shadow_params
+    export_score_sde_checkpoint(net, out, ema_params=shadows, step=step, ema_decay=model.ema.decay,
+                                ema_num_updates=model.ema.num_updates, config_path=config_out,
+                                lr=float(model.hparams.lr), config=config, trainable=trainable)
+    print(f"wrote {out} ({family.name}: score_sde format, {weights} weights in 'model', step {step}) and its "
+          f"config {config_out}")
     return 0

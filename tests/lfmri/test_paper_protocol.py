@@ -81,8 +81,10 @@ def test_the_fine_tune_imports_the_exported_score_sde_checkpoint(small_run):
     finetune = yaml.safe_load((out / "finetune" / "config.yaml").read_text())["model"]["init_args"]
     scratch = yaml.safe_load((out / "scratch" / "config.yaml").read_text())["model"]["init_args"]
     assert finetune["pretrained"] == str(out / "clinical.pth") and scratch["pretrained"] is None
-    assert {k: v for k, v in finetune.items() if not k.startswith("pretrained")} == \
-        {k: v for k, v in scratch.items() if not k.startswith("pretrained")}  # the same model otherwise
+    # the same model otherwise; each at its own recipe's rate: the fine-tune's 1e-4, the quickstart's 1e-3
+    assert (finetune["lr"], scratch["lr"]) == (1e-4, 1e-3)
+    assert {k: v for k, v in finetune.items() if not k.startswith("pretrained") and k != "lr"} == \
+        {k: v for k, v in scratch.items() if not k.startswith("pretrained") and k != "lr"}
     ckpt = torch.load(out / "finetune" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["pretrained"] == str(out / "clinical.pth")
     shipped = torch.load(SHIPPED_CHECKPOINTS["reference-small"], map_location="cpu", weights_only=True)

@@ -246,9 +246,26 @@ def test_fit_finetunes_from_the_family_and_reconstruct_samples_it(family: str, t
                  "--steps", "2", "--device", "cpu", "--sampler", "warm_ddim"]) == 0
     rec = np.asarray(nib.load(str(out)).dataobj, dtype=np.float32)
     assert rec.shape == (32, 32, 2) and np.isfinite(rec).all() and rec.max() > 0
-    # score_sde's DDPM format cannot hold another family's fine-tune: refused, nothing written
-    assert main(["export", "--ckpt", str(last), str(tmp_path / "out.pth")]) == 2
-    assert not (tmp_path / "out.pth").exists()
+    # export in the family's own format: read back with the original's conventions, the fine-tuned scores
+    x = torch.randn(2, 2, 20, 20, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([0.05, 0.6])
+    with torch.no_grad():
+        scores = {use_ema: tuned.score_fn(use_ema)(x, t) for use_ema in (True, False)}
+    assert not torch.allclose(scores[True], scores[False])  # EMA (decay 0.9) and the weights differ
+    for weights in ("ema", "model"):
+        out = tmp_path / f"export_{weights}{CKPT[family].suffix}"
+        assert main(["export", "--ckpt", str(last), str(out), "--weights", weights]) == 0
+        config = out.with_suffix(".json")
+        if family != "dds":
+            assert yaml.safe_load(config.read_text())["optim"]["lr"] == 1e-3
+        for read in (("ema", "model") if family != "dds" else ("model",)):  # DDS: one set of weights
+            detect = family if family == "score_sde" else None  # the others: from the exported config
+            back = load_pretrained(out, config, family=detect, weights=read)
+            assert back.family.name == family
+            with torch.no_grad():
+                got = (torch.cat([back.score(x[:, :1], t), back.score(x[:, 1:], t)], dim=1)
+                       if back.channels == 1 else back.score(x, t))
+            torch.testing.assert_close(got, scores[weights == "ema" or read == "ema"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.usefixtures("lightning_logs_to_stderr")
