@@ -135,7 +135,7 @@ class LowFieldDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         eval_slices_per_volume: keep this many evenly spaced slices per val/test volume (default all).
         background_phase: multiply training and eval slices by a smooth random phase (see
-            `SliceDataset.clean_slice` for why it is off by default).
+            `SliceDataset.normalised_slice` for why it is off by default).
         skip_bad_files: skip unreadable / invalid volumes with one warning listing them, instead of an error.
         predict_path: a low-field NIfTI file or directory for `predict` (no reference; all slices kept).
         fastmri_key: "auto", "reconstruction_rss" or "kspace".

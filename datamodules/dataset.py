@@ -14,7 +14,8 @@ A sample (a dict; the default collate stacks samples of one shape into a batch w
     regime    str                 regime name ("measured" for prediction)
     params    dict[str, Tensor]   the realised degradation parameters, one sample's slice of the full key set
                                   (scalars [], `b0_map_hz` [1, H, W] in Hz)
-    subject   str                 the volume id (the subject id; the file stem if the subject has several)
+    volume_id str                 the volume's id, unique in the source (`VolumeRecord.volume_id`): the
+                                  subject id, or the file stem if the subject has several volumes
     slice     int64 tensor []     slice index in the stack [S, H, W] of `transforms.to_slices`
     scale     float32 tensor []   the volume's normalisation scale: input units = normalised * scale
 
@@ -145,8 +146,10 @@ class SliceDataset(Dataset):
             self._cache[v] = self.source.open(self.volumes[v].record)
         return self._cache[v]
 
-    def clean_slice(self, v: int, s: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The normalised clean slice, complex64 [1, 1, H, W] (native, or resized with `image_size`).
+    def normalised_slice(self, v: int, s: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Slice s of volume v divided by the volume's scale, complex64 [1, 1, H, W] (native, or resized with
+        `image_size`): the clean reference for training / evaluation data, the measured low-field slice for
+        prediction (`PredictSliceDataset`).
 
         With `background_phase` a smooth random phase (from `generator`) multiplies the magnitude. It is off
         by default: magnitude data has no phase, and a made-up phase teaches the prior a phase distribution
@@ -168,7 +171,7 @@ class SliceDataset(Dataset):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(clean x [1, 1, H, W], k-space y [1, 1, H, W], params) of slice s of volume v, drawn from
         `generator` (the background phase first, then the degradation)."""
-        x = self.clean_slice(v, s, generator)
+        x = self.normalised_slice(v, s, generator)
         y, params = degradation(x, generator)
         return x, y, params
 
@@ -190,7 +193,7 @@ class SliceDataset(Dataset):
             "y": y[0].to(torch.complex64),
             "regime": regime,
             "params": {k: val[0] for k, val in params.items()},
-            "subject": self.volumes[v].record.volume_id,
+            "volume_id": self.volumes[v].record.volume_id,
             "slice": torch.tensor(s, dtype=torch.int64),
             "scale": torch.tensor(self.volumes[v].scale, dtype=torch.float32),
         }
@@ -327,13 +330,13 @@ class PredictSliceDataset(SliceDataset):
 
     def _get(self, index: int) -> dict:
         v, s = self.items[index]
-        x = self.clean_slice(v, s)
+        x = self.normalised_slice(v, s)
         return {
             "degraded": complex_to_channels(x)[0],
             "y": fft2c(x)[0],
             "regime": "measured",
             "params": {k: val[0] for k, val in neutral_params(1, *x.shape[-2:]).items()},
-            "subject": self.volumes[v].record.volume_id,
+            "volume_id": self.volumes[v].record.volume_id,
             "slice": torch.tensor(s, dtype=torch.int64),
             "scale": torch.tensor(self.volumes[v].scale, dtype=torch.float32),
             "shape": torch.tensor(self.volumes[v].shape, dtype=torch.int64),

@@ -42,8 +42,8 @@ _BIDS_SUBJECT = re.compile(r"(?:^|[/_])(sub-[A-Za-z0-9]+)(?=[/_.]|$)")
 
 @dataclass(frozen=True)
 class VolumeRecord:
-    """One volume: `volume_id` is unique in the source (the samples' "subject"); `subject` is the split
-    unit."""
+    """One volume: `volume_id` is unique in the source (the samples' "volume_id" key); `subject` is the split
+    unit (one subject may have several volumes)."""
 
     volume_id: str
     subject: str

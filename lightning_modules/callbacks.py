@@ -171,7 +171,7 @@ class SamplerCallback(Callback):
     Subset: the validation dataset (`LowFieldDataModule.val_dataset`, an `EvalSliceDataset` enumerating
     volume x slice x regime) is read directly, not through the (possibly limited or sharded) val loader:
     for each regime, `n_slices` of its entries evenly spaced over the dataset order (so over subjects), the
-    same at every validation. The degradations are deterministic per (subject, slice, regime, seed).
+    same at every validation. The degradations are deterministic per (volume id, slice, regime, seed).
 
     Metrics (fastMRI definitions, `lightning_modules.metrics`) on magnitude images against |clean|, in
     normalised units, computed PER SLICE with that slice's own data range (`ref.max()` of the slice: the
@@ -343,8 +343,8 @@ class NiftiPredictionWriter(BasePredictionWriter):
             raise TypeError("NiftiPredictionWriter needs LowFieldDataModule's predict_dataset")
         slices: dict[tuple[str, int], dict[str, Tensor]] = {}
         for out in predictions:
-            for j, subject in enumerate(out["subject"]):
-                slices[(subject, int(out["slice"][j]))] = {k: out[k][j, 0] for k in ("reconstruction", "std")}
+            for j, vid in enumerate(out["volume_id"]):
+                slices[(vid, int(out["slice"][j]))] = {k: out[k][j, 0] for k in ("reconstruction", "std")}
         self.output_dir.mkdir(parents=True, exist_ok=True)
         axis = dataset.source.slice_axis
         for info in dataset.volumes:

@@ -385,7 +385,7 @@ class ScoreModel(LightningModule):
         registry's defaults);
         the seed is `val_seed` and each slice's randomness depends on its slice index only. Returns
         `reconstruction` and `std` (magnitude [B, 1, H, W], normalised units: multiply by `scale`),
-        `noise_sigma` [B] (normalised units), with `subject`, `slice` and `scale` passed through;
+        `noise_sigma` [B] (normalised units), with `volume_id`, `slice` and `scale` passed through;
         `callbacks.NiftiPredictionWriter` writes them as NIfTI volumes.
         """
         hp = self.hparams
@@ -398,7 +398,7 @@ class ScoreModel(LightningModule):
             batch["degraded"], batch["y"], batch["params"], batch["slice"].tolist(), seed=hp.val_seed,
             noise_sigma=torch.full((n,), float("nan")))
         return {"reconstruction": result.mean, "std": result.std, "noise_sigma": result.noise_sigma,
-                "subject": batch["subject"], "slice": batch["slice"], "scale": batch["scale"]}
+                "volume_id": batch["volume_id"], "slice": batch["slice"], "scale": batch["scale"]}
 
     # --------------------------------------------------------------------------------------------- EMA
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

@@ -32,7 +32,7 @@ def loader_rate(size: int, workers: int, samples: int, batch_size: int) -> float
     next(it)
     n, start = 0, time.perf_counter()
     while n < samples:
-        n += len(next(it)["subject"])
+        n += len(next(it)["volume_id"])
     return n / (time.perf_counter() - start)
 
 

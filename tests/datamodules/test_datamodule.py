@@ -34,7 +34,8 @@ def dm():
 
 
 def _same(a: dict, b: dict) -> None:
-    assert a["subject"] == b["subject"] and a["regime"] == b["regime"] and int(a["slice"]) == int(b["slice"])
+    assert a["volume_id"] == b["volume_id"] and a["regime"] == b["regime"]
+    assert int(a["slice"]) == int(b["slice"])
     for key in ("clean", "degraded", "y", "scale"):
         assert torch.equal(a[key], b[key]), key
     for key in a["params"]:
@@ -90,7 +91,7 @@ def test_bundled_split_is_disjoint_and_holds_real_volumes_out_for_test(dm):
     assert all(s.startswith("pseudo-mni-train-") for s in split.train)
     assert all(s.startswith("pseudo-mni-val-") for s in split.val)
     assert split.test == ["real-colin27"]  # one real subject, the Colin27 brain shipped in datamodules/data
-    assert {dm.train_dataset[i]["subject"] for i in range(0, len(dm.train_dataset), 37)} <= set(split.train)
+    assert {dm.train_dataset[i]["volume_id"] for i in range(0, len(dm.train_dataset), 37)} <= set(split.train)
     assert len(dm.test_dataset) == 1 * 3 * len(ALL_REGIMES)
 
 
@@ -114,7 +115,7 @@ def test_test_batches_are_identical_with_0_and_2_workers(dm):
         sampler = ShapeGroupedBatchSampler(SequentialSampler(ds), 5, ds.item_shapes())
         batches[workers] = list(DataLoader(ds, batch_sampler=sampler, num_workers=workers))
     for a, b in zip(batches[0], batches[2], strict=True):
-        assert a["subject"] == b["subject"] and a["regime"] == b["regime"]
+        assert a["volume_id"] == b["volume_id"] and a["regime"] == b["regime"]
         assert torch.equal(a["y"], b["y"]) and torch.equal(a["clean"], b["clean"])
         assert torch.equal(a["params"]["b0_map_hz"], b["params"]["b0_map_hz"])
 
@@ -125,8 +126,9 @@ def test_training_samples_differ_between_epochs_and_repeat_with_the_global_seed(
         loader = DataLoader(dm.train_dataset, batch_size=16, num_workers=workers, shuffle=True)
         out = {}
         for i, batch in enumerate(loader):
-            for subj, s, snr in zip(batch["subject"], batch["slice"], batch["params"]["snr_db"], strict=True):
-                out[(subj, int(s))] = float(snr)
+            snrs = batch["params"]["snr_db"]
+            for vid, s, snr in zip(batch["volume_id"], batch["slice"], snrs, strict=True):
+                out[(vid, int(s))] = float(snr)
             if i == 3:
                 break
         return out
@@ -218,14 +220,14 @@ def test_eval_loaders_batch_only_items_of_one_shape_in_order(textured):
     ds = dm.test_dataset
     shapes = {info.record.volume_id: info.shape for info in ds.volumes}
     assert len(set(shapes.values())) == 2
-    sizes, subjects = [], []
+    sizes, volume_ids = [], []
     for batch in dm.test_dataloader():
-        assert len(set(batch["subject"])) == 1  # the two volumes differ in shape: never in one batch
-        assert tuple(batch["clean"].shape[-2:]) == shapes[batch["subject"][0]]
-        sizes.append(len(batch["subject"]))
-        subjects += batch["subject"]
+        assert len(set(batch["volume_id"])) == 1  # the two volumes differ in shape: never in one batch
+        assert tuple(batch["clean"].shape[-2:]) == shapes[batch["volume_id"][0]]
+        sizes.append(len(batch["volume_id"]))
+        volume_ids += batch["volume_id"]
     assert sizes == [5, 5, 2, 5, 5, 2]  # 3 slices x 4 regimes = 12 items per volume
-    assert subjects == [ds.volumes[item[0]].record.volume_id for item in ds.items]
+    assert volume_ids == [ds.volumes[item[0]].record.volume_id for item in ds.items]
 
 
 def test_shape_grouped_batches_end_where_the_shape_changes():

@@ -10,7 +10,7 @@ from helpers import LFMRI, QUICKSTART, REPO, TINY_QUICKSTART_ARGS
 
 from datamodules.resumable import resumable_loader
 
-#: a callback for the subprocess (on PYTHONPATH): each rank writes the (subject, slice) of its samples
+#: a callback for the subprocess (on PYTHONPATH): each rank writes the (volume id, slice) of its samples
 RECORDER = '''
 from lightning.pytorch import Callback
 
@@ -21,8 +21,8 @@ class Seen(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with open(f"{self.path}.{trainer.global_rank}", "a") as f:
-            for subject, s in zip(batch["subject"], batch["slice"].tolist()):
-                f.write(f"{subject}:{s}\\n")
+            for volume_id, s in zip(batch["volume_id"], batch["slice"].tolist()):
+                f.write(f"{volume_id}:{s}\\n")
 '''
 
 

@@ -41,7 +41,7 @@ class Probe(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         rng = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12]
         with open(f"{self.record}.{trainer.global_rank}", "a") as f:
-            f.write(f"{trainer.global_step} {trainer.current_epoch} {','.join(batch['subject'])} "
+            f.write(f"{trainer.global_step} {trainer.current_epoch} {','.join(batch['volume_id'])} "
                     f"{batch['slice'].tolist()} {','.join(batch['regime'])} "
                     f"{float(batch['degraded'].double().sum())!r} {rng}\\n")
 

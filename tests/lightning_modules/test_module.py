@@ -39,7 +39,7 @@ class Slices(Dataset):
         g = torch.Generator().manual_seed(i)
         clean = torch.randn(2, *self.shape, generator=g)
         return {"clean": clean, "degraded": clean + 0.3 * torch.randn(2, *self.shape, generator=g),
-                "regime": "noise", "subject": f"s{i}", "slice": i, "scale": 1.0}
+                "regime": "noise", "volume_id": f"s{i}", "slice": i, "scale": 1.0}
 
 
 def loader(shape: tuple[int, int] = (16, 16)) -> DataLoader:

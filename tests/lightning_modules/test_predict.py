@@ -18,7 +18,7 @@ def _batch_samples(n: int = 2, size: int = 16) -> list[dict]:
         x = torch.rand(1, 1, size, size, generator=g).to(torch.complex64)
         samples.append({"degraded": complex_to_channels(x)[0], "y": fft2c(x)[0], "regime": "measured",
                         "params": {k: v[0] for k, v in neutral_params(1, size, size).items()},
-                        "subject": "s", "slice": torch.tensor(i), "scale": torch.tensor(2.0)})
+                        "volume_id": "s", "slice": torch.tensor(i), "scale": torch.tensor(2.0)})
     return samples
 
 
@@ -33,4 +33,4 @@ def test_predict_with_full_data_consistency_returns_the_measured_magnitude():
     assert rec.shape == (2, 1, 16, 16)
     expected = torch.stack([s["degraded"] for s in samples]).norm(dim=1, keepdim=True)
     torch.testing.assert_close(rec, expected, atol=1e-4, rtol=1e-4)
-    assert out[0]["subject"] == ["s", "s"] and out[0]["scale"].tolist() == [2.0, 2.0]
+    assert out[0]["volume_id"] == ["s", "s"] and out[0]["scale"].tolist() == [2.0, 2.0]
