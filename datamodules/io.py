@@ -22,7 +22,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 def nifti_suffix(path: str | os.PathLike) -> str | None:
-    """``".nii.gz"`` or ``".nii"`` if ``path`` ends with it (case-insensitive), else ``None``."""
+    """`".nii.gz"` or `".nii"` if `path` ends with it (case-insensitive), else `None`."""
     name = str(path).lower()
     return next((s for s in NIFTI_SUFFIXES if name.endswith(s)), None)
 
@@ -33,10 +33,10 @@ def _one_line(err: BaseException) -> str:
 
 
 def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
-    """Read a 3D NIfTI volume as float32 (scaling applied) and return ``(data, image)``.
+    """Read a 3D NIfTI volume as float32 (scaling applied) and return `(data, image)`.
 
-    A 4D volume whose last dim is 1 is squeezed to 3D. Raises :class:`InputError` naming the file if it is
-    missing, not a readable NIfTI (``.nii`` / ``.nii.gz``), not 3D, complex, or has NaN / Inf voxels.
+    A 4D volume whose last dim is 1 is squeezed to 3D. Raises `InputError` naming the file if it is
+    missing, not a readable NIfTI (`.nii` / `.nii.gz`), not 3D, complex, or has NaN / Inf voxels.
     """
     path = Path(path)
     if not path.exists():
@@ -69,7 +69,7 @@ def load_nifti(path: str | os.PathLike) -> tuple[np.ndarray, nib.spatialimages.S
 
 def save_nifti_atomic(data: np.ndarray, like_img: nib.spatialimages.SpatialImage,
                       path: str | os.PathLike) -> None:
-    """Write ``data`` (3D) as a NIfTI at ``path`` with the affine and header of ``like_img``, atomically.
+    """Write `data` (3D) as a NIfTI at `path` with the affine and header of `like_img`, atomically.
 
     The header is copied (orientation codes, voxel sizes, units, description...) except the data type, which
     becomes float32 (degraded intensities are real-valued), and the intensity scaling, which is reset.
@@ -79,7 +79,7 @@ def save_nifti_atomic(data: np.ndarray, like_img: nib.spatialimages.SpatialImage
 
 
 def nifti_like(data: np.ndarray, like_img: nib.spatialimages.SpatialImage) -> nib.spatialimages.SpatialImage:
-    """A float32 NIfTI image of ``data`` with ``like_img``'s affine, header and orientation codes."""
+    """A float32 NIfTI image of `data` with `like_img`'s affine, header and orientation codes."""
     header = like_img.header.copy()
     header.set_data_dtype(np.float32)
     out = type(like_img)(np.asarray(data, dtype=np.float32), like_img.affine, header)

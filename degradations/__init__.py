@@ -1,7 +1,7 @@
 """Physics of portable low-field (0.05-0.5 T) MRI as composable k-space degradations (pure torch).
 
-Conventions: complex images and k-space are ``[B, 1, H, W]`` complex64; FFTs are centred and orthonormal;
-the readout runs along ``W`` and phase encoding along ``H``; every random draw takes a ``torch.Generator``.
+Conventions: complex images and k-space are `[B, 1, H, W]` complex64; FFTs are centred and orthonormal;
+the readout runs along `W` and phase encoding along `H`; every random draw takes a `torch.Generator`.
 """
 
 from .b0 import B0PhaseCorruption, OffResonanceEncoding, random_b0_map

@@ -1,25 +1,25 @@
 """B0 off-resonance: a smooth random field map whose phase accrues over TE and the readout.
 
-Signal model (Cartesian, readout along ``W``; times from :mod:`degradations.timing`), per k-space sample::
+Signal model (Cartesian, readout along `W`; times from `degradations.timing`), per k-space sample::
 
     k[ky, kx] = sum_r x(r) exp(-i 2 pi Df(r) t(kx)) exp(-i 2 pi (ky y / H + kx x / W))  (centred, ortho)
 
-with ``Df(r)`` the off-resonance in Hz and ``t`` in seconds. The phase ``Df * TE`` accrued up to the echo is a
+with `Df(r)` the off-resonance in Hz and `t` in seconds. The phase `Df * TE` accrued up to the echo is a
 smooth image-domain phase; the part accrued during the readout shifts/blurs each pixel along the readout by
-``Df * readout`` pixels. A zero map gives ``fft2c`` exactly.
+`Df * readout` pixels. A zero map gives `fft2c` exactly.
 
 Two evaluations of the same model:
 
-* ``method="exact"``: the sum above column by column (``W`` phase factors per pixel), ``O(H W^2)`` per slice;
-* ``method="segmented"`` (default, fast): time segmentation. The readout times are covered by ``L`` equally
-  spaced segment times ``tau_l`` (first and last sample included) and the phase factor is linearly
-  interpolated between them, ``exp(-i w t) ~ sum_l b_l(t) exp(-i w tau_l)`` with hat-function weights
-  ``b_l`` (a partition of unity). Then ``k = sum_l b_l(kx) * fft2c(x * exp(-i 2 pi Df tau_l))``: ``L``
-  FFTs along the readout and, since ``b_l`` is non-zero on about ``2 W / (L - 1)`` columns only,
-  phase-encoding FFTs of those columns only. The phasor error is at most ``1 - cos(d/2) ~ d^2 / 8`` for a
-  phase step ``d = 2 pi max|Df| (tau_2 - tau_1)`` between segments. By default ``L`` is chosen so that
-  ``d <= 0.2 rad`` (phasor error <= 5e-3; the relative k-space error is typically a few 1e-4, far below the
-  2-7 dB noise), capped at ``W`` (``L = W`` reproduces the exact model). Both methods have an exact adjoint.
+* `method="exact"`: the sum above column by column (`W` phase factors per pixel), `O(H W^2)` per slice;
+* `method="segmented"` (default, fast): time segmentation. The readout times are covered by `L` equally
+  spaced segment times `tau_l` (first and last sample included) and the phase factor is linearly
+  interpolated between them, `exp(-i w t) ~ sum_l b_l(t) exp(-i w tau_l)` with hat-function weights
+  `b_l` (a partition of unity). Then `k = sum_l b_l(kx) * fft2c(x * exp(-i 2 pi Df tau_l))`: `L`
+  FFTs along the readout and, since `b_l` is non-zero on about `2 W / (L - 1)` columns only,
+  phase-encoding FFTs of those columns only. The phasor error is at most `1 - cos(d/2) ~ d^2 / 8` for a
+  phase step `d = 2 pi max|Df| (tau_2 - tau_1)` between segments. By default `L` is chosen so that
+  `d <= 0.2 rad` (phasor error <= 5e-3; the relative k-space error is typically a few 1e-4, far below the
+  2-7 dB noise), capped at `W` (`L = W` reproduces the exact model). Both methods have an exact adjoint.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ RESYNC = 8
 
 def random_b0_map(b0_max_hz: torch.Tensor, height: int, width: int, generator: torch.Generator | None = None,
                   degree: int = 3) -> torch.Tensor:
-    """Smooth random off-resonance maps ``[B, 1, H, W]`` (Hz) with ``max |Df| = b0_max_hz`` ``[B]`` each.
+    """Smooth random off-resonance maps `[B, 1, H, W]` (Hz) with `max |Df| = b0_max_hz` `[B]` each.
 
-    ``Df(y, x) = sum_{a + b <= degree} c_ab x^a y^b`` on coordinates in ``[-1, 1]`` with ``c_ab ~ N(0, 1)``
+    `Df(y, x) = sum_{a + b <= degree} c_ab x^a y^b` on coordinates in `[-1, 1]` with `c_ab ~ N(0, 1)`
     (an offset, linear gradients and low-order curvature, like the residual shim terms of a magnet), then
-    scaled to the requested maximum. ``b0_max_hz = 0`` gives zeros.
+    scaled to the requested maximum. `b0_max_hz = 0` gives zeros.
     """
     batch = b0_max_hz.shape[0]
     terms = [(a, b) for a in range(degree + 1) for b in range(degree + 1 - a)]
@@ -66,7 +66,7 @@ def random_b0_map(b0_max_hz: torch.Tensor, height: int, width: int, generator: t
 
 def segment_count(b0_map_hz: torch.Tensor, readout_ms: torch.Tensor, width: int,
                   phase_step_rad: float = PHASE_STEP_RAD) -> int:
-    """Number ``L`` of segment times so the phase step between them is <= ``phase_step_rad`` (2 <= L <= W;
+    """Number `L` of segment times so the phase step between them is <= `phase_step_rad` (2 <= L <= W;
     L = 1 for a single readout sample, W = 1)."""
     max_hz = b0_map_hz.abs().reshape(b0_map_hz.shape[0], -1).amax(1)
     span_ms_hz = float((max_hz * readout_ms.to(max_hz.dtype)).amax())
@@ -75,15 +75,15 @@ def segment_count(b0_map_hz: torch.Tensor, readout_ms: torch.Tensor, width: int,
 
 
 class OffResonanceEncoding:
-    """Linear encoding ``E: image [B, 1, H, W] -> k-space [B, 1, H, W]`` with off-resonance (see module doc).
+    """Linear encoding `E: image [B, 1, H, W] -> k-space [B, 1, H, W]` with off-resonance (see module doc).
 
     Args:
-        b0_map_hz: off-resonance maps ``[B, 1, H, W]``, Hz.
-        readout_ms, te_ms: ``[B]``, ms.
-        method: ``"segmented"`` or ``"exact"``.
-        n_segments: number of segment times ``L`` (``None``: chosen by :func:`segment_count`).
+        b0_map_hz: off-resonance maps `[B, 1, H, W]`, Hz.
+        readout_ms, te_ms: `[B]`, ms.
+        method: `"segmented"` or `"exact"`.
+        n_segments: number of segment times `L` (`None`: chosen by `segment_count`).
 
-    ``forward`` and ``adjoint`` work in the complex dtype of their input (complex64 or complex128).
+    `forward` and `adjoint` work in the complex dtype of their input (complex64 or complex128).
     """
 
     def __init__(self, b0_map_hz: torch.Tensor, readout_ms: torch.Tensor, te_ms: torch.Tensor,
@@ -105,13 +105,13 @@ class OffResonanceEncoding:
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _phasor(self, time_ms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``exp(-i 2 pi Df t)`` for times ``time_ms`` broadcastable against the map (complex ``dtype``)."""
+        """`exp(-i 2 pi Df t)` for times `time_ms` broadcastable against the map (complex `dtype`)."""
         real = torch.float64 if dtype == torch.complex128 else torch.float32
         angle = -2.0 * math.pi * 1e-3 * self.b0_map_hz.to(real) * time_ms.to(real)
         return torch.polar(torch.ones_like(angle), angle)
 
     def _segments(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[slice]]:
-        """Segment times ``[B, L]`` (ms), interpolation weights ``[L, W]`` (real ``dtype``) and, per segment,
+        """Segment times `[B, L]` (ms), interpolation weights `[L, W]` (real `dtype`) and, per segment,
         the slice of columns where its hat weight is non-zero."""
         width, n_seg = self.b0_map_hz.shape[-1], self.n_segments
         real = torch.float64 if dtype == torch.complex128 else torch.float32
@@ -132,8 +132,8 @@ class OffResonanceEncoding:
         return tau, weights.to(real), support
 
     def _segment_phasors(self, tau: torch.Tensor, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """``exp(-i 2 pi Df tau_l)`` for ``l = 0 .. L-1``: successive factors by one complex product with
-        the step phasor, recomputed exactly every ``RESYNC`` segments (forward and adjoint: equal values)."""
+        """`exp(-i 2 pi Df tau_l)` for `l = 0 .. L-1`: successive factors by one complex product with
+        the step phasor, recomputed exactly every `RESYNC` segments (forward and adjoint: equal values)."""
         step = None
         for seg in range(tau.shape[1]):
             if seg % RESYNC == 0:
@@ -153,7 +153,7 @@ class OffResonanceEncoding:
 
     # -- operator ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Encode the complex image ``x`` ``[B, 1, H, W]`` into k-space."""
+        """Encode the complex image `x` `[B, 1, H, W]` into k-space."""
         if self.is_identity:
             return fft2c(x)
         if self.method == "exact":
@@ -175,7 +175,7 @@ class OffResonanceEncoding:
         return k
 
     def adjoint(self, k: torch.Tensor) -> torch.Tensor:
-        """Exact adjoint ``E^H`` of :meth:`forward`: k-space ``[B, 1, H, W]`` -> image."""
+        """Exact adjoint `E^H` of `forward`: k-space `[B, 1, H, W]` -> image."""
         if self.is_identity:
             return ifft2c(k)
         if self.method == "exact":
@@ -199,7 +199,7 @@ class OffResonanceEncoding:
         return x
 
     def _phasor_cols(self, t_cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Phase factors ``[B, 1, H, W, J]`` for the column times ``t_cols`` ``[B, J]`` (ms)."""
+        """Phase factors `[B, 1, H, W, J]` for the column times `t_cols` `[B, J]` (ms)."""
         real = torch.float64 if dtype == torch.complex128 else torch.float32
         times = t_cols.to(real)[:, None, None, None, :]
         angle = -2.0 * math.pi * 1e-3 * self.b0_map_hz.to(real)[..., None] * times
@@ -210,15 +210,15 @@ class B0PhaseCorruption:
     """B0 inhomogeneity: a smooth random off-resonance map whose phase accrues over TE and the readout.
 
     At 0.05-0.5 T (Larmor 2.1-21 MHz) the residual inhomogeneity of a portable magnet over the brain after
-    shimming is a few to tens of ppm; the default ``max |Df|`` of 10-60 Hz is 4-22 ppm at 0.064 T and
+    shimming is a few to tens of ppm; the default `max |Df|` of 10-60 Hz is 4-22 ppm at 0.064 T and
     0.5-3 ppm at 0.5 T, i.e. phase wraps of up to ~1 cycle at TE and readout shifts below ~1 pixel.
 
     Args:
-        b0_max_hz_range: uniform range of ``max |Df|`` over the slice, Hz.
+        b0_max_hz_range: uniform range of `max |Df|` over the slice, Hz.
         b0_max_hz: fixed value that replaces the draw (0 = no corruption).
-        poly_degree: degree of the random polynomial field (see :func:`random_b0_map`).
-        method: ``"segmented"`` (time segmentation, default) or ``"exact"`` (per-column sum).
-        n_segments: number of segment times (``None``: automatic, see module docstring).
+        poly_degree: degree of the random polynomial field (see `random_b0_map`).
+        method: `"segmented"` (time segmentation, default) or `"exact"` (per-column sum).
+        n_segments: number of segment times (`None`: automatic, see module docstring).
     """
 
     def __init__(self, b0_max_hz_range: tuple[float, float] = (10.0, 60.0), b0_max_hz: float | None = None,
@@ -239,20 +239,20 @@ class B0PhaseCorruption:
 
     def sample_max(self, batch: int, generator: torch.Generator | None = None,
                    device: torch.device | str | None = None) -> torch.Tensor:
-        """``b0_max_hz`` ``[B]`` drawn with ``generator``."""
+        """`b0_max_hz` `[B]` drawn with `generator`."""
         return uniform(batch, self.b0_max_hz_range, self.b0_max_hz, generator, device)
 
     def sample_map(self, b0_max_hz: torch.Tensor, height: int, width: int,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-        """Random field maps ``[B, 1, H, W]`` (Hz) with the given maxima."""
+        """Random field maps `[B, 1, H, W]` (Hz) with the given maxima."""
         return random_b0_map(b0_max_hz, height, width, generator, self.poly_degree)
 
     @staticmethod
     def encoding(params: dict[str, torch.Tensor], method: str = "segmented",
                  n_segments: int | None = None) -> OffResonanceEncoding | None:
-        """The encoding this step contributes to ``A``: :class:`OffResonanceEncoding` of ``b0_map_hz``
-        ``[B, 1, H, W]`` (Hz), ``readout_ms`` and ``te_ms`` ``[B]`` (ms) evaluated with ``method`` /
-        ``n_segments``, or ``None`` (plain :func:`fft2c`) when every field map is zero."""
+        """The encoding this step contributes to `A`: `OffResonanceEncoding` of `b0_map_hz`
+        `[B, 1, H, W]` (Hz), `readout_ms` and `te_ms` `[B]` (ms) evaluated with `method` /
+        `n_segments`, or `None` (plain `fft2c`) when every field map is zero."""
         b0_map = params["b0_map_hz"]
         if not bool((b0_map != 0).any()):
             return None

@@ -17,12 +17,12 @@ FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 
 def gaussian_mtf(fwhm_px: torch.Tensor, height: int, width: int,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Gaussian MTF ``[B, 1, H, W]`` of an isotropic Gaussian PSF with FWHM ``fwhm_px`` ``[B]`` (pixels).
+    """Gaussian MTF `[B, 1, H, W]` of an isotropic Gaussian PSF with FWHM `fwhm_px` `[B]` (pixels).
 
-    With ``sigma = fwhm_px / (2 sqrt(2 ln 2))`` the PSF ``exp(-r^2 / (2 sigma^2))`` has the Fourier transform
-    ``MTF(f) = exp(-2 pi^2 sigma^2 |f|^2)``, ``f`` in cycles per pixel on the centred grid
-    (``(i - n//2) / n``). ``MTF(0) = 1`` exactly, so the DC coefficient (mean intensity) is kept;
-    ``fwhm_px = 0`` gives the identity.
+    With `sigma = fwhm_px / (2 sqrt(2 ln 2))` the PSF `exp(-r^2 / (2 sigma^2))` has the Fourier transform
+    `MTF(f) = exp(-2 pi^2 sigma^2 |f|^2)`, `f` in cycles per pixel on the centred grid
+    (`(i - n//2) / n`). `MTF(0) = 1` exactly, so the DC coefficient (mean intensity) is kept;
+    `fwhm_px = 0` gives the identity.
     """
     sigma = fwhm_px.to(dtype) / FWHM_PER_SIGMA
     fy = kspace_frequencies(height, fwhm_px.device, dtype)
@@ -52,12 +52,12 @@ class GaussianBlur:
 
     def sample_params(self, batch: int, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """``{"fwhm_px": [B]}`` drawn with ``generator``."""
+        """`{"fwhm_px": [B]}` drawn with `generator`."""
         return {"fwhm_px": uniform(batch, self.fwhm_px_range, self.fwhm_px, generator, device)}
 
     @staticmethod
     def kspace_weights(params: dict[str, torch.Tensor], height: int, width: int) -> torch.Tensor | None:
-        """The k-space weights this step contributes to ``A``: the MTF ``[B, 1, H, W]`` (float32) of
-        ``params["fwhm_px"]`` ``[B]``, or ``None`` when no sample is blurred (all ``fwhm_px = 0``)."""
+        """The k-space weights this step contributes to `A`: the MTF `[B, 1, H, W]` (float32) of
+        `params["fwhm_px"]` `[B]`, or `None` when no sample is blurred (all `fwhm_px = 0`)."""
         fwhm = params["fwhm_px"]
         return gaussian_mtf(fwhm, height, width) if bool((fwhm > 0).any()) else None

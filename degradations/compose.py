@@ -4,9 +4,9 @@ A regime adds steps in the physical order blur -> T2* -> B0 -> noise. The signal
 
     y = A x + n,    A x = MTF(k) * T2*(t(kx)) * E_B0(x)
 
-(the MTF and the T2* envelope weight every sample produced by the off-resonance encoding ``E_B0``, which is
-``fft2c`` without B0) and ``n`` is complex Gaussian noise whose level is set against the noise-free image
-``ifft2c(A x)`` entering the noise stage. ``apply`` is exactly ``ForwardOperator.from_params(params)(x) + n``.
+(the MTF and the T2* envelope weight every sample produced by the off-resonance encoding `E_B0`, which is
+`fft2c` without B0) and `n` is complex Gaussian noise whose level is set against the noise-free image
+`ifft2c(A x)` entering the noise stage. `apply` is exactly `ForwardOperator.from_params(params)(x) + n`.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ PARAM_KEYS = ("fwhm_px", "t2star_ms", "t2star_gre", "readout_ms", "te_ms", "b0_m
 
 def neutral_params(batch: int, height: int, width: int,
                    device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """The full key set with neutral values (``A = fft2c``, no noise): ``fwhm_px`` 0, ``t2star_ms`` inf,
-    zero field map, ``snr_db`` inf, ``noise_sigma`` 0; ``readout_ms`` / ``te_ms`` are the timing defaults."""
+    """The full key set with neutral values (`A = fft2c`, no noise): `fwhm_px` 0, `t2star_ms` inf,
+    zero field map, `snr_db` inf, `noise_sigma` 0; `readout_ms` / `te_ms` are the timing defaults."""
     params = {"fwhm_px": torch.zeros(batch, device=device),
               "t2star_ms": torch.full((batch,), math.inf, device=device),
               "t2star_gre": torch.zeros(batch, device=device)}
@@ -78,8 +78,8 @@ class LowFieldDegradation:
 
     Args:
         name: regime name.
-        blur, t2star, b0, noise: the steps (``None`` = absent).
-        timing: readout / echo timing shared by T2* and B0 (default :class:`AcquisitionTiming`).
+        blur, t2star, b0, noise: the steps (`None` = absent).
+        timing: readout / echo timing shared by T2* and B0 (default `AcquisitionTiming`).
     """
 
     def __init__(self, name: str, blur: GaussianBlur | None = None, t2star: T2StarDecay | None = None,
@@ -100,8 +100,8 @@ class LowFieldDegradation:
     # -- parameters ----------------------------------------------------------------------------------------
     def sample_scalars(self, batch: int, generator: torch.Generator | None = None,
                        device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """All scalar params ``[B]`` except ``noise_sigma`` (which needs the image): ``fwhm_px``,
-        ``t2star_ms``, ``t2star_gre``, ``readout_ms``, ``te_ms``, ``b0_max_hz``, ``snr_db`` (target). Neutral
+        """All scalar params `[B]` except `noise_sigma` (which needs the image): `fwhm_px`,
+        `t2star_ms`, `t2star_gre`, `readout_ms`, `te_ms`, `b0_max_hz`, `snr_db` (target). Neutral
         where absent; the timing is drawn only when T2* or B0 is present (otherwise it is irrelevant and set
         to nominal)."""
         neutral = neutral_params(batch, 1, 1, device)
@@ -122,23 +122,23 @@ class LowFieldDegradation:
 
     def sample_map(self, b0_max_hz: torch.Tensor, height: int, width: int,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-        """Field maps ``[B, 1, H, W]`` in Hz for the maxima ``b0_max_hz`` ``[B]`` (zeros without B0)."""
+        """Field maps `[B, 1, H, W]` in Hz for the maxima `b0_max_hz` `[B]` (zeros without B0)."""
         if self.b0 is None:
             return torch.zeros(b0_max_hz.shape[0], 1, height, width, device=b0_max_hz.device)
         return self.b0.sample_map(b0_max_hz, height, width, generator)
 
     def operator(self, params: dict[str, torch.Tensor]) -> ForwardOperator:
-        """The forward operator ``A`` of ``params``, evaluated with this regime's B0 method."""
+        """The forward operator `A` of `params`, evaluated with this regime's B0 method."""
         if self.b0 is None:
             return ForwardOperator.from_params(params)
         return ForwardOperator.from_params(params, self.b0.method, self.b0.n_segments)
 
     def sample_params(self, x: torch.Tensor, generator: torch.Generator | None = None,
                       signal_power: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """All parameters for the complex images ``x`` ``[B, 1, H, W]``: the full key set ``PARAM_KEYS``.
+        """All parameters for the complex images `x` `[B, 1, H, W]`: the full key set `PARAM_KEYS`.
 
-        ``noise_sigma`` is set from the target ``snr_db`` and the noise-free image ``ifft2c(A x)`` (or the
-        given ``signal_power`` ``[B]``, e.g. a volume's, see :class:`ComplexGaussianNoise`).
+        `noise_sigma` is set from the target `snr_db` and the noise-free image `ifft2c(A x)` (or the
+        given `signal_power` `[B]`, e.g. a volume's, see `ComplexGaussianNoise`).
         """
         batch, _, height, width = x.shape
         params = self.sample_scalars(batch, generator, x.device)
@@ -153,25 +153,25 @@ class LowFieldDegradation:
     # -- application ---------------------------------------------------------------------------------------
     def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor],
               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Measured k-space ``y = A x + n`` (complex ``[B, 1, H, W]``) of the complex images ``x``."""
+        """Measured k-space `y = A x + n` (complex `[B, 1, H, W]`) of the complex images `x`."""
         k = self.operator(params).forward(x)
         return k if self.noise is None else self.noise.apply(k, params, generator)
 
     def __call__(self, x: torch.Tensor,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(y, params)``: draw the parameters, then apply them (both with ``generator``)."""
+        """`(y, params)`: draw the parameters, then apply them (both with `generator`)."""
         params = self.sample_params(x, generator)
         return self.apply(x, params, generator), params
 
 
 def make_regime(name: str, **overrides: Any) -> LowFieldDegradation:
-    """The named regime (one of ``REGIMES``) with default ranges, optionally overridden.
+    """The named regime (one of `REGIMES`) with default ranges, optionally overridden.
 
-    ``overrides`` fix a parameter (``snr_db=5.0``) or set a range (``snr_db_range=(2.0, 7.0)``); the names are
-    ``fwhm_px[_range]``, ``t2star_ms[_range]``, ``t2star_mode``, ``readout_ms[_range]``, ``te_ms[_range]``,
-    ``b0_max_hz[_range]``, ``b0_poly_degree``, ``b0_method``, ``n_segments``, ``snr_db[_range]``.
+    `overrides` fix a parameter (`snr_db=5.0`) or set a range (`snr_db_range=(2.0, 7.0)`); the names are
+    `fwhm_px[_range]`, `t2star_ms[_range]`, `t2star_mode`, `readout_ms[_range]`, `te_ms[_range]`,
+    `b0_max_hz[_range]`, `b0_poly_degree`, `b0_method`, `n_segments`, `snr_db[_range]`.
     Overrides of a step the regime lacks are ignored, so one set of overrides serves every regime.
-    Unknown regime or override -> ``ValueError``.
+    Unknown regime or override -> `ValueError`.
     """
     if name not in _REGIME_STEPS:
         raise ValueError(f"unknown regime {name!r}; valid regimes: {', '.join(REGIMES)}")
@@ -190,7 +190,7 @@ def make_regime(name: str, **overrides: Any) -> LowFieldDegradation:
 
 
 def params_to_jsonable(params: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """One dict of Python scalars per sample (non-finite -> ``None``; per-pixel maps omitted)."""
+    """One dict of Python scalars per sample (non-finite -> `None`; per-pixel maps omitted)."""
     scalars = {key: value.detach().cpu().double() for key, value in params.items()
                if torch.is_tensor(value) and value.dim() == 1}
     batch = next(iter(scalars.values())).shape[0] if scalars else 0

@@ -12,20 +12,20 @@ __all__ = ["ComplexGaussianNoise"]
 
 
 class ComplexGaussianNoise:
-    """Additive i.i.d. circular complex Gaussian k-space noise at a target ``snr_db``.
+    """Additive i.i.d. circular complex Gaussian k-space noise at a target `snr_db`.
 
-    ``sigma`` is the std per complex sample (real and imaginary parts each ``sigma / sqrt(2)``), chosen so
-    that ``snr_db(x_in, sigma^2)`` (:mod:`degradations.snr`) equals the target, ``x_in`` being the noise-free
-    image entering the noise stage (the clean image for the ``noise`` regime, ``ifft2c(A x)`` otherwise).
+    `sigma` is the std per complex sample (real and imaginary parts each `sigma / sqrt(2)`), chosen so
+    that `snr_db(x_in, sigma^2)` (`degradations.snr`) equals the target, `x_in` being the noise-free
+    image entering the noise stage (the clean image for the `noise` regime, `ifft2c(A x)` otherwise).
     The orthonormal FFT makes the noise variance the same in k-space and in the image.
 
     The default 2-7 dB (foreground power 1.6-5 times the noise variance, i.e. mean amplitude ~1.3-2.2 noise
-    stds) is the range of the reference study: with SNR roughly proportional to ``B0^(3/2)``, a 0.05-0.5 T
+    stds) is the range of the reference study: with SNR roughly proportional to `B0^(3/2)`, a 0.05-0.5 T
     scanner at practical scan times gives images one to two orders of magnitude noisier than at 3-11 T.
 
     Empty foreground: an all-zero slice has signal power 0 and no defined SNR. Callers that hold whole volumes
-    should pass the volume's foreground power as ``signal_power`` (a scanner's noise level is one per
-    acquisition; ``lfmri degrade`` does so). Otherwise such a slice takes the mean power of the non-empty
+    should pass the volume's foreground power as `signal_power` (a scanner's noise level is one per
+    acquisition; `lfmri degrade` does so). Otherwise such a slice takes the mean power of the non-empty
     slices of its batch (noise 0 only if the whole batch is zero).
 
     Args:
@@ -39,15 +39,15 @@ class ComplexGaussianNoise:
 
     def sample_snr(self, batch: int, generator: torch.Generator | None = None,
                    device: torch.device | str | None = None) -> torch.Tensor:
-        """Target SNR ``[B]`` in dB, drawn with ``generator``."""
+        """Target SNR `[B]` in dB, drawn with `generator`."""
         return uniform(batch, self.snr_db_range, self.snr_db, generator, device)
 
     @staticmethod
     def sigma_for(x_in: torch.Tensor, snr_db: torch.Tensor,
                   signal_power: torch.Tensor | None = None) -> torch.Tensor:
-        """Noise std per complex sample ``[B]`` for the noise-free image ``x_in`` ``[B, 1, H, W]``.
+        """Noise std per complex sample `[B]` for the noise-free image `x_in` `[B, 1, H, W]`.
 
-        ``signal_power`` ``[B]`` (units^2) overrides the per-slice foreground power (e.g. a volume's power).
+        `signal_power` `[B]` (units^2) overrides the per-slice foreground power (e.g. a volume's power).
         """
         power = foreground_power(x_in) if signal_power is None else signal_power.to(torch.float32)
         empty = power <= 0
@@ -58,13 +58,13 @@ class ComplexGaussianNoise:
     @staticmethod
     def draw(like: torch.Tensor, sigma: torch.Tensor,
              generator: torch.Generator | None = None) -> torch.Tensor:
-        """Noise shaped like the complex ``like`` ``[B, ...]``, std ``sigma`` ``[B]`` per complex sample."""
+        """Noise shaped like the complex `like` `[B, ...]`, std `sigma` `[B]` per complex sample."""
         gen_device = generator.device if generator is not None else torch.device("cpu")
         n = torch.randn(like.shape, dtype=like.dtype, generator=generator, device=gen_device).to(like.device)
         return n * sigma.to(like.real.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
     def apply(self, k: torch.Tensor, params: dict[str, torch.Tensor],
               generator: torch.Generator | None = None) -> torch.Tensor:
-        """``k + n`` with ``n`` drawn with ``generator`` at ``params["noise_sigma"]``."""
+        """`k + n` with `n` drawn with `generator` at `params["noise_sigma"]`."""
         return k + self.draw(k, params["noise_sigma"], generator)
 

@@ -1,34 +1,34 @@
-"""Blind estimate of the k-space noise level ``sigma`` of a measured slice.
+"""Blind estimate of the k-space noise level `sigma` of a measured slice.
 
-Model and units: ``y = A x + n`` with ``y`` complex ``[B, 1, H, W]`` fully sampled Cartesian k-space on the
-centred orthonormal grid (:func:`~degradations.fourier.fft2c`) and ``n`` white, i.i.d. circular complex
-Gaussian noise of std ``sigma`` per complex sample (``E|n|^2 = sigma^2``; real and imaginary parts each carry
-``sigma^2 / 2``), the same ``sigma`` as ``params["noise_sigma"]`` of :mod:`degradations.compose`, in the units
-of ``y``. The estimate is one ``sigma`` per slice, float32 ``[B]``.
+Model and units: `y = A x + n` with `y` complex `[B, 1, H, W]` fully sampled Cartesian k-space on the
+centred orthonormal grid (`degradations.fourier.fft2c`) and `n` white, i.i.d. circular complex
+Gaussian noise of std `sigma` per complex sample (`E|n|^2 = sigma^2`; real and imaginary parts each carry
+`sigma^2 / 2`), the same `sigma` as `params["noise_sigma"]` of `degradations.compose`, in the units
+of `y`. The estimate is one `sigma` per slice, float32 `[B]`.
 
-Where the signal is weak the samples are pure noise and ``|n|^2 / sigma^2`` is exponential with median
-``ln 2``. The estimator therefore looks at the samples where the signal is expected to be weakest: the
-fraction ``NOISE_BAND_FRACTION`` (a third) of k-space with the smallest *expected signal amplitude*
-``|w(k)| / |f(k)|^SPECTRUM_SLOPE`` -- ``w`` the operator's real k-space weights (blur MTF x T2* envelope, ones
-without an operator), ``|f|`` the spatial frequency (cycles per pixel) and ``|f|^-SPECTRUM_SLOPE`` a generic
-decay of MR image spectra. Without weights this is the outer band ``|f| > 0.46`` (the corners and edges of
+Where the signal is weak the samples are pure noise and `|n|^2 / sigma^2` is exponential with median
+`ln 2`. The estimator therefore looks at the samples where the signal is expected to be weakest: the
+fraction `NOISE_BAND_FRACTION` (a third) of k-space with the smallest *expected signal amplitude*
+`|w(k)| / |f(k)|^SPECTRUM_SLOPE` -- `w` the operator's real k-space weights (blur MTF x T2* envelope, ones
+without an operator), `|f|` the spatial frequency (cycles per pixel) and `|f|^-SPECTRUM_SLOPE` a generic
+decay of MR image spectra. Without weights this is the outer band `|f| > 0.46` (the corners and edges of
 k-space); with a blur it is the same band, with a T2* envelope alone it leans towards the damped readout
 edges. Two robust medians of that band are taken:
 
-* in k-space: ``sqrt(median(|y_k|^2) / ln 2)`` over the band, robust to the few bright samples where the
+* in k-space: `sqrt(median(|y_k|^2) / ln 2)` over the band, robust to the few bright samples where the
   signal spectrum is not yet down;
-* in the image: the band's high-pass image ``h = ifft2c(y * band)`` carries white noise of variance
-  ``sigma^2 * n_band / (H W)`` per pixel while its signal (edges) is sparse in the image, so
-  ``sqrt(median(|h|^2) / ln 2 * H W / n_band)`` is robust to signal that spreads over the band but sits on few
+* in the image: the band's high-pass image `h = ifft2c(y * band)` carries white noise of variance
+  `sigma^2 * n_band / (H W)` per pixel while its signal (edges) is sparse in the image, so
+  `sqrt(median(|h|^2) / ln 2 * H W / n_band)` is robust to signal that spreads over the band but sits on few
   pixels (the idea of Donoho's wavelet MAD, on complex data and the band chosen above).
 
-Residual signal can only raise these medians (``|s + n|^2`` is stochastically larger than ``|n|^2``), so the
+Residual signal can only raise these medians (`|s + n|^2` is stochastically larger than `|n|^2`), so the
 estimate is their minimum. Assumptions: fully sampled Cartesian k-space (no zeros from undersampling or zero
-padding; a slice that is all zero raises ``ValueError``), white noise with one level per slice (no coil
+padding; a slice that is all zero raises `ValueError`), white noise with one level per slice (no coil
 combination or k-space filtering), and a signal spectrum that decays towards the edge of k-space (true of MR
-images at their native resolution). Measured with ``experiments/benchmarks/noise_estimate.py`` on nilearn's
+images at their native resolution). Measured with `experiments/benchmarks/noise_estimate.py` on nilearn's
 MNI152 T1 template at native resolution (slices of every orientation, also with a smooth random phase):
-within 3.5 % of the true ``sigma`` at SNR 2-20 dB in all four regimes, with or without the operator (the
+within 3.5 % of the true `sigma` at SNR 2-20 dB in all four regimes, with or without the operator (the
 ranking by weights changes little on these regimes, where the outer band is already the attenuated one; the
 band fraction 1/5-1/2 and slope 1-3 all stay within 3.5 %). A clean image that holds noise of its own (a
 real acquisition) has that noise measured too: on nibabel's EPI test volume at 20 dB without blur the
@@ -48,21 +48,21 @@ __all__ = ["estimate_noise_sigma", "NOISE_BAND_FRACTION", "SPECTRUM_SLOPE"]
 
 #: fraction of k-space samples (those with the weakest expected signal) the estimate uses
 NOISE_BAND_FRACTION = 1.0 / 3.0
-#: exponent of the generic image-spectrum decay ``|f|^-SPECTRUM_SLOPE`` used to rank the samples
+#: exponent of the generic image-spectrum decay `|f|^-SPECTRUM_SLOPE` used to rank the samples
 SPECTRUM_SLOPE = 1.5
 
 
 def estimate_noise_sigma(y: torch.Tensor, operator: ForwardOperator | None = None) -> torch.Tensor:
-    """Noise std per complex k-space sample ``sigma`` (``sqrt(E|n|^2)``, units of ``y``), float32 ``[B]``.
+    """Noise std per complex k-space sample `sigma` (`sqrt(E|n|^2)`, units of `y`), float32 `[B]`.
 
     Args:
-        y: measured k-space, complex ``[B, 1, H, W]`` (centred, orthonormal, fully sampled Cartesian).
-        operator: the forward operator ``A`` of ``y``; only its real k-space ``weights`` (``[B, 1, H, W]``
-            broadcastable, or ``None``) are used, to find where the signal is attenuated. ``None``: no
+        y: measured k-space, complex `[B, 1, H, W]` (centred, orthonormal, fully sampled Cartesian).
+        operator: the forward operator `A` of `y`; only its real k-space `weights` (`[B, 1, H, W]`
+            broadcastable, or `None`) are used, to find where the signal is attenuated. `None`: no
             attenuation known.
 
     Raises:
-        ValueError: ``y`` is not a complex ``[B, 1, H, W]`` tensor, holds non-finite values, or a slice is
+        ValueError: `y` is not a complex `[B, 1, H, W]` tensor, holds non-finite values, or a slice is
             all zero (empty: no noise to measure).
     """
     if not y.is_complex() or y.dim() != 4 or y.shape[1] != 1:
@@ -85,9 +85,9 @@ def estimate_noise_sigma(y: torch.Tensor, operator: ForwardOperator | None = Non
 
 
 def _noise_band(y: torch.Tensor, operator: ForwardOperator | None) -> torch.Tensor:
-    """Bool ``[B, H*W]``: the ``NOISE_BAND_FRACTION`` of samples with the weakest expected signal per slice.
+    """Bool `[B, H*W]`: the `NOISE_BAND_FRACTION` of samples with the weakest expected signal per slice.
 
-    Expected amplitude ``|w| / (|f| + df)^SPECTRUM_SLOPE`` (``df``, one frequency step, keeps DC finite).
+    Expected amplitude `|w| / (|f| + df)^SPECTRUM_SLOPE` (`df`, one frequency step, keeps DC finite).
     """
     batch, _, height, width = y.shape
     fy = kspace_frequencies(height, y.device)

@@ -1,4 +1,4 @@
-"""The known linear low-field forward operator ``A`` (noise excluded) and its exact adjoint."""
+"""The known linear low-field forward operator `A` (noise excluded) and its exact adjoint."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ REQUIRED_KEYS = ("fwhm_px", "t2star_ms", "readout_ms", "te_ms", "b0_map_hz")
 
 
 class ForwardOperator:
-    """``A x = W(k) * E(x)``: image ``[B, 1, H, W]`` -> measured k-space ``[B, 1, H, W]``.
+    """`A x = W(k) * E(x)`: image `[B, 1, H, W]` -> measured k-space `[B, 1, H, W]`.
 
-    ``E`` is the off-resonance encoding (plain :func:`fft2c` without B0) and
-    ``W = MTF(fwhm_px) * T2*-weights`` is real and diagonal in k-space, so ``A^H k = E^H(W * k)`` is the exact
+    `E` is the off-resonance encoding (plain `fft2c` without B0) and
+    `W = MTF(fwhm_px) * T2*-weights` is real and diagonal in k-space, so `A^H k = E^H(W * k)` is the exact
     adjoint of the discretised operator.
-    With neutral parameters (``fwhm_px = 0``, ``t2star_ms = inf``, zero field map) ``A = fft2c``.
+    With neutral parameters (`fwhm_px = 0`, `t2star_ms = inf`, zero field map) `A = fft2c`.
 
     Args:
-        weights: real k-space weights ``[B, 1, H, W]`` (broadcastable) or ``None`` for all ones.
-        encoding: off-resonance encoding or ``None`` for :func:`fft2c`.
+        weights: real k-space weights `[B, 1, H, W]` (broadcastable) or `None` for all ones.
+        encoding: off-resonance encoding or `None` for `fft2c`.
     """
 
     def __init__(self, weights: torch.Tensor | None = None,
@@ -35,12 +35,12 @@ class ForwardOperator:
     @classmethod
     def from_params(cls, params: dict[str, torch.Tensor], b0_method: str = "segmented",
                     n_segments: int | None = None) -> ForwardOperator:
-        """Build ``A`` from a (batched) params dict with the keys of ``LowFieldDegradation.sample_params``.
+        """Build `A` from a (batched) params dict with the keys of `LowFieldDegradation.sample_params`.
 
-        Needs ``fwhm_px``, ``t2star_ms``, ``readout_ms``, ``te_ms`` ``[B]`` and ``b0_map_hz``
-        ``[B, 1, H, W]``; ``t2star_gre`` ``[B]`` defaults to spin echo. ``b0_method`` / ``n_segments``: see
-        :mod:`degradations.b0`. Each step class contributes its part (``None`` where it is neutral for the
-        whole batch): the blur MTF and the T2* damping multiply into ``W``, the B0 step gives ``E``.
+        Needs `fwhm_px`, `t2star_ms`, `readout_ms`, `te_ms` `[B]` and `b0_map_hz`
+        `[B, 1, H, W]`; `t2star_gre` `[B]` defaults to spin echo. `b0_method` / `n_segments`: see
+        `degradations.b0`. Each step class contributes its part (`None` where it is neutral for the
+        whole batch): the blur MTF and the T2* damping multiply into `W`, the B0 step gives `E`.
         """
         missing = [key for key in REQUIRED_KEYS if key not in params]
         if missing:
@@ -53,25 +53,25 @@ class ForwardOperator:
 
     @property
     def is_fourier(self) -> bool:
-        """True when ``A`` is the plain :func:`fft2c` (no weights, no off-resonance)."""
+        """True when `A` is the plain `fft2c` (no weights, no off-resonance)."""
         return self.weights is None and self.encoding is None
 
     def noise_free_image(self, x: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
-        """The noise-free image entering the noise stage, ``ifft2c(A x)``; exactly ``x`` if ``A = fft2c``.
+        """The noise-free image entering the noise stage, `ifft2c(A x)`; exactly `x` if `A = fft2c`.
 
-        ``k``: ``A x`` if already computed.
+        `k`: `A x` if already computed.
         """
         if self.is_fourier:
             return x
         return ifft2c(self.forward(x) if k is None else k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``A x`` for a complex image ``x`` ``[B, 1, H, W]`` (complex64 or complex128)."""
+        """`A x` for a complex image `x` `[B, 1, H, W]` (complex64 or complex128)."""
         k = fft2c(x) if self.encoding is None else self.encoding.forward(x)
         return k if self.weights is None else k * self.weights.to(k.real.dtype)
 
     def adjoint(self, k: torch.Tensor) -> torch.Tensor:
-        """``A^H k`` for complex k-space ``k`` ``[B, 1, H, W]``."""
+        """`A^H k` for complex k-space `k` `[B, 1, H, W]`."""
         if self.weights is not None:
             k = k * self.weights.to(k.real.dtype)
         return ifft2c(k) if self.encoding is None else self.encoding.adjoint(k)

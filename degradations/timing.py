@@ -1,12 +1,12 @@
 """Acquisition timing of a Cartesian 2D readout, shared by T2* decay and B0 off-resonance.
 
-Frequency encoding (the readout) runs along the last dim ``W``, phase encoding along ``H``. Every k-space
-column ``kx`` (index ``j = 0 .. W-1``) is sampled at
+Frequency encoding (the readout) runs along the last dim `W`, phase encoding along `H`. Every k-space
+column `kx` (index `j = 0 .. W-1`) is sampled at
 
     t(j) = te_ms + (j - W // 2) * readout_ms / W        [ms]
 
-so the echo (``t = TE``) falls on the DC column ``W // 2`` (for even ``W`` this is ``(j - W/2)``), the readout
-lasts ``readout_ms`` and all rows (phase-encoding steps) share the same timing.
+so the echo (`t = TE`) falls on the DC column `W // 2` (for even `W` this is `(j - W/2)`), the readout
+lasts `readout_ms` and all rows (phase-encoding steps) share the same timing.
 
 Default ranges (portable 0.05-0.5 T scanners): low-field systems trade bandwidth for SNR, with receiver
 bandwidths of roughly 20-40 kHz over ~256 samples, i.e. readouts of about 6-12 ms; echo times of the
@@ -24,13 +24,13 @@ __all__ = ["AcquisitionTiming", "sample_times_ms"]
 
 def sample_times_ms(readout_ms: torch.Tensor, te_ms: torch.Tensor, width: int,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Acquisition time of each k-space column ``[B, W]`` (ms) from ``readout_ms`` and ``te_ms`` ``[B]``."""
+    """Acquisition time of each k-space column `[B, W]` (ms) from `readout_ms` and `te_ms` `[B]`."""
     j = torch.arange(width, device=readout_ms.device, dtype=dtype) - width // 2
     return te_ms.to(dtype)[:, None] + j[None, :] * (readout_ms.to(dtype)[:, None] / width)
 
 
 class AcquisitionTiming:
-    """Draws the readout duration ``readout_ms`` and echo time ``te_ms`` (ms) of each sample.
+    """Draws the readout duration `readout_ms` and echo time `te_ms` (ms) of each sample.
 
     Args:
         readout_ms_range: uniform range of the readout duration, ms (default 6-12 ms, see module docstring).
@@ -55,6 +55,6 @@ class AcquisitionTiming:
 
     def sample_params(self, batch: int, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """``{"readout_ms": [B], "te_ms": [B]}`` drawn with ``generator``."""
+        """`{"readout_ms": [B], "te_ms": [B]}` drawn with `generator`."""
         return {"readout_ms": uniform(batch, self.readout_ms_range, self.readout_ms, generator, device),
                 "te_ms": uniform(batch, self.te_ms_range, self.te_ms, generator, device)}

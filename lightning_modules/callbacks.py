@@ -37,7 +37,7 @@ class FiniteLossGuard(Callback):
     """Stop a fit at the first NaN/Inf training loss, with a message naming the global step.
 
     The check runs before the backward pass, so neither the weights nor `last.ckpt` ever see the bad
-    step: the run is stopped by raising :class:`NonFiniteLossError` (no checkpoint is written on the way
+    step: the run is stopped by raising `NonFiniteLossError` (no checkpoint is written on the way
     out), and `--ckpt_path last` restarts from the last good state.
     """
 
@@ -65,7 +65,7 @@ class TrainingInterrupted(Exception):
 
 class InterruptCheckpoint(Callback):
     """On SIGINT (Ctrl-C) or SIGTERM (e.g. SLURM pre-emption) during `fit`, finish the current training step,
-    write a resumable `last.ckpt` and stop by raising :class:`TrainingInterrupted`.
+    write a resumable `last.ckpt` and stop by raising `TrainingInterrupted`.
 
     The checkpoint is written at the same point of the step as `ModelCheckpoint`'s periodic one (the end of
     the training batch, `on_train_batch_end`), through the trainer's checkpoint IO (atomic with

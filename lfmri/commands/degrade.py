@@ -1,37 +1,37 @@
-"""``lfmri degrade``: simulate a portable low-field acquisition of each 2D slice of a magnitude NIfTI volume.
+"""`lfmri degrade`: simulate a portable low-field acquisition of each 2D slice of a magnitude NIfTI volume.
 
-Each slice (in the order of ``--slice-axis``; the ``H, W`` plane is the other two axes in array order, readout
-along ``W``, the volume's last remaining axis) is a real image in the input's own intensity units (no
-normalisation), degraded in k-space by the regime's physics (:mod:`degradations`) and written back as the
-magnitude ``|ifft2c(y)|``. This is the one slice layout of lfmri (``datamodules.transforms.to_slices``): the
+Each slice (in the order of `--slice-axis`; the `H, W` plane is the other two axes in array order, readout
+along `W`, the volume's last remaining axis) is a real image in the input's own intensity units (no
+normalisation), degraded in k-space by the regime's physics (`degradations`) and written back as the
+magnitude `|ifft2c(y)|`. This is the one slice layout of lfmri (`datamodules.transforms.to_slices`): the
 data module trains and evaluates on it and `lfmri reconstruct` reads it, so T2* and B0 artefacts run along the
 same anatomical axis everywhere.
 
 The acquisition parameters (blur FWHM, T2*, readout, TE, max off-resonance, target SNR) are drawn once per
-volume; each slice gets its own smooth field map. With ``--noise-level slice`` (default) the noise std per
+volume; each slice gets its own smooth field map. With `--noise-level slice` (default) the noise std per
 complex sample is set per slice from that slice's own foreground power, so every slice's SNR equals the target
 as in the data module's on-the-fly degradations (the SNR convention the model is trained and evaluated with;
-slices with an empty foreground, i.e. all zero, use ``P_vol``). With ``--noise-level volume`` one noise std
-serves the whole acquisition, as on a scanner: ``10 log10(P_vol / sigma^2)`` equals the target, ``P_vol`` the
-mean ``|x|^2`` over the union of the per-slice foregrounds (:func:`degradations.foreground_mask`) of the
+slices with an empty foreground, i.e. all zero, use `P_vol`). With `--noise-level volume` one noise std
+serves the whole acquisition, as on a scanner: `10 log10(P_vol / sigma^2)` equals the target, `P_vol` the
+mean `|x|^2` over the union of the per-slice foregrounds (`degradations.foreground_mask`) of the
 noise-free degraded slices, and slices with less tissue get a lower SNR of their own. The realised per-slice
-SNR (``null`` for an empty slice) and sigma are reported either way.
+SNR (`null` for an empty slice) and sigma are reported either way.
 
-Randomness: a volume generator seeded from ``(seed, 0)`` draws the acquisition parameters; slice ``i`` has
-its own generator seeded from ``(seed, i + 1)`` (``numpy.random.SeedSequence``) for its field map and noise,
-so the output does not depend on ``--batch-size``.
+Randomness: a volume generator seeded from `(seed, 0)` draws the acquisition parameters; slice `i` has
+its own generator seeded from `(seed, i + 1)` (`numpy.random.SeedSequence`) for its field map and noise,
+so the output does not depend on `--batch-size`.
 
 Outputs (each written to a temporary file, then renamed; nothing is created on error):
 
-* ``OUTPUT`` (``.nii`` / ``.nii.gz``): float32 magnitude with the input's affine and header;
-* ``OUTPUT.json`` (also printed on stdout): input, output, regime, seed, slice axis, noise level, target SNR,
+* `OUTPUT` (`.nii` / `.nii.gz`): float32 magnitude with the input's affine and header;
+* `OUTPUT.json` (also printed on stdout): input, output, regime, seed, slice axis, noise level, target SNR,
   volume signal power, and the realised parameters of every slice;
-* ``--kspace-out F.h5``: dataset ``kspace`` complex64 ``[slices, H, W]`` (the degraded k-space, centred
-  orthonormal FFT); ``noise_sigma`` and ``snr_db`` float32 ``[slices]``; ``b0_map_hz`` float32
-  ``[slices, H, W]`` when the regime has B0; attributes: the volume's scalar parameters (``fwhm_px``,
-  ``t2star_ms``, ``t2star_gre``, ``readout_ms``, ``te_ms``, ``b0_max_hz``, ``snr_db_target``), ``b0_method``,
-  ``regime``, ``seed``, ``slice_axis``, ``noise_level``, ``input``. With these ``ForwardOperator.from_params``
-  rebuilds ``A`` per slice (``t2star_ms = inf`` means no decay).
+* `--kspace-out F.h5`: dataset `kspace` complex64 `[slices, H, W]` (the degraded k-space, centred
+  orthonormal FFT); `noise_sigma` and `snr_db` float32 `[slices]`; `b0_map_hz` float32
+  `[slices, H, W]` when the regime has B0; attributes: the volume's scalar parameters (`fwhm_px`,
+  `t2star_ms`, `t2star_gre`, `readout_ms`, `te_ms`, `b0_max_hz`, `snr_db_target`), `b0_method`,
+  `regime`, `seed`, `slice_axis`, `noise_level`, `input`. With these `ForwardOperator.from_params`
+  rebuilds `A` per slice (`t2star_ms = inf` means no decay).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ NOISE_LEVELS = ("volume", "slice")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``degrade`` parser."""
+    """Add the `degrade` parser."""
     p = subparsers.add_parser(
         "degrade", help="degrade a NIfTI volume with a low-field physics regime",
         description="Degrade each 2D slice of a magnitude NIfTI volume with a portable low-field MRI regime "
@@ -107,12 +107,12 @@ def _validate(args: argparse.Namespace) -> None:
 
 
 def slice_seed(seed: int, index: int) -> int:
-    """Seed of stream ``index`` (0: the volume, ``i + 1``: slice ``i``) derived from the user's ``seed``."""
+    """Seed of stream `index` (0: the volume, `i + 1`: slice `i`) derived from the user's `seed`."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0])
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``lfmri degrade``; bad input raises :class:`InputError`."""
+    """Run `lfmri degrade`; bad input raises `InputError`."""
     _validate(args)
     from datamodules.io import load_nifti
 
@@ -134,9 +134,9 @@ def degrade_volume(data: np.ndarray, regime: str, seed: int, slice_axis: int, sn
                    batch_size: int, noise_level: str = "slice") -> dict[str, Any]:
     """Degrade every slice of a 3D volume; see the module docstring for the model and the seeding.
 
-    Returns a dict with ``magnitude`` (float32, same shape as ``data``), ``kspace`` complex64 ``[S, H, W]``,
-    ``b0_map_hz`` float32 ``[S, H, W]`` or ``None``, ``noise_sigma`` / ``snr_db`` float32 ``[S]``, ``scalars``
-    (the volume's parameters), ``summary`` and ``slices`` (JSON-ready).
+    Returns a dict with `magnitude` (float32, same shape as `data`), `kspace` complex64 `[S, H, W]`,
+    `b0_map_hz` float32 `[S, H, W]` or `None`, `noise_sigma` / `snr_db` float32 `[S]`, `scalars`
+    (the volume's parameters), `summary` and `slices` (JSON-ready).
     """
     import torch
 

@@ -1,45 +1,45 @@
 """Data-consistency (DC) steps of the reconstruction samplers (plain torch).
 
-Every step acts on float ``[B, 2, H, W]`` images (real, imaginary channels) and returns the same layout and
-dtype; inside, the physics runs in complex64 ``[B, 1, H, W]``. The measurement is ``y = A x + n``: k-space
-``y`` complex ``[B, 1, H, W]``, ``A`` the known forward operator (``degradations.ForwardOperator``), ``n``
-white complex Gaussian noise of std ``sigma_y`` per k-space sample (``noise_sigma`` ``[B]``, units of ``y``).
+Every step acts on float `[B, 2, H, W]` images (real, imaginary channels) and returns the same layout and
+dtype; inside, the physics runs in complex64 `[B, 1, H, W]`. The measurement is `y = A x + n`: k-space
+`y` complex `[B, 1, H, W]`, `A` the known forward operator (`degradations.ForwardOperator`), `n`
+white complex Gaussian noise of std `sigma_y` per k-space sample (`noise_sigma` `[B]`, units of `y`).
 
-A step is called ``dc(x0, sigma_t)`` on a denoised (Tweedie) estimate ``x0`` whose error has std ``sigma_t``
-``[B]`` in image units (for the VP-SDE ``std(t) / alpha(t)``), or ``dc.on_iterate(x, alpha, std)`` on a noisy
-iterate ``x = alpha x0 + std z`` of the sampler (``alpha``, ``std`` ``[B]``, ``alpha > 0``).
+A step is called `dc(x0, sigma_t)` on a denoised (Tweedie) estimate `x0` whose error has std `sigma_t`
+`[B]` in image units (for the VP-SDE `std(t) / alpha(t)`), or `dc.on_iterate(x, alpha, std)` on a noisy
+iterate `x = alpha x0 + std z` of the sampler (`alpha`, `std` `[B]`, `alpha > 0`).
 
-* :class:`GradientDC`: the paper's gradient step ``x - weight A^H (A x - y)`` (``sigma_t`` is ignored; on
+* `GradientDC`: the paper's gradient step `x - weight A^H (A x - y)` (`sigma_t` is ignored; on
   the noisy iterate it is score-MRI's step, the same formula).
-* :class:`ProximalDC`: noise-aware DC (DiffPIR / DDS style), the proximal step
+* `ProximalDC`: noise-aware DC (DiffPIR / DDS style), the proximal step
 
       x = argmin_x ||A x - y||^2 / sigma_y^2 + rho_t ||x - x0||^2,
       rho_t = 1 / (sigma_t^2 / lam + floor^2),
 
-  i.e. ``(A^H A + mu I) x = A^H y + mu x0`` with the dimensionless ``mu = rho_t sigma_y^2`` (a ratio of
-  noise variances). ``1 / rho_t`` is the variance assumed for the error of ``x0``: the diffusion noise
-  ``sigma_t^2`` scaled by ``1 / lam``, plus ``floor^2``, the error the network keeps when ``sigma_t -> 0``
-  (its own misfit to the data). Without the floor (``floor = 0``, ``rho_t = lam / sigma_t^2``) the last
-  steps of a sampler, where ``sigma_t -> 0``, hand the output to ``x0`` however small ``sigma_y`` is; with it
-  the data keep weight ``floor^2 / (floor^2 + sigma_y^2)`` per k-space sample there, so a measurement less
-  noisy than the network's error is kept (the registry's ``floor = 0.02``: 50 % at sigma_y = 0.02, about
-  30 dB SNR on our normalised images; 0.4 % at sigma_y = 0.3, about 5 dB). ``mu = 0`` (``sigma_y = 0``, or
-  ``sigma_t = inf``) is the hard data projection, ``mu = inf`` (``sigma_y = inf``, or ``sigma_t = 0`` with
-  ``floor = 0``) keeps ``x0``; ``sigma_y = 0`` takes precedence (exact data are always kept). Numerically
-  the system is solved as ``(c A^H A + d I) x = c A^H y + d x0`` with ``c = 1 / (1 + mu)`` and
-  ``d = mu / (1 + mu)`` in ``[0, 1]``, so neither limit overflows. Where ``A = diag(a) F``
-  (``A.encoding is None``: noise only, blur, T2* along the readout) it is closed form per k-space sample,
+  i.e. `(A^H A + mu I) x = A^H y + mu x0` with the dimensionless `mu = rho_t sigma_y^2` (a ratio of
+  noise variances). `1 / rho_t` is the variance assumed for the error of `x0`: the diffusion noise
+  `sigma_t^2` scaled by `1 / lam`, plus `floor^2`, the error the network keeps when `sigma_t -> 0`
+  (its own misfit to the data). Without the floor (`floor = 0`, `rho_t = lam / sigma_t^2`) the last
+  steps of a sampler, where `sigma_t -> 0`, hand the output to `x0` however small `sigma_y` is; with it
+  the data keep weight `floor^2 / (floor^2 + sigma_y^2)` per k-space sample there, so a measurement less
+  noisy than the network's error is kept (the registry's `floor = 0.02`: 50 % at sigma_y = 0.02, about
+  30 dB SNR on our normalised images; 0.4 % at sigma_y = 0.3, about 5 dB). `mu = 0` (`sigma_y = 0`, or
+  `sigma_t = inf`) is the hard data projection, `mu = inf` (`sigma_y = inf`, or `sigma_t = 0` with
+  `floor = 0`) keeps `x0`; `sigma_y = 0` takes precedence (exact data are always kept). Numerically
+  the system is solved as `(c A^H A + d I) x = c A^H y + d x0` with `c = 1 / (1 + mu)` and
+  `d = mu / (1 + mu)` in `[0, 1]`, so neither limit overflows. Where `A = diag(a) F`
+  (`A.encoding is None`: noise only, blur, T2* along the readout) it is closed form per k-space sample,
 
       k = (d F x0 + c a y) / (d + c a^2)      (F x0 where d + c a^2 = 0, i.e. a = 0 and mu = 0),
 
-  ``x = ifft2c(k)``. With B0 (an off-resonance encoding) it takes ``cg_iters`` preconditioned
-  conjugate-gradient steps per slice, warm-started at ``x0``. The preconditioner is the closed form of the
-  operator without the off-resonance of the readout, ``S^H F^H diag(1 / (d + c a^2)) F S`` with ``S`` the
-  phase accrued up to the echo, ``exp(-i 2 pi df TE)``; it is exact where ``A = diag(a) F``, so CG forced
+  `x = ifft2c(k)`. With B0 (an off-resonance encoding) it takes `cg_iters` preconditioned
+  conjugate-gradient steps per slice, warm-started at `x0`. The preconditioner is the closed form of the
+  operator without the off-resonance of the readout, `S^H F^H diag(1 / (d + c a^2)) F S` with `S` the
+  phase accrued up to the echo, `exp(-i 2 pi df TE)`; it is exact where `A = diag(a) F`, so CG forced
   there reproduces the closed form in one step. Measured on three 197x233 MNI slices with a 60 Hz field
   map, TE 20 ms and a 12 ms readout (relative error of the solution after the default 10 steps):
-  4e-4 at ``mu = 0.01``, below 1e-7 at ``mu = 1``; without the preconditioner 0.19 and 1e-7. Near
-  ``mu = 0`` the exact solution divides the noise by the small ``a`` where the signal is strongly
+  4e-4 at `mu = 0.01`, below 1e-7 at `mu = 1`; without the preconditioner 0.19 and 1e-7. Near
+  `mu = 0` the exact solution divides the noise by the small `a` where the signal is strongly
   attenuated; CG approaches it slowly (an implicit regularisation), the closed form exactly.
 """
 
@@ -62,7 +62,7 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 class LinearOperator(Protocol):
-    """What the gradient step needs of a forward operator (e.g. ``degradations.ForwardOperator``)."""
+    """What the gradient step needs of a forward operator (e.g. `degradations.ForwardOperator`)."""
 
     def forward(self, x: Tensor) -> Tensor: ...  # complex image [B,1,H,W] -> k-space [B,1,H,W]
 
@@ -70,63 +70,63 @@ class LinearOperator(Protocol):
 
 
 def _check_kspace(y: Tensor) -> Tensor:
-    """``y`` as complex64 after checking it is complex ``[B,1,H,W]``."""
+    """`y` as complex64 after checking it is complex `[B,1,H,W]`."""
     if not y.is_complex() or y.dim() != 4 or y.shape[1] != 1:
         raise ValueError(f"y must be complex k-space [B,1,H,W], got {tuple(y.shape)} {y.dtype}")
     return y.to(torch.complex64)
 
 
 def _bc(v: Tensor) -> Tensor:
-    """``[B]`` -> ``[B, 1, 1, 1]`` for broadcasting over images."""
+    """`[B]` -> `[B, 1, 1, 1]` for broadcasting over images."""
     return v[:, None, None, None]
 
 
 def _dot(u: Tensor, v: Tensor) -> Tensor:
-    """``Re <u, v>`` per slice of complex ``[B,1,H,W]`` tensors, ``[B]``."""
+    """`Re <u, v>` per slice of complex `[B,1,H,W]` tensors, `[B]`."""
     return (u.conj() * v).real.sum(dim=(1, 2, 3))
 
 
 class GradientDC:
-    """Gradient step on ``1/2 ||A x - y||^2``: ``x <- x - weight A^H (A x - y)`` on the complex image.
+    """Gradient step on `1/2 ||A x - y||^2`: `x <- x - weight A^H (A x - y)` on the complex image.
 
-    ``A`` has ``.forward`` / ``.adjoint`` on complex ``[B,1,H,W]``; ``y`` is the measured k-space, complex
-    ``[B,1,H,W]``. With ``A = fft2c`` (unitary) and ``weight = 1`` it replaces the k-space of ``x`` by ``y``.
+    `A` has `.forward` / `.adjoint` on complex `[B,1,H,W]`; `y` is the measured k-space, complex
+    `[B,1,H,W]`. With `A = fft2c` (unitary) and `weight = 1` it replaces the k-space of `x` by `y`.
     """
 
     def __init__(self, A: LinearOperator, y: Tensor, weight: float = 0.3) -> None:
         self.A, self.y, self.weight = A, _check_kspace(y), float(weight)
 
     def residual(self, x: Tensor) -> Tensor:
-        """``A x - y``, complex ``[B,1,H,W]``, for ``x`` float ``[B,2,H,W]``."""
+        """`A x - y`, complex `[B,1,H,W]`, for `x` float `[B,2,H,W]`."""
         return self.A.forward(channels_to_complex(x)) - self.y
 
     def __call__(self, x: Tensor, sigma_t: Tensor | None = None) -> Tensor:
-        """One step on float ``[B,2,H,W]`` (``sigma_t`` is ignored)."""
+        """One step on float `[B,2,H,W]` (`sigma_t` is ignored)."""
         step = complex_to_channels(self.A.adjoint(self.residual(x)))
         return x - self.weight * step.to(x.dtype)
 
     def on_iterate(self, x: Tensor, alpha: Tensor, std: Tensor) -> Tensor:
-        """score-MRI's step on the noisy iterate: the same ``x - weight A^H (A x - y)``."""
+        """score-MRI's step on the noisy iterate: the same `x - weight A^H (A x - y)`."""
         return self(x)
 
 
 class ProximalDC:
-    """Noise-aware proximal DC ``argmin_x ||A x - y||^2 / sigma_y^2 + rho_t ||x - x0||^2``,
-    ``rho_t = 1 / (sigma_t^2 / lam + floor^2)``.
+    """Noise-aware proximal DC `argmin_x ||A x - y||^2 / sigma_y^2 + rho_t ||x - x0||^2`,
+    `rho_t = 1 / (sigma_t^2 / lam + floor^2)`.
 
     See the module docstring for the maths, the limits and the solvers.
 
     Args:
-        A: the forward operator: its real k-space ``weights`` ``a`` (``[B,1,H,W]`` broadcastable, ``None`` =
-            ones) and its off-resonance ``encoding`` (``None`` = plain ``fft2c``).
-        y: measured k-space, complex ``[B,1,H,W]`` (cast to complex64).
-        noise_sigma: ``sigma_y``, std of the complex k-space noise per sample, ``[B]`` or a scalar, ``>= 0``
-            (``inf``: ``y`` carries no information).
-        lam: the coupling ``lam > 0`` of ``rho_t`` (x0's error from the diffusion: ``sigma_t / sqrt(lam)``).
-        floor: std of the error ``x0`` keeps as ``sigma_t -> 0`` (image units, ``>= 0``; 0: none).
-        cg_iters: conjugate-gradient steps of the B0 solver (``>= 1``).
-        method: ``"auto"`` (closed form when ``A.encoding is None``, else CG), ``"closed_form"`` (ValueError
-            with an encoding) or ``"cg"`` (always CG, e.g. to test it).
+        A: the forward operator: its real k-space `weights` `a` (`[B,1,H,W]` broadcastable, `None` =
+            ones) and its off-resonance `encoding` (`None` = plain `fft2c`).
+        y: measured k-space, complex `[B,1,H,W]` (cast to complex64).
+        noise_sigma: `sigma_y`, std of the complex k-space noise per sample, `[B]` or a scalar, `>= 0`
+            (`inf`: `y` carries no information).
+        lam: the coupling `lam > 0` of `rho_t` (x0's error from the diffusion: `sigma_t / sqrt(lam)`).
+        floor: std of the error `x0` keeps as `sigma_t -> 0` (image units, `>= 0`; 0: none).
+        cg_iters: conjugate-gradient steps of the B0 solver (`>= 1`).
+        method: `"auto"` (closed form when `A.encoding is None`, else CG), `"closed_form"` (ValueError
+            with an encoding) or `"cg"` (always CG, e.g. to test it).
         precondition: precondition CG with the closed form of the operator without readout off-resonance.
     """
 
@@ -159,9 +159,9 @@ class ProximalDC:
         self.weights = None if A.weights is None else A.weights.to(device=self.y.device, dtype=torch.float32)
 
     def coupling(self, sigma_t: Tensor | float) -> tuple[Tensor, Tensor]:
-        """``(c, d) = (1 / (1 + mu), mu / (1 + mu))``, float32 ``[B]``, for ``mu = sigma_y^2 / s_p^2`` with
-        the prior error std ``s_p = sqrt(sigma_t^2 / lam + floor^2)`` (``sigma_y = 0`` -> ``mu = 0``; else
-        ``s_p = 0`` or ``sigma_y = inf`` -> ``mu = inf``)."""
+        """`(c, d) = (1 / (1 + mu), mu / (1 + mu))`, float32 `[B]`, for `mu = sigma_y^2 / s_p^2` with
+        the prior error std `s_p = sqrt(sigma_t^2 / lam + floor^2)` (`sigma_y = 0` -> `mu = 0`; else
+        `s_p = 0` or `sigma_y = inf` -> `mu = inf`)."""
         s_t = torch.as_tensor(sigma_t, dtype=torch.float32, device=self.y.device).expand_as(self.sigma_y)
         if not bool((s_t >= 0).all()):
             raise ValueError(f"sigma_t must be >= 0 (inf allowed), got {s_t.tolist()}")
@@ -176,20 +176,20 @@ class ProximalDC:
         return c, d
 
     def __call__(self, x0: Tensor, sigma_t: Tensor | float) -> Tensor:
-        """The step on the denoised estimate ``x0`` float ``[B,2,H,W]`` whose error std is ``sigma_t``
-        (``[B]`` or a scalar, image units, ``0`` and ``inf`` allowed)."""
+        """The step on the denoised estimate `x0` float `[B,2,H,W]` whose error std is `sigma_t`
+        (`[B]` or a scalar, image units, `0` and `inf` allowed)."""
         c, d = self.coupling(sigma_t)
         z0 = channels_to_complex(x0)
         z = self._conjugate_gradient(z0, c, d) if self.use_cg else self._closed_form(z0, c, d)
         return complex_to_channels(z).to(x0.dtype)
 
     def on_iterate(self, x: Tensor, alpha: Tensor, std: Tensor) -> Tensor:
-        """The step on a noisy iterate ``x = alpha x0 + std z``: ``alpha * dc(x / alpha, std / alpha)``."""
+        """The step on a noisy iterate `x = alpha x0 + std z`: `alpha * dc(x / alpha, std / alpha)`."""
         scale = _bc(alpha.to(device=x.device, dtype=x.dtype))
         return scale * self(x / scale, std / alpha)
 
     def _closed_form(self, z0: Tensor, c: Tensor, d: Tensor) -> Tensor:
-        """Per k-space sample ``(d F x0 + c a y) / (d + c a^2)`` (``F x0`` where the denominator is 0)."""
+        """Per k-space sample `(d F x0 + c a y) / (d + c a^2)` (`F x0` where the denominator is 0)."""
         k0 = fft2c(z0)
         a = self.weights
         if a is None:  # d + c = 1
@@ -198,11 +198,11 @@ class ProximalDC:
         return ifft2c(torch.where(den > 0, (_bc(d) * k0 + _bc(c) * a * self.y) / den.clamp_min(_TINY), k0))
 
     def _normal(self, v: Tensor, c: Tensor, d: Tensor) -> Tensor:
-        """``(c A^H A + d I) v`` for complex ``v`` ``[B,1,H,W]``."""
+        """`(c A^H A + d I) v` for complex `v` `[B,1,H,W]`."""
         return _bc(c) * self.A.adjoint(self.A.forward(v)) + _bc(d) * v
 
     def _preconditioner(self, c: Tensor, d: Tensor) -> Callable[[Tensor], Tensor]:
-        """``r -> S^H F^H (F S r / (d + c a^2))`` (0 where ``d + c a^2 = 0``), ``S`` the phase at the echo."""
+        """`r -> S^H F^H (F S r / (d + c a^2))` (0 where `d + c a^2 = 0`), `S` the phase at the echo."""
         den = _bc(d) + _bc(c) * (1.0 if self.weights is None else self.weights**2)
         inverse = torch.where(den > 0, 1.0 / den.clamp_min(_TINY), 0.0)
         encoding = self.A.encoding
@@ -214,7 +214,7 @@ class ProximalDC:
         return lambda r: echo.conj() * ifft2c(inverse * fft2c(echo * r))
 
     def _conjugate_gradient(self, z0: Tensor, c: Tensor, d: Tensor) -> Tensor:
-        """``cg_iters`` (preconditioned) CG steps on ``(c A^H A + d I) x = c A^H y + d x0`` from ``x0``."""
+        """`cg_iters` (preconditioned) CG steps on `(c A^H A + d I) x = c A^H y + d x0` from `x0`."""
         precondition = self._preconditioner(c, d) if self.precondition else (lambda r: r)
         x = z0
         r = _bc(c) * self.A.adjoint(self.y) + _bc(d) * z0 - self._normal(z0, c, d)
