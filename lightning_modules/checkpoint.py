@@ -32,16 +32,13 @@ from torch import Tensor, nn
 
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_input_file
-from lightning_modules.networks.ddpm import DDPM
+from lightning_modules.networks.ddpm import CONFIG_FIELDS, DATA_FIELDS, DDPM
 from lightning_modules.networks.families import detect_family, parse_checkpoint, with_ema
 from lightning_modules.sampling.sde import VPSDE
 
 _PREFIX = "module."
-#: score_sde config fields -> DDPM argument; fields in _REQUIRED must be present
-_MODEL_FIELDS = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv",
-                 "conditional", "scale_by_sigma", "nonlinearity", "sigma_min", "sigma_max", "num_scales",
-                 "num_groups")
-_DATA_FIELDS = ("image_size", "num_channels", "centered")
+#: score_sde `model` fields -> DDPM arguments (`data`: DATA_FIELDS); fields in _REQUIRED must be present
+_MODEL_FIELDS = tuple(f for f in CONFIG_FIELDS if f not in DATA_FIELDS)
 _REQUIRED = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "image_size", "num_channels", "centered")
 
 
@@ -158,7 +155,7 @@ def ddpm_kwargs_from_config(config: Mapping | str | os.PathLike) -> dict:
     if model.get("name", "ddpm") != "ddpm":
         raise CheckpointError(f"{where}: model.name is {model['name']!r}; lfmri loads 'ddpm' networks only")
     kwargs = {k: model[k] for k in _MODEL_FIELDS if k in model}
-    kwargs.update({k: data[k] for k in _DATA_FIELDS if k in data})
+    kwargs.update({k: data[k] for k in DATA_FIELDS if k in data})
     missing = [k for k in _REQUIRED if k not in kwargs]
     if missing:
         raise CheckpointError(f"{where} lacks {', '.join(missing)} (nested layout: 'model', 'data' sections)")

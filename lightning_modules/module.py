@@ -47,7 +47,7 @@ from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpo
 from lightning_modules.ema import EMA
 from lightning_modules.inference import DataScale, Reconstructor
 from lightning_modules.losses import dsm_loss, supervised_loss
-from lightning_modules.networks.ddpm import DDPM
+from lightning_modules.networks.ddpm import CONFIG_FIELDS, DDPM
 from lightning_modules.networks.families import (
     FAMILIES,
     Pretrained,
@@ -61,9 +61,7 @@ from lightning_modules.sampling.samplers import build_sampler
 from lightning_modules.sampling.sde import VPSDE, ScoreFn, get_score_fn
 
 #: ScoreModel arguments that configure the network (the DDPM constructor's)
-NET_ARGS = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv",
-            "conditional", "scale_by_sigma", "nonlinearity", "image_size", "num_channels", "centered",
-            "sigma_min", "sigma_max", "num_scales", "num_groups", "grad_checkpointing")
+NET_ARGS = (*CONFIG_FIELDS, "grad_checkpointing")
 
 
 class ScoreModel(LightningModule):

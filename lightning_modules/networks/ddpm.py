@@ -17,6 +17,7 @@ exactly score_sde's network. `image_size` only decides, at construction, at whic
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -184,12 +185,9 @@ class DDPM(nn.Module):
         super().__init__()
         if nonlinearity.lower() not in _ACTIVATIONS:
             raise ValueError(f"nonlinearity {nonlinearity!r} not in {sorted(_ACTIVATIONS)}")
-        self.config = dict(nf=nf, ch_mult=list(ch_mult), num_res_blocks=num_res_blocks,
-                           attn_resolutions=list(attn_resolutions), dropout=dropout,
-                           resamp_with_conv=resamp_with_conv, conditional=conditional,
-                           scale_by_sigma=scale_by_sigma, nonlinearity=nonlinearity, image_size=image_size,
-                           num_channels=num_channels, centered=centered, sigma_min=sigma_min,
-                           sigma_max=sigma_max, num_scales=num_scales, num_groups=num_groups)
+        args = locals()  # the constructor's arguments: `config` is them, by CONFIG_FIELDS
+        self.config = {k: list(args[k]) if isinstance(args[k], (tuple, list)) else args[k]
+                       for k in CONFIG_FIELDS}
         self.act = act = _ACTIVATIONS[nonlinearity.lower()]()
         sigmas = torch.from_numpy(np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_scales)))
         self.register_buffer("sigmas", sigmas)  # float64, as score_sde stores it
@@ -297,5 +295,13 @@ class DDPM(nn.Module):
     def score_sde_config(self) -> dict:
         """This network's configuration in score_sde's nested layout ({'model': {...}, 'data': {...}})."""
         c = dict(self.config)
-        data = {k: c.pop(k) for k in ("image_size", "num_channels", "centered")}
+        data = {k: c.pop(k) for k in DATA_FIELDS}
         return {"model": {"name": "ddpm", "normalization": "GroupNorm", **c}, "data": data}
+
+
+#: the DDPM's configuration fields, the keys of `DDPM.config`: its constructor's arguments but
+#: `grad_checkpointing` (a runtime choice); in score_sde's nested config DATA_FIELDS sit in `data`, the others
+#: in `model`. The one list of them (ScoreModel's network arguments and the checkpoint import use it).
+CONFIG_FIELDS: tuple[str, ...] = tuple(name for name in inspect.signature(DDPM.__init__).parameters
+                                      if name not in ("self", "grad_checkpointing"))
+DATA_FIELDS: tuple[str, ...] = ("image_size", "num_channels", "centered")

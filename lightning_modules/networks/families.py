@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from lfmri_utils.errors import InputError
 from lightning_modules.networks.adm import ADMConfig, ADMUNet
-from lightning_modules.networks.ddpm import DDPM
+from lightning_modules.networks.ddpm import CONFIG_FIELDS, DATA_FIELDS, DDPM
 from lightning_modules.networks.ncsnpp import NCSNpp
 from lightning_modules.networks.pyconfig import read_py_config
 from lightning_modules.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
@@ -400,16 +400,10 @@ def _build_network(family: Family, config: Mapping[str, Any], device: str = "met
     g = lambda key: get(config, key)  # noqa: E731
     with torch.device(device):
         if family.architecture == "ddpm":
-            kwargs = dict(nf=g("model.nf"), ch_mult=tuple(g("model.ch_mult")),
-                          num_res_blocks=g("model.num_res_blocks"),
-                          attn_resolutions=tuple(g("model.attn_resolutions")),
-                          image_size=g("data.image_size"),
-                          num_channels=g("data.num_channels"), centered=g("data.centered"))
-            optional = ("dropout", "resamp_with_conv", "nonlinearity", "sigma_min", "sigma_max", "num_scales",
-                        "num_groups")  # num_groups: lfmri's own exports (score_sde fixes 32)
-            for key in optional:
-                if has(config, f"model.{key}"):
-                    kwargs[key] = g(f"model.{key}")
+            # every DDPM field the config has (the required ones are, `resolve_config`); num_groups only in
+            # lfmri's own exports (score_sde fixes 32)
+            keys = {k: f"{'data' if k in DATA_FIELDS else 'model'}.{k}" for k in CONFIG_FIELDS}
+            kwargs = {k: g(key) for k, key in keys.items() if has(config, key)}
             return DDPM(**kwargs, grad_checkpointing=grad_checkpointing)
         if family.architecture == "ncsnpp":
             return NCSNpp(nf=g("model.nf"), ch_mult=tuple(g("model.ch_mult")),
