@@ -19,11 +19,11 @@ A sample (a dict; the default collate stacks samples of one shape into a batch w
     slice     int64 tensor []     slice index in the stack [S, H, W] of `transforms.to_slices`
     scale     float32 tensor []   the volume's normalisation scale: input units = normalised * scale
 
-Training samples draw a regime, its parameters and the crop position from a generator seeded with
-(seed, epoch, index, a draw of torch's RNG); the data module's training loader
-(`datamodules.resumable.SeededSamples`) seeds that RNG from (seed, epoch, index) for every sample, so a
-training sample is a pure function of (seed, epoch, index): epochs differ, worker counts and DDP ranks do not
-matter, and a resumed run sees the same samples.
+The one seeding rule of the data: a training sample is a pure function of (seed, epoch, index) —
+`TrainSliceDataset.generator` seeds the generator every draw of the sample comes from (regime, parameters,
+noise, crop position); the epoch is set by the loader's sampler (`set_epoch`). Epochs differ, the global RNG,
+worker counts and DDP ranks do not matter, and a resumed run sees the same samples. (The model's own draws —
+DSM noise, diffusion times, dropout — follow the loader's per-step seed, `datamodules.resumable`.)
 Evaluation samples (val/test) use a generator seeded with a sha256 hash of (seed, volume id, slice, regime)
 only: identical across runs, worker counts and DDP ranks.
 """
@@ -48,7 +48,7 @@ from datamodules.transforms import (
 )
 from degradations import complex_to_channels, fft2c, ifft2c, make_regime, neutral_params
 from lfmri_utils.errors import InputError
-from lfmri_utils.seeding import stable_hash
+from lfmri_utils.seeding import SEED_MOD, stable_hash
 
 
 @dataclass(frozen=True)
@@ -243,17 +243,24 @@ class TrainSliceDataset(SliceDataset):
         return super().sample_shape(v)
 
     def set_epoch(self, epoch: int) -> None:
-        """Mix the epoch into the per-sample seeds (in this process; the RNG draw makes epochs differ
-        anyway)."""
+        """Mix the epoch into the per-sample seeds (the loader's sampler calls it every epoch)."""
         self.epoch = int(epoch)
+
+    def generator(self, index: int) -> torch.Generator:
+        """The generator of training sample `index` in the current epoch: a pure function of (seed, epoch,
+        index). Two hashes, as the samples were first seeded (a 62-bit draw seeded by ('sample', seed,
+        epoch, index), then ('train', seed, epoch, index, draw)): streams stay bit-identical to earlier
+        versions."""
+        first = torch.Generator().manual_seed(stable_hash("sample", self.seed, self.epoch, index) % SEED_MOD)
+        draw = int(torch.randint(0, 2**62, (1,), generator=first))
+        return torch.Generator().manual_seed(stable_hash("train", self.seed, self.epoch, index, draw))
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _get(self, index: int) -> dict:
         v, s = self.items[index]
-        draw = int(torch.randint(0, 2**62, (1,)))
-        g = torch.Generator().manual_seed(stable_hash("train", self.seed, self.epoch, index, draw))
+        g = self.generator(index)
         regime = self.regimes[int(torch.randint(len(self.regimes), (1,), generator=g))]
         x, y, params = self._degrade(v, s, self.degradations[regime], g)
         if self.crop_size is None:

@@ -1,13 +1,12 @@
 """A training DataLoader that resumes mid-epoch with the exact batch sequence of an uninterrupted run.
 
-Three things make training a pure function of (seed, epoch, batch position, rank), so `--ckpt_path last`
-after a crash continues exactly where the checkpoint was written:
+Training is a pure function of (seed, epoch, batch position, rank), so `--ckpt_path last` after a crash
+continues exactly where the checkpoint was written:
 
 - `ResumableSampler` (a `DistributedSampler`, so Lightning keeps it under DDP instead of injecting its own):
-  a permutation seeded by (seed, epoch), sharded over the ranks, minus the samples already consumed.
-- `SeededSamples`: each sample's "draw of torch's RNG" (see `datamodules.dataset.TrainSliceDataset`) is taken
-  from a generator state set from (seed, epoch, index), in a forked RNG: degradations no longer depend on the
-  worker count, on the main process's RNG, or on what ran before.
+  a permutation seeded by (seed, epoch), sharded over the ranks, minus the samples already consumed; it passes
+  the epoch to the dataset, whose samples are a function of (seed, epoch, index) alone
+  (`datamodules.dataset.TrainSliceDataset.generator`): not of the worker count or of any global RNG.
 - `ResumableDataLoader`: counts the batches it hands to the training loop; `state_dict()` /
   `load_state_dict()` (Lightning saves them in the checkpoint's loop state, see
   `lightning.pytorch.loops.fit_loop`) hold {epoch, batches}. Before each batch it reseeds torch's global RNG
@@ -30,35 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from lfmri_utils.seeding import stable_hash
-
-_SEED_MOD = 2**63 - 1
-
-
-class SeededSamples(Dataset):
-    """Wraps a training dataset: sample `index` of `epoch` sees torch's RNG seeded from (seed, epoch, index).
-
-    The RNG is forked (`torch.random.fork_rng`), so the caller's RNG state is untouched.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
-        self.dataset = dataset
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch mixed into the per-sample seeds (and the wrapped dataset's, if it has one)."""
-        self.epoch = int(epoch)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(stable_hash("sample", self.seed, self.epoch, int(index)) % _SEED_MOD)
-            return self.dataset[index]
+from lfmri_utils.seeding import SEED_MOD, stable_hash
 
 
 class ResumableSampler(DistributedSampler):
@@ -126,7 +97,7 @@ class ResumableDataLoader(DataLoader):
         for batch in super().__iter__():
             torch.manual_seed(
                 stable_hash("step", sampler.seed, self.global_seed, self._epoch, self._batches, sampler.rank)
-                % _SEED_MOD
+                % SEED_MOD
             )
             self._batches += 1
             yield batch
@@ -144,7 +115,8 @@ class ResumableDataLoader(DataLoader):
 
 def resumable_loader(dataset: Dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
                      **kwargs: Any) -> ResumableDataLoader:
-    """A shuffled training loader over `dataset` (seeded; sharded over `num_replicas`, this one `rank`)."""
-    wrapped = SeededSamples(dataset, seed)
-    sampler = ResumableSampler(wrapped, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-    return ResumableDataLoader(wrapped, sampler, batch_size=batch_size, **kwargs)
+    """A shuffled training loader over `dataset` (seeded; sharded over `num_replicas`, this one `rank`); the
+    sampler passes each epoch to the dataset's `set_epoch`, whose samples are a function of (seed, epoch,
+    index) (`datamodules.dataset.TrainSliceDataset.generator`)."""
+    sampler = ResumableSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+    return ResumableDataLoader(dataset, sampler, batch_size=batch_size, **kwargs)

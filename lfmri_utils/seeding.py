@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["stable_hash"]
+__all__ = ["SEED_MOD", "stable_hash"]
+
+#: `torch.manual_seed` / `Generator.manual_seed` take seeds below this; hashes are reduced modulo it
+SEED_MOD = 2**63 - 1
 
 
 def stable_hash(*parts: object) -> int:
