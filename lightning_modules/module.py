@@ -183,19 +183,24 @@ class ScoreModel(LightningModule):
         self._ema_swap: ExitStack | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
-    def _detect_family(self) -> str | None:
-        """The family of `pretrained` when its config (`pretrained_config`, else `config.json` beside the
-        file) says it unambiguously and it is not score_sde's (whose DDPM the flat arguments describe);
-        recorded in the hyper-parameters, so the checkpoint rebuilds without detecting again. None
-        otherwise."""
+    def _checkpoint_config(self) -> str | dict[str, Any] | None:
+        """`pretrained`'s config: `pretrained_config`, else the `config.json` beside the file; None when
+        neither is there."""
         hp = self.hparams
-        config = hp.pretrained_config
-        if config is None:
-            beside = resolve_checkpoint(hp.pretrained).with_name("config.json")
-            if not beside.is_file():
-                return None
-            config = str(beside)
-        family = config_family(read_config(config))
+        if hp.pretrained_config is not None:
+            return hp.pretrained_config
+        if hp.pretrained is None:
+            return None
+        beside = resolve_checkpoint(hp.pretrained).with_name("config.json")
+        return str(beside) if beside.is_file() else None
+
+    def _detect_family(self) -> str | None:
+        """The family of `pretrained` when its config (`_checkpoint_config`) says it unambiguously and it is
+        not score_sde's (whose DDPM the flat arguments describe); recorded in the hyper-parameters, so the
+        checkpoint rebuilds without detecting again. None otherwise."""
+        hp = self.hparams
+        config = self._checkpoint_config()
+        family = None if config is None else config_family(read_config(config))
         if family is None or family.name == "score_sde":
             return None
         where = "pretrained_config" if hp.pretrained_config is not None else str(config)
@@ -205,22 +210,20 @@ class ScoreModel(LightningModule):
         return family.name
 
     def _family_config(self) -> str | dict[str, Any]:
-        """The family config to build from: `pretrained_config`, else `config.json` beside `pretrained`
-        (InputError, one line, when neither is there)."""
+        """The family config to build from (`_checkpoint_config`); InputError, one line, when there is
+        none."""
         hp = self.hparams
-        if hp.pretrained_config is not None:
-            return hp.pretrained_config
+        config = self._checkpoint_config()
+        if config is not None:
+            return config
         if hp.pretrained is None:
             raise InputError(f"pretrained_family {hp.pretrained_family!r} needs pretrained (the checkpoint) "
                              "or pretrained_config (its config)")
         path = Path(hp.pretrained)
         if not path.is_file():
             raise InputError(f"pretrained {path}: no such file")
-        beside = path.with_name("config.json")
-        if not beside.is_file():
-            raise InputError(f"pretrained {path}: no config.json beside it; pass pretrained_config (the "
-                             f"{hp.pretrained_family} config: JSON, YAML or .py)")
-        return str(beside)
+        raise InputError(f"pretrained {path}: no config.json beside it; pass pretrained_config (the "
+                         f"{hp.pretrained_family} config: JSON, YAML or .py)")
 
     def load_pretrained(self) -> None:
         """Load `pretrained` into the network (strictly; CheckpointError, or InputError for a family, if it

@@ -86,54 +86,35 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export; prints the written paths."""
+    """Export; prints the written paths. A family fine-tune goes in that family's own format with its resolved
+    config (what `lightning_modules.load_pretrained(OUT, OUT.json)` reads back): score_sde's dict for
+    score_sde, hfs_sde and score_mri (EMA shadows over the trainable parameters: NCSN++'s Fourier `W` only in
+    `model`), guided-diffusion's bare state dict for dds (one set of weights: `--weights`)."""
     from lfmri.models import read_lightning_checkpoint, score_model_from_checkpoint
-    from lightning_modules.checkpoint import export_score_sde_checkpoint
+    from lightning_modules.checkpoint import export_guided_diffusion_checkpoint, export_score_sde_checkpoint
 
     out, config_out = _check_outputs(args)
     ckpt = read_lightning_checkpoint(args.ckpt)
     model, step = score_model_from_checkpoint(ckpt, args.ckpt), int(ckpt.get("global_step", 0))
-    if model.prior is not None:
-        return _export_family(model, step, out, config_out, args.weights)
-    groups = int(model.net.config["num_groups"])
-    if groups != SCORE_SDE_GROUPS and not args.force:
-        raise InputError(f"--ckpt {args.ckpt}: the network has num_groups = {groups}; score_sde's DDPM "
-                         f"hard-codes {SCORE_SDE_GROUPS} and would run it wrong without an error (lfmri "
-                         "reads num_groups from the config JSON): --force to write it for lfmri")
-    ema = model.ema
-    if args.weights == "ema":
-        net = model.frozen_net(use_ema=True)
-        shadows = list(net.parameters())
-    else:
-        net, shadows = model.net, ema.shadow_params
-    export_score_sde_checkpoint(net, out, ema_params=shadows, step=step, ema_decay=ema.decay,
-                                ema_num_updates=ema.num_updates, config_path=config_out, sde=model.sde,
-                                lr=float(model.hparams.lr),
-                                trainable=[n for n, p in model.net.named_parameters() if p.requires_grad])
-    print(f"wrote {out} ({args.weights} weights in 'model', step {step}) and its config {config_out}")
-    return 0
-
-
-def _export_family(model, step: int, out: Path, config_out: Path, weights: str) -> int:
-    """A fine-tune of a checkpoint family, in that family's own format and with its resolved config (what
-    `lightning_modules.load_pretrained(out, config_out, family)` reads back): score_sde's dict for score_sde,
-    hfs_sde and score_mri (EMA shadows over the trainable parameters: NCSN++'s Fourier `W` only in `model`),
-    guided-diffusion's bare state dict for dds (one set of weights: `weights`)."""
-    from lightning_modules.checkpoint import export_guided_diffusion_checkpoint, export_score_sde_checkpoint
-
-    family, config = model.prior.family, model.prior.config
-    net = model.frozen_net(use_ema=weights == "ema")
-    if family.file_format == "bare":
+    family = model.prior.family if model.prior is not None else None
+    groups = None if family is not None else int(model.net.config["num_groups"])
+    if groups not in (None, SCORE_SDE_GROUPS) and not args.force:
+        raise InputError(f"--ckpt {args.ckpt}: the network has num_groups = {groups}; "
+                         f"score_sde's DDPM hard-codes {SCORE_SDE_GROUPS} and would run it wrong without an "
+                         "error (lfmri reads num_groups from the config JSON): --force to write it for lfmri")
+    net = model.frozen_net(use_ema=args.weights == "ema")
+    config = model.prior.config if family is not None else None  # None: score_sde's DDPM config of the net
+    if family is not None and family.file_format == "bare":
         export_guided_diffusion_checkpoint(net, out, config, config_out)
-        print(f"wrote {out} ({family.name}: guided-diffusion state dict, {weights} weights, step {step}) and "
-              f"its config {config_out}")
+        print(f"wrote {out} ({family.name}: guided-diffusion state dict, {args.weights} weights, step "
+              f"{step}) and its config {config_out}")
         return 0
-    trainable = [n for n, p in model.net.named_parameters() if p.requires_grad]
-    named = dict(net.named_parameters())
-    shadows = [named[n] for n in trainable] if weights == "ema" else model.ema.shadow_params
-    export_score_sde_checkpoint(net, out, ema_params=shadows, step=step, ema_decay=model.ema.decay,
-                                ema_num_updates=model.ema.num_updates, config_path=config_out,
-                                lr=float(model.hparams.lr), config=config, trainable=trainable)
-    print(f"wrote {out} ({family.name}: score_sde format, {weights} weights in 'model', step {step}) and its "
-          f"config {config_out}")
+    ema = model.ema  # the EMA shadows: `net` itself with --weights ema (the default of ema_params)
+    export_score_sde_checkpoint(net, out, ema_params=None if args.weights == "ema" else ema.shadow_params,
+                                step=step, ema_decay=ema.decay, ema_num_updates=ema.num_updates,
+                                config_path=config_out, sde=model.sde, lr=float(model.hparams.lr),
+                                config=config,
+                                trainable=[n for n, p in model.net.named_parameters() if p.requires_grad])
+    kind = f"{family.name}: score_sde format, " if family is not None else ""
+    print(f"wrote {out} ({kind}{args.weights} weights in 'model', step {step}) and its config {config_out}")
     return 0

@@ -5,6 +5,7 @@ refused with one line; the released configurations instantiate with their exact 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from lightning_modules.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, get_scor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+BENCHMARKS = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CKPT = {"score_sde": FIXTURES / "score_sde_tiny" / "checkpoint.pth",
         "hfs_sde": FIXTURES / "hfs_sde_vp_tiny" / "checkpoint.pth",
@@ -335,21 +337,16 @@ def test_ve_and_discrete_vp_sdes():
 
 # ---------------------------------------------------------------------------------------- released sizes
 def _released(family: str) -> dict:
-    """The fixture's config with every `fixture.changed_from_real` entry set back to the released value."""
-    cfg = _config(family)
-    for key, change in cfg.pop("fixture")["changed_from_real"].items():
-        *sections, name = key.split(".")
-        node = cfg
-        for section in sections:
-            node = node[section]
-        if isinstance(change["real"], str) and change["real"].startswith("absent"):
-            node.pop(name)
-        else:
-            node[name] = change["real"]
-    return cfg
+    """The fixture's config with every `fixture.changed_from_real` entry set back to the released value:
+    the GPU benchmark's `released_config` (experiments/benchmarks/families.py), checked here."""
+    spec = importlib.util.spec_from_file_location("bench_families", BENCHMARKS / "families.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.released_config(family)
 
 
 @pytest.mark.parametrize(("family", "total", "trainable"), [
+    ("score_sde", 34_425_602, 34_425_602),  # the seed's 34.4M DDPM (the fixture records no release)
     ("hfs_sde", 34_425_602, 34_425_602),  # score_sde's DDPM at 320 px, 2 channels (the seed's 34.4M)
     ("score_mri", 61_433_601, 61_433_473),  # + the 128-element Fourier W, not trainable
     ("dds", 361_428_228, 361_428_228),
