@@ -1,4 +1,5 @@
-"""Volume sources, subject splits, slice datasets and the LightningDataModule that degrades on the fly.
+"""Volume sources, subject splits, slice datasets, their sample types (`SliceSample`, `MeasuredSample`)
+and the LightningDataModule that degrades on the fly.
 
 Exports are loaded lazily (PEP 562), so `import datamodules` does not import Lightning. The project-wide
 helpers (InputError, atomic writes, option checks, `stable_hash`) are in `lfmri_utils`.
@@ -24,6 +25,8 @@ _EXPORTS = {
     "TrainSliceDataset": "datamodules.dataset",
     "EvalSliceDataset": "datamodules.dataset",
     "PredictSliceDataset": "datamodules.dataset",
+    "SliceSample": "datamodules.samples",
+    "MeasuredSample": "datamodules.samples",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,12 +5,21 @@ YAML (LightningCLI):
     data:
       class_path: datamodules.LowFieldDataModule
       init_args:
-        source: bundled   # or nifti / fastmri with root: PATH, or a path (a BIDS directory, a file)
+        source: bundled   # or a path (a BIDS directory, a fastMRI directory, a file), or a source block:
         crop_size: 128    # train on random 128 x 128 crops; validate / test / predict on whole native slices
         batch_size: 8
 
-`--data.init_args.source=/data/bids` and `--data.init_args.source=nifti --data.init_args.root=/data/bids` both
-work.
+    data:
+      init_args:
+        source:
+          class_path: datamodules.sources.NiftiDirSource   # or FastMRISource, BundledSource, your own
+          init_args: {root: /data/bids, pattern: "**/*_T2w.nii*"}
+
+A string is shorthand, on the command line too: `--data.init_args.source=/data/bids`,
+`--data.init_args.source=bundled`.
+A source block carries its own options (root, pattern, fastMRI key, numbers of bundled subjects...); the data
+module's `slice_axis` applies to the shorthand, to a source block that leaves its slice_axis unset, and to
+predict_path (a source block that sets a different one is refused).
 """
 
 from __future__ import annotations
@@ -33,7 +42,14 @@ from datamodules.dataset import (
     index_volume,
 )
 from datamodules.resumable import IgnoreStopSignals, resumable_loader
-from datamodules.sources import NiftiDirSource, VolumeRecord, VolumeSource, make_source, warn_skipped
+from datamodules.sources import (
+    NiftiDirSource,
+    VolumeRecord,
+    VolumeSource,
+    check_shorthand,
+    make_source,
+    warn_skipped,
+)
 from datamodules.splits import SPLITS, Split, hash_split, load_split_file
 from degradations import REGIMES, make_regime
 from lfmri_utils.errors import InputError
@@ -105,11 +121,14 @@ class LowFieldDataModule(L.LightningDataModule):
     """Clean high-field slices and their simulated low-field versions, split by subject.
 
     Args:
-        source: "bundled" (real MRI shipped with the environment; its split is fixed: see
-            `datamodules.sources.BundledSource`), "nifti" or "fastmri" (read `root`), or a path to a directory
-            or file (fastMRI if it holds .h5 files, else NIfTI).
-        root: the data directory for source "nifti" / "fastmri".
-        pattern: recursive glob under the directory (default "**/*.nii*" for NIfTI, "**/*.h5" for fastMRI).
+        source: a `VolumeSource` (`datamodules.sources`: `NiftiDirSource(root, pattern)`,
+            `FastMRISource(root, pattern, key)`, `BundledSource(n_train, n_val, seed)`, or your own subclass;
+            a `class_path` block in YAML), which carries its own options; or a string as shorthand: "bundled"
+            (`BundledSource()`: real MRI shipped with the environment; its split is fixed) or a path to a
+            directory or file (`FastMRISource(path)` if it holds .h5 files, else `NiftiDirSource(path)`, with
+            their default patterns "**/*.h5" / "**/*.nii*" and key "auto"). "nifti" / "fastmri" without a
+            path are refused. A source object is kept in the hyperparameters (and checkpoints) as its
+            `class_path` block (`VolumeSource.config()`).
         image_size: None (default): every slice keeps its native matrix H x W (the stack of
             `transforms.to_slices`). An int (>= 8) opts into resizing: slices are zero-padded to a square and
             resized to image_size x image_size (bilinear, antialiased; `transforms.fit_to_square`), which
@@ -120,7 +139,9 @@ class LowFieldDataModule(L.LightningDataModule):
             predict and `volumes()` always see whole slices.
             Without crops (and without image_size) training uses whole native slices, which batch only when
             all training slices share a shape (setup raises InputError otherwise, unless batch_size is 1).
-        slice_axis: the array axis of NIfTI volumes along which slices are taken (fastMRI: always its axis 0).
+        slice_axis: the array axis of NIfTI volumes along which slices are taken (fastMRI: always its axis 0):
+            of the string shorthand's source, of a source object whose own slice_axis is None (it is set to
+            this), and of predict_path. A source object with another slice_axis is refused (InputError).
         min_foreground_fraction: drop slices whose fraction of pixels above 0.1 x the volume scale is smaller.
         regimes: training regimes, one drawn per sample (default: all four).
         eval_regimes: val/test regimes, each slice enumerated with each (default: all four).
@@ -138,8 +159,6 @@ class LowFieldDataModule(L.LightningDataModule):
             `SliceDataset.normalised_slice` for why it is off by default).
         skip_bad_files: skip unreadable / invalid volumes with one warning listing them, instead of an error.
         predict_path: a low-field NIfTI file or directory for `predict` (no reference; all slices kept).
-        fastmri_key: "auto", "reconstruction_rss" or "kspace".
-        bundled_train_subjects, bundled_val_subjects: numbers of pseudo-subjects of the bundled source.
         pin_memory: DataLoader pin_memory.
 
     What a crop-trained prior can and cannot do: the U-Net is convolutional, so a prior trained on crops
@@ -168,9 +187,7 @@ class LowFieldDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        source: str = "bundled",
-        root: str | None = None,
-        pattern: str | None = None,
+        source: VolumeSource | str = "bundled",
         image_size: int | None = None,
         crop_size: int | None = None,
         slice_axis: int = 2,
@@ -189,9 +206,6 @@ class LowFieldDataModule(L.LightningDataModule):
         background_phase: bool = False,
         skip_bad_files: bool = False,
         predict_path: str | None = None,
-        fastmri_key: str = "auto",
-        bundled_train_subjects: int = 8,
-        bundled_val_subjects: int = 2,
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
@@ -200,6 +214,15 @@ class LowFieldDataModule(L.LightningDataModule):
         # with two values. `lfmri` logs the whole config (data included) itself (`LogConfigCallback`).
         self.save_hyperparameters(logger=False)
         check_options(self.hparams, self.OPTION_RULES)  # before anything is read or built
+        if isinstance(source, str):
+            check_shorthand(source)
+        elif isinstance(source, VolumeSource):
+            source.use_slice_axis(slice_axis % 3)
+            # kept as its class_path block: plain values, so a checkpoint still loads with weights_only=True
+            self.hparams["source"] = source.config()
+        else:
+            raise InputError(f"source: expected a VolumeSource or a string (bundled or a path), got "
+                             f"{type(source).__name__}")
         self.regimes = list(regimes) if regimes else list(REGIMES)
         self.eval_regimes = list(eval_regimes) if eval_regimes else list(REGIMES)
         for option, names in (("regimes", self.regimes), ("eval_regimes", self.eval_regimes)):
@@ -212,7 +235,7 @@ class LowFieldDataModule(L.LightningDataModule):
                 make_regime(name, **dict(regime_overrides or {}))
             except (TypeError, ValueError) as err:
                 raise InputError(f"regime_overrides: {err}") from None
-        self.source_arg, self.root, self.pattern = source, root, pattern
+        self.source_arg = source
         self.image_size, self.crop_size, self.slice_axis = image_size, crop_size, slice_axis
         self.min_foreground_fraction = min_foreground_fraction
         self.regime_overrides = dict(regime_overrides or {})
@@ -225,8 +248,6 @@ class LowFieldDataModule(L.LightningDataModule):
         self.background_phase = background_phase
         self.skip_bad_files = skip_bad_files
         self.predict_path = predict_path
-        self.fastmri_key = fastmri_key
-        self.bundled_train_subjects, self.bundled_val_subjects = bundled_train_subjects, bundled_val_subjects
         self.pin_memory = pin_memory
         self._source: VolumeSource | None = None
         self._split: Split | None = None
@@ -242,15 +263,7 @@ class LowFieldDataModule(L.LightningDataModule):
     def source(self) -> VolumeSource:
         """The volume source (built on first use)."""
         if self._source is None:
-            self._source = make_source(
-                self.source_arg,
-                self.root,
-                self.pattern,
-                self.slice_axis,
-                self.fastmri_key,
-                self.bundled_train_subjects,
-                self.bundled_val_subjects,
-            )
+            self._source = make_source(self.source_arg, self.slice_axis % 3)
         return self._source
 
     @property
@@ -353,7 +366,7 @@ class LowFieldDataModule(L.LightningDataModule):
         if stage == "predict" and self.predict_dataset is None:
             if not self.predict_path:
                 raise InputError("predict needs a low-field NIfTI: --data.init_args.predict_path=PATH")
-            source = NiftiDirSource(self.predict_path, "**/*.nii*", self.slice_axis)
+            source = NiftiDirSource(self.predict_path, "**/*.nii*", self.slice_axis % 3)
             self.predict_dataset = PredictSliceDataset(
                 source, self._index(source, source.records(), 0.0), self.image_size
             )
@@ -425,16 +438,16 @@ class LowFieldDataModule(L.LightningDataModule):
             batch = default_collate([ds[i] for i, item in enumerate(ds.items) if item[0] == v])
             out = EvalVolume(
                 info.record.volume_id,
-                batch["clean"],
-                batch["slice"],
+                batch.clean,
+                batch.slice,
                 info.scale,
                 self.source.metadata(info.record),
             )
             if regime:
                 out.regime, out.y, out.degraded, out.params = (
                     regime,
-                    batch["y"],
-                    batch["degraded"],
-                    batch["params"],
+                    batch.y,
+                    batch.degraded,
+                    batch.params,
                 )
             yield out

@@ -6,18 +6,10 @@ resize path, `transforms.fit_to_square`); training samples with `crop_size` are 
 (see `TrainSliceDataset`). `SliceDataset.item_shapes()` gives the (H, W) of each item, so a loader can batch
 only items of one shape.
 
-A sample (a dict; the default collate stacks samples of one shape into a batch with the same keys):
-    clean     float32 [2, H, W]   normalised clean slice (real, imag); absent in prediction samples
-    degraded  float32 [2, H, W]   the degraded image (real, imag): complex_to_channels(ifft2c(y)) of the slice
-    y         complex64 [1, H, W] simulated (or, for prediction, measured) k-space; for a training crop,
-                                  fft2c of the cropped degraded image (see `TrainSliceDataset`)
-    regime    str                 regime name ("measured" for prediction)
-    params    dict[str, Tensor]   the realised degradation parameters, one sample's slice of the full key set
-                                  (scalars [], `b0_map_hz` [1, H, W] in Hz)
-    volume_id str                 the volume's id, unique in the source (`VolumeRecord.volume_id`): the
-                                  subject id, or the file stem if the subject has several volumes
-    slice     int64 tensor []     slice index in the stack [S, H, W] of `transforms.to_slices`
-    scale     float32 tensor []   the volume's normalisation scale: input units = normalised * scale
+A sample is a `samples.SliceSample` (train / val / test: clean, degraded, y, regime, params, volume_id,
+slice, scale) or, for prediction, a `samples.MeasuredSample` (no clean; the slice's native shape); their
+fields' shapes, dtypes and units are documented there. The default collate stacks samples of one shape into a
+batch of the same type.
 
 The one seeding rule of the data: a training sample is a pure function of (seed, epoch, index) —
 `TrainSliceDataset.generator` seeds the generator every draw of the sample comes from (regime, parameters,
@@ -36,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from datamodules.samples import MeasuredSample, SliceSample
 from datamodules.sources import VolumeRecord, VolumeSource
 from datamodules.transforms import (
     NORMALISE_PERCENTILE,
@@ -126,7 +119,7 @@ class SliceDataset(Dataset):
         """(H, W) of each item's images, in item order."""
         return [self.sample_shape(item[0]) for item in self.items]
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> SliceSample | MeasuredSample:
         # Per-sample work is tiny: several intra-op threads only contend (on a busy 2-core machine, 50x
         # slower), so the main process (num_workers=0) uses one thread here; DataLoader workers use one.
         if get_worker_info() is not None:
@@ -138,7 +131,7 @@ class SliceDataset(Dataset):
         finally:
             torch.set_num_threads(threads)
 
-    def _get(self, index: int) -> dict:
+    def _get(self, index: int) -> SliceSample | MeasuredSample:
         raise NotImplementedError
 
     def _stack(self, v: int) -> np.ndarray:
@@ -184,19 +177,18 @@ class SliceDataset(Dataset):
         degraded: torch.Tensor,
         y: torch.Tensor,
         params: dict[str, torch.Tensor],
-    ) -> dict:
-        """The sample dict (module docstring) of complex clean, degraded and y [1, 1, H, W] and batched
-        params."""
-        return {
-            "clean": complex_to_channels(clean)[0],
-            "degraded": complex_to_channels(degraded)[0].float(),
-            "y": y[0].to(torch.complex64),
-            "regime": regime,
-            "params": {k: val[0] for k, val in params.items()},
-            "volume_id": self.volumes[v].record.volume_id,
-            "slice": torch.tensor(s, dtype=torch.int64),
-            "scale": torch.tensor(self.volumes[v].scale, dtype=torch.float32),
-        }
+    ) -> SliceSample:
+        """The sample of complex clean, degraded and y [1, 1, H, W] and batched params."""
+        return SliceSample(
+            clean=complex_to_channels(clean)[0],
+            degraded=complex_to_channels(degraded)[0].float(),
+            y=y[0].to(torch.complex64),
+            regime=regime,
+            params={k: val[0] for k, val in params.items()},
+            volume_id=self.volumes[v].record.volume_id,
+            slice=torch.tensor(s, dtype=torch.int64),
+            scale=torch.tensor(self.volumes[v].scale, dtype=torch.float32),
+        )
 
 
 def _regimes(names: list[str], overrides: dict | None) -> dict:
@@ -258,7 +250,7 @@ class TrainSliceDataset(SliceDataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _get(self, index: int) -> dict:
+    def _get(self, index: int) -> SliceSample:
         v, s = self.items[index]
         g = self.generator(index)
         regime = self.regimes[int(torch.randint(len(self.regimes), (1,), generator=g))]
@@ -310,17 +302,17 @@ class EvalSliceDataset(SliceDataset):
             stable_hash("eval", self.seed, self.volumes[v].record.volume_id, s, regime)
         )
 
-    def _get(self, index: int) -> dict:
+    def _get(self, index: int) -> SliceSample:
         v, s, regime = self.items[index]
         x, y, params = self._degrade(v, s, self.degradations[regime], self.generator(v, s, regime))
         return self._sample(v, s, regime, x, ifft2c(y), y, params)
 
 
 class PredictSliceDataset(SliceDataset):
-    """All slices of the user's low-field volumes, without a reference: no "clean" key.
+    """All slices of the user's low-field volumes, without a reference: `MeasuredSample`s (no `clean`).
 
-    "degraded" is the normalised measured image (real, imag), "y" its k-space fft2c, "regime" is "measured",
-    the params are neutral (so `ForwardOperator.from_params` gives plain Fourier sampling), and "shape" (h, w)
+    `degraded` is the normalised measured image (real, imag), `y` its k-space fft2c, `regime` is "measured",
+    the params are neutral (so `ForwardOperator.from_params` gives plain Fourier sampling), and `shape` (h, w)
     is the slice's native shape: at native size (the default) the images already have it; with `image_size`,
     `transforms.restore_shape` puts the outputs back on that grid. `transforms.from_slices` then rebuilds the
     volume.
@@ -335,16 +327,16 @@ class PredictSliceDataset(SliceDataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _get(self, index: int) -> dict:
+    def _get(self, index: int) -> MeasuredSample:
         v, s = self.items[index]
         x = self.normalised_slice(v, s)
-        return {
-            "degraded": complex_to_channels(x)[0],
-            "y": fft2c(x)[0],
-            "regime": "measured",
-            "params": {k: val[0] for k, val in neutral_params(1, *x.shape[-2:]).items()},
-            "volume_id": self.volumes[v].record.volume_id,
-            "slice": torch.tensor(s, dtype=torch.int64),
-            "scale": torch.tensor(self.volumes[v].scale, dtype=torch.float32),
-            "shape": torch.tensor(self.volumes[v].shape, dtype=torch.int64),
-        }
+        return MeasuredSample(
+            degraded=complex_to_channels(x)[0],
+            y=fft2c(x)[0],
+            regime="measured",
+            params={k: val[0] for k, val in neutral_params(1, *x.shape[-2:]).items()},
+            volume_id=self.volumes[v].record.volume_id,
+            slice=torch.tensor(s, dtype=torch.int64),
+            scale=torch.tensor(self.volumes[v].scale, dtype=torch.float32),
+            shape=torch.tensor(self.volumes[v].shape, dtype=torch.int64),
+        )

@@ -9,13 +9,20 @@ slice stack [S, H, W] (float32 magnitude or complex64), validated (3D, finite). 
   -> root-sum-of-squares of the coil images; single-coil [S, H, W] -> the complex image), slices along axis 0.
 - `BundledSource`: real MRI installed with the Python environment (no download); see its docstring.
 
-`make_source(...)` turns the data module's `source` argument ("bundled", "nifti", "fastmri", or a path) into
-one.
+A source object carries its own options (root, pattern, key, numbers of subjects...); in a LightningCLI
+config it is a `class_path` block, e.g.
+`source: {class_path: datamodules.sources.NiftiDirSource, init_args: {root: /data}}`.
+`make_source(...)` turns the data module's string shorthand ("bundled" or a path) into one.
+
+Slice axis: `NiftiDirSource` and `BundledSource` take slices along `slice_axis`; left None (the default), a
+data module sets it to its own `slice_axis` (`use_slice_axis`), and a source used alone slices along axis 2.
+fastMRI files are always sliced along their axis 0.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import os
 import re
@@ -42,7 +49,7 @@ _BIDS_SUBJECT = re.compile(r"(?:^|[/_])(sub-[A-Za-z0-9]+)(?=[/_.]|$)")
 
 @dataclass(frozen=True)
 class VolumeRecord:
-    """One volume: `volume_id` is unique in the source (the samples' "volume_id" key); `subject` is the split
+    """One volume: `volume_id` is unique in the source (the samples' `volume_id`); `subject` is the split
     unit (one subject may have several volumes)."""
 
     volume_id: str
@@ -57,6 +64,24 @@ class VolumeSource:
     name = "source"
     #: a source that fixes its own split (the bundled data) sets this
     fixed_split: Split | None = None
+    #: the array axis slices are taken along, for a source with that option (None: not set, or fixed by the
+    #: format as fastMRI's axis 0)
+    slice_axis: int | None = None
+
+    def use_slice_axis(self, axis: int) -> None:
+        """A data module's `slice_axis` for this source. The base class's formats fix their own slicing, so
+        this does nothing; a source with a `slice_axis` option takes `axis` if it was left None."""
+
+    def config(self) -> dict[str, Any]:
+        """`{"class_path": ..., "init_args": {...}}`: the source as a LightningCLI block (plain values, for
+        the data module's hyperparameters and checkpoints). init_args are the constructor's parameters read
+        back from the attributes of the same name."""
+        init_args = {}
+        for name in list(inspect.signature(type(self).__init__).parameters)[1:]:
+            if hasattr(self, name):
+                value = getattr(self, name)
+                init_args[name] = str(value) if isinstance(value, os.PathLike) else value
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": init_args}
 
     def records(self) -> list[VolumeRecord]:
         raise NotImplementedError
@@ -72,6 +97,28 @@ class VolumeSource:
     def metadata(self, record: VolumeRecord) -> dict[str, Any]:
         """What the source knows about the volume (path, affine, header fields...)."""
         return {"path": record.path, **record.info}
+
+
+class _AxisSource(VolumeSource):
+    """A source with a `slice_axis` option: 0, 1 or 2, or None (the data module's `slice_axis`; axis 2 when
+    the source is used alone)."""
+
+    def _set_slice_axis(self, slice_axis: int | None) -> None:
+        if slice_axis is not None and slice_axis not in (0, 1, 2):
+            raise InputError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
+        self.slice_axis = slice_axis
+
+    @property
+    def _axis(self) -> int:
+        return 2 if self.slice_axis is None else self.slice_axis
+
+    def use_slice_axis(self, axis: int) -> None:
+        if self.slice_axis is None:
+            self.slice_axis = axis
+        elif self.slice_axis != axis:
+            raise InputError(f"slice_axis: the {self.name} source's slice_axis {self.slice_axis} differs "
+                             f"from the data module's {axis}; set it once, on the data module (slice_axis: "
+                             f"{self.slice_axis}), which slices predict_path along it too")
 
 
 def _check_stack(stack: np.ndarray, where: str) -> np.ndarray:
@@ -119,22 +166,23 @@ def _records_for(root: Path, files: list[Path]) -> list[VolumeRecord]:
     return [VolumeRecord(i, s, str(p)) for i, s, p in zip(ids, subjects, files, strict=True)]
 
 
-class NiftiDirSource(VolumeSource):
+class NiftiDirSource(_AxisSource):
     """NIfTI volumes under `root` (a directory searched with the recursive glob `pattern`, or one file).
 
-    Slices are taken along `slice_axis` of the stored array (see `transforms.to_slices`). A 4D file whose last
+    Slices are taken along `slice_axis` of the stored array (see `transforms.to_slices`; None: the data
+    module's `slice_axis`, axis 2 for the source alone). A 4D file whose last
     dimension is 1 is read as 3D; other 4D+ and 2D files, NaN voxels and unreadable files raise InputError.
     In a worker, uncompressed `.nii` files are memory-mapped (nibabel `mmap=True`), `.nii.gz` are read once.
     """
 
     name = "nifti"
 
-    def __init__(self, root: str | os.PathLike, pattern: str = "**/*.nii*", slice_axis: int = 2) -> None:
-        if slice_axis not in (0, 1, 2):
-            raise InputError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
+    def __init__(
+        self, root: str | os.PathLike, pattern: str = "**/*.nii*", slice_axis: int | None = None
+    ) -> None:
+        self._set_slice_axis(slice_axis)
         self.root = Path(root)
         self.pattern = pattern
-        self.slice_axis = slice_axis
         self._records: list[VolumeRecord] | None = None
 
     def records(self) -> list[VolumeRecord]:
@@ -145,14 +193,14 @@ class NiftiDirSource(VolumeSource):
     def load(self, record: VolumeRecord) -> np.ndarray:
         data, _ = load_nifti(record.path)
         return _check_stack(
-            np.ascontiguousarray(to_slices(np.asarray(data, np.float32), self.slice_axis)), str(record.path)
+            np.ascontiguousarray(to_slices(np.asarray(data, np.float32), self._axis)), str(record.path)
         )
 
     def open(self, record: VolumeRecord) -> np.ndarray:
         data = np.asanyarray(nib.load(record.path, mmap=True).dataobj)
         if data.ndim == 4 and data.shape[-1] == 1:
             data = data[..., 0]
-        return to_slices(data, self.slice_axis)
+        return to_slices(data, self._axis)
 
     def metadata(self, record: VolumeRecord) -> dict[str, Any]:
         img = nib.load(record.path)
@@ -161,7 +209,7 @@ class NiftiDirSource(VolumeSource):
             "affine": np.asarray(img.affine),
             "shape": tuple(img.shape),
             "zooms_mm": tuple(float(z) for z in img.header.get_zooms()[:3]),
-            "slice_axis": self.slice_axis,
+            "slice_axis": self._axis,
         }
 
 
@@ -259,7 +307,7 @@ def _package_file(package: str, *parts: str) -> Path:
 COLIN27_SHA256 = "a009051127f64dc3dd554d5f5b589870ea72106d9642c21b4e7093e478cfc309"
 
 
-class BundledSource(VolumeSource):
+class BundledSource(_AxisSource):
     """Real MRI that ships with the package or the packages installed by `make setup` (never downloaded at run
     time).
 
@@ -267,7 +315,8 @@ class BundledSource(VolumeSource):
       brain (a T1-weighted average of 27 scans of one adult, with skull; MRIcron's `ch2.nii.gz`, 181x217x181,
       1 mm, uint8), shipped as package data in `datamodules/data/` with its provenance and BSD-3-clause
       licence. It is read at its native resolution like any NIfTI volume (`io.load_nifti`, slices along
-      `slice_axis`; the data module normalises it per volume as every other volume).
+      `slice_axis`: None takes the data module's, axis 2 alone; the data module normalises it per volume as
+      every other volume).
     - train: `n_train` pseudo-subjects `pseudo-mni-train-000`, ... and val: `n_val` pseudo-subjects
       `pseudo-mni-val-000`, ...: random smooth deformations (a random affine scaling/rotation plus a smooth 3D
       displacement field, std about 3 mm) and intensity changes (gamma 0.75-1.33 and a smooth multiplicative
@@ -282,16 +331,17 @@ class BundledSource(VolumeSource):
     MNI = ("nilearn", "datasets", "data", "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
     REAL_TEST = {"real-colin27": ("datamodules", "data", "colin27_ch2.nii.gz")}
 
-    def __init__(self, n_train: int = 8, n_val: int = 2, seed: int = 0, slice_axis: int = 2) -> None:
+    def __init__(
+        self, n_train: int = 8, n_val: int = 2, seed: int = 0, slice_axis: int | None = None
+    ) -> None:
         if n_train < 1 or n_val < 0:
             raise InputError(f"bundled source needs n_train >= 1 and n_val >= 0, got {n_train}, {n_val}")
-        if slice_axis not in (0, 1, 2):
-            raise InputError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
-        self.n_train, self.n_val, self.seed, self.slice_axis = n_train, n_val, seed, slice_axis
+        self._set_slice_axis(slice_axis)
+        self.n_train, self.n_val, self.seed = n_train, n_val, seed
         train = [f"pseudo-mni-train-{i:03d}" for i in range(n_train)]
         val = [f"pseudo-mni-val-{i:03d}" for i in range(n_val)]
         self.fixed_split = Split(train=train, val=val, test=sorted(self.REAL_TEST))
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache: dict[tuple[str, int], np.ndarray] = {}  # (volume id, slice axis) -> stack
         self._template: np.ndarray | None = None
 
     def records(self) -> list[VolumeRecord]:
@@ -305,13 +355,14 @@ class BundledSource(VolumeSource):
         return out
 
     def load(self, record: VolumeRecord) -> np.ndarray:
-        if record.volume_id not in self._cache:
+        key = (record.volume_id, self._axis)
+        if key not in self._cache:
             if record.volume_id in self.REAL_TEST:
                 data, _ = load_nifti(record.path)
             else:
                 data = self._pseudo_subject(record.volume_id)
-            self._cache[record.volume_id] = np.ascontiguousarray(to_slices(data, self.slice_axis))
-        return self._cache[record.volume_id]
+            self._cache[key] = np.ascontiguousarray(to_slices(data, self._axis))
+        return self._cache[key]
 
     def metadata(self, record: VolumeRecord) -> dict[str, Any]:
         if record.path is None:  # a pseudo-subject: no file
@@ -322,7 +373,7 @@ class BundledSource(VolumeSource):
             "affine": np.asarray(img.affine),
             "shape": tuple(img.shape),
             "zooms_mm": tuple(float(z) for z in img.header.get_zooms()[:3]),
-            "slice_axis": self.slice_axis,
+            "slice_axis": self._axis,
         }
 
     def _mni(self) -> np.ndarray:
@@ -345,7 +396,7 @@ class BundledSource(VolumeSource):
         c, s = math.cos(angle), math.sin(angle)
         rot = torch.eye(3)
         i, j = [
-            a for a in range(3) if a != 2 - self.slice_axis
+            a for a in range(3) if a != 2 - self._axis
         ]  # affine_grid's coordinate order is (W, H, D)
         rot[i, i], rot[i, j], rot[j, i], rot[j, j] = c, -s, s, c
         affine = torch.cat([rot @ theta, torch.zeros(3, 1)], dim=1)[None]
@@ -369,38 +420,39 @@ class BundledSource(VolumeSource):
         return y.numpy().astype(np.float32)
 
 
-def make_source(
-    source: str | VolumeSource,
-    root: str | None = None,
-    pattern: str | None = None,
-    slice_axis: int = 2,
-    fastmri_key: str = "auto",
-    bundled_train_subjects: int = 8,
-    bundled_val_subjects: int = 2,
-    bundled_seed: int = 0,
-) -> VolumeSource:
+#: the source classes the retired names "nifti" / "fastmri" (which needed a separate root) stood for
+_RETIRED = {"nifti": "NiftiDirSource", "fastmri": "FastMRISource"}
+
+
+def check_shorthand(source: str) -> None:
+    """InputError (one line saying what to write instead) for "nifti" / "fastmri" given without a path."""
+    if source in _RETIRED:
+        raise InputError(
+            f"source {source!r} needs its data: give the path itself (source: /data/dir, or "
+            f"--data.init_args.source=/data/dir), or a source block (source: {{class_path: "
+            f"datamodules.sources.{_RETIRED[source]}, init_args: {{root: /data/dir}}}})"
+        )
+
+
+def make_source(source: str | VolumeSource, slice_axis: int = 2) -> VolumeSource:
     """The data module's `source` argument -> a VolumeSource.
 
-    `source`: "bundled"; "nifti" or "fastmri" (with `root`); a path to a directory or file (fastMRI if it
-    holds .h5 files, else NIfTI); or a VolumeSource object (returned as is).
+    A VolumeSource object is returned as is. A string is shorthand: "bundled" -> `BundledSource()` (its
+    defaults) sliced along `slice_axis`; a path to a directory or file -> `FastMRISource(path)` if it holds
+    .h5 files, else `NiftiDirSource(path, slice_axis=slice_axis)` (default patterns and key). Anything else
+    (a missing path, the retired "nifti" / "fastmri") -> InputError.
     """
     if isinstance(source, VolumeSource):
         return source
+    check_shorthand(source)
     if source == "bundled":
-        return BundledSource(bundled_train_subjects, bundled_val_subjects, bundled_seed, slice_axis)
-    if source in ("nifti", "fastmri"):
-        if root is None:
-            raise InputError(f"source {source!r} needs a root directory (--data.init_args.root=PATH)")
-        kind, path = source, Path(root)
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise InputError(f"{source}: data source not found (use 'bundled', 'nifti', 'fastmri' or a path)")
-        is_h5 = path.suffix in (".h5", ".hdf5") if path.is_file() else any(path.glob("**/*.h5"))
-        kind = "fastmri" if is_h5 else "nifti"
-    if kind == "fastmri":
-        return FastMRISource(path, pattern or "**/*.h5", fastmri_key)
-    return NiftiDirSource(path, pattern or "**/*.nii*", slice_axis)
+        return BundledSource(slice_axis=slice_axis)
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"{source}: data source not found (use 'bundled', a path, or a source block such as "
+                         "{class_path: datamodules.sources.NiftiDirSource, init_args: {root: PATH}})")
+    is_h5 = path.suffix in (".h5", ".hdf5") if path.is_file() else any(path.glob("**/*.h5"))
+    return FastMRISource(path) if is_h5 else NiftiDirSource(path, slice_axis=slice_axis)
 
 
 def warn_skipped(skipped: list[str]) -> None:

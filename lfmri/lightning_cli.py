@@ -21,16 +21,17 @@ import yaml
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor
-from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 import datamodules.datamodule  # noqa: F401  (defines the classes, so `--data LowFieldDataModule` works)
-import lightning_modules.module  # noqa: F401  (likewise `--model ScoreModel`)
 from lfmri.models import read_lightning_checkpoint
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path
 from lightning_modules.callbacks import InterruptCheckpoint
+from lightning_modules.module import upgrade_hparams
+from lightning_modules.sampling.samplers import SamplerOptions
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -93,18 +94,43 @@ class LfmriCLI(LightningCLI):
                 raise
             raise cause from None
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str,
+                                   **kwargs: Any) -> LightningArgumentParser:
+        """`lfmri predict` also takes the reconstruction's sampler, `--sampling.*` (`SamplerOptions`: sampler,
+        steps, t0, dc, dc_weight, dc_lambda, dc_floor; unset: the registry's defaults)."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_class_arguments(SamplerOptions, "sampling")
+        return parser
+
+    def before_predict(self) -> None:
+        """Hand `--sampling.*` to the model (checked now, before any data is read: InputError)."""
+        options = self._get(self.config_init, "sampling")
+        try:
+            options.build(self.model.sde)
+        except ValueError as err:
+            raise InputError(f"--sampling: {err}") from None
+        self.model.predict_options = options
+
     def _parse_ckpt_path(self) -> None:
-        """Lightning applies a `--ckpt_path` checkpoint's hyper-parameters over the config; the reconstruction
-        options `predict_*` the user sets (config or command line) must still win, as `lfmri predict`'s
-        documentation promises."""
+        """A local `--ckpt_path` must be an lfmri ScoreModel checkpoint (`_check_ckpt_path`); its
+        hyper-parameters, in today's layout (`module.upgrade_hparams`: older checkpoints' flat network
+        fields gathered into `net`), then replace the config's model arguments, so the model is built as
+        the checkpoint's. Lightning's keywords (last, best, hpc, registry) and remote URLs are left to
+        Lightning."""
         subcommand = self.config.get("subcommand")
-        init_args = (self.config[subcommand].get("model") or {}).get("init_args") if subcommand else None
-        given = {k: v for k, v in (init_args or {}).items() if k.startswith("predict_") and v is not None}
-        _check_ckpt_path(self.config[subcommand].get("ckpt_path") if subcommand else None)
-        super()._parse_ckpt_path()
-        if given:
-            for key, value in given.items():
-                self.config[subcommand]["model"]["init_args"][key] = value
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        ckpt = _check_ckpt_path(ckpt_path)
+        if ckpt is None:
+            return super()._parse_ckpt_path()
+        hparams = upgrade_hparams(ckpt.get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return None
+        class_path = hparams.pop("_class_path", None)
+        model = {"class_path": class_path, "init_args": hparams} if class_path else hparams
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        return None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
@@ -123,17 +149,17 @@ class LfmriCLI(LightningCLI):
         return trainer
 
 
-def _check_ckpt_path(ckpt_path: Any) -> None:
-    """InputError (one line) unless a local `--ckpt_path` is an lfmri ScoreModel checkpoint: a missing file, a
-    folder, a truncated file or another model's checkpoint, read with `weights_only=True`
-    (`lfmri.models.read_lightning_checkpoint`). Lightning's keywords (last, best, hpc, registry) and remote
-    URLs are left to Lightning."""
+def _check_ckpt_path(ckpt_path: Any) -> dict | None:
+    """The checkpoint dict of a local `--ckpt_path`, read with `weights_only=True`
+    (`lfmri.models.read_lightning_checkpoint`); InputError (one line) unless it is an lfmri ScoreModel
+    checkpoint: a missing file, a folder, a truncated file or another model's checkpoint. None for no path,
+    Lightning's keywords (last, best, hpc, registry) and remote URLs (left to Lightning)."""
     if not ckpt_path or not _is_local_file_protocol(ckpt_path):
-        return
+        return None
     if str(ckpt_path) in ("last", "best", "hpc") or str(ckpt_path).lower().split(":")[0] == "registry":
-        return
+        return None
     try:
-        read_lightning_checkpoint(ckpt_path)
+        return read_lightning_checkpoint(ckpt_path)
     except InputError as err:
         raise InputError(f"--ckpt_path {err}") from None
 

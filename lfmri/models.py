@@ -15,7 +15,7 @@ import torch
 
 from lfmri_utils.errors import InputError
 from lightning_modules.checkpoint import load_torch_file, resolve_checkpoint
-from lightning_modules.module import ScoreModel
+from lightning_modules.module import ScoreModel, upgrade_hparams
 
 
 def resolve_device(name: str) -> torch.device:
@@ -51,9 +51,10 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def score_model_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> ScoreModel:
-    """A `ScoreModel` (CPU) with the weights and EMA of a checkpoint dict from `read_lightning_checkpoint`."""
+    """A `ScoreModel` (CPU) with the weights and EMA of a checkpoint dict from `read_lightning_checkpoint`
+    (hyper-parameters of older checkpoints upgraded: `module.upgrade_hparams`)."""
     accepted = inspect.signature(ScoreModel.__init__).parameters
-    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in accepted}
+    hparams = {k: v for k, v in upgrade_hparams(ckpt.get("hyper_parameters", {})).items() if k in accepted}
     try:
         model = ScoreModel(**hparams)
         model.on_load_checkpoint(ckpt)
@@ -73,8 +74,8 @@ def load_score_model(path: str | os.PathLike, device: torch.device) -> ScoreMode
     InputError."""
     model = score_model_from_checkpoint(read_lightning_checkpoint(path), path)
     # (a family's prior: its constructor already refused one that cannot take the 2-channel layout)
-    if model.prior is None and int(model.hparams.num_channels) != 2:
-        raise InputError(f"--ckpt {path}: the network has {model.hparams.num_channels} channel(s); "
+    if model.prior is None and model.net.config.num_channels != 2:
+        raise InputError(f"--ckpt {path}: the network has {model.net.config.num_channels} channel(s); "
                          "reconstruction needs a 2-channel (real, imaginary) model")
     return model.to(device).eval()
 
@@ -92,7 +93,7 @@ def slim_checkpoint(path: str | os.PathLike, provenance: dict[str, Any] | None =
     model.ema.copy_to(model.net.parameters())
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     shadows = [state[f"net.{name}"] for name, _ in model.net.named_parameters()]
-    hparams = dict(ckpt.get("hyper_parameters", {}))
+    hparams = upgrade_hparams(ckpt.get("hyper_parameters", {}))
     hparams["pretrained"] = None  # the weights are in the file
     return {"pytorch-lightning_version": ckpt.get("pytorch-lightning_version"),
             "global_step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0)),

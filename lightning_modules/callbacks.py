@@ -267,16 +267,16 @@ class SamplerCallback(Callback):
             batch = default_collate([dataset[i] for i in idx])
             reconstruct = Reconstructor.for_degradation(score_fn, sampler, dataset.degradations[regime],
                                                         len(idx), device, data_scale=pl_module.data_scale)
-            recon = reconstruct(batch["degraded"], batch["y"], batch["params"], batch["slice"].tolist(),
+            recon = reconstruct(batch.degraded, batch.y, batch.params, batch.slice.tolist(),
                                 seed=self.seed).mean.to(device)
-            ref = magnitude(batch["clean"].to(device))
+            ref = magnitude(batch.clean.to(device))
             for j, i in enumerate(idx):
                 values = [f(recon[j], ref[j]) for f in (ssim_volume, psnr_volume, nmse_volume)]
                 metrics[positions[i]] = torch.tensor(values, dtype=torch.float64)
             if idx[0] == subset[regime][0]:  # the regime's first slice goes into the image grid
                 h, w = ref.shape[-2:]
                 panels[regimes.index(regime), :, :h, :w] = torch.stack([
-                    magnitude(batch["degraded"][:1].to(device))[0, 0], recon[0, 0], ref[0, 0],
+                    magnitude(batch.degraded[:1].to(device))[0, 0], recon[0, 0], ref[0, 0],
                     (recon[0, 0] - ref[0, 0]).abs()])
         metrics = trainer.strategy.reduce(metrics, reduce_op="sum")
 

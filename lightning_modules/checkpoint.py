@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_input_file
-from lightning_modules.networks.ddpm import CONFIG_FIELDS, DATA_FIELDS, DDPM
+from lightning_modules.networks.ddpm import CONFIG_FIELDS, DATA_FIELDS, DDPM, DDPMConfig
 from lightning_modules.networks.families import detect_family, parse_checkpoint, with_ema
 from lightning_modules.sampling.sde import VPSDE
 
@@ -237,7 +237,7 @@ def load_score_sde_checkpoint(path: str | os.PathLike, model_config: Mapping | s
     path = resolve_checkpoint(path)
     model_state, ema = _read(path)
     with torch.device("meta"):
-        net = DDPM(**kwargs)
+        net = DDPM(DDPMConfig(**kwargs))
     expected = net.state_dict()
     _check_fit(path, expected, model_state)
     state = {k: model_state[k] for k in expected}
@@ -246,7 +246,7 @@ def load_score_sde_checkpoint(path: str | os.PathLike, model_config: Mapping | s
     if adapt_channels is not None and adapt_channels != net.num_channels:
         state = _adapted(state, net, adapt_channels)
         with torch.device("meta"):
-            net = DDPM(**{**kwargs, "num_channels": adapt_channels})
+            net = DDPM(DDPMConfig(**{**kwargs, "num_channels": adapt_channels}))
     net.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
     return net.eval()
 

@@ -4,7 +4,8 @@ Thin over the plain parts: `ddpm.DDPM` (the network, `self.net`), `sde.VPSDE` (`
 the supervised one-step reconstruction loss) and `ema.EMA` (`self.ema`). With `pretrained_family` the network,
 SDE and score function are instead a public checkpoint family's (`networks.families`: score_sde, hfs_sde,
 score_mri, dds), so fine-tuning and sampling follow that family's conventions (VP, discrete VP or VE SDE).
-Batches are dicts with `clean` and `degraded` float [B, 2, H, W] (see datamodules); other keys are ignored.
+Batches are `datamodules.SliceSample`s (training, validation, test: the losses use `clean` and `degraded`
+float [B, 2, H, W]) and `datamodules.MeasuredSample`s (predict).
 
 - Loss: `dsm_weight * DSM(clean) + supervised_weight * supervised(degraded -> clean)`; a term with weight 0
   is not computed in training. Validation and test always compute and log both, with a generator seeded by
@@ -31,6 +32,7 @@ Batches are dicts with `clean` and `degraded` float [B, 2, H, W] (see datamodule
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Literal
@@ -40,14 +42,15 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from datamodules.samples import MeasuredSample, SliceSample
 from degradations import channels_to_complex, fft2c
 from lfmri_utils.errors import InputError
-from lfmri_utils.options import Rule, check_options, number, ordered_range, sequence
+from lfmri_utils.options import Rule, check_options, number, ordered_range
 from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpoint, resolve_checkpoint
 from lightning_modules.ema import EMA
 from lightning_modules.inference import DataScale, Reconstructor
 from lightning_modules.losses import dsm_loss, supervised_loss
-from lightning_modules.networks.ddpm import CONFIG_FIELDS, DDPM
+from lightning_modules.networks.ddpm import CONFIG_FIELDS, DDPM, DDPMConfig
 from lightning_modules.networks.families import (
     FAMILIES,
     Pretrained,
@@ -57,34 +60,43 @@ from lightning_modules.networks.families import (
     read_config,
 )
 from lightning_modules.networks.families import load_pretrained as load_family_checkpoint
-from lightning_modules.sampling.samplers import build_sampler
+from lightning_modules.sampling.samplers import SamplerOptions
 from lightning_modules.sampling.sde import VPSDE, ScoreFn, get_score_fn
 
-#: ScoreModel arguments that configure the network (the DDPM constructor's)
-NET_ARGS = (*CONFIG_FIELDS, "grad_checkpointing")
+
+def upgrade_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """A `ScoreModel` checkpoint's hyper-parameters in today's layout: the network fields of older
+    checkpoints (flat nf, ch_mult, ... arguments) gathered into `net`, their reconstruction options
+    (predict_sampler, predict_steps, ...: no longer the model's, see `ScoreModel.predict_options`) dropped.
+    Today's hyper-parameters come back unchanged (a copy)."""
+    out = {k: v for k, v in hparams.items() if not k.startswith("predict_")}
+    flat = {k: out.pop(k) for k in CONFIG_FIELDS if k in out}
+    if flat:
+        out["net"] = {**dict(out.get("net") or {}), **flat}
+    return out
 
 
 class ScoreModel(LightningModule):
     """Score model with DSM + supervised losses, EMA and checkpoint import: score_sde's DDPM U-Net under the
     VP-SDE, or (`pretrained_family`) a public checkpoint family's network, SDE and score function.
 
-    Network (score_sde config fields, see `DDPM`): nf, ch_mult, num_res_blocks, attn_resolutions, dropout,
-    resamp_with_conv, conditional, scale_by_sigma, nonlinearity, image_size, num_channels, centered,
-    sigma_min, sigma_max, num_scales (score_sde's `sigmas` buffer), num_groups (GroupNorm groups, 32 in
-    score_sde), grad_checkpointing.
+    Network: `net`, a `networks.ddpm.DDPMConfig` (score_sde's DDPM config fields: nf, ch_mult, ..., checked
+    when it is made; YAML `net: {nf: 32, ...}`, command line `--model.init_args.net.nf=32`; a checkpoint's
+    hyper-parameters keep it as a plain mapping, which is read back as the config); grad_checkpointing
+    (recompute activations in the backward pass: memory for time).
     Pretrained: `pretrained` a score_sde checkpoint path, an lfmri Lightning checkpoint, or a shipped short
     name (`reference-small`, checkpoint.SHIPPED_CHECKPOINTS); `pretrained_weights` 'ema' | 'model' ('family':
     the family's sampling weights, with `pretrained_family`);
     `pretrained_config` the checkpoint's score_sde config.json (default: this network's config, with the
     other channel count when `adapt_channels` is set);
-    `adapt_channels` adapt a 1 <-> 2 channel checkpoint to this network's `num_channels` (set it to
-    num_channels; see `checkpoint` for the rule).
+    `adapt_channels` adapt a 1 <-> 2 channel checkpoint to this network's `net.num_channels` (set it to
+    net.num_channels; see `checkpoint` for the rule).
     Family (`pretrained_family`: 'score_sde' | 'hfs_sde' | 'score_mri' | 'dds'; None: the DDPM above):
     `pretrained` is then that family's public checkpoint (`networks.families.load_pretrained`) and
     `pretrained_config` its config (a JSON / YAML / score_sde `.py` file; default: `config.json` beside
     `pretrained`). The network (`self.net`), the SDE (`self.sde`: `VPSDE`, `DiscreteVPSDE` or `VESDE`) and
-    the score function come from the family and its config: the network and SDE arguments above (nf ...
-    num_groups, beta_min, beta_max) and `adapt_channels` are ignored; `grad_checkpointing` applies to the
+    the score function come from the family and its config: `net`, beta_min, beta_max and `adapt_channels`
+    are ignored; `grad_checkpointing` applies to the
     family's network too (with `trainer.precision: bf16-mixed`, what fine-tuning DDS's 361M ADM needs). The
     prior must take 2 channels (real, imaginary), or 1 channel with the family's real / imaginary rule
     (score_mri: the score of [re, im] is [prior(re), prior(im)]). `__init__` reads only the config;
@@ -96,26 +108,15 @@ class ScoreModel(LightningModule):
     supervised loss the Tweedie step through the family's score.
     Optimisation: lr, weight_decay (AdamW), warmup_steps, ema_decay, compile (torch.compile the network in
     setup), val_seed.
-    Predict (`lfmri predict`): predict_sampler (a `samplers.SAMPLERS` name), predict_steps, predict_t0,
-    predict_dc, predict_dc_weight, predict_dc_lambda, predict_dc_floor (None: the sampler registry's
-    defaults); see `predict_step`.
+    Prediction is not configured here: `predict_step` samples with `predict_options` (a
+    `samplers.SamplerOptions`, the registry's defaults unless `lfmri predict --sampling.*` sets them).
+    Checkpoints written before the network became one object (flat nf, ch_mult, ... and predict_*
+    hyper-parameters) are read through `upgrade_hparams`.
     """
 
-    #: ranges of the options (their types are the signature's); checked first in `__init__`, with the
-    #: GroupNorm divisibility of the channel counts and a non-zero loss. The predict_* options are the
-    #: sampler registry's (`samplers.build_sampler` checks them).
+    #: ranges of the options (their types are the signature's); checked first in `__init__`, with a non-zero
+    #: loss (the network's own fields are checked by `DDPMConfig`)
     OPTION_RULES = {
-        "nf": number(1, integer=True),
-        "ch_mult": sequence(number(1, integer=True), min_len=1),
-        "num_res_blocks": number(1, integer=True),
-        "attn_resolutions": sequence(number(1, integer=True)),
-        "dropout": number(0, 1, high_open=True),
-        "image_size": number(1, integer=True),
-        "num_channels": number(1, integer=True),
-        "sigma_min": number(0, low_open=True),
-        "sigma_max": number(0, low_open=True),
-        "num_scales": number(1, integer=True),
-        "num_groups": number(1, integer=True),
         "beta_min": number(0),
         "beta_max": number(0, low_open=True),
         "dsm_weight": number(0),
@@ -129,13 +130,7 @@ class ScoreModel(LightningModule):
                                   f"null or one of {', '.join(FAMILIES)}"),
     }
 
-    def __init__(self, nf: int = 128, ch_mult: tuple[int, ...] = (1, 2, 2, 2), num_res_blocks: int = 2,
-                 attn_resolutions: tuple[int, ...] = (16,), dropout: float = 0.1,
-                 resamp_with_conv: bool = True, conditional: bool = True, scale_by_sigma: bool = False,
-                 nonlinearity: str = "swish",
-                 image_size: int = 256, num_channels: int = 2, centered: bool = True, sigma_min: float = 0.01,
-                 sigma_max: float = 50.0, num_scales: int = 1000, num_groups: int = 32,
-                 grad_checkpointing: bool = False,
+    def __init__(self, net: DDPMConfig = DDPMConfig(), grad_checkpointing: bool = False,
                  pretrained: str | None = None, pretrained_weights: Literal["ema", "model", "family"] = "ema",
                  pretrained_config: str | dict[str, Any] | None = None, adapt_channels: int | None = None,
                  pretrained_family: str | None = None,
@@ -143,30 +138,26 @@ class ScoreModel(LightningModule):
                  supervised_weight: float = 0.0, supervised_t0: tuple[float, float] = (0.05, 0.3),
                  supervised_loss: Literal["l1", "l2"] = "l1", likelihood_weighting: bool = False,
                  lr: float = 2e-4, weight_decay: float = 0.0, warmup_steps: int = 5000,
-                 ema_decay: float = 0.9999, compile: bool = False, val_seed: int = 0,
-                 predict_sampler: str | None = None, predict_steps: int | None = None,
-                 predict_t0: float | None = None, predict_dc: str | None = None,
-                 predict_dc_weight: float | None = None, predict_dc_lambda: float | None = None,
-                 predict_dc_floor: float | None = None) -> None:
+                 ema_decay: float = 0.9999, compile: bool = False, val_seed: int = 0) -> None:
         super().__init__()
+        # a checkpoint's hyper-parameters hold the plain mapping; `save_hyperparameters` reads the arguments
+        # from this frame, so `net` is made that mapping first (plain values in hparams.yaml, checkpoints and
+        # the loggers, which cannot take a frozen dataclass)
+        net_config = DDPMConfig(**net) if isinstance(net, Mapping) else net
+        net = net_config.to_dict()
         self.save_hyperparameters()
         hp = self.hparams
         check_options(hp, self.OPTION_RULES)  # before anything is built
         if pretrained_family is None and pretrained is not None:
             pretrained_family = self._detect_family()
-        if pretrained_family is None:  # the flat network arguments are used
-            channels = [hp.nf * m for m in hp.ch_mult]
-            if any(c % hp.num_groups for c in [hp.nf, *channels]):
-                raise InputError(f"num_groups must divide the channel counts nf * ch_mult = {channels}, "
-                                 f"got {hp.num_groups}")
-            if pretrained_weights == "family":
-                raise InputError("pretrained_weights 'family' needs pretrained_family")
+        if pretrained_family is None and pretrained_weights == "family":
+            raise InputError("pretrained_weights 'family' needs pretrained_family")
         if hp.dsm_weight == 0 and hp.supervised_weight == 0:
             raise InputError("dsm_weight and supervised_weight are both 0: nothing to train; make one > 0")
-        #: the family prior around `self.net` (None: score_sde's DDPM under `VPSDE`, the flat arguments)
+        #: the family prior around `self.net` (None: score_sde's DDPM under `VPSDE`, `net`)
         self.prior: Pretrained | None = None
         if pretrained_family is None:
-            self.net = DDPM(**{k: hp[k] for k in NET_ARGS})
+            self.net = DDPM(net_config, grad_checkpointing=grad_checkpointing)
             self.sde = VPSDE(beta_min=beta_min, beta_max=beta_max)
         else:
             self.prior = family_prior(pretrained_family, self._family_config(), grad_checkpointing)
@@ -178,6 +169,8 @@ class ScoreModel(LightningModule):
             self.net = self.prior.network
             self.sde = self.prior.sde
         self.ema = EMA(self.net.parameters(), decay=ema_decay)
+        #: the sampler `predict_step` reconstructs with (`lfmri predict --sampling.*`; default the registry's)
+        self.predict_options = SamplerOptions()
         self._weights_ready = pretrained is None  # False: `pretrained` still to load (_ensure_weights)
         self._compiled = False
         self._ema_swap: ExitStack | None = None
@@ -196,7 +189,7 @@ class ScoreModel(LightningModule):
 
     def _detect_family(self) -> str | None:
         """The family of `pretrained` when its config (`_checkpoint_config`) says it unambiguously and it is
-        not score_sde's (whose DDPM the flat arguments describe); recorded in the hyper-parameters, so the
+        not score_sde's (whose DDPM `net` describes); recorded in the hyper-parameters, so the
         checkpoint rebuilds without detecting again. None otherwise."""
         hp = self.hparams
         config = self._checkpoint_config()
@@ -245,11 +238,11 @@ class ScoreModel(LightningModule):
         if config is None:  # taken to be this network (with the other channel count when adapting)
             config = self.net.score_sde_config()
             if hp.adapt_channels is not None:
-                config["data"]["num_channels"] = 3 - self.net.config["num_channels"]
+                config["data"]["num_channels"] = 3 - self.net.config.num_channels
         loaded = load_score_sde_checkpoint(hp.pretrained, config, weights=hp.pretrained_weights,
                                            adapt_channels=hp.adapt_channels)
-        ours = {k: v for k, v in self.net.config.items() if k != "dropout"}
-        theirs = {k: v for k, v in loaded.config.items() if k != "dropout"}
+        ours = {k: v for k, v in self.net.config.to_dict().items() if k != "dropout"}
+        theirs = {k: v for k, v in loaded.config.to_dict().items() if k != "dropout"}
         if ours != theirs:
             diff = ", ".join(f"{k}={theirs[k]!r} (this model {v!r})"
                              for k, v in ours.items() if v != theirs[k])
@@ -286,7 +279,7 @@ class ScoreModel(LightningModule):
         """The image size the network was configured for (pixels): `image_size`, or with a family its
         config's (`data.image_size`; dds: `model.image_size`)."""
         if self.prior is None:
-            return int(self.hparams.image_size)
+            return self.net.config.image_size
         config = self.prior.config
         return int(config["model"]["image_size"] if self.prior.family.architecture == "adm"
                    else config["data"]["image_size"])
@@ -307,7 +300,7 @@ class ScoreModel(LightningModule):
     def frozen_net(self, use_ema: bool = True) -> nn.Module:
         """A frozen eval-mode copy of the network (on the module's device) with the EMA or current weights."""
         if self.prior is None:
-            net = DDPM(**self.net.config).to(self.device)
+            net = DDPM(self.net.config).to(self.device)
         else:  # the family's architecture, without a second random initialisation
             net = self.prior.empty_network(self.device)
         net.load_state_dict(self.net.state_dict())
@@ -336,70 +329,65 @@ class ScoreModel(LightningModule):
         return self.prior.data_scale
 
     # ------------------------------------------------------------------------------------------ losses
-    def _losses(self, batch: dict[str, Any], generator: torch.Generator | None, compute_all: bool,
+    def _losses(self, batch: SliceSample, generator: torch.Generator | None, compute_all: bool,
                 ) -> dict[str, Tensor]:
         hp = self.hparams
         score_fn = None if self.prior is None else self.prior.score  # None: score_sde's DDPM convention
         if self.data_scale is not None:  # in the prior's data range, from each clean slice's k-space
-            c = self.data_scale(fft2c(channels_to_complex(batch["clean"])))[:, None, None, None]
-            batch = {**batch, "clean": batch["clean"] * c, "degraded": batch["degraded"] * c}
+            c = self.data_scale(fft2c(channels_to_complex(batch.clean)))[:, None, None, None]
+            batch = batch._replace(clean=batch.clean * c, degraded=batch.degraded * c)
         out: dict[str, Tensor] = {}
         if compute_all or hp.dsm_weight > 0:
-            out["dsm"] = dsm_loss(self.net, self.sde, batch["clean"],
+            out["dsm"] = dsm_loss(self.net, self.sde, batch.clean,
                                   likelihood_weighting=hp.likelihood_weighting, generator=generator,
                                   score_fn=score_fn)
         if compute_all or hp.supervised_weight > 0:
-            out["supervised"] = supervised_loss(self.net, self.sde, batch["degraded"], batch["clean"],
+            out["supervised"] = supervised_loss(self.net, self.sde, batch.degraded, batch.clean,
                                                 t0_range=tuple(hp.supervised_t0), loss=hp.supervised_loss,
                                                 generator=generator, score_fn=score_fn)
         weights = {"dsm": hp.dsm_weight, "supervised": hp.supervised_weight}
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: SliceSample, batch_idx: int) -> Tensor:
         losses = self._losses(batch, None, compute_all=False)
-        n = batch["clean"].shape[0]
+        n = batch.clean.shape[0]
         for k, v in losses.items():
             self.log(f"train/{k}", v, batch_size=n, prog_bar=k == "loss")
         return losses["loss"]
 
-    def _eval_step(self, batch: dict[str, Any], batch_idx: int, prefix: str) -> None:
+    def _eval_step(self, batch: SliceSample, batch_idx: int, prefix: str) -> None:
         gen = torch.Generator(device=self.device).manual_seed(self.hparams.val_seed + batch_idx)
         losses = self._losses(batch, gen, compute_all=True)
-        n = batch["clean"].shape[0]
+        n = batch.clean.shape[0]
         for k, v in losses.items():
             self.log(f"{prefix}/{k}", v, batch_size=n, sync_dist=True, prog_bar=k == "loss")
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: SliceSample, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: SliceSample, batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: MeasuredSample, batch_idx: int) -> dict[str, Any]:
         """Reconstruct a batch of measured slices through the one inference path (`inference.Reconstructor`).
 
         Uses `degraded` [B, 2, H, W] as the warm start, `y` [B, 1, H, W] and `params` (the forward operator;
         neutral for a user's own NIfTI, i.e. plain Fourier sampling); the k-space noise level is estimated
-        from `y` (a user's measurement has none recorded). Sampler: `predict_sampler`, `predict_steps`,
-        `predict_t0`, `predict_dc`, `predict_dc_weight`, `predict_dc_lambda`, `predict_dc_floor` (None: the
-        registry's defaults);
-        the seed is `val_seed` and each slice's randomness depends on its slice index only. Returns
-        `reconstruction` and `std` (magnitude [B, 1, H, W], normalised units: multiply by `scale`),
-        `noise_sigma` [B] (normalised units), with `volume_id`, `slice` and `scale` passed through;
-        `callbacks.NiftiPredictionWriter` writes them as NIfTI volumes.
+        from `y` (a user's measurement has none recorded). Sampler: `predict_options` (`lfmri predict
+        --sampling.*`; default the registry's); the seed is `val_seed` and each slice's randomness depends on
+        its slice index only. Returns `reconstruction` and `std` (magnitude [B, 1, H, W], normalised units:
+        multiply by `scale`), `noise_sigma` [B] (normalised units), with `volume_id`, `slice` and `scale`
+        passed through; `callbacks.NiftiPredictionWriter` writes them as NIfTI volumes.
         """
         hp = self.hparams
-        sampler = build_sampler(hp.predict_sampler, steps=hp.predict_steps, t0=hp.predict_t0,
-                                dc=hp.predict_dc, dc_weight=hp.predict_dc_weight,
-                                dc_lambda=hp.predict_dc_lambda, dc_floor=hp.predict_dc_floor,
-                                sde=self.sde)
-        n = batch["degraded"].shape[0]
+        sampler = self.predict_options.build(self.sde)
+        n = batch.degraded.shape[0]
         result = Reconstructor(self.score_fn(), sampler, n, self.device, data_scale=self.data_scale)(
-            batch["degraded"], batch["y"], batch["params"], batch["slice"].tolist(), seed=hp.val_seed,
+            batch.degraded, batch.y, batch.params, batch.slice.tolist(), seed=hp.val_seed,
             noise_sigma=torch.full((n,), float("nan")))
         return {"reconstruction": result.mean, "std": result.std, "noise_sigma": result.noise_sigma,
-                "volume_id": batch["volume_id"], "slice": batch["slice"], "scale": batch["scale"]}
+                "volume_id": batch.volume_id, "slice": batch.slice, "scale": batch.scale}
 
     # --------------------------------------------------------------------------------------------- EMA
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

@@ -1,5 +1,5 @@
 """Constants shared by the test files: the repository's paths, the checkpoint fixtures, the MNI template and
-the tiny model configurations.
+the tiny model configurations; and `slice_sample`, a fake data sample.
 
 Plain constants rather than fixtures because some are needed at collection time (`parametrize`, module-level
 globs); import them with `from helpers import ...` (pyproject's `[tool.pytest.ini_options] pythonpath` puts
@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.resources
 import sys
 from pathlib import Path
+
+from lightning_modules.networks.ddpm import DDPMConfig
 
 #: the repository root
 REPO = Path(__file__).resolve().parents[1]
@@ -32,15 +34,32 @@ SCORE_SDE_NET = dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(
 #: nilearn's MNI152 T1 template (real human MRI, 197 x 233 x 189, installed with nilearn)
 MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
-#: a tiny ScoreModel: 32 px, no attention, 4 groups (what `save_score_model` saves by default)
-TINY_MODEL = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=32, num_groups=4,
-                  dropout=0.0, warmup_steps=1)
-#: a tiny DDPM network (or ScoreModel): 16 px, attention at 8 px, 8 groups
+#: the network of a tiny ScoreModel (`DDPMConfig` fields): 32 px, no attention, 4 groups
+TINY_MODEL_NET = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=32,
+                      num_groups=4, dropout=0.0)
+#: a tiny ScoreModel's arguments (what `save_score_model` saves by default)
+TINY_MODEL = dict(net=DDPMConfig(**TINY_MODEL_NET), warmup_steps=1)
+#: a tiny DDPM network (`DDPMConfig` fields): 16 px, attention at 8 px, 8 groups
 TINY_NET = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
 #: `lfmri fit --config configs/quickstart.yaml` overrides for a tiny model on a little bundled data
 TINY_QUICKSTART_ARGS = [
-    "--model.init_args.image_size=32", "--model.init_args.nf=8", "--model.init_args.num_groups=4",
+    "--model.init_args.net.image_size=32", "--model.init_args.net.nf=8", "--model.init_args.net.num_groups=4",
     "--data.init_args.image_size=32", "--data.init_args.crop_size=null", "--data.init_args.batch_size=2",
     "--data.init_args.num_workers=0",
-    "--data.init_args.bundled_train_subjects=2", "--data.init_args.bundled_val_subjects=1",
+    "--data.init_args.source={class_path: BundledSource, init_args: {n_train: 2, n_val: 1}}",
     "--data.init_args.eval_slices_per_volume=1"]
+
+
+def slice_sample(clean, degraded, index: int = 0):
+    """A `datamodules.SliceSample` of `clean` and `degraded` float [2, H, W], for tests that need only those:
+    `y` the degraded image's k-space, neutral params, regime "noise", volume `s<index>`, slice `index`, scale
+    1."""
+    import torch
+
+    from datamodules.samples import SliceSample
+    from degradations import channels_to_complex, fft2c, neutral_params
+
+    params = {k: v[0] for k, v in neutral_params(1, *clean.shape[-2:]).items()}
+    return SliceSample(clean=clean, degraded=degraded, y=fft2c(channels_to_complex(degraded[None]))[0],
+                       regime="noise", params=params, volume_id=f"s{index}",
+                       slice=torch.tensor(index, dtype=torch.int64), scale=torch.tensor(1.0))

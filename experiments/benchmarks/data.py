@@ -17,22 +17,20 @@ import torch
 
 def loader_rate(size: int, workers: int, samples: int, batch_size: int) -> float:
     """Training samples per second of the data module's train_dataloader."""
-    from datamodules import LowFieldDataModule
+    from datamodules import BundledSource, LowFieldDataModule
 
     dm = LowFieldDataModule(
-        source="bundled",
+        source=BundledSource(n_train=2, n_val=0),
         image_size=size,
         batch_size=batch_size,
         num_workers=workers,
-        bundled_train_subjects=2,
-        bundled_val_subjects=0,
     )
     dm.setup("fit")
     it = iter(dm.train_dataloader())
     next(it)
     n, start = 0, time.perf_counter()
     while n < samples:
-        n += len(next(it)["volume_id"])
+        n += len(next(it).volume_id)
     return n / (time.perf_counter() - start)
 
 

@@ -12,6 +12,7 @@ increase of its resident set size (RSS, sampled every 2 ms) over its value befor
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -25,10 +26,10 @@ from pathlib import Path
 import torch
 
 from lightning_modules.losses import dsm_loss
-from lightning_modules.networks.ddpm import DDPM
+from lightning_modules.networks.ddpm import DDPM, DDPMConfig
 from lightning_modules.sampling.sde import VPSDE
 
-NET_34M = dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), image_size=256)
+NET_34M = DDPMConfig()  # score_sde's 34.4M DDPM at 256 px: the defaults
 
 
 class RssPeak:
@@ -65,7 +66,8 @@ def _sync(device: torch.device) -> None:
 
 def build_net(device: torch.device, channels: int, grad_checkpointing: bool) -> DDPM:
     torch.manual_seed(0)
-    net = DDPM(**NET_34M, num_channels=channels, grad_checkpointing=grad_checkpointing).to(device)
+    config = dataclasses.replace(NET_34M, num_channels=channels)
+    net = DDPM(config, grad_checkpointing=grad_checkpointing).to(device)
     return net.train()
 
 
@@ -74,7 +76,7 @@ def bench(net: DDPM, batch: int, dtype: str, device: torch.device, iters: int, w
     """Time `warmup + iters` training steps at one batch size and precision; medians over the last iters."""
     sde = VPSDE()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    x = torch.randn(batch, channels, NET_34M["image_size"], NET_34M["image_size"], device=device)
+    x = torch.randn(batch, channels, NET_34M.image_size, NET_34M.image_size, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
     fwd, bwd, step = [], [], []
     if device.type == "cuda":

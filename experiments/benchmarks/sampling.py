@@ -46,7 +46,6 @@ from lightning_modules.metrics import psnr_volume, ssim_volume
 from lightning_modules.sampling.samplers import SAMPLERS, Sampler, build_sampler, magnitude
 from lightning_modules.sampling.sde import SDE, VPSDE, ScoreFn, get_score_fn
 
-FULL_34M = dict(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
 #: `--tune`'s coordinate search: dc_lambda at the registry's t0 and 10 steps, then t0 x steps at the best
 #: dc_lambda, then dc_lambda again around its best value (x/÷ 2) at the best t0 and steps
 TUNE_LAMBDAS = (1.0, 4.0, 16.0, 64.0, 256.0)
@@ -97,10 +96,10 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ScoreFn,
                              "data range; this benchmark runs priors in lfmri's units only (use lfmri "
                              "evaluate)")
         return model.score_fn(), model.sde, model.train_size, f"checkpoint {args.ckpt}"
-    from lightning_modules.networks.ddpm import DDPM
+    from lightning_modules.networks.ddpm import DDPM, DDPMConfig
 
     torch.manual_seed(args.seed)
-    net = DDPM(image_size=args.size, num_channels=2, **FULL_34M)
+    net = DDPM(DDPMConfig(image_size=args.size, num_channels=2, dropout=0.0))  # the 34.4M network
     with torch.no_grad():
         for param in net.parameters():
             if param.ndim > 1 and param.abs().max() < 1e-4:  # score_sde's near-zero init: the score is not ~0

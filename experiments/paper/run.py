@@ -268,11 +268,11 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 def data_overrides(data: str) -> list[str]:
     """LightningCLI overrides pointing a config's data module at `bundled` or a directory."""
     if data == "bundled":
-        return ["--data.init_args.source=bundled", "--data.init_args.root=null"]
+        return ["--data.init_args.source=bundled"]
     path = Path(data).expanduser().resolve()
     if not path.exists():
         raise ProtocolError(f"{data}: no such data directory (or pass 'bundled')")
-    return [f"--data.init_args.source={path}", "--data.init_args.root=null"]
+    return [f"--data.init_args.source={path}"]
 
 
 def write_split(config_yaml: Path, out: Path, n_test: int, n_val: int, seed: int) -> Path:
@@ -305,7 +305,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
     proto = Protocol(out, args.jobs)
     shared = [f"--{kv}" for kv in args.overrides]  # every fit: --set overrides and the image size
     if args.image_size:
-        shared += [f"--model.init_args.image_size={args.image_size}",
+        shared += [f"--model.init_args.net.image_size={args.image_size}",
                    f"--data.init_args.crop_size={args.image_size}"]
 
     # 0. the clinical prior in score_sde's format: a Lightning checkpoint (or the shipped reference-small) is

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = read_lightning_checkpoint(args.ckpt)
     model, step = score_model_from_checkpoint(ckpt, args.ckpt), int(ckpt.get("global_step", 0))
     family = model.prior.family if model.prior is not None else None
-    groups = None if family is not None else int(model.net.config["num_groups"])
+    groups = None if family is not None else model.net.config.num_groups
     if groups not in (None, SCORE_SDE_GROUPS) and not args.force:
         raise InputError(f"--ckpt {args.ckpt}: the network has num_groups = {groups}; "
                          f"score_sde's DDPM hard-codes {SCORE_SDE_GROUPS} and would run it wrong without an "

@@ -81,16 +81,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.config}: no usable volume to preview in any split")
     cells = []
     for split, info, samples in rows:
-        clean = torch.view_as_complex(samples[0]["clean"].permute(1, 2, 0).contiguous()).abs()
+        clean = torch.view_as_complex(samples[0].clean.permute(1, 2, 0).contiguous()).abs()
         vmax = float(clean.max()) or 1.0
         row = [Panel(clean.numpy(), vmax=vmax,
                      title=f"{split}: {info.record.volume_id}\nclean, slice {info.slices[0]}")]
         for sample in samples:
-            img = torch.view_as_complex(sample["degraded"].permute(1, 2, 0).contiguous()).abs()
-            params = params_to_jsonable({k: v[None] for k, v in sample["params"].items()})[0]
-            row.append(Panel(img.numpy(), vmax=vmax, title=_title(sample["regime"], params)))
+            img = torch.view_as_complex(sample.degraded.permute(1, 2, 0).contiguous()).abs()
+            params = params_to_jsonable({k: v[None] for k, v in sample.params.items()})[0]
+            row.append(Panel(img.numpy(), vmax=vmax, title=_title(sample.regime, params)))
             shown = {k: round(v, 3) if v is not None else None for k, v in params.items()}
-            print(f"  {split} {info.record.volume_id} slice {info.slices[0]} {sample['regime']}: {shown}")
+            print(f"  {split} {info.record.volume_id} slice {info.slices[0]} {sample.regime}: {shown}")
         cells.append(row)
     fig = image_grid(cells, cell_size=(3.0, 3.6), fontsize=8)
     fig.suptitle(

@@ -17,9 +17,10 @@ exactly score_sde's network. `image_size` only decides, at construction, at whic
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
-from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lfmri_utils.errors import InputError
+from lfmri_utils.options import Rule, check_options, number, sequence
 from lightning_modules.sampling.sde import pad_to_multiple
 
 _ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "lrelu": lambda: nn.LeakyReLU(0.2), "swish": nn.SiLU}
@@ -155,10 +158,16 @@ class ResnetBlockDDPM(nn.Module):
         return (self.NIN_0(x) if hasattr(self, "NIN_0") else x) + h
 
 
-class DDPM(nn.Module):
-    """score_sde's DDPM U-Net with its config fields as constructor arguments.
+#: the `DDPMConfig` fields that score_sde's nested config keeps in `data` (the others sit in `model`)
+DATA_FIELDS: tuple[str, ...] = ("image_size", "num_channels", "centered")
 
-    Args (score_sde `config.model.*` unless noted):
+
+@dataclass(frozen=True)
+class DDPMConfig:
+    """The DDPM U-Net's configuration: score_sde's config fields (`config.model.*` unless noted), checked when
+    made (InputError naming the first bad field). Defaults: score_sde's 34.4M DDPM at 256 px, 2 channels.
+
+    Fields:
         nf: base channel count. ch_mult: channel multiplier per resolution level.
         num_res_blocks: residual blocks per level (down path; the up path has one more).
         attn_resolutions: attention blocks are inserted at the levels whose width (px) is one of these for an
@@ -168,35 +177,94 @@ class DDPM(nn.Module):
         conditional: condition on the time label (score_sde requires True; False drops the embedding MLP).
         scale_by_sigma: divide the output by `sigmas[labels]` (integer labels; NCSN style, off for VP).
         nonlinearity: 'swish' | 'elu' | 'relu' | 'lrelu'.
-        image_size, num_channels, centered: `config.data.*`; centered=False maps inputs [0, 1] -> [-1, 1].
-            image_size (px) places the attention levels; inputs may have any size (see the module docstring).
+        image_size, num_channels, centered: `config.data.*` (DATA_FIELDS); centered=False maps inputs
+            [0, 1] -> [-1, 1]. image_size (px) places the attention levels; inputs may have any size (module
+            docstring).
         sigma_min, sigma_max, num_scales: define the `sigmas` buffer (geometric, descending), which score_sde
             always stores in the state dict.
-        num_groups: GroupNorm groups (not a score_sde field: score_sde fixes 32; smaller allows tiny nets).
-        grad_checkpointing: recompute residual/attention activations in the backward pass (saves memory).
+        num_groups: GroupNorm groups (not a score_sde field: score_sde fixes 32; smaller allows tiny nets); it
+            must divide every channel count nf * ch_mult.
     """
 
-    def __init__(self, nf: int = 128, ch_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
-                 attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1, resamp_with_conv: bool = True,
-                 conditional: bool = True, scale_by_sigma: bool = False, nonlinearity: str = "swish",
-                 image_size: int = 256, num_channels: int = 2, centered: bool = True, sigma_min: float = 0.01,
-                 sigma_max: float = 50.0, num_scales: int = 1000, num_groups: int = 32,
-                 grad_checkpointing: bool = False) -> None:
+    nf: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    conditional: bool = True
+    scale_by_sigma: bool = False
+    nonlinearity: str = "swish"
+    image_size: int = 256
+    num_channels: int = 2
+    centered: bool = True
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    num_scales: int = 1000
+    num_groups: int = 32
+
+    #: ranges of the fields (their types are the annotations), checked in `__post_init__`
+    RULES: ClassVar[dict[str, Rule]] = {
+        "nf": number(1, integer=True),
+        "ch_mult": sequence(number(1, integer=True), min_len=1),
+        "num_res_blocks": number(1, integer=True),
+        "attn_resolutions": sequence(number(1, integer=True)),
+        "dropout": number(0, 1, high_open=True),
+        "nonlinearity": Rule(lambda v: isinstance(v, str) and v.lower() in _ACTIVATIONS,
+                             f"one of {', '.join(_ACTIVATIONS)}"),
+        "image_size": number(1, integer=True),
+        "num_channels": number(1, integer=True),
+        "sigma_min": number(0, low_open=True),
+        "sigma_max": number(0, low_open=True),
+        "num_scales": number(1, integer=True),
+        "num_groups": number(1, integer=True),
+    }
+
+    def __post_init__(self) -> None:
+        check_options(vars(self), self.RULES)
+        for name in ("ch_mult", "attn_resolutions"):  # lists from YAML / JSON: hashable, comparable tuples
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        channels = [self.nf * m for m in self.ch_mult]
+        if any(c % self.num_groups for c in [self.nf, *channels]):
+            raise InputError(f"num_groups must divide the channel counts nf * ch_mult = {channels}, "
+                             f"got {self.num_groups}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain mapping (sequences as lists): YAML, JSON and checkpoint hyper-parameters."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def score_sde_config(self) -> dict:
+        """score_sde's nested layout ({'model': {...}, 'data': {...}}) of this configuration."""
+        c = self.to_dict()
+        data = {k: c.pop(k) for k in DATA_FIELDS}
+        return {"model": {"name": "ddpm", "normalization": "GroupNorm", **c}, "data": data}
+
+
+#: the DDPM's configuration fields (`DDPMConfig`'s), the one list of them
+CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DDPMConfig))
+
+
+class DDPM(nn.Module):
+    """score_sde's DDPM U-Net built from a `DDPMConfig` (`self.config`); `grad_checkpointing` recomputes
+    residual / attention activations in the backward pass (saves memory; a runtime choice, not part of the
+    configuration)."""
+
+    def __init__(self, config: DDPMConfig | None = None, grad_checkpointing: bool = False) -> None:
         super().__init__()
-        if nonlinearity.lower() not in _ACTIVATIONS:
-            raise ValueError(f"nonlinearity {nonlinearity!r} not in {sorted(_ACTIVATIONS)}")
-        args = locals()  # the constructor's arguments: `config` is them, by CONFIG_FIELDS
-        self.config = {k: list(args[k]) if isinstance(args[k], (tuple, list)) else args[k]
-                       for k in CONFIG_FIELDS}
-        self.act = act = _ACTIVATIONS[nonlinearity.lower()]()
+        self.config = config = DDPMConfig() if config is None else config
+        nf, ch_mult, num_res_blocks = config.nf, config.ch_mult, config.num_res_blocks
+        num_channels, conditional, centered = config.num_channels, config.conditional, config.centered
+        resamp_with_conv, num_groups = config.resamp_with_conv, config.num_groups
+        sigma_min, sigma_max, num_scales = config.sigma_min, config.sigma_max, config.num_scales
+        self.act = act = _ACTIVATIONS[config.nonlinearity.lower()]()
         sigmas = torch.from_numpy(np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), num_scales)))
         self.register_buffer("sigmas", sigmas)  # float64, as score_sde stores it
         self.nf, self.conditional, self.centered = nf, conditional, centered
-        self.scale_by_sigma, self.grad_checkpointing = scale_by_sigma, grad_checkpointing
+        self.scale_by_sigma, self.grad_checkpointing = config.scale_by_sigma, grad_checkpointing
         self.num_channels = num_channels
-        resolutions = [image_size // 2**i for i in range(len(ch_mult))]
-        attn = set(attn_resolutions)
-        block = {"act": act, "temb_dim": 4 * nf, "dropout": dropout, "num_groups": num_groups}
+        resolutions = [config.image_size // 2**i for i in range(len(ch_mult))]
+        attn = set(config.attn_resolutions)
+        block = {"act": act, "temb_dim": 4 * nf, "dropout": config.dropout, "num_groups": num_groups}
 
         modules: list[nn.Module] = []
         if conditional:
@@ -242,7 +310,7 @@ class DDPM(nn.Module):
     @property
     def size_multiple(self) -> int:
         """H and W of `unet` inputs must be multiples of this: 2**(number of downsamplings)."""
-        return 2 ** (len(self.config["ch_mult"]) - 1)
+        return 2 ** (len(self.config.ch_mult) - 1)
 
     def _call(self, module: nn.Module, *args: Tensor | None) -> Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -293,15 +361,5 @@ class DDPM(nn.Module):
         return h
 
     def score_sde_config(self) -> dict:
-        """This network's configuration in score_sde's nested layout ({'model': {...}, 'data': {...}})."""
-        c = dict(self.config)
-        data = {k: c.pop(k) for k in DATA_FIELDS}
-        return {"model": {"name": "ddpm", "normalization": "GroupNorm", **c}, "data": data}
-
-
-#: the DDPM's configuration fields, the keys of `DDPM.config`: its constructor's arguments but
-#: `grad_checkpointing` (a runtime choice); in score_sde's nested config DATA_FIELDS sit in `data`, the others
-#: in `model`. The one list of them (ScoreModel's network arguments and the checkpoint import use it).
-CONFIG_FIELDS: tuple[str, ...] = tuple(name for name in inspect.signature(DDPM.__init__).parameters
-                                      if name not in ("self", "grad_checkpointing"))
-DATA_FIELDS: tuple[str, ...] = ("image_size", "num_channels", "centered")
+        """This network's configuration in score_sde's nested layout (`DDPMConfig.score_sde_config`)."""
+        return self.config.score_sde_config()

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from lfmri_utils.errors import InputError
 from lightning_modules.networks.adm import ADMConfig, ADMUNet
-from lightning_modules.networks.ddpm import CONFIG_FIELDS, DATA_FIELDS, DDPM
+from lightning_modules.networks.ddpm import CONFIG_FIELDS, DATA_FIELDS, DDPM, DDPMConfig
 from lightning_modules.networks.ncsnpp import NCSNpp
 from lightning_modules.networks.pyconfig import read_py_config
 from lightning_modules.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
@@ -404,7 +404,7 @@ def _build_network(family: Family, config: Mapping[str, Any], device: str = "met
             # lfmri's own exports (score_sde fixes 32)
             keys = {k: f"{'data' if k in DATA_FIELDS else 'model'}.{k}" for k in CONFIG_FIELDS}
             kwargs = {k: g(key) for k, key in keys.items() if has(config, key)}
-            return DDPM(**kwargs, grad_checkpointing=grad_checkpointing)
+            return DDPM(DDPMConfig(**kwargs), grad_checkpointing=grad_checkpointing)
         if family.architecture == "ncsnpp":
             return NCSNpp(nf=g("model.nf"), ch_mult=tuple(g("model.ch_mult")),
                           num_res_blocks=g("model.num_res_blocks"),

@@ -439,6 +439,25 @@ class Sampler:
         return out
 
 
+@dataclass(frozen=True)
+class SamplerOptions:
+    """A sampler as a user chooses it: a `SAMPLERS` name and the options they set; None takes the registry's
+    default (`SAMPLERS[sampler]`). `lfmri predict --sampling.steps=20 ...` makes one; `build` checks it."""
+
+    sampler: str | None = None
+    steps: int | None = None
+    t0: float | None = None
+    dc: DCKind | None = None
+    dc_weight: float | None = None
+    dc_lambda: float | None = None
+    dc_floor: float | None = None
+
+    def build(self, sde: SDE | None = None) -> Sampler:
+        """The `Sampler` (`build_sampler`) under the score model's `sde`; ValueError for a bad option."""
+        return build_sampler(self.sampler, steps=self.steps, t0=self.t0, dc=self.dc, dc_weight=self.dc_weight,
+                             dc_lambda=self.dc_lambda, dc_floor=self.dc_floor, sde=sde)
+
+
 def build_sampler(name: str | None = None, steps: int | None = None, t0: float | None = None,
                   dc: DCKind | None = None, dc_weight: float | None = None, dc_lambda: float | None = None,
                   dc_floor: float | None = None, snr: float = 0.16, n_corrector: int = 1, eta: float = 0.0,

@@ -8,37 +8,37 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from datamodules.datamodule import LowFieldDataModule, ShapeGroupedBatchSampler
+from datamodules.samples import MeasuredSample, SliceSample
+from datamodules.sources import BundledSource
 from datamodules.transforms import fit_to_square, restore_shape
 from degradations import REGIMES as ALL_REGIMES
 from degradations import ForwardOperator, channels_to_complex, fft2c, gaussian_mtf, ifft2c
 from lfmri_utils.errors import InputError
 
 KW = dict(
-    source="bundled",
     crop_size=32,
     batch_size=4,
     eval_slices_per_volume=3,
-    bundled_train_subjects=2,
-    bundled_val_subjects=1,
     seed=7,
 )
+BUNDLED = dict(n_train=2, n_val=1)  # the source of the data modules built with KW: BundledSource(**BUNDLED)
 
 
 @pytest.fixture(scope="module")
 def dm():
-    dm = LowFieldDataModule(**KW)
+    dm = LowFieldDataModule(BundledSource(**BUNDLED), **KW)
     dm.setup("fit")
     dm.setup("test")
     return dm
 
 
-def _same(a: dict, b: dict) -> None:
-    assert a["volume_id"] == b["volume_id"] and a["regime"] == b["regime"]
-    assert int(a["slice"]) == int(b["slice"])
+def _same(a: SliceSample, b: SliceSample) -> None:
+    assert a.volume_id == b.volume_id and a.regime == b.regime
+    assert int(a.slice) == int(b.slice)
     for key in ("clean", "degraded", "y", "scale"):
-        assert torch.equal(a[key], b[key]), key
-    for key in a["params"]:
-        assert torch.equal(a["params"][key], b["params"][key]), key
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    for key in a.params:
+        assert torch.equal(a.params[key], b.params[key]), key
 
 
 def _write(path, data: np.ndarray):
@@ -90,21 +90,21 @@ def test_bundled_split_is_disjoint_and_holds_real_volumes_out_for_test(dm):
     assert all(s.startswith("pseudo-mni-train-") for s in split.train)
     assert all(s.startswith("pseudo-mni-val-") for s in split.val)
     assert split.test == ["real-colin27"]  # one real subject, the Colin27 brain shipped in datamodules/data
-    assert {dm.train_dataset[i]["volume_id"] for i in range(0, len(dm.train_dataset), 37)} <= set(split.train)
+    assert {dm.train_dataset[i].volume_id for i in range(0, len(dm.train_dataset), 37)} <= set(split.train)
     assert len(dm.test_dataset) == 1 * 3 * len(ALL_REGIMES)
 
 
 def test_val_and_test_samples_are_identical_across_instances(dm):
-    other = LowFieldDataModule(**KW)
+    other = LowFieldDataModule(BundledSource(**BUNDLED), **KW)
     other.setup("fit")
     other.setup("test")
     for a_ds, b_ds in ((dm.val_dataset, other.val_dataset), (dm.test_dataset, other.test_dataset)):
         assert len(a_ds) == len(b_ds)
         for i in range(len(a_ds)):
             _same(a_ds[i], b_ds[i])
-    different_seed = LowFieldDataModule(**{**KW, "seed": 8})
+    different_seed = LowFieldDataModule(BundledSource(**BUNDLED), **{**KW, "seed": 8})
     different_seed.setup("test")
-    assert not torch.equal(dm.test_dataset[0]["y"], different_seed.test_dataset[0]["y"])
+    assert not torch.equal(dm.test_dataset[0].y, different_seed.test_dataset[0].y)
 
 
 def test_test_batches_are_identical_with_0_and_2_workers(dm):
@@ -114,9 +114,9 @@ def test_test_batches_are_identical_with_0_and_2_workers(dm):
         sampler = ShapeGroupedBatchSampler(SequentialSampler(ds), 5, ds.item_shapes())
         batches[workers] = list(DataLoader(ds, batch_sampler=sampler, num_workers=workers))
     for a, b in zip(batches[0], batches[2], strict=True):
-        assert a["volume_id"] == b["volume_id"] and a["regime"] == b["regime"]
-        assert torch.equal(a["y"], b["y"]) and torch.equal(a["clean"], b["clean"])
-        assert torch.equal(a["params"]["b0_map_hz"], b["params"]["b0_map_hz"])
+        assert a.volume_id == b.volume_id and a.regime == b.regime
+        assert torch.equal(a.y, b.y) and torch.equal(a.clean, b.clean)
+        assert torch.equal(a.params["b0_map_hz"], b.params["b0_map_hz"])
 
 
 @pytest.mark.slow
@@ -128,8 +128,8 @@ def test_training_samples_differ_between_epochs_and_repeat_with_the_epoch(dm):
         loader = DataLoader(dm.train_dataset, batch_size=16, num_workers=workers, shuffle=True)
         out = {}
         for i, batch in enumerate(loader):
-            snrs = batch["params"]["snr_db"]
-            for vid, s, snr in zip(batch["volume_id"], batch["slice"], snrs, strict=True):
+            snrs = batch.params["snr_db"]
+            for vid, s, snr in zip(batch.volume_id, batch.slice, snrs, strict=True):
                 out[(vid, int(s))] = float(snr)
             if i == 3:
                 break
@@ -153,9 +153,7 @@ def test_training_samples_differ_between_epochs_and_repeat_with_the_epoch(dm):
 
 # ---- native resolution and the explicit resize -----------------------------------------------------------
 def test_native_samples_are_the_normalised_slices_in_input_units():
-    dm = LowFieldDataModule(
-        source="bundled", bundled_train_subjects=1, bundled_val_subjects=0, eval_regimes=["noise"]
-    )
+    dm = LowFieldDataModule(source=BundledSource(n_train=1, n_val=0), eval_regimes=["noise"])
     dm.setup("test")
     ds = dm.test_dataset
     assert ds.image_size is None
@@ -164,22 +162,20 @@ def test_native_samples_are_the_normalised_slices_in_input_units():
     index = next(i for i, item in enumerate(ds.items) if item[0] == v)
     sample = ds[index]
     stack = dm.source.load(info.record)
-    raw = torch.from_numpy(stack[int(sample["slice"])].copy())
+    raw = torch.from_numpy(stack[int(sample.slice)].copy())
     # Colin27 is 181 x 217 x 181: slices along axis 2 keep the in-plane axes in array order
-    assert info.shape == (181, 217) and tuple(sample["clean"].shape) == (2, 181, 217)
-    assert sample["y"].shape == (1, 181, 217) and sample["params"]["b0_map_hz"].shape == (1, 181, 217)
-    x = channels_to_complex(sample["clean"][None])[0, 0] * sample["scale"]
+    assert info.shape == (181, 217) and tuple(sample.clean.shape) == (2, 181, 217)
+    assert sample.y.shape == (1, 181, 217) and sample.params["b0_map_hz"].shape == (1, 181, 217)
+    x = channels_to_complex(sample.clean[None])[0, 0] * sample.scale
     assert x.imag.abs().max() == 0
     torch.testing.assert_close(x.real, raw, rtol=1e-6, atol=1e-4)
-    assert sample["scale"] == pytest.approx(np.percentile(stack, 99.5))
+    assert sample.scale == pytest.approx(np.percentile(stack, 99.5))
 
 
 def test_explicit_image_size_pads_to_square_and_resizes():
     dm = LowFieldDataModule(
-        source="bundled",
+        source=BundledSource(n_train=1, n_val=0),
         image_size=128,
-        bundled_train_subjects=1,
-        bundled_val_subjects=0,
         eval_regimes=["noise"],
     )
     dm.setup("test")
@@ -189,9 +185,9 @@ def test_explicit_image_size_pads_to_square_and_resizes():
     info = ds.volumes[v]
     index = next(i for i, item in enumerate(ds.items) if item[0] == v)
     sample = ds[index]
-    raw = torch.from_numpy(dm.source.load(info.record)[int(sample["slice"])].copy())
-    assert info.shape == (181, 217) and tuple(sample["clean"].shape) == (2, 128, 128)
-    x = channels_to_complex(sample["clean"][None])[0, 0] * sample["scale"]
+    raw = torch.from_numpy(dm.source.load(info.record)[int(sample.slice)].copy())
+    assert info.shape == (181, 217) and tuple(sample.clean.shape) == (2, 128, 128)
+    x = channels_to_complex(sample.clean[None])[0, 0] * sample.scale
     torch.testing.assert_close(fit_to_square(raw, 128), x.real, rtol=1e-5, atol=1e-3)
     # 217 -> 128 -> 217 is lossy: the restored slice has the native shape and is close to it, not equal
     back = restore_shape(x.real, info.shape)
@@ -216,7 +212,7 @@ def test_volumes_are_native_and_match_the_test_dataset(dm):
                     "noise_blur",
                 )
             )
-            assert torch.equal(ds[i]["y"], vol.y[j]) and torch.equal(ds[i]["clean"], vol.clean[j])
+            assert torch.equal(ds[i].y, vol.y[j]) and torch.equal(ds[i].clean, vol.clean[j])
         assert "path" in vol.meta
 
 
@@ -231,10 +227,10 @@ def test_eval_loaders_batch_only_items_of_one_shape_in_order(textured):
     assert len(set(shapes.values())) == 2
     sizes, volume_ids = [], []
     for batch in dm.test_dataloader():
-        assert len(set(batch["volume_id"])) == 1  # the two volumes differ in shape: never in one batch
-        assert tuple(batch["clean"].shape[-2:]) == shapes[batch["volume_id"][0]]
-        sizes.append(len(batch["volume_id"]))
-        volume_ids += batch["volume_id"]
+        assert len(set(batch.volume_id)) == 1  # the two volumes differ in shape: never in one batch
+        assert tuple(batch.clean.shape[-2:]) == shapes[batch.volume_id[0]]
+        sizes.append(len(batch.volume_id))
+        volume_ids += batch.volume_id
     assert sizes == [5, 5, 2, 5, 5, 2]  # 3 slices x 4 regimes = 12 items per volume
     assert volume_ids == [ds.volumes[item[0]].record.volume_id for item in ds.items]
 
@@ -263,13 +259,13 @@ def test_training_crops_are_aligned_windows_of_the_native_slice(textured):
         v, s = ds.items[index]
         image = _normalised_slice(ds, v, s)
         assert image.shape == (40, 36)
-        clean = channels_to_complex(sample["clean"][None])[0, 0]
+        clean = channels_to_complex(sample.clean[None])[0, 0]
         top, left = _locate(clean.real, image)  # an exact window of the native slice: no resampling
-        degraded = channels_to_complex(sample["degraded"][None])[0, 0]
+        degraded = channels_to_complex(sample.degraded[None])[0, 0]
         # at 120 dB SNR the degraded crop is the clean crop at the same window
         torch.testing.assert_close(degraded, clean, rtol=0, atol=1e-4)
-        torch.testing.assert_close(sample["y"], fft2c(degraded[None]), rtol=1e-5, atol=1e-5)
-        assert sample["params"]["b0_map_hz"].shape == (1, 16, 16)
+        torch.testing.assert_close(sample.y, fft2c(degraded[None]), rtol=1e-5, atol=1e-5)
+        assert sample.params["b0_map_hz"].shape == (1, 16, 16)
         assert 0 <= top <= 40 - 16 and 0 <= left <= 36 - 16
 
 
@@ -283,10 +279,10 @@ def test_the_whole_slice_is_degraded_before_cropping(textured):
     sample = ds[2]
     v, s = ds.items[2]
     image = _normalised_slice(ds, v, s).to(torch.complex64)
-    top, left = _locate(channels_to_complex(sample["clean"][None])[0, 0].real, image.real)
+    top, left = _locate(channels_to_complex(sample.clean[None])[0, 0].real, image.real)
     blurred = ifft2c(fft2c(image[None, None]) * gaussian_mtf(torch.tensor([fwhm]), 40, 36))[0, 0]
     window = blurred[top : top + 16, left : left + 16]
-    degraded = channels_to_complex(sample["degraded"][None])[0, 0]
+    degraded = channels_to_complex(sample.degraded[None])[0, 0]
     torch.testing.assert_close(degraded, window, rtol=0, atol=1e-4)
     # blurring the crop alone (circular at the crop's edges) is a different image
     crop_alone = image[top : top + 16, left : left + 16][None, None]
@@ -305,7 +301,7 @@ def test_crop_positions_vary_and_are_a_function_of_seed_epoch_and_index(textured
     def position(epoch: int, index: int = 3) -> tuple[int, int]:
         samples.set_epoch(epoch)
         sample = samples[index]
-        return _locate(channels_to_complex(sample["clean"][None])[0, 0].real, image)
+        return _locate(channels_to_complex(sample.clean[None])[0, 0].real, image)
 
     positions = [position(epoch) for epoch in range(8)]
     assert len(set(positions)) >= 6  # 25 x 21 possible windows
@@ -315,7 +311,7 @@ def test_crop_positions_vary_and_are_a_function_of_seed_epoch_and_index(textured
     first = samples[3]
     torch.manual_seed(7)
     _same(first, samples[3])
-    assert not torch.equal(first["clean"], samples[4]["clean"])
+    assert not torch.equal(first.clean, samples[4].clean)
 
 
 def test_the_training_loader_gives_the_same_crops_with_0_and_2_workers(textured):
@@ -328,7 +324,7 @@ def test_the_training_loader_gives_the_same_crops_with_0_and_2_workers(textured)
         loader.sampler.set_epoch(1)
         batches.append(list(loader))
     for a, b in zip(*batches, strict=True):
-        assert torch.equal(a["clean"], b["clean"]) and torch.equal(a["degraded"], b["degraded"])
+        assert torch.equal(a.clean, b.clean) and torch.equal(a.degraded, b.degraded)
 
 
 def test_a_crop_larger_than_the_training_slices_is_refused_at_setup(textured):
@@ -336,7 +332,7 @@ def test_a_crop_larger_than_the_training_slices_is_refused_at_setup(textured):
         _textured_dm(textured, crop_size=48).setup("fit")
     dm = _textured_dm(textured, crop_size=36)  # as large as the smallest dimension: fine
     dm.setup("fit")
-    assert dm.train_dataset[0]["clean"].shape == (2, 36, 36)
+    assert dm.train_dataset[0].clean.shape == (2, 36, 36)
 
 
 def test_whole_native_training_slices_of_different_shapes_need_crops(textured):
@@ -346,10 +342,10 @@ def test_whole_native_training_slices_of_different_shapes_need_crops(textured):
     for ok in ({"crop_size": 16}, {"image_size": 16}, {"batch_size": 1}):
         dm = _textured_dm(textured, split_file=mixed, **ok)
         dm.setup("fit")
-        assert next(iter(dm.train_dataloader()))["clean"].shape[0] == dm.batch_size
+        assert next(iter(dm.train_dataloader())).clean.shape[0] == dm.batch_size
     same = _textured_dm(textured)  # a and b share 40 x 36: whole native slices batch
     same.setup("fit")
-    assert next(iter(same.train_dataloader()))["clean"].shape == (4, 2, 40, 36)
+    assert next(iter(same.train_dataloader())).clean.shape == (4, 2, 40, 36)
 
 
 # ---- predict and arguments -----------------------------------------------------------------------------
@@ -360,14 +356,54 @@ def test_predict_reads_a_low_field_nifti_without_reference(tmp_path):
     dm = LowFieldDataModule(source="bundled", batch_size=5, predict_path=str(tmp_path / "lowfield.nii.gz"))
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
-    assert "clean" not in batch and batch["regime"] == ["measured"] * 5
-    assert batch["slice"].tolist() == [0, 1, 2, 3, 4] and batch["shape"][0].tolist() == [20, 16]
-    assert batch["degraded"].shape == (5, 2, 20, 16)  # native: the slice itself
-    x = channels_to_complex(batch["degraded"])
-    torch.testing.assert_close(x.real[:, 0] * batch["scale"][:, None, None],
+    assert not hasattr(batch, "clean") and batch.regime == ("measured",) * 5
+    assert batch.slice.tolist() == [0, 1, 2, 3, 4] and batch.shape[0].tolist() == [20, 16]
+    assert batch.degraded.shape == (5, 2, 20, 16)  # native: the slice itself
+    x = channels_to_complex(batch.degraded)
+    torch.testing.assert_close(x.real[:, 0] * batch.scale[:, None, None],
                                torch.from_numpy(np.moveaxis(data, 2, 0)), rtol=1e-6, atol=1e-4)
-    torch.testing.assert_close(ForwardOperator.from_params(batch["params"]).forward(x), batch["y"])
-    torch.testing.assert_close(fft2c(x), batch["y"])
+    torch.testing.assert_close(ForwardOperator.from_params(batch.params).forward(x), batch.y)
+    torch.testing.assert_close(fft2c(x), batch.y)
+
+
+def _check_batch_fields(batch, n: int, h: int, w: int) -> None:
+    """The fields `SliceSample` and `MeasuredSample` share, as documented for a batch of n H x W slices."""
+    assert batch.degraded.shape == (n, 2, h, w) and batch.degraded.dtype == torch.float32
+    assert batch.y.shape == (n, 1, h, w) and batch.y.dtype == torch.complex64
+    for strings in (batch.regime, batch.volume_id):
+        assert isinstance(strings, tuple) and len(strings) == n and all(isinstance(s, str) for s in strings)
+    assert batch.slice.shape == (n,) and batch.slice.dtype == torch.int64
+    assert batch.scale.shape == (n,) and batch.scale.dtype == torch.float32
+    assert batch.params["b0_map_hz"].shape == (n, 1, h, w)
+    assert all(v.shape == (n,) for k, v in batch.params.items() if k != "b0_map_hz")
+
+
+def test_batches_are_the_documented_sample_types(textured):
+    """Training and evaluation samples and their collated batches are `SliceSample`s, prediction ones
+    `MeasuredSample`s, with the documented shapes and dtypes; Lightning's device transfer keeps the type."""
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    dm = _textured_dm(textured, crop_size=16, predict_path=str(textured / "d.nii.gz"))
+    dm.setup("fit")
+    assert type(dm.train_dataset[0]) is SliceSample and type(dm.val_dataset[0]) is SliceSample
+    for batch, (n, h, w) in ((next(iter(dm.train_dataloader())), (4, 16, 16)),
+                             (next(iter(dm.val_dataloader())), (4, 40, 36))):
+        assert type(batch) is SliceSample
+        assert batch.clean.shape == (n, 2, h, w) and batch.clean.dtype == torch.float32
+        _check_batch_fields(batch, n, h, w)
+        moved = move_data_to_device(batch, torch.device("cpu"))
+        assert type(moved) is SliceSample and moved.volume_id == batch.volume_id
+        assert moved.params.keys() == batch.params.keys()
+
+    resized = _textured_dm(textured, image_size=24, predict_path=str(textured / "d.nii.gz"))
+    resized.setup("predict")
+    assert type(resized.predict_dataset[0]) is MeasuredSample
+    batch = next(iter(resized.predict_dataloader()))
+    assert type(batch) is MeasuredSample and batch.regime == ("measured",) * 4
+    _check_batch_fields(batch, 4, 24, 24)
+    assert batch.shape.shape == (4, 2) and batch.shape.dtype == torch.int64
+    assert batch.shape.tolist() == [[30, 36]] * 4  # the native slice, not the resized grid
+    assert type(move_data_to_device(batch, torch.device("cpu"))) is MeasuredSample
 
 
 def test_bad_arguments():
@@ -376,7 +412,7 @@ def test_bad_arguments():
     with pytest.raises(InputError, match="fixes its own split"):
         _ = LowFieldDataModule(split_file="split.yaml").split
     with pytest.raises(InputError, match="predict_path"):
-        LowFieldDataModule(bundled_train_subjects=1).setup("predict")
+        LowFieldDataModule(BundledSource(n_train=1)).setup("predict")
 
 
 @pytest.mark.parametrize("name", ["crop_size", "image_size"])

@@ -56,13 +56,13 @@ def test_flat_layout_and_pattern(tmp_path):
 
 
 def test_datamodule_from_a_bids_directory_two_ways(bids):
-    for kwargs in ({"source": str(bids)}, {"source": "nifti", "root": str(bids)}):
+    for kwargs in ({"source": str(bids)}, {"source": NiftiDirSource(bids)}):
         dm = LowFieldDataModule(**kwargs, crop_size=16, batch_size=2, seed=3)
         dm.setup("fit")
         subjects = [set(dm.split[s]) for s in ("train", "val", "test")]
         assert not (subjects[0] & subjects[1] or subjects[0] & subjects[2] or subjects[1] & subjects[2])
         batch = next(iter(dm.train_dataloader()))
-        assert batch["clean"].shape == (2, 2, 16, 16) and batch["y"].dtype == torch.complex64
+        assert batch.clean.shape == (2, 2, 16, 16) and batch.y.dtype == torch.complex64
     # sub-05 has two sessions: both volumes are in the same split
     split_of = {s: name for name in ("train", "val", "test") for s in dm.split[name]}
     assert split_of["sub-05"] in ("train", "val", "test")
@@ -107,12 +107,12 @@ def test_fastmri_datamodule_on_a_directory(tmp_path):
         img = torch.zeros(4, 2, 20, 20, dtype=torch.complex64)
         img[..., 5:15, 4:16] = 1 + i
         _fastmri(tmp_path / f"file{i}.h5", fft2c(img).numpy())
-    dm = LowFieldDataModule(source="fastmri", root=str(tmp_path), batch_size=2)
+    dm = LowFieldDataModule(source=FastMRISource(tmp_path), batch_size=2)
     dm.setup("fit")
     assert dm.split.sizes() == {"train": 1, "val": 1, "test": 1}
     assert len(dm.train_dataset) == 4
-    assert next(iter(dm.train_dataloader()))["clean"].shape == (2, 2, 20, 20)  # whole native slices
-    assert next(iter(dm.val_dataloader()))["clean"].shape == (2, 2, 20, 20)
+    assert next(iter(dm.train_dataloader())).clean.shape == (2, 2, 20, 20)  # whole native slices
+    assert next(iter(dm.val_dataloader())).clean.shape == (2, 2, 20, 20)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def test_required_config_values_are_refused_before_anything_is_built(capsys):
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("lfmri fit: error:")
-    assert "model.init_args.pretrained" in last and "data.init_args.root" in last
+    assert "model.init_args.pretrained" in last and "data.init_args.source.init_args.root" in last
 
 
 def test_a_missing_data_directory_is_one_line(tmp_path, capsys):

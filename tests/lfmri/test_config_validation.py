@@ -16,9 +16,10 @@ from lfmri.cli import main
 
 TINY = ["--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        "--model.init_args.nf=8", "--model.init_args.num_groups=4",
-        "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
-        "--data.init_args.bundled_train_subjects=1", "--data.init_args.bundled_val_subjects=1"]
+        "--model.init_args.net.nf=8", "--model.init_args.net.num_groups=4",
+        "--data.init_args.batch_size=2", "--data.init_args.num_workers=0"]
+#: a little bundled data, for the runs that train
+SMALL_DATA = "--data.init_args.source={class_path: BundledSource, init_args: {n_train: 1, n_val: 1}}"
 
 BAD = [
     ("--data.init_args.regimes=[foo]", "regimes", "foo"),
@@ -31,16 +32,17 @@ BAD = [
     ("--data.init_args.regime_overrides={snr_dB: 5}", "regime_overrides", "snr_dB"),
     ("--data.init_args.num_workers=-1", "num_workers", ">= 0"),
     ("--data.init_args.val_fraction=1.5", "val_fraction", "[0, 1)"),
+    ("--data.init_args.source=nifti", "source", "--data.init_args.source=/data/dir"),
     ("--model.init_args.ema_decay=1.5", "ema_decay", "[0, 1]"),
     ("--model.init_args.supervised_t0=[0.3, 0.05]", "supervised_t0", "min <= max"),
     ("--model.init_args.supervised_t0=[0.05, 3]", "supervised_t0", "[0, 1]"),
-    ("--model.init_args.ch_mult=[]", "ch_mult", "non-empty"),
-    ("--model.init_args.ch_mult=[1, 0]", "ch_mult", ">= 1"),
-    ("--model.init_args.image_size=0", "image_size", ">= 1"),
-    ("--model.init_args.dropout=1", "dropout", "[0, 1)"),
+    ("--model.init_args.net.ch_mult=[]", "ch_mult", "non-empty"),
+    ("--model.init_args.net.ch_mult=[1, 0]", "ch_mult", ">= 1"),
+    ("--model.init_args.net.image_size=0", "image_size", ">= 1"),
+    ("--model.init_args.net.dropout=1", "dropout", "[0, 1)"),
     ("--model.init_args.warmup_steps=-5", "warmup_steps", ">= 0"),
-    ("--model.init_args.num_groups=3", "num_groups", "divide"),
-    ("--model.init_args.sigma_min=0", "sigma_min", "> 0"),
+    ("--model.init_args.net.num_groups=3", "num_groups", "divide"),
+    ("--model.init_args.net.sigma_min=0", "sigma_min", "> 0"),
 ]
 
 
@@ -71,8 +73,8 @@ def test_unusual_but_valid_sizes_train(tmp_path, capsys):
     # data resized to 50 x 50 (not a multiple of the U-Net's 4) and a model image_size of 25 (attention
     # placement only): the network pads to its multiple, and both image_size values are logged without a clash
     rc = main(["fit", "--config", str(QUICKSTART), f"--trainer.default_root_dir={tmp_path}/run", *TINY,
-               "--data.init_args.image_size=50", "--data.init_args.crop_size=null",
-               "--model.init_args.image_size=25"])
+               SMALL_DATA, "--data.init_args.image_size=50", "--data.init_args.crop_size=null",
+               "--model.init_args.net.image_size=25"])
     err = capsys.readouterr().err
     assert rc == 0, err[-3000:]
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file()
@@ -84,7 +86,7 @@ def test_a_run_without_a_logger_trains(tmp_path, capsys):
     # the quickstart config has a LearningRateMonitor, which needs a logger: it is dropped with a warning
     with pytest.warns(UserWarning, match="LearningRateMonitor.*no logger"):
         rc = main(["fit", "--config", str(QUICKSTART), f"--trainer.default_root_dir={tmp_path}/run", *TINY,
-                   "--trainer.logger=false", "--trainer.val_check_interval=1",
+                   SMALL_DATA, "--trainer.logger=false", "--trainer.val_check_interval=1",
                    "--trainer.limit_val_batches=1.0",
                    "--data.init_args.eval_slices_per_volume=1", "--data.init_args.eval_regimes=[noise]",
                    "--trainer.callbacks.init_args.n_slices=1", "--trainer.callbacks.init_args.steps=2"])

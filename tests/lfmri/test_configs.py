@@ -20,8 +20,7 @@ import yaml
 from helpers import QUICKSTART, REPO
 
 from lfmri.lightning_cli import run_lightning_cli
-from lightning_modules.module import NET_ARGS
-from lightning_modules.networks.ddpm import DDPM
+from lightning_modules.networks.ddpm import DDPM, DDPMConfig
 
 MAIN_KEYS = {"seed_everything", "trainer", "model", "data", "ckpt_path", "optimizer", "lr_scheduler"}
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "experiments" / "paper").glob("*.yaml"))
@@ -80,11 +79,10 @@ def parsed() -> dict[str, dict]:
         return {rel(p): print_config(cli_args(p), mp) for p in CONFIGS}
 
 
-def n_params(init_args: dict) -> int:
+def n_params(net: dict) -> int:
     """Parameters of the DDPM a ScoreModel's init_args build (on the meta device: no memory, no time)."""
     with torch.device("meta"):
-        net = DDPM(**{k: init_args[k] for k in NET_ARGS if k in init_args})
-    return sum(p.numel() for p in net.parameters())
+        return sum(p.numel() for p in DDPM(DDPMConfig(**net)).parameters())
 
 
 def callbacks(config: dict) -> dict[str, dict]:
@@ -109,26 +107,29 @@ def test_every_config_parses_with_print_config(path, parsed):
     content = yaml.safe_load(path.read_text()) or {}
     if "class_path" in content:  # the block really replaced the quickstart's
         block = config["model"] if content["class_path"].endswith("ScoreModel") else config["data"]
-        for key, value in (content.get("init_args") or {}).items():
-            assert block["init_args"][key] == value, key
+        given = leaves(block["init_args"])
+        for key, value in leaves(content.get("init_args") or {}).items():
+            if value != "???":  # required: given on the command line
+                assert given[key] == value, key
 
 
 def test_required_paths_are_required_and_given_on_the_command_line(parsed):
     finetune = yaml.safe_load((REPO / "configs/finetune_mouse.yaml").read_text())
     pretrain = yaml.safe_load((REPO / "configs/pretrain_fastmri.yaml").read_text())
-    assert required_leaves(finetune) == ["model.init_args.pretrained", "data.init_args.root"]
-    assert required_leaves(pretrain) == ["data.init_args.root"]
+    root = "data.init_args.source.init_args.root"
+    assert required_leaves(finetune) == ["model.init_args.pretrained", root]
+    assert required_leaves(pretrain) == [root]
     given = parsed["configs/finetune_mouse.yaml"]
-    assert given["model"]["init_args"]["pretrained"] == given["data"]["init_args"]["root"] == \
-        "/given/on/the/command/line"
+    data_root = given["data"]["init_args"]["source"]["init_args"]["root"]
+    assert given["model"]["init_args"]["pretrained"] == data_root == "/given/on/the/command/line"
 
 
 @pytest.mark.parametrize("name", ["configs/model/ddpm_34m.yaml", "configs/finetune_mouse.yaml",
                                   "configs/pretrain_fastmri.yaml"])
 def test_the_34m_configs_build_exactly_34_425_602_parameters(name, parsed):
     init_args = parsed[name]["model"]["init_args"]
-    assert (init_args["image_size"], init_args["num_channels"]) == (256, 2)
-    assert n_params(init_args) == PARAMS_34M
+    assert (init_args["net"]["image_size"], init_args["net"]["num_channels"]) == (256, 2)
+    assert n_params(init_args["net"]) == PARAMS_34M
 
 
 def test_finetune_mouse_is_the_papers_fine_tune(parsed):
@@ -138,14 +139,15 @@ def test_finetune_mouse_is_the_papers_fine_tune(parsed):
     assert model["dsm_weight"] > 0 and model["supervised_weight"] > 0  # DSM + supervised
     assert model["pretrained_weights"] == "ema"
     # random 256 x 256 training crops (the network's image_size) of native slices; whole slices elsewhere
-    assert data["source"] == "nifti" and data["crop_size"] == model["image_size"] == 256
+    assert data["source"]["class_path"] == "datamodules.sources.NiftiDirSource"
+    assert data["crop_size"] == model["net"]["image_size"] == 256
     assert data["image_size"] is None
     assert trainer["logger"]["class_path"].endswith("CSVLogger")
     cbs = callbacks(config)
     assert cbs["ModelCheckpoint"]["save_last"] is True and "FiniteLossGuard" in cbs
     # the network is exactly configs/model/ddpm_34m.yaml's, written there only: the run config stacks on it
     block = parsed["configs/model/ddpm_34m.yaml"]["model"]["init_args"]
-    assert {k: model[k] for k in NET_ARGS} == {k: block[k] for k in NET_ARGS}
+    assert model["net"] == block["net"] and model["grad_checkpointing"] == block["grad_checkpointing"]
 
 
 @pytest.mark.parametrize("name", sorted(n for n, base in STACKED_ON.items() if base == NETWORK_34M))
@@ -158,8 +160,8 @@ def test_run_configs_hold_only_what_differs_from_the_block_they_stack_on(name):
 def test_pretrain_fastmri_trains_a_dsm_only_prior_from_fastmri(parsed):
     config = parsed["configs/pretrain_fastmri.yaml"]
     model, data = config["model"]["init_args"], config["data"]["init_args"]
-    assert data["source"] == "fastmri" and model["pretrained"] is None
-    assert data["crop_size"] == model["image_size"] == 256 and data["image_size"] is None
+    assert data["source"]["class_path"] == "datamodules.sources.FastMRISource" and model["pretrained"] is None
+    assert data["crop_size"] == model["net"]["image_size"] == 256 and data["image_size"] is None
     assert model["dsm_weight"] > 0 and model["supervised_weight"] == 0
     assert config["trainer"]["max_steps"] >= 100_000
     cbs = callbacks(config)
@@ -172,7 +174,7 @@ def test_data_blocks_train_on_crops_of_native_slices(name, parsed):
     data = parsed[name]["data"]["init_args"]
     assert data["image_size"] is None and data["crop_size"] >= 8
     if name == "configs/quickstart.yaml":
-        assert data["crop_size"] == parsed[name]["model"]["init_args"]["image_size"] == 64
+        assert data["crop_size"] == parsed[name]["model"]["init_args"]["net"]["image_size"] == 64
         assert parsed[name]["trainer"]["limit_val_batches"] <= 4  # whole native slices: a few batches
 
 
@@ -201,10 +203,10 @@ def test_the_reference_prior_fine_tunes_into_the_small_protocol_and_the_quicksta
     ref = parsed["configs/reference_small.yaml"]
     fine = parsed["experiments/paper/small_finetune.yaml"]
     quick = parsed["configs/quickstart.yaml"]
-    net = {k: ref["model"]["init_args"][k] for k in NET_ARGS}
+    net = ref["model"]["init_args"]["net"]
     for other in (fine, quick):  # the shipped weights load strictly into both
-        assert net == {k: other["model"]["init_args"][k] for k in NET_ARGS}
+        assert net == other["model"]["init_args"]["net"]
     assert ref["data"]["init_args"]["slice_axis"] == fine["data"]["init_args"]["slice_axis"] == 2
     assert ref["model"]["init_args"]["supervised_weight"] > 0 and ref["model"]["init_args"]["dsm_weight"] > 0
-    assert ref["data"]["init_args"]["crop_size"] == ref["model"]["init_args"]["image_size"]
+    assert ref["data"]["init_args"]["crop_size"] == net["image_size"]
     assert n_params(net) * 4 <= 10 * 2**20  # float32 EMA weights within the 10 MB the repository ships

@@ -21,7 +21,7 @@ class Seen(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         with open(f"{self.path}.{trainer.global_rank}", "a") as f:
-            for volume_id, s in zip(batch["volume_id"], batch["slice"].tolist()):
+            for volume_id, s in zip(batch.volume_id, batch.slice.tolist()):
                 f.write(f"{volume_id}:{s}\\n")
 '''
 

@@ -21,14 +21,14 @@ trainer:
 model:
   class_path: lightning_modules.module.ScoreModel
   init_args:
-    nf: 8
+    net: {{nf: 8}}
 data:
   class_path: datamodules.LowFieldDataModule
   init_args:
-    source: bundled
+    source:
+      class_path: datamodules.sources.BundledSource
+      init_args: {{n_train: 1, n_val: 1}}
     image_size: {size}
-    bundled_train_subjects: 1
-    bundled_val_subjects: 1
     eval_slices_per_volume: 2
 """
 REGIMES = "noise,noise_blur_t2star_b0"

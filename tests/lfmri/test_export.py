@@ -6,12 +6,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TINY_NET
+from helpers import TINY_NET, slice_sample
 from torch.utils.data import DataLoader
 
 from lfmri import cli
 from lightning_modules.checkpoint import load_score_sde_checkpoint
 from lightning_modules.module import ScoreModel
+from lightning_modules.networks.ddpm import DDPMConfig
 from lightning_modules.networks.families import load_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def batches() -> DataLoader:
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(8, 2, 16, 16, generator=g)
-    samples = [{"clean": c, "degraded": c + 0.2 * torch.randn(c.shape, generator=g)} for c in clean]
+    samples = [slice_sample(c, c + 0.2 * torch.randn(c.shape, generator=g), i) for i, c in enumerate(clean)]
     return DataLoader(samples, batch_size=4)
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def lightning_ckpt(tmp_path_factory) -> tuple[ScoreModel, Path]:
     tmp = tmp_path_factory.mktemp("export")
-    model = ScoreModel(**TINY_NET, lr=1e-3, warmup_steps=1, ema_decay=0.5)
+    model = ScoreModel(net=DDPMConfig(**TINY_NET), lr=1e-3, warmup_steps=1, ema_decay=0.5)
     tr = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
     tr.fit(model, batches())

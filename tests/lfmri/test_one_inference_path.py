@@ -12,14 +12,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import MNI, TINY_MODEL
+from helpers import MNI, TINY_MODEL_NET
 
 import lightning_modules.inference as inference
 from lfmri.cli import main
 from lightning_modules.callbacks import SamplerCallback
 from lightning_modules.module import ScoreModel
+from lightning_modules.networks.ddpm import DDPMConfig
 
-TINY = {**TINY_MODEL, "ch_mult": [1, 2], "attn_resolutions": [8], "image_size": 16}  # lists: written to YAML
+#: the tiny model as YAML values (lists)
+TINY = {"net": DDPMConfig(**{**TINY_MODEL_NET, "attn_resolutions": (8,), "image_size": 16}).to_dict(),
+        "warmup_steps": 1}
 STEPS = 3
 REGIME = "noise_blur_t2star_b0"
 
@@ -75,11 +78,12 @@ def test_reconstruct_and_predict_give_the_same_native_reconstruction(files: dict
                     "callbacks": [{"class_path": "lightning_modules.callbacks.NiftiPredictionWriter",
                                    "init_args": {"output_dir": str(tmp_path / "pred"), "write_std": True}}]},
         "model": {"class_path": "lightning_modules.module.ScoreModel",
-                  "init_args": {**TINY, "predict_steps": STEPS}},
+                  "init_args": TINY},
         "data": {"class_path": "datamodules.LowFieldDataModule",
                  "init_args": {"predict_path": str(deg), "eval_batch_size": 2}},
     }))
-    assert main(["predict", "--config", str(config), "--ckpt_path", str(files["ckpt"])]) == 0
+    assert main(["predict", "--config", str(config), "--ckpt_path", str(files["ckpt"]),
+                 f"--sampling.steps={STEPS}"]) == 0
     written = tmp_path / "pred" / "deg_recon.nii.gz"
     assert written.is_file() and (tmp_path / "pred" / "deg_std.nii.gz").is_file()
     predicted, reconstructed = nib.load(str(written)), nib.load(str(rec))

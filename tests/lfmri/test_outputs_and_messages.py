@@ -22,8 +22,8 @@ from lightning_modules.checkpoint import CheckpointError, ddpm_kwargs_from_confi
 CONFIG = {"model": {"nf": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": []},
           "data": {"image_size": 16, "num_channels": 2, "centered": True}}
 DATA = {"class_path": "datamodules.LowFieldDataModule",
-        "init_args": {"source": "bundled", "image_size": 32, "bundled_train_subjects": 1,
-                      "bundled_val_subjects": 1}}
+        "init_args": {"source": {"class_path": "datamodules.sources.BundledSource",
+                                 "init_args": {"n_train": 1, "n_val": 1}}, "image_size": 32}}
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:

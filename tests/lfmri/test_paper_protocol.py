@@ -48,8 +48,8 @@ def small_run(tmp_path_factory) -> Path:
     cmd = [sys.executable, str(PAPER / "run.py"), "bundled", "--small", "--out", str(out), "--jobs", "2",
            "--finetune-steps", "2", "--eval-steps", "2",
            "--max-slices-per-subject", "1", "--baselines", "tv",
-           "--set", "data.init_args.bundled_train_subjects=1",
-           "--set", "data.init_args.bundled_val_subjects=1",
+           "--set", "data.init_args.source={class_path: datamodules.sources.BundledSource, "
+                    "init_args: {n_train: 1, n_val: 1}}",
            "--set", "trainer.limit_val_batches=0", "--set", "trainer.enable_progress_bar=false",
            "--set", "trainer.enable_model_summary=false"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -14,10 +14,9 @@ from lfmri_utils.errors import InputError
 DATA = {
     "class_path": "datamodules.LowFieldDataModule",
     "init_args": {
-        "source": "bundled",
+        "source": {"class_path": "datamodules.sources.BundledSource",
+                   "init_args": {"n_train": 1, "n_val": 1}},
         "image_size": 32,
-        "bundled_train_subjects": 1,
-        "bundled_val_subjects": 1,
     },
 }
 

@@ -22,7 +22,7 @@ def test_the_shipped_reference_prior_is_small_and_loads() -> None:
     assert SHIPPED.stat().st_size <= 10 * 2**20
     model = load_score_model("reference-small", torch.device("cpu"))
     ckpt = read_lightning_checkpoint("reference-small")
-    assert model.hparams.num_channels == 2 and ckpt["global_step"] > 0
+    assert model.net.config.num_channels == 2 and ckpt["global_step"] > 0
     assert {"command", "wall_s", "val"} <= set(ckpt["lfmri"])
 
 

@@ -41,9 +41,9 @@ class Probe(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         rng = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()[:12]
         with open(f"{self.record}.{trainer.global_rank}", "a") as f:
-            f.write(f"{trainer.global_step} {trainer.current_epoch} {','.join(batch['volume_id'])} "
-                    f"{batch['slice'].tolist()} {','.join(batch['regime'])} "
-                    f"{float(batch['degraded'].double().sum())!r} {rng}\\n")
+            f.write(f"{trainer.global_step} {trainer.current_epoch} {','.join(batch.volume_id)} "
+                    f"{batch.slice.tolist()} {','.join(batch.regime)} "
+                    f"{float(batch.degraded.double().sum())!r} {rng}\\n")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         time.sleep(self.seconds)
@@ -66,12 +66,13 @@ def tiny_config(root: Path, record: Path, seconds: float, every: int = 1, worker
             ],
         },
         "model": {"class_path": "lightning_modules.module.ScoreModel", "init_args": {
-            "nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "num_groups": 4,
-            "image_size": 32, "dropout": 0.1, "supervised_weight": 1.0, "lr": 1e-3, "warmup_steps": 4,
-            "ema_decay": 0.9}},
+            "net": {"nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "num_groups": 4,
+                    "image_size": 32, "dropout": 0.1},
+            "supervised_weight": 1.0, "lr": 1e-3, "warmup_steps": 4, "ema_decay": 0.9}},
         "data": {"class_path": "datamodules.LowFieldDataModule", "init_args": {
-            "image_size": 32, "batch_size": 2, "num_workers": workers, "bundled_train_subjects": 2,
-            "bundled_val_subjects": 1, "eval_slices_per_volume": 1}},
+            "image_size": 32, "batch_size": 2, "num_workers": workers, "eval_slices_per_volume": 1,
+            "source": {"class_path": "datamodules.sources.BundledSource",
+                       "init_args": {"n_train": 2, "n_val": 1}}}},
     }
 
 
@@ -294,9 +295,9 @@ def test_atomic_checkpoint_replaces_a_last_link_and_keeps_the_checkpoint_it_poin
 
 def test_training_samples_do_not_depend_on_workers_or_the_global_rng():
     """Degradation draws are a function of (seed, epoch, index): 0 or 2 workers, any global RNG state."""
-    from datamodules import LowFieldDataModule
+    from datamodules import BundledSource, LowFieldDataModule
 
-    dm = LowFieldDataModule(image_size=32, batch_size=3, bundled_train_subjects=2, bundled_val_subjects=1)
+    dm = LowFieldDataModule(BundledSource(n_train=2, n_val=1), image_size=32, batch_size=3)
     dm.setup("fit")
     batches = []
     for workers, seed in ((0, 1), (2, 2)):
@@ -307,17 +308,17 @@ def test_training_samples_do_not_depend_on_workers_or_the_global_rng():
         it = iter(loader)
         batches.append([next(it) for _ in range(2)])
     for a, b in zip(*batches, strict=True):
-        assert a["regime"] == b["regime"] and torch.equal(a["slice"], b["slice"])
-        assert torch.equal(a["degraded"], b["degraded"]) and torch.equal(a["y"], b["y"])
+        assert a.regime == b.regime and torch.equal(a.slice, b.slice)
+        assert torch.equal(a.degraded, b.degraded) and torch.equal(a.y, b.y)
 
 
 def test_a_partly_read_validation_loader_keeps_its_workers_on_sigterm():
     """`limit_val_batches` leaves the validation iterator unfinished, its worker alive through training; a
     SIGTERM to the process group must not kill it (the fit then fails instead of saving last.ckpt)."""
-    from datamodules import LowFieldDataModule
+    from datamodules import BundledSource, LowFieldDataModule
 
-    dm = LowFieldDataModule(image_size=32, batch_size=2, num_workers=1, bundled_train_subjects=1,
-                            bundled_val_subjects=1, eval_slices_per_volume=2, eval_batch_size=1,
+    dm = LowFieldDataModule(BundledSource(n_train=1, n_val=1), image_size=32, batch_size=2, num_workers=1,
+                            eval_slices_per_volume=2, eval_batch_size=1,
                             eval_regimes=["noise"])
     dm.setup("fit")
     it = iter(dm.val_dataloader())
@@ -326,5 +327,5 @@ def test_a_partly_read_validation_loader_keeps_its_workers_on_sigterm():
     os.kill(worker.pid, signal.SIGTERM)
     time.sleep(0.5)
     assert worker.is_alive()
-    assert next(it)["clean"].shape[0] >= 1  # and it still delivers
+    assert next(it).clean.shape[0] >= 1  # and it still delivers
     del it

@@ -61,7 +61,7 @@ def test_short_name_resolves_and_a_missing_shipped_file_is_named(trained: tuple[
     monkeypatch.setitem(ckpt_mod.SHIPPED_CHECKPOINTS, "tiny-test", path)
     assert resolve_checkpoint("tiny-test") == path
     assert resolve_checkpoint(tmp_path / "x.ckpt") == tmp_path / "x.ckpt"  # other values are paths
-    assert load_score_model("tiny-test", torch.device("cpu")).hparams.nf == TINY_MODEL["nf"]
+    assert load_score_model("tiny-test", torch.device("cpu")).net.config == TINY_MODEL["net"]
     monkeypatch.setitem(ckpt_mod.SHIPPED_CHECKPOINTS, "tiny-test", tmp_path / "gone.ckpt")
     with pytest.raises(InputError, match=r"tiny-test: the shipped checkpoint .*gone\.ckpt is missing"):
         load_score_model("tiny-test", torch.device("cpu"))

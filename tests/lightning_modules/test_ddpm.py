@@ -10,8 +10,7 @@ import yaml
 from helpers import REPO, SCORE_SDE_FIXTURE, SCORE_SDE_NET, TINY_NET
 
 from lightning_modules.checkpoint import load_score_sde_checkpoint
-from lightning_modules.module import NET_ARGS
-from lightning_modules.networks.ddpm import DDPM, AttnBlock
+from lightning_modules.networks.ddpm import DDPM, AttnBlock, DDPMConfig
 from lightning_modules.sampling.sde import pad_to_multiple
 
 #: three levels (size multiple 4), attention at the level that is 8 px wide for a 16 px training crop
@@ -28,8 +27,8 @@ def n_params(net: torch.nn.Module) -> int:
 @pytest.mark.parametrize("channels, expected", [(2, 34_425_602), (1, 34_423_297)])
 def test_34m_parameter_count(channels, expected):
     with torch.device("meta"):
-        net = DDPM(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), image_size=256,
-                   num_channels=channels)
+        net = DDPM(DDPMConfig(nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                              image_size=256, num_channels=channels))
     assert n_params(net) == expected
     # 256 -> 128 -> 64 -> 32: no level is 16 px wide, so only the middle attention block exists
     assert sum(isinstance(m, AttnBlock) for m in net.all_modules) == 1
@@ -38,14 +37,14 @@ def test_34m_parameter_count(channels, expected):
 def test_34m_yaml_config_builds_the_34m_net():
     init_args = yaml.safe_load((REPO / "configs/model/ddpm_34m.yaml").read_text())["model"]["init_args"]
     with torch.device("meta"):
-        net = DDPM(**{k: init_args[k] for k in NET_ARGS if k in init_args})
+        net = DDPM(DDPMConfig(**init_args["net"]))
     assert n_params(net) == 34_425_602
 
 
 def test_state_dict_keys_and_shapes_match_the_score_sde_fixture():
     ckpt = torch.load(SCORE_SDE_FIXTURE / "checkpoint.pth", map_location="cpu", weights_only=True)
     with torch.device("meta"):
-        net = DDPM(**SCORE_SDE_NET)
+        net = DDPM(DDPMConfig(**SCORE_SDE_NET))
     ours = {f"module.{k}": tuple(v.shape) for k, v in net.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in ckpt["model"].items()}
     assert list(ours) == list(theirs)  # same order: parameters() order = EMA shadow order
@@ -54,7 +53,7 @@ def test_state_dict_keys_and_shapes_match_the_score_sde_fixture():
 
 def test_forward_shape_and_time_dependence():
     torch.manual_seed(0)
-    net = DDPM(**TINY_NET, dropout=0.0)
+    net = DDPM(DDPMConfig(**TINY_NET, dropout=0.0))
     for p in net.parameters():  # DDPM zero-inits the last convs: perturb so the output depends on inputs
         p.data.add_(0.05 * torch.randn_like(p))
     x = torch.randn(3, 2, 16, 16)
@@ -66,8 +65,8 @@ def test_forward_shape_and_time_dependence():
 
 def test_uncentered_input_is_mapped_to_minus_one_one():
     torch.manual_seed(0)
-    a = DDPM(**TINY_NET, centered=False)
-    b = DDPM(**TINY_NET, centered=True)
+    a = DDPM(DDPMConfig(**TINY_NET, centered=False))
+    b = DDPM(DDPMConfig(**TINY_NET, centered=True))
     b.load_state_dict(a.state_dict())
     for p in a.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
@@ -79,8 +78,8 @@ def test_uncentered_input_is_mapped_to_minus_one_one():
 
 def test_gradient_checkpointing_gives_identical_outputs_and_gradients():
     torch.manual_seed(0)
-    plain = DDPM(**TINY_NET, dropout=0.0)
-    ckpt = DDPM(**TINY_NET, dropout=0.0, grad_checkpointing=True)
+    plain = DDPM(DDPMConfig(**TINY_NET, dropout=0.0))
+    ckpt = DDPM(DDPMConfig(**TINY_NET, dropout=0.0), grad_checkpointing=True)
     ckpt.load_state_dict(plain.state_dict())
     x, labels = torch.randn(2, 2, 16, 16), torch.tensor([1.0, 600.0])
     grads = []
@@ -93,7 +92,7 @@ def test_gradient_checkpointing_gives_identical_outputs_and_gradients():
 
 
 def test_config_round_trips_through_score_sde_layout():
-    net = DDPM(**TINY_NET)
+    net = DDPM(DDPMConfig(**TINY_NET))
     cfg = net.score_sde_config()
     assert cfg["data"] == {"image_size": 16, "num_channels": 2, "centered": True}
     assert cfg["model"]["name"] == "ddpm" and cfg["model"]["nf"] == 16
@@ -101,7 +100,7 @@ def test_config_round_trips_through_score_sde_layout():
 
 def test_bad_nonlinearity_is_rejected():
     with pytest.raises(ValueError, match="nonlinearity"):
-        DDPM(**TINY_NET, nonlinearity="gelu")
+        DDPM(DDPMConfig(**TINY_NET, nonlinearity="gelu"))
 
 
 def _perturbed(net: DDPM) -> DDPM:
@@ -113,15 +112,15 @@ def _perturbed(net: DDPM) -> DDPM:
 
 
 def test_size_multiple_is_two_to_the_number_of_downsamplings():
-    assert DDPM(**TINY_NET).size_multiple == 2
-    assert DDPM(**THREE_LEVELS).size_multiple == 4
+    assert DDPM(DDPMConfig(**TINY_NET)).size_multiple == 2
+    assert DDPM(DDPMConfig(**THREE_LEVELS)).size_multiple == 4
     with torch.device("meta"):
-        assert DDPM(nf=128, ch_mult=(1, 2, 2, 2), image_size=256).size_multiple == 8
+        assert DDPM(DDPMConfig(nf=128, ch_mult=(1, 2, 2, 2), image_size=256)).size_multiple == 8
 
 
 def test_the_unet_runs_on_non_square_multiples_with_its_construction_time_attention():
     torch.manual_seed(0)
-    net = _perturbed(DDPM(**THREE_LEVELS))
+    net = _perturbed(DDPM(DDPMConfig(**THREE_LEVELS)))
     assert sum(isinstance(m, AttnBlock) for m in net.all_modules) == 3  # down and up at 8 px, middle
     x, labels = torch.randn(2, 2, 24, 40), torch.tensor([5.0, 800.0])
     with torch.no_grad():
@@ -133,7 +132,7 @@ def test_the_unet_runs_on_non_square_multiples_with_its_construction_time_attent
 
 
 def test_other_sizes_are_padded_bottom_right_by_reflection_and_cropped_back():
-    net = _perturbed(DDPM(**THREE_LEVELS))
+    net = _perturbed(DDPM(DDPMConfig(**THREE_LEVELS)))
     x, labels = torch.randn(2, 2, 21, 37), torch.tensor([5.0, 800.0])
     with torch.no_grad():
         out = net(x, labels)

@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import slice_sample
+from torch.utils.data import default_collate
 
+from datamodules.samples import SliceSample
 from degradations import channels_to_complex, fft2c
 from lfmri.cli import main
 from lfmri.models import read_lightning_checkpoint, score_model_from_checkpoint
@@ -26,6 +29,7 @@ from lightning_modules.checkpoint import CheckpointError
 from lightning_modules.losses import dsm_loss, supervised_loss
 from lightning_modules.module import ScoreModel
 from lightning_modules.networks.adm import ADMUNet
+from lightning_modules.networks.ddpm import DDPMConfig
 from lightning_modules.networks.families import FAMILIES, load_pretrained
 from lightning_modules.sampling.samplers import SAMPLERS, build_sampler
 from lightning_modules.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
@@ -50,10 +54,11 @@ def _model(family: str, **kw) -> ScoreModel:
     return model
 
 
-def _batch(size: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+def _batch(size: int = 12, seed: int = 0) -> SliceSample:
     g = torch.Generator().manual_seed(seed)
     clean = torch.randn(2, 2, size, size, generator=g).mul(0.3)
-    return {"clean": clean, "degraded": clean + 0.1 * torch.randn(2, 2, size, size, generator=g)}
+    degraded = clean + 0.1 * torch.randn(2, 2, size, size, generator=g)
+    return default_collate([slice_sample(clean[i], degraded[i], i) for i in range(len(clean))])
 
 
 # ------------------------------------------------------------------------------------- the family's score
@@ -224,10 +229,9 @@ def test_fit_finetunes_from_the_family_and_reconstruct_samples_it(family: str, t
                  f"--model.init_args.pretrained={prior / CKPT[family].name}", *family_flag,
                  "--model.init_args.pretrained_weights=family", "--model.init_args.lr=1e-3",
                  "--model.init_args.warmup_steps=1", "--model.init_args.ema_decay=0.9",
-                 "--data.init_args.source=bundled", "--data.init_args.root=null",
+                 "--data.init_args.source={class_path: BundledSource, init_args: {n_train: 1, n_val: 1}}",
                  f"--data.init_args.crop_size={CROP[family]}", "--data.init_args.batch_size=2",
-                 "--data.init_args.num_workers=0", "--data.init_args.bundled_train_subjects=1",
-                 "--data.init_args.bundled_val_subjects=1"]) == 0
+                 "--data.init_args.num_workers=0"]) == 0
     last = run / "checkpoints" / "last.ckpt"
     shutil.rmtree(prior)
 
@@ -305,7 +309,7 @@ def test_the_family_is_detected_from_the_checkpoint_config(family: str, where: s
 
 def test_score_sde_configs_stay_on_the_plain_path_and_other_networks_without_config_are_refused(
         tmp_path: Path) -> None:
-    net = dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
+    net = dict(net=DDPMConfig(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16))
     ok = ScoreModel(**net, pretrained=str(CKPT["score_sde"]),
                     pretrained_config=str(CKPT["score_sde"].with_name("config.json")))
     assert ok.hparams.pretrained_family is None and ok.prior is None
@@ -354,12 +358,12 @@ def test_hfs_sde_trains_on_its_own_data_range() -> None:
     model.net.eval()  # no dropout: both computations see the same network
     batch = _batch(size=24)
     got = model._losses(batch, torch.Generator().manual_seed(0), compute_all=True)
-    c = model.prior.data_scale(fft2c(channels_to_complex(batch["clean"])))[:, None, None, None]
+    c = model.prior.data_scale(fft2c(channels_to_complex(batch.clean)))[:, None, None, None]
     assert float(c.min()) > 1.5  # slices of std 0.3: a material change of range
-    scaled = {"clean": batch["clean"] * c, "degraded": batch["degraded"] * c}
+    scaled = batch._replace(clean=batch.clean * c, degraded=batch.degraded * c)
     gen = torch.Generator().manual_seed(0)
-    dsm = dsm_loss(model.net, model.sde, scaled["clean"], generator=gen, score_fn=model.prior.score)
-    sup = supervised_loss(model.net, model.sde, scaled["degraded"], scaled["clean"],
+    dsm = dsm_loss(model.net, model.sde, scaled.clean, generator=gen, score_fn=model.prior.score)
+    sup = supervised_loss(model.net, model.sde, scaled.degraded, scaled.clean,
                           t0_range=tuple(model.hparams.supervised_t0), generator=gen,
                           score_fn=model.prior.score)
     torch.testing.assert_close(got["dsm"], dsm)

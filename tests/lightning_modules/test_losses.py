@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from helpers import MNI, TINY_NET
 
 from lightning_modules.losses import dsm_loss, supervised_loss, tweedie_x0
-from lightning_modules.networks.ddpm import DDPM
+from lightning_modules.networks.ddpm import DDPM, DDPMConfig
 from lightning_modules.sampling.sde import VPSDE
 
 SDE = VPSDE()
@@ -103,7 +103,7 @@ def test_tweedie_and_t0_validation():
 def test_dsm_decreases_on_real_slices():
     torch.manual_seed(0)
     data = mni_slices(16, 32)
-    net = DDPM(**{**TINY_NET, "attn_resolutions": (), "image_size": 32}, dropout=0.0)
+    net = DDPM(DDPMConfig(**{**TINY_NET, "attn_resolutions": (), "image_size": 32}, dropout=0.0))
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
 
     def held_out_loss():

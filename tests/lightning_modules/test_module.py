@@ -8,26 +8,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import slice_sample
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.samples import SliceSample
 from lightning_modules.checkpoint import load_score_sde_checkpoint
 from lightning_modules.losses import dsm_loss
 from lightning_modules.module import ScoreModel
+from lightning_modules.networks.ddpm import DDPMConfig
 from lightning_modules.sampling.sde import get_score_fn
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny"  # copy of shared/fixtures
-TINY = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
-FIXTURE_NET = dict(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16)
+TINY = dict(net=DDPMConfig(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16,
+                           num_groups=8))
+FIXTURE_NET = dict(net=DDPMConfig(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+                                  image_size=16))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Slices(Dataset):
-    """Dict samples shaped like the data module's: clean / degraded [2, H, W] (16 x 16 unless given) plus
-    metadata."""
+    """`SliceSample`s like the data module's: clean / degraded [2, H, W] (16 x 16 unless given) plus metadata
+    (`helpers.slice_sample`)."""
 
     def __init__(self, shape: tuple[int, int] = (16, 16)) -> None:
         self.shape = shape
@@ -35,11 +40,10 @@ class Slices(Dataset):
     def __len__(self) -> int:
         return 8
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> SliceSample:
         g = torch.Generator().manual_seed(i)
         clean = torch.randn(2, *self.shape, generator=g)
-        return {"clean": clean, "degraded": clean + 0.3 * torch.randn(2, *self.shape, generator=g),
-                "regime": "noise", "volume_id": f"s{i}", "slice": i, "scale": 1.0}
+        return slice_sample(clean, clean + 0.3 * torch.randn(2, *self.shape, generator=g), i)
 
 
 def loader(shape: tuple[int, int] = (16, 16)) -> DataLoader:
@@ -99,10 +103,10 @@ def test_validation_uses_ema_weights_is_deterministic_and_restores(trained, tmp_
     # the logged value is the EMA network's loss with the per-batch seeded generator
     ema_net = model.frozen_net(use_ema=True)
     batch = next(iter(loader()))
-    dsm0 = dsm_loss(ema_net, model.sde, batch["clean"], generator=torch.Generator().manual_seed(0))
-    raw = dsm_loss(model.net.eval(), model.sde, batch["clean"], generator=torch.Generator().manual_seed(0))
+    dsm0 = dsm_loss(ema_net, model.sde, batch.clean, generator=torch.Generator().manual_seed(0))
+    raw = dsm_loss(model.net.eval(), model.sde, batch.clean, generator=torch.Generator().manual_seed(0))
     batches = list(loader())
-    expected = sum(dsm_loss(ema_net, model.sde, b["clean"], generator=torch.Generator().manual_seed(i)).item()
+    expected = sum(dsm_loss(ema_net, model.sde, b.clean, generator=torch.Generator().manual_seed(i)).item()
                    for i, b in enumerate(batches)) / len(batches)
     assert first["val/dsm"] == pytest.approx(expected, rel=1e-5)
     assert abs(raw.item() - dsm0.item()) > 1e-6  # EMA and raw weights give different losses
@@ -190,7 +194,7 @@ def test_pretrained_that_does_not_fit_is_one_clear_error():
 
 def test_yaml_model_block_through_lightning_cli(tmp_path):
     config = {"model": {"class_path": "lightning_modules.module.ScoreModel",
-                        "init_args": {**{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()},
+                        "init_args": {"net": TINY["net"].to_dict(),
                                       "supervised_weight": 0.5, "supervised_t0": [0.1, 0.2],
                                       "supervised_loss": "l2", "ema_decay": 0.999}},
               "trainer": {"accelerator": "cpu", "logger": False}}

@@ -3,34 +3,39 @@
 from __future__ import annotations
 
 import torch
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL_NET
 from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
+from datamodules.samples import MeasuredSample
 from degradations import complex_to_channels, fft2c, neutral_params
 from lightning_modules.module import ScoreModel
+from lightning_modules.networks.ddpm import DDPMConfig
+from lightning_modules.sampling.samplers import SamplerOptions
 
 
-def _batch_samples(n: int = 2, size: int = 16) -> list[dict]:
+def _batch_samples(n: int = 2, size: int = 16) -> list[MeasuredSample]:
     g = torch.Generator().manual_seed(0)
     samples = []
     for i in range(n):
         x = torch.rand(1, 1, size, size, generator=g).to(torch.complex64)
-        samples.append({"degraded": complex_to_channels(x)[0], "y": fft2c(x)[0], "regime": "measured",
-                        "params": {k: v[0] for k, v in neutral_params(1, size, size).items()},
-                        "volume_id": "s", "slice": torch.tensor(i), "scale": torch.tensor(2.0)})
+        samples.append(MeasuredSample(
+            degraded=complex_to_channels(x)[0], y=fft2c(x)[0], regime="measured",
+            params={k: v[0] for k, v in neutral_params(1, size, size).items()}, volume_id="s",
+            slice=torch.tensor(i), scale=torch.tensor(2.0), shape=torch.tensor([size, size])))
     return samples
 
 
 def test_predict_with_full_data_consistency_returns_the_measured_magnitude():
     # with dc weight 1 and fully sampled noiseless y, the last DC step projects exactly onto the measurement
-    model = ScoreModel(**{**TINY_MODEL, "attn_resolutions": (8,), "image_size": 16}, predict_steps=3,
-                       predict_t0=0.3, predict_dc="gradient", predict_dc_weight=1.0)
+    model = ScoreModel(net=DDPMConfig(**{**TINY_MODEL_NET, "attn_resolutions": (8,), "image_size": 16}),
+                       warmup_steps=1)
+    model.predict_options = SamplerOptions(steps=3, t0=0.3, dc="gradient", dc_weight=1.0)
     samples = _batch_samples()
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     out = trainer.predict(model, DataLoader(samples, batch_size=2))
     rec = out[0]["reconstruction"]
     assert rec.shape == (2, 1, 16, 16)
-    expected = torch.stack([s["degraded"] for s in samples]).norm(dim=1, keepdim=True)
+    expected = torch.stack([s.degraded for s in samples]).norm(dim=1, keepdim=True)
     torch.testing.assert_close(rec, expected, atol=1e-4, rtol=1e-4)
-    assert out[0]["volume_id"] == ["s", "s"] and out[0]["scale"].tolist() == [2.0, 2.0]
+    assert out[0]["volume_id"] == ("s", "s") and out[0]["scale"].tolist() == [2.0, 2.0]

@@ -15,18 +15,20 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, TINY_MODEL_NET
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from datamodules import LowFieldDataModule
+from datamodules import BundledSource, LowFieldDataModule
 from lightning_modules.callbacks import COLUMNS, SamplerCallback, validation_subset
 from lightning_modules.module import ScoreModel
+from lightning_modules.networks.ddpm import DDPMConfig
 
 REGIMES = ["noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0"]
 NAMES = [f"val/{m}/{r}" for m in ("ssim", "psnr", "nmse") for r in REGIMES]
-TINY = {**TINY_MODEL, "dropout": 0.1, "lr": 1e-3, "ema_decay": 0.5}  # trains with the default dropout
-DATA = dict(source="bundled", image_size=32, batch_size=2, eval_slices_per_volume=4, num_workers=0,
-            bundled_train_subjects=2, bundled_val_subjects=1)
+#: trains with the default dropout
+TINY = {**TINY_MODEL, "net": DDPMConfig(**{**TINY_MODEL_NET, "dropout": 0.1}), "lr": 1e-3, "ema_decay": 0.5}
+DATA = dict(image_size=32, batch_size=2, eval_slices_per_volume=4, num_workers=0)
+BUNDLED = dict(n_train=2, n_val=1)  # the data module's source: BundledSource(**BUNDLED)
 CALLBACK = dict(n_slices=2, steps=2, batch_size=2, seed=3)  # 4 batches: both ranks get 2 in DDP
 DDP_SCRIPT = Path(__file__).with_name("ddp_validate.py")
 
@@ -38,7 +40,7 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def datamodule() -> LowFieldDataModule:
-    dm = LowFieldDataModule(**DATA)
+    dm = LowFieldDataModule(BundledSource(**BUNDLED), **DATA)
     dm.setup("fit")
     return dm
 
@@ -105,8 +107,8 @@ def test_zero_score_near_t0_reconstructs_the_degraded_input_of_the_chosen_slices
     dataset = datamodule.val_dataset
     (idx,) = validation_subset([item[-1] for item in dataset.items], ["noise"], 3).values()
     samples = [dataset[i] for i in idx]
-    deg = [magnitude(s["degraded"][None]) for s in samples]
-    ref = [magnitude(s["clean"][None]) for s in samples]
+    deg = [magnitude(s.degraded[None]) for s in samples]
+    ref = [magnitude(s.clean[None]) for s in samples]
     psnr = np.mean([psnr_volume(d, r) for d, r in zip(deg, ref, strict=True)])
     ssim = np.mean([ssim_volume(d, r) for d, r in zip(deg, ref, strict=True)])
     assert callback.last_metrics["val/psnr/noise"] == pytest.approx(psnr, abs=0.1)
@@ -173,7 +175,7 @@ def test_ddp_two_processes_log_the_same_numbers_as_one(fitted, tmp_path):
     """The fitted checkpoint validated on 2 CPU processes (gloo DDP): both ranks log exactly the numbers of
     the fit's last validation (same weights) on this 1 process."""
     one_process = fitted.metrics
-    settings = json.dumps({"callback": CALLBACK, "data": DATA})
+    settings = json.dumps({"callback": CALLBACK, "data": DATA, "bundled": BUNDLED})
     # each rank uses as many threads as this process, so the CPU kernels sum in the same order
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, str(DDP_SCRIPT), str(fitted.ckpt), "2", settings, str(tmp_path)],

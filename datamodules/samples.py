@@ -1,0 +1,69 @@
+"""The samples of the slice datasets (`datamodules.dataset`) and their batches, as named tuples.
+
+`SliceSample` is a training / validation / test sample (a clean slice and its simulated degradation),
+`MeasuredSample` a prediction sample (a user's measured low-field slice: no clean reference). H x W is the
+sample's grid: the slice's native matrix, image_size x image_size with the explicit resize, or a training
+crop (see `datamodules.dataset`). Images are normalised: input units = normalised * `scale`.
+
+A batch is the same type. Both are `typing.NamedTuple`s: torch's `default_collate` stacks samples of one
+shape into a `SliceSample` / `MeasuredSample` whose tensors have a leading batch dimension B (`clean`
+float32 [B, 2, H, W], `slice` int64 [B], each `params` value batched), and whose strings are tuples of B
+strings (`regime`, `volume_id`: default_collate zips a named tuple's fields, where a dict's values became
+lists); Lightning's device transfer (`apply_to_collection`) and the loaders' `pin_memory` keep the type.
+`sample._replace(clean=..., ...)` is a copy with other values.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+
+class SliceSample(NamedTuple):
+    """A training / validation / test sample (or a collated batch of them: module docstring)."""
+
+    #: float32 [2, H, W]: the normalised clean slice (real, imag)
+    clean: Tensor
+    #: float32 [2, H, W]: the degraded image (real, imag), complex_to_channels(ifft2c(y))
+    degraded: Tensor
+    #: complex64 [1, H, W]: the simulated k-space (orthonormal `fft2c`); for a training crop, fft2c of the
+    #: cropped degraded image (not the measured k-space: see `TrainSliceDataset`)
+    y: Tensor
+    #: the regime's name (`degradations.REGIMES`)
+    regime: str
+    #: the forward operator's realised parameters (`ForwardOperator.from_params`), one sample's slice of the
+    #: full key set (`degradations.neutral_params`): scalars [] (`fwhm_px` in pixels, `t2star_ms`, `snr_db`,
+    #: `noise_sigma` per complex k-space sample in normalised units, ...), `b0_map_hz` [1, H, W] in Hz
+    params: dict[str, Tensor]
+    #: the volume's id, unique in the source (`VolumeRecord.volume_id`): the subject id, or the file stem if
+    #: the subject has several volumes
+    volume_id: str
+    #: int64 []: the slice index in the volume's stack [S, H, W] (`transforms.to_slices`)
+    slice: Tensor
+    #: float32 []: the volume's normalisation scale (input units per normalised unit)
+    scale: Tensor
+
+
+class MeasuredSample(NamedTuple):
+    """A prediction sample: one slice of a user's low-field volume, without a reference (or a collated batch
+    of them: module docstring). See `PredictSliceDataset`."""
+
+    #: float32 [2, H, W]: the normalised measured image (real, imag)
+    degraded: Tensor
+    #: complex64 [1, H, W]: its k-space, fft2c of `degraded`
+    y: Tensor
+    #: "measured"
+    regime: str
+    #: neutral parameters (`degradations.neutral_params`: `ForwardOperator.from_params` gives plain Fourier
+    #: sampling), keys and shapes as `SliceSample.params`
+    params: dict[str, Tensor]
+    #: the volume's id (`VolumeRecord.volume_id`)
+    volume_id: str
+    #: int64 []: the slice index in the volume's stack [S, H, W] (`transforms.to_slices`)
+    slice: Tensor
+    #: float32 []: the volume's normalisation scale (input units per normalised unit)
+    scale: Tensor
+    #: int64 [2]: the slice's native (h, w) in pixels; equals (H, W) unless resized with `image_size`, where
+    #: `transforms.restore_shape` puts outputs back on this grid
+    shape: Tensor
