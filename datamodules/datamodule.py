@@ -106,7 +106,7 @@ class EvalVolume:
     [S, 2, H, W] and params (batched), identical to the val/test dataset's samples.
     """
 
-    subject: str
+    volume_id: str
     clean: torch.Tensor
     slices: torch.Tensor
     scale: float

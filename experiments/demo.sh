@@ -29,7 +29,7 @@ echo "== 2. small-scale transfer: shipped prior (reference-small) -> export -> f
 # the fast baselines only (BM3D and model-based TV take seconds per slice, tuned on validation: they are in
 # experiments/benchmarks/quality.py, the full benchmark table)
 $PY experiments/paper/run.py bundled --small --pretrained reference-small --out "$OUT/transfer" --overwrite \
-  --jobs 2 --finetune-steps 150 --max-slices-per-subject 4 --baselines tv,nlm,tv_complex,nlm_complex
+  --jobs 2 --finetune-steps 150 --max-slices-per-volume 4 --baselines tv,nlm,tv_complex,nlm_complex
 
 echo
 echo "== 3. results (the held-out real brain, Colin27)"

@@ -26,8 +26,8 @@ the magnitude where the signal is well above the noise. Every parameter is a fac
 `sigma_img`, so one tuned factor serves slices degraded at different SNRs.
 
 `tune_baseline` chooses a baseline's parameters by grid search (`Baseline.grid`), maximising the mean SSIM
-across the subjects it is given; callers pass validation subjects only (`tune_baselines` records which
-subjects it saw). Grids (`Baseline.grid`) are small enough for a CPU: 7 points for the image denoisers
+across the volumes it is given; callers pass validation volumes only (`tune_baselines` records which
+volumes it saw). Grids (`Baseline.grid`) are small enough for a CPU: 7 points for the image denoisers
 (TV and NL-means: < 1 s per slice), 3 for BM3D (seconds per slice, twice that for the complex variant), 6 for
 `tv_model` (`TV_MODEL_ITERATIONS` PDHG iterations: about a second per 256^2 slice without B0 on one CPU
 thread, several with B0). `Baseline.defaults` are the parameters used without tuning (see `BASELINES`).
@@ -421,15 +421,16 @@ def parse_baselines(spec: str) -> list[str]:
 
 @dataclass
 class TuningResult:
-    """The parameters chosen for one baseline and regime, the mean SSIM they reached and the subjects seen."""
+    """The parameters chosen for one baseline and regime, the mean SSIM they reached and the volumes seen
+    (their ids)."""
 
     params: dict[str, float]
     score: float
-    subjects: list[str]
+    volume_ids: list[str]
     scores: list[tuple[dict[str, float], float]] = field(default_factory=list)
 
     def to_jsonable(self) -> dict[str, Any]:
-        return {"params": self.params, "val_ssim": self.score, "subjects": self.subjects}
+        return {"params": self.params, "val_ssim": self.score, "volume_ids": self.volume_ids}
 
 
 def tune_baseline(
@@ -437,10 +438,10 @@ def tune_baseline(
     volumes: Mapping[str, tuple[Measurement, np.ndarray]],
     metric: VolumeMetric,
 ) -> TuningResult:
-    """Grid search for one baseline: maximise the subjects' mean `metric(baseline(measurement), reference)`.
+    """Grid search for one baseline: maximise the volumes' mean `metric(baseline(measurement), reference)`.
 
-    `volumes` maps subject -> (measurement of S slices, reference magnitude [S,H,W]); pass validation
-    subjects only. Ties keep the first grid point. Without a grid: the defaults, scored once.
+    `volumes` maps volume id -> (measurement of S slices, reference magnitude [S,H,W]); pass validation
+    volumes only. Ties keep the first grid point. Without a grid: the defaults, scored once.
     """
     if not volumes:
         raise ValueError(f"no volumes to tune baseline {baseline.name!r} on")
@@ -449,7 +450,7 @@ def tune_baseline(
         values = [metric(baseline(m, **params), ref) for m, ref in volumes.values()]
         scores.append(({**baseline.defaults, **params}, float(np.mean(values))))
     best_params, best = max(scores, key=lambda item: item[1])
-    return TuningResult(params=best_params, score=best, subjects=list(volumes), scores=scores)
+    return TuningResult(params=best_params, score=best, volume_ids=list(volumes), scores=scores)
 
 
 def tune_baselines(
@@ -460,7 +461,7 @@ def tune_baselines(
 ) -> dict[str, dict[str, TuningResult]]:
     """Tune each named baseline once per regime -> {regime: {name: TuningResult}}.
 
-    `volumes_by_regime[regime]` maps a (validation) subject to its (measurement, reference magnitude).
+    `volumes_by_regime[regime]` maps a (validation) volume id to its (measurement, reference magnitude).
     `progress(message)` is called after each baseline x regime is tuned.
     """
     results: dict[str, dict[str, TuningResult]] = {}

@@ -1,18 +1,18 @@
 """The paper's evaluation protocol (its outputs and their files: `lfmri.results`).
 
-Protocol (`run_evaluation`): for every test subject of the data module and every regime, deterministic
-degradations (a pure function of subject, slice, regime and seed, as the data module draws them),
+Protocol (`run_evaluation`): for every test volume of the data module and every regime, deterministic
+degradations (a pure function of volume id, slice, regime and seed, as the data module draws them),
 reconstruction by a sampler with k-space data consistency, the classical baselines (`lfmri.baselines`) on
 the same measurements (each gets a `Measurement`: k-space y, the degraded complex image, the realised
 operator parameters and the simulation's known noise std; their parameters tuned once per regime on the data
 module's *validation* subjects), and fastMRI metrics on magnitude volumes in normalised units (data range =
-the reference volume's max) per subject x regime x method; then mean ± std across subjects (sample std,
-ddof=1). With a single test subject the spread is over its slices instead (per-slice metrics with the
-volume's data range, `lightning_modules.metrics.slice_metrics`; slices.csv), and the tables say so. Each row
-also records the method's wall-clock seconds per slice: the image denoisers on the CPU, `tv_model` and lfmri
-on the evaluation's device (torch's CPU threads on a CPU). Besides the default sampler (`lfmri`), further
-named sampler configurations can be scored on the same slices and seeds (e.g. `lfmri_pc`, the paper's
-reference predictor-corrector with gradient DC w = 0.3).
+the reference volume's max) per volume x regime x method; then mean ± std across the test volumes (one
+per subject unless a subject has several; sample std, ddof=1). With a single test volume the spread is over
+its slices instead (per-slice metrics with the volume's data range, `lightning_modules.metrics.slice_metrics`;
+slices.csv), and the tables say so. Each row also records the method's wall-clock seconds per slice: the
+image denoisers on the CPU, `tv_model` and lfmri on the evaluation's device (torch's CPU threads on a CPU).
+Besides the default sampler (`lfmri`), further named sampler configurations can be scored on the same slices
+and seeds (e.g. `lfmri_pc`, the paper's reference predictor-corrector with gradient DC w = 0.3).
 
 The result is written by `lfmri.results.write_results`, atomically: all the old files or all the new ones.
 """
@@ -92,8 +92,8 @@ def tune_on_validation(datamodule: Any, regimes: Sequence[str], names: Sequence[
         if not vols:
             raise InputError("the data module has no validation subjects to tune the baselines on; "
                              "give it some (e.g. val_fraction / split_file) or pass --baselines none")
-        volumes_by_regime[regime] = {v.subject: (measurement(v, degradation).to(device), _magnitude(v.clean))
-                                     for v in vols}
+        volumes_by_regime[regime] = {
+            v.volume_id: (measurement(v, degradation).to(device), _magnitude(v.clean)) for v in vols}
     bar = tqdm(total=len(regimes) * len(names), desc="tune baselines (val)", unit="fit", file=sys.stderr)
     with bar:
         return tune_baselines(names, volumes_by_regime, _tuning_metric,
@@ -111,7 +111,7 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
     one inference path (`lightning_modules.inference.Reconstructor`) at the slices' native matrix, with the
     simulation's known noise level: `sampler` is the method `lfmri`; `other_samplers` (method name, e.g.
     `lfmri_pc` -> sampler) are scored on the same slices with the same seeds. The figure shows the middle
-    slice of the first test subject per regime.
+    slice of the first test volume per regime.
     """
     device = torch.device(device)
     overrides = _regime_overrides(datamodule)
@@ -126,7 +126,7 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
         vols = collect_split(datamodule, "test", regime)
         if not vols:
             raise InputError("the data module has no test subjects")
-        for vol in tqdm(vols, desc=f"evaluate {regime}", unit="subject", file=sys.stderr):
+        for vol in tqdm(vols, desc=f"evaluate {regime}", unit="volume", file=sys.stderr):
             ref, m = _magnitude(vol.clean), measurement(vol, degradation).to(device)
             outputs, seconds = {}, {}
             for name in baselines:
@@ -135,19 +135,18 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
             for method, method_sampler in ours.items():
                 reconstruct = Reconstructor.for_degradation(
                     score_fn, method_sampler, degradation, batch_size, device,
-                    progress=f"{vol.subject} {regime} {method}", data_scale=model.data_scale)
+                    progress=f"{vol.volume_id} {regime} {method}", data_scale=model.data_scale)
                 start = time.perf_counter()
                 result = reconstruct(vol.degraded, vol.y, vol.params, vol.slices.tolist(), seed, samples)
                 seconds[method] = (time.perf_counter() - start) / max(len(m), 1)
                 outputs[method] = result.mean[:, 0].numpy()
             for method, pred in outputs.items():
                 ssim, psnr, nmse = _volume_metrics(pred, ref)
-                rows.append(ResultRow(vol.subject, regime, method, ssim, psnr, nmse, int(ref.shape[0]),
+                rows.append(ResultRow(vol.volume_id, regime, method, ssim, psnr, nmse, int(ref.shape[0]),
                                       seconds[method]))
                 per_slice = slice_metrics(pred, ref)
-                slice_rows += [SliceRow(vol.subject, regime, method, int(index), *(float(per_slice[k][i])
-                                                                                   for k in ("ssim", "psnr",
-                                                                                             "nmse")))
+                slice_rows += [SliceRow(vol.volume_id, regime, method, int(index),
+                                        *(float(per_slice[k][i]) for k in ("ssim", "psnr", "nmse")))
                                for i, index in enumerate(vol.slices.tolist())]
             if regime not in panels:
                 mid = ref.shape[0] // 2

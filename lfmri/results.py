@@ -1,7 +1,7 @@
-"""The results of an evaluation and their files: rows, summaries (mean ± std across subjects, or over one
-subject's slices), the markdown tables, results.csv / slices.csv / results.json, figure.png, and their atomic
-writing (`write_results`: all the old files or all the new ones). The protocol that produces them is
-`lfmri.evaluation`.
+"""The results of an evaluation and their files: rows (one per test volume x regime x method), summaries
+(mean ± std across test volumes, or over one volume's slices), the markdown tables, results.csv /
+slices.csv / results.json, figure.png, and their atomic writing (`write_results`: all the old files or all
+the new ones). The protocol that produces them is `lfmri.evaluation`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from lfmri.baselines import BASELINES, TuningResult
 from lfmri_utils.files import atomic_dir
 
 #: the columns of results.csv, in order; nmse is a fraction (results.md shows it in %)
-CSV_COLUMNS = ("subject", "regime", "method", "ssim", "psnr", "nmse", "n_slices", "seconds_per_slice")
+CSV_COLUMNS = ("volume_id", "regime", "method", "ssim", "psnr", "nmse", "n_slices", "seconds_per_slice")
 #: the columns of slices.csv (per-slice metrics, the volume's data range)
-SLICE_COLUMNS = ("subject", "regime", "method", "slice", "ssim", "psnr", "nmse")
-#: the summarised columns (mean ± std across subjects)
+SLICE_COLUMNS = ("volume_id", "regime", "method", "slice", "ssim", "psnr", "nmse")
+#: the summarised columns (mean ± std across test volumes)
 SUMMARY_METRICS = ("ssim", "psnr", "nmse", "seconds_per_slice")
 #: the name of our own method in the results
 LFMRI = "lfmri"
@@ -33,10 +33,11 @@ LFMRI = "lfmri"
 
 @dataclass(frozen=True)
 class ResultRow:
-    """Metrics of one method on one subject's volume under one regime (nmse as a fraction, psnr in dB) and
+    """Metrics of one method on one volume (`volume_id`: `datamodules.sources.VolumeRecord.volume_id`, the
+    subject id unless the subject has several volumes) under one regime (nmse as a fraction, psnr in dB) and
     its wall-clock seconds per slice (NaN: not recorded)."""
 
-    subject: str
+    volume_id: str
     regime: str
     method: str
     ssim: float
@@ -50,7 +51,7 @@ class ResultRow:
 class SliceRow:
     """Metrics of one method on one slice (index `slice` in its volume) with the volume's data range."""
 
-    subject: str
+    volume_id: str
     regime: str
     method: str
     slice: int
@@ -80,27 +81,28 @@ def _ordered(values: Sequence[str], first: Sequence[str] = ()) -> list[str]:
 
 
 def over_slices(rows: Sequence[ResultRow], slice_rows: Sequence[SliceRow]) -> bool:
-    """Whether the spread is over slices: a single test subject whose per-slice metrics are known."""
-    return bool(slice_rows) and len({r.subject for r in rows}) == 1
+    """Whether the spread is over slices: a single test volume whose per-slice metrics are known."""
+    return bool(slice_rows) and len({r.volume_id for r in rows}) == 1
 
 
 def spread_note(result: EvaluationResult) -> str:
     """What the ± means in the tables, in words."""
-    subjects = sorted({r.subject for r in result.rows})
+    volumes = sorted({r.volume_id for r in result.rows})
     if over_slices(result.rows, result.slice_rows):
         n = len({(s.regime, s.slice) for s in result.slice_rows}) // max(1, len({s.regime for s in
                                                                                   result.slice_rows}))
-        return (f"one test subject ({subjects[0]}): mean ± std over its {n} slices (per-slice metrics "
+        return (f"one test volume ({volumes[0]}): mean ± std over its {n} slices (per-slice metrics "
                 "normalised by the volume: its data range, its mean energy per slice for NMSE; the SSIM and "
                 "NMSE means are the volume's, PSNR's is the mean slice PSNR)")
-    return f"test subjects: {len(subjects)}; mean ± std across subjects (volume metrics)"
+    return (f"test volumes: {len(volumes)} (one per subject unless a subject has several); mean ± std "
+            "across volumes (volume metrics)")
 
 
 def summarise(rows: Sequence[ResultRow], slice_rows: Sequence[SliceRow] = (),
               ) -> dict[str, dict[str, dict[str, tuple[float, float, int]]]]:
-    """{method: {regime: {metric: (mean, std, n)}}} for `SUMMARY_METRICS`; std across subjects (n subjects),
-    or, for a single subject with `slice_rows`, across its slices (n slices; `over_slices`); ddof=1, 0 when
-    n = 1. seconds_per_slice is always the mean over the subjects' volumes."""
+    """{method: {regime: {metric: (mean, std, n)}}} for `SUMMARY_METRICS`; std across rows (n volumes),
+    or, for a single volume with `slice_rows`, across its slices (n slices; `over_slices`); ddof=1, 0 when
+    n = 1. seconds_per_slice is always the mean over the volumes."""
     out: dict[str, dict[str, dict[str, tuple[float, float, int]]]] = {}
     methods = _ordered([r.method for r in rows])
     regimes = _ordered([r.regime for r in rows])
@@ -188,8 +190,8 @@ def format_markdown(result: EvaluationResult) -> str:
                          f"{100 * n:.2f} ± {100 * n_sd:.2f} | {'–' if math.isnan(secs) else f'{secs:.3g}'} |")
         tuned = {regime: per[method] for regime, per in result.tuning.items() if method in per}
         if tuned and any(t.params for t in tuned.values()):
-            subjects = sorted({s for t in tuned.values() for s in t.subjects})
-            lines += ["", f"Parameters tuned on validation subjects ({', '.join(subjects)}), "
+            volumes = sorted({v for t in tuned.values() for v in t.volume_ids})
+            lines += ["", f"Parameters tuned on validation volumes ({', '.join(volumes)}), "
                       "maximising mean SSIM:", ""]
             lines += [f"- {regime_label(regime)}: {_format_params(t.params)} (val SSIM {t.score:.3f})"
                       for regime, t in tuned.items()]
@@ -197,35 +199,37 @@ def format_markdown(result: EvaluationResult) -> str:
 
 
 def write_csv(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
-    """results.csv: one row per subject x regime x method, columns `CSV_COLUMNS`."""
+    """results.csv: one row per volume x regime x method, columns `CSV_COLUMNS`."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_COLUMNS)
         for r in rows:
-            writer.writerow([r.subject, r.regime, r.method, f"{r.ssim:.6f}", f"{r.psnr:.6f}", f"{r.nmse:.8f}",
-                             r.n_slices, f"{r.seconds_per_slice:.6g}"])
+            writer.writerow([r.volume_id, r.regime, r.method, f"{r.ssim:.6f}", f"{r.psnr:.6f}",
+                             f"{r.nmse:.8f}", r.n_slices, f"{r.seconds_per_slice:.6g}"])
 
 
 def write_slices_csv(rows: Sequence[SliceRow], path: str | os.PathLike) -> None:
-    """slices.csv: one row per subject x regime x method x slice, columns `SLICE_COLUMNS`."""
+    """slices.csv: one row per volume x regime x method x slice, columns `SLICE_COLUMNS`."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(SLICE_COLUMNS)
         for r in rows:
-            writer.writerow([r.subject, r.regime, r.method, r.slice, f"{r.ssim:.6f}", f"{r.psnr:.6f}",
+            writer.writerow([r.volume_id, r.regime, r.method, r.slice, f"{r.ssim:.6f}", f"{r.psnr:.6f}",
                              f"{r.nmse:.8f}"])
 
 
 def read_csv(path: str | os.PathLike) -> list[ResultRow]:
-    """Read back a results.csv written by `write_csv` (seconds_per_slice NaN in files without it)."""
+    """Read back a results.csv written by `write_csv` (seconds_per_slice NaN in files without it; older files
+    name the volume_id column "subject")."""
     with open(path, newline="") as fh:
-        return [ResultRow(d["subject"], d["regime"], d["method"], float(d["ssim"]), float(d["psnr"]),
-                          float(d["nmse"]), int(d["n_slices"]), float(d.get("seconds_per_slice") or "nan"))
+        return [ResultRow(d["volume_id"] if "volume_id" in d else d["subject"], d["regime"], d["method"],
+                          float(d["ssim"]), float(d["psnr"]), float(d["nmse"]), int(d["n_slices"]),
+                          float(d.get("seconds_per_slice") or "nan"))
                 for d in csv.DictReader(fh)]
 
 
 def write_json(result: EvaluationResult, path: str | os.PathLike) -> None:
-    """results.json: settings, tuned baseline parameters (and the validation subjects seen), rows, summary.
+    """results.json: settings, tuned baseline parameters (and the validation volumes seen), rows, summary.
 
     Standard JSON: a value that is not finite (e.g. the infinite PSNR of a perfect reconstruction) is null.
     """

@@ -19,6 +19,7 @@ Both are exact embeddings of one network's behaviour in the other's domain; fine
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import os
 import pickle
@@ -32,14 +33,11 @@ from torch import Tensor, nn
 
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_input_file
-from lightning_modules.networks.ddpm import CONFIG_FIELDS, DATA_FIELDS, DDPM, DDPMConfig
+from lightning_modules.networks.ddpm import CONFIG_FIELDS, DDPM, REQUIRED_FIELDS, DDPMConfig, score_sde_key
 from lightning_modules.networks.families import detect_family, parse_checkpoint, with_ema
 from lightning_modules.sampling.sde import VPSDE
 
 _PREFIX = "module."
-#: score_sde `model` fields -> DDPM arguments (`data`: DATA_FIELDS); fields in _REQUIRED must be present
-_MODEL_FIELDS = tuple(f for f in CONFIG_FIELDS if f not in DATA_FIELDS)
-_REQUIRED = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "image_size", "num_channels", "centered")
 
 
 class CheckpointError(InputError):
@@ -129,11 +127,11 @@ def _load_failure(path: Path, err: Exception) -> str:
     return f"a damaged or truncated PyTorch checkpoint ({reason})"
 
 
-def ddpm_kwargs_from_config(config: Mapping | str | os.PathLike) -> dict:
-    """DDPM constructor arguments from a score_sde config in the nested layout (a dict or a JSON file path).
-
-    Architecture fields (nf, ch_mult, num_res_blocks, attn_resolutions, image_size, num_channels, centered)
-    are required; the others default to score_sde's defaults.
+def read_ddpm_config(config: Mapping | str | os.PathLike) -> DDPMConfig:
+    """The DDPM configuration of a score_sde config in the nested layout (a dict or a JSON file path;
+    `DDPMConfig.from_score_sde`). The `ddpm.REQUIRED_FIELDS` (nf, ch_mult, num_res_blocks, attn_resolutions,
+    image_size, num_channels, centered) must be there; the others default to score_sde's defaults.
+    CheckpointError (one line naming the file) for anything else.
     """
     where = "the score_sde config"
     if not isinstance(config, Mapping):
@@ -151,17 +149,17 @@ def ddpm_kwargs_from_config(config: Mapping | str | os.PathLike) -> dict:
     bad = [key for key, value in sections.items() if not isinstance(value, Mapping)]
     if bad:
         raise CheckpointError(f"{where}: section {bad[0]!r} must be a mapping")
-    model, data = dict(sections["model"]), dict(sections["data"])
-    if model.get("name", "ddpm") != "ddpm":
-        raise CheckpointError(f"{where}: model.name is {model['name']!r}; lfmri loads 'ddpm' networks only")
-    kwargs = {k: model[k] for k in _MODEL_FIELDS if k in model}
-    kwargs.update({k: data[k] for k in DATA_FIELDS if k in data})
-    missing = [k for k in _REQUIRED if k not in kwargs]
+    if sections["model"].get("name", "ddpm") != "ddpm":
+        raise CheckpointError(f"{where}: model.name is {sections['model']['name']!r}; lfmri loads 'ddpm' "
+                              "networks only")
+    named = {score_sde_key(k) for k in CONFIG_FIELDS} & {f"{s}.{k}" for s, v in sections.items() for k in v}
+    missing = [k for k in REQUIRED_FIELDS if score_sde_key(k) not in named]
     if missing:
         raise CheckpointError(f"{where} lacks {', '.join(missing)} (nested layout: 'model', 'data' sections)")
-    for k in ("ch_mult", "attn_resolutions"):
-        kwargs[k] = tuple(kwargs[k])
-    return kwargs
+    try:
+        return DDPMConfig.from_score_sde(sections)
+    except (InputError, TypeError) as err:
+        raise CheckpointError(f"{where}: {err}") from None
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
@@ -233,11 +231,11 @@ def load_score_sde_checkpoint(path: str | os.PathLike, model_config: Mapping | s
     """
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    kwargs = ddpm_kwargs_from_config(model_config)
+    config = read_ddpm_config(model_config)
     path = resolve_checkpoint(path)
     model_state, ema = _read(path)
     with torch.device("meta"):
-        net = DDPM(DDPMConfig(**kwargs))
+        net = DDPM(config)
     expected = net.state_dict()
     _check_fit(path, expected, model_state)
     state = {k: model_state[k] for k in expected}
@@ -246,7 +244,7 @@ def load_score_sde_checkpoint(path: str | os.PathLike, model_config: Mapping | s
     if adapt_channels is not None and adapt_channels != net.num_channels:
         state = _adapted(state, net, adapt_channels)
         with torch.device("meta"):
-            net = DDPM(DDPMConfig(**{**kwargs, "num_channels": adapt_channels}))
+            net = DDPM(dataclasses.replace(config, num_channels=adapt_channels))
     net.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
     return net.eval()
 
@@ -295,7 +293,7 @@ def export_score_sde_checkpoint(net: nn.Module, path: str | os.PathLike,
     if config_path is not None:
         if config is None:
             sde = sde or VPSDE()
-            config = net.score_sde_config()
+            config = net.config.score_sde_config()
             config["model"].update(beta_min=float(sde.beta_min), beta_max=float(sde.beta_max))
             config["training"] = {"sde": "vpsde", "continuous": True}
             config["optim"] = {"optimizer": "Adam", "lr": float(lr)}

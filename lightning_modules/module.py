@@ -236,7 +236,7 @@ class ScoreModel(LightningModule):
             except InputError as err:
                 raise InputError(f"pretrained_config {err}; set model.init_args.pretrained_family") from None
         if config is None:  # taken to be this network (with the other channel count when adapting)
-            config = self.net.score_sde_config()
+            config = self.net.config.score_sde_config()
             if hp.adapt_channels is not None:
                 config["data"]["num_channels"] = 3 - self.net.config.num_channels
         loaded = load_score_sde_checkpoint(hp.pretrained, config, weights=hp.pretrained_weights,

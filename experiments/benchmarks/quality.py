@@ -9,8 +9,8 @@
 Rows: degraded, TV, NL-means (on the magnitude and on the complex image), BM3D (both, when the optional
 extra `lfmri[bm3d]` is installed), model-based TV with the forward operator A, lfmri with its default
 sampler, and lfmri's reference predictor-corrector (gradient DC w = 0.3). Columns: the four regimes. Cells:
-SSIM / PSNR / NMSE mean ± std (over the slices when there is one test subject, as with the bundled data;
-across subjects otherwise) and each method's seconds per slice on this machine, measured in the same run.
+SSIM / PSNR / NMSE mean ± std (over the slices when there is one test volume, as with the bundled data;
+across test volumes otherwise) and each method's seconds per slice on this machine, measured in the same run.
 
 This is `lfmri evaluate` with the data block of `--config` (default: quality_data.yaml beside this script,
 the bundled data at native resolution with one validation pseudo-subject for tuning) and
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/quality")
     args = p.parse_args(argv)
     return lfmri_main(["evaluate", "--ckpt", args.ckpt, "--config", args.config, "--regimes", args.regimes,
-                       "--baselines", args.baselines, "--max-slices-per-subject", str(args.slices),
+                       "--baselines", args.baselines, "--max-slices-per-volume", str(args.slices),
                        "--reference-pc-steps", str(args.reference_pc_steps), "--device", args.device,
                        "--out", args.out])
 

@@ -57,7 +57,7 @@ TUNE_STEPS = (10, 20)
 class Volume:
     """The slices of one volume to reconstruct (normalised units, native matrix)."""
 
-    subject: str
+    volume_id: str
     regime: str
     clean: torch.Tensor  # [S,2,H,W]
     degraded: torch.Tensor  # [S,2,H,W]
@@ -80,7 +80,7 @@ def load_volumes(split: str, regimes: list[str], slices: int, seed: int, snr_db:
     for regime in regimes:
         b0 = make_regime(regime).b0
         for vol in itertools.islice(dm.volumes(split, regime), max_volumes):
-            out.append(Volume(vol.subject, regime, vol.clean, vol.degraded, vol.y, vol.params,
+            out.append(Volume(vol.volume_id, regime, vol.clean, vol.degraded, vol.y, vol.params,
                               vol.slices.tolist(), b0.method if b0 is not None else "segmented"))
     return out
 
@@ -238,8 +238,9 @@ def main() -> None:
     regimes = list(REGIMES) if args.regimes == "all" else args.regimes.split(",")
     volumes = load_volumes(args.split, regimes, args.slices, args.seed, args.snr_db, args.max_volumes)
     shapes = sorted({tuple(v.clean.shape[-2:]) for v in volumes})
-    print(f"model: {model_label}; {args.split} volumes {sorted({v.subject for v in volumes})}, {args.slices} "
-          f"slices each, native matrices {shapes}; regimes {regimes}; SNR "
+    ids = sorted({v.volume_id for v in volumes})
+    print(f"model: {model_label}; {args.split} volumes {ids}, {args.slices} slices each, "
+          f"native matrices {shapes}; regimes {regimes}; SNR "
           f"{args.snr_db if args.snr_db is not None else 'regime range'}; device {device}", flush=True)
     rows = [degraded_row(volumes)]
     if args.tune:

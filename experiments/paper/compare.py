@@ -5,10 +5,10 @@
 
 Each `LABEL=CSV` gives its `lfmri` rows as the column LABEL; the baselines (degraded input, TV, NL-means)
 come from the first CSV that has them. One table per metric (SSIM, PSNR in dB, NMSE in %): mean ± std across
-test subjects (sample std, ddof=1), beside the paper's figures (10 held-out mouse subjects, DESIGN.md).
-With two or more CSVs, a last table gives the per-subject paired difference first label - second label
-(mean ± std over the subjects both evaluated, and on how many subjects the first is better), e.g. fine-tuned
-minus from scratch: "does the transfer help?".
+test volumes (one per subject unless a subject has several; sample std, ddof=1), beside the paper's figures
+(10 held-out mouse subjects, DESIGN.md). With two or more CSVs, a last table gives the per-volume paired
+difference first label - second label (mean ± std over the volumes both evaluated, and on how many volumes
+the first is better), e.g. fine-tuned minus from scratch: "does the transfer help?".
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ METRICS = (("ssim", "SSIM", 1.0, 3, True), ("psnr", "PSNR (dB)", 1.0, 2, True),
 BASELINES = tuple(_BASELINES)  # every classical method `lfmri evaluate` can run, in registry order
 OURS = "lfmri"
 
-#: {column: {regime: {subject: {metric: value}}}}
+#: {column: {regime: {volume_id: {metric: value}}}}
 Table = dict[str, dict[str, dict[str, dict[str, float]]]]
 
 
 def read_results(path: str | Path) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
-    """results.csv -> {method: {regime: {subject: {ssim, psnr, nmse}}}} (nmse as a fraction)."""
+    """results.csv -> {method: {regime: {volume_id: {ssim, psnr, nmse}}}} (nmse as a fraction; older files
+    name the volume_id column "subject")."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such results file")
@@ -49,7 +50,8 @@ def read_results(path: str | Path) -> dict[str, dict[str, dict[str, dict[str, fl
     with path.open(newline="") as fh:
         for row in csv.DictReader(fh):
             values = {m: float(row[m]) for m in ("ssim", "psnr", "nmse")}
-            out.setdefault(row["method"], {}).setdefault(row["regime"], {})[row["subject"]] = values
+            volume_id = row["volume_id"] if "volume_id" in row else row["subject"]
+            out.setdefault(row["method"], {}).setdefault(row["regime"], {})[volume_id] = values
     return out
 
 
@@ -91,9 +93,9 @@ def format_comparison(table: Table, title: str = "lfmri vs the paper") -> str:
     """The markdown comparison (see the module docstring)."""
     regimes = _regimes(table)
     columns = list(table)
-    subjects = sorted({s for per in table.values() for by_subj in per.values() for s in by_subj})
+    volumes = sorted({v for per in table.values() for by_volume in per.values() for v in by_volume})
     lines = [f"# {title}", "",
-             f"Measured: mean ± std across {len(subjects)} test subject(s) ({', '.join(subjects)}); "
+             f"Measured: mean ± std across {len(volumes)} test volume(s) ({', '.join(volumes)}); "
              "magnitude "
              "volumes, fastMRI metrics. Paper: lfmri on 10 held-out mouse subjects (– = not reported). "
              "Columns: " + ", ".join(f"`{c}`" for c in columns) + " (lfmri columns are the labelled models)."]
@@ -113,9 +115,9 @@ def format_comparison(table: Table, title: str = "lfmri vs the paper") -> str:
 
 
 def format_difference(table: Table, a: str, b: str) -> list[str]:
-    """Markdown lines: paired per-subject differences a - b per regime and metric, and a's wins."""
-    lines = [f"## Paired difference `{a}` − `{b}` (per test subject)", "",
-             f"| regime | ΔSSIM | ΔPSNR (dB) | ΔNMSE (%) | subjects where `{a}` is better "
+    """Markdown lines: paired per-volume differences a - b per regime and metric, and a's wins."""
+    lines = [f"## Paired difference `{a}` − `{b}` (per test volume)", "",
+             f"| regime | ΔSSIM | ΔPSNR (dB) | ΔNMSE (%) | volumes where `{a}` is better "
              "(SSIM / PSNR / NMSE) |",
              "|---|---|---|---|---|"]
     for regime in _regimes(table):

@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dc-weight", type=float, default=None, help="lfmri evaluate --dc-weight")
     p.add_argument("--dc-lambda", type=float, default=None, help="lfmri evaluate --dc-lambda")
     p.add_argument("--dc-floor", type=float, default=None, help="lfmri evaluate --dc-floor")
-    p.add_argument("--max-slices-per-subject", type=int, default=None, help="lfmri evaluate option")
+    p.add_argument("--max-slices-per-volume", type=int, default=None, help="lfmri evaluate option")
     p.add_argument("--baselines", default="all", help="lfmri evaluate --baselines (all | none | tv,nlm)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="lfmri evaluate --batch-size")
     p.add_argument("--device", default="auto", help="lfmri evaluate --device")
@@ -357,8 +357,8 @@ def run_protocol(args: argparse.Namespace) -> Path:
     options += ["--dc-weight", str(args.dc_weight)] if args.dc_weight is not None else []
     options += ["--dc-lambda", str(args.dc_lambda)] if args.dc_lambda is not None else []
     options += ["--dc-floor", str(args.dc_floor)] if args.dc_floor is not None else []
-    if args.max_slices_per_subject:
-        options += ["--max-slices-per-subject", str(args.max_slices_per_subject)]
+    if args.max_slices_per_volume:
+        options += ["--max-slices-per-volume", str(args.max_slices_per_volume)]
     cmds = []
     for i, name in enumerate(models):  # baselines once: they do not depend on the model
         cmds.append(lfmri_cmd("evaluate", "--ckpt", str(out / name / "checkpoints" / "last.ckpt"),

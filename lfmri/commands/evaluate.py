@@ -3,14 +3,14 @@
     lfmri evaluate --ckpt C --config CFG --regimes all --out DIR [--baselines all] [--sampler warm_ddim] ...
 
 CFG is a LightningCLI YAML; only its `data:` block (class_path + init_args) is used. Degradations are the
-data module's deterministic test degradations (a pure function of subject, slice, regime and its seed); the
+data module's deterministic test degradations (a pure function of volume id, slice, regime and its seed); the
 baselines (`lfmri.baselines`: the degraded input; TV and NL-means on the magnitude or on the complex image;
 BM3D when the optional extra is installed; model-based TV with the forward operator) are tuned once per
 regime on the data module's validation subjects; each result row records the method's seconds per slice.
 `--reference-pc-steps N` adds the paper's reference sampler (method `lfmri_pc`) on the same slices and seeds.
 Writes DIR/results.csv, results.md, results.json, slices.csv (per-slice metrics) and figure.png (each
 method's image and error map) atomically (all or nothing) and prints results.md: the benchmark tables (a row
-per method, a column per regime; mean ± std across subjects, or over the slices of a single test subject),
+per method, a column per regime; mean ± std across test volumes, or over the slices of a single one),
 then one block per method. Slices are reconstructed at the data module's resolution (native unless its
 `image_size` asks for resizing) by the one inference path with the sampler registry's defaults. Bad input (a
 checkpoint that is not ours, an unknown regime, ...) -> one line on stderr, exit code 2, nothing written.
@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "predictor-corrector with N predictor steps (2N NFE) and gradient DC w = 0.3, on the "
                         "same slices and seeds (default 0: off; the paper uses 2000)")
     p.add_argument("--samples", type=int, default=1, help="posterior samples per slice (mean scored)")
-    p.add_argument("--max-slices-per-subject", type=int, default=None,
+    p.add_argument("--max-slices-per-volume", type=int, default=None,
                    help="evenly spaced slices per volume (default: the data module's eval_slices_per_volume)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=8, help="slices sampled together")
@@ -71,7 +71,7 @@ def parse_regimes(spec: str) -> list[str]:
 
 def _validate(args: argparse.Namespace) -> None:
     check_output_dir(args.out, "--out")  # before any computing: not a file, a writable place for it
-    for name in ("samples", "batch_size", "steps", "max_slices_per_subject"):
+    for name in ("samples", "batch_size", "steps", "max_slices_per_volume"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
             others["lfmri_pc"] = build_sampler("pc", steps=args.reference_pc_steps, sde=model.sde)
     except ValueError as err:  # InputError included
         raise InputError(str(err)) from None
-    overrides = {} if args.max_slices_per_subject is None else {
-        "eval_slices_per_volume": args.max_slices_per_subject}
+    overrides = {} if args.max_slices_per_volume is None else {
+        "eval_slices_per_volume": args.max_slices_per_volume}
     datamodule = load_datamodule(args.config, **overrides)
     settings = {"ckpt": str(resolve_checkpoint(args.ckpt).resolve()),
                 "config": str(Path(args.config).resolve()),

@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="LightningCLI YAML with a data: block, or a data block")
     p.add_argument("--out", required=True, help="output PNG path")
-    p.add_argument("--subjects-per-split", type=int, default=2, help="subjects shown per split (default 2)")
+    p.add_argument("--volumes-per-split", type=int, default=2, help="volumes shown per split (default 2)")
     p.set_defaults(func=run)
 
 
@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from lfmri.data_config import load_datamodule
     from lightning_modules.figures import Panel, image_grid
 
-    if args.subjects_per_split < 1:
-        raise InputError(f"--subjects-per-split must be >= 1, got {args.subjects_per_split}")
+    if args.volumes_per_split < 1:
+        raise InputError(f"--volumes-per-split must be >= 1, got {args.volumes_per_split}")
     dm = load_datamodule(args.config)
     sizes = dm.split.sizes()
     print("split sizes (subjects): " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {split}: {len(infos)} volumes, {sum(len(i.slices) for i in infos)} kept slices")
         picked = [
             dataclasses.replace(i, slices=(i.slices[len(i.slices) // 2],))
-            for i in infos[: args.subjects_per_split]
+            for i in infos[: args.volumes_per_split]
         ]
         ds = EvalSliceDataset(
             dm.source, picked, REGIMES, dm.image_size, dm.background_phase, dm.seed, dm.regime_overrides

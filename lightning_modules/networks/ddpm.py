@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -239,9 +240,27 @@ class DDPMConfig:
         data = {k: c.pop(k) for k in DATA_FIELDS}
         return {"model": {"name": "ddpm", "normalization": "GroupNorm", **c}, "data": data}
 
+    @classmethod
+    def from_score_sde(cls, config: Mapping[str, Any]) -> DDPMConfig:
+        """The configuration a score_sde config in the nested layout describes (the inverse of
+        `score_sde_config`): every field its sections name (`score_sde_key`), the others at their defaults.
+        The caller checks the layout and the `REQUIRED_FIELDS`; a bad value raises InputError."""
+        sections = {name: config.get(name) or {} for name in ("model", "data")}
+        where = {k: score_sde_key(k).split(".") for k in CONFIG_FIELDS}  # field -> (section, name)
+        return cls(**{k: sections[s][name] for k, (s, name) in where.items() if name in sections[s]})
+
 
 #: the DDPM's configuration fields (`DDPMConfig`'s), the one list of them
 CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DDPMConfig))
+#: the fields a score_sde config must name (the architecture and data layout; the others have defaults)
+REQUIRED_FIELDS: tuple[str, ...] = ("nf", "ch_mult", "num_res_blocks", "attn_resolutions", "image_size",
+                                    "num_channels", "centered")
+
+
+def score_sde_key(field: str) -> str:
+    """Where a `DDPMConfig` field sits in score_sde's nested config: 'data.<field>' for DATA_FIELDS, else
+    'model.<field>'."""
+    return f"{'data' if field in DATA_FIELDS else 'model'}.{field}"
 
 
 class DDPM(nn.Module):
@@ -359,7 +378,3 @@ class DDPM(nn.Module):
         if self.scale_by_sigma:
             h = h / self.sigmas[labels.long()].to(h.dtype)[:, None, None, None]
         return h
-
-    def score_sde_config(self) -> dict:
-        """This network's configuration in score_sde's nested layout (`DDPMConfig.score_sde_config`)."""
-        return self.config.score_sde_config()

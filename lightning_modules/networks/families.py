@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from lfmri_utils.errors import InputError
 from lightning_modules.networks.adm import ADMConfig, ADMUNet
-from lightning_modules.networks.ddpm import CONFIG_FIELDS, DATA_FIELDS, DDPM, DDPMConfig
+from lightning_modules.networks.ddpm import DDPM, REQUIRED_FIELDS, DDPMConfig, score_sde_key
 from lightning_modules.networks.ncsnpp import NCSNpp
 from lightning_modules.networks.pyconfig import read_py_config
 from lightning_modules.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
@@ -117,8 +117,7 @@ class Family:
     markers: tuple[str, ...] = ()
 
 
-_DDPM_REQUIRED = ("model.nf", "model.ch_mult", "model.num_res_blocks", "model.attn_resolutions",
-                  "data.image_size", "data.num_channels", "data.centered")
+_DDPM_REQUIRED = tuple(score_sde_key(f) for f in REQUIRED_FIELDS)
 
 FAMILIES: Mapping[str, Family] = _frozen({f.name: f for f in (
     Family(
@@ -402,9 +401,7 @@ def _build_network(family: Family, config: Mapping[str, Any], device: str = "met
         if family.architecture == "ddpm":
             # every DDPM field the config has (the required ones are, `resolve_config`); num_groups only in
             # lfmri's own exports (score_sde fixes 32)
-            keys = {k: f"{'data' if k in DATA_FIELDS else 'model'}.{k}" for k in CONFIG_FIELDS}
-            kwargs = {k: g(key) for k, key in keys.items() if has(config, key)}
-            return DDPM(DDPMConfig(**kwargs), grad_checkpointing=grad_checkpointing)
+            return DDPM(DDPMConfig.from_score_sde(config), grad_checkpointing=grad_checkpointing)
         if family.architecture == "ncsnpp":
             return NCSNpp(nf=g("model.nf"), ch_mult=tuple(g("model.ch_mult")),
                           num_res_blocks=g("model.num_res_blocks"),

@@ -196,18 +196,18 @@ def test_explicit_image_size_pads_to_square_and_resizes():
 
 def test_volumes_are_native_and_match_the_test_dataset(dm):
     vols = list(dm.volumes("test", regime="noise_blur"))
-    assert [v.subject for v in vols] == [r.volume_id for r in dm.records("test")]
+    assert [v.volume_id for v in vols] == [r.volume_id for r in dm.records("test")]
     ds = dm.test_dataset
     shapes = {info.record.volume_id: info.shape for info in ds.volumes}
     assert shapes == {"real-colin27": (181, 217)}
     for vol in vols:
-        h, w = shapes[vol.subject]
+        h, w = shapes[vol.volume_id]
         assert vol.clean.shape == (3, 2, h, w) and vol.y.shape == (3, 1, h, w)
         assert vol.degraded.shape == (3, 2, h, w) and vol.params["b0_map_hz"].shape == (3, 1, h, w)
         for j, s in enumerate(vol.slices.tolist()):
             i = ds.items.index(
                 (
-                    next(k for k, info in enumerate(ds.volumes) if info.record.volume_id == vol.subject),
+                    next(k for k, info in enumerate(ds.volumes) if info.record.volume_id == vol.volume_id),
                     s,
                     "noise_blur",
                 )

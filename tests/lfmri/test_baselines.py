@@ -134,7 +134,7 @@ def test_tuning_picks_the_grid_point_with_the_best_mean_score() -> None:
     vols = {"a": (zero, np.full((1, 4, 4), 0.5)), "b": (zero, np.zeros((1, 4, 4)))}
     result = tune_baseline(shift, vols, lambda p, r: -float(np.abs(p - r).mean()))
     assert result.params == {"offset": 0.25, "scale": 1.0}  # the defaults fill what the grid does not tune
-    assert result.subjects == ["a", "b"]
+    assert result.volume_ids == ["a", "b"]
     assert [p["offset"] for p, _ in result.scores] == [-1.0, 0.25, 2.0]
     assert shift(zero).max() == 0.0 and shift(zero, offset=2.0).min() == 2.0
 
@@ -149,7 +149,7 @@ def test_tune_baselines_sees_only_the_volumes_it_is_given(mni: np.ndarray) -> No
     vols = {"noise": {"val-1": (_measure(mni[:1], 0.1, 0), mni[:1])}}
     out = tune_baselines(["degraded", "tv"], vols, metric)
     assert set(out) == {"noise"} and set(out["noise"]) == {"degraded", "tv"}
-    assert out["noise"]["tv"].subjects == ["val-1"]
+    assert out["noise"]["tv"].volume_ids == ["val-1"]
     assert set(seen) == {id(vols["noise"]["val-1"][1])}
     assert out["noise"]["degraded"].params == {}
 

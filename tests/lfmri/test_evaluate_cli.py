@@ -46,7 +46,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> di
 def _argv(setup: dict[str, Path], out: Path, *extra: str, ckpt: Path | None = None,
           config: Path | None = None) -> list[str]:
     return ["evaluate", "--ckpt", str(ckpt or setup["ckpt"]), "--config", str(config or setup["config"]),
-            "--regimes", REGIMES, "--out", str(out), "--steps", "2", "--max-slices-per-subject", "1",
+            "--regimes", REGIMES, "--out", str(out), "--steps", "2", "--max-slices-per-volume", "1",
             "--device", "cpu", *extra]
 
 
@@ -69,8 +69,8 @@ def test_evaluate_writes_well_formed_results_and_tunes_on_validation_only(
     with open(out / "results.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == CSV_COLUMNS
-    test_subjects = {"real-colin27"}  # the bundled source's held-out subject
-    assert {r["subject"] for r in rows} == test_subjects
+    test_volumes = {"real-colin27"}  # the bundled source's held-out subject's one volume
+    assert {r["volume_id"] for r in rows} == test_volumes
     methods = [*baselines, "lfmri", "lfmri_pc"]
     assert {(r["regime"], r["method"]) for r in rows} == {(g, m) for g in REGIMES.split(",") for m in methods}
     assert len(rows) == 1 * 2 * len(methods) and all(r["n_slices"] == "1" for r in rows)
@@ -83,12 +83,12 @@ def test_evaluate_writes_well_formed_results_and_tunes_on_validation_only(
         assert set(payload["tuned_baselines"][regime]) == set(baselines) - {"degraded"}
         for name in set(baselines) - {"degraded"}:
             tuned = payload["tuned_baselines"][regime][name]
-            assert tuned["subjects"] == ["pseudo-mni-val-000"]  # validation, never test
+            assert tuned["volume_ids"] == ["pseudo-mni-val-000"]  # validation, never test
             assert set(tuned["params"]) == set(BASELINES[name].grid)
     assert payload["settings"]["sampler"] == "warm_ddim" and payload["settings"]["steps"] == 2
     settings = payload["settings"]
     assert settings["lfmri_pc: sampler"] == "pc" and settings["lfmri_pc: dc_weight"] == 0.3
-    assert payload["spread"].startswith("one test subject (real-colin27): mean ± std over its 1 slices")
+    assert payload["spread"].startswith("one test volume (real-colin27): mean ± std over its 1 slices")
     with open(out / "slices.csv", newline="") as fh:
         slice_rows = list(csv.DictReader(fh))
     assert len(slice_rows) == len(rows)  # one slice per volume here: the slice SSIM is the volume SSIM

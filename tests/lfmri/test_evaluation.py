@@ -37,8 +37,8 @@ def _result() -> EvaluationResult:
     rows = []
     for method, base, seconds in (("degraded", 0.3, 0.001), ("tv", 0.5, 0.05), ("lfmri", 0.7, 2.0)):
         for regime in ("noise", "noise_blur_t2star_b0"):
-            for i, subject in enumerate(("s1", "s2", "s3")):
-                rows.append(ResultRow(subject, regime, method, base + 0.01 * i, 20.0 + i, 0.02 + 0.01 * i, 4,
+            for i, vid in enumerate(("s1", "s2", "s3")):
+                rows.append(ResultRow(vid, regime, method, base + 0.01 * i, 20.0 + i, 0.02 + 0.01 * i, 4,
                                       seconds * (1 + i)))
     tv = TuningResult({"weight_factor": 1.5}, 0.5, ["v1"])
     tuned = {"degraded": TuningResult({}, 0.3, ["v1"]), "tv": tv}
@@ -53,14 +53,14 @@ def test_regime_labels_follow_the_paper() -> None:
     assert regime_label("noise_blur_t2star_b0") == "noise + blur + T2* + B0"
 
 
-def test_summary_is_mean_and_sample_std_across_subjects() -> None:
+def test_summary_is_mean_and_sample_std_across_volumes() -> None:
     stats = summarise(_result().rows)["tv"]["noise"]
     assert stats["ssim"][0] == pytest.approx(0.51)
     assert stats["ssim"][1] == pytest.approx(np.std([0.5, 0.51, 0.52], ddof=1))
     assert stats["psnr"] == pytest.approx((21.0, 1.0, 3))
 
 
-def test_a_single_subject_is_summarised_over_its_slices() -> None:
+def test_a_single_volume_is_summarised_over_its_slices() -> None:
     rows = [ResultRow("s1", "noise", m, 0.5, 20.0, 0.1, 3, 1.0) for m in ("tv", "lfmri", "lfmri_pc")]
     slices = [SliceRow("s1", "noise", m, i, base + 0.1 * i, 20.0 + i, 0.1) for m, base in
               (("tv", 0.4), ("lfmri", 0.6), ("lfmri_pc", 0.5)) for i in range(3)]
@@ -103,7 +103,7 @@ def test_write_results_writes_well_formed_files(tmp_path: Path) -> None:
     assert [r.seconds_per_slice for r in back] == pytest.approx([r.seconds_per_slice for r in result.rows])
     payload = json.loads((out / "results.json").read_text())
     assert payload["tuned_baselines"]["noise"]["tv"] == {"params": {"weight_factor": 1.5}, "val_ssim": 0.5,
-                                                         "subjects": ["v1"]}
+                                                         "volume_ids": ["v1"]}
     assert payload["summary"]["lfmri"]["noise"]["seconds_per_slice"]["mean"] == pytest.approx(4.0)
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "results.md").read_text() == format_markdown(result)
@@ -187,51 +187,52 @@ def test_results_json_is_standard_json(tmp_path: Path) -> None:
 
 
 def test_a_results_csv_without_timings_reads_back_with_nan(tmp_path: Path) -> None:
-    path = tmp_path / "old.csv"
+    path = tmp_path / "old.csv"  # an older file: no timings, and its volume_id column named "subject"
     path.write_text("subject,regime,method,ssim,psnr,nmse,n_slices\ns1,noise,tv,0.5,20,0.02,4\n")
     (row,) = read_csv(path)
     assert row.ssim == 0.5 and np.isnan(row.seconds_per_slice)
+    assert row.volume_id == "s1"
     assert "| – |" in format_markdown(EvaluationResult(rows=[row]))
 
 
 class _FakeDataModule:
-    """2 validation and 2 test subjects (noisy copies of one smooth image); records the splits it is asked."""
+    """2 validation and 2 test volumes (noisy copies of one smooth image); records the splits it is asked."""
 
     regime_overrides: dict = {}
 
     def __init__(self) -> None:
         self.requested: list[tuple[str, str]] = []
-        self.subjects = {"val": ["val-a", "val-b"], "test": ["test-a", "test-b"]}
+        self.volume_ids = {"val": ["val-a", "val-b"], "test": ["test-a", "test-b"]}
 
     def volumes(self, split: str, regime: str):
         self.requested.append((split, regime))
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, 16), torch.linspace(-1, 1, 16), indexing="ij")
         image = (xx**2 + yy**2 < 0.6).float() * (1 + 0.3 * xx)
-        for i, subject in enumerate(self.subjects[split]):
+        for i, volume_id in enumerate(self.volume_ids[split]):
             g = torch.Generator().manual_seed(i)
             clean = torch.stack([image, torch.zeros_like(image)])[None].repeat(2, 1, 1, 1)
             degraded = clean + 0.1 * torch.randn(clean.shape, generator=g)
             params = neutral_params(2, 16, 16)
             params["noise_sigma"] = torch.full((2,), 0.1 * 2**0.5)  # 0.1 per real channel: known std
             y = fft2c(channels_to_complex(degraded))
-            yield SimpleNamespace(subject=subject, clean=clean, degraded=degraded, y=y, params=params,
+            yield SimpleNamespace(volume_id=volume_id, clean=clean, degraded=degraded, y=y, params=params,
                                   slices=torch.arange(2))
 
 
-def test_protocol_tunes_on_validation_and_scores_test_subjects() -> None:
+def test_protocol_tunes_on_validation_and_scores_test_volumes() -> None:
     dm = _FakeDataModule()
     model = SimpleNamespace(score_fn=lambda: (lambda x, t: torch.zeros_like(x)), data_scale=None)
     sampler = build_sampler("ddim", steps=1, dc="gradient", dc_weight=1.0)  # zero score + full DC: the data
     names = ["degraded", "tv", "tv_complex", "tv_model"]
     result = run_evaluation(model, dm, ["noise"], names, sampler, batch_size=1)
     assert dm.requested == [("val", "noise"), ("test", "noise")]
-    assert result.tuning["noise"]["tv"].subjects == ["val-a", "val-b"]
+    assert result.tuning["noise"]["tv"].volume_ids == ["val-a", "val-b"]
     assert set(result.tuning["noise"]) == {"tv", "tv_complex", "tv_model"}
-    assert {r.subject for r in result.rows} == {"test-a", "test-b"}
-    by = {(r.subject, r.method): r for r in result.rows}
-    for subject in ("test-a", "test-b"):
-        assert by[subject, "lfmri"].ssim == pytest.approx(by[subject, "degraded"].ssim, abs=1e-4)
+    assert {r.volume_id for r in result.rows} == {"test-a", "test-b"}
+    by = {(r.volume_id, r.method): r for r in result.rows}
+    for volume_id in ("test-a", "test-b"):
+        assert by[volume_id, "lfmri"].ssim == pytest.approx(by[volume_id, "degraded"].ssim, abs=1e-4)
         for name in names[1:]:
-            assert by[subject, name].ssim > by[subject, "degraded"].ssim
+            assert by[volume_id, name].ssim > by[volume_id, "degraded"].ssim
     assert all(np.isfinite(r.seconds_per_slice) and r.seconds_per_slice >= 0 for r in result.rows)
     assert list(result.panels["noise"]) == [*names, "lfmri", "reference"]

@@ -16,10 +16,10 @@ import yaml
 
 from lfmri.cli import main
 from lfmri_utils.errors import InputError
-from lightning_modules.checkpoint import CheckpointError, ddpm_kwargs_from_config, load_score_sde_checkpoint
+from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpoint, read_ddpm_config
 
 #: a complete score_sde config of a tiny DDPM (nested layout)
-CONFIG = {"model": {"nf": 8, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": []},
+CONFIG = {"model": {"nf": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": []},
           "data": {"image_size": 16, "num_channels": 2, "centered": True}}
 DATA = {"class_path": "datamodules.LowFieldDataModule",
         "init_args": {"source": {"class_path": "datamodules.sources.BundledSource",
@@ -127,14 +127,14 @@ def test_a_config_that_lacks_a_field_names_its_file(tmp_path):
     incomplete = {"model": model, "data": CONFIG["data"]}
     config.write_text(json.dumps(incomplete))
     with pytest.raises(CheckpointError) as info:
-        ddpm_kwargs_from_config(config)
+        read_ddpm_config(config)
     assert str(info.value) == (f"{config}: the score_sde config lacks ch_mult (nested layout: 'model', "
                                "'data' sections)")
     config.write_text("[1, 2]")
     with pytest.raises(CheckpointError, match=f"{config}: the score_sde config is a JSON list"):
-        ddpm_kwargs_from_config(config)
+        read_ddpm_config(config)
     with pytest.raises(CheckpointError, match=f"{tmp_path}: is a folder, expected a score_sde config file"):
-        ddpm_kwargs_from_config(tmp_path)
+        read_ddpm_config(tmp_path)
 
 
 def test_a_data_block_without_class_path_is_one_line_naming_the_file(tmp_path, capsys):

@@ -47,7 +47,7 @@ def small_run(tmp_path_factory) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, str(PAPER / "run.py"), "bundled", "--small", "--out", str(out), "--jobs", "2",
            "--finetune-steps", "2", "--eval-steps", "2",
-           "--max-slices-per-subject", "1", "--baselines", "tv",
+           "--max-slices-per-volume", "1", "--baselines", "tv",
            "--set", "data.init_args.source={class_path: datamodules.sources.BundledSource, "
                     "init_args: {n_train: 1, n_val: 1}}",
            "--set", "trainer.limit_val_batches=0", "--set", "trainer.enable_progress_bar=false",
@@ -97,11 +97,11 @@ def test_the_fine_tune_imports_the_exported_score_sde_checkpoint(small_run):
 def test_both_models_are_evaluated_on_the_same_held_out_volumes_in_all_regimes(small_run):
     rows = {name: list(csv.DictReader((small_run / f"eval_{name}" / "results.csv").open()))
             for name in ("finetune", "scratch")}
-    keys = {name: {(r["subject"], r["regime"]) for r in rs if r["method"] == "lfmri"}
+    keys = {name: {(r["volume_id"], r["regime"]) for r in rs if r["method"] == "lfmri"}
             for name, rs in rows.items()}
     assert keys["finetune"] == keys["scratch"]
     assert {regime for _, regime in keys["finetune"]} == set(REGIMES)
-    assert {subject for subject, _ in keys["finetune"]} == {"real-colin27"}  # the bundled held-out subject
+    assert {volume_id for volume_id, _ in keys["finetune"]} == {"real-colin27"}  # the bundled held-out one
     assert {r["method"] for r in rows["finetune"]} == {"degraded", "tv", "lfmri"}
     assert {r["method"] for r in rows["scratch"]} == {"degraded", "lfmri"}  # tuned baselines only once
 
@@ -142,12 +142,12 @@ def write_results(path: Path, rows: list[tuple[str, str, str, float, float, floa
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["subject", "regime", "method", "ssim", "psnr", "nmse", "n_slices"])
+        writer.writerow(["volume_id", "regime", "method", "ssim", "psnr", "nmse", "n_slices"])
         writer.writerows([*r, 4] for r in rows)
     return path
 
 
-def test_compare_puts_the_paper_beside_us_and_pairs_the_difference_by_subject(tmp_path, capsys):
+def test_compare_puts_the_paper_beside_us_and_pairs_the_difference_by_volume(tmp_path, capsys):
     compare = load_script("compare")
     a = write_results(tmp_path / "a.csv", [
         ("s1", "noise", "degraded", 0.3, 20.0, 0.2), ("s1", "noise", "lfmri", 0.7, 30.0, 0.02),
@@ -158,10 +158,13 @@ def test_compare_puts_the_paper_beside_us_and_pairs_the_difference_by_subject(tm
     assert compare.main([f"tuned={a}", f"scratch={b}", "--out", str(out)]) == 0
     text = out.read_text()
     assert text == capsys.readouterr().out
-    # SSIM row: paper, degraded, tuned, scratch; mean ± sample std across the 2 subjects
+    # SSIM row: paper, degraded, tuned, scratch; mean ± sample std across the 2 volumes
     assert "| noise | 0.758 ± 0.050 | 0.400 ± 0.141 | 0.600 ± 0.141 | 0.500 ± 0.141 |" in text
     assert "| noise | 2.42 ± 0.77 | 15.00 ± 7.07 | 3.00 ± 1.41 | 4.00 ± 1.41 |" in text  # NMSE in %
     # paired: dSSIM = (+0.1, +0.1), dPSNR = (-1, +1), dNMSE = (-1, -1) %; wins 2 / 1 / 2 of 2
     assert "| noise | +0.100 ± 0.000 | +0.00 ± 1.41 | -1.00 ± 0.00 | 2 / 1 / 2 of 2 |" in text
+    legacy = tmp_path / "legacy.csv"  # older files name the volume_id column "subject"
+    legacy.write_text(a.read_text().replace("volume_id,", "subject,", 1))
+    assert compare.read_results(legacy) == compare.read_results(a)
     assert compare.main([f"x={a}", f"x={b}"]) == 2  # labels must differ
     assert compare.main([f"x={tmp_path / 'missing.csv'}"]) == 2

@@ -37,7 +37,7 @@ def test_preview_from_a_lightning_cli_config(tmp_path, capsys):
     backend = matplotlib.get_backend()
     matplotlib.use("svg")  # a caller's own backend (a notebook's, a GUI's) ...
     try:
-        assert _run(["--config", str(cfg), "--out", str(out), "--subjects-per-split", "1"]) == 0
+        assert _run(["--config", str(cfg), "--out", str(out), "--volumes-per-split", "1"]) == 0
         assert matplotlib.get_backend() == "svg"  # ... is left alone
     finally:
         matplotlib.use(backend)

@@ -8,9 +8,9 @@ import torch
 
 from lightning_modules.checkpoint import (
     CheckpointError,
-    ddpm_kwargs_from_config,
     export_score_sde_checkpoint,
     load_score_sde_checkpoint,
+    read_ddpm_config,
 )
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny"  # copy of shared/fixtures
@@ -119,9 +119,15 @@ def test_other_objects_and_missing_files(tmp_path):
 
 def test_config_errors():
     with pytest.raises(CheckpointError, match="config lacks nf"):
-        ddpm_kwargs_from_config({"model": {"ch_mult": [1]}, "data": {}})
+        read_ddpm_config({"model": {"ch_mult": [1]}, "data": {}})
     with pytest.raises(CheckpointError, match="'ncsnpp'"):
-        ddpm_kwargs_from_config({"model": {"name": "ncsnpp"}, "data": {}})
+        read_ddpm_config({"model": {"name": "ncsnpp"}, "data": {}})
+    complete = {"model": {"nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                          "num_groups": 4}, "data": {"image_size": 16, "num_channels": 2, "centered": True}}
+    assert read_ddpm_config(complete).ch_mult == (1, 2)
+    complete["model"]["num_groups"] = 3  # a value DDPMConfig refuses: still one CheckpointError line
+    with pytest.raises(CheckpointError, match=r"^the score_sde config: num_groups must divide .*\[8, 16\]"):
+        read_ddpm_config(complete)
 
 
 def test_channel_adaptation_is_exact_on_its_embedding(io):
@@ -132,7 +138,7 @@ def test_channel_adaptation_is_exact_on_its_embedding(io):
     with torch.no_grad():
         # 2 -> 1: a real image m is the complex image (m, 0)
         torch.testing.assert_close(one(m, labels), two(torch.cat([m, torch.zeros_like(m)], 1), labels)[:, :1])
-    assert one.score_sde_config()["data"]["num_channels"] == 1
+    assert one.config.score_sde_config()["data"]["num_channels"] == 1
 
 
 def test_one_to_two_channels(io, tmp_path):

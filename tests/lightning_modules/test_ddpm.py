@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import yaml
 from helpers import REPO, SCORE_SDE_FIXTURE, SCORE_SDE_NET, TINY_NET
 
+from lfmri_utils.errors import InputError
 from lightning_modules.checkpoint import load_score_sde_checkpoint
 from lightning_modules.networks.ddpm import DDPM, AttnBlock, DDPMConfig
 from lightning_modules.sampling.sde import pad_to_multiple
@@ -93,9 +94,19 @@ def test_gradient_checkpointing_gives_identical_outputs_and_gradients():
 
 def test_config_round_trips_through_score_sde_layout():
     net = DDPM(DDPMConfig(**TINY_NET))
-    cfg = net.score_sde_config()
+    cfg = net.config.score_sde_config()
     assert cfg["data"] == {"image_size": 16, "num_channels": 2, "centered": True}
     assert cfg["model"]["name"] == "ddpm" and cfg["model"]["nf"] == 16
+
+
+def test_the_config_round_trips_through_score_sde_layout_and_checks_its_fields():
+    config = DDPMConfig(**TINY_NET, dropout=0.0, sigma_max=378.0, centered=False)
+    assert DDPMConfig.from_score_sde(config.score_sde_config()) == config
+    assert DDPMConfig.from_score_sde({"model": {"nf": 64}}) == DDPMConfig(nf=64)  # the rest: defaults
+    with pytest.raises(InputError, match=r"^num_groups must divide the channel counts"):
+        DDPMConfig(**{**TINY_NET, "num_groups": 3})
+    with pytest.raises(InputError, match=r"^attn_resolutions must be a list of integers >= 1"):
+        DDPMConfig(**{**TINY_NET, "attn_resolutions": (0,)})
 
 
 def test_bad_nonlinearity_is_rejected():
