@@ -26,7 +26,7 @@ from datamodules.transforms import from_slices
 from degradations import REGIMES
 from lightning_modules.inference import Reconstructor
 from lightning_modules.metrics import nmse_volume, psnr_volume, ssim_volume
-from lightning_modules.sampling.samplers import build_sampler, magnitude
+from lightning_modules.sampling.samplers import SamplerOptions, magnitude
 
 
 class NonFiniteLossError(RuntimeError):
@@ -162,7 +162,7 @@ class SamplerCallback(Callback):
     Runs at the end of every `every_n_val`-th validation (epoch-based or step-based `val_check_interval`;
     never in the sanity check; also under `trainer.validate`), with the module's EMA weights
     (`pl_module.score_fn()`), through the one inference path (`lightning_modules.inference.Reconstructor`)
-    with the sampler `build_sampler(sampler, steps, t0, dc, dc_weight, dc_lambda, dc_floor)` on the module's
+    with the sampler its options name (`samplers.SamplerOptions`) on the module's
     SDE (`pl_module.sde`, whatever its class: a family's VP, discrete VP or VE; None options: the sampler
     registry's defaults). Data consistency uses the regime's forward operator of each
     slice's realised parameters, its measured k-space `y` and its known noise level, at the slice's native
@@ -201,8 +201,9 @@ class SamplerCallback(Callback):
             `val_check_interval`: every n*k epochs).
         regimes: regimes to reconstruct (default: all the validation dataset's).
         n_slices: slices per regime.
-        sampler: a `samplers.SAMPLERS` name (None: `samplers.DEFAULT_SAMPLER`); steps, t0, dc, dc_weight,
-            dc_lambda, dc_floor: its options (None: the sampler's registry defaults).
+        sampler: a `samplers.SAMPLERS` name (None: `samplers.DEFAULT_SAMPLER`); steps, t0, t0_ratio, dc,
+            dc_weight, dc_lambda, dc_floor: its options (`samplers.SamplerOptions`; None: the sampler's
+            registry defaults).
         seed: seeds the sampling noise.
         batch_size: slices per sampler call.
         log_images: log the image grid.
@@ -210,8 +211,9 @@ class SamplerCallback(Callback):
 
     def __init__(self, every_n_val: int = 1, regimes: list[str] | None = None, n_slices: int = 4,
                  sampler: str | None = None, steps: int | None = None, t0: float | None = None,
-                 dc: str | None = None, dc_weight: float | None = None, dc_lambda: float | None = None,
-                 dc_floor: float | None = None, seed: int = 0, batch_size: int = 4,
+                 t0_ratio: float | None = None, dc: str | None = None, dc_weight: float | None = None,
+                 dc_lambda: float | None = None, dc_floor: float | None = None, seed: int = 0,
+                 batch_size: int = 4,
                  log_images: bool = True) -> None:
         super().__init__()
         for name, value in (("every_n_val", every_n_val), ("n_slices", n_slices), ("batch_size", batch_size)):
@@ -221,9 +223,9 @@ class SamplerCallback(Callback):
         if unknown:
             raise ValueError(f"SamplerCallback: unknown regime(s) {', '.join(unknown)}; "
                              f"choose from {', '.join(REGIMES)}")
-        self.sampler_options = {"name": sampler, "steps": steps, "t0": t0, "dc": dc, "dc_weight": dc_weight,
-                                "dc_lambda": dc_lambda, "dc_floor": dc_floor}
-        self.sampler = build_sampler(**self.sampler_options).name  # a bad configuration fails now
+        self.sampler_options = SamplerOptions(sampler=sampler, steps=steps, t0=t0, t0_ratio=t0_ratio, dc=dc,
+                                              dc_weight=dc_weight, dc_lambda=dc_lambda, dc_floor=dc_floor)
+        self.sampler = self.sampler_options.build().name  # a bad configuration fails now
         self.every_n_val, self.n_slices = every_n_val, n_slices
         self.regimes = list(regimes) if regimes else None
         self.seed, self.batch_size, self.log_images = seed, batch_size, log_images
@@ -257,7 +259,7 @@ class SamplerCallback(Callback):
         batches = [(r, b) for r, idx in subset.items() for b in _same_volume_batches(dataset, idx,
                                                                                      self.batch_size)]
         device = pl_module.device
-        sampler = build_sampler(**self.sampler_options, sde=pl_module.sde)
+        sampler = self.sampler_options.build(pl_module.sde)
         score_fn = pl_module.score_fn()
         metrics = torch.zeros(len(positions), 3, dtype=torch.float64, device=device)
         firsts = {r: dataset.sample_shape(dataset.items[idx[0]][0]) for r, idx in subset.items()}

@@ -218,6 +218,10 @@ def main() -> None:
     p.add_argument("--floors", default=None,
                    help="--defaults-only: comma-separated dc_floor values, one row each "
                         "(default: the registry's)")
+    p.add_argument("--t0-ratios", default=None,
+                   help="--defaults-only: comma-separated t0_ratio values (the noise-aware start: diffusion "
+                        "noise = ratio x the measurement noise, at most t0), one row each (default: the "
+                        "registry's)")
     p.add_argument("--samples", default="1",
                    help="--defaults-only: comma-separated K, the posterior mean of K samples per slice")
     p.add_argument("--size", type=int, default=256, help="image size for --random-34m")
@@ -269,10 +273,12 @@ def main() -> None:
         print_table([rows[0]] + sorted(rows[1:], key=lambda r: -r["ssim"]), regimes, None)
     elif args.defaults_only:
         floors = [None] if args.floors is None else [float(f) for f in args.floors.split(",")]
-        for floor, k in itertools.product(floors, [int(k) for k in args.samples.split(",")]):
-            sampler = build_sampler(dc_floor=floor, **common)
+        ratios = [None] if args.t0_ratios is None else [float(r) for r in args.t0_ratios.split(",")]
+        samples = [int(k) for k in args.samples.split(",")]
+        for floor, ratio, k in itertools.product(floors, ratios, samples):
+            sampler = build_sampler(dc_floor=floor, t0_ratio=ratio, **common)
             label = f"{sampler.name} (registry defaults{'' if floor is None else f', floor {floor:g}'}" \
-                f"{'' if k == 1 else f', mean of {k}'})"
+                f"{'' if ratio is None else f', t0_ratio {ratio:g}'}{'' if k == 1 else f', mean of {k}'})"
             rows.append(evaluate_config(label, sampler, score_fn, volumes, device, args, samples=k))
         if args.with_resize:
             rows.append(resize_row(train_size, score_fn, volumes, device, args, common))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI builds its parsers without importing torch
@@ -11,11 +12,17 @@ if TYPE_CHECKING:  # the CLI builds its parsers without importing torch
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """`--sampler --steps --t0 --dc --dc-lambda --dc-floor --dc-weight` (None: the registry's defaults)."""
+    """`--sampler --steps --t0 --t0-ratio --dc --dc-lambda --dc-floor --dc-weight` (None: the registry's
+    defaults); the destinations are `samplers.SamplerOptions`' fields."""
     p.add_argument("--sampler", default=None,
                    help="sampler name (pc, warm_pc, ddim, warm_ddim; default: the registry's default)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
-    p.add_argument("--t0", type=float, default=None, help="start time in (0, 1] (default: the sampler's)")
+    p.add_argument("--t0", type=float, default=None,
+                   help="start time in (0, 1]; with --t0-ratio the latest start (default: the sampler's)")
+    p.add_argument("--t0-ratio", type=float, default=None,
+                   help="DDIM's noise-aware start: each slice starts where the diffusion noise is this many "
+                        "times the measurement noise (at most --t0); 0 = every slice at --t0 (default: the "
+                        "sampler's)")
     p.add_argument("--dc", default=None, choices=("proximal", "gradient", "none"),
                    help="data consistency: noise-aware proximal step or the paper's gradient step "
                         "(default: the sampler's)")
@@ -32,7 +39,7 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
 def sampler_from_args(args: argparse.Namespace, sde: SDE) -> Sampler:
     """The sampler the options name, on the model's SDE (`ScoreModel.sde`: `VPSDE`, `DiscreteVPSDE` or
     `VESDE`, whatever its family); ValueError on an invalid option."""
-    from lightning_modules.sampling.samplers import build_sampler
+    from lightning_modules.sampling.samplers import SamplerOptions
 
-    return build_sampler(args.sampler, steps=args.steps, t0=args.t0, dc=args.dc, dc_weight=args.dc_weight,
-                         dc_lambda=args.dc_lambda, dc_floor=args.dc_floor, sde=sde)
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerOptions)}
+    return SamplerOptions(**options).build(sde)

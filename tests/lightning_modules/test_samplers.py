@@ -22,6 +22,7 @@ from lightning_modules.sampling.samplers import (
     build_sampler,
     ddim_sampler,
     magnitude,
+    noise_aware_start,
     pc_sampler,
     posterior_samples,
 )
@@ -263,3 +264,41 @@ def test_the_registry_floor_reaches_the_proximal_step() -> None:
     dc = build_sampler(dc_floor=0.07).make_dc(A, y, torch.ones(1))
     assert isinstance(dc, ProximalDC) and dc.floor == pytest.approx(0.07)
     assert build_sampler(dc_floor=0.07).settings()["dc_floor"] == pytest.approx(0.07)
+
+
+def test_noise_aware_start_puts_the_diffusion_noise_at_the_asked_ratio() -> None:
+    schedule = build_sampler("warm_ddim").schedule  # t0 = 0.25, eps = 1e-3
+    ratio = torch.tensor([0.05, 0.3, 50.0, 1e-6])
+    t = noise_aware_start(schedule, ratio)
+    torch.testing.assert_close(SDE.std(t[:2]) / SDE.alpha(t[:2]), ratio[:2].double(), rtol=1e-6, atol=0)
+    assert t[2] == schedule.t_start and t[3] == pytest.approx(10 * schedule.eps)  # clamped to [10 eps, t0]
+
+
+def test_a_per_slice_grid_runs_each_slice_as_its_own_schedule() -> None:
+    # two slices started at different times in one batch == each slice alone with its own fixed grid
+    x_init = torch.stack([MU[0] + 0.3, MU[0] - 0.2])
+    starts = torch.tensor([0.2, 0.05], dtype=torch.float64)
+    batched = Schedule.make(6, 0.25).starting_at(starts)
+    assert batched.timesteps.shape == (6, 2) and batched.t_start == 0.2
+    together = ddim_sampler(gaussian_score, x_init, batched, generator=[_gen(1), _gen(2)])
+    for i, t0 in enumerate(starts.tolist()):
+        alone = ddim_sampler(gaussian_score, x_init[i:i + 1], Schedule.make(6, t0), generator=[_gen(1 + i)])
+        torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_the_sampler_starts_each_slice_from_its_noise_level() -> None:
+    seen: list[torch.Tensor] = []
+    sampler = build_sampler("warm_ddim", t0_ratio=8.0)
+    noise_sigma = torch.tensor([0.5, 0.01], dtype=torch.float64)  # ~2 dB and ~35 dB on unit-range images
+    sampler(gaussian_score, _x_init(batch=2), generator=_gen(), callback=lambda d: seen.append(d["t"]),
+            noise_sigma=noise_sigma)
+    first = seen[0].double()
+    assert first[0] == pytest.approx(0.25)  # noisy: the registry's t0 (8 x 0.35 is above its noise level)
+    ratio = float(SDE.std(first[1:]) / SDE.alpha(first[1:]))
+    assert ratio == pytest.approx(8.0 * 0.01 / 2**0.5, rel=1e-5)  # precise data: a late start
+    fixed = build_sampler("warm_ddim", t0_ratio=0.0).schedule_for(_x_init(batch=2), noise_sigma)
+    assert fixed.timesteps.dim() == 1  # t0_ratio 0: the one fixed grid
+    with pytest.raises(ValueError, match="t0_ratio .* is DDIM's"):
+        build_sampler("warm_pc", t0_ratio=1.0)
+    with pytest.raises(ValueError, match="t0_ratio must be finite and >= 0"):
+        build_sampler("warm_ddim", t0_ratio=-1.0)
