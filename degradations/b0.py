@@ -103,6 +103,10 @@ class OffResonanceEncoding:
         # capped at W; W = 1 (one readout sample) gives one segment time, the sample's own: exact
         self.n_segments = min(int(n_segments), width)
 
+    def echo_phasor(self, dtype: torch.dtype = torch.complex64) -> torch.Tensor:
+        """`exp(-i 2 pi Df TE)` `[B, 1, H, W]`: the smooth image-domain phase accrued up to the echo."""
+        return self._phasor(self.te_ms.reshape(-1, 1, 1, 1), dtype)
+
     # -- helpers -------------------------------------------------------------------------------------------
     def _phasor(self, time_ms: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`exp(-i 2 pi Df t)` for times `time_ms` broadcastable against the map (complex `dtype`)."""

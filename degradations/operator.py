@@ -65,6 +65,15 @@ class ForwardOperator:
             return x
         return ifft2c(self.forward(x) if k is None else k)
 
+    def demodulate(self, x: torch.Tensor) -> torch.Tensor:
+        """A measured complex image `x` `[B, 1, H, W]` (e.g. `ifft2c(y)`) with the off-resonance phase at the
+        echo removed (`x * conj(exp(-i 2 pi Df TE))`, the known field map's), so it sits in the frame of the
+        images `A` acts on; `x` itself without B0. The readout's shift / blur is left to the data
+        consistency."""
+        if self.encoding is None:
+            return x
+        return x * self.encoding.echo_phasor(x.dtype).to(x.device).conj()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`A x` for a complex image `x` `[B, 1, H, W]` (complex64 or complex128)."""
         k = fft2c(x) if self.encoding is None else self.encoding.forward(x)

@@ -13,6 +13,8 @@ slices of one matrix size it
    be estimated (e.g. all zero) takes the median of the volume's other slices (one noise level per
    acquisition); when no slice can be estimated it is an error;
 3. runs the sampler with data consistency (`Sampler.posterior`) in batches, K posterior samples per slice,
+   from the measured image `x_init` without the echo phase of a known B0 field map
+   (`ForwardOperator.demodulate`: the warm start then sits in the frame of the images A acts on),
    at the slices' own matrix (the score function pads to the U-Net's multiple and crops back:
    `ScoreModel.score_fn`);
 4. returns the per-pixel mean and std of the K magnitude images.
@@ -38,7 +40,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from degradations import ForwardOperator, LowFieldDegradation, estimate_noise_sigma
+from degradations import (
+    ForwardOperator,
+    LowFieldDegradation,
+    channels_to_complex,
+    complex_to_channels,
+    estimate_noise_sigma,
+)
 from degradations.b0 import segment_count
 from lfmri_utils.errors import InputError
 from lfmri_utils.seeding import stable_hash
@@ -198,8 +206,10 @@ class Reconstructor:
                 generators = slice_generators(seed, [int(s) for s in slice_ids[sl]], self.device)
                 A = ForwardOperator.from_params(p, self.b0_method, n_segments)
                 c = scale[sl].to(self.device)
+                start = complex_to_channels(A.demodulate(channels_to_complex(x_init[sl].to(self.device,
+                                                                                           torch.float32))))
                 mean, std = self.sampler.posterior(
-                    self.score_fn, x_init[sl].to(self.device, torch.float32) * c[:, None, None, None], A,
+                    self.score_fn, start * c[:, None, None, None], A,
                     y[sl].to(self.device, torch.complex64) * c[:, None, None, None], samples, generators,
                     noise_sigma=sigma[sl].to(self.device) * c)
                 nfe = self.sampler.last_nfe

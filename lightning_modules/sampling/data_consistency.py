@@ -208,9 +208,7 @@ class ProximalDC:
         encoding = self.A.encoding
         if not isinstance(encoding, OffResonanceEncoding):
             return lambda r: ifft2c(inverse * fft2c(r))
-        b0_hz = encoding.b0_map_hz.to(device=c.device, dtype=torch.float32)
-        angle = -2.0 * math.pi * 1e-3 * b0_hz * _bc(encoding.te_ms.to(device=c.device, dtype=torch.float32))
-        echo = torch.polar(torch.ones_like(angle), angle)
+        echo = encoding.echo_phasor().to(c.device)
         return lambda r: echo.conj() * ifft2c(inverse * fft2c(echo * r))
 
     def _conjugate_gradient(self, z0: Tensor, c: Tensor, d: Tensor) -> Tensor:

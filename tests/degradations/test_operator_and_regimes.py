@@ -13,6 +13,7 @@ from degradations import (
     OffResonanceEncoding,
     fft2c,
     gaussian_mtf,
+    ifft2c,
     make_regime,
     neutral_params,
     params_to_jsonable,
@@ -157,3 +158,17 @@ def test_params_to_jsonable_gives_python_scalars_without_maps():
 def test_a_range_that_is_not_finite_and_ordered_is_refused(bad):
     with pytest.raises(ValueError, match="snr_db"):
         make_regime("noise", snr_db_range=bad)
+
+
+def test_demodulate_removes_the_echo_phase_of_the_field_map():
+    x = image(dtype=torch.complex128)
+    params = neutral_params(2, H, W)
+    params["b0_map_hz"] = torch.linspace(-40.0, 60.0, H * W).reshape(1, 1, H, W).repeat(2, 1, 1, 1)
+    params["te_ms"] = torch.tensor([10.0, 20.0])
+    params["readout_ms"] = torch.zeros(2)  # every sample at the echo: the B0 effect is the echo phase alone
+    A = ForwardOperator.from_params(params, "exact")
+    measured = ifft2c(A.forward(x))
+    assert (measured - x).abs().max() > 0.1  # the phase is there ...
+    torch.testing.assert_close(A.demodulate(measured), x, rtol=1e-10, atol=1e-10)  # ... and removed
+    plain = ForwardOperator.from_params(neutral_params(2, H, W))
+    assert plain.demodulate(x) is x  # no field map: nothing to remove
