@@ -96,8 +96,8 @@ class ScoreModel(LightningModule):
     `pretrained_config` its config (a JSON / YAML / score_sde `.py` file; default: `config.json` beside
     `pretrained`). The network (`self.net`), the SDE (`self.sde`: `VPSDE`, `DiscreteVPSDE` or `VESDE`) and
     the score function come from the family and its config: `net`, beta_min, beta_max and `adapt_channels`
-    are ignored; `grad_checkpointing` applies to the
-    family's network too (with `trainer.precision: bf16-mixed`, what fine-tuning DDS's 361M ADM needs). The
+    are ignored; `grad_checkpointing` applies to the family's network too (with `trainer.precision:
+    bf16-mixed`, what fine-tuning DDS's 361M ADM needs). The
     prior must take 2 channels (real, imaginary), or 1 channel with the family's real / imaginary rule
     (score_mri: the score of [re, im] is [prior(re), prior(im)]). `__init__` reads only the config;
     `hparams.pretrained_config` then holds it (resolved, a mapping), so the model's Lightning checkpoints
