@@ -22,8 +22,9 @@ iterate `x = alpha x0 + std z` of the sampler (`alpha`, `std` `[B]`, `alpha > 0`
   (its own misfit to the data). Without the floor (`floor = 0`, `rho_t = lam / sigma_t^2`) the last
   steps of a sampler, where `sigma_t -> 0`, hand the output to `x0` however small `sigma_y` is; with it
   the data keep weight `floor^2 / (floor^2 + sigma_y^2)` per k-space sample there, so a measurement less
-  noisy than the network's error is kept (the registry's `floor = 0.02`: 50 % at sigma_y = 0.02, about
-  30 dB SNR on our normalised images; 0.4 % at sigma_y = 0.3, about 5 dB). `mu = 0` (`sigma_y = 0`, or
+  noisy than the network's error is kept (the fixed-start samplers' `floor = 0.02`: 50 % at sigma_y = 0.02,
+  about 30 dB SNR on our normalised images; 0.4 % at sigma_y = 0.3, about 5 dB; warm_ddim, whose start follows
+  the noise level, needs none). `mu = 0` (`sigma_y = 0`, or
   `sigma_t = inf`) is the hard data projection, `mu = inf` (`sigma_y = inf`, or `sigma_t = 0` with
   `floor = 0`) keeps `x0`; `sigma_y = 0` takes precedence (exact data are always kept). Numerically
   the system is solved as `(c A^H A + d I) x = c A^H y + d x0` with `c = 1 / (1 + mu)` and
