@@ -303,9 +303,9 @@ def main() -> None:
 
 def resize_row(train_size: int, score_fn: ScoreFn, volumes: list[Volume], device: torch.device,
                args: argparse.Namespace, common: dict) -> dict:
-    """The former path: slices resampled to the model's training size, warm_ddim 20 steps from t0 0.4 with
-    gradient DC w 0.05, resized back."""
-    old = build_sampler("warm_ddim", steps=20, t0=0.4, dc="gradient", dc_weight=0.05, **common)
+    """The former path: slices resampled to the model's training size, warm_ddim 20 steps from a fixed t0 0.4
+    (t0_ratio 0) with gradient DC w 0.05, resized back."""
+    old = build_sampler("warm_ddim", steps=20, t0=0.4, t0_ratio=0.0, dc="gradient", dc_weight=0.05, **common)
     return evaluate_config(f"resize to {train_size}² (former path)", old, score_fn, volumes, device, args,
                            resize_to=train_size)
 
