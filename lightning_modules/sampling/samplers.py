@@ -396,7 +396,7 @@ class SamplerSpec:
 #: 12 times the measurement noise per channel, sigma_y / sqrt(2), at most at t0) and its dc_floor 0 were
 #: chosen together with `--defaults-only --t0-ratios --floors` at 30 dB, 15 dB and 2-7 dB: at 2-7 dB every
 #: slice starts at t0, at 30 dB around t ~ 0.05; with the late start the floor that kept precise data at a
-#: fixed t0 is no longer needed (floor 0: validation SSIM 0.832 at 30 dB against 0.610 with 0.02, and
+#: fixed t0 is no longer needed (floor 0: validation SSIM 0.832 at 30 dB against 0.616 with 0.02, and
 #: +0.008 at 2-7 dB; experiments/RESULTS.md). ddim keeps its cold start (t0 1, t0_ratio 0); the fixed starts
 #: keep floor 0.02.
 SAMPLERS: dict[str, SamplerSpec] = {
