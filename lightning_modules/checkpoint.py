@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_input_file
-from lightning_modules.networks.ddpm import CONFIG_FIELDS, DDPM, REQUIRED_FIELDS, DDPMConfig, score_sde_key
-from lightning_modules.networks.families import detect_family, parse_checkpoint, with_ema
+from lightning_modules.networks.ddpm import DDPM, REQUIRED_FIELDS, DDPMConfig, score_sde_key
+from lightning_modules.networks.families import detect_family, has, parse_checkpoint, with_ema
 from lightning_modules.sampling.sde import VPSDE
 
 _PREFIX = "module."
@@ -152,8 +152,7 @@ def read_ddpm_config(config: Mapping | str | os.PathLike) -> DDPMConfig:
     if sections["model"].get("name", "ddpm") != "ddpm":
         raise CheckpointError(f"{where}: model.name is {sections['model']['name']!r}; lfmri loads 'ddpm' "
                               "networks only")
-    named = {score_sde_key(k) for k in CONFIG_FIELDS} & {f"{s}.{k}" for s, v in sections.items() for k in v}
-    missing = [k for k in REQUIRED_FIELDS if score_sde_key(k) not in named]
+    missing = [k for k in REQUIRED_FIELDS if not has(sections, score_sde_key(k))]
     if missing:
         raise CheckpointError(f"{where} lacks {', '.join(missing)} (nested layout: 'model', 'data' sections)")
     try:
