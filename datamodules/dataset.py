@@ -13,9 +13,10 @@ batch of the same type.
 
 The one seeding rule of the data: a training sample is a pure function of (seed, epoch, index) —
 `TrainSliceDataset.generator` seeds the generator every draw of the sample comes from (regime, parameters,
-noise, crop position); the epoch is set by the loader's sampler (`set_epoch`). Epochs differ, the global RNG,
-worker counts and DDP ranks do not matter, and a resumed run sees the same samples. (The model's own draws —
-DSM noise, diffusion times, dropout — follow the loader's per-step seed, `datamodules.resumable`.)
+noise, crop position, then the noise outside the slice of a crop that reaches past it); the epoch is set by
+the loader's sampler (`set_epoch`). Epochs differ, the global RNG, worker counts and DDP ranks do not matter,
+and a resumed run sees the same samples. (The model's own draws — DSM noise, diffusion times, dropout — follow
+the loader's per-step seed, `datamodules.resumable`.)
 Evaluation samples (val/test) use a generator seeded with a sha256 hash of (seed, volume id, slice, regime)
 only: identical across runs, worker counts and DDP ranks.
 """
@@ -23,6 +24,7 @@ only: identical across runs, worker counts and DDP ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,13 +35,13 @@ from datamodules.sources import VolumeRecord, VolumeSource
 from datamodules.transforms import (
     NORMALISE_PERCENTILE,
     crop,
+    crop_origin,
     fit_to_square,
     foreground_fractions,
-    random_crop_origin,
     robust_scale,
     smooth_background_phase,
 )
-from degradations import complex_to_channels, fft2c, ifft2c, make_regime, neutral_params
+from degradations import ComplexGaussianNoise, complex_to_channels, fft2c, ifft2c, make_regime, neutral_params
 from lfmri_utils.errors import InputError
 from lfmri_utils.seeding import SEED_MOD, stable_hash
 
@@ -202,8 +204,12 @@ class TrainSliceDataset(SliceDataset):
 
     With `crop_size` a sample is a random crop_size x crop_size window of the slice: the WHOLE slice is
     degraded first (the physics acts on the slice's grid: blur FWHM, T2* readout and B0 map in its pixels),
-    then clean and degraded images are cut at the same window (`transforms.random_crop_origin` from the
-    sample's generator, after the degradation's draws; the window lies inside the slice).
+    then clean and degraded images are cut at the same window (`transforms.crop_origin` from the sample's
+    generator, after the degradation's draws). `crop_coverage` "inside" (default): the window lies inside the
+    slice. "uniform": its centre is uniform over the slice, so it may reach past the edges by up to
+    crop_size / 2 (and slices smaller than the crop are used); there the clean crop and `b0_map_hz` are 0 and
+    the degraded crop is what a measurement of empty space is: complex white Gaussian noise of std
+    `noise_sigma` per complex pixel (the orthonormal FFT's image-domain level), drawn last from the generator.
     `y` is fft2c(degraded crop): not the measured k-space (a crop of an image is not a sub-sampling of its
     k-space) but the crop's own Fourier pair; training does not use it. `params` are the whole slice's, with
     `b0_map_hz` cropped to the window; `noise_sigma` is also the noise std per complex sample of the crop's
@@ -220,12 +226,14 @@ class TrainSliceDataset(SliceDataset):
         seed: int = 0,
         regime_overrides: dict | None = None,
         crop_size: int | None = None,
+        crop_coverage: Literal["inside", "uniform"] = "inside",
     ) -> None:
         super().__init__(source, volumes, image_size, background_phase, seed)
         self.regimes = list(regimes)
         self.degradations = _regimes(self.regimes, regime_overrides)
         self.items = [(v, s) for v, info in enumerate(volumes) for s in info.slices]
         self.crop_size = None if crop_size is None else int(crop_size)
+        self.crop_coverage = crop_coverage
         self.epoch = 0
 
     def sample_shape(self, v: int) -> tuple[int, int]:
@@ -257,12 +265,16 @@ class TrainSliceDataset(SliceDataset):
         x, y, params = self._degrade(v, s, self.degradations[regime], g)
         if self.crop_size is None:
             return self._sample(v, s, regime, x, ifft2c(y), y, params)
-        top, left = random_crop_origin(x.shape[-2:], self.crop_size, g)
+        top, left = crop_origin(x.shape[-2:], self.crop_size, g, self.crop_coverage)
 
         def window(image: torch.Tensor) -> torch.Tensor:
             return crop(image, top, left, self.crop_size)
 
         degraded = window(ifft2c(y))
+        inside = window(torch.ones(x.shape[-2:], dtype=torch.bool))  # [size, size]: pixels of the slice
+        if not bool(inside.all()):  # the window reaches past the slice: there, noise alone is measured
+            noise = ComplexGaussianNoise.draw(degraded, params["noise_sigma"], g)
+            degraded = torch.where(inside, degraded, noise)
         params = {**params, "b0_map_hz": window(params["b0_map_hz"])}
         return self._sample(v, s, regime, window(x), degraded, fft2c(degraded), params)
 

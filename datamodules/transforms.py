@@ -7,9 +7,13 @@
   metrics. `from_slices` is the exact inverse.
 - Normalisation: `robust_scale(volume)` is the 99.5th percentile of |volume| over all voxels (robust to a few
   bright voxels); normalised = volume / scale (not clipped), and input units = normalised * scale.
-- Crops (training at native resolution): `random_crop_origin(shape, size, generator)` draws the top-left
-  corner of a size x size window inside the slice and `crop(x, top, left, size)` cuts it (the data module
-  refuses a crop larger than a training slice).
+- Crops (training at native resolution): `crop_origin(shape, size, generator, coverage)` draws the top-left
+  corner of a size x size window and `crop(x, top, left, size)` cuts it, zero-filled where the window reaches
+  past the slice. Coverage "inside" (`random_crop_origin`): the window lies inside the slice (the data module
+  then refuses a crop larger than a training slice), so border pixels are seen less often than central
+  ones. "uniform": the window's centre is uniform over the slice's pixels and the window reaches past an edge
+  by up to size / 2: along an axis of n >= size pixels, a pixel at least size / 2 from both edges is in the
+  window with probability size / n and an edge pixel with about half that (a corner about a quarter).
 - Resize (the data module's explicit `image_size` path): `fit_to_square(x, size)` zero-pads a slice [.., h, w]
   centred to a square of side max(h, w), then resizes it to size x size with bilinear interpolation and
   antialiasing (torch `interpolate(mode="bilinear", antialias=True, align_corners=False)`; real and imaginary
@@ -27,6 +31,8 @@ import torch.nn.functional as F
 from lfmri_utils.errors import InputError
 
 NORMALISE_PERCENTILE = 99.5
+#: where training crops may lie (`crop_origin`)
+CROP_COVERAGES = ("inside", "uniform")
 
 
 def to_slices(data: np.ndarray, axis: int) -> np.ndarray:
@@ -104,9 +110,32 @@ def random_crop_origin(shape: tuple[int, int], size: int, generator: torch.Gener
     return top, left
 
 
+def crop_origin(
+    shape: tuple[int, int], size: int, generator: torch.Generator, coverage: str = "inside"
+) -> tuple[int, int]:
+    """The top-left corner (top, left) in pixels of a size x size window on a slice of `shape` (h, w); two
+    draws from `generator` (top, then left). "inside": `random_crop_origin`. "uniform": the window's centre
+    pixel (top + size // 2, left + size // 2) is uniform over the slice's pixels, so each offset is uniform
+    over [-(size // 2), n - 1 - size // 2] (the window may reach past the edges; any slice size)."""
+    if coverage == "inside":
+        return random_crop_origin(shape, size, generator)
+    if coverage != "uniform":
+        raise ValueError(f"crop coverage {coverage!r} is not one of {', '.join(CROP_COVERAGES)}")
+    top, left = (int(torch.randint(0, int(n), (1,), generator=generator)) - size // 2 for n in shape)
+    return top, left
+
+
 def crop(x: torch.Tensor, top: int, left: int, size: int) -> torch.Tensor:
-    """The window [..., top : top + size, left : left + size] of x [..., h, w] (real or complex)."""
-    return x[..., top : top + size, left : left + size]
+    """The window [..., top : top + size, left : left + size] of x [..., h, w] (real or complex); pixels of
+    the window outside x (negative or too large offsets) are 0."""
+    h, w = x.shape[-2:]
+    if 0 <= top and top + size <= h and 0 <= left and left + size <= w:
+        return x[..., top : top + size, left : left + size]
+    out = x.new_zeros(*x.shape[:-2], size, size)
+    t0, t1, l0, l1 = max(top, 0), min(top + size, h), max(left, 0), min(left + size, w)
+    if t0 < t1 and l0 < l1:
+        out[..., t0 - top : t1 - top, l0 - left : l1 - left] = x[..., t0:t1, l0:l1]
+    return out
 
 
 def smooth_background_phase(
