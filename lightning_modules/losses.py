@@ -9,6 +9,11 @@ SDE of `sde`:
   |std(t) s(x_t, t) + z|^2 at t ~ U(eps, 1);
 - `DiscreteVPSDE` (DDS): the same expression at integer steps i ~ U{0, ..., N - 1}, t = i / (N - 1); with
   s = -eps_hat / std(t) it is the DDPM noise-prediction loss |eps_hat - z|^2.
+
+The supervised loss may condition its network call apart from the score (`label_offset`, with `net` only):
+the network then sees labels `sde.labels(t0) + label_offset`, which the score (DSM, the samplers) never
+uses, so the one-step restorer of degraded slices and the score of clean anatomy are different network inputs
+(`SUPERVISED_LABEL_OFFSET`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ from torch import Tensor, nn
 from lightning_modules.sampling.sde import SDE, DiscreteVPSDE, ScoreFn, get_score_fn
 
 DSM_EPS = 1e-5
+#: the label offset of the supervised term's own conditioning (`supervised_loss(label_offset=...)`,
+#: `ScoreModel(supervised_conditioning="separate")`): the score's labels are `sde.labels(t)` in [0, 999]
+#: (999 t under the VP-SDE, t in [0, 1]), the supervised call's `sde.labels(t0) + 1000` in [1000, 1999]
+#: (1049.95 to 1299.7 for t0 in [0.05, 0.3]); the DDPM's sinusoidal time embedding takes any real label
+SUPERVISED_LABEL_OFFSET = 1000.0
 
 
 def _bc(v: Tensor) -> Tensor:
@@ -78,7 +88,8 @@ def tweedie_x0(sde: SDE, x_t: Tensor, t: Tensor, score: Tensor) -> Tensor:
 
 def supervised_loss(net: nn.Module | None, sde: SDE, degraded: Tensor, clean: Tensor, *,
                     t0_range: tuple[float, float] = (0.05, 0.3), loss: Literal["l1", "l2"] = "l1",
-                    generator: torch.Generator | None = None, score_fn: ScoreFn | None = None) -> Tensor:
+                    generator: torch.Generator | None = None, score_fn: ScoreFn | None = None,
+                    label_offset: float = 0.0) -> Tensor:
     """Supervised reconstruction loss of a warm-started sampler's first step, a scalar.
 
     t0 ~ U(t0_range) [B], z ~ N(0, I) (drawn in that order); the degraded slice is diffused to t0,
@@ -87,12 +98,19 @@ def supervised_loss(net: nn.Module | None, sde: SDE, degraded: Tensor, clean: Te
     mean |x0_hat - clean| (l1) or mean (x0_hat - clean)^2 (l2) over all pixels and the batch.
     With `net` (a noise prediction, score_sde's DDPM) std^2 s = -std net(x_t0, labels), finite at t0 = 0; with
     `score_fn` (any family) the score itself, at t0 >= `DSM_EPS` (where an eps-network's std(t0) > 0).
+    `label_offset` (only with `net`; ValueError with `score_fn`): the network is called with labels
+    `sde.labels(t0) + label_offset` (`SUPERVISED_LABEL_OFFSET`: a conditioning the score never uses); x_t0,
+    std(t0), alpha(t0) and the Tweedie formula are those of t0 as before. 0 (the default): the score's own
+    labels, bit-identical to no offset.
     """
     low, high = t0_range
     if not 0.0 <= low <= high <= sde.T:
         raise ValueError(f"t0_range must satisfy 0 <= low <= high <= {sde.T}, got {t0_range}")
     if loss not in ("l1", "l2"):
         raise ValueError(f"loss must be 'l1' or 'l2', got {loss!r}")
+    if label_offset != 0.0 and score_fn is not None:
+        raise ValueError("label_offset needs `net` (score_sde's DDPM labels); a score_fn has no labels, got "
+                         f"label_offset={label_offset!r} with score_fn")
     t0 = _uniform(degraded.shape[0], low, high, degraded, generator)
     z = _normal(degraded, generator)
     if score_fn is not None:
@@ -102,6 +120,9 @@ def supervised_loss(net: nn.Module | None, sde: SDE, degraded: Tensor, clean: Te
     if score_fn is not None:
         x0_hat = tweedie_x0(sde, x_t0, t0, score_fn(x_t0, t0))
     else:  # std^2 s = -std out (s = -out / std): the same estimate, finite at t0 = 0
-        x0_hat = (x_t0 - _bc(std) * net(x_t0, sde.labels(t0))) / _bc(sde.alpha(t0))
+        labels = sde.labels(t0)
+        if label_offset != 0.0:  # (0: exactly the score's labels, no extra operation)
+            labels = labels + label_offset
+        x0_hat = (x_t0 - _bc(std) * net(x_t0, labels)) / _bc(sde.alpha(t0))
     diff = x0_hat - clean
     return diff.abs().mean() if loss == "l1" else diff.square().mean()

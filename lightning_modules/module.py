@@ -8,8 +8,12 @@ Batches are `datamodules.SliceSample`s (training, validation, test: the losses u
 float [B, 2, H, W]) and `datamodules.MeasuredSample`s (predict).
 
 - Loss: `dsm_weight * DSM(clean) + supervised_weight * supervised(degraded -> clean)`; a term with weight 0
-  is not computed in training. Validation and test always compute and log both, with a generator seeded by
-  `val_seed + batch_idx`, so they are deterministic.
+  is not computed in training. `supervised_conditioning` 'shared' (default) calls the network for the
+  supervised term with the score's own time labels; 'separate' (score_sde's DDPM only) with labels shifted
+  past the score's range (`losses.SUPERVISED_LABEL_OFFSET`), a conditioning the score never reads, so DSM,
+  sampling and the checkpoint's score stay plain score_sde. Checkpoints without the option load as 'shared'.
+  Validation and test always compute and log both, with a generator seeded by `val_seed + batch_idx`, so
+  they are deterministic.
 - Optimiser: AdamW with a linear warm-up of the learning rate over `warmup_steps` optimiser steps (a LambdaLR
   stepped every step: factor min(1, (step + 1) / warmup_steps)). Gradient clipping is the Trainer's
   (`trainer.gradient_clip_val: 1.0`, score_sde's value); bf16 is the Trainer's `precision: bf16-mixed`.
@@ -49,7 +53,7 @@ from lfmri_utils.options import Rule, check_options, number, ordered_range
 from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpoint, resolve_checkpoint
 from lightning_modules.ema import EMA
 from lightning_modules.inference import DataScale, Reconstructor
-from lightning_modules.losses import dsm_loss, supervised_loss
+from lightning_modules.losses import SUPERVISED_LABEL_OFFSET, dsm_loss, supervised_loss
 from lightning_modules.networks.ddpm import CONFIG_FIELDS, DDPM, DDPMConfig
 from lightning_modules.networks.families import (
     FAMILIES,
@@ -103,7 +107,12 @@ class ScoreModel(LightningModule):
     `hparams.pretrained_config` then holds it (resolved, a mapping), so the model's Lightning checkpoints
     rebuild without the original files.
     SDE and losses: beta_min, beta_max; dsm_weight; supervised_weight (lambda); supervised_t0 (range of t0);
-    supervised_loss 'l1' | 'l2'; likelihood_weighting (DSM). With a family, DSM is the family SDE's
+    supervised_loss 'l1' | 'l2'; supervised_conditioning 'shared' | 'separate' (the supervised term's network
+    call: 'shared' the score's time labels sde.labels(t0), as score_sde's DDPM sees them when sampling;
+    'separate' labels sde.labels(t0) + `losses.SUPERVISED_LABEL_OFFSET` (1000: above the score's 0..999), a
+    conditioning only that term uses, x_t0 and the Tweedie step unchanged; only for score_sde's DDPM `net`
+    with its time conditioning (not with `pretrained_family`, `net.conditional: false` or
+    `net.scale_by_sigma`: InputError)); likelihood_weighting (DSM). With a family, DSM is the family SDE's
     (`losses`: VP and VE weighted by std(t)^2, discrete VP the noise-prediction loss at integer steps) and the
     supervised loss the Tweedie step through the family's score.
     Optimisation: lr, weight_decay (AdamW), warmup_steps, ema_decay, compile (torch.compile the network in
@@ -122,6 +131,7 @@ class ScoreModel(LightningModule):
         "dsm_weight": number(0),
         "supervised_weight": number(0),
         "supervised_t0": ordered_range(0, 1),
+        "supervised_conditioning": Rule(lambda v: v in ("shared", "separate"), "'shared' or 'separate'"),
         "lr": number(0, low_open=True),
         "weight_decay": number(0),
         "warmup_steps": number(0, integer=True),
@@ -136,7 +146,9 @@ class ScoreModel(LightningModule):
                  pretrained_family: str | None = None,
                  beta_min: float = 0.1, beta_max: float = 20.0, dsm_weight: float = 1.0,
                  supervised_weight: float = 0.0, supervised_t0: tuple[float, float] = (0.05, 0.3),
-                 supervised_loss: Literal["l1", "l2"] = "l1", likelihood_weighting: bool = False,
+                 supervised_loss: Literal["l1", "l2"] = "l1",
+                 supervised_conditioning: Literal["shared", "separate"] = "shared",
+                 likelihood_weighting: bool = False,
                  lr: float = 2e-4, weight_decay: float = 0.0, warmup_steps: int = 5000,
                  ema_decay: float = 0.9999, compile: bool = False, val_seed: int = 0) -> None:
         super().__init__()
@@ -154,6 +166,8 @@ class ScoreModel(LightningModule):
             raise InputError("pretrained_weights 'family' needs pretrained_family")
         if hp.dsm_weight == 0 and hp.supervised_weight == 0:
             raise InputError("dsm_weight and supervised_weight are both 0: nothing to train; make one > 0")
+        if supervised_conditioning == "separate":
+            self._check_separate_conditioning(pretrained_family, net_config)
         #: the family prior around `self.net` (None: score_sde's DDPM under `VPSDE`, `net`)
         self.prior: Pretrained | None = None
         if pretrained_family is None:
@@ -176,6 +190,20 @@ class ScoreModel(LightningModule):
         self._ema_swap: ExitStack | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _check_separate_conditioning(family: str | None, net: DDPMConfig) -> None:
+        """InputError (one line) where supervised_conditioning 'separate' cannot be honoured: a checkpoint
+        family (its score function has no labels to shift), or a DDPM without a time embedding
+        (`conditional: false`: the offset would change nothing) or with `scale_by_sigma` (it indexes `sigmas`
+        by the label, which the offset takes out of range)."""
+        if family is not None:
+            raise InputError(f"supervised_conditioning 'separate' is only for score_sde's DDPM (net), not a "
+                             f"checkpoint family (pretrained_family={family}); use 'shared'")
+        if not net.conditional or net.scale_by_sigma:
+            field = "net.conditional: false" if not net.conditional else "net.scale_by_sigma: true"
+            raise InputError(f"supervised_conditioning 'separate' needs the DDPM's time labels as a plain "
+                             f"embedding, not {field}; use 'shared'")
+
     def _checkpoint_config(self) -> str | dict[str, Any] | None:
         """`pretrained`'s config: `pretrained_config`, else the `config.json` beside the file; None when
         neither is there."""
@@ -329,6 +357,12 @@ class ScoreModel(LightningModule):
         return self.prior.data_scale
 
     # ------------------------------------------------------------------------------------------ losses
+    @property
+    def supervised_label_offset(self) -> float:
+        """What the supervised term adds to the network's time labels: 0 ('shared'), or
+        `losses.SUPERVISED_LABEL_OFFSET` ('separate'; score_sde's DDPM only)."""
+        return SUPERVISED_LABEL_OFFSET if self.hparams.supervised_conditioning == "separate" else 0.0
+
     def _losses(self, batch: SliceSample, generator: torch.Generator | None, compute_all: bool,
                 ) -> dict[str, Tensor]:
         hp = self.hparams
@@ -344,7 +378,8 @@ class ScoreModel(LightningModule):
         if compute_all or hp.supervised_weight > 0:
             out["supervised"] = supervised_loss(self.net, self.sde, batch.degraded, batch.clean,
                                                 t0_range=tuple(hp.supervised_t0), loss=hp.supervised_loss,
-                                                generator=generator, score_fn=score_fn)
+                                                generator=generator, score_fn=score_fn,
+                                                label_offset=self.supervised_label_offset)
         weights = {"dsm": hp.dsm_weight, "supervised": hp.supervised_weight}
         out["loss"] = sum(weights[k] * v for k, v in out.items())
         return out
