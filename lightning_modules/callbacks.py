@@ -201,8 +201,8 @@ class SamplerCallback(Callback):
             `val_check_interval`: every n*k epochs).
         regimes: regimes to reconstruct (default: all the validation dataset's).
         n_slices: slices per regime.
-        sampler: a `samplers.SAMPLERS` name (None: `samplers.DEFAULT_SAMPLER`); steps, t0, t0_ratio, dc,
-            dc_weight, dc_lambda, dc_floor: its options (`samplers.SamplerOptions`; None: the sampler's
+        sampler: a `samplers.SAMPLERS` name (None: `samplers.DEFAULT_SAMPLER`); steps, t0, t0_ratio, stop_ratio,
+            dc, dc_weight, dc_lambda, dc_floor: its options (`samplers.SamplerOptions`; None: the sampler's
             registry defaults).
         seed: seeds the sampling noise.
         batch_size: slices per sampler call.
@@ -211,7 +211,8 @@ class SamplerCallback(Callback):
 
     def __init__(self, every_n_val: int = 1, regimes: list[str] | None = None, n_slices: int = 4,
                  sampler: str | None = None, steps: int | None = None, t0: float | None = None,
-                 t0_ratio: float | None = None, dc: str | None = None, dc_weight: float | None = None,
+                 t0_ratio: float | None = None, stop_ratio: float | None = None, dc: str | None = None,
+                 dc_weight: float | None = None,
                  dc_lambda: float | None = None, dc_floor: float | None = None, seed: int = 0,
                  batch_size: int = 4,
                  log_images: bool = True) -> None:
@@ -223,8 +224,9 @@ class SamplerCallback(Callback):
         if unknown:
             raise ValueError(f"SamplerCallback: unknown regime(s) {', '.join(unknown)}; "
                              f"choose from {', '.join(REGIMES)}")
-        self.sampler_options = SamplerOptions(sampler=sampler, steps=steps, t0=t0, t0_ratio=t0_ratio, dc=dc,
-                                              dc_weight=dc_weight, dc_lambda=dc_lambda, dc_floor=dc_floor)
+        self.sampler_options = SamplerOptions(sampler=sampler, steps=steps, t0=t0, t0_ratio=t0_ratio,
+                                              stop_ratio=stop_ratio, dc=dc, dc_weight=dc_weight,
+                                              dc_lambda=dc_lambda, dc_floor=dc_floor)
         self.sampler = self.sampler_options.build().name  # a bad configuration fails now
         self.every_n_val, self.n_slices = every_n_val, n_slices
         self.regimes = list(regimes) if regimes else None

@@ -8,6 +8,7 @@ inputs are `[S, H, W]` or `[S, 1, H, W]` (a single `[H, W]` slice is a volume of
   `data_range = ref.max()` of the whole reference volume, averaged over slices.
 - PSNR: `10 log10(data_range^2 / MSE)` over the whole volume, `data_range = ref.max()` (dB).
 - NMSE: `||pred - ref||^2 / ||ref||^2` over the whole volume (a fraction, not %).
+- `region_metrics`: SSIM and RMSE over the object and over the background apart (where the error sits).
 
 The volume functions return Python floats for one volume; `slice_metrics` gives per-slice arrays.
 """
@@ -23,7 +24,9 @@ __all__ = [
     "SSIM_WIN_SIZE",
     "nmse_volume",
     "psnr_volume",
+    "region_metrics",
     "slice_metrics",
+    "ssim_map",
     "ssim_slices",
     "ssim_volume",
 ]
@@ -61,6 +64,12 @@ def ssim_slices(
 
     `data_range` defaults to `ref.max()` over the whole volume (fastMRI's convention).
     """
+    return ssim_map(pred, ref, data_range).mean(dim=(-2, -1))
+
+
+def ssim_map(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray, data_range: float | None = None) -> Tensor:
+    """The SSIM of every 7x7 window, float64 `[S, H - 6, W - 6]` (entry [s, i, j]: the window centred on pixel
+    (i + 3, j + 3)); its mean per slice is `ssim_slices`."""
     pred, ref = _pair(pred, ref)
     if min(ref.shape[-2:]) < SSIM_WIN_SIZE:
         w = SSIM_WIN_SIZE
@@ -77,8 +86,23 @@ def ssim_slices(
     vx = cov_norm * (uxx - ux * ux)
     vy = cov_norm * (uyy - uy * uy)
     vxy = cov_norm * (uxy - ux * uy)
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    return s.mean(dim=(-2, -1))
+    return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+
+
+def region_metrics(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray,
+                   threshold: float = 0.1) -> dict[str, float]:
+    """Where the error sits: SSIM (mean of `ssim_map`, volume data range) and RMSE (normalised units) over the
+    object, pixels whose reference is above `threshold` times its slice's maximum, and over the background,
+    the others (windows counted by their centre pixel). Keys `ssim_object`, `ssim_background`,
+    `rmse_object`, `rmse_background`, `background_fraction`."""
+    pred, ref = _pair(pred, ref)
+    obj = ref > threshold * ref.amax(dim=(-2, -1), keepdim=True)
+    h = SSIM_WIN_SIZE // 2
+    smap, inner = ssim_map(pred, ref), obj[:, h:-h, h:-h]
+    err = (pred - ref) ** 2
+    return {"ssim_object": float(smap[inner].mean()), "ssim_background": float(smap[~inner].mean()),
+            "rmse_object": float(err[obj].mean().sqrt()), "rmse_background": float(err[~obj].mean().sqrt()),
+            "background_fraction": float((~obj).double().mean())}
 
 
 def ssim_volume(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray) -> float:

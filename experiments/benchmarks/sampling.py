@@ -30,6 +30,7 @@ and measured in the same run; absolute seconds mean something only on a GPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -42,8 +43,8 @@ import torch
 
 from degradations import REGIMES, complex_to_channels, fft2c
 from lightning_modules.inference import Reconstructor
-from lightning_modules.metrics import psnr_volume, ssim_volume
-from lightning_modules.sampling.samplers import SAMPLERS, Sampler, build_sampler, magnitude
+from lightning_modules.metrics import psnr_volume, region_metrics, ssim_volume
+from lightning_modules.sampling.samplers import SAMPLERS, Sampler, SamplerOptions, build_sampler, magnitude
 from lightning_modules.sampling.sde import SDE, VPSDE, ScoreFn, get_score_fn
 
 #: `--tune`'s coordinate search: dc_lambda at the registry's t0 and 10 steps, then t0 x steps at the best
@@ -147,9 +148,16 @@ def reconstruct(sampler: Sampler, score_fn: ScoreFn, vol: Volume, device: torch.
     return mean.clamp_min(0).numpy(), wall, out.nfe
 
 
-def score(pred: np.ndarray, vol: Volume) -> tuple[float, float]:
+def score(pred: np.ndarray, vol: Volume) -> tuple[float, ...]:
+    """(SSIM, PSNR, SSIM object, SSIM background, RMSE object, RMSE background) of one volume."""
     ref = magnitude(vol.clean)[:, 0].numpy()
-    return ssim_volume(pred, ref), psnr_volume(pred, ref)
+    regions = region_metrics(pred, ref)
+    return (ssim_volume(pred, ref), psnr_volume(pred, ref), regions["ssim_object"],
+            regions["ssim_background"], regions["rmse_object"], regions["rmse_background"])
+
+
+#: the per-volume metrics of `score`, in its order
+METRICS = ("ssim", "psnr", "ssim_object", "ssim_background", "rmse_object", "rmse_background")
 
 
 def evaluate_config(label: str, sampler: Sampler, score_fn: ScoreFn, volumes: list[Volume],
@@ -164,25 +172,27 @@ def evaluate_config(label: str, sampler: Sampler, score_fn: ScoreFn, volumes: li
         wall += seconds
         per_regime.setdefault(vol.regime, []).append(score(pred, vol))
     row = {"config": label, "nfe": nfe, "wall_s": wall, **sampler.settings()}
-    for regime, values in per_regime.items():
-        row[f"ssim/{regime}"] = float(np.mean([v[0] for v in values]))
-        row[f"psnr/{regime}"] = float(np.mean([v[1] for v in values]))
-    row["ssim"] = float(np.mean([row[f"ssim/{r}"] for r in per_regime]))
-    row["psnr"] = float(np.mean([row[f"psnr/{r}"] for r in per_regime]))
-    print(f"  {label:<28} NFE {nfe:>5}  SSIM {row['ssim']:.4f}  PSNR {row['psnr']:6.2f}  {wall:7.1f} s",
-          flush=True)
+    _average(row, per_regime)
+    print(f"  {label:<28} NFE {nfe:>5}  SSIM {row['ssim']:.4f}  PSNR {row['psnr']:6.2f}  {wall:7.1f} s  "
+          f"(object / background SSIM {row['ssim_object']:.3f} / {row['ssim_background']:.3f}, RMSE "
+          f"{row['rmse_object']:.4f} / {row['rmse_background']:.4f})", flush=True)
     return row
+
+
+def _average(row: dict, per_regime: dict[str, list[tuple[float, ...]]]) -> None:
+    """Each metric per regime (mean over volumes) and over the regimes, into `row`."""
+    for regime, values in per_regime.items():
+        for m, name in enumerate(METRICS):
+            row[f"{name}/{regime}"] = float(np.mean([v[m] for v in values]))
+    for name in METRICS:
+        row[name] = float(np.mean([row[f"{name}/{r}"] for r in per_regime]))
 
 
 def degraded_row(volumes: list[Volume]) -> dict:
     row: dict = {"config": "degraded input", "nfe": 0, "wall_s": 0.0}
     regimes = sorted({v.regime for v in volumes}, key=list(REGIMES).index)
-    for regime in regimes:
-        values = [score(magnitude(v.degraded)[:, 0].numpy(), v) for v in volumes if v.regime == regime]
-        row[f"ssim/{regime}"] = float(np.mean([v[0] for v in values]))
-        row[f"psnr/{regime}"] = float(np.mean([v[1] for v in values]))
-    row["ssim"] = float(np.mean([row[f"ssim/{r}"] for r in regimes]))
-    row["psnr"] = float(np.mean([row[f"psnr/{r}"] for r in regimes]))
+    _average(row, {regime: [score(magnitude(v.degraded)[:, 0].numpy(), v) for v in volumes if v.regime == regime]
+                   for regime in regimes})
     return row
 
 
@@ -224,6 +234,9 @@ def main() -> None:
                         "registry's)")
     p.add_argument("--samples", default="1",
                    help="--defaults-only: comma-separated K, the posterior mean of K samples per slice")
+    p.add_argument("--grid", action="append", default=None, metavar="SPEC",
+                   help="rows of every combination of a sampler's options, e.g. 'pnp steps=2,4 t0_ratio=1,2 "
+                        "stop_ratio=0.5,1' (SamplerOptions fields; '--samples' K per row); repeatable")
     p.add_argument("--size", type=int, default=256, help="image size for --random-34m")
     p.add_argument("--timing-only", action="store_true", help="--random-34m: time the default sampler only")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast around the network")
@@ -247,7 +260,16 @@ def main() -> None:
           f"native matrices {shapes}; regimes {regimes}; SNR "
           f"{args.snr_db if args.snr_db is not None else 'regime range'}; device {device}", flush=True)
     rows = [degraded_row(volumes)]
-    if args.tune:
+    if args.grid:
+        samples = [int(k) for k in args.samples.split(",")]
+        for spec in args.grid:
+            for options, k in itertools.product(grid_options(spec), samples):
+                sampler = SamplerOptions(**options).build(sde)
+                label = " ".join(f"{key}={value}" for key, value in options.items()) + \
+                    ("" if k == 1 else f" mean of {k}")
+                rows.append(evaluate_config(label, sampler, score_fn, volumes, device, args, samples=k))
+        print_table(rows, regimes, None)
+    elif args.tune:
         def run(t0: float, steps: int, lam: float) -> dict:
             sampler = build_sampler(args.tune, steps=steps, t0=t0, dc="proximal", dc_lambda=lam, **common)
             label = f"{args.tune} t0={t0:g} n={steps} λ={lam:g}"
@@ -299,6 +321,20 @@ def main() -> None:
     if args.json_out:
         args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                              "model": model_label, "rows": rows}, indent=2))
+
+
+def grid_options(spec: str) -> list[dict]:
+    """Every combination of a `--grid` SPEC, 'NAME key=v1,v2 key=v3': `SamplerOptions` keyword dicts."""
+    name, *pairs = spec.split()
+    fields = {f.name: f for f in dataclasses.fields(SamplerOptions)}
+    axes = []
+    for pair in pairs:
+        key, _, values = pair.partition("=")
+        if key not in fields or key == "sampler":
+            raise SystemExit(f"--grid: unknown option {key!r}; choose from {', '.join(fields)}")
+        cast = str if key == "dc" else (int if key == "steps" else float)
+        axes.append([(key, cast(v)) for v in values.split(",")])
+    return [{"sampler": name, **dict(combo)} for combo in itertools.product(*axes)]
 
 
 def resize_row(train_size: int, score_fn: ScoreFn, volumes: list[Volume], device: torch.device,

@@ -22,8 +22,8 @@ Every sampler has one signature, k-diffusion style::
   time per slice `[B]`; `nfe`: network evaluations so far). To count evaluations outside a sampler wrap the
   score function in `NFECounter`; `Sampler.last_nfe` records the count of its last call.
 
-NFE counts calls of `score_fn`, each on the whole batch: `pc_sampler` makes `n_steps * (1 + n_corrector)`,
-`ddim_sampler` makes `n_steps`.
+NFE counts calls of `score_fn`, each on the whole batch: `pc_sampler` makes `n_steps * (1 + n_corrector)`
+(fewer with a stop), `ddim_sampler` and `pnp_sampler` make `n_steps`.
 
 Samplers:
 - `pc_sampler`: score-MRI's predictor-corrector (score_sde's Langevin corrector then its
@@ -31,9 +31,20 @@ Samplers:
   result is the noise-free mean of the last predictor step). With `t_start < 1` it is the warm start.
 - `ddim_sampler`: DDIM (deterministic for `eta = 0`); DC is applied to the Tweedie estimate
   of the clean image at each step, which is then re-noised to the next time.
+- `pnp_sampler`: plug-and-play without fresh noise (DiffPIR with zeta = 0): the prior as an MMSE denoiser,
+  the data by the proximal step, the noise re-estimated from the corrected estimate; a point estimate (an
+  approximation of the posterior mean), not a sample. One step from the measurement's own noise level without
+  DC is the prior's one-step Tweedie (MMSE) estimate of an image measured with white noise.
 
-`SAMPLERS` names the four configurations ("pc", "warm_pc", "ddim", "warm_ddim") with ALL their defaults
-(steps, t0, DC kind and strength): the one place they are set. `build_sampler` turns a name and options (None:
+Estimator, not sample: for a sample x_s of p(x | y), E|x_s - x|^2 = 2 E|E[x | y] - x|^2, and PSNR / SSIM
+reward the posterior mean. Hence the noise-aware *stop* (`stop_ratio`, every sampler; `Sampler.schedule_for`):
+a slice ends where the diffusion noise std(t)/alpha(t) reaches `stop_ratio` times the measurement's and
+returns its (DC'd) Tweedie estimate there, and the noise-aware *start* (`t0_ratio`) with a warm start that
+tops up only the noise the measured image lacks (`Schedule.init_noise`). The mean of K samples
+(`posterior_samples`, `--samples K --std-out`) remains the way to an uncertainty map.
+
+`SAMPLERS` names the configurations ("pc", "warm_pc", "ddim", "warm_ddim", "pnp", "tweedie") with ALL their
+defaults (steps, t0, DC kind and strength, start and stop): the one place they are set. `build_sampler` turns a name and options (None:
 the registry's) into a `Sampler`, the entry point of every caller (reconstruct, evaluate, predict, the
 validation callback, benchmarks); `DEFAULT_SAMPLER` is the name callers use when the user names none.
 """
@@ -70,7 +81,9 @@ __all__ = [
     "compile_score_fn",
     "ddim_sampler",
     "magnitude",
+    "noise_aware_time",
     "pc_sampler",
+    "pnp_sampler",
     "posterior_samples",
 ]
 
@@ -112,9 +125,16 @@ class Schedule:
     - `eta`: DDIM's stochasticity (0 = deterministic, 1 = DDPM-like ancestral noise).
     - `denoise`: PC returns the mean of its last predictor step (score_sde's `noise_removal`), not the sample.
     - `autocast`: run `score_fn` under bf16 autocast (x's device type); the score is cast back to x's dtype.
+    - `init_noise`: float64 `[B]` or None, the std per real channel of the white noise x_init already holds
+      (image units; the measurement's, `sigma_y / sqrt(2)`): the warm start adds only the noise that brings
+      it to the diffusion's `std(t)/alpha(t)` (`_warm_start`); None: x_init taken as noise-free.
+    - `eps`: the earliest time of the full grid (`make`'s `eps`); the noise-aware times are clamped above it.
+    - `t_stop`: float64 `[B]` or None, the noise-aware stop of a sampler on ONE grid (PC): each slice's output
+      is its (DC'd) Tweedie estimate at the first grid time `<= t_stop`, not the end of the chain (`readout`).
+      DDIM and PnP take their stop as the end of a per-slice grid instead (`spanning`).
     """
 
-    sde: VPSDE
+    sde: SDE
     timesteps: Tensor
     snr: float = 0.16
     n_corrector: int = 1
@@ -122,6 +142,9 @@ class Schedule:
     denoise: bool = True
     autocast: bool = False
     model_sde: SDE | None = None
+    t_stop: Tensor | None = None
+    eps: float = 1e-3
+    init_noise: Tensor | None = None
 
     @classmethod
     def make(cls, n_steps: int, t_start: float = 1.0, eps: float = 1e-3, beta_min: float = 0.1,
@@ -142,14 +165,21 @@ class Schedule:
         n_full = max(n_steps, round((VPSDE.T - eps) / dt) + 1)
         timesteps = torch.linspace(t_start, eps, n_steps, dtype=torch.float64)
         model_sde = VPSDE(beta_min, beta_max) if sde is None else sde
-        return cls(sde=model_sde.grid(n_full), timesteps=timesteps, model_sde=model_sde, **options)
+        return cls(sde=model_sde.grid(n_full), timesteps=timesteps, model_sde=model_sde, eps=eps, **options)
 
-    def starting_at(self, t_start: Tensor) -> Schedule:
-        """This schedule with one grid per slice, `[n_steps, B]`: `n_steps` times from each slice's
-        `t_start` `[B]` (in (eps, 1]) down to `eps`, evenly spaced (DDIM only)."""
+    def spanning(self, t_start: Tensor, t_stop: Tensor | None = None) -> Schedule:
+        """This schedule with one grid per slice, `[n_steps, B]`: `n_steps` evenly spaced times from each
+        slice's `t_start` `[B]` down to its `t_stop` `[B]` (None: the schedule's `eps`), `t_stop <= t_start`
+        (DDIM and PnP only; with one step the grid is `t_start`)."""
         t_start = t_start.detach().to("cpu", torch.float64).reshape(1, -1)
+        end = torch.full_like(t_start, self.eps) if t_stop is None else \
+            t_stop.detach().to("cpu", torch.float64).reshape(1, -1)
+        if end.shape != t_start.shape or bool((end > t_start).any()):
+            raise ValueError(f"t_stop {end.tolist()} must be <= t_start {t_start.tolist()}, one per slice")
         frac = torch.linspace(1.0, 0.0, self.n_steps, dtype=torch.float64)[:, None]
-        return dataclasses.replace(self, timesteps=self.eps + (t_start - self.eps) * frac)
+        if self.n_steps == 1:
+            frac = torch.ones(1, 1, dtype=torch.float64)
+        return dataclasses.replace(self, timesteps=end + (t_start - end) * frac)
 
     @property
     def marginals(self) -> SDE:
@@ -164,10 +194,6 @@ class Schedule:
     def t_start(self) -> float:
         """The start time (the latest over the slices for a per-slice grid)."""
         return float(self.timesteps[0].max())
-
-    @property
-    def eps(self) -> float:
-        return float(self.timesteps[-1].min())
 
     def times(self, i: int, x: Tensor) -> Tensor:
         """The `i`-th time of every slice of x, `[B]` in x's dtype and device (one grid or one per slice)."""
@@ -216,9 +242,23 @@ def _score(score_fn: ScoreFn, x: Tensor, t: Tensor, autocast: bool) -> Tensor:
     return s.to(x.dtype)
 
 
+#: a warm start's top-up noise below this fraction of the start's std is not drawn (0.005 % of the variance)
+_TOP_UP_TOL = 1e-2
+
+
 def _warm_start(x_init: Tensor, schedule: Schedule, generator: Generators) -> Tensor:
-    """`alpha(t_start) x_init + std(t_start) z` (VE: `x_init + sigma(t_start) z`), each slice at its start."""
-    mean, std = schedule.marginals.marginal_prob(x_init, schedule.times(0, x_init))
+    """`alpha x_init + s z` at each slice's start time (VE: alpha = 1), with `s = std(t_start)`, or where x_init
+    holds white noise of std `init_noise` per channel, `s = sqrt(std^2 - alpha^2 init_noise^2)` (0 when the
+    noise it holds is already at or above the start's, or within `_TOP_UP_TOL` of it, a bisection's error):
+    the start then has the diffusion's noise level, not more. No random draw where every `s` is 0."""
+    t = schedule.times(0, x_init)
+    mean, std = schedule.marginals.marginal_prob(x_init, t)
+    if schedule.init_noise is not None:
+        held = schedule.marginals.alpha(t) * schedule.init_noise.to(device=x_init.device, dtype=x_init.dtype)
+        top_up = (std**2 - held**2).clamp_min(0)
+        std = torch.where(top_up > _TOP_UP_TOL**2 * std**2, top_up.sqrt(), torch.zeros_like(std))
+        if not bool((std > 0).any()):
+            return mean
     return mean + _bc(std) * _randn(x_init, generator)
 
 
@@ -258,6 +298,7 @@ def pc_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataCo
     t_first = torch.full((x_init.shape[0],), schedule.t_start, device=x_init.device, dtype=x_init.dtype)
     x = consistent(_warm_start(x_init, schedule, generator), t_first)
     x_mean, nfe = x, 0
+    readout = _Readout(schedule.t_stop, x)
     # G_i of all steps at once (sde.discretize; VP: G_i = sqrt(beta_i), f = (sqrt(1 - beta_i) - 1) x; VE:
     # f = 0): one host-to-device copy instead of one per step
     _, g_all = sde.discretize(torch.zeros(schedule.n_steps, 1, 1, 1), schedule.timesteps)
@@ -277,14 +318,52 @@ def pc_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataCo
         # reverse-diffusion predictor (score_sde's discretisation): x - f + G^2 score + G z
         score = _score(score_fn, x, t, schedule.autocast)
         nfe += 1 + schedule.n_corrector
+        if readout.due(t):  # the noise-aware stop: the Tweedie estimate at this time, for the slices due
+            a_t, s_t = marginals.alpha(t), marginals.std(t)
+            x0 = (x + _bc(s_t**2) * score) / _bc(a_t)
+            readout.take(t, x0 if dc is None else dc(x0, s_t / a_t))
+            if readout.done:
+                if callback is not None:
+                    callback({"i": i, "t": t, "x": x, "denoised": readout.out, "nfe": nfe})
+                return readout.out
         x_mean = x + _bc(G**2) * score if ve else x - _bc(torch.sqrt(1 - G**2) - 1) * x + _bc(G**2) * score
         t_next = torch.full_like(t, times[i + 1] if i + 1 < len(times) else 0.0)
         x = consistent(x_mean + _bc(G) * _randn(x, generator), t_next)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": x_mean, "nfe": nfe})
-    if not schedule.denoise:
-        return x
-    return consistent(x_mean, torch.zeros_like(x_mean[:, 0, 0, 0]))
+    last = x if not schedule.denoise else consistent(x_mean, torch.zeros_like(x_mean[:, 0, 0, 0]))
+    return readout.finish(last)
+
+
+class _Readout:
+    """The noise-aware stop of a sampler on one grid: each slice's output is the estimate given at the first
+    step whose time is `<= t_stop` of that slice (`t_stop` `[B]`; None: the end of the chain)."""
+
+    def __init__(self, t_stop: Tensor | None, like: Tensor) -> None:
+        self.t_stop = None if t_stop is None else t_stop.to(device=like.device, dtype=like.dtype).reshape(-1)
+        self.out = torch.zeros_like(like)
+        self.taken = torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
+
+    def _now(self, t: Tensor) -> Tensor:
+        return (t <= self.t_stop) & ~self.taken
+
+    def due(self, t: Tensor) -> bool:
+        """Whether some slice stops at time `t` `[B]`."""
+        return self.t_stop is not None and bool(self._now(t).any())
+
+    def take(self, t: Tensor, estimate: Tensor) -> None:
+        """Record `estimate` `[B,...]` for the slices that stop at `t`."""
+        now = self._now(t)
+        self.out[now] = estimate[now]
+        self.taken |= now
+
+    @property
+    def done(self) -> bool:
+        return self.t_stop is not None and bool(self.taken.all())
+
+    def finish(self, last: Tensor) -> Tensor:
+        """The recorded estimates, `last` for the slices that never reached their stop."""
+        return last if self.t_stop is None else torch.where(self.taken[:, None, None, None], self.out, last)
 
 
 @torch.no_grad()
@@ -327,16 +406,51 @@ def ddim_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule,
     return x0
 
 
+@torch.no_grad()
+def pnp_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataConsistency | None = None,
+                generator: Generators = None, callback: Callback | None = None) -> Tensor:
+    """Plug-and-play estimate without fresh noise (DiffPIR with zeta = 0); float `[B,2,H,W]`.
+
+    The prior is used as an MMSE denoiser and the data enter by the proximal step; no noise is drawn after the
+    start. Start (`_warm_start`): `x = alpha(t_0) x_init`, plus only the noise that brings x_init's own noise
+    (`schedule.init_noise`) to the start's level; where the start's level is the measurement's (the
+    noise-aware start with `t0_ratio` 1) nothing is drawn and the estimate is deterministic. At each time t
+    of the grid (descending, per slice with `Schedule.spanning`; next time s): Tweedie
+    `x0 = (x + std_t^2 score) / alpha_t`, `x0 <- dc(x0, std_t / alpha_t)`, the noise re-estimated from the
+    corrected estimate `eps = (x - alpha_t x0) / std_t`, `x <- alpha_s x0 + std_s eps`. Returns the last
+    (DC'd) x0: with the noise-aware stop, the estimate where the diffusion noise meets the measurement's. One
+    step from `t0_ratio` 1 without DC is the prior's one-step MMSE (Tweedie) estimate of an image measured
+    with white noise (the noise regime). NFE = `n_steps`.
+    """
+    sde = schedule.marginals
+    x = _warm_start(x_init, schedule, generator)
+    x0 = x
+    for i in range(schedule.n_steps):
+        t = schedule.times(i, x)
+        a_t, sd_t = _bc(sde.alpha(t)), _bc(sde.std(t))
+        x0 = (x + sd_t**2 * _score(score_fn, x, t, schedule.autocast)) / a_t
+        if dc is not None:
+            x0 = dc(x0, sde.std(t) / sde.alpha(t))
+        if i + 1 < schedule.n_steps:
+            s = schedule.times(i + 1, x)
+            x = _bc(sde.alpha(s)) * x0 + _bc(sde.std(s)) * (x - a_t * x0) / sd_t
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "denoised": x0, "nfe": i + 1})
+    return x0
+
+
 SampleFn = Callable[..., Tensor]
 
 
 @torch.no_grad()
-def noise_aware_start(schedule: Schedule, ratio: Tensor, iters: int = 40) -> Tensor:
-    """Per-slice start times `[B]` (float64, CPU): where the model's marginals have `std(t) / alpha(t)` (the
-    diffusion noise in image units) equal to `ratio` `[B]`, found by bisection on [10 eps, t0] (t0 the
-    schedule's start, eps its end); clamped to that interval."""
+def noise_aware_time(schedule: Schedule, ratio: Tensor, low: float | None = None, iters: int = 40) -> Tensor:
+    """Per-slice times `[B]` (float64, CPU): where the model's marginals have `std(t) / alpha(t)` (the
+    diffusion noise in image units) equal to `ratio` `[B]`, found by bisection on [low, t0] (t0 the
+    schedule's start; `low` default 10 eps, eps its end); clamped to that interval. The noise-aware start
+    (`t0_ratio`) and stop (`stop_ratio`) of `Sampler.schedule_for`."""
     sde = schedule.marginals
-    lo = torch.full(ratio.shape, min(10 * schedule.eps, schedule.t_start), dtype=torch.float64)
+    low = min(10 * schedule.eps, schedule.t_start) if low is None else min(low, schedule.t_start)
+    lo = torch.full(ratio.shape, low, dtype=torch.float64)
     hi = torch.full(ratio.shape, schedule.t_start, dtype=torch.float64)
     target = ratio.detach().to("cpu", torch.float64)
     for _ in range(iters):
@@ -372,8 +486,9 @@ def posterior_samples(
 class SamplerSpec:
     """A named sampler configuration and its defaults: the sample function, number of steps, start time, the
     data-consistency kind and its strength (`dc_weight` of the gradient step; `dc_lambda` and `dc_floor` of
-    the proximal step's coupling rho_t = 1 / (sigma_t^2 / dc_lambda + dc_floor^2)), and (DDIM) `t0_ratio`,
-    the noise-aware start (`Sampler.schedule_for`; 0: every slice starts at t0)."""
+    the proximal step's coupling rho_t = 1 / (sigma_t^2 / dc_lambda + dc_floor^2)), (DDIM, PnP) `t0_ratio`,
+    the noise-aware start, and `stop_ratio`, the noise-aware stop (`Sampler.schedule_for`; 0: every slice
+    starts at t0, runs to eps)."""
 
     sample_fn: SampleFn
     steps: int
@@ -383,6 +498,7 @@ class SamplerSpec:
     dc_lambda: float = 1.0
     dc_floor: float = 0.0
     t0_ratio: float = 0.0
+    stop_ratio: float = 0.0
 
 
 #: name -> configuration and defaults (the one place they are set). "pc" is the paper's reference: score-MRI's
@@ -405,9 +521,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "ddim": SamplerSpec(ddim_sampler, steps=50, t0=1.0, dc="proximal", dc_lambda=32.0, dc_floor=0.02),
     "warm_ddim": SamplerSpec(ddim_sampler, steps=10, t0=0.25, dc="proximal", dc_lambda=32.0, dc_floor=0.0,
                              t0_ratio=12.0),
+    "pnp": SamplerSpec(pnp_sampler, steps=2, t0=0.5, dc="proximal", dc_lambda=2048.0, t0_ratio=1.0,
+                       stop_ratio=0.1),
+    "tweedie": SamplerSpec(pnp_sampler, steps=1, t0=0.5, dc="none", t0_ratio=1.0),
 }
 #: the sampler every command uses when the user names none
-DEFAULT_SAMPLER = "warm_ddim"
+DEFAULT_SAMPLER = "pnp"
 
 
 @dataclass
@@ -428,7 +547,24 @@ class Sampler:
     dc_lambda: float = 1.0
     dc_floor: float = 0.0
     t0_ratio: float = 0.0
+    stop_ratio: float = 0.0
     last_nfe: int = field(default=0, init=False)
+
+    @property
+    def deterministic(self) -> bool:
+        """True for a point estimate that draws no noise (PnP from the measurement's own noise level,
+        `0 < t0_ratio <= 1`; the one-step Tweedie estimate): K samples would be equal."""
+        return self.sample_fn is pnp_sampler and 0 < self.t0_ratio <= 1
+
+    def check_samples(self, k: int) -> None:
+        """ValueError unless `k` samples per slice make sense for this sampler (`k >= 1`; 1 for a point
+        estimate, whose K outputs would be identical and whose std map would be zero)."""
+        if k < 1:
+            raise ValueError(f"samples must be >= 1, got {k}")
+        if k > 1 and self.deterministic:
+            raise ValueError(f"sampler {self.name!r} is a deterministic point estimate (the posterior mean's "
+                             f"approximation): {k} samples would be identical; for posterior samples and a "
+                             "std map use a diffusion sampler, e.g. --sampler warm_ddim")
 
     @property
     def expected_nfe(self) -> int:
@@ -439,8 +575,8 @@ class Sampler:
     def settings(self) -> dict[str, Any]:
         """The settings that define this sampler's output (for result files and logs)."""
         out: dict[str, Any] = {"sampler": self.name, "steps": self.schedule.n_steps,
-                               "t0": self.schedule.t_start, "t0_ratio": self.t0_ratio, "dc": self.dc,
-                               "nfe": self.expected_nfe}
+                               "t0": self.schedule.t_start, "t0_ratio": self.t0_ratio,
+                               "stop_ratio": self.stop_ratio, "dc": self.dc, "nfe": self.expected_nfe}
         if self.dc == "gradient":
             out["dc_weight"] = self.dc_weight
         elif self.dc == "proximal":
@@ -449,13 +585,30 @@ class Sampler:
         return out
 
     def schedule_for(self, x_init: Tensor, noise_sigma: Tensor | None) -> Schedule:
-        """The schedule for these slices: with `t0_ratio > 0` and the noise std known, each slice starts where
-        the diffusion noise is `t0_ratio` times the measurement's (`noise_aware_start`), at most at the
-        schedule's t0; else the schedule as it is."""
-        if self.t0_ratio == 0 or noise_sigma is None:
+        """The schedule for these slices, with the noise std per complex k-space sample known
+        (`noise_sigma` `[B]`; None: the schedule as it is). Noise-aware start (`t0_ratio > 0`): each slice
+        starts where the diffusion noise `std(t)/alpha(t)` is `t0_ratio` times the measurement's per
+        real channel, `sigma_y / sqrt(2)`, at most at the schedule's t0. Noise-aware stop (`stop_ratio > 0`):
+        each slice ends where it is `stop_ratio` times that (at least eps, at most its start), and its
+        output is the (DC'd) Tweedie estimate there: the posterior mean's approximation instead of a
+        sample run to t ~ 0, whose last steps add detail the data cannot veto. DDIM and PnP take one grid per
+        slice from start to stop (`Schedule.spanning`), PC its grid with a readout at the stop."""
+        if noise_sigma is None:
             return self.schedule
-        per_channel = noise_sigma.detach().cpu() / math.sqrt(2)  # complex std -> real / imaginary channels
-        return self.schedule.starting_at(noise_aware_start(self.schedule, self.t0_ratio * per_channel))
+        per_channel = noise_sigma.detach().cpu().double().reshape(-1) / math.sqrt(2)  # complex std -> channel
+        known = torch.isfinite(per_channel)  # inf: y says nothing; such a slice runs the plain schedule
+        held = torch.where(known, per_channel, 0.0)
+        if self.t0_ratio == 0 and self.stop_ratio == 0:
+            return dataclasses.replace(self.schedule, init_noise=held)
+        start = torch.full_like(per_channel, self.schedule.t_start)
+        if self.t0_ratio > 0:
+            start = torch.where(known, noise_aware_time(self.schedule, self.t0_ratio * held), start)
+        stop = None if self.stop_ratio == 0 else torch.minimum(torch.where(
+            known, noise_aware_time(self.schedule, self.stop_ratio * held, low=self.schedule.eps),
+            self.schedule.eps), start)
+        if self.sample_fn is pc_sampler:
+            return dataclasses.replace(self.schedule, t_stop=stop, init_noise=held)
+        return dataclasses.replace(self.schedule.spanning(start, stop), init_noise=held)
 
     def make_dc(self, A: LinearOperator | None, y: Tensor | None,
                 noise_sigma: Tensor | None = None) -> DataConsistency | None:
@@ -483,6 +636,7 @@ class Sampler:
                   y: Tensor | None = None, k: int = 1, generator: Generators = None,
                   noise_sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`posterior_samples` with this sampler: magnitude (mean, std) `[B,1,H,W]`; `last_nfe`: total NFE."""
+        self.check_samples(k)
         counter = NFECounter(score_fn)
         dc = self.make_dc(A, y, noise_sigma)
         schedule = self.schedule_for(x_init, noise_sigma)
@@ -504,17 +658,19 @@ class SamplerOptions:
     dc_lambda: float | None = None
     dc_floor: float | None = None
     t0_ratio: float | None = None
+    stop_ratio: float | None = None
 
     def build(self, sde: SDE | None = None) -> Sampler:
         """The `Sampler` (`build_sampler`) under the score model's `sde`; ValueError for a bad option."""
         return build_sampler(self.sampler, steps=self.steps, t0=self.t0, dc=self.dc, dc_weight=self.dc_weight,
                              dc_lambda=self.dc_lambda, dc_floor=self.dc_floor, t0_ratio=self.t0_ratio,
-                             sde=sde)
+                             stop_ratio=self.stop_ratio, sde=sde)
 
 
 def build_sampler(name: str | None = None, steps: int | None = None, t0: float | None = None,
                   dc: DCKind | None = None, dc_weight: float | None = None, dc_lambda: float | None = None,
-                  dc_floor: float | None = None, t0_ratio: float | None = None, snr: float = 0.16,
+                  dc_floor: float | None = None, t0_ratio: float | None = None,
+                  stop_ratio: float | None = None, snr: float = 0.16,
                   n_corrector: int = 1, eta: float = 0.0,
                   eps: float = 1e-3, autocast: bool = False, sde: SDE | None = None) -> Sampler:
     """A `Sampler` from a `SAMPLERS` name (None: `DEFAULT_SAMPLER`); None for any option takes the name's
@@ -529,6 +685,7 @@ def build_sampler(name: str | None = None, steps: int | None = None, t0: float |
     dc_lambda = spec.dc_lambda if dc_lambda is None else float(dc_lambda)
     dc_floor = spec.dc_floor if dc_floor is None else float(dc_floor)
     t0_ratio = spec.t0_ratio if t0_ratio is None else float(t0_ratio)
+    stop_ratio = spec.stop_ratio if stop_ratio is None else float(stop_ratio)
     if dc not in ("proximal", "gradient", "none"):
         raise ValueError(f"unknown data consistency {dc!r}; choose proximal, gradient or none")
     if not math.isfinite(dc_weight) or dc_weight < 0:
@@ -539,8 +696,11 @@ def build_sampler(name: str | None = None, steps: int | None = None, t0: float |
         raise ValueError(f"dc_floor must be finite and >= 0, got {dc_floor}")
     if not math.isfinite(t0_ratio) or t0_ratio < 0:
         raise ValueError(f"t0_ratio must be finite and >= 0, got {t0_ratio}")
-    if t0_ratio > 0 and spec.sample_fn is not ddim_sampler:
-        raise ValueError(f"t0_ratio (a start time per slice) is DDIM's; sampler {name!r} takes t0_ratio 0")
+    if not math.isfinite(stop_ratio) or stop_ratio < 0:
+        raise ValueError(f"stop_ratio must be finite and >= 0, got {stop_ratio}")
+    if t0_ratio > 0 and spec.sample_fn is pc_sampler:
+        raise ValueError(f"t0_ratio (a start time per slice) is DDIM's and PnP's; sampler {name!r} takes "
+                         "t0_ratio 0")
     schedule = Schedule.make(
         spec.steps if steps is None else int(steps), spec.t0 if t0 is None else float(t0), eps=eps,
         sde=VPSDE() if sde is None else sde, snr=snr, n_corrector=n_corrector, eta=eta, autocast=autocast,
@@ -548,4 +708,4 @@ def build_sampler(name: str | None = None, steps: int | None = None, t0: float |
     if spec.sample_fn is pc_sampler:
         check_pc_grid(schedule, f"sampler {name!r}")  # when it is built, not when it first samples
     return Sampler(name=name, sample_fn=spec.sample_fn, schedule=schedule, dc=dc, dc_weight=dc_weight,
-                   dc_lambda=dc_lambda, dc_floor=dc_floor, t0_ratio=t0_ratio)
+                   dc_lambda=dc_lambda, dc_floor=dc_floor, t0_ratio=t0_ratio, stop_ratio=stop_ratio)

@@ -22,7 +22,7 @@ from lightning_modules.sampling.samplers import (
     build_sampler,
     ddim_sampler,
     magnitude,
-    noise_aware_start,
+    noise_aware_time,
     pc_sampler,
     posterior_samples,
 )
@@ -209,8 +209,9 @@ def test_nfe_counter_and_reference_default_is_score_mri() -> None:
     ref = build_sampler("pc")
     assert ref.schedule.n_steps == 2000 and ref.expected_nfe == 4000 and ref.schedule.snr == 0.16
     assert ref.dc == "gradient" and ref.dc_weight == 0.3
-    # every other sampler defaults to the noise-aware proximal DC; the default sampler is a fast one
-    assert all(build_sampler(name).dc == "proximal" for name in SAMPLERS if name != "pc")
+    # every other sampler defaults to the noise-aware proximal DC (the one-step Tweedie estimate takes none);
+    # the default sampler is a fast one
+    assert all(build_sampler(name).dc == "proximal" for name in SAMPLERS if name not in ("pc", "tweedie"))
     assert build_sampler().name == DEFAULT_SAMPLER and build_sampler().expected_nfe <= 50
 
 
@@ -266,10 +267,10 @@ def test_the_registry_floor_reaches_the_proximal_step() -> None:
     assert build_sampler(dc_floor=0.07).settings()["dc_floor"] == pytest.approx(0.07)
 
 
-def test_noise_aware_start_puts_the_diffusion_noise_at_the_asked_ratio() -> None:
+def test_noise_aware_time_puts_the_diffusion_noise_at_the_asked_ratio() -> None:
     schedule = build_sampler("warm_ddim").schedule  # t0 = 0.25, eps = 1e-3
     ratio = torch.tensor([0.05, 0.3, 50.0, 1e-6])
-    t = noise_aware_start(schedule, ratio)
+    t = noise_aware_time(schedule, ratio)
     torch.testing.assert_close(SDE.std(t[:2]) / SDE.alpha(t[:2]), ratio[:2].double(), rtol=1e-6, atol=0)
     assert t[2] == schedule.t_start and t[3] == pytest.approx(10 * schedule.eps)  # clamped to [10 eps, t0]
 
@@ -278,7 +279,7 @@ def test_a_per_slice_grid_runs_each_slice_as_its_own_schedule() -> None:
     # two slices started at different times in one batch == each slice alone with its own fixed grid
     x_init = torch.stack([MU[0] + 0.3, MU[0] - 0.2])
     starts = torch.tensor([0.2, 0.05], dtype=torch.float64)
-    batched = Schedule.make(6, 0.25).starting_at(starts)
+    batched = Schedule.make(6, 0.25).spanning(starts)
     assert batched.timesteps.shape == (6, 2) and batched.t_start == 0.2
     together = ddim_sampler(gaussian_score, x_init, batched, generator=[_gen(1), _gen(2)])
     for i, t0 in enumerate(starts.tolist()):
