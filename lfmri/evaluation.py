@@ -103,21 +103,22 @@ def tune_on_validation(datamodule: Any, regimes: Sequence[str], names: Sequence[
 def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], baselines: Sequence[str],
                    sampler: Sampler, samples: int = 1, batch_size: int = 8, seed: int = 0,
                    device: torch.device | str = "cpu", settings: Mapping[str, Any] | None = None,
-                   other_samplers: Mapping[str, Sampler] | None = None) -> EvaluationResult:
+                   other_samplers: Mapping[str, tuple[Sampler, int]] | None = None) -> EvaluationResult:
     """The paper's protocol on the data module's test subjects (see the module docstring).
 
     `baselines`: names from `lfmri.baselines.BASELINES` (tuned on validation first; a baseline without a grid
     runs with its defaults), each run on the volume's `Measurement`. Reconstruction is the
     one inference path (`lightning_modules.inference.Reconstructor`) at the slices' native matrix, with the
-    simulation's known noise level: `sampler` is the method `lfmri`; `other_samplers` (method name, e.g.
-    `lfmri_pc` -> sampler) are scored on the same slices with the same seeds. The figure shows the middle
+    simulation's known noise level: `sampler` is the method `lfmri` (the mean of `samples` per slice);
+    `other_samplers` (method name, e.g. `lfmri_pc` -> (sampler, K samples)) are scored on the same slices with
+    the same seeds. The figure shows the middle
     slice of the first test volume per regime.
     """
     device = torch.device(device)
     overrides = _regime_overrides(datamodule)
     score_fn = model.score_fn()  # one frozen copy of the EMA network for the whole protocol
     tuning = tune_on_validation(datamodule, regimes, baselines, device)
-    ours = {LFMRI: sampler, **(other_samplers or {})}
+    ours = {LFMRI: (sampler, samples), **(other_samplers or {})}
     rows: list[ResultRow] = []
     slice_rows: list[SliceRow] = []
     panels: dict[str, dict[str, np.ndarray]] = {}
@@ -132,12 +133,12 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
             for name in baselines:
                 params = tuning[regime][name].params if name in tuning.get(regime, {}) else {}
                 outputs[name], seconds[name] = run_baseline(name, m, params)
-            for method, method_sampler in ours.items():
+            for method, (method_sampler, k) in ours.items():
                 reconstruct = Reconstructor.for_degradation(
                     score_fn, method_sampler, degradation, batch_size, device,
                     progress=f"{vol.volume_id} {regime} {method}", data_scale=model.data_scale)
                 start = time.perf_counter()
-                result = reconstruct(vol.degraded, vol.y, vol.params, vol.slices.tolist(), seed, samples)
+                result = reconstruct(vol.degraded, vol.y, vol.params, vol.slices.tolist(), seed, k)
                 seconds[method] = (time.perf_counter() - start) / max(len(m), 1)
                 outputs[method] = result.mean[:, 0].numpy()
             for method, pred in outputs.items():

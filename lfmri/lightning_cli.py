@@ -97,7 +97,8 @@ class LfmriCLI(LightningCLI):
     def _prepare_subcommand_parser(self, klass: type, subcommand: str,
                                    **kwargs: Any) -> LightningArgumentParser:
         """`lfmri predict` also takes the reconstruction's sampler, `--sampling.*` (`SamplerOptions`: sampler,
-        steps, t0, dc, dc_weight, dc_lambda, dc_floor, t0_ratio, stop_ratio; unset: the registry's defaults)."""
+        steps, t0, dc, dc_weight, dc_lambda, dc_floor, t0_ratio, stop_ratio; unset: the registry's
+        defaults)."""
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
             parser.add_class_arguments(SamplerOptions, "sampling")

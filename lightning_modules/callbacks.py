@@ -201,9 +201,9 @@ class SamplerCallback(Callback):
             `val_check_interval`: every n*k epochs).
         regimes: regimes to reconstruct (default: all the validation dataset's).
         n_slices: slices per regime.
-        sampler: a `samplers.SAMPLERS` name (None: `samplers.DEFAULT_SAMPLER`); steps, t0, t0_ratio, stop_ratio,
-            dc, dc_weight, dc_lambda, dc_floor: its options (`samplers.SamplerOptions`; None: the sampler's
-            registry defaults).
+        sampler: a `samplers.SAMPLERS` name (None: `samplers.DEFAULT_SAMPLER`); steps, t0, t0_ratio,
+            stop_ratio, dc, dc_weight, dc_lambda, dc_floor: its options (`samplers.SamplerOptions`; None: the
+            sampler's registry defaults).
         seed: seeds the sampling noise.
         batch_size: slices per sampler call.
         log_images: log the image grid.

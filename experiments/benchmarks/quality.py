@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-pc-steps", type=int, default=50,
                    help="predictor steps of the reference PC (the paper: 2000; 0: leave it out)")
     p.add_argument("--baselines", default="all", help="lfmri evaluate --baselines")
+    p.add_argument("--also", default="warm_ddim,warm_ddim:8,tweedie",
+                   help="lfmri evaluate --also: the other estimators side by side (none: only the default)")
     p.add_argument("--regimes", default="all")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/quality")
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     return lfmri_main(["evaluate", "--ckpt", args.ckpt, "--config", args.config, "--regimes", args.regimes,
                        "--baselines", args.baselines, "--max-slices-per-volume", str(args.slices),
                        "--reference-pc-steps", str(args.reference_pc_steps), "--device", args.device,
-                       "--out", args.out])
+                       "--out", args.out, *(["--also", args.also] if args.also != "none" else [])])
 
 
 if __name__ == "__main__":

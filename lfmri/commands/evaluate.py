@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from lfmri.commands.sampler_options import add_sampler_arguments, sampler_from_args
 from lfmri_utils.errors import InputError
@@ -47,12 +48,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "predictor-corrector with N predictor steps (2N NFE) and gradient DC w = 0.3, on the "
                         "same slices and seeds (default 0: off; the paper uses 2000)")
     p.add_argument("--samples", type=int, default=1, help="posterior samples per slice (mean scored)")
+    p.add_argument("--also", default=None, metavar="NAME[:K],...",
+                   help="also score these registry samplers with their defaults on the same slices and "
+                        "seeds, "
+                        "as methods lfmri_NAME (NAME:K: the mean of K posterior samples, lfmri_NAME_meanK), "
+                        "e.g. warm_ddim,warm_ddim:8,tweedie")
     p.add_argument("--max-slices-per-volume", type=int, default=None,
                    help="evenly spaced slices per volume (default: the data module's eval_slices_per_volume)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=8, help="slices sampled together")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise")
     p.set_defaults(func=run)
+
+
+def parse_also(spec: str | None, sde: Any) -> dict[str, tuple[Any, int]]:
+    """`--also` -> {method name: (registry sampler with its defaults, K)}; ValueError for an unknown name, a
+    bad K or K > 1 of a point estimate."""
+    from lightning_modules.sampling.samplers import build_sampler
+
+    out: dict[str, tuple[Any, int]] = {}
+    for item in [] if not spec else spec.split(","):
+        name, _, k = item.strip().partition(":")
+        if k and not k.isdigit():
+            raise ValueError(f"--also: {item!r}: K must be a positive integer")
+        samples = int(k) if k else 1
+        sampler = build_sampler(name, sde=sde)
+        sampler.check_samples(samples)
+        out[f"lfmri_{name}" + (f"_mean{samples}" if samples > 1 else "")] = (sampler, samples)
+    return out
 
 
 def parse_regimes(spec: str) -> list[str]:
@@ -95,12 +118,12 @@ def run(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
         model = load_score_model(args.ckpt, device)
         sampler = sampler_from_args(args, model.sde)
-        others = {}
-        if args.reference_pc_steps:
-            from lightning_modules.sampling.samplers import build_sampler
+        from lightning_modules.sampling.samplers import build_sampler
 
+        others = parse_also(args.also, model.sde)
+        if args.reference_pc_steps:
             # the registry's `pc`: the paper's reference, gradient DC w = 0.3
-            others["lfmri_pc"] = build_sampler("pc", steps=args.reference_pc_steps, sde=model.sde)
+            others["lfmri_pc"] = (build_sampler("pc", steps=args.reference_pc_steps, sde=model.sde), 1)
     except ValueError as err:  # InputError included
         raise InputError(str(err)) from None
     overrides = {} if args.max_slices_per_volume is None else {
@@ -109,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {"ckpt": str(resolve_checkpoint(args.ckpt).resolve()),
                 "config": str(Path(args.config).resolve()),
                 **sampler.settings(), "samples": args.samples, "seed": args.seed, "device": str(device)}
-    settings.update({f"{name}: {k}": v for name, s in others.items() for k, v in s.settings().items()})
+    settings.update({f"{name}: {k}": v for name, (s, n) in others.items()
+                     for k, v in {**s.settings(), "samples": n}.items()})
     result = run_evaluation(model, datamodule, regimes, baselines, sampler, samples=args.samples,
                             batch_size=args.batch_size, seed=args.seed, device=device, settings=settings,
                             other_samplers=others)

@@ -12,8 +12,8 @@ if TYPE_CHECKING:  # the CLI builds its parsers without importing torch
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """`--sampler --steps --t0 --t0-ratio --stop-ratio --dc --dc-lambda --dc-floor --dc-weight` (None: the registry's
-    defaults); the destinations are `samplers.SamplerOptions`' fields."""
+    """`--sampler --steps --t0 --t0-ratio --stop-ratio --dc --dc-lambda --dc-floor --dc-weight` (None: the
+    registry's defaults); the destinations are `samplers.SamplerOptions`' fields."""
     p.add_argument("--sampler", default=None,
                    help="sampler name (pc, warm_pc, ddim, warm_ddim, pnp, tweedie; default: the registry's "
                         "default)")
@@ -21,9 +21,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--t0", type=float, default=None,
                    help="start time in (0, 1]; with --t0-ratio the latest start (default: the sampler's)")
     p.add_argument("--t0-ratio", type=float, default=None,
-                   help="DDIM's and PnP's noise-aware start: each slice starts where the diffusion noise is this many "
-                        "times the measurement noise (at most --t0); 0 = every slice at --t0 (default: the "
-                        "sampler's)")
+                   help="DDIM's and PnP's noise-aware start: each slice starts where the diffusion noise is "
+                        "this many times the measurement noise (at most --t0); 0 = every slice at --t0 "
+                        "(default: the sampler's)")
     p.add_argument("--stop-ratio", type=float, default=None,
                    help="the noise-aware stop: each slice ends where the diffusion noise is this many times "
                         "the measurement noise and returns its Tweedie estimate there (an approximation of "
@@ -43,7 +43,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
 
 def sampler_from_args(args: argparse.Namespace, sde: SDE) -> Sampler:
     """The sampler the options name, on the model's SDE (`ScoreModel.sde`: `VPSDE`, `DiscreteVPSDE` or
-    `VESDE`, whatever its family); ValueError on an invalid option or `--samples` K > 1 for a point estimate."""
+    `VESDE`, whatever its family); ValueError on an invalid option or `--samples` K > 1 for a point
+    estimate."""
     from lightning_modules.sampling.samplers import SamplerOptions
 
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerOptions)}

@@ -44,9 +44,10 @@ tops up only the noise the measured image lacks (`Schedule.init_noise`). The mea
 (`posterior_samples`, `--samples K --std-out`) remains the way to an uncertainty map.
 
 `SAMPLERS` names the configurations ("pc", "warm_pc", "ddim", "warm_ddim", "pnp", "tweedie") with ALL their
-defaults (steps, t0, DC kind and strength, start and stop): the one place they are set. `build_sampler` turns a name and options (None:
-the registry's) into a `Sampler`, the entry point of every caller (reconstruct, evaluate, predict, the
-validation callback, benchmarks); `DEFAULT_SAMPLER` is the name callers use when the user names none.
+defaults (steps, t0, DC kind and strength, start and stop): the one place they are set. `build_sampler`
+turns a name and options (None: the registry's) into a `Sampler`, the entry point of every caller
+(reconstruct, evaluate, predict, the validation callback, benchmarks); `DEFAULT_SAMPLER` is the name callers
+use when the user names none.
 """
 
 from __future__ import annotations
@@ -247,10 +248,10 @@ _TOP_UP_TOL = 1e-2
 
 
 def _warm_start(x_init: Tensor, schedule: Schedule, generator: Generators) -> Tensor:
-    """`alpha x_init + s z` at each slice's start time (VE: alpha = 1), with `s = std(t_start)`, or where x_init
-    holds white noise of std `init_noise` per channel, `s = sqrt(std^2 - alpha^2 init_noise^2)` (0 when the
-    noise it holds is already at or above the start's, or within `_TOP_UP_TOL` of it, a bisection's error):
-    the start then has the diffusion's noise level, not more. No random draw where every `s` is 0."""
+    """`alpha x_init + s z` at each slice's start time (VE: alpha = 1), with `s = std(t_start)`, or where
+    x_init holds white noise of std `init_noise` per channel, `s = sqrt(std^2 - alpha^2 init_noise^2)` (0 when
+    the noise it holds is already at or above the start's, or within `_TOP_UP_TOL` of it, a bisection's
+    error): the start then has the diffusion's noise level, not more. No random draw where every `s` is 0."""
     t = schedule.times(0, x_init)
     mean, std = schedule.marginals.marginal_prob(x_init, t)
     if schedule.init_noise is not None:

@@ -14,6 +14,7 @@ from helpers import SCORE_SDE_CKPT
 from lfmri.baselines import BASELINES, available_baselines
 from lfmri.cli import main
 from lfmri.results import CSV_COLUMNS
+from lightning_modules.sampling.samplers import DEFAULT_SAMPLER
 
 CONFIG = """\
 trainer:
@@ -61,7 +62,8 @@ def test_evaluate_writes_well_formed_results_and_tunes_on_validation_only(
     baselines = available_baselines()  # every core baseline, and BM3D where the extra is installed
     assert {"degraded", "tv", "nlm", "tv_complex", "nlm_complex", "tv_model"} <= set(baselines)
     out = tmp_path / "results"
-    assert main(_argv(setup, out, "--baselines", "all", "--reference-pc-steps", "21")) == 0
+    assert main(_argv(setup, out, "--baselines", "all", "--reference-pc-steps", "21",
+                      "--also", "tweedie,warm_ddim:2")) == 0
     printed = capsys.readouterr().out
     names = ["figure.png", "results.csv", "results.json", "results.md", "slices.csv"]
     assert sorted(p.name for p in out.iterdir()) == names
@@ -71,7 +73,7 @@ def test_evaluate_writes_well_formed_results_and_tunes_on_validation_only(
     assert tuple(rows[0]) == CSV_COLUMNS
     test_volumes = {"real-colin27"}  # the bundled source's held-out subject's one volume
     assert {r["volume_id"] for r in rows} == test_volumes
-    methods = [*baselines, "lfmri", "lfmri_pc"]
+    methods = [*baselines, "lfmri", "lfmri_tweedie", "lfmri_warm_ddim_mean2", "lfmri_pc"]
     assert {(r["regime"], r["method"]) for r in rows} == {(g, m) for g in REGIMES.split(",") for m in methods}
     assert len(rows) == 1 * 2 * len(methods) and all(r["n_slices"] == "1" for r in rows)
     assert all(-1 <= float(r["ssim"]) <= 1 and float(r["nmse"]) >= 0 for r in rows)
@@ -85,8 +87,9 @@ def test_evaluate_writes_well_formed_results_and_tunes_on_validation_only(
             tuned = payload["tuned_baselines"][regime][name]
             assert tuned["volume_ids"] == ["pseudo-mni-val-000"]  # validation, never test
             assert set(tuned["params"]) == set(BASELINES[name].grid)
-    assert payload["settings"]["sampler"] == "warm_ddim" and payload["settings"]["steps"] == 2
+    assert payload["settings"]["sampler"] == DEFAULT_SAMPLER and payload["settings"]["steps"] == 2
     settings = payload["settings"]
+    assert settings["lfmri_warm_ddim_mean2: samples"] == 2 and settings["lfmri_tweedie: nfe"] == 1
     assert settings["lfmri_pc: sampler"] == "pc" and settings["lfmri_pc: dc_weight"] == 0.3
     assert payload["spread"].startswith("one test volume (real-colin27): mean ± std over its 1 slices")
     with open(out / "slices.csv", newline="") as fh:
@@ -128,6 +131,9 @@ def test_bad_inputs_exit_2_and_write_nothing(setup: dict[str, Path], tmp_path: P
     assert "data" in _fails(_argv(setup, out, config=no_data), capsys, out)
     assert "bogus" in _fails(_argv(setup, out, "--regimes", "noise,bogus"), capsys, out)
     assert "bogus" in _fails(_argv(setup, out, "--baselines", "tv,bogus"), capsys, out)
+    assert "unknown sampler 'bogus'" in _fails(_argv(setup, out, "--also", "bogus"), capsys, out)
+    assert "deterministic point estimate" in _fails(_argv(setup, out, "--also", "tweedie:4"), capsys, out)
+    assert "deterministic point estimate" in _fails(_argv(setup, out, "--samples", "2"), capsys, out)
     no_bm3d = dataclasses.replace(BASELINES["bm3d"], module="lfmri_no_such_module")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(BASELINES, "bm3d", no_bm3d)

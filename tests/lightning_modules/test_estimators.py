@@ -63,7 +63,8 @@ def test_one_step_tweedie_is_the_posterior_mean(sde) -> None:
         return
     torch.testing.assert_close(out, mmse, atol=1e-5, rtol=0)
     # a point estimate: no random draw
-    again = sampler(_score(sde), measured, noise_sigma=_sigma_y(64), generator=torch.Generator().manual_seed(2))
+    again = sampler(_score(sde), measured, noise_sigma=_sigma_y(64),
+                    generator=torch.Generator().manual_seed(2))
     assert torch.equal(out, again) and sampler.deterministic
 
 
@@ -73,7 +74,8 @@ def test_a_point_estimate_refuses_k_samples_and_a_diffusion_sampler_takes_them()
     build_sampler("tweedie").check_samples(1)
     build_sampler("warm_ddim").check_samples(8)
     # PnP from above the measurement's own noise level draws noise: it is not called deterministic
-    assert build_sampler("pnp", t0_ratio=1.0).deterministic and not build_sampler("pnp", t0_ratio=2.0).deterministic
+    assert build_sampler("pnp", t0_ratio=1.0).deterministic
+    assert not build_sampler("pnp", t0_ratio=2.0).deterministic
 
 
 def test_pnp_without_data_step_from_the_measurement_level_is_tweedie_at_its_first_step() -> None:
@@ -121,9 +123,10 @@ def test_pc_with_a_stop_returns_each_slices_tweedie_estimate_at_its_stop_and_end
 
 def test_spanning_and_options_are_checked() -> None:
     sched = Schedule.make(4, 0.5)
-    grid = sched.spanning(torch.tensor([0.5, 0.3], dtype=torch.float64), torch.tensor([0.1, 0.3], dtype=torch.float64)).timesteps
+    f64 = torch.float64
+    grid = sched.spanning(torch.tensor([0.5, 0.3], dtype=f64), torch.tensor([0.1, 0.3], dtype=f64)).timesteps
     assert grid.shape == (4, 2) and grid[0].tolist() == [0.5, 0.3] and grid[-1].tolist() == [0.1, 0.3]
-    assert Schedule.make(1, 0.5).spanning(torch.tensor([0.2], dtype=torch.float64)).timesteps.tolist() == [[0.2]]
+    assert Schedule.make(1, 0.5).spanning(torch.tensor([0.2], dtype=f64)).timesteps.tolist() == [[0.2]]
     with pytest.raises(ValueError, match="t_stop"):
         sched.spanning(torch.tensor([0.2]), torch.tensor([0.3]))
     with pytest.raises(ValueError, match="stop_ratio must be finite and >= 0"):
