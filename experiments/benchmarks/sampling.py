@@ -191,8 +191,8 @@ def _average(row: dict, per_regime: dict[str, list[tuple[float, ...]]]) -> None:
 def degraded_row(volumes: list[Volume]) -> dict:
     row: dict = {"config": "degraded input", "nfe": 0, "wall_s": 0.0}
     regimes = sorted({v.regime for v in volumes}, key=list(REGIMES).index)
-    _average(row, {regime: [score(magnitude(v.degraded)[:, 0].numpy(), v) for v in volumes if v.regime == regime]
-                   for regime in regimes})
+    _average(row, {regime: [score(magnitude(v.degraded)[:, 0].numpy(), v)
+                            for v in volumes if v.regime == regime] for regime in regimes})
     return row
 
 
