@@ -33,7 +33,7 @@ from lfmri.baselines import BASELINES, Measurement, TuningResult, tune_baselines
 from lfmri.results import LFMRI, EvaluationResult, ResultRow, SliceRow
 from lfmri_utils.errors import InputError
 from lightning_modules.inference import Reconstructor
-from lightning_modules.metrics import nmse_volume, psnr_volume, slice_metrics, ssim_volume
+from lightning_modules.metrics import nmse_volume, psnr_volume, region_metrics, slice_metrics, ssim_volume
 from lightning_modules.module import ScoreModel
 from lightning_modules.sampling.samplers import Sampler
 
@@ -121,6 +121,7 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
     ours = {LFMRI: (sampler, samples), **(other_samplers or {})}
     rows: list[ResultRow] = []
     slice_rows: list[SliceRow] = []
+    regions: dict[str, dict[str, list[dict[str, float]]]] = {}
     panels: dict[str, dict[str, np.ndarray]] = {}
     for regime in regimes:
         degradation = make_regime(regime, **overrides)
@@ -142,6 +143,7 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
                 seconds[method] = (time.perf_counter() - start) / max(len(m), 1)
                 outputs[method] = result.mean[:, 0].numpy()
             for method, pred in outputs.items():
+                regions.setdefault(method, {}).setdefault(regime, []).append(region_metrics(pred, ref))
                 ssim, psnr, nmse = _volume_metrics(pred, ref)
                 rows.append(ResultRow(vol.volume_id, regime, method, ssim, psnr, nmse, int(ref.shape[0]),
                                       seconds[method]))
@@ -152,5 +154,7 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
             if regime not in panels:
                 mid = ref.shape[0] // 2
                 panels[regime] = {**{n: outputs[n][mid] for n in outputs}, "reference": ref[mid]}
+    mean_regions = {method: {regime: {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+                             for regime, values in per.items()} for method, per in regions.items()}
     return EvaluationResult(rows=rows, slice_rows=slice_rows, tuning=tuning, panels=panels,
-                            settings=dict(settings or {}))
+                            settings=dict(settings or {}), regions=mean_regions)

@@ -65,7 +65,8 @@ class EvaluationResult:
     """All that `write_results` writes: rows, tuned baseline parameters, figure panels and the settings used.
 
     `panels[regime][column]` is a 2D magnitude image [H, W]; columns: degraded, each baseline, lfmri,
-    reference.
+    reference. `regions[method][regime]`: where the error sits (`lightning_modules.metrics.region_metrics`:
+    object / background SSIM and RMSE), the mean over the test volumes.
     """
 
     rows: list[ResultRow]
@@ -73,6 +74,7 @@ class EvaluationResult:
     tuning: dict[str, dict[str, TuningResult]] = field(default_factory=dict)
     panels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    regions: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
 def _ordered(values: Sequence[str], first: Sequence[str] = ()) -> list[str]:
@@ -180,6 +182,13 @@ def format_markdown(result: EvaluationResult) -> str:
     if settings:
         lines.append("Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()) + ".")
     lines += ["", format_benchmark(result).rstrip("\n")]
+    if result.regions:
+        lines += ["", "### Where the error sits: object (reference > 10 % of its slice's max), background",
+                  "", "| method | regime | SSIM object | SSIM background | RMSE object | RMSE background |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {method} | {regime_label(regime)} | {m['ssim_object']:.3f} | "
+                  f"{m['ssim_background']:.3f} | {m['rmse_object']:.4f} | {m['rmse_background']:.4f} |"
+                  for method in _methods(summary) for regime, m in result.regions.get(method, {}).items()]
     for method in _methods(summary):
         lines += ["", f"## {method}", "", "| regime | SSIM | PSNR (dB) | NMSE (%) | s / slice |",
                   "|---|---|---|---|---|"]
@@ -239,6 +248,7 @@ def write_json(result: EvaluationResult, path: str | os.PathLike) -> None:
                             for regime, per in result.tuning.items()},
         "rows": [asdict(r) for r in result.rows],
         "spread": spread_note(result),
+        "regions": result.regions,
         "summary": {m: {g: {k: {"mean": v[0], "std": v[1], "n": v[2]} for k, v in stats.items()}
                         for g, stats in per.items()}
                     for m, per in summarise(result.rows, result.slice_rows).items()},

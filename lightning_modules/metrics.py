@@ -94,7 +94,7 @@ def region_metrics(pred: Tensor | np.ndarray, ref: Tensor | np.ndarray,
     """Where the error sits: SSIM (mean of `ssim_map`, volume data range) and RMSE (normalised units) over the
     object, pixels whose reference is above `threshold` times its slice's maximum, and over the background,
     the others (windows counted by their centre pixel). Keys `ssim_object`, `ssim_background`,
-    `rmse_object`, `rmse_background`, `background_fraction`."""
+    `rmse_object`, `rmse_background`, `background_fraction` (a region with no pixel gives NaN)."""
     pred, ref = _pair(pred, ref)
     obj = ref > threshold * ref.amax(dim=(-2, -1), keepdim=True)
     h = SSIM_WIN_SIZE // 2

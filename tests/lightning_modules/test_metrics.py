@@ -12,6 +12,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from lightning_modules.metrics import (
     nmse_volume,
     psnr_volume,
+    region_metrics,
     slice_metrics,
     ssim_slices,
     ssim_volume,
@@ -100,3 +101,16 @@ def test_more_noise_scores_worse(mni: np.ndarray) -> None:
     assert ssim_volume(low, mni) > ssim_volume(high, mni)
     assert psnr_volume(low, mni) > psnr_volume(high, mni)
     assert nmse_volume(low, mni) < nmse_volume(high, mni)
+
+
+def test_region_metrics_put_the_error_where_it_is(mni: np.ndarray) -> None:
+    """Noise added only to the background lowers the background's SSIM and RMSE and leaves the object's."""
+    ref = torch.nn.functional.pad(torch.as_tensor(mni[:4], dtype=torch.float64), (20, 20, 20, 20))  # + empty
+    obj = ref > 0.1 * ref.amax(dim=(-2, -1), keepdim=True)
+    noise = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(0))
+    noisy_bg = ref + torch.where(obj, 0.0, 0.05 * float(ref.max()) * noise)
+    perfect, m = region_metrics(ref, ref), region_metrics(noisy_bg, ref)
+    assert perfect["ssim_object"] == pytest.approx(1) and perfect["rmse_background"] == 0
+    assert m["rmse_object"] == 0 and m["rmse_background"] == pytest.approx(0.05 * float(ref.max()), rel=0.05)
+    assert m["ssim_background"] < 0.5 < m["ssim_object"]
+    assert m["background_fraction"] == pytest.approx(float((~obj).double().mean()))
