@@ -6,9 +6,10 @@
 Each `LABEL=CSV` gives its `lfmri` rows as the column LABEL; the baselines (degraded input, TV, NL-means)
 come from the first CSV that has them. One table per metric (SSIM, PSNR in dB, NMSE in %): mean ± std across
 test volumes (one per subject unless a subject has several; sample std, ddof=1), beside the paper's figures
-(10 held-out mouse subjects, DESIGN.md). With two or more CSVs, a last table gives the per-volume paired
-difference first label - second label (mean ± std over the volumes both evaluated, and on how many volumes
-the first is better), e.g. fine-tuned minus from scratch: "does the transfer help?".
+(10 held-out mouse subjects, DESIGN.md). With two or more CSVs, a last table per other label gives the
+per-volume paired difference first label - that label (mean ± std over the volumes both evaluated, and on how
+many volumes the first is better), e.g. fine-tuned minus from scratch: "does the transfer help?", and
+fine-tuned minus the starting prior: "does the fine-tune keep what the prior knew?".
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def format_comparison(table: Table, title: str = "lfmri vs the paper") -> str:
                      for c in columns]
             lines.append(f"| {regime_label(regime)} | {paper} | " + " | ".join(cells) + " |")
     models = [c for c in columns if c not in BASELINES]
-    if len(models) >= 2:
-        lines += [""] + format_difference(table, models[0], models[1])
+    for other in models[1:]:  # the first model against each other one
+        lines += [""] + format_difference(table, models[0], other)
     return "\n".join(lines) + "\n"
 
 

@@ -58,7 +58,7 @@ QUICKSTART = REPO / "configs" / "quickstart.yaml"
 SMALL_FINETUNE = HERE / "small_finetune.yaml"
 #: what the protocol writes under OUT (only these are removed by --overwrite)
 OUTPUTS = ("clinical.pth", "clinical.json", "split.yaml", "finetune", "scratch",
-           "eval_finetune", "eval_scratch", "comparison.md", "protocol.md", "protocol.json")
+           "eval_finetune", "eval_scratch", "eval_prior", "comparison.md", "protocol.md", "protocol.json")
 
 
 class ProtocolError(RuntimeError):
@@ -311,6 +311,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
     # 0. the clinical prior in score_sde's format: a Lightning checkpoint (or the shipped reference-small) is
     #    exported first, so the fine-tune takes the import path of a clinical checkpoint
     pretrained, pretrained_config = args.pretrained, args.pretrained_config
+    lightning = None  # the starting prior as an lfmri checkpoint: evaluated too (the fine-tune must not lose)
     if is_lightning_checkpoint(pretrained):
         lightning = pretrained
         pretrained, pretrained_config = str(out / "clinical.pth"), str(out / "clinical.json")
@@ -365,13 +366,19 @@ def run_protocol(args: argparse.Namespace) -> Path:
                               "--config", str(out / "finetune" / "config.yaml"),
                               "--out", str(out / f"eval_{name}"),
                               "--baselines", args.baselines if i == 0 else "none", *options))
-    proto.run("evaluate", cmds, names=[f"eval_{name}" for name in models])
+    evaluated = list(models)
+    if lightning is not None:  # the prior the fine-tune started from, on the same held-out volumes
+        cmds.append(lfmri_cmd("evaluate", "--ckpt", lightning, "--config",
+                              str(out / "finetune" / "config.yaml"), "--out", str(out / "eval_prior"),
+                              "--baselines", "none", *options))
+        evaluated.append("prior")
+    proto.run("evaluate", cmds, names=[f"eval_{name}" for name in evaluated])
 
     # 4. the table next to the paper's
     import compare  # experiments/paper/compare.py, beside this file
 
-    labels = {"finetune": "fine-tuned", "scratch": "from scratch"}
-    compare_args = [f"{labels[name]}={out / f'eval_{name}' / 'results.csv'}" for name in models]
+    labels = {"finetune": "fine-tuned", "scratch": "from scratch", "prior": "starting prior"}
+    compare_args = [f"{labels[name]}={out / f'eval_{name}' / 'results.csv'}" for name in evaluated]
     title = "lfmri (small transfer from reference-small)" if args.small else "lfmri"
     compare_args += ["--out", str(out / "comparison.md"), "--title", f"{title} vs the paper"]
     t0 = time.perf_counter()

@@ -64,10 +64,11 @@ def test_small_protocol_runs_every_stage_and_writes_the_comparison(small_run):
     stages = [s["stage"] for s in json.loads((out / "protocol.json").read_text())["steps"]]
     assert stages[0] == "export" and stages[-1] == "compare"
     assert set(stages[1:3]) == {"finetune", "scratch"}  # side by side: in the order they finished
-    assert set(stages[3:5]) == {"eval_finetune", "eval_scratch"}
+    assert set(stages[3:6]) == {"eval_finetune", "eval_scratch", "eval_prior"}  # + the starting prior
     table = (out / "comparison.md").read_text()
     assert "0.758 ± 0.050" in table and "19.25 ± 1.56" in table  # the paper's figures beside ours
     assert "fine-tuned" in table and "from scratch" in table and "Paired difference" in table
+    assert "starting prior" in table and table.count("Paired difference") == 2
     assert "lfmri export --ckpt reference-small" in (out / "protocol.md").read_text()  # the shipped prior
 
 
@@ -96,14 +97,15 @@ def test_the_fine_tune_imports_the_exported_score_sde_checkpoint(small_run):
 @pytest.mark.e2e
 def test_both_models_are_evaluated_on_the_same_held_out_volumes_in_all_regimes(small_run):
     rows = {name: list(csv.DictReader((small_run / f"eval_{name}" / "results.csv").open()))
-            for name in ("finetune", "scratch")}
+            for name in ("finetune", "scratch", "prior")}
     keys = {name: {(r["volume_id"], r["regime"]) for r in rs if r["method"] == "lfmri"}
             for name, rs in rows.items()}
-    assert keys["finetune"] == keys["scratch"]
+    assert keys["finetune"] == keys["scratch"] == keys["prior"]
     assert {regime for _, regime in keys["finetune"]} == set(REGIMES)
     assert {volume_id for volume_id, _ in keys["finetune"]} == {"real-colin27"}  # the bundled held-out one
     assert {r["method"] for r in rows["finetune"]} == {"degraded", "tv", "lfmri"}
     assert {r["method"] for r in rows["scratch"]} == {"degraded", "lfmri"}  # tuned baselines only once
+    assert {r["method"] for r in rows["prior"]} == {"degraded", "lfmri"}
 
 
 @pytest.mark.slow
