@@ -48,6 +48,9 @@ class CheckpointError(InputError):
 #: `model.init_args.pretrained: reference-small` (fine-tune). A short name wins over a file of the same name.
 SHIPPED_CHECKPOINTS: dict[str, Path] = {
     "reference-small": Path(__file__).parent / "pretrained" / "reference_small.ckpt",
+    # the first reference prior (inside crops, the supervised term sharing the score's output; an older
+    # checkpoint layout): kept for comparison (experiments/RESULTS.md, issue 21)
+    "reference-small-v1": Path(__file__).parent / "pretrained" / "reference_small_v1.ckpt",
 }
 
 

@@ -1,6 +1,7 @@
 """Checkpoints written before the network became one object (`DDPMConfig`) and before the reconstruction
-options left the model (flat nf, ch_mult, ... and predict_* hyper-parameters; the shipped reference-small is
-one) still load, through `module.upgrade_hparams`; `lfmri predict` takes its sampler as `--sampling.*`."""
+options left the model (flat nf, ch_mult, ... and predict_* hyper-parameters; the first shipped prior,
+reference-small-v1, is one) still load, through `module.upgrade_hparams`; `lfmri predict` takes its
+sampler as `--sampling.*`."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def test_predict_builds_the_shipped_legacy_checkpoints_network_and_takes_the_sam
         lowfield: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # without the upgrade the model would be the default 34.4M network, and its weights would not load
     config = _predict_config(tmp_path, lowfield)
-    shipped = str(SHIPPED_CHECKPOINTS["reference-small"])
+    shipped = str(SHIPPED_CHECKPOINTS["reference-small-v1"])  # the first shipped prior: the older layout
     assert main(["predict", "--config", str(config), "--ckpt_path", shipped, "--sampling.steps=1"]) == 0
     out = nib.load(str(tmp_path / "pred" / "low_recon.nii.gz"))
     assert out.shape == (48, 56, 2) and np.isfinite(np.asarray(out.dataobj)).all()
