@@ -381,6 +381,14 @@ def ddim_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule,
     `sqrt(1 - alpha_t^2 / alpha_s^2)`). Returns the last `dc(x0)`.
     Deterministic given x's starting noise when `eta = 0`. NFE = `n_steps`.
     """
+    return _denoising_loop(score_fn, x_init, schedule, dc, generator, callback, schedule.eta, False)
+
+
+def _denoising_loop(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataConsistency | None,
+                    generator: Generators, callback: Callback | None, eta: float,
+                    noise_from_estimate: bool) -> Tensor:
+    """DDIM's loop (`ddim_sampler`); with `noise_from_estimate` the noise carried to the next time is
+    re-estimated from the DC'd estimate, `(x - alpha_t x0) / std_t`, not the network's (`pnp_sampler`)."""
     sde = schedule.marginals
     x = _warm_start(x_init, schedule, generator)
     x0 = x
@@ -388,17 +396,17 @@ def ddim_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule,
         t = schedule.times(i, x)
         a_t, sd_t = _bc(sde.alpha(t)), _bc(sde.std(t))
         score = _score(score_fn, x, t, schedule.autocast)
-        eps_hat = -sd_t * score
         x0 = (x + sd_t**2 * score) / a_t
         if dc is not None:
             x0 = dc(x0, sde.std(t) / sde.alpha(t))
         if i + 1 < schedule.n_steps:
+            eps_hat = (x - a_t * x0) / sd_t if noise_from_estimate else -sd_t * score
             s = schedule.times(i + 1, x)
             a_s, sd_s = _bc(sde.alpha(s)), _bc(sde.std(s))
             posterior_var = (sd_t**2 - (a_t / a_s) ** 2 * sd_s**2).clamp_min(0)
-            sigma = schedule.eta * sd_s / sd_t * torch.sqrt(posterior_var)
+            sigma = eta * sd_s / sd_t * torch.sqrt(posterior_var)
             x = a_s * x0 + torch.sqrt((sd_s**2 - sigma**2).clamp_min(0)) * eps_hat
-            if schedule.eta > 0:
+            if eta > 0:
                 x = x + sigma * _randn(x, generator)
         else:
             x = x0
@@ -421,23 +429,9 @@ def pnp_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataC
     corrected estimate `eps = (x - alpha_t x0) / std_t`, `x <- alpha_s x0 + std_s eps`. Returns the last
     (DC'd) x0: with the noise-aware stop, the estimate where the diffusion noise meets the measurement's. One
     step from `t0_ratio` 1 without DC is the prior's one-step MMSE (Tweedie) estimate of an image measured
-    with white noise (the noise regime). NFE = `n_steps`.
+    with white noise (the noise regime). NFE = `n_steps`. (DDIM's loop with eta 0 and the re-estimated noise.)
     """
-    sde = schedule.marginals
-    x = _warm_start(x_init, schedule, generator)
-    x0 = x
-    for i in range(schedule.n_steps):
-        t = schedule.times(i, x)
-        a_t, sd_t = _bc(sde.alpha(t)), _bc(sde.std(t))
-        x0 = (x + sd_t**2 * _score(score_fn, x, t, schedule.autocast)) / a_t
-        if dc is not None:
-            x0 = dc(x0, sde.std(t) / sde.alpha(t))
-        if i + 1 < schedule.n_steps:
-            s = schedule.times(i + 1, x)
-            x = _bc(sde.alpha(s)) * x0 + _bc(sde.std(s)) * (x - a_t * x0) / sd_t
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "denoised": x0, "nfe": i + 1})
-    return x0
+    return _denoising_loop(score_fn, x_init, schedule, dc, generator, callback, 0.0, True)
 
 
 SampleFn = Callable[..., Tensor]
