@@ -92,14 +92,17 @@ def parse_regimes(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _validate(args: argparse.Namespace) -> None:
-    check_output_dir(args.out, "--out")  # before any computing: not a file, a writable place for it
+def _validate(args: argparse.Namespace) -> Path:
+    """Check the options before any work; returns the output folder, resolved (`--out .` has no name of its
+    own for the temporary folder beside it)."""
+    out = check_output_dir(args.out, "--out")  # before any computing: not a file, a writable place for it
     for name in ("samples", "batch_size", "steps", "max_slices_per_volume"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
     if args.reference_pc_steps < 0:
         raise InputError(f"--reference-pc-steps: must be >= 0, got {args.reference_pc_steps}")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from lfmri.results import format_markdown, write_results
     from lightning_modules.checkpoint import resolve_checkpoint
 
-    _validate(args)
+    out = _validate(args)
     regimes = parse_regimes(args.regimes)
     try:
         baselines = parse_baselines(args.baselines)
@@ -137,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_evaluation(model, datamodule, regimes, baselines, sampler, samples=args.samples,
                             batch_size=args.batch_size, seed=args.seed, device=device, settings=settings,
                             other_samplers=others)
-    write_results(result, args.out)
+    write_results(result, out)
     print(format_markdown(result))
-    print(f"wrote {Path(args.out) / 'results.csv'}, results.md, results.json, slices.csv, figure.png")
+    print(f"wrote {out / 'results.csv'}, results.md, results.json, slices.csv, figure.png")
     return 0

@@ -144,3 +144,11 @@ def test_bad_inputs_exit_2_and_write_nothing(setup: dict[str, Path], tmp_path: P
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     assert main(_argv(setup, a_file)) == 2 and a_file.read_text() == "x"
+
+
+def test_out_dot_writes_into_the_working_folder(setup: dict[str, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out .` (a folder without a name of its own) gets the results, not a traceback after the work."""
+    monkeypatch.chdir(tmp_path)
+    assert main(_argv(setup, Path("."), "--baselines", "none", "--regimes", "noise")) == 0
+    assert {"results.csv", "results.json", "results.md"} <= {p.name for p in tmp_path.iterdir()}
