@@ -53,6 +53,7 @@ from lfmri_utils.files import atomic_path, check_output_file
 
 SNR_DB_LIMITS = (-10.0, 60.0)
 NOISE_LEVELS = ("volume", "slice")
+KSPACE_SUFFIXES = (".h5", ".hdf5")  # --kspace-out is HDF5: the name says so
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -101,7 +102,7 @@ def _validate(args: argparse.Namespace) -> None:
     output = check_output_file(args.output, "OUTPUT", NIFTI_SUFFIXES, (args.input,))
     check_output_file(str(args.output) + ".json", "OUTPUT.json", (), (args.input,))
     if args.kspace_out:
-        kspace = check_output_file(args.kspace_out, "--kspace-out", (), (args.input,))
+        kspace = check_output_file(args.kspace_out, "--kspace-out", KSPACE_SUFFIXES, (args.input,))
         if kspace.resolve() == output.resolve():
             raise InputError(f"--kspace-out: {args.kspace_out} is the same file as the output")
 

@@ -175,13 +175,16 @@ def test_empty_slices_get_the_volume_noise_level(tmp_path, capsys):
     assert rows[0]["snr_db"] == pytest.approx(5.0) and rows[2]["snr_db"] == pytest.approx(5.0)
 
 
-def test_kspace_out_may_not_overwrite_the_input(small_volume, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["in.nii", "k.txt"])
+def test_kspace_out_is_an_hdf5_name_and_never_the_input(small_volume, tmp_path, capsys, name):
     src = _write(tmp_path / "in.nii", np.ones((8, 8, 3), np.float32))
     before = src.read_bytes()
-    argv = ["degrade", str(src), str(tmp_path / "out.nii"), "--regime", "noise", "--kspace-out", str(src)]
+    argv = ["degrade", str(src), str(tmp_path / "out.nii"), "--regime", "noise",
+            "--kspace-out", str(tmp_path / name)]
     assert main(argv) == 2
-    assert "would overwrite the input" in capsys.readouterr().err
-    assert src.read_bytes() == before and not (tmp_path / "out.nii").exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--kspace-out {tmp_path / name}: must end with .h5 or .hdf5" in err
+    assert src.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.nii"]
 
 
 def test_a_one_pixel_readout_is_degraded_with_every_regime(tmp_path, capsys):
