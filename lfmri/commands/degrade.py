@@ -24,8 +24,9 @@ so the output does not depend on `--batch-size`.
 Outputs (each written to a temporary file, then renamed; nothing is created on error):
 
 * `OUTPUT` (`.nii` / `.nii.gz`): float32 magnitude with the input's affine and header;
-* `OUTPUT.json` (also printed on stdout): input, output, regime, seed, slice axis, noise level, target SNR,
-  volume signal power, and the realised parameters of every slice;
+* `OUTPUT.json`: input, output, regime, seed, slice axis, noise level, target SNR, volume signal power, and
+  the realised parameters of every slice (stdout gets one line: the same record without the per-slice list,
+  its slice count and where the file is, `parameters`);
 * `--kspace-out F.h5`: dataset `kspace` complex64 `[slices, H, W]` (the degraded k-space, centred
   orthonormal FFT); `noise_sigma` and `snr_db` float32 `[slices]`; `b0_map_hz` float32
   `[slices, H, W]` when the regime has B0; attributes: the volume's scalar parameters (`fwhm_px`,
@@ -127,7 +128,9 @@ def run(args: argparse.Namespace) -> int:
               "regime": args.regime, "seed": args.seed, "slice_axis": args.slice_axis % 3,
               "shape": list(result["kspace"].shape), **result["summary"], "slices": result["slices"]}
     _write_outputs(args, img, result, record)
-    print(json.dumps(record, indent=2))
+    summary = {k: v for k, v in record.items() if k != "slices"}
+    print(json.dumps({**summary, "n_slices": len(record["slices"]),
+                      "parameters": str(Path(str(args.output) + ".json").resolve())}))
     return 0
 
 

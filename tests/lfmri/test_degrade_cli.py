@@ -38,13 +38,16 @@ def test_round_trip_writes_nifti_json_and_kspace(small_volume, tmp_path, capsys)
     out, h5 = tmp_path / "deg.nii.gz", tmp_path / "k.h5"
     rc = degrade(small_volume, out, "--regime", "noise_blur_t2star_b0", "--seed", "3", "--kspace-out", h5)
     assert rc == 0
-    printed = json.loads(capsys.readouterr().out)
+    stdout = capsys.readouterr().out
+    assert len(stdout.splitlines()) == 1  # one summary line; the per-slice record is in OUTPUT.json
+    printed = json.loads(stdout)
     src, img = nib.load(str(small_volume)), nib.load(str(out))
     np.testing.assert_array_equal(img.affine, src.affine)
     assert img.shape == src.shape and img.get_data_dtype() == np.float32
     assert int(img.header["sform_code"]) == int(src.header["sform_code"])
     record = json.loads(Path(str(out) + ".json").read_text())
-    assert record == printed
+    assert printed == {**{k: v for k, v in record.items() if k != "slices"}, "n_slices": 6,
+                       "parameters": str(Path(str(out) + ".json").resolve())}
     assert (record["regime"], record["seed"], record["slice_axis"]) == ("noise_blur_t2star_b0", 3, 2)
     assert record["input"] == str(small_volume.resolve()) and len(record["slices"]) == 6
     assert {"fwhm_px", "t2star_ms", "readout_ms", "te_ms", "b0_max_hz", "snr_db", "noise_sigma"} <= set(
@@ -170,7 +173,7 @@ def test_empty_slices_get_the_volume_noise_level(tmp_path, capsys):
     src = _write(tmp_path / "v.nii", data)
     rc = degrade(src, tmp_path / "d.nii", "--regime", "noise", "--snr-db", "5", "--noise-level", "slice")
     assert rc == 0
-    rows = json.loads(capsys.readouterr().out)["slices"]
+    rows = json.loads((tmp_path / "d.nii.json").read_text())["slices"]
     assert rows[1]["snr_db"] is None and rows[1]["noise_sigma"] > 0  # no signal, yet the scanner's noise
     assert rows[0]["snr_db"] == pytest.approx(5.0) and rows[2]["snr_db"] == pytest.approx(5.0)
 
