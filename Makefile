@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev,bm3d]'
 	touch $(STAMP)
+	@echo "lfmri is installed in $(VENV): run 'source $(BIN)/activate' (or call $(BIN)/lfmri)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
