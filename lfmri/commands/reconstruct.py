@@ -148,9 +148,10 @@ def read_kspace(path: str | Path, shape: tuple[int, int, int], regime: str) -> d
     if bad or (b0 is not None and not np.all(np.isfinite(b0))):
         raise InputError(f"--kspace {path}: {bad or 'some'} value(s) are NaN or Inf")
     if sigma is not None and (sigma.shape != (shape[0],) or not np.all(np.isfinite(sigma)) or
-                              np.any(sigma < 0)):
-        raise InputError(f"--kspace {path}: 'noise_sigma' must be {shape[0]} finite values >= 0 "
-                         "(one per slice)")
+                              np.any(sigma <= 0)):
+        raise InputError(f"--kspace {path}: 'noise_sigma' must be {shape[0]} finite values > 0 (one per "
+                         "slice; a recorded 0 is not a measurement: drop the dataset to have it estimated, "
+                         "or give --noise-sigma)")
     _check_regime(f"--kspace {path}", attrs.get("regime"), regime)
     return {"kspace": kspace.astype(np.complex64), "b0_map_hz": b0, "noise_sigma": sigma, "attrs": attrs}
 
@@ -186,8 +187,9 @@ def read_params(path: str | Path, n_slices: int, regime: str) -> dict[str, Any]:
     noise_sigma = None
     if all(isinstance(v, (int, float)) for v in sigma):
         noise_sigma = np.asarray(sigma, dtype=np.float64)
-        if not np.all(np.isfinite(noise_sigma)) or np.any(noise_sigma < 0):
-            raise InputError(f"--params {path}: 'noise_sigma' must be finite and >= 0 for every slice")
+        if not np.all(np.isfinite(noise_sigma)) or np.any(noise_sigma <= 0):
+            raise InputError(f"--params {path}: 'noise_sigma' must be finite and > 0 for every slice (a "
+                             "recorded 0 is not a measurement: give --noise-sigma to assert exact data)")
     return {"scalars": scalars, "b0_method": record.get("b0_method"), "noise_sigma": noise_sigma}
 
 

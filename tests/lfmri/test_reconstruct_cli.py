@@ -180,3 +180,17 @@ def test_std_out_needs_several_samples(files: dict[str, Path], tmp_path: Path,
                                        capsys: pytest.CaptureFixture) -> None:
     out, std = tmp_path / "rec.nii.gz", tmp_path / "std.nii.gz"
     _fails(_argv(files, "square", out, "noise", "--std-out", str(std)), capsys, out, std)
+
+
+def test_a_recorded_noise_level_of_zero_is_refused(files: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """A k-space file that records sigma = 0 in a blurred regime was once reconstructed into values ~700 x the
+    input's range (the hard projection divides by the attenuated k-space): it is refused, nothing written."""
+    zero = tmp_path / "zero.h5"
+    with h5py.File(files["kspace"], "r") as f, h5py.File(zero, "w") as g:
+        for key in f:
+            g.create_dataset(key, data=np.zeros_like(f[key][()]) if key == "noise_sigma" else f[key][()])
+        g.attrs.update(dict(f.attrs))
+    out = tmp_path / "rec.nii.gz"
+    err = _fails(_argv(files, "deg", out, "noise_blur_t2star_b0", "--kspace", str(zero)), capsys, out)
+    assert "'noise_sigma' must be" in err and "> 0" in err and "not a measurement" in err
