@@ -29,6 +29,7 @@ import datamodules.datamodule  # noqa: F401  (defines the classes, so `--data Lo
 from lfmri.models import read_lightning_checkpoint
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path
+from lfmri_utils.seeding import check_seed
 from lightning_modules.callbacks import InterruptCheckpoint
 from lightning_modules.module import upgrade_hparams
 from lightning_modules.sampling.samplers import SamplerOptions
@@ -82,6 +83,13 @@ class LfmriCLI(LightningCLI):
         if missing:
             raise InputError(f"the config leaves {', '.join(missing)} to the command line (???): give "
                              + " ".join(f"--{k}=..." for k in missing))
+
+    def _set_seed(self) -> None:
+        """`seed_everything` checked by the one seed rule of every command (`check_seed`), then applied."""
+        seed = self._get(self.config, "seed_everything")
+        if seed is not None and not isinstance(seed, bool):
+            check_seed(seed, "seed_everything")
+        super()._set_seed()
 
     def instantiate_classes(self) -> None:
         """Build the model, data module and trainer; an InputError raised by a constructor (a bad option,

@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_output_file
+from lfmri_utils.seeding import check_seed
 
 SNR_DB_LIMITS = (-10.0, 60.0)
 NOISE_LEVELS = ("volume", "slice")
@@ -71,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--snr-db", type=float, default=None,
                    help=f"target SNR in dB, {SNR_DB_LIMITS[0]:g} to {SNR_DB_LIMITS[1]:g} "
                         "(default: drawn from the regime's 2-7 dB range)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (>= 0); same seed, same output")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0 to 2^32 - 1); same seed, same output")
     p.add_argument("--slice-axis", type=int, default=2, help="axis of the volume to slice along (default 2)")
     p.add_argument("--kspace-out", default=None, help="also write the degraded k-space to this HDF5 file")
     p.add_argument("--batch-size", type=int, default=16, help="slices processed together (speed only)")
@@ -91,8 +92,7 @@ def _validate(args: argparse.Namespace) -> None:
     from datamodules.transforms import check_slice_axis
 
     check_slice_axis(args.slice_axis)
-    if args.seed < 0:
-        raise InputError(f"--seed: must be >= 0, got {args.seed}")
+    check_seed(args.seed)
     if args.batch_size < 1:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.noise_level not in NOISE_LEVELS:

@@ -25,6 +25,7 @@ from typing import Any
 from lfmri.commands.sampler_options import add_sampler_arguments, sampler_from_args
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import check_output_dir
+from lfmri_utils.seeding import check_seed
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="evenly spaced slices per volume (default: the data module's eval_slices_per_volume)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=8, help="slices sampled together")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise (0 to 2^32 - 1)")
     p.set_defaults(func=run)
 
 
@@ -102,6 +103,7 @@ def _validate(args: argparse.Namespace) -> Path:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
     if args.reference_pc_steps < 0:
         raise InputError(f"--reference-pc-steps: must be >= 0, got {args.reference_pc_steps}")
+    check_seed(args.seed)
     return out
 
 

@@ -53,6 +53,7 @@ import numpy as np
 from lfmri.commands.sampler_options import add_sampler_arguments, sampler_from_args
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_input_file, check_output_file
+from lfmri_utils.seeding import check_seed
 
 #: per-slice scalar parameters of the forward operator, as `lfmri degrade` records them
 SCALAR_KEYS = ("fwhm_px", "t2star_ms", "t2star_gre", "readout_ms", "te_ms", "b0_max_hz")
@@ -84,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slice-axis", type=int, default=2, help="axis of the volume to slice along (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=8, help="slices sampled together")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise (0 to 2^32 - 1)")
     p.set_defaults(func=run)
 
 
@@ -100,6 +101,7 @@ def _validate(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    check_seed(args.seed)
     if args.noise_sigma is not None and not (math.isfinite(args.noise_sigma) and args.noise_sigma >= 0):
         raise InputError(f"--noise-sigma: must be finite and >= 0, got {args.noise_sigma}")
     if args.std_out and args.samples < 2:
