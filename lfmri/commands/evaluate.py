@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also score the paper's reference sampler as method lfmri_pc: score-MRI's "
                         "predictor-corrector with N predictor steps (2N NFE) and gradient DC w = 0.3, on the "
                         "same slices and seeds (default 0: off; the paper uses 2000)")
-    p.add_argument("--samples", type=int, default=1, help="posterior samples per slice (mean scored)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="posterior samples per slice, 1 to 1000 (mean scored)")
     p.add_argument("--also", default=None, metavar="NAME[:K],...",
                    help="also score these registry samplers with their defaults on the same slices and "
                         "seeds, "

@@ -80,7 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="k-space noise std per complex sample, input units (default: recorded or estimated)")
     p.add_argument("--resize", action="store_true",
                    help="resample slices to the model's training size and back (the former path)")
-    p.add_argument("--samples", type=int, default=1, help="posterior samples K per slice (mean is written)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="posterior samples K per slice, 1 to 1000 (mean is written)")
     p.add_argument("--std-out", default=None, help="write the per-pixel std of the K samples here (K >= 2)")
     p.add_argument("--slice-axis", type=int, default=2, help="axis of the volume to slice along (default 2)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

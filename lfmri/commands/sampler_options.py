@@ -17,7 +17,8 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None,
                    help="sampler name (pc, warm_pc, ddim, warm_ddim, pnp, tweedie; default: the registry's "
                         "default)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the sampler's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps, 1 to 10000 (default: the sampler's)")
     p.add_argument("--t0", type=float, default=None,
                    help="start time in (0, 1]; with --t0-ratio the latest start (default: the sampler's)")
     p.add_argument("--t0-ratio", type=float, default=None,

@@ -527,6 +527,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
                        stop_ratio=0.1),
     "tweedie": SamplerSpec(pnp_sampler, steps=1, t0=0.5, dc="none", t0_ratio=1.0),
 }
+#: upper bounds of a request (so a typo cannot start days of work): steps per sample (the paper's PC uses
+#: 2000) and posterior samples per slice
+MAX_STEPS = 10_000
+MAX_SAMPLES = 1_000
 #: the sampler every command uses when the user names none
 DEFAULT_SAMPLER = "pnp"
 
@@ -561,8 +565,8 @@ class Sampler:
     def check_samples(self, k: int) -> None:
         """ValueError unless `k` samples per slice make sense for this sampler (`k >= 1`; 1 for a point
         estimate, whose K outputs would be identical and whose std map would be zero)."""
-        if k < 1:
-            raise ValueError(f"samples must be >= 1, got {k}")
+        if not 1 <= k <= MAX_SAMPLES:
+            raise ValueError(f"samples must be from 1 to {MAX_SAMPLES}, got {k}")
         if k > 1 and self.deterministic:
             raise ValueError(f"sampler {self.name!r} is a deterministic point estimate (the posterior mean's "
                              f"approximation): {k} samples would be identical; for posterior samples and a "
@@ -703,8 +707,11 @@ def build_sampler(name: str | None = None, steps: int | None = None, t0: float |
     if t0_ratio > 0 and spec.sample_fn is pc_sampler:
         raise ValueError(f"t0_ratio (a start time per slice) is DDIM's and PnP's; sampler {name!r} takes "
                          "t0_ratio 0")
+    n_steps = spec.steps if steps is None else int(steps)
+    if not 1 <= n_steps <= MAX_STEPS:
+        raise ValueError(f"steps must be from 1 to {MAX_STEPS}, got {n_steps}")
     schedule = Schedule.make(
-        spec.steps if steps is None else int(steps), spec.t0 if t0 is None else float(t0), eps=eps,
+        n_steps, spec.t0 if t0 is None else float(t0), eps=eps,
         sde=VPSDE() if sde is None else sde, snr=snr, n_corrector=n_corrector, eta=eta, autocast=autocast,
     )
     if spec.sample_fn is pc_sampler:

@@ -194,3 +194,14 @@ def test_a_recorded_noise_level_of_zero_is_refused(files: dict[str, Path], tmp_p
     out = tmp_path / "rec.nii.gz"
     err = _fails(_argv(files, "deg", out, "noise_blur_t2star_b0", "--kspace", str(zero)), capsys, out)
     assert "'noise_sigma' must be" in err and "> 0" in err and "not a measurement" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "1000000000"], "steps must be from 1 to 10000"),
+    (["--sampler", "warm_ddim", "--samples", "1000000000"], "samples must be from 1 to 1000"),
+])
+def test_absurd_work_is_refused_before_it_starts(files: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture, extra: list[str],
+                                                 message: str) -> None:
+    out = tmp_path / "rec.nii.gz"
+    assert message in _fails(_argv(files, "deg", out, "noise_blur_t2star_b0", *extra), capsys, out)
