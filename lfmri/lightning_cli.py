@@ -11,8 +11,10 @@ SIGINT / SIGTERM during `fit` save a resumable `last.ckpt` at the end of the cur
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
+import warnings
 from typing import Any
 from urllib.parse import urlparse
 
@@ -203,9 +205,40 @@ def _default_wandb_mode() -> None:
         os.environ["WANDB_MODE"] = "offline"
 
 
+#: third-party console noise a user cannot act on: (logger name, message start) of Lightning's records, and
+#: the warning messages (regexes) of its own use of a deprecated torch API
+_QUIET_RECORDS = (("lightning.pytorch.utilities.rank_zero", "💡 Tip:"),  # the LitLogger advert, every fit
+                  ("lightning.pytorch.trainer.connectors.checkpoint_connector", "`weights_only` was not set"))
+_QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)  # lightning's _pytree, every fit
+
+
+class _DropRecords(logging.Filter):
+    """Drops the log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefix)
+
+
+def quiet_third_party() -> None:
+    """Silence `_QUIET_RECORDS` and `_QUIET_WARNINGS` (idempotent): the console shows lfmri's messages and
+    Lightning's useful ones (seed, devices, the model summary), not adverts or deprecations inside
+    Lightning."""
+    for name, prefix in _QUIET_RECORDS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropRecords) and f.prefix == prefix for f in log.filters):
+            log.addFilter(_DropRecords(prefix))
+    for message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 def run_lightning_cli(args: ArgsType = None, run: bool = True) -> LfmriCLI:
     """Build (and by default run) the CLI; `args` as `sys.argv[1:]`."""
     _default_wandb_mode()
+    quiet_third_party()
     return LfmriCLI(
         LightningModule,
         LightningDataModule,

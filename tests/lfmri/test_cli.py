@@ -3,6 +3,12 @@ stderr and exit code 2, not a traceback."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 from helpers import QUICKSTART, REPO
 
 from lfmri.cli import main
@@ -69,3 +75,20 @@ def test_one_seed_rule_for_every_command(tmp_path, capsys):
         assert "Traceback" not in err and last.startswith(f"lfmri {name}: error:"), (name, err[-500:])
         assert "must be an integer from 0 to 4294967295" in last, (name, last)
     assert not (tmp_path / "run").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_fit_shows_no_third_party_noise(tmp_path):
+    """A plain `lfmri fit` console: no LitLogger advert, no deprecation inside Lightning, no `weights_only`
+    notice; Lightning's useful lines (the seed, the model summary) stay."""
+    script = Path(sys.executable).with_name("lfmri")
+    argv = [str(script), "fit", "--config", str(QUICKSTART), "--trainer.max_steps=1",
+            f"--trainer.default_root_dir={tmp_path}/r", "--model.init_args.net.nf=8",
+            "--model.init_args.net.num_groups=4", "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false", "--data.init_args.num_workers=0"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = done.stdout + done.stderr
+    assert "Tip:" not in printed and "LeafSpec" not in printed and "weights_only" not in printed, printed
+    assert "Seed set to 0" in printed and "Trainable params" in printed
