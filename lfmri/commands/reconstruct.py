@@ -150,6 +150,8 @@ def read_kspace(path: str | Path, shape: tuple[int, int, int], regime: str) -> d
     bad = int(kspace.size - np.count_nonzero(np.isfinite(kspace)))
     if bad or (b0 is not None and not np.all(np.isfinite(b0))):
         raise InputError(f"--kspace {path}: {bad or 'some'} value(s) are NaN or Inf")
+    if not np.any(kspace):
+        raise InputError(f"--kspace {path}: every k-space sample is zero: nothing was measured")
     if sigma is not None and (sigma.shape != (shape[0],) or not np.all(np.isfinite(sigma)) or
                               np.any(sigma <= 0)):
         raise InputError(f"--kspace {path}: 'noise_sigma' must be {shape[0]} finite values > 0 (one per "
