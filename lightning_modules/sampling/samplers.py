@@ -511,12 +511,13 @@ class SamplerSpec:
 #: +0.008 at 2-7 dB; experiments/RESULTS.md). ddim keeps its cold start (t0 1, t0_ratio 0); the fixed starts
 #: keep floor 0.02.
 #: The default is an MMSE estimate, not a sample (issue 21): "pnp" (DiffPIR without fresh noise) from the
-#: measurement's own noise level (t0_ratio 1: nothing drawn) to eps, 2 NFE, dc_lambda 2048, chosen on
-#: VALIDATION at 2-7 dB and 30 dB with `sampling.py --grid` (experiments/RESULTS.md, "The estimate: the
-#: posterior mean"): with the shipped prior mean SSIM 0.829 / 0.910 (2-7 dB / 30 dB); 1 or 3 steps score
-#: lower, dc_lambda 32 wins 30 dB by 0.008 SSIM and loses 2-7 dB by 0.025, any floor costs SSIM; the noise-
-#: aware stop (stop_ratio 0.05, 0.1) costs 0.013-0.055 at 2-7 dB for this deterministic estimate (it helps
-#: the samplers: warm_ddim with stop_ratio 1, +0.10 with the first prior). "tweedie" is its one-step form
+#: measurement's own noise level (t0_ratio 1: nothing drawn; PnP may start as late as eps) to eps, 2 NFE,
+#: dc_lambda 2048, chosen on VALIDATION at 2-7 dB and 30 dB with `sampling.py --grid`
+#: (experiments/RESULTS.md, "The estimate: the posterior mean"): with the shipped prior mean SSIM 0.829 /
+#: 0.949 (2-7 dB / 30 dB); 1 or 3 steps score lower, dc_lambda 32 loses 2-7 dB by 0.025 (equal at 30 dB), any
+#: floor costs SSIM; the noise-aware stop (stop_ratio 0.05, 0.1) costs 0.013-0.055 at 2-7 dB for this
+#: deterministic estimate (it helps the samplers: warm_ddim with stop_ratio 1, +0.10 with the first prior); a
+#: start clamped at 10 eps, as DDIM's, cost 0.039 SSIM and 2.3 dB at 30 dB. "tweedie" is its one-step form
 #: without DC (the exact MMSE estimate of an image measured with white noise).
 SAMPLERS: dict[str, SamplerSpec] = {
     "pc": SamplerSpec(pc_sampler, steps=2000, t0=1.0, dc="gradient", dc_weight=0.3),
@@ -607,8 +608,9 @@ class Sampler:
         if self.t0_ratio == 0 and self.stop_ratio == 0:
             return dataclasses.replace(self.schedule, init_noise=held)
         start = torch.full_like(per_channel, self.schedule.t_start)
-        if self.t0_ratio > 0:
-            start = torch.where(known, noise_aware_time(self.schedule, self.t0_ratio * held), start)
+        if self.t0_ratio > 0:  # PnP may start as late as eps (precise data), DDIM at 10 eps
+            low = self.schedule.eps if self.sample_fn is pnp_sampler else None
+            start = torch.where(known, noise_aware_time(self.schedule, self.t0_ratio * held, low), start)
         stop = None if self.stop_ratio == 0 else torch.minimum(torch.where(
             known, noise_aware_time(self.schedule, self.stop_ratio * held, low=self.schedule.eps),
             self.schedule.eps), start)
