@@ -316,7 +316,7 @@ def test_dsm_only_with_the_quickstart_config_through_lfmri(tmp_path):
                              "--model.init_args.supervised_weight=0"], run=False)
     m = cli.model
     assert m.hparams.dsm_weight == 1.0 and m.hparams.supervised_weight == 0.0
-    assert m.hparams.supervised_conditioning == "shared"
+    assert m.hparams.supervised_conditioning == "separate"  # the quickstart's (issue 21)
     out = m._losses(batch(), torch.Generator().manual_seed(2), compute_all=False)
     assert set(out) == {"dsm", "loss"}
 
