@@ -83,8 +83,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # `python experiments/benchmarks/gpu.py` without an installed lfmri
-    sys.path.insert(0, str(REPO))
+for folder in (REPO, Path(__file__).resolve().parent):  # lfmri without an install; sampling.py beside this
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 import torch  # noqa: E402
 
@@ -207,15 +208,6 @@ def check_param_count(plan: Plan, n: int) -> dict[str, Any]:
     return out
 
 
-def replace_near_zero_init(net: torch.nn.Module) -> None:
-    """score_sde initialises its last layers near zero (an untrained score ~ 0, which exercises no sampler):
-    Xavier-initialise every weight matrix whose entries are all below 1e-4, as sampling.py --random-34m."""
-    with torch.no_grad():
-        for param in net.parameters():
-            if param.ndim > 1 and param.abs().max() < 1e-4:
-                torch.nn.init.xavier_uniform_(param)
-
-
 def synthetic_measurement(n: int, size: int, regime: str, seed: int):
     """(clean float [n,2,size,size], degraded float [n,2,size,size], y complex [n,1,size,size], params) of
     random complex slices degraded by `regime` (its realised parameters, the known noise std included)."""
@@ -236,6 +228,8 @@ def time_sampling(plan: Plan, device: torch.device, autocast: bool, regime: str,
                   seed: int) -> dict[str, Any]:
     """Seconds per slice / per 30-slice volume and NFE of the registry's default sampler on the untrained
     network (module docstring, stage 1)."""
+    from sampling import replace_near_zero_init
+
     from degradations import make_regime
     from lightning_modules.inference import Reconstructor
     from lightning_modules.networks.ddpm import DDPM

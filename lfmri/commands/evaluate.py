@@ -52,9 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="posterior samples per slice, 1 to 1000 (mean scored)")
     p.add_argument("--also", default=None, metavar="NAME[:K],...",
                    help="also score these registry samplers with their defaults on the same slices and "
-                        "seeds, "
-                        "as methods lfmri_NAME (NAME:K: the mean of K posterior samples, lfmri_NAME_meanK), "
-                        "e.g. warm_ddim,warm_ddim:8,tweedie")
+                        "seeds, as methods lfmri_NAME (NAME:K: the mean of K posterior samples, "
+                        "lfmri_NAME_meanK), e.g. warm_ddim,warm_ddim:8,tweedie")
     p.add_argument("--max-slices-per-volume", type=int, default=None,
                    help="evenly spaced slices per volume (default: the data module's eval_slices_per_volume)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

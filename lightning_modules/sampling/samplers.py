@@ -177,9 +177,7 @@ class Schedule:
             t_stop.detach().to("cpu", torch.float64).reshape(1, -1)
         if end.shape != t_start.shape or bool((end > t_start).any()):
             raise ValueError(f"t_stop {end.tolist()} must be <= t_start {t_start.tolist()}, one per slice")
-        frac = torch.linspace(1.0, 0.0, self.n_steps, dtype=torch.float64)[:, None]
-        if self.n_steps == 1:
-            frac = torch.ones(1, 1, dtype=torch.float64)
+        frac = torch.linspace(1.0, 0.0, self.n_steps, dtype=torch.float64)[:, None]  # one step: [1.0]
         return dataclasses.replace(self, timesteps=end + (t_start - end) * frac)
 
     @property
