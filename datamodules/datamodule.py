@@ -49,6 +49,7 @@ from datamodules.sources import (
     VolumeSource,
     check_shorthand,
     make_source,
+    skipped_summary,
     warn_skipped,
 )
 from datamodules.splits import SPLITS, Split, hash_split, load_split_file
@@ -267,6 +268,7 @@ class LowFieldDataModule(L.LightningDataModule):
         self._split: Split | None = None
         self._infos: dict[str, list[VolumeInfo]] = {}
         self.skipped: list[str] = []
+        self._skipped_by_split: dict[str, list[str]] = {}
         self.train_dataset: TrainSliceDataset | None = None
         self.val_dataset: EvalSliceDataset | None = None
         self.test_dataset: EvalSliceDataset | None = None
@@ -319,14 +321,25 @@ class LowFieldDataModule(L.LightningDataModule):
     def volume_infos(self, split: str) -> list[VolumeInfo]:
         """Indexed volumes of a split (each volume loaded once here to find its scale and kept slices)."""
         if split not in self._infos:
+            before = len(self.skipped)
             infos = self._index(self.source, self.records(split), self.min_foreground_fraction)
+            self._skipped_by_split[split] = self.skipped[before:]
             if not infos and self.split[split]:
-                message = f"no usable volume left in the {split} split (all its files were skipped)"
+                message = self.empty_split_reason(split)
                 if split == "train":
                     raise InputError(message)
                 warnings.warn(message, stacklevel=2)
             self._infos[split] = infos
         return self._infos[split]
+
+    def empty_split_reason(self, split: str) -> str:
+        """Why `split` has no usable volume, on one line: no subjects, or every file of its subjects skipped
+        (`skip_bad_files`: the first ones named with their reasons, and a count)."""
+        if not self.split[split]:
+            return f"the {split} split has no subjects"
+        skipped = self._skipped_by_split.get(split, [])
+        reason = f": {skipped_summary(skipped)}" if skipped else ""
+        return f"no usable volume left in the {split} split{reason}"
 
     # ---- datasets -----------------------------------------------------------------------------------------
     def _eval_dataset(self, split: str) -> EvalSliceDataset:

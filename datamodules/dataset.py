@@ -38,12 +38,14 @@ from datamodules.transforms import (
     crop_origin,
     fit_to_square,
     foreground_fractions,
+    from_slices,
     robust_scale,
     smooth_background_phase,
 )
 from degradations import ComplexGaussianNoise, complex_to_channels, fft2c, ifft2c, make_regime, neutral_params
 from lfmri_utils.errors import InputError
 from lfmri_utils.seeding import SEED_MOD, stable_hash
+from lfmri_utils.volumes import check_volume
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,17 @@ def index_volume(
     percentile: float = NORMALISE_PERCENTILE,
 ) -> VolumeInfo:
     """Load a volume once, compute its scale (the `percentile` of |x|) and the slices whose fraction of pixels
-    above 0.1 * scale is >= `min_foreground_fraction`. Raises InputError for an all-zero volume."""
+    above 0.1 * scale is >= `min_foreground_fraction`. Raises InputError naming the file for a volume that
+    fails lfmri's input rule (`lfmri_utils.volumes.check_volume`: slices under 7x7, all zero, a magnitude
+    with negative voxels...) or whose scale is 0."""
     stack = source.load(record)
-    scale = robust_scale(stack, percentile)
     where = record.path or record.volume_id
+    # checked as stored, slices along the source's axis (None: the format's axis 0, as fastMRI's), so that
+    # the message gives the file's own shape
+    axis = 0 if source.slice_axis is None else source.slice_axis
+    kind = "image" if np.iscomplexobj(stack) else "magnitude"
+    check_volume(from_slices(stack, axis), where, axis, kind=kind)
+    scale = robust_scale(stack, percentile)
     if not scale > 0:
         raise InputError(f"{where}: volume is empty (its {percentile}th percentile is 0)")
     keep = np.flatnonzero(foreground_fractions(stack, scale) >= min_foreground_fraction)

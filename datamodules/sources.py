@@ -455,6 +455,13 @@ def make_source(source: str | VolumeSource, slice_axis: int = 2) -> VolumeSource
     return FastMRISource(path) if is_h5 else NiftiDirSource(path, slice_axis=slice_axis)
 
 
+def skipped_summary(skipped: list[str], shown: int = 3) -> str:
+    """The files skipped with `skip_bad_files` on one line: a count, then the first `shown` reasons (each
+    naming its file)."""
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"{len(skipped)} bad file(s) skipped (skip_bad_files): " + "; ".join(skipped[:shown]) + more
+
+
 def warn_skipped(skipped: list[str]) -> None:
     """One warning listing the files skipped with `skip_bad_files`."""
     if skipped:

@@ -6,23 +6,29 @@ and may be
 - a data block itself: `class_path` + `init_args`;
 - bare `LowFieldDataModule` init args (a mapping without `class_path`).
 
+An empty file, or an empty data block, describes no data and is refused (it would silently mean the bundled
+defaults).
+
 Only subclasses of `LightningDataModule` are instantiated (jsonargparse's `add_subclass_arguments`): a
 `class_path` naming any other callable (`subprocess.run`, `os.system`, ...) is refused before anything is
 imported from it or called, so a config file cannot run arbitrary code.
+
+`data_block` imports neither torch nor Lightning: commands check their config with it before the heavy
+imports.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jsonargparse import ArgumentParser
-from lightning.pytorch import LightningDataModule
 from omegaconf import OmegaConf
 
-import datamodules.datamodule  # noqa: F401  (registers LowFieldDataModule for class_path shorthand)
 from lfmri_utils.errors import InputError
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningDataModule
 
 #: the data module a block without `class_path` configures
 DEFAULT_DATAMODULE = "datamodules.LowFieldDataModule"
@@ -31,7 +37,8 @@ DEFAULT_DATAMODULE = "datamodules.LowFieldDataModule"
 def data_block(config: str | os.PathLike) -> dict[str, Any]:
     """`{"class_path": ..., "init_args": {...}}` of the config's data module (see the module docstring).
 
-    InputError (one line naming the file) for a missing or unreadable file, or a config without a data block.
+    InputError (one line naming the file) for a missing or unreadable file, or a config without a data block
+    (an empty file or an empty block included).
     """
     path = Path(config)
     if not path.is_file():
@@ -43,9 +50,13 @@ def data_block(config: str | os.PathLike) -> dict[str, Any]:
                          f"{' '.join(str(err).split())[:200]})") from None
     if not isinstance(content, dict):
         raise InputError(f"--config {path}: a config must be a YAML mapping")
+    if not content:
+        raise InputError(f"--config {path}: no data: block (class_path + init_args): the file is empty")
     block = content.get("data", content)
     if not isinstance(block, dict):
         raise InputError(f"--config {path}: the data block must be a mapping")
+    if not block:
+        raise InputError(f"--config {path}: the data: block is empty (expected class_path + init_args)")
     if "class_path" not in block:
         if {"model", "trainer"} & set(block) or "init_args" in block:
             raise InputError(f"--config {path}: no data: block with a class_path "
@@ -67,6 +78,11 @@ def load_datamodule(config: str | os.PathLike, **init_overrides: Any) -> Lightni
     `init_overrides` replace init_args (e.g. `eval_slices_per_volume`). Bad files, classes or arguments ->
     InputError naming the file.
     """
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    import datamodules.datamodule  # noqa: F401  (registers LowFieldDataModule for class_path shorthand)
+
     block = data_block(config)
     block["init_args"].update(init_overrides)
     parser = ArgumentParser(exit_on_error=False)

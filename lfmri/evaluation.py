@@ -5,9 +5,10 @@ degradations (a pure function of volume id, slice, regime and seed, as the data 
 reconstruction by a sampler with k-space data consistency, the classical baselines (`lfmri.baselines`) on
 the same measurements (each gets a `Measurement`: k-space y, the degraded complex image, the realised
 operator parameters and the simulation's known noise std; their parameters tuned once per regime on the data
-module's *validation* subjects), and fastMRI metrics on magnitude volumes in normalised units (data range =
-the reference volume's max) per volume x regime x method; then mean ± std across the test volumes (one
-per subject unless a subject has several; sample std, ddof=1). With a single test volume the spread is over
+module's *validation* subjects, on their slices with signal: `TUNING_MIN_FOREGROUND`), and fastMRI metrics
+on magnitude volumes in normalised units (data range = the reference volume's max) per volume x regime x
+method; then mean ± std across the test volumes (one per subject unless a subject has several; sample std,
+ddof=1). With a single test volume the spread is over
 its slices instead (per-slice metrics with the volume's data range, `lightning_modules.metrics.slice_metrics`;
 slices.csv), and the tables say so. Each row also records the method's wall-clock seconds per slice: the
 image denoisers on the CPU, `tv_model` and lfmri on the evaluation's device (torch's CPU threads on a CPU).
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from datamodules.transforms import foreground_fractions
 from degradations import LowFieldDegradation, make_regime
 from lfmri.baselines import BASELINES, Measurement, TuningResult, tune_baselines
 from lfmri.results import LFMRI, EvaluationResult, ResultRow, SliceRow
@@ -37,19 +39,32 @@ from lightning_modules.metrics import nmse_volume, psnr_volume, region_metrics, 
 from lightning_modules.module import ScoreModel
 from lightning_modules.sampling.samplers import Sampler
 
+#: a validation slice tunes the baselines only when it has signal: at least this fraction of its pixels is
+#: object (clean magnitude above 0.1 of the volume's scale, the data module's foreground rule). The slices the
+#: data module keeps (`min_foreground_fraction`, 5 % by default) always pass; empty ones come in only when a
+#: config keeps every slice (`min_foreground_fraction: 0`). An edge slice of a head (5 % object) is kept: the
+#: test picks include such slices too, and there the background's noise, not the anatomy, decides the SSIM
+#: (one slice per volume of the bundled validation subjects: TV's val SSIM 0.047 on 5 %-object slices)
+TUNING_MIN_FOREGROUND = 0.01
+
 
 def _magnitude(x: torch.Tensor) -> np.ndarray:
     """float [S,2,H,W] (real, imag) -> magnitude numpy [S,H,W]."""
     return torch.sqrt(x[:, 0].double() ** 2 + x[:, 1].double() ** 2).float().cpu().numpy()
 
 
-def measurement(vol: Any, degradation: LowFieldDegradation) -> Measurement:
+def measurement(vol: Any, degradation: LowFieldDegradation, keep: np.ndarray | None = None) -> Measurement:
     """The baselines' `Measurement` of an `EvalVolume` (y, params with the known noise std) whose operator
-    evaluates B0 as the regime `degradation` simulates it (as `Reconstructor.for_degradation` does)."""
+    evaluates B0 as the regime `degradation` simulates it (as `Reconstructor.for_degradation` does); `keep`:
+    a boolean mask of the slices to take (default: all)."""
+    y, params = vol.y, vol.params
+    if keep is not None:
+        index = torch.from_numpy(keep)
+        y, params = y[index], {k: v[index] for k, v in params.items()}
     b0 = degradation.b0
     if b0 is None:
-        return Measurement.from_kspace(vol.y, vol.params)
-    return Measurement.from_kspace(vol.y, vol.params, b0_method=b0.method, n_segments=b0.n_segments)
+        return Measurement.from_kspace(y, params)
+    return Measurement.from_kspace(y, params, b0_method=b0.method, n_segments=b0.n_segments)
 
 
 def run_baseline(name: str, m: Measurement, params: Mapping[str, float] | None = None,
@@ -78,10 +93,34 @@ def _regime_overrides(datamodule: Any) -> dict[str, Any]:
             for k, v in (getattr(datamodule, "regime_overrides", None) or {}).items()}
 
 
+def _why_empty(datamodule: Any, split: str) -> str:
+    """Why the data module gives no volume of `split`, where it can say (`empty_split_reason`: no subjects,
+    or the files skipped and why)."""
+    explain = getattr(datamodule, "empty_split_reason", None)
+    return explain(split) if explain is not None else f"the data module has no {split} volumes"
+
+
+def tuning_slices(vols: Sequence[Any]) -> dict[str, np.ndarray]:
+    """{volume id: boolean mask of its slices with signal (`TUNING_MIN_FOREGROUND`)} of the validation
+    volumes that have any; InputError when none has."""
+    # the clean slices are in units of their volume's scale: the data module's rule is |x| > 0.1
+    fractions = {v.volume_id: foreground_fractions(_magnitude(v.clean), 1.0) for v in vols}
+    masks = {vid: f >= TUNING_MIN_FOREGROUND for vid, f in fractions.items()}
+    masks = {vid: mask for vid, mask in masks.items() if mask.any()}
+    if not masks:
+        n_slices, most = sum(map(len, fractions.values())), max(f.max() for f in fractions.values())
+        raise InputError(
+            f"no validation slice has signal to tune the baselines on: the {n_slices} slice(s) of "
+            f"{', '.join(fractions)} are at most {most:.1%} object, tuning needs "
+            f"{TUNING_MIN_FOREGROUND:.0%}; keep slices with signal (min_foreground_fraction) or pass "
+            "--baselines none")
+    return masks
+
+
 def tune_on_validation(datamodule: Any, regimes: Sequence[str], names: Sequence[str],
                        device: torch.device | str = "cpu") -> dict[str, dict[str, TuningResult]]:
-    """Tune the named baselines once per regime on the data module's VALIDATION volumes (never test);
-    `device`: where the torch baselines (`tv_model`) compute."""
+    """Tune the named baselines once per regime on the data module's VALIDATION volumes (never test), on
+    their slices with signal (`tuning_slices`); `device`: where the torch baselines (`tv_model`) compute."""
     names = [n for n in names if BASELINES[n].grid]
     if not names:
         return {}
@@ -90,10 +129,13 @@ def tune_on_validation(datamodule: Any, regimes: Sequence[str], names: Sequence[
         degradation = make_regime(regime, **_regime_overrides(datamodule))
         vols = collect_split(datamodule, "val", regime)
         if not vols:
-            raise InputError("the data module has no validation subjects to tune the baselines on; "
-                             "give it some (e.g. val_fraction / split_file) or pass --baselines none")
+            raise InputError(f"{_why_empty(datamodule, 'val')}: nothing to tune the baselines on; give the "
+                             "data module validation subjects (e.g. val_fraction / split_file) or pass "
+                             "--baselines none")
+        masks = tuning_slices(vols)
         volumes_by_regime[regime] = {
-            v.volume_id: (measurement(v, degradation).to(device), _magnitude(v.clean)) for v in vols}
+            v.volume_id: (measurement(v, degradation, masks[v.volume_id]).to(device),
+                          _magnitude(v.clean)[masks[v.volume_id]]) for v in vols if v.volume_id in masks}
     bar = tqdm(total=len(regimes) * len(names), desc="tune baselines (val)", unit="fit", file=sys.stderr)
     with bar:
         return tune_baselines(names, volumes_by_regime, _tuning_metric,
@@ -127,7 +169,7 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
         degradation = make_regime(regime, **overrides)
         vols = collect_split(datamodule, "test", regime)
         if not vols:
-            raise InputError("the data module has no test subjects")
+            raise InputError(_why_empty(datamodule, "test"))
         for vol in tqdm(vols, desc=f"evaluate {regime}", unit="volume", file=sys.stderr):
             ref, m = _magnitude(vol.clean), measurement(vol, degradation).to(device)
             outputs, seconds = {}, {}

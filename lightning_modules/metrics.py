@@ -3,7 +3,8 @@
 All metrics compare a predicted magnitude VOLUME with a reference volume, slices along the first axis:
 inputs are `[S, H, W]` or `[S, 1, H, W]` (a single `[H, W]` slice is a volume of one slice).
 
-- SSIM: scikit-image's `structural_similarity` on each slice (7x7 uniform window, K1 = 0.01, K2 = 0.03,
+- SSIM: scikit-image's `structural_similarity` on each slice (7x7 uniform window: `SSIM_WIN_SIZE`, defined
+  in `lfmri_utils.volumes`, where it is also the smallest slice every lfmri entry takes; K1 = 0.01, K2 = 0.03,
   sample covariance, the mean over the "valid" region 3 pixels in from each border), with
   `data_range = ref.max()` of the whole reference volume, averaged over slices.
 - PSNR: `10 log10(data_range^2 / MSE)` over the whole volume, `data_range = ref.max()` (dB).
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lfmri_utils.volumes import SSIM_WIN_SIZE
+
 __all__ = [
     "SSIM_WIN_SIZE",
     "nmse_volume",
@@ -31,7 +34,6 @@ __all__ = [
     "ssim_volume",
 ]
 
-SSIM_WIN_SIZE = 7
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 

@@ -21,6 +21,10 @@ Randomness: a volume generator seeded from `(seed, 0)` draws the acquisition par
 its own generator seeded from `(seed, i + 1)` (`numpy.random.SeedSequence`) for its field map and noise,
 so the output does not depend on `--batch-size`.
 
+Input: a 3D magnitude volume that passes lfmri's input rule (`lfmri_utils.volumes.check_volume`): finite,
+not all zero (the SNR of an empty volume is undefined), no negative voxel, and slices along `--slice-axis` of
+at least 7x7 (SSIM's window: a smaller slice could not be scored); anything else is refused before any work.
+
 Outputs (each written to a temporary file, then renamed; nothing is created on error):
 
 * `OUTPUT` (`.nii` / `.nii.gz`): float32 magnitude with the input's affine and header;
@@ -52,6 +56,7 @@ from tqdm import tqdm
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_output_file
 from lfmri_utils.seeding import check_seed
+from lfmri_utils.volumes import check_volume
 
 SNR_DB_LIMITS = (-10.0, 60.0)
 NOISE_LEVELS = ("volume", "slice")
@@ -119,8 +124,7 @@ def run(args: argparse.Namespace) -> int:
     from datamodules.io import load_nifti
 
     data, img = load_nifti(args.input)
-    if not np.any(data):
-        raise InputError(f"{args.input}: all voxels are zero; the SNR of an empty volume is undefined")
+    check_volume(data, args.input, args.slice_axis, kind="magnitude")  # before any work
     result = degrade_volume(data, args.regime, args.seed, args.slice_axis % 3, args.snr_db, args.batch_size,
                             args.noise_level)
     record = {"input": str(Path(args.input).resolve()), "output": str(Path(args.output).resolve()),

@@ -22,7 +22,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lfmri.commands.sampler_options import add_sampler_arguments, sampler_from_args
+from lfmri.commands.sampler_options import add_sampler_arguments, check_checkpoint_argument, sampler_from_args
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import check_output_dir
 from lfmri_utils.seeding import check_seed
@@ -93,9 +93,26 @@ def parse_regimes(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _samplers(args: argparse.Namespace, sde: Any) -> tuple[Any, dict[str, tuple[Any, int]]]:
+    """The sampler of method `lfmri` and the others (`--also`, `--reference-pc-steps`: method `lfmri_pc`) on
+    the model's `sde` (None: the default VPSDE, to check the options before the model is read); ValueError
+    for a bad option."""
+    from lightning_modules.sampling.samplers import build_sampler
+
+    sampler = sampler_from_args(args, sde)
+    others = parse_also(args.also, sde)
+    if args.reference_pc_steps:
+        # the registry's `pc`: the paper's reference, gradient DC w = 0.3
+        others["lfmri_pc"] = (build_sampler("pc", steps=args.reference_pc_steps, sde=sde), 1)
+    return sampler, others
+
+
 def _validate(args: argparse.Namespace) -> Path:
-    """Check the options before any work; returns the output folder, resolved (`--out .` has no name of its
-    own for the temporary folder beside it)."""
+    """Check the options that need no torch before any work (numbers, the output folder, the config's data
+    block, --ckpt); returns the output folder, resolved (`--out .` has no name of its own for the temporary
+    folder beside it)."""
+    from lfmri.data_config import data_block
+
     out = check_output_dir(args.out, "--out")  # before any computing: not a file, a writable place for it
     for name in ("samples", "batch_size", "steps", "max_slices_per_volume"):
         value = getattr(args, name)
@@ -104,31 +121,32 @@ def _validate(args: argparse.Namespace) -> Path:
     if args.reference_pc_steps < 0:
         raise InputError(f"--reference-pc-steps: must be >= 0, got {args.reference_pc_steps}")
     check_seed(args.seed)
+    data_block(args.config)
+    check_checkpoint_argument(args.ckpt)
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `lfmri evaluate`; bad input raises InputError before anything is written."""
+    out = _validate(args)
+    regimes = parse_regimes(args.regimes)
     from lfmri.baselines import parse_baselines
+
+    try:
+        baselines = parse_baselines(args.baselines)
+        _samplers(args, None)  # the sampler options, checked before the model is read
+    except ValueError as err:  # InputError included
+        raise InputError(str(err)) from None
     from lfmri.data_config import load_datamodule
     from lfmri.evaluation import run_evaluation
     from lfmri.models import load_score_model, resolve_device
     from lfmri.results import format_markdown, write_results
     from lightning_modules.checkpoint import resolve_checkpoint
 
-    out = _validate(args)
-    regimes = parse_regimes(args.regimes)
     try:
-        baselines = parse_baselines(args.baselines)
         device = resolve_device(args.device)
         model = load_score_model(args.ckpt, device)
-        sampler = sampler_from_args(args, model.sde)
-        from lightning_modules.sampling.samplers import build_sampler
-
-        others = parse_also(args.also, model.sde)
-        if args.reference_pc_steps:
-            # the registry's `pc`: the paper's reference, gradient DC w = 0.3
-            others["lfmri_pc"] = (build_sampler("pc", steps=args.reference_pc_steps, sde=model.sde), 1)
+        sampler, others = _samplers(args, model.sde)
     except ValueError as err:  # InputError included
         raise InputError(str(err)) from None
     overrides = {} if args.max_slices_per_volume is None else {

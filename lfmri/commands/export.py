@@ -20,7 +20,8 @@ bare state dict for dds (`lightning_modules.load_pretrained(OUT, config=OUT.json
 
 OUT must end with .pth or .pt and the config with .json; an existing file is replaced only when it is of the
 same kind (a PyTorch checkpoint, a JSON file), so a mistyped name never overwrites a NIfTI volume or a YAML
-config. Both are checked before the checkpoint is read.
+config. Both are checked before the checkpoint is read; a `--ckpt` path that names no file is refused before
+torch is imported.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lfmri.commands.sampler_options import check_checkpoint_argument
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import check_output_file
 
@@ -66,8 +68,6 @@ def _is_json_file(path: Path) -> bool:
 def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path]:
     """(OUT, config JSON) checked before any work: suffixes, writable folders, not the input, and an existing
     file replaced only when it is of the same kind."""
-    from lightning_modules.checkpoint import is_torch_file
-
     out = Path(args.out)
     config_out = Path(args.config_out) if args.config_out else out.with_suffix(".json")
     check_output_file(out, "OUT", CHECKPOINT_SUFFIXES)
@@ -76,9 +76,12 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path]:
         raise InputError(f"{out}: the export would overwrite the Lightning checkpoint it reads")
     if config_out.resolve() in (out.resolve(), Path(args.ckpt).resolve()):
         raise InputError(f"{config_out}: the config JSON would overwrite a checkpoint (choose --config-out)")
-    if out.is_file() and not is_torch_file(out):
-        raise InputError(f"OUT {out}: exists and is not a PyTorch checkpoint; not replaced (remove it or "
-                         "choose another name)")
+    if out.is_file():
+        from lightning_modules.checkpoint import is_torch_file  # imports torch: only for an existing OUT
+
+        if not is_torch_file(out):
+            raise InputError(f"OUT {out}: exists and is not a PyTorch checkpoint; not replaced (remove it or "
+                             "choose another name)")
     if config_out.is_file() and not _is_json_file(config_out):
         raise InputError(f"--config-out {config_out}: exists and is not a JSON file; not replaced (remove it "
                          "or choose another name with --config-out)")
@@ -90,10 +93,11 @@ def run(args: argparse.Namespace) -> int:
     config (what `lightning_modules.load_pretrained(OUT, OUT.json)` reads back): score_sde's dict for
     score_sde, hfs_sde and score_mri (EMA shadows over the trainable parameters: NCSN++'s Fourier `W` only in
     `model`), guided-diffusion's bare state dict for dds (one set of weights: `--weights`)."""
+    out, config_out = _check_outputs(args)
+    check_checkpoint_argument(args.ckpt)
     from lfmri.models import read_lightning_checkpoint, score_model_from_checkpoint
     from lightning_modules.checkpoint import export_guided_diffusion_checkpoint, export_score_sde_checkpoint
 
-    out, config_out = _check_outputs(args)
     ckpt = read_lightning_checkpoint(args.ckpt)
     model, step = score_model_from_checkpoint(ckpt, args.ckpt), int(ckpt.get("global_step", 0))
     family = model.prior.family if model.prior is not None else None

@@ -6,6 +6,10 @@ SSIM with a 7x7 uniform window and data range = the reference volume's maximum; 
 range; NMSE = ||PRED - REF||^2 / ||REF||^2. Prints one line of standard JSON {"ssim": ..., "psnr": ...,
 "nmse": ...}; a value that is not finite is printed as null: "psnr" is null when PRED equals REF (the PSNR of
 identical volumes is infinite), never Python's non-standard `Infinity`.
+
+Both volumes must pass lfmri's input rule (`lfmri_utils.volumes.check_volume`): 3D, finite, slices of at least
+7x7 (SSIM's window), no negative voxel (they are magnitudes); REF must not be all zero (its maximum is the
+data range), PRED may be (an empty reconstruction is scored, not refused).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import math
 import numpy as np
 
 from lfmri_utils.errors import InputError
+from lfmri_utils.volumes import check_volume
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,20 +53,14 @@ def run(args: argparse.Namespace) -> int:
     """Load both volumes, check them, print the metrics as JSON."""
     from datamodules.io import load_nifti
     from datamodules.transforms import check_slice_axis
-    from lightning_modules.metrics import SSIM_WIN_SIZE
 
-    check_slice_axis(args.slice_axis)
+    axis = check_slice_axis(args.slice_axis)
     ref, _ = load_nifti(args.ref)
+    check_volume(ref, args.ref, axis, kind="magnitude")
     pred, _ = load_nifti(args.pred)
+    check_volume(pred, args.pred, axis, kind="magnitude", allow_all_zero=True)
     if ref.shape != pred.shape:
         raise InputError(f"{args.pred}: shape {pred.shape} does not match {args.ref}: shape {ref.shape}")
-    in_plane = [n for axis, n in enumerate(ref.shape) if axis != args.slice_axis % 3]
-    if min(in_plane) < SSIM_WIN_SIZE:
-        raise InputError(f"{args.ref}: slices along axis {args.slice_axis} are {in_plane[0]}x{in_plane[1]}; "
-                         f"SSIM needs at least {SSIM_WIN_SIZE}x{SSIM_WIN_SIZE}")
-    if not float(ref.max()) > 0:
-        raise InputError(f"{args.ref}: the reference volume's maximum is {float(ref.max()):g}; "
-                         "the data range must be positive")
     metrics = volume_metrics(ref, pred, args.slice_axis)
     print(json.dumps({k: v if math.isfinite(v) else None for k, v in metrics.items()}, allow_nan=False))
     return 0

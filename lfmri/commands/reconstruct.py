@@ -47,13 +47,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
-from lfmri.commands.sampler_options import add_sampler_arguments, sampler_from_args
+from lfmri.commands.sampler_options import add_sampler_arguments, check_checkpoint_argument, sampler_from_args
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_input_file, check_output_file
 from lfmri_utils.seeding import check_seed
+from lfmri_utils.volumes import check_volume
 
 #: per-slice scalar parameters of the forward operator, as `lfmri degrade` records them
 SCALAR_KEYS = ("fwhm_px", "t2star_ms", "t2star_gre", "readout_ms", "te_ms", "b0_max_hz")
@@ -91,13 +91,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    """The checks that need no torch (numbers, outputs, input files, --ckpt): a mistyped path is reported
+    before the model code is imported."""
     from datamodules.io import NIFTI_SUFFIXES
-    from datamodules.transforms import check_slice_axis
-    from degradations import REGIMES
 
-    if args.regime not in REGIMES:
-        raise InputError(f"--regime: unknown regime {args.regime!r}; valid regimes: {', '.join(REGIMES)}")
-    check_slice_axis(args.slice_axis)
     for name in ("samples", "batch_size", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -113,6 +110,27 @@ def _validate(args: argparse.Namespace) -> None:
     if args.std_out and check_output_file(args.std_out, "--std-out", NIFTI_SUFFIXES, inputs).resolve() == \
             output.resolve():
         raise InputError(f"--std-out {args.std_out}: is the same file as OUTPUT")
+    check_input_file(args.input)
+    if args.kspace:
+        check_input_file(args.kspace, "--kspace")
+    if args.params:
+        check_input_file(args.params, "--params")
+    check_checkpoint_argument(args.ckpt)
+
+
+def _validate_options(args: argparse.Namespace) -> None:
+    """The checks that need the degradations' and samplers' registries (torch, but no model yet): regime,
+    slice axis, sampler options and `--samples` against a point-estimate sampler."""
+    from datamodules.transforms import check_slice_axis
+    from degradations import REGIMES
+
+    if args.regime not in REGIMES:
+        raise InputError(f"--regime: unknown regime {args.regime!r}; valid regimes: {', '.join(REGIMES)}")
+    check_slice_axis(args.slice_axis)
+    try:
+        sampler_from_args(args, None)
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 def _check_regime(source: str, recorded: Any, regime: str) -> None:
@@ -124,6 +142,8 @@ def read_kspace(path: str | Path, shape: tuple[int, int, int], regime: str) -> d
     """The measured k-space file -> {"kspace": complex64 [S,H,W], "b0_map_hz": float32 [S,H,W] | None,
     "noise_sigma": float64 [S] | None (input units), "attrs": dict}; InputError when it is unreadable, lacks
     `kspace`, disagrees with the NIfTI's slice stack `shape` or with the regime, or holds NaN / Inf."""
+    import h5py
+
     path = check_input_file(path, "--kspace")  # missing, a folder, not a regular file: said so
     try:
         with h5py.File(path, "r") as f:
@@ -147,11 +167,9 @@ def read_kspace(path: str | Path, shape: tuple[int, int, int], regime: str) -> d
                          f"slices {tuple(shape)}")
     if not np.iscomplexobj(kspace):
         raise InputError(f"--kspace {path}: 'kspace' must be complex, got {kspace.dtype}")
-    bad = int(kspace.size - np.count_nonzero(np.isfinite(kspace)))
-    if bad or (b0 is not None and not np.all(np.isfinite(b0))):
-        raise InputError(f"--kspace {path}: {bad or 'some'} value(s) are NaN or Inf")
-    if not np.any(kspace):
-        raise InputError(f"--kspace {path}: every k-space sample is zero: nothing was measured")
+    check_volume(kspace, f"--kspace {path}", 0, kind="kspace")  # finite, slice size, not all zero
+    if b0 is not None and not np.all(np.isfinite(b0)):
+        raise InputError(f"--kspace {path}: 'b0_map_hz' holds NaN or Inf")
     if sigma is not None and (sigma.shape != (shape[0],) or not np.all(np.isfinite(sigma)) or
                               np.any(sigma <= 0)):
         raise InputError(f"--kspace {path}: 'noise_sigma' must be {shape[0]} finite values > 0 (one per "
@@ -188,6 +206,7 @@ def read_params(path: str | Path, n_slices: int, regime: str) -> dict[str, Any]:
                 continue
             raise InputError(f"--params {path}: parameter {key!r} is missing for some slices")
         scalars[key] = np.asarray(values, dtype=np.float64)
+    check_scalars(f"--params {path}", scalars)
     sigma = [r.get("noise_sigma") for r in rows]
     noise_sigma = None
     if all(isinstance(v, (int, float)) for v in sigma):
@@ -198,11 +217,38 @@ def read_params(path: str | Path, n_slices: int, regime: str) -> dict[str, Any]:
     return {"scalars": scalars, "b0_method": record.get("b0_method"), "noise_sigma": noise_sigma}
 
 
-def _attrs_params(attrs: dict[str, Any], n_slices: int) -> dict[str, np.ndarray] | None:
-    """Per-volume scalars of the k-space file's attributes, repeated per slice (None when absent)."""
+#: the physical range of each recorded operator parameter: (lowest, whether the lowest itself is allowed,
+#: whether +inf is allowed); t2star_gre is a flag (0 spin echo, 1 gradient echo)
+SCALAR_RANGES = {"fwhm_px": (0.0, True, False), "t2star_ms": (0.0, False, True),
+                 "t2star_gre": (0.0, True, False), "readout_ms": (0.0, False, False),
+                 "te_ms": (0.0, True, False), "b0_max_hz": (0.0, True, False)}
+
+
+def check_scalars(where: str, scalars: dict[str, np.ndarray]) -> None:
+    """InputError (naming `where`, the parameter and the first bad slice) when a recorded operator parameter
+    is NaN or outside its physical range (`SCALAR_RANGES`; `t2star_gre` must be 0 or 1)."""
+    for key, values in scalars.items():
+        low, closed, inf_ok = SCALAR_RANGES[key]
+        ok = (values >= low) if closed else (values > low)
+        ok &= np.isfinite(values) | (inf_ok & (values == np.inf))
+        if key == "t2star_gre":
+            ok &= np.isin(values, (0.0, 1.0))
+        if not ok.all():
+            first = int(np.flatnonzero(~ok)[0])
+            bound = f"{'>=' if closed else '>'} {low:g}" + (" (inf allowed)" if inf_ok else "")
+            if key == "t2star_gre":
+                bound = "0 (spin echo) or 1 (gradient echo)"
+            raise InputError(f"{where}: {key} of slice {first} is {values[first]:g}; it must be {bound}")
+
+
+def _attrs_params(attrs: dict[str, Any], n_slices: int, where: str) -> dict[str, np.ndarray] | None:
+    """Per-volume scalars of the k-space file's attributes, repeated per slice (None when absent); checked
+    (`check_scalars`)."""
     if not all(k in attrs for k in ("fwhm_px", "t2star_ms", "readout_ms", "te_ms")):
         return None
-    return {k: np.full(n_slices, float(attrs[k])) for k in SCALAR_KEYS if k in attrs}
+    scalars = {k: np.full(n_slices, float(attrs[k])) for k in SCALAR_KEYS if k in attrs}
+    check_scalars(where, scalars)
+    return scalars
 
 
 def mid_range_params(regime: str, n_slices: int) -> dict[str, np.ndarray]:
@@ -252,6 +298,8 @@ def operator_params_on_grid(scalars: dict[str, np.ndarray], b0_map_hz: np.ndarra
 
 def run(args: argparse.Namespace) -> int:
     """Run `lfmri reconstruct`; bad input raises InputError before anything is written."""
+    _validate(args)
+    _validate_options(args)
     import nibabel as nib
     import torch
 
@@ -261,9 +309,9 @@ def run(args: argparse.Namespace) -> int:
     from lfmri.models import load_score_model, resolve_device
     from lightning_modules.inference import Reconstructor
 
-    _validate(args)
     data, img = load_nifti(args.input)
     axis = args.slice_axis % 3
+    check_volume(data, args.input, axis, kind="magnitude")
     stack = np.ascontiguousarray(to_slices(data, axis))  # [S, H, W], lfmri degrade's layout
     n_slices, height, width = stack.shape
     measured = read_kspace(args.kspace, stack.shape, args.regime) if args.kspace else None
@@ -283,8 +331,10 @@ def run(args: argparse.Namespace) -> int:
 
     if recorded is not None:
         scalars, b0_method = recorded["scalars"], recorded["b0_method"]
-    elif measured is not None and _attrs_params(measured["attrs"], n_slices) is not None:
-        scalars, b0_method = _attrs_params(measured["attrs"], n_slices), measured["attrs"].get("b0_method")
+    elif measured is not None and _attrs_params(measured["attrs"], n_slices, f"--kspace {args.kspace}") \
+            is not None:
+        scalars = _attrs_params(measured["attrs"], n_slices, f"--kspace {args.kspace}")
+        b0_method = measured["attrs"].get("b0_method")
     else:
         scalars, b0_method = mid_range_params(args.regime, n_slices), None
     b0_map = measured["b0_map_hz"] if measured is not None and "b0" in args.regime else None

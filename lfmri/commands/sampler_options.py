@@ -1,10 +1,18 @@
-"""The sampler options shared by `lfmri reconstruct` and `lfmri evaluate` (one definition of each flag)."""
+"""The options shared by lfmri's model commands: the sampler flags of `lfmri reconstruct` and `lfmri evaluate`
+(one definition of each flag) and the `--ckpt` check of those two and `lfmri export`.
+
+Nothing here imports torch until a sampler is built: the commands check their arguments first, so a missing
+file is reported at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from lfmri_utils.files import check_input_file
 
 if TYPE_CHECKING:  # the CLI builds its parsers without importing torch
     from lightning_modules.sampling.samplers import Sampler
@@ -42,13 +50,24 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
                    help="gradient DC step weight (default: the sampler's)")
 
 
-def sampler_from_args(args: argparse.Namespace, sde: SDE) -> Sampler:
+def sampler_from_args(args: argparse.Namespace, sde: SDE | None) -> Sampler:
     """The sampler the options name, on the model's SDE (`ScoreModel.sde`: `VPSDE`, `DiscreteVPSDE` or
-    `VESDE`, whatever its family); ValueError on an invalid option or `--samples` K > 1 for a point
-    estimate."""
+    `VESDE`, whatever its family; None: the default `VPSDE`, to check the options before the model is read);
+    ValueError on an invalid option or `--samples` K > 1 for a point estimate."""
     from lightning_modules.sampling.samplers import SamplerOptions
 
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerOptions)}
     sampler = SamplerOptions(**options).build(sde)
     sampler.check_samples(getattr(args, "samples", 1))  # K samples of a point estimate would be identical
     return sampler
+
+
+def check_checkpoint_argument(value: str) -> None:
+    """InputError, before torch is imported, for a `--ckpt` that is a path (with a folder part or a suffix)
+    but not a checkpoint file: missing, a folder, not a regular file. A bare name (`reference-small`) may be
+    a shipped checkpoint's: `lightning_modules.checkpoint.resolve_checkpoint` resolves it with the model
+    (shipped names have neither part, which tests/lfmri/test_fast_refusals.py checks)."""
+    path = Path(value)
+    if path.is_file() or (path.name == value and not path.suffix):
+        return
+    check_input_file(path, "", "checkpoint file")

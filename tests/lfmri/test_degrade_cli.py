@@ -107,13 +107,16 @@ def test_same_seed_same_output_independent_of_batch_size(small_volume, tmp_path)
     assert not np.allclose(outs["a"], outs["c"])
 
 
-def test_slice_axis_selects_the_slicing_direction(small_volume, tmp_path):
+def test_slice_axis_selects_the_slicing_direction(tmp_path):
+    # 8 slices of the MNI block (not small_volume's 6): along axis 0 they give 72 x 8 slices, at least the
+    # 7 x 7 that lfmri takes
+    slab = _write(tmp_path / "slab.nii.gz", np.asarray(nib.load(str(MNI)).dataobj)[60:124, 70:142, 88:96])
     h5 = tmp_path / "k.h5"
-    assert degrade(small_volume, tmp_path / "d.nii.gz", "--regime", "noise", "--slice-axis", "0",
+    assert degrade(slab, tmp_path / "d.nii.gz", "--regime", "noise", "--slice-axis", "0",
                    "--kspace-out", h5) == 0
     with h5py.File(h5) as f:
-        assert f["kspace"].shape == (64, 72, 6) and "b0_map_hz" not in f
-    assert nib.load(str(tmp_path / "d.nii.gz")).shape == (64, 72, 6)
+        assert f["kspace"].shape == (64, 72, 8) and "b0_map_hz" not in f
+    assert nib.load(str(tmp_path / "d.nii.gz")).shape == (64, 72, 8)
 
 
 def _write(path, data):
@@ -190,9 +193,10 @@ def test_kspace_out_is_an_hdf5_name_and_never_the_input(small_volume, tmp_path, 
     assert src.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["in.nii"]
 
 
-def test_a_one_pixel_readout_is_degraded_with_every_regime(tmp_path, capsys):
-    # slices of 24 x 1 (one readout sample): B0 time segmentation with one sample is exact, not an error
-    data = np.zeros((24, 1, 3), np.float32)
+def test_the_shortest_readout_is_degraded_with_b0(tmp_path, capsys):
+    # slices of 24 x 7: the fewest readout samples lfmri takes (slices under 7x7 are refused, see
+    # test_measurement_rules.py); B0 time segmentation on so short a readout is not an error
+    data = np.zeros((24, 7, 3), np.float32)
     data[6:18] = 100.0
     path = tmp_path / "line.nii.gz"
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
