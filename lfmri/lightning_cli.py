@@ -7,30 +7,43 @@ Every logger also receives the whole resolved config (`trainer`, `model`, `data`
 hyper-parameters: W&B's run config), and checkpoints are written atomically (`AtomicCheckpointIO`).
 SIGINT / SIGTERM during `fit` save a resumable `last.ckpt` at the end of the current step and stop the run
 (`lightning_modules.callbacks.InterruptCheckpoint`; `lfmri fit` then exits with 128 + the signal number).
+
+Bad input is refused before any model or data work, as `InputError` (one line): a config that does not parse
+(YAML syntax, a Python tag, a `class_path` of the wrong kind, a wrongly typed value: jsonargparse's error,
+condensed by `parse_error_message` to the file, the key and the problem), a required value left `???`, and an
+output folder that cannot be written (`output_folders`).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import logging
 import netrc
 import os
+import re
 import warnings
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
 import yaml
+from jsonargparse import ActionConfigFile
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor
+from lightning.pytorch import __version__ as lightning_version
+from lightning.pytorch.callbacks import BasePredictionWriter, Checkpoint, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+from omegaconf.errors import OmegaConfBaseException
 
 import datamodules.datamodule  # noqa: F401  (defines the classes, so `--data LowFieldDataModule` works)
 from lfmri.models import read_lightning_checkpoint
 from lfmri_utils.errors import InputError
-from lfmri_utils.files import atomic_path
+from lfmri_utils.files import _check_writable_folder, atomic_path
 from lfmri_utils.seeding import check_seed
 from lightning_modules.callbacks import InterruptCheckpoint
 from lightning_modules.module import upgrade_hparams
@@ -75,16 +88,142 @@ def missing_values(config: Any, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if config == "???" else []
 
 
+class ConfigFileError(TypeError):
+    """A `--config` file jsonargparse could not take (`ConfigFile`): `path`, with the error as the cause.
+    A TypeError, as jsonargparse's own config-file errors, so it travels through jsonargparse the same way."""
+
+    def __init__(self, path: str, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.path = path
+
+
+class ConfigFile(ActionConfigFile):
+    """`-c/--config`: jsonargparse's config-file option, whose errors name the file (`ConfigFileError`)."""
+
+    def __call__(self, parser: Any, cfg: Any, values: Any, option_string: str | None = None) -> None:
+        try:
+            super().__call__(parser, cfg, values, option_string)
+        except (TypeError, ValueError, argparse.ArgumentError) as err:
+            path = str(values)
+            raise ConfigFileError(path if os.path.exists(path) else option_string or "--config", err) from err
+
+
+_PARSER_KEY = re.compile(r'Parser key "([^"]+)":?\s*')
+#: jsonargparse's phrasings -> lfmri's (regex, replacement), applied in turn
+_REPHRASE = ((re.compile(r"Import path (\S*) does not correspond to a subclass of (\w+)"),
+              r"class_path '\1' is not a \2 subclass"),
+             (re.compile(r"Expected a (.+?)\. Got value: (.*)"), r"expected \1, got \2"),
+             (re.compile(r"<class '([\w.]+)'>"), r"\1"),
+             (re.compile(r"typing\.Literal\[([^\]]*)\]"), r"one of \1"))
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """`err` and the exceptions that caused it (`__cause__`, else `__context__`), outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and all(current is not e for e in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def parse_error_message(err: BaseException) -> str:
+    """One line for a jsonargparse parse error (`err` and its causes): the config file the value came from
+    (when one did, `ConfigFileError`), the dotted key (`init_args` between a class and its argument) and the
+    innermost problem (a YAML error with its line and column), e.g.
+    `bad.yaml: model: class_path 'os.system' is not a LightningModule subclass`."""
+    chain = _chain(err)
+    keys: list[str] = []
+    last_key, in_class = None, False
+    for cause in chain:
+        message = str(cause)
+        match = _PARSER_KEY.match(message)
+        if match and match[1] != last_key:
+            last_key = match[1]
+            keys.append(f"init_args.{last_key}" if in_class else last_key)
+            in_class = False
+        in_class = in_class or message.startswith("Problem with given class_path")
+    inner = chain[-1]
+    mark = getattr(inner, "problem_mark", None)
+    if isinstance(inner, yaml.YAMLError) and mark is not None:
+        problem = f"line {mark.line + 1}, column {mark.column + 1}: {getattr(inner, 'problem', '') or inner}"
+        if "python/" in problem:
+            problem += " (YAML tags that build Python objects are refused)"
+    else:
+        lines = [line.strip() for line in _PARSER_KEY.sub("", str(inner)).splitlines()]
+        problem = next((line for line in lines if line), type(inner).__name__)
+        for pattern, replacement in _REPHRASE:
+            problem = pattern.sub(replacement, problem)
+    where = [e.path for e in chain if isinstance(e, ConfigFileError)][:1]
+    key = ".".join(k for k in keys if k != "config")
+    return ": ".join([*where, *([key] if key else []), problem])
+
+
+def _class_of(block: Any) -> type | None:
+    """The class a parsed `class_path` block names (None for anything else)."""
+    class_path = block.get("class_path") if hasattr(block, "get") else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:  # a nested class (`module.Outer.Inner`): not one of the blocks looked for
+        return None
+
+
+def output_folders(config: Any, subcommand: str) -> list[tuple[str, str]]:
+    """(what, folder) of each local folder `subcommand` writes into, from the parsed config (nothing built):
+    `trainer.default_root_dir` (the working directory when unset: logs, `config.yaml`), each logger's
+    `save_dir`, the `ModelCheckpoint`s' `dirpath` (fit) and the prediction writers' `output_dir` (predict)."""
+    trainer = config.get("trainer") or {}
+    folders = [("trainer.default_root_dir", trainer.get("default_root_dir") or os.getcwd())]
+    wanted = {"fit": (ModelCheckpoint, "dirpath"), "predict": (BasePredictionWriter, "output_dir")}
+    for field, blocks in (("logger", trainer.get("logger")), ("callbacks", trainer.get("callbacks"))):
+        for block in blocks if isinstance(blocks, list) else [blocks]:
+            cls = _class_of(block)
+            if cls is None:
+                continue
+            kind, name = (Logger, "save_dir") if field == "logger" else wanted.get(subcommand, (None, ""))
+            folder = (block.get("init_args") or {}).get(name) if kind and issubclass(cls, kind) else None
+            if folder:
+                folders.append((f"trainer.{field} {cls.__name__} {name}", str(folder)))
+    return [(what, folder) for what, folder in folders if _is_local_file_protocol(folder)]
+
+
 class LfmriCLI(LightningCLI):
     """LightningCLI with lfmri's defaults: OmegaConf YAML, subclass mode, config saved per run and logged,
-    atomic checkpoints; a required value left as `???` is refused before anything is built."""
+    atomic checkpoints; a config that does not parse, a required value left as `???` and an output folder
+    that cannot be written are refused (InputError, one line) before anything is built."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser, with a `-c/--config` whose errors name the file (`ConfigFile`)."""
+        kwargs.setdefault("dump_header", [f"lightning.pytorch=={lightning_version}"])
+        parser = self.parser_class(**kwargs)
+        parser.add_argument("-c", "--config", action=ConfigFile,
+                            help="a YAML config file (several are merged in order)")
+        return parser
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse the command line; jsonargparse's error (its parser built with `exit_on_error=False`) comes
+        out as one line (`parse_error_message`), not a usage dump, and so does OmegaConf's (an interpolation
+        naming no key)."""
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as err:
+            raise InputError(parse_error_message(err)) from None
+        except OmegaConfBaseException as err:
+            raise InputError(f"config interpolation: {str(err).splitlines()[0]}") from None
 
     def before_instantiate_classes(self) -> None:
+        """Refuse a required value left `???` and an output folder that cannot be written (`output_folders`:
+        a read-only folder, a path through a file), before the model or the data are touched."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         missing = missing_values(config)
         if missing:
             raise InputError(f"the config leaves {', '.join(missing)} to the command line (???): give "
                              + " ".join(f"--{k}=..." for k in missing))
+        for what, folder in output_folders(config, self.subcommand or "fit"):
+            _check_writable_folder(Path(folder), f"{what} {folder}")
 
     def _set_seed(self) -> None:
         """`seed_everything` checked by the one seed rule of every command (`check_seed`), then applied."""
@@ -140,7 +279,11 @@ class LfmriCLI(LightningCLI):
             return None
         class_path = hparams.pop("_class_path", None)
         model = {"class_path": class_path, "init_args": hparams} if class_path else hparams
-        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        except argparse.ArgumentError as err:
+            message = parse_error_message(err)
+            raise InputError(f"--ckpt_path {ckpt_path}: its model arguments: {message}") from None
         return None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -177,14 +320,7 @@ def _check_ckpt_path(ckpt_path: Any) -> dict | None:
 
 def _input_error_in(err: BaseException) -> Exception | None:
     """The InputError that caused `err` (itself, or along its `__cause__` / `__context__` chain), if any."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, InputError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return next((cause for cause in _chain(err) if isinstance(cause, InputError)), None)
 
 
 def _wandb_logged_in() -> bool:
@@ -244,7 +380,7 @@ def run_lightning_cli(args: ArgsType = None, run: bool = True) -> LfmriCLI:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
         save_config_callback=LogConfigCallback,
         save_config_kwargs={"overwrite": True},
         args=args,

@@ -78,9 +78,11 @@ class InterruptCheckpoint(Callback):
     The handlers are installed at `on_train_start` (they replace Lightning's SIGTERM handler, whose own stop
     writes nothing and exits with code 0) and removed at the end of the fit. A signal only sets a flag: the
     step in progress completes, so the state saved is consistent. A second Ctrl-C stops at once without
-    saving (Lightning's KeyboardInterrupt shutdown). A validation run in progress inside the fit finishes
-    first (the checkpoint is written at the next training step's end). Under DDP the ranks agree on stopping
-    at each step (`reduce_boolean_decision`), so they all save at the same step.
+    saving, the way of the SIGINT handler in charge before the fit (`lfmri.cli.StopOnSignal`: exit code 130;
+    Python's own: Lightning's KeyboardInterrupt shutdown). A validation run in progress inside the fit
+    finishes first (the checkpoint is written at the next training step's end). Under DDP the ranks agree on
+    stopping at each step (`reduce_boolean_decision`), so they all save at the same step; a run stopped at
+    once by a signal (set-up, a second Ctrl-C) also stops the rank processes it launched.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -92,8 +94,11 @@ class InterruptCheckpoint(Callback):
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.requested is not None:
-            if signum == signal.SIGINT:  # a second Ctrl-C: stop now, save nothing
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop now, save nothing, the way of the handler
+                previous = self._previous.get(signum)  # that was in charge before (lfmri's own command's)
                 self._restore()
+                if callable(previous):
+                    previous(signum, frame)
                 raise KeyboardInterrupt
             return
         self.requested = signum
@@ -120,6 +125,11 @@ class InterruptCheckpoint(Callback):
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._restore()
+        launcher = trainer.strategy.launcher
+        if not isinstance(exception, Exception) and launcher is not None:
+            # stopped by a signal (`lfmri.cli.Interrupted`, KeyboardInterrupt): the processes this one
+            # launched (DDP's other ranks) would wait for it; stop them, as Lightning does on its own Ctrl-C
+            launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._restore()

@@ -151,6 +151,7 @@ def base_lr(config: Path) -> float:
 def resolve_config(fit_args: list[str]) -> str:
     """`lfmri fit <fit_args> --print_config`, in this process: the resolved YAML (interpolations done)."""
     from lfmri.lightning_cli import run_lightning_cli
+    from lfmri_utils.errors import InputError
 
     buffer, argv = io.StringIO(), sys.argv
     sys.argv = argv[:1]  # LightningCLI warns when it is given args beside a command line of its own
@@ -160,6 +161,9 @@ def resolve_config(fit_args: list[str]) -> str:
     except SystemExit as stop:
         if stop.code not in (0, None):
             raise ProtocolError(f"the fit arguments do not parse: lfmri fit {shlex.join(fit_args)}") from None
+    except InputError as err:
+        raise ProtocolError(f"the fit arguments do not parse ({err}): "
+                            f"lfmri fit {shlex.join(fit_args)}") from None
     finally:
         sys.argv = argv
     return buffer.getvalue()
