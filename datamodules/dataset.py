@@ -333,7 +333,7 @@ class PredictSliceDataset(SliceDataset):
     """All slices of the user's low-field volumes, without a reference: `MeasuredSample`s (no `clean`).
 
     `degraded` is the normalised measured image (real, imag), `y` its k-space fft2c, `regime` is "measured",
-    the params are neutral (so `ForwardOperator.from_params` gives plain Fourier sampling), and `shape` (h, w)
+    the params are neutral (so `degradations.build_operator` gives plain Fourier sampling), and `shape` (h, w)
     is the slice's native shape: at native size (the default) the images already have it; with `image_size`,
     `transforms.restore_shape` puts the outputs back on that grid. `transforms.from_slices` then rebuilds the
     volume.

@@ -32,7 +32,7 @@ class SliceSample(NamedTuple):
     y: Tensor
     #: the regime's name (`degradations.REGIMES`)
     regime: str
-    #: the forward operator's realised parameters (`ForwardOperator.from_params`), one sample's slice of the
+    #: the forward operator's realised parameters (`degradations.build_operator`), one sample's slice of the
     #: full key set (`degradations.neutral_params`): scalars [] (`fwhm_px` in pixels, `t2star_ms`, `snr_db`,
     #: `noise_sigma` per complex k-space sample in normalised units, ...), `b0_map_hz` [1, H, W] in Hz
     params: dict[str, Tensor]
@@ -55,7 +55,7 @@ class MeasuredSample(NamedTuple):
     y: Tensor
     #: "measured"
     regime: str
-    #: neutral parameters (`degradations.neutral_params`: `ForwardOperator.from_params` gives plain Fourier
+    #: neutral parameters (`degradations.neutral_params`: `degradations.build_operator` gives plain Fourier
     #: sampling), keys and shapes as `SliceSample.params`
     params: dict[str, Tensor]
     #: the volume's id (`VolumeRecord.volume_id`)

@@ -2,6 +2,8 @@
 
 Conventions: complex images and k-space are `[B, 1, H, W]` complex64; FFTs are centred and orthonormal;
 the readout runs along `W` and phase encoding along `H`; every random draw takes a `torch.Generator`.
+A measurement (k-space, its operator's parameters and B0 settings, its noise level and that level's origin)
+is one `Measurement`, which builds its operator `A` through `build_operator`, as the simulator does.
 """
 
 from .b0 import B0PhaseCorruption, OffResonanceEncoding, random_b0_map
@@ -16,6 +18,7 @@ from .compose import (
     regime_label,
 )
 from .fourier import channels_to_complex, complex_to_channels, fft2c, ifft2c
+from .measurement import Measurement, NoiseOrigin, build_operator, operator_norm_sq
 from .noise import ComplexGaussianNoise
 from .noise_estimate import estimate_noise_sigma
 from .operator import ForwardOperator
@@ -32,4 +35,5 @@ __all__ = [
     "LowFieldDegradation", "make_regime", "REGIMES", "PARAM_KEYS", "neutral_params", "params_to_jsonable",
     "regime_label",
     "ForwardOperator", "estimate_noise_sigma",
+    "Measurement", "NoiseOrigin", "build_operator", "operator_norm_sq",
 ]

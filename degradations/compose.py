@@ -6,7 +6,8 @@ A regime adds steps in the physical order blur -> T2* -> B0 -> noise. The signal
 
 (the MTF and the T2* envelope weight every sample produced by the off-resonance encoding `E_B0`, which is
 `fft2c` without B0) and `n` is complex Gaussian noise whose level is set against the noise-free image
-`ifft2c(A x)` entering the noise stage. `apply` is exactly `ForwardOperator.from_params(params)(x) + n`.
+`ifft2c(A x)` entering the noise stage. `apply` is exactly `build_operator(params, *b0_settings)(x) + n`
+(`degradations.measurement.build_operator`, the one place A is built, which measurements use too).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from .b0 import B0PhaseCorruption
 from .blur import GaussianBlur
+from .measurement import DEFAULT_B0_METHOD, build_operator
 from .noise import ComplexGaussianNoise
 from .operator import ForwardOperator
 from .t2star import T2StarDecay
@@ -127,11 +129,18 @@ class LowFieldDegradation:
             return torch.zeros(b0_max_hz.shape[0], 1, height, width, device=b0_max_hz.device)
         return self.b0.sample_map(b0_max_hz, height, width, generator)
 
-    def operator(self, params: dict[str, torch.Tensor]) -> ForwardOperator:
-        """The forward operator `A` of `params`, evaluated with this regime's B0 method."""
+    @property
+    def b0_settings(self) -> tuple[str, int | None]:
+        """`(b0_method, n_segments)`: how this regime evaluates off-resonance (`degradations.b0`), the B0
+        step's settings, or the defaults without B0 (where they change nothing); the one place a regime's
+        choice is read, by the simulator and by every measurement of it (`Measurement.simulated`)."""
         if self.b0 is None:
-            return ForwardOperator.from_params(params)
-        return ForwardOperator.from_params(params, self.b0.method, self.b0.n_segments)
+            return DEFAULT_B0_METHOD, None
+        return self.b0.method, self.b0.n_segments
+
+    def operator(self, params: dict[str, torch.Tensor]) -> ForwardOperator:
+        """The forward operator `A` of `params` with this regime's B0 settings (`build_operator`)."""
+        return build_operator(params, *self.b0_settings)
 
     def sample_params(self, x: torch.Tensor, generator: torch.Generator | None = None,
                       signal_power: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .b0 import B0PhaseCorruption, OffResonanceEncoding
@@ -12,6 +14,7 @@ from .t2star import T2StarDecay
 __all__ = ["ForwardOperator"]
 
 REQUIRED_KEYS = ("fwhm_px", "t2star_ms", "readout_ms", "te_ms", "b0_map_hz")
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class ForwardOperator:
@@ -35,7 +38,8 @@ class ForwardOperator:
     @classmethod
     def from_params(cls, params: dict[str, torch.Tensor], b0_method: str = "segmented",
                     n_segments: int | None = None) -> ForwardOperator:
-        """Build `A` from a (batched) params dict with the keys of `LowFieldDegradation.sample_params`.
+        """Build `A` from a (batched) params dict with the keys of `LowFieldDegradation.sample_params`
+        (called through `degradations.build_operator`, the one place outside this module that builds `A`).
 
         Needs `fwhm_px`, `t2star_ms`, `readout_ms`, `te_ms` `[B]` and `b0_map_hz`
         `[B, 1, H, W]`; `t2star_gre` `[B]` defaults to spin echo. `b0_method` / `n_segments`: see
@@ -50,6 +54,45 @@ class ForwardOperator:
         decay = T2StarDecay.kspace_weights(params, width)
         weights = decay if mtf is None else mtf if decay is None else mtf * decay
         return cls(weights, B0PhaseCorruption.encoding(params, b0_method, n_segments))
+
+    @property
+    def is_diagonal(self) -> bool:
+        """True when `A = diag(a) F` (no off-resonance encoding): `A^H A` is diagonal in k-space, so the
+        normal equations are solved per k-space sample (`solve_normal`)."""
+        return self.encoding is None
+
+    def solve_normal(self, z0: torch.Tensor, y: torch.Tensor, c: torch.Tensor,
+                     d: torch.Tensor) -> torch.Tensor:
+        """The solution `x` of `(c A^H A + d I) x = c A^H y + d z0` for a diagonal `A = diag(a) F`, per
+        k-space sample `k = (d F z0 + c a y) / (d + c a^2)` (`F z0` where `d + c a^2 = 0`), `x = ifft2c(k)`.
+
+        `z0`: complex image `[B,1,H,W]`; `y`: complex k-space `[B,1,H,W]`; `c`, `d`: `[B]` real, `>= 0`.
+        ValueError for an operator with an off-resonance encoding (not diagonal).
+        """
+        if not self.is_diagonal:
+            raise ValueError("the closed form needs A = diag(a) F; this operator has an off-resonance "
+                             "encoding")
+        k0 = fft2c(z0)
+        c, d = c[:, None, None, None], d[:, None, None, None]
+        if self.weights is None:  # d + c = 1
+            return ifft2c(d * k0 + c * y)
+        a = self.weights.to(device=y.device, dtype=y.real.dtype)
+        den = d + c * a**2
+        return ifft2c(torch.where(den > 0, (d * k0 + c * a * y) / den.clamp_min(_TINY), k0))
+
+    def echo_preconditioner(self, c: torch.Tensor,
+                            d: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`r -> S^H F^H (F S r / (d + c a^2))` (0 where `d + c a^2 = 0`): the inverse of
+        `c A^H A + d I` for the operator without the off-resonance of the readout, `S` the phase accrued up
+        to the echo (`exp(-i 2 pi Df TE)`; none without B0, where it is the exact inverse). `c`, `d`: `[B]`
+        real, `>= 0`; `r`: complex image `[B,1,H,W]`."""
+        c, d = c[:, None, None, None], d[:, None, None, None]
+        den = d + c * (1.0 if self.weights is None else self.weights.to(device=c.device, dtype=c.dtype)**2)
+        inverse = torch.where(den > 0, 1.0 / den.clamp_min(_TINY), 0.0)
+        if self.encoding is None:
+            return lambda r: ifft2c(inverse * fft2c(r))
+        echo = self.encoding.echo_phasor().to(c.device)
+        return lambda r: echo.conj() * ifft2c(inverse * fft2c(echo * r))
 
     @property
     def is_fourier(self) -> bool:

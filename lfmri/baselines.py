@@ -1,8 +1,8 @@
 """Classical baselines on the same measurements as lfmri, and their tuning on validation data.
 
-Every baseline maps a `Measurement` (one stack of S slices of one matrix size: the measured k-space y, the
-degraded complex image `ifft2c(y)`, the realised operator parameters and the k-space noise std per slice) to
-a magnitude volume `[S, H, W]` (float32, the slices' normalised units):
+Every baseline maps a `degradations.Measurement` (one stack of S slices of one matrix size: the measured
+k-space y, the degraded complex image `ifft2c(y)`, the operator A it owns and the k-space noise std per slice)
+to a magnitude volume `[S, H, W]` (float32, the slices' normalised units):
 
 - `degraded`: the magnitude of the degraded image itself (no parameters);
 - `tv`: total-variation denoising of the magnitude image, scikit-image's `denoise_tv_chambolle`,
@@ -18,9 +18,9 @@ a magnitude volume `[S, H, W]` (float32, the slices' normalised units):
   `min_x 1/2 ||A x - y||^2 + w TV(x)` on the complex image, `w = weight_factor * sigma_img` (the same as
   `1/2 ||A x - y||^2 / sigma^2 + lambda TV(x)` with `lambda = w / sigma^2`), by PDHG (`tv_reconstruct`).
 
-Noise level: `sigma` is the std of the complex k-space noise per sample (the data module's known
-`params["noise_sigma"]`, else `degradations.estimate_noise_sigma` of y with the slice's operator, as
-`lightning_modules.inference.Reconstructor` does). With centred orthonormal FFTs the image noise is white
+Noise level: `sigma` is the measurement's `noise_sigma`, the std of the complex k-space noise per sample
+(recorded by the simulation, given, or estimated when the measurement is made: the same value the diffusion
+reconstruction uses). With centred orthonormal FFTs the image noise is white
 with std `sigma_img = sigma / sqrt(2)` in each of the real and imaginary channels, and about the same in
 the magnitude where the signal is well above the noise. Every parameter is a factor of each slice's
 `sigma_img`, so one tuned factor serves slices degraded at different SNRs.
@@ -35,10 +35,8 @@ thread, several with B0). `Baseline.defaults` are the parameters used without tu
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import itertools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,8 +46,7 @@ import torch
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 from torch import Tensor
 
-from degradations import ForwardOperator, ifft2c
-from lightning_modules.inference import stack_noise_sigma, stack_segment_count
+from degradations import ForwardOperator, Measurement, operator_norm_sq
 
 #: a volume metric, `metric(pred [S,H,W], ref [S,H,W]) -> float` (higher is better for tuning)
 VolumeMetric = Callable[[np.ndarray, np.ndarray], float]
@@ -64,84 +61,8 @@ TV_MAX_ITERATIONS = 2000
 TV_MODEL_ITERATIONS = 150
 #: PDHG primal / dual step ratio r: tau = r / L, sigma = 1 / (r L) (r = 0.2-0.3 converged fastest there)
 PDHG_STEP_RATIO = 0.25
-#: power iterations estimating ||A||^2 for the PDHG step sizes
-POWER_ITERATIONS = 20
 #: slices reconstructed together by `tv_model`
 TV_MODEL_BATCH = 16
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the measurement
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One stack of S measured slices of one matrix size: all that a baseline may use.
-
-    Attributes:
-        y: measured k-space, complex64 `[S, 1, H, W]` (centred orthonormal FFT, normalised units).
-        params: realised degradation parameters, batched (`fwhm_px`, `t2star_ms`, `t2star_gre`, `readout_ms`,
-            `te_ms` `[S]`, `b0_map_hz` `[S, 1, H, W]`, ...), as `LowFieldDegradation.sample_params` gives.
-        noise_sigma: std of the complex k-space noise per sample, float32 `[S]` (units of y).
-        b0_method, n_segments: how A evaluates off-resonance (`degradations.b0`); `n_segments` is one number
-            for the whole stack (resolved by `from_kspace`).
-    """
-
-    y: Tensor
-    params: dict[str, Tensor]
-    noise_sigma: Tensor
-    b0_method: str = "segmented"
-    n_segments: int | None = None
-
-    @classmethod
-    def from_kspace(cls, y: Tensor, params: Mapping[str, Tensor], noise_sigma: Tensor | None = None,
-                    b0_method: str = "segmented", n_segments: int | None = None) -> Measurement:
-        """A measurement of k-space y complex `[S,1,H,W]` and its parameters.
-
-        The noise std is `noise_sigma` `[S]` where given, else `params["noise_sigma"]`, else (NaN entries
-        too) estimated from y with each slice's operator; a slice that cannot be estimated (all zero) takes
-        the median of the others. InputError when none can.
-        """
-        if not y.is_complex() or y.dim() != 4 or y.shape[1] != 1:
-            raise ValueError(f"y must be complex [S,1,H,W], got {tuple(y.shape)} {y.dtype}")
-        params = {k: v.detach().cpu() for k, v in params.items()}
-        y = y.detach().cpu().to(torch.complex64)
-        n_segments = stack_segment_count(params, y.shape[-1], b0_method, n_segments)
-        sigma, _ = stack_noise_sigma(
-            y, params, lambda p: ForwardOperator.from_params(dict(p), b0_method, n_segments), noise_sigma)
-        return cls(y, params, sigma, b0_method, n_segments)
-
-    def __len__(self) -> int:
-        return int(self.y.shape[0])
-
-    def to(self, device: torch.device | str) -> Measurement:
-        """The same measurement with its tensors on `device` (where `tv_model` computes; the image denoisers
-        always work on CPU copies)."""
-        return dataclasses.replace(self, y=self.y.to(device), noise_sigma=self.noise_sigma.to(device),
-                                   params={k: v.to(device) for k, v in self.params.items()})
-
-    @property
-    def degraded(self) -> Tensor:
-        """The degraded complex image `ifft2c(y)`, complex64 `[S, 1, H, W]`."""
-        return ifft2c(self.y)
-
-    @property
-    def image_sigma(self) -> np.ndarray:
-        """Noise std per real channel of the image, `noise_sigma / sqrt(2)`, float64 `[S]`."""
-        return self.noise_sigma.double().cpu().numpy() / math.sqrt(2.0)
-
-    def magnitude(self) -> np.ndarray:
-        """The degraded magnitude image, float64 `[S, H, W]`."""
-        return self.degraded[:, 0].abs().double().cpu().numpy()
-
-    def complex_image(self) -> np.ndarray:
-        """The degraded complex image, complex128 `[S, H, W]`."""
-        return self.degraded[:, 0].to(torch.complex128).cpu().numpy()
-
-    def operator(self, sl: slice = slice(None)) -> ForwardOperator:
-        """The forward operator A of the slices `sl` (the measurement's B0 method and segments)."""
-        return ForwardOperator.from_params({k: v[sl] for k, v in self.params.items()}, self.b0_method,
-                                           self.n_segments)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,24 +186,6 @@ def tv_objective(x: Tensor, y: Tensor, operator: ForwardOperator, weight: Tensor
     """`1/2 ||A x - y||^2 + weight TV(x)` per slice -> `[B]` (x, y complex `[B,1,H,W]`, weight `[B]`)."""
     data = (operator.forward(x) - y).abs().pow(2).flatten(1).sum(1)
     return 0.5 * data + weight * total_variation(x)
-
-
-def operator_norm_sq(operator: ForwardOperator, like: Tensor, iterations: int = POWER_ITERATIONS,
-                     seed: int = 0) -> Tensor:
-    """Per-slice estimate of `||A||^2` (largest eigenvalue of `A^H A`) by power iteration -> `[B]`.
-
-    `like`: a complex `[B, 1, H, W]` tensor giving shape, dtype and device. The start vector is drawn from a
-    generator seeded by `seed` (deterministic).
-    """
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(like.shape, generator=g, dtype=torch.complex128).to(like.device, like.dtype)
-    norm = torch.ones(like.shape[0], device=like.device)
-    for _ in range(iterations):
-        v = v / v.abs().pow(2).flatten(1).sum(1).sqrt().clamp_min(1e-30)[:, None, None, None]
-        w = operator.adjoint(operator.forward(v))
-        norm = torch.real((v.conj() * w).flatten(1).sum(1)).float()
-        v = w
-    return norm
 
 
 def tv_reconstruct(y: Tensor, operator: ForwardOperator, weight: Tensor, x0: Tensor | None = None,

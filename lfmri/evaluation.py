@@ -2,18 +2,18 @@
 
 Protocol (`run_evaluation`): for every test volume of the data module and every regime, deterministic
 degradations (a pure function of volume id, slice, regime and seed, as the data module draws them),
-reconstruction by a sampler with k-space data consistency, the classical baselines (`lfmri.baselines`) on
-the same measurements (each gets a `Measurement`: k-space y, the degraded complex image, the realised
-operator parameters and the simulation's known noise std; their parameters tuned once per regime on the data
-module's *validation* subjects, on their slices with signal: `TUNING_MIN_FOREGROUND`), and fastMRI metrics
-on magnitude volumes in normalised units (data range = the reference volume's max) per volume x regime x
-method; then mean ± std across the test volumes (one per subject unless a subject has several; sample std,
-ddof=1). With a single test volume the spread is over
-its slices instead (per-slice metrics with the volume's data range, `lightning_modules.metrics.slice_metrics`;
-slices.csv), and the tables say so. Each row also records the method's wall-clock seconds per slice: the
-image denoisers on the CPU, `tv_model` and lfmri on the evaluation's device (torch's CPU threads on a CPU).
-Besides the default sampler (`lfmri`), further named sampler configurations can be scored on the same slices
-and seeds (e.g. `lfmri_pc`, the paper's reference predictor-corrector with gradient DC w = 0.3).
+reconstruction by a sampler with k-space data consistency, the classical baselines (`lfmri.baselines`) on the
+same measurements (both take the volume's `degradations.Measurement`: k-space y, the operator of the realised
+parameters and the simulation's recorded noise std; the baselines' parameters tuned once per regime on the
+data module's *validation* subjects, on their slices with signal: `TUNING_MIN_FOREGROUND`), and fastMRI
+metrics on magnitude volumes in normalised units (data range = the reference volume's max) per volume x regime
+x method; then mean ± std across the test volumes (one per subject unless a subject has several; sample std,
+ddof=1). With a single test volume the spread is over its slices instead (per-slice metrics with the volume's
+data range, `lightning_modules.metrics.slice_metrics`; slices.csv), and the tables say so. Each row also
+records the method's wall-clock seconds per slice: the image denoisers on the CPU, `tv_model` and lfmri on the
+evaluation's device (torch's CPU threads on a CPU). Besides the default sampler (`lfmri`), further named
+sampler configurations can be scored on the same slices and seeds (e.g. `lfmri_pc`, the paper's reference
+predictor-corrector with gradient DC w = 0.3).
 
 The result is written by `lfmri.results.write_results`, atomically: all the old files or all the new ones.
 """
@@ -30,12 +30,13 @@ import torch
 from tqdm import tqdm
 
 from datamodules.transforms import foreground_fractions
-from degradations import LowFieldDegradation, make_regime
-from lfmri.baselines import BASELINES, Measurement, TuningResult, tune_baselines
+from degradations import LowFieldDegradation, Measurement, make_regime
+from lfmri.baselines import BASELINES, TuningResult, tune_baselines
 from lfmri.results import LFMRI, EvaluationResult, ResultRow, SliceRow
 from lfmri_utils.errors import InputError
 from lightning_modules.inference import Reconstructor
-from lightning_modules.metrics import nmse_volume, psnr_volume, region_metrics, slice_metrics, ssim_volume
+from lightning_modules.metric_classes import volume_metrics
+from lightning_modules.metrics import region_metrics, slice_metrics, ssim_volume
 from lightning_modules.module import ScoreModel
 from lightning_modules.sampling.samplers import Sampler
 
@@ -54,17 +55,14 @@ def _magnitude(x: torch.Tensor) -> np.ndarray:
 
 
 def measurement(vol: Any, degradation: LowFieldDegradation, keep: np.ndarray | None = None) -> Measurement:
-    """The baselines' `Measurement` of an `EvalVolume` (y, params with the known noise std) whose operator
-    evaluates B0 as the regime `degradation` simulates it (as `Reconstructor.for_degradation` does); `keep`:
-    a boolean mask of the slices to take (default: all)."""
+    """The `Measurement` of an `EvalVolume` simulated by the regime `degradation` (y, its operator evaluating
+    B0 as the regime does, the recorded noise std: `Measurement.simulated`), what both the baselines and the
+    reconstruction take; `keep`: a boolean mask of the slices to take (default: all)."""
     y, params = vol.y, vol.params
     if keep is not None:
         index = torch.from_numpy(keep)
         y, params = y[index], {k: v[index] for k, v in params.items()}
-    b0 = degradation.b0
-    if b0 is None:
-        return Measurement.from_kspace(y, params)
-    return Measurement.from_kspace(y, params, b0_method=b0.method, n_segments=b0.n_segments)
+    return Measurement.simulated(y, params, degradation)
 
 
 def run_baseline(name: str, m: Measurement, params: Mapping[str, float] | None = None,
@@ -76,7 +74,9 @@ def run_baseline(name: str, m: Measurement, params: Mapping[str, float] | None =
 
 
 def _volume_metrics(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
-    return ssim_volume(pred, ref), psnr_volume(pred, ref), nmse_volume(pred, ref)
+    """(SSIM, PSNR, NMSE) of one volume, as the validation callback's torchmetrics Metrics score a volume."""
+    values = volume_metrics(pred, ref)
+    return values["ssim"], values["psnr"], values["nmse"]
 
 
 def _tuning_metric(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -177,11 +177,11 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
                 params = tuning[regime][name].params if name in tuning.get(regime, {}) else {}
                 outputs[name], seconds[name] = run_baseline(name, m, params)
             for method, (method_sampler, k) in ours.items():
-                reconstruct = Reconstructor.for_degradation(
-                    score_fn, method_sampler, degradation, batch_size, device,
+                reconstruct = Reconstructor(
+                    score_fn, method_sampler, batch_size, device,
                     progress=f"{vol.volume_id} {regime} {method}", data_scale=model.data_scale)
                 start = time.perf_counter()
-                result = reconstruct(vol.degraded, vol.y, vol.params, vol.slices.tolist(), seed, k)
+                result = reconstruct(m, vol.degraded, vol.slices.tolist(), seed, k)
                 seconds[method] = (time.perf_counter() - start) / max(len(m), 1)
                 outputs[method] = result.mean[:, 0].numpy()
             for method, pred in outputs.items():

@@ -23,9 +23,9 @@ from torch.utils.data import default_collate
 
 from datamodules.io import save_nifti_atomic
 from datamodules.transforms import from_slices
-from degradations import REGIMES
+from degradations import REGIMES, Measurement
 from lightning_modules.inference import Reconstructor
-from lightning_modules.metrics import nmse_volume, psnr_volume, ssim_volume
+from lightning_modules.metric_classes import fastmri_collection
 from lightning_modules.sampling.samplers import SamplerOptions, magnitude
 
 
@@ -186,17 +186,19 @@ class SamplerCallback(Callback):
     Metrics (fastMRI definitions, `lightning_modules.metrics`) on magnitude images against |clean|, in
     normalised units, computed PER SLICE with that slice's own data range (`ref.max()` of the slice: the
     subset mixes slices of different volumes, so there is no volume to take the range of), then averaged over
-    the regime's slices. They track training; they are not the paper's per-subject volume numbers
-    (`lfmri evaluate`). Logged as `val/ssim/<regime>`, `val/psnr/<regime>` (dB), `val/nmse/<regime>` (a
-    fraction), identical on every rank.
+    the regime's slices: one torchmetrics `MetricCollection` per regime
+    (`lightning_modules.metric_classes.fastmri_collection`), each slice an `update` as a volume of one slice.
+    They track training; they are not the paper's per-subject volume numbers (`lfmri evaluate`). Logged as
+    `val/ssim/<regime>`, `val/psnr/<regime>` (dB), `val/nmse/<regime>` (a fraction), identical on every
+    rank.
 
     Distribution and determinism: the subset is cut into batches of at most `batch_size` slices of one
     regime and one volume (one matrix size); whole batches are dealt to the ranks
-    (`batch j -> rank j % world_size`) and the results are
-    summed across ranks (`strategy.reduce`, gloo and NCCL; each value comes from exactly one rank, so the sum
-    is exact). Each slice samples with its own generator seeded by (seed, its slice index), as in
-    `lfmri reconstruct` and `lfmri evaluate`, so batches, noise and per-regime averages do not depend on the
-    number of processes: 1 and N processes give the same numbers (on the same hardware and thread count).
+    (`batch j -> rank j % world_size`); the collections' `compute()` gathers every rank's per-slice values
+    (torchmetrics' sync, gloo and NCCL) and sums them exactly (`math.fsum`), whatever their order. Each
+    slice samples with its own generator seeded by (seed, its slice index), as in `lfmri reconstruct` and
+    `lfmri evaluate`, so batches, noise and per-regime averages do not depend on the number of processes:
+    1 and N processes give the same numbers (on the same hardware and thread count).
 
     Images: rows = regimes (the first slice of each, zero-padded to the largest of them), columns =
     degraded | reconstruction | reference | |error|, rendered with matplotlib on global rank 0 and sent to
@@ -267,40 +269,40 @@ class SamplerCallback(Callback):
         dataset = _val_dataset(trainer)
         subset = validation_subset([item[-1] for item in dataset.items], self.regimes, self.n_slices)
         regimes = list(subset)
-        positions = {i: p for p, i in enumerate(i for idx in subset.values() for i in idx)}
         batches = [(r, b) for r, idx in subset.items() for b in _same_volume_batches(dataset, idx,
                                                                                      self.batch_size)]
         device = pl_module.device
         sampler = self.sampler_options.build(pl_module.sde)
         score_fn = pl_module.score_fn()
-        metrics = torch.zeros(len(positions), 3, dtype=torch.float64, device=device)
+        # one collection per regime: val/ssim/<regime>, val/psnr/<regime>, val/nmse/<regime>
+        collections = {r: fastmri_collection(prefix="val/", postfix=f"/{r}").to(device) for r in regimes}
         firsts = {r: dataset.sample_shape(dataset.items[idx[0]][0]) for r, idx in subset.items()}
         height, width = max(h for h, _ in firsts.values()), max(w for _, w in firsts.values())
         panels = torch.zeros(len(regimes), 4, height, width, device=device)  # summed across ranks
         for regime, idx in batches[trainer.global_rank::trainer.world_size]:
             batch = default_collate([dataset[i] for i in idx])
-            reconstruct = Reconstructor.for_degradation(score_fn, sampler, dataset.degradations[regime],
-                                                        len(idx), device, data_scale=pl_module.data_scale)
-            recon = reconstruct(batch.degraded, batch.y, batch.params, batch.slice.tolist(),
+            reconstruct = Reconstructor(score_fn, sampler, len(idx), device, data_scale=pl_module.data_scale)
+            measured = Measurement.simulated(batch.y, batch.params, dataset.degradations[regime])
+            recon = reconstruct(measured, batch.degraded, batch.slice.tolist(),
                                 seed=self.seed).mean.to(device)
             ref = magnitude(batch.clean.to(device))
-            for j, i in enumerate(idx):
-                values = [f(recon[j], ref[j]) for f in (ssim_volume, psnr_volume, nmse_volume)]
-                metrics[positions[i]] = torch.tensor(values, dtype=torch.float64)
+            for j in range(len(idx)):  # each slice is scored as a volume of one slice
+                collections[regime].update(recon[j], ref[j])
             if idx[0] == subset[regime][0]:  # the regime's first slice goes into the image grid
                 h, w = ref.shape[-2:]
                 panels[regimes.index(regime), :, :h, :w] = torch.stack([
                     magnitude(batch.degraded[:1].to(device))[0, 0], recon[0, 0], ref[0, 0],
                     (recon[0, 0] - ref[0, 0]).abs()])
-        metrics = trainer.strategy.reduce(metrics, reduce_op="sum")
 
         out: dict[str, float] = {}
-        for regime, idx in subset.items():
-            rows = metrics[[positions[i] for i in idx]]
-            for name, value in zip(("ssim", "psnr", "nmse"), rows.mean(dim=0), strict=True):
-                out[f"val/{name}/{regime}"] = float(value)
+        for regime in regimes:  # the same order on every rank: compute() gathers the slices of all ranks
+            with warnings.catch_warnings():  # a rank that reconstructed none of the regime's slices
+                warnings.filterwarnings("ignore", "The ``compute`` method of metric", UserWarning)
+                values = collections[regime].compute()
+            for name, value in values.items():
+                out[name] = float(value)
                 # the value is already identical on every rank: "max" keeps it bit-exact through the sync
-                pl_module.log(f"val/{name}/{regime}", value, sync_dist=True, reduce_fx="max")
+                pl_module.log(name, value, sync_dist=True, reduce_fx="max")
         self.last_metrics = out
         if self.log_images:
             self._log_grid(trainer, regimes, panels)

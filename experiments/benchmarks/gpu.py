@@ -230,7 +230,7 @@ def time_sampling(plan: Plan, device: torch.device, autocast: bool, regime: str,
     network (module docstring, stage 1)."""
     from sampling import replace_near_zero_init
 
-    from degradations import make_regime
+    from degradations import Measurement, make_regime
     from lightning_modules.inference import Reconstructor
     from lightning_modules.networks.ddpm import DDPM
     from lightning_modules.sampling.samplers import DEFAULT_SAMPLER, build_sampler
@@ -245,13 +245,14 @@ def time_sampling(plan: Plan, device: torch.device, autocast: bool, regime: str,
     score_fn = get_score_fn(net, sde)
     sampler = build_sampler(None, autocast=autocast, sde=sde)  # the registry's default, whichever it is
     _, x_init, y, params = synthetic_measurement(plan.slices, plan.size, regime, seed)
+    measurement = Measurement.simulated(y, params, make_regime(regime))
     ids = list(range(plan.slices))
     batch = plan.slices
     while True:  # all slices in one batch, halved until it fits
-        rec = Reconstructor.for_degradation(score_fn, sampler, make_regime(regime), batch, device)
+        rec = Reconstructor(score_fn, sampler, batch, device)
         try:
             reset_peak(device)
-            _, warmup_s = timed(device, rec, x_init, y, params, ids, seed=seed)
+            _, warmup_s = timed(device, rec, measurement, x_init, ids, seed=seed)
             break
         except Exception as err:
             if not is_oom(err) or batch == 1:
@@ -259,7 +260,7 @@ def time_sampling(plan: Plan, device: torch.device, autocast: bool, regime: str,
             batch = max(1, batch // 2)
     walls, nfe = [], None
     for _ in range(plan.repeats):
-        out, wall = timed(device, rec, x_init, y, params, ids, seed=seed)
+        out, wall = timed(device, rec, measurement, x_init, ids, seed=seed)
         walls.append(wall)
         nfe = sampler.last_nfe
         if out.nfe != nfe:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from degradations import REGIMES, complex_to_channels, fft2c
+from degradations import REGIMES, LowFieldDegradation, Measurement, complex_to_channels, fft2c
 from lightning_modules.inference import Reconstructor
 from lightning_modules.metrics import psnr_volume, region_metrics, ssim_volume
 from lightning_modules.sampling.samplers import SAMPLERS, Sampler, SamplerOptions, build_sampler, magnitude
@@ -65,7 +65,7 @@ class Volume:
     y: torch.Tensor  # complex [S,1,H,W]
     params: dict[str, torch.Tensor]
     slices: list[int]
-    b0_method: str
+    degradation: LowFieldDegradation  # the regime that simulated it (its B0 settings)
 
 
 def load_volumes(split: str, regimes: list[str], slices: int, seed: int, snr_db: float | None,
@@ -79,10 +79,10 @@ def load_volumes(split: str, regimes: list[str], slices: int, seed: int, snr_db:
                             regime_overrides=overrides)
     out = []
     for regime in regimes:
-        b0 = make_regime(regime).b0
+        degradation = make_regime(regime, **overrides)
         for vol in itertools.islice(dm.volumes(split, regime), max_volumes):
             out.append(Volume(vol.volume_id, regime, vol.clean, vol.degraded, vol.y, vol.params,
-                              vol.slices.tolist(), b0.method if b0 is not None else "segmented"))
+                              vol.slices.tolist(), degradation))
     return out
 
 
@@ -128,7 +128,7 @@ def reconstruct(sampler: Sampler, score_fn: ScoreFn, vol: Volume, device: torch.
                 samples: int = 1) -> tuple[np.ndarray, float, int]:
     """(magnitude [S,H,W], wall seconds, NFE per slice) of one volume: the mean of `samples` posterior
     samples; `resize_to`: the former path."""
-    x_init, y, params = vol.degraded, vol.y, vol.params
+    x_init, measurement = vol.degraded, Measurement.simulated(vol.y, vol.params, vol.degradation)
     if resize_to is not None:
         from datamodules.transforms import fit_to_square
         from degradations import channels_to_complex
@@ -136,15 +136,16 @@ def reconstruct(sampler: Sampler, score_fn: ScoreFn, vol: Volume, device: torch.
         h, w = x_init.shape[-2:]
         factor = resize_to / max(h, w)
         x = fit_to_square(channels_to_complex(x_init), resize_to)
-        params = {**params, "fwhm_px": params["fwhm_px"] * factor,
-                  "readout_ms": params["readout_ms"] * factor,
-                  "b0_map_hz": fit_to_square(params["b0_map_hz"], resize_to)}
-        params.pop("noise_sigma")
-        x_init, y = complex_to_channels(x), fft2c(x)
-    rec = Reconstructor(score_fn, sampler, batch_size, device, b0_method=vol.b0_method)
+        params = {**measurement.params, "fwhm_px": measurement.params["fwhm_px"] * factor,
+                  "readout_ms": measurement.params["readout_ms"] * factor,
+                  "b0_map_hz": fit_to_square(measurement.params["b0_map_hz"], resize_to)}
+        # resampling changes the noise: estimated on the new grid
+        measurement = Measurement.from_kspace(fft2c(x), params, b0_method=measurement.b0_method)
+        x_init = complex_to_channels(x)
+    rec = Reconstructor(score_fn, sampler, batch_size, device)
     _sync(device)
     start = time.perf_counter()
-    out = rec(x_init, y, params, vol.slices, seed=seed, samples=samples)
+    out = rec(measurement, x_init, vol.slices, seed=seed, samples=samples)
     _sync(device)
     wall = time.perf_counter() - start
     mean = out.mean[:, 0]

@@ -35,7 +35,7 @@ Outputs (each written to a temporary file, then renamed; nothing is created on e
   orthonormal FFT); `noise_sigma` and `snr_db` float32 `[slices]`; `b0_map_hz` float32
   `[slices, H, W]` when the regime has B0; attributes: the volume's scalar parameters (`fwhm_px`,
   `t2star_ms`, `t2star_gre`, `readout_ms`, `te_ms`, `b0_max_hz`, `snr_db_target`), `b0_method`,
-  `regime`, `seed`, `slice_axis`, `noise_level`, `input`. With these `ForwardOperator.from_params`
+  `regime`, `seed`, `slice_axis`, `noise_level`, `input`. With these `degradations.build_operator`
   rebuilds `A` per slice (`t2star_ms = inf` means no decay).
 """
 

@@ -292,7 +292,7 @@ def operator_params_on_grid(scalars: dict[str, np.ndarray], b0_map_hz: np.ndarra
         params["readout_ms"] = params["readout_ms"] * factor
         if b0_map_hz is not None:
             params["b0_map_hz"] = fit_to_square(params["b0_map_hz"], size)
-    params.pop("noise_sigma")  # the Reconstructor gets the noise level separately
+    params.pop("noise_sigma")  # the noise level is the measurement's own (`Measurement.noise_sigma`)
     return params
 
 
@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
 
     from datamodules.io import load_nifti, nifti_like
     from datamodules.transforms import fit_to_square, from_slices, restore_shape, robust_scale, to_slices
-    from degradations import complex_to_channels, fft2c, ifft2c, make_regime
+    from degradations import Measurement, complex_to_channels, fft2c, ifft2c, make_regime
     from lfmri.models import load_score_model, resolve_device
     from lightning_modules.inference import Reconstructor
 
@@ -341,15 +341,15 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"b0_method": b0_method} if b0_method not in (None, "", "none") and b0_map is not None else {}
     degradation = make_regime(args.regime, **overrides)
 
-    # the noise std per complex k-space sample, input units: given, recorded, or NaN (estimated)
-    sigma_origin = "estimated from the measured k-space"
-    sigma = np.full(n_slices, np.nan)
+    # the noise std per complex k-space sample, input units, and where it comes from: given, recorded, or
+    # None: estimated when the measurement is made (`where` says from what, for the printed JSON)
+    sigma, origin, where = None, "estimated", "estimated from the measured k-space"
     if args.noise_sigma is not None:
-        sigma, sigma_origin = np.full(n_slices, args.noise_sigma), "--noise-sigma"
+        sigma, origin, where = np.full(n_slices, args.noise_sigma), "given", "--noise-sigma"
     elif measured is not None and measured["noise_sigma"] is not None:
-        sigma, sigma_origin = measured["noise_sigma"], f"recorded in {args.kspace}"
+        sigma, origin, where = measured["noise_sigma"], "recorded", f"recorded in {args.kspace}"
     elif recorded is not None and recorded["noise_sigma"] is not None and measured is not None:
-        sigma, sigma_origin = recorded["noise_sigma"], f"recorded in {params_path}"
+        sigma, origin, where = recorded["noise_sigma"], "recorded", f"recorded in {params_path}"
 
     if measured is not None:
         x = ifft2c(torch.from_numpy(measured["kspace"])[:, None]) / scale
@@ -359,15 +359,21 @@ def run(args: argparse.Namespace) -> int:
         size = model.train_size
         params = operator_params_on_grid(scalars, b0_map, (height, width), size)
         x = fit_to_square(x, size)  # [S, 1, size, size]
-        sigma = np.full(n_slices, np.nan)  # resampling changes the noise: estimate it on the new grid
-        sigma_origin = "estimated from the resampled k-space"
+        # resampling changes the noise: estimate it on the new grid
+        sigma, origin, where = None, "estimated", "estimated from the resampled k-space"
     else:
         params = operator_params_on_grid(scalars, b0_map, (height, width), None)
-    reconstructor = Reconstructor.for_degradation(
-        model.score_fn(), sampler, degradation, args.batch_size, device,
+    method, segments = degradation.b0_settings
+    known = {} if sigma is None else {"noise_sigma": torch.from_numpy(sigma / scale).float(),
+                                      "noise_origin": origin}
+    # y on the device: an estimate of the noise runs where the reconstruction does
+    measurement = Measurement.from_kspace(fft2c(x).to(device), params, **known, b0_method=method,
+                                          n_segments=segments)
+    reconstructor = Reconstructor(
+        model.score_fn(), sampler, args.batch_size, device,
         progress=f"reconstruct ({sampler.name}, {sampler.expected_nfe} NFE)", data_scale=model.data_scale)
-    result = reconstructor(complex_to_channels(x), fft2c(x), params, list(range(n_slices)), seed=args.seed,
-                           samples=args.samples, noise_sigma=torch.from_numpy(sigma / scale).float())
+    result = reconstructor(measurement, complex_to_channels(x), list(range(n_slices)), seed=args.seed,
+                           samples=args.samples)
 
     def to_volume(images: torch.Tensor) -> np.ndarray:
         images = images[:, 0]
@@ -386,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
                       "regime": args.regime, "kspace": args.kspace, "params": params_path,
                       **sampler.settings(), "samples": args.samples, "nfe_per_slice": result.nfe,
                       "noise_sigma": float(result.noise_sigma.double().quantile(0.5)) * scale,
-                      "noise_sigma_origin": sigma_origin,
+                      "noise_sigma_origin": where,
                       "resize": model.train_size if args.resize else None, "scale": scale,
                       "device": str(device)}, indent=2))
     return 0

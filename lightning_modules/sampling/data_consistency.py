@@ -29,15 +29,16 @@ iterate `x = alpha x0 + std z` of the sampler (`alpha`, `std` `[B]`, `alpha > 0`
   `floor = 0`) keeps `x0`; `sigma_y = 0` takes precedence (exact data are always kept). Numerically
   the system is solved as `(c A^H A + d I) x = c A^H y + d x0` with `c = 1 / (1 + mu)` and
   `d = mu / (1 + mu)` in `[0, 1]`, so neither limit overflows. Where `A = diag(a) F`
-  (`A.encoding is None`: noise only, blur, T2* along the readout) it is closed form per k-space sample,
+  (`A.is_diagonal`: noise only, blur, T2* along the readout) it is closed form per k-space sample,
 
       k = (d F x0 + c a y) / (d + c a^2)      (F x0 where d + c a^2 = 0, i.e. a = 0 and mu = 0),
 
-  `x = ifft2c(k)`. With B0 (an off-resonance encoding) it takes `cg_iters` preconditioned
-  conjugate-gradient steps per slice, warm-started at `x0`. The preconditioner is the closed form of the
-  operator without the off-resonance of the readout, `S^H F^H diag(1 / (d + c a^2)) F S` with `S` the
-  phase accrued up to the echo, `exp(-i 2 pi df TE)`; it is exact where `A = diag(a) F`, so CG forced
-  there reproduces the closed form in one step. Measured on three 197x233 MNI slices with a 60 Hz field
+  `x = ifft2c(k)` (`ForwardOperator.solve_normal`). With B0 (an off-resonance encoding) it takes
+  `cg_iters` preconditioned conjugate-gradient steps per slice, warm-started at `x0`. The preconditioner is
+  the closed form of the operator without the off-resonance of the readout, `S^H F^H diag(1 / (d + c a^2))
+  F S` with `S` the phase accrued up to the echo, `exp(-i 2 pi df TE)`
+  (`ForwardOperator.echo_preconditioner`); it is exact where `A = diag(a) F`, so CG forced there
+  reproduces the closed form in one step. Measured on three 197x233 MNI slices with a 60 Hz field
   map, TE 20 ms and a 12 ms readout (relative error of the solution after the default 10 steps):
   4e-4 at `mu = 0.01`, below 1e-7 at `mu = 1`; without the preconditioner 0.19 and 1e-7. Near
   `mu = 0` the exact solution divides the noise by the small `a` where the signal is strongly
@@ -47,14 +48,12 @@ iterate `x = alpha x0 + std z` of the sampler (`alpha`, `std` `[B]`, `alpha > 0`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from degradations import ForwardOperator, OffResonanceEncoding, channels_to_complex, complex_to_channels
-from degradations.fourier import fft2c, ifft2c
+from degradations import ForwardOperator, channels_to_complex, complex_to_channels
 
 __all__ = ["GradientDC", "LinearOperator", "ProximalDC", "ProximalMethod"]
 
@@ -118,16 +117,16 @@ class ProximalDC:
     See the module docstring for the maths, the limits and the solvers.
 
     Args:
-        A: the forward operator: its real k-space `weights` `a` (`[B,1,H,W]` broadcastable, `None` =
-            ones) and its off-resonance `encoding` (`None` = plain `fft2c`).
+        A: the forward operator (`forward`, `adjoint`, and for the solvers `is_diagonal`, `solve_normal`,
+            `echo_preconditioner`), e.g. a `Measurement`'s.
         y: measured k-space, complex `[B,1,H,W]` (cast to complex64).
         noise_sigma: `sigma_y`, std of the complex k-space noise per sample, `[B]` or a scalar, `>= 0`
             (`inf`: `y` carries no information).
         lam: the coupling `lam > 0` of `rho_t` (x0's error from the diffusion: `sigma_t / sqrt(lam)`).
         floor: std of the error `x0` keeps as `sigma_t -> 0` (image units, `>= 0`; 0: none).
         cg_iters: conjugate-gradient steps of the B0 solver (`>= 1`).
-        method: `"auto"` (closed form when `A.encoding is None`, else CG), `"closed_form"` (ValueError
-            with an encoding) or `"cg"` (always CG, e.g. to test it).
+        method: `"auto"` (closed form when `A.is_diagonal`, else CG), `"closed_form"` (ValueError
+            for an operator that is not diagonal) or `"cg"` (always CG, e.g. to test it).
         precondition: precondition CG with the closed form of the operator without readout off-resonance.
     """
 
@@ -151,13 +150,12 @@ class ProximalDC:
             raise ValueError(f"cg_iters must be >= 1, got {cg_iters}")
         if method not in ("auto", "closed_form", "cg"):
             raise ValueError(f"unknown method {method!r}; valid: auto, closed_form, cg")
-        if method == "closed_form" and A.encoding is not None:
+        if method == "closed_form" and not A.is_diagonal:
             raise ValueError("the closed form needs A = diag(a) F; this operator has an off-resonance "
                              "encoding (use method='cg' or 'auto')")
         self.lam, self.floor = float(lam), float(floor)
         self.cg_iters, self.precondition = int(cg_iters), bool(precondition)
-        self.use_cg = method == "cg" or (method == "auto" and A.encoding is not None)
-        self.weights = None if A.weights is None else A.weights.to(device=self.y.device, dtype=torch.float32)
+        self.use_cg = method == "cg" or (method == "auto" and not A.is_diagonal)
 
     def coupling(self, sigma_t: Tensor | float) -> tuple[Tensor, Tensor]:
         """`(c, d) = (1 / (1 + mu), mu / (1 + mu))`, float32 `[B]`, for `mu = sigma_y^2 / s_p^2` with
@@ -181,7 +179,7 @@ class ProximalDC:
         (`[B]` or a scalar, image units, `0` and `inf` allowed)."""
         c, d = self.coupling(sigma_t)
         z0 = channels_to_complex(x0)
-        z = self._conjugate_gradient(z0, c, d) if self.use_cg else self._closed_form(z0, c, d)
+        z = self._conjugate_gradient(z0, c, d) if self.use_cg else self.A.solve_normal(z0, self.y, c, d)
         return complex_to_channels(z).to(x0.dtype)
 
     def on_iterate(self, x: Tensor, alpha: Tensor, std: Tensor) -> Tensor:
@@ -189,32 +187,13 @@ class ProximalDC:
         scale = _bc(alpha.to(device=x.device, dtype=x.dtype))
         return scale * self(x / scale, std / alpha)
 
-    def _closed_form(self, z0: Tensor, c: Tensor, d: Tensor) -> Tensor:
-        """Per k-space sample `(d F x0 + c a y) / (d + c a^2)` (`F x0` where the denominator is 0)."""
-        k0 = fft2c(z0)
-        a = self.weights
-        if a is None:  # d + c = 1
-            return ifft2c(_bc(d) * k0 + _bc(c) * self.y)
-        den = _bc(d) + _bc(c) * a**2
-        return ifft2c(torch.where(den > 0, (_bc(d) * k0 + _bc(c) * a * self.y) / den.clamp_min(_TINY), k0))
-
     def _normal(self, v: Tensor, c: Tensor, d: Tensor) -> Tensor:
         """`(c A^H A + d I) v` for complex `v` `[B,1,H,W]`."""
         return _bc(c) * self.A.adjoint(self.A.forward(v)) + _bc(d) * v
 
-    def _preconditioner(self, c: Tensor, d: Tensor) -> Callable[[Tensor], Tensor]:
-        """`r -> S^H F^H (F S r / (d + c a^2))` (0 where `d + c a^2 = 0`), `S` the phase at the echo."""
-        den = _bc(d) + _bc(c) * (1.0 if self.weights is None else self.weights**2)
-        inverse = torch.where(den > 0, 1.0 / den.clamp_min(_TINY), 0.0)
-        encoding = self.A.encoding
-        if not isinstance(encoding, OffResonanceEncoding):
-            return lambda r: ifft2c(inverse * fft2c(r))
-        echo = encoding.echo_phasor().to(c.device)
-        return lambda r: echo.conj() * ifft2c(inverse * fft2c(echo * r))
-
     def _conjugate_gradient(self, z0: Tensor, c: Tensor, d: Tensor) -> Tensor:
         """`cg_iters` (preconditioned) CG steps on `(c A^H A + d I) x = c A^H y + d x0` from `x0`."""
-        precondition = self._preconditioner(c, d) if self.precondition else (lambda r: r)
+        precondition = self.A.echo_preconditioner(c, d) if self.precondition else (lambda r: r)
         x = z0
         r = _bc(c) * self.A.adjoint(self.y) + _bc(d) * z0 - self._normal(z0, c, d)
         p = precondition(r)

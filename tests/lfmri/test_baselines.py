@@ -16,13 +16,12 @@ import torch
 from helpers import MNI
 from skimage.metrics import structural_similarity
 
-from degradations import fft2c, ifft2c, make_regime, neutral_params
+from degradations import Measurement, fft2c, ifft2c, make_regime, neutral_params
 from degradations.b0 import segment_count
 from lfmri.baselines import (
     BASELINES,
     BM3D_MISSING,
     Baseline,
-    Measurement,
     available_baselines,
     parse_baselines,
     tune_baseline,
@@ -60,8 +59,8 @@ def _measure(ref: np.ndarray, sigma: float, seed: int, known: bool = True) -> Me
     noise = torch.complex(torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g))
     noise = sigma / math.sqrt(2) * noise
     params = neutral_params(x.shape[0], *x.shape[-2:])
-    params["noise_sigma"] = torch.full((x.shape[0],), sigma if known else math.nan)
-    return Measurement.from_kspace(fft2c(x) + noise, params)
+    params.pop("noise_sigma")
+    return Measurement.from_kspace(fft2c(x) + noise, params, sigma if known else None)
 
 
 def test_measurement_takes_the_known_noise_level_or_estimates_it(mni: np.ndarray) -> None:
@@ -78,7 +77,7 @@ def test_measurement_takes_the_known_noise_level_or_estimates_it(mni: np.ndarray
 
 def test_measurement_refuses_an_all_empty_stack_and_fills_one_empty_slice() -> None:
     params = neutral_params(2, 8, 8)
-    params["noise_sigma"] = torch.full((2,), math.nan)
+    params.pop("noise_sigma")
     with pytest.raises(InputError, match="noise level"):
         Measurement.from_kspace(torch.zeros(2, 1, 8, 8, dtype=torch.complex64), params)
     y = torch.zeros(2, 1, 8, 8, dtype=torch.complex64)
@@ -90,7 +89,7 @@ def test_measurement_refuses_an_all_empty_stack_and_fills_one_empty_slice() -> N
 def test_measurement_resolves_one_number_of_b0_segments_for_the_stack() -> None:
     x = torch.ones(3, 1, 16, 16, dtype=torch.complex64)
     y, params = make_regime("noise_blur_t2star_b0")(x, torch.Generator().manual_seed(0))
-    m = Measurement.from_kspace(y, params)
+    m = Measurement.simulated(y, params, make_regime("noise_blur_t2star_b0"))
     assert m.n_segments == segment_count(params["b0_map_hz"], params["readout_ms"], 16)
     assert m.operator(slice(1, 2)).encoding.n_segments == m.n_segments
     torch.testing.assert_close(m.operator().forward(x), make_regime("noise_blur_t2star_b0").operator(

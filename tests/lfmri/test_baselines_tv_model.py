@@ -10,13 +10,11 @@ import pytest
 import torch
 from skimage.restoration import denoise_tv_chambolle
 
-from degradations import ForwardOperator, fft2c, ifft2c, make_regime
+from degradations import ForwardOperator, Measurement, fft2c, ifft2c, make_regime, operator_norm_sq
 from lfmri.baselines import (
     BASELINES,
-    Measurement,
     gradient,
     gradient_adjoint,
-    operator_norm_sq,
     total_variation,
     tv_objective,
     tv_reconstruct,
@@ -106,9 +104,7 @@ def _measurement(regime: str, snr_db: float, seed: int, **overrides: float) -> t
     x = phantom(48)
     degradation = make_regime(regime, snr_db=snr_db, **overrides)
     y, params = degradation(x, torch.Generator().manual_seed(seed))
-    b0 = degradation.b0
-    kwargs = {} if b0 is None else {"b0_method": b0.method, "n_segments": b0.n_segments}
-    return Measurement.from_kspace(y, params, **kwargs), x[:, 0].abs().numpy()
+    return Measurement.simulated(y, params, degradation), x[:, 0].abs().numpy()
 
 
 def test_a_blurred_noisy_phantom_is_recovered_better_than_by_image_denoising() -> None:

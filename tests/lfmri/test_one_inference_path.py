@@ -50,8 +50,8 @@ class Spy:
         self.calls: list[tuple[torch.Tensor, list[int], torch.Tensor]] = []
         original = inference.Reconstructor.__call__
 
-        def spy(rec, x_init, y, params, slice_ids, *args, **kwargs):
-            out = original(rec, x_init, y, params, slice_ids, *args, **kwargs)
+        def spy(rec, measurement, x_init, slice_ids, *args, **kwargs):
+            out = original(rec, measurement, x_init, slice_ids, *args, **kwargs)
             self.calls.append((x_init.clone(), [int(s) for s in slice_ids], out.mean.clone()))
             return out
 

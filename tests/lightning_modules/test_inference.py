@@ -1,14 +1,12 @@
-"""The one inference path (`lightning_modules.inference.Reconstructor`): operator, noise level, batching."""
+"""The one inference path (`lightning_modules.inference.Reconstructor`): batching, seeds, shapes, data scale
+(the measurement it takes, its operator and noise level: tests/degradations/test_measurement.py)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-from degradations import ForwardOperator, complex_to_channels, ifft2c, make_regime
-from lfmri_utils.errors import InputError
+from degradations import Measurement, complex_to_channels, ifft2c, make_regime
 from lightning_modules.inference import Reconstructor
 from lightning_modules.sampling.samplers import build_sampler
 from lightning_modules.sampling.sde import VPSDE
@@ -23,10 +21,11 @@ def _phantom(n: int = 3, h: int = 24, w: int = 40) -> torch.Tensor:
     return torch.stack(imgs)[:, None].to(torch.complex64)
 
 
-def _measure(regime: str, snr_db: float = 10.0, seed: int = 0):
-    x = _phantom()
-    y, params = make_regime(regime, snr_db=snr_db)(x, torch.Generator().manual_seed(seed))
-    return x, y, params
+def _measure(regime: str, snr_db: float = 10.0, seed: int = 0) -> tuple[Measurement, dict[str, torch.Tensor]]:
+    """The simulated measurement of the phantom (recorded noise level) and its full parameters."""
+    degradation = make_regime(regime, snr_db=snr_db)
+    y, params = degradation(_phantom(), torch.Generator().manual_seed(seed))
+    return Measurement.simulated(y, params, degradation), params
 
 
 def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -39,65 +38,28 @@ def score(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def test_a_slice_does_not_depend_on_the_batch_size(regime: str, tol: float) -> None:
     """Same seed and slice index, same output whatever the batch (up to float32 rounding, which the B0
     regime's conjugate-gradient DC amplifies to ~1e-4)."""
-    _, y, params = _measure(regime)
+    m, _ = _measure(regime)
     sampler = build_sampler("ddim", steps=6, eta=1.0)
-    run = {bs: Reconstructor(score, sampler, batch_size=bs)(complex_to_channels(ifft2c(y)), y, params,
-                                                              [5, 6, 7], seed=3, samples=2)
+    run = {bs: Reconstructor(score, sampler, batch_size=bs)(m, complex_to_channels(ifft2c(m.y)), [5, 6, 7],
+                                                              seed=3, samples=2)
            for bs in (1, 3)}
     torch.testing.assert_close(run[1].mean, run[3].mean, atol=tol, rtol=tol)
     torch.testing.assert_close(run[1].std, run[3].std, atol=tol, rtol=tol)
     assert run[1].mean.shape == (3, 1, 24, 40) and (run[1].std > 0).any()
-    other_seed = Reconstructor(score, sampler)(complex_to_channels(ifft2c(y)), y, params, [5, 6, 7], seed=4,
+    other_seed = Reconstructor(score, sampler)(m, complex_to_channels(ifft2c(m.y)), [5, 6, 7], seed=4,
                                                samples=2)
     assert not torch.allclose(other_seed.mean, run[1].mean)
     assert run[1].nfe == 12
 
 
-def test_the_operator_honours_every_realised_parameter_and_the_b0_method() -> None:
-    _, y, params = _measure("noise_blur_t2star_b0")
-    x = _phantom().to(torch.complex128)
-    for method in ("segmented", "exact"):
-        A = Reconstructor(score, build_sampler(), b0_method=method).operator(params)
-        expected = ForwardOperator.from_params(params, method)
-        torch.testing.assert_close(A.forward(x), expected.forward(x))
-    exact = Reconstructor(score, build_sampler(), b0_method="exact").operator(params).forward(x)
-    segmented = Reconstructor(score, build_sampler(), b0_method="segmented").operator(params).forward(x)
-    assert not torch.equal(exact, segmented)
-
-
-def test_known_noise_is_used_and_unknown_noise_estimated() -> None:
-    _, y, params = _measure("noise_blur", snr_db=5.0)
-    rec = Reconstructor(score, build_sampler())
-    sigma, estimated = rec.noise_sigma(y, params)
-    torch.testing.assert_close(sigma, params["noise_sigma"].float())
-    assert not estimated.any()
-    unknown = {**params, "noise_sigma": torch.tensor([float("nan"), 0.5, float("nan")])}
-    sigma, estimated = rec.noise_sigma(y, unknown)
-    assert estimated.tolist() == [True, False, True] and float(sigma[1]) == 0.5
-    for i in (0, 2):
-        assert math.isclose(float(sigma[i]), float(params["noise_sigma"][i]), rel_tol=0.25)
-
-
-def test_an_empty_slice_takes_the_volumes_noise_level_and_an_empty_volume_is_refused() -> None:
-    _, y, params = _measure("noise")
-    y = y.clone()
-    y[1] = 0
-    unknown = torch.full((3,), float("nan"))
-    rec = Reconstructor(score, build_sampler())
-    sigma, _ = rec.noise_sigma(y, params, unknown)
-    assert float(sigma[1]) == float(sigma[[0, 2]].median())
-    with pytest.raises(InputError, match="noise level"):
-        rec.noise_sigma(torch.zeros_like(y), params, unknown)
-
-
 def test_bad_shapes_are_refused() -> None:
-    _, y, params = _measure("noise")
-    x = complex_to_channels(ifft2c(y))
+    m, _ = _measure("noise")
+    x = complex_to_channels(ifft2c(m.y))
     rec = Reconstructor(score, build_sampler())
-    with pytest.raises(ValueError, match="y must be"):
-        rec(x, y[:, :, :-1], params, [0, 1, 2])
+    with pytest.raises(ValueError, match="x_init must be"):
+        rec(m, x[..., :-1], [0, 1, 2])
     with pytest.raises(ValueError, match="slice ids"):
-        rec(x, y, params, [0, 1])
+        rec(m, x, [0, 1])
     with pytest.raises(ValueError, match="batch_size"):
         Reconstructor(score, build_sampler(), batch_size=0)
 
@@ -106,9 +68,9 @@ def test_a_prior_data_scale_runs_the_sampler_in_the_priors_units_and_returns_the
     """With `data_scale` c per slice (a family's normalisation), the reconstruction is the one of the slices
     multiplied by c (x_init, y and the noise std), divided by c: the sampler sees the prior's data range, the
     caller gets its own units back; the factor is computed from y and the noise std."""
-    _, y, params = _measure("noise_blur")
+    m, params = _measure("noise_blur")
+    y, sigma = m.y, params["noise_sigma"]
     x_init = complex_to_channels(ifft2c(y))
-    sigma = params["noise_sigma"]
     c = torch.tensor([0.5, 2.0, 4.0])
     seen = []
 
@@ -123,17 +85,16 @@ def test_a_prior_data_scale_runs_the_sampler_in_the_priors_units_and_returns_the
         return -(x - a * 0.5) / (a**2 * 0.09 + s**2)
 
     sampler = build_sampler("warm_ddim", steps=4, sde=sde)
-    scaled = Reconstructor(gaussian, sampler, data_scale=data_scale)(x_init, y, params, [0, 1, 2], seed=1,
-                                                                      samples=2)
+    scaled = Reconstructor(gaussian, sampler, data_scale=data_scale)(m, x_init, [0, 1, 2], seed=1, samples=2)
     torch.testing.assert_close(seen[0][0], y)
     torch.testing.assert_close(seen[0][1], sigma.float())
     cc = c[:, None, None, None]
-    direct = Reconstructor(gaussian, sampler)(x_init * cc, y * cc, params, [0, 1, 2], seed=1, samples=2,
-                                              noise_sigma=sigma * c)
+    in_prior_units = Measurement.from_kspace(y * cc, m.params, sigma * c, "recorded")
+    direct = Reconstructor(gaussian, sampler)(in_prior_units, x_init * cc, [0, 1, 2], seed=1, samples=2)
     torch.testing.assert_close(scaled.mean, direct.mean / cc, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scaled.std, direct.std / cc, rtol=1e-5, atol=1e-6)
-    plain = Reconstructor(gaussian, sampler)(x_init, y, params, [0, 1, 2], seed=1, samples=2)
+    plain = Reconstructor(gaussian, sampler)(m, x_init, [0, 1, 2], seed=1, samples=2)
     assert not torch.allclose(plain.mean, scaled.mean, atol=1e-3)  # the scale matters to this prior
     with pytest.raises(ValueError, match="data_scale must give 3 finite factors > 0"):
         Reconstructor(gaussian, sampler, data_scale=lambda k, s: torch.tensor([1.0, 0.0, 1.0]))(
-            x_init, y, params, [0, 1, 2])
+            m, x_init, [0, 1, 2])

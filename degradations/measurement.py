@@ -1,0 +1,256 @@
+"""The measurement as one object: measured k-space, the operator that produced it and its noise level.
+
+A `Measurement` is one stack of S slices of one matrix size `H x W` (readout along `W`, phase encoding along
+`H`, the layout of `degradations`): the measured k-space `y`, the realised operator parameters, how the
+operator evaluates B0 (method, number of time segments) and the k-space noise std `noise_sigma` with its
+origin. Every consumer takes one: the diffusion reconstruction (`lightning_modules.inference.Reconstructor`),
+the classical baselines (`lfmri.baselines`); every producer makes one: `lfmri reconstruct` (a user's
+files), the evaluation's and the validation callback's simulated volumes (`Measurement.simulated`), `lfmri
+predict` (a user's NIfTI, noise estimated).
+
+The operator. `build_operator` is the one function that builds `A` from realised parameters
+(`ForwardOperator.from_params`): the simulator (`LowFieldDegradation.operator`) and `Measurement.operator`
+both call it, so what is simulated and what is inverted cannot drift apart. With time-segmented B0 and no
+`n_segments` given, a measurement takes one number of segments for its whole stack (`stack_segment_count`),
+so a batch's operator does not depend on which slices share the batch.
+
+The noise level has one home, `noise_sigma` (std of the complex noise per k-space sample, units of `y`;
+`params` never carry it), and one of three origins:
+- "recorded": the simulation's known value (`lfmri degrade`'s records, the data module's degradation);
+- "given": the caller asserts it (e.g. `lfmri reconstruct --noise-sigma`);
+- "estimated": `degradations.estimate_noise_sigma` of each slice with its operator, decided when the
+  measurement is made; a slice whose noise cannot be estimated (e.g. all zero) takes the median of the
+  stack's other slices (one noise level per acquisition); InputError when no slice can be estimated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lfmri_utils.errors import InputError
+
+from .b0 import segment_count
+from .fourier import ifft2c
+from .noise_estimate import estimate_noise_sigma
+from .operator import ForwardOperator
+
+if TYPE_CHECKING:
+    from .compose import LowFieldDegradation
+
+__all__ = ["DEFAULT_B0_METHOD", "POWER_ITERATIONS", "Measurement", "NoiseOrigin", "build_operator",
+           "operator_norm_sq", "stack_noise_sigma", "stack_segment_count"]
+
+#: where a measurement's noise level comes from (module docstring)
+NoiseOrigin = Literal["recorded", "given", "estimated"]
+#: how A evaluates off-resonance where nothing else is said (`degradations.b0`)
+DEFAULT_B0_METHOD = "segmented"
+#: power iterations estimating ||A||^2 (`operator_norm_sq`)
+POWER_ITERATIONS = 20
+
+
+def build_operator(params: Mapping[str, Tensor], b0_method: str = DEFAULT_B0_METHOD,
+                   n_segments: int | None = None) -> ForwardOperator:
+    """The forward operator `A` of batched realised parameters (`fwhm_px`, `t2star_ms`, `t2star_gre`,
+    `readout_ms`, `te_ms` `[B]`, `b0_map_hz` `[B,1,H,W]` in Hz) with the B0 `b0_method` / `n_segments`
+    (`degradations.b0`): the one place `A` is built from parameters."""
+    return ForwardOperator.from_params(dict(params), b0_method, n_segments)
+
+
+def stack_segment_count(params: Mapping[str, Tensor], width: int, b0_method: str,
+                        n_segments: int | None = None) -> int | None:
+    """`n_segments`, or where it is None and the segmented B0 method has a field map, one number of B0
+    time segments for the whole stack (readout length `width` samples), so a batch's operator does not
+    depend on which slices share it."""
+    if n_segments is None and b0_method == "segmented" and "b0_map_hz" in params \
+            and bool((params["b0_map_hz"] != 0).any()):
+        return segment_count(params["b0_map_hz"], params["readout_ms"], width)
+    return n_segments
+
+
+def stack_noise_sigma(y: Tensor, params: Mapping[str, Tensor], b0_method: str = DEFAULT_B0_METHOD,
+                      n_segments: int | None = None) -> Tensor:
+    """Estimated k-space noise std per slice, float32 `[S]` on y's device: `estimate_noise_sigma` of each
+    slice of y complex `[S,1,H,W]` with its own operator; a slice that cannot be estimated (all zero) takes
+    the median of the others. InputError when none can."""
+    n = y.shape[0]
+    sigma = torch.full((n,), math.nan)
+    for i in range(n):
+        try:
+            operator = build_operator({k: v[i:i + 1] for k, v in params.items()}, b0_method, n_segments)
+            sigma[i] = float(estimate_noise_sigma(y[i:i + 1], operator)[0])
+        except ValueError:
+            pass  # e.g. an all-zero slice: below, the median of the stack's other slices
+    failed = torch.isnan(sigma)
+    if bool(failed.all()):
+        raise InputError("cannot estimate the k-space noise level of any slice (all empty?); give the "
+                         "noise std (e.g. lfmri degrade's parameters) or a volume with signal")
+    if bool(failed.any()):
+        sigma[failed] = sigma[~failed].median()
+    return sigma.to(y.device)
+
+
+def operator_norm_sq(operator: ForwardOperator, like: Tensor, iterations: int = POWER_ITERATIONS,
+                     seed: int = 0) -> Tensor:
+    """Per-slice estimate of `||A||^2` (largest eigenvalue of `A^H A`) by power iteration, float32 `[B]`.
+
+    `like`: a complex `[B, 1, H, W]` tensor giving shape, dtype and device. The start vector is drawn from a
+    generator seeded by `seed` (deterministic). An estimate from below: it approaches `||A||^2` as the
+    iterations grow.
+    """
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(like.shape, generator=g, dtype=torch.complex128).to(like.device, like.dtype)
+    norm = torch.ones(like.shape[0], device=like.device)
+    for _ in range(iterations):
+        v = v / v.abs().pow(2).flatten(1).sum(1).sqrt().clamp_min(1e-30)[:, None, None, None]
+        w = operator.adjoint(operator.forward(v))
+        norm = torch.real((v.conj() * w).flatten(1).sum(1)).float()
+        v = w
+    return norm
+
+
+def _check_kspace_and_params(y: Tensor, params: Mapping[str, Tensor]) -> None:
+    """ValueError unless y is complex `[S,1,H,W]` and `params` hold no noise level (it has one home)."""
+    if not y.is_complex() or y.dim() != 4 or y.shape[1] != 1:
+        raise ValueError(f"y must be complex [S,1,H,W], got {tuple(y.shape)} {y.dtype}")
+    if "noise_sigma" in params:
+        raise ValueError("params must not hold noise_sigma: the noise level is the measurement's "
+                         "noise_sigma (pass it to from_kspace, or use Measurement.simulated)")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One stack of S measured slices of one matrix size (see the module docstring).
+
+    Make one with `from_kspace` (a measurement and its parameters; the noise level given, recorded or
+    estimated) or `simulated` (the data module's degradation of a volume); the constructor checks the
+    fields but resolves nothing.
+
+    Attributes:
+        y: measured k-space, complex64 `[S, 1, H, W]` (centred orthonormal FFT; the slices' units).
+        params: realised operator parameters, batched (`fwhm_px`, `t2star_ms`, `t2star_gre`, `readout_ms`,
+            `te_ms` `[S]`, `b0_map_hz` `[S, 1, H, W]`; other keys of `LowFieldDegradation.sample_params`
+            such as `snr_db` may ride along), never `noise_sigma`.
+        noise_sigma: std of the complex k-space noise per sample, float32 `[S]` (units of y), finite, >= 0.
+        noise_origin: "recorded", "given" or "estimated".
+        b0_method, n_segments: how A evaluates off-resonance (`degradations.b0`); `n_segments` one number for
+            the whole stack (resolved by `from_kspace`).
+    """
+
+    y: Tensor
+    params: dict[str, Tensor]
+    noise_sigma: Tensor
+    noise_origin: NoiseOrigin
+    b0_method: str = DEFAULT_B0_METHOD
+    n_segments: int | None = None
+
+    def __post_init__(self) -> None:
+        y = self.y
+        _check_kspace_and_params(y, self.params)
+        if self.noise_origin not in get_args(NoiseOrigin):
+            raise ValueError(f"noise_origin must be one of {', '.join(get_args(NoiseOrigin))}, "
+                             f"got {self.noise_origin!r}")
+        if tuple(self.noise_sigma.shape) != (y.shape[0],):
+            raise ValueError(f"noise_sigma must be [S] = [{y.shape[0]}], got {tuple(self.noise_sigma.shape)}")
+
+    @classmethod
+    def from_kspace(cls, y: Tensor, params: Mapping[str, Tensor], noise_sigma: Tensor | float | None = None,
+                    noise_origin: Literal["recorded", "given"] = "given", b0_method: str = DEFAULT_B0_METHOD,
+                    n_segments: int | None = None) -> Measurement:
+        """A measurement of k-space y complex `[S,1,H,W]` and its realised operator parameters `params`.
+
+        `noise_sigma` (`[S]` or one value for all slices, units of y) is taken as it is, with origin
+        `noise_origin` ("given" or "recorded"); None: estimated from y with each slice's operator (origin
+        "estimated", see the module docstring), on y's device. `n_segments` None with the segmented B0
+        method: one number for the stack (`stack_segment_count`). The tensors stay on y's device (detached;
+        y as complex64). InputError when a noise std is negative or not finite, or none can be estimated.
+        """
+        _check_kspace_and_params(y, params)
+        y = y.detach().to(torch.complex64)
+        params = {k: v.detach().to(y.device) for k, v in params.items()}
+        n_segments = stack_segment_count(params, y.shape[-1], b0_method, n_segments)
+        n = y.shape[0]
+        if noise_sigma is None:
+            sigma, origin = stack_noise_sigma(y, params, b0_method, n_segments), "estimated"
+        else:
+            if noise_origin not in ("recorded", "given"):
+                raise ValueError(f"a known noise level is 'recorded' or 'given', got {noise_origin!r}")
+            sigma = torch.as_tensor(noise_sigma, dtype=torch.float32).detach().to(y.device).reshape(-1)
+            if sigma.numel() not in (1, n):
+                raise ValueError(f"noise_sigma must be one value or [S] = [{n}], got {sigma.numel()} values")
+            sigma, origin = sigma.expand(n).clone(), noise_origin
+            if bool((sigma < 0).any()) or not bool(torch.isfinite(sigma).all()):
+                raise InputError(f"noise_sigma must be finite and >= 0, got {sigma.tolist()}")
+        return cls(y, params, sigma, origin, b0_method, n_segments)
+
+    @classmethod
+    def simulated(cls, y: Tensor, params: Mapping[str, Tensor],
+                  degradation: LowFieldDegradation) -> Measurement:
+        """The measurement of a simulated degradation: k-space y `[S,1,H,W]` and the full parameters of
+        `degradation.sample_params` (their `noise_sigma` `[S]` is the recorded noise level), its operator
+        evaluating B0 as the regime simulates it (`LowFieldDegradation.b0_settings`)."""
+        b0_method, n_segments = degradation.b0_settings
+        operator_params = {k: v for k, v in params.items() if k != "noise_sigma"}
+        return cls.from_kspace(y, operator_params, params["noise_sigma"], "recorded", b0_method, n_segments)
+
+    # -- geometry and the degraded image -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def matrix(self) -> tuple[int, int]:
+        """The slices' matrix `(H, W)`: phase encoding along H, readout along W."""
+        return int(self.y.shape[-2]), int(self.y.shape[-1])
+
+    def to(self, device: torch.device | str) -> Measurement:
+        """The same measurement with its tensors on `device`."""
+        return dataclasses.replace(self, y=self.y.to(device), noise_sigma=self.noise_sigma.to(device),
+                                   params={k: v.to(device) for k, v in self.params.items()})
+
+    @property
+    def degraded(self) -> Tensor:
+        """The degraded complex image `ifft2c(y)`, complex64 `[S, 1, H, W]`."""
+        return ifft2c(self.y)
+
+    @property
+    def image_sigma(self) -> np.ndarray:
+        """Noise std per real channel of the image, `noise_sigma / sqrt(2)` (orthonormal FFT), float64
+        `[S]`."""
+        return self.noise_sigma.double().cpu().numpy() / math.sqrt(2.0)
+
+    def magnitude(self) -> np.ndarray:
+        """The degraded magnitude image, float64 `[S, H, W]`."""
+        return self.degraded[:, 0].abs().double().cpu().numpy()
+
+    def complex_image(self) -> np.ndarray:
+        """The degraded complex image, complex128 `[S, H, W]`."""
+        return self.degraded[:, 0].to(torch.complex128).cpu().numpy()
+
+    # -- the operator --------------------------------------------------------------------------------------
+    def operator(self, sl: slice = slice(None), device: torch.device | str | None = None) -> ForwardOperator:
+        """The forward operator A of the slices `sl` (`forward`: image `[s,1,H,W]` -> k-space, `adjoint`
+        back), built on `device` (default: where the parameters are) with the measurement's B0 settings."""
+        params = {k: v[sl] if device is None else v[sl].to(device) for k, v in self.params.items()}
+        return build_operator(params, self.b0_method, self.n_segments)
+
+    def data_term(self, sl: slice, device: torch.device | str,
+                  scale: Tensor | None = None) -> tuple[ForwardOperator, Tensor, Tensor]:
+        """What a data-consistency step of the slices `sl` needs (`ProximalDC(A, y, noise_sigma)`), on
+        `device`: A, y complex64 `[s,1,H,W]` and the noise std `[s]`, y and the std multiplied by `scale`
+        `[s]` where given (a prior's data range; A is linear and unitless, so it is unchanged)."""
+        y, sigma = self.y[sl].to(device, torch.complex64), self.noise_sigma[sl].to(device)
+        if scale is not None:
+            y, sigma = y * scale[:, None, None, None], sigma * scale
+        return self.operator(sl, device), y, sigma
+
+    def operator_norm_sq(self, sl: slice = slice(None), iterations: int = POWER_ITERATIONS) -> Tensor:
+        """`||A||^2` of each slice of `sl` by power iteration (`operator_norm_sq`), float32 `[s]`: the
+        Lipschitz constant of the data term's gradient (first-order solvers' step sizes)."""
+        return operator_norm_sq(self.operator(sl), self.y[sl], iterations)
