@@ -5,8 +5,10 @@ LightningModule and its callbacks.
   pretrained checkpoint families.
 - `sampling/`: plain-torch sampling code: the SDEs (`sampling.sde`), data consistency
   (`sampling.data_consistency`) and the reverse-diffusion samplers with their registry (`sampling.samplers`).
-- `module` (the LightningModule `ScoreModel`), `losses`, `ema`, `metrics`, `figures`, `inference`
-  (`Reconstructor`), `checkpoint` (score_sde import / export) and `callbacks`.
+- `module` (the LightningModule `ScoreModel`), `priors` (its two kinds of prior), `losses`, `ema`, `metrics`
+  (and their torchmetrics `Metric`s, `metric_classes`), `figures`, `inference` (`Reconstructor`),
+  `checkpoint` (score_sde import / export), `torch_files` (the safe `torch.load` and its one-line errors,
+  below both `checkpoint` and `networks.families`) and `callbacks`.
 
 Exports are loaded lazily (PEP 562): `import lightning_modules` stays cheap until a name is used.
 """

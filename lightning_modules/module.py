@@ -4,6 +4,9 @@ Thin over the plain parts: `ddpm.DDPM` (the network, `self.net`), `sde.VPSDE` (`
 the supervised one-step reconstruction loss) and `ema.EMA` (`self.ema`). With `pretrained_family` the network,
 SDE and score function are instead a public checkpoint family's (`networks.families`: score_sde, hfs_sde,
 score_mri, dds), so fine-tuning and sampling follow that family's conventions (VP, discrete VP or VE SDE).
+Which of the two is chosen once, in `__init__`: `self.prior_kind` (`priors.DDPMPrior` or `priors.FamilyPrior`,
+one `priors.PriorKind` interface) holds the network, the SDE, the score convention, the data range and the
+pretrained import, and the model only calls it.
 Batches are `datamodules.SliceSample`s (training, validation, test: the losses use `clean` and `degraded`
 float [B, 2, H, W]) and `datamodules.MeasuredSample`s (predict).
 
@@ -35,37 +38,26 @@ float [B, 2, H, W]) and `datamodules.MeasuredSample`s (predict).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from datamodules.samples import MeasuredSample, SliceSample
-from degradations import channels_to_complex, fft2c
+from degradations import Measurement, channels_to_complex, fft2c
 from lfmri_utils.errors import InputError
 from lfmri_utils.options import Rule, check_options, number, ordered_range
-from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpoint, resolve_checkpoint
 from lightning_modules.ema import EMA
 from lightning_modules.inference import DataScale, Reconstructor
 from lightning_modules.losses import SUPERVISED_LABEL_OFFSET, dsm_loss, supervised_loss
-from lightning_modules.networks.ddpm import CONFIG_FIELDS, DDPM, DDPMConfig
-from lightning_modules.networks.families import (
-    FAMILIES,
-    Pretrained,
-    check_family_config,
-    config_family,
-    family_prior,
-    read_config,
-)
-from lightning_modules.networks.families import load_pretrained as load_family_checkpoint
+from lightning_modules.networks.ddpm import CONFIG_FIELDS, DDPMConfig
+from lightning_modules.networks.families import FAMILIES, Pretrained
+from lightning_modules.priors import PretrainedSource, PriorKind, prior_kind
 from lightning_modules.sampling.samplers import SamplerOptions
-from lightning_modules.sampling.sde import VPSDE, ScoreFn, get_score_fn
+from lightning_modules.sampling.sde import ScoreFn
 
 
 def upgrade_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -160,28 +152,19 @@ class ScoreModel(LightningModule):
         self.save_hyperparameters()
         hp = self.hparams
         check_options(hp, self.OPTION_RULES)  # before anything is built
-        if pretrained_family is None and pretrained is not None:
-            pretrained_family = self._detect_family()
-        if pretrained_family is None and pretrained_weights == "family":
-            raise InputError("pretrained_weights 'family' needs pretrained_family")
         if hp.dsm_weight == 0 and hp.supervised_weight == 0:
             raise InputError("dsm_weight and supervised_weight are both 0: nothing to train; make one > 0")
-        if supervised_conditioning == "separate":
-            self._check_separate_conditioning(pretrained_family, net_config)
-        #: the family prior around `self.net` (None: score_sde's DDPM under `VPSDE`, `net`)
-        self.prior: Pretrained | None = None
-        if pretrained_family is None:
-            self.net = DDPM(net_config, grad_checkpointing=grad_checkpointing)
-            self.sde = VPSDE(beta_min=beta_min, beta_max=beta_max)
-        else:
-            self.prior = family_prior(pretrained_family, self._family_config(), grad_checkpointing)
-            hp.pretrained_config = self.prior.config  # the checkpoint rebuilds from it alone
-            c, rule = self.prior.channels, self.prior.family.complex_rule
-            if not (c == 2 or (c == 1 and rule == "real_imag_separately")):
-                raise InputError(f"the {pretrained_family} prior takes {c} channel(s) ({rule}); lfmri's "
-                                 "images are 2 (real, imaginary)")
-            self.net = self.prior.network
-            self.sde = self.prior.sde
+        source = PretrainedSource(pretrained, pretrained_weights, pretrained_config, adapt_channels,
+                                  pretrained_family)
+        #: the prior's kind (`priors`: score_sde's DDPM under `VPSDE`, or a checkpoint family's), chosen once;
+        #: the network, SDE, score convention, data range and pretrained import all come from it
+        self.prior_kind: PriorKind = prior_kind(net_config, source, supervised_conditioning,
+                                                grad_checkpointing, beta_min, beta_max)
+        # recorded so the checkpoint rebuilds alone: a detected family, a family's resolved config
+        hp.pretrained_family = self.prior_kind.family
+        hp.pretrained_config = self.prior_kind.config
+        self.net = self.prior_kind.network
+        self.sde = self.prior_kind.sde
         self.ema = EMA(self.net.parameters(), decay=ema_decay)
         #: the sampler `predict_step` reconstructs with (`lfmri predict --sampling.*`; default the registry's)
         self.predict_options = SamplerOptions()
@@ -190,94 +173,17 @@ class ScoreModel(LightningModule):
         self._ema_swap: ExitStack | None = None
 
     # ----------------------------------------------------------------------------------------------- setup
-    @staticmethod
-    def _check_separate_conditioning(family: str | None, net: DDPMConfig) -> None:
-        """InputError (one line) where supervised_conditioning 'separate' cannot be honoured: a checkpoint
-        family (its score function has no labels to shift), or a DDPM without a time embedding
-        (`conditional: false`: the offset would change nothing) or with `scale_by_sigma` (it indexes `sigmas`
-        by the label, which the offset takes out of range)."""
-        if family is not None:
-            raise InputError(f"supervised_conditioning 'separate' is only for score_sde's DDPM (net), not a "
-                             f"checkpoint family (pretrained_family={family}); use 'shared'")
-        if not net.conditional or net.scale_by_sigma:
-            field = "net.conditional: false" if not net.conditional else "net.scale_by_sigma: true"
-            raise InputError(f"supervised_conditioning 'separate' needs the DDPM's time labels as a plain "
-                             f"embedding, not {field}; use 'shared'")
-
-    def _checkpoint_config(self) -> str | dict[str, Any] | None:
-        """`pretrained`'s config: `pretrained_config`, else the `config.json` beside the file; None when
-        neither is there."""
-        hp = self.hparams
-        if hp.pretrained_config is not None:
-            return hp.pretrained_config
-        if hp.pretrained is None:
-            return None
-        beside = resolve_checkpoint(hp.pretrained).with_name("config.json")
-        return str(beside) if beside.is_file() else None
-
-    def _detect_family(self) -> str | None:
-        """The family of `pretrained` when its config (`_checkpoint_config`) says it unambiguously and it is
-        not score_sde's (whose DDPM `net` describes); recorded in the hyper-parameters, so the
-        checkpoint rebuilds without detecting again. None otherwise."""
-        hp = self.hparams
-        config = self._checkpoint_config()
-        family = None if config is None else config_family(read_config(config))
-        if family is None or family.name == "score_sde":
-            return None
-        where = "pretrained_config" if hp.pretrained_config is not None else str(config)
-        rank_zero_info(f"{where} is a {family.name} checkpoint config ({family.summary}): using "
-                       f"pretrained_family={family.name}")
-        hp.pretrained_family = family.name
-        return family.name
-
-    def _family_config(self) -> str | dict[str, Any]:
-        """The family config to build from (`_checkpoint_config`); InputError, one line, when there is
-        none."""
-        hp = self.hparams
-        config = self._checkpoint_config()
-        if config is not None:
-            return config
-        if hp.pretrained is None:
-            raise InputError(f"pretrained_family {hp.pretrained_family!r} needs pretrained (the checkpoint) "
-                             "or pretrained_config (its config)")
-        path = Path(hp.pretrained)
-        if not path.is_file():
-            raise InputError(f"pretrained {path}: no such file")
-        raise InputError(f"pretrained {path}: no config.json beside it; pass pretrained_config (the "
-                         f"{hp.pretrained_family} config: JSON, YAML or .py)")
+    @property
+    def prior(self) -> Pretrained | None:
+        """The checkpoint family's prior around `net` (`networks.families.Pretrained`: its family, config,
+        score and data range); None for score_sde's DDPM."""
+        return self.prior_kind.pretrained
 
     def load_pretrained(self) -> None:
         """Load `pretrained` into the network (strictly; CheckpointError, or InputError for a family, if it
-        does not fit) and restart the EMA from those weights."""
-        hp = self.hparams
-        if self.prior is not None:
-            loaded = load_family_checkpoint(hp.pretrained, hp.pretrained_config, hp.pretrained_family,
-                                            weights=hp.pretrained_weights)
-            self.net.load_state_dict(loaded.network.state_dict(), strict=True)
-            self.ema = EMA(self.net.parameters(), decay=hp.ema_decay)
-            self._weights_ready = True
-            return
-        config = hp.pretrained_config
-        if config is not None:  # another family's checkpoint would load "strictly" and score wrong: refuse it
-            try:
-                check_family_config("score_sde", config)
-            except InputError as err:
-                raise InputError(f"pretrained_config {err}; set model.init_args.pretrained_family") from None
-        if config is None:  # taken to be this network (with the other channel count when adapting)
-            config = self.net.config.score_sde_config()
-            if hp.adapt_channels is not None:
-                config["data"]["num_channels"] = 3 - self.net.config.num_channels
-        loaded = load_score_sde_checkpoint(hp.pretrained, config, weights=hp.pretrained_weights,
-                                           adapt_channels=hp.adapt_channels)
-        ours = {k: v for k, v in self.net.config.to_dict().items() if k != "dropout"}
-        theirs = {k: v for k, v in loaded.config.to_dict().items() if k != "dropout"}
-        if ours != theirs:
-            diff = ", ".join(f"{k}={theirs[k]!r} (this model {v!r})"
-                             for k, v in ours.items() if v != theirs[k])
-            raise CheckpointError(f"{hp.pretrained}: the pretrained network differs from this model's: "
-                                  f"{diff}")
-        self.net.load_state_dict(loaded.state_dict(), strict=True)
-        self.ema = EMA(self.net.parameters(), decay=hp.ema_decay)
+        does not fit: `PriorKind.load_pretrained`) and restart the EMA from those weights."""
+        self.prior_kind.load_pretrained()
+        self.ema = EMA(self.net.parameters(), decay=self.hparams.ema_decay)
         self._weights_ready = True
 
     def _ensure_weights(self) -> None:
@@ -306,19 +212,13 @@ class ScoreModel(LightningModule):
     def train_size(self) -> int:
         """The image size the network was configured for (pixels): `image_size`, or with a family its
         config's (`data.image_size`; dds: `model.image_size`)."""
-        if self.prior is None:
-            return self.net.config.image_size
-        config = self.prior.config
-        return int(config["model"]["image_size"] if self.prior.family.architecture == "adm"
-                   else config["data"]["image_size"])
+        return self.prior_kind.train_size
 
     # ------------------------------------------------------------------------------------------- forward
     def _score_of(self, net: nn.Module) -> ScoreFn:
         """The score function of `net` (this model's network or a copy): score_sde's convention
         (`get_score_fn`) or the family's (`Pretrained.score`)."""
-        if self.prior is None:
-            return get_score_fn(net, self.sde)
-        return dataclasses.replace(self.prior, network=net).score
+        return self.prior_kind.score_of(net)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """Score [B, C, H, W] at x [B, C, H, W] (any H x W: the network pads to its `size_multiple` and crops
@@ -327,10 +227,7 @@ class ScoreModel(LightningModule):
 
     def frozen_net(self, use_ema: bool = True) -> nn.Module:
         """A frozen eval-mode copy of the network (on the module's device) with the EMA or current weights."""
-        if self.prior is None:
-            net = DDPM(self.net.config).to(self.device)
-        else:  # the family's architecture, without a second random initialisation
-            net = self.prior.empty_network(self.device)
+        net = self.prior_kind.new_network(self.device)
         net.load_state_dict(self.net.state_dict())
         if use_ema:
             self.ema.copy_to(net.parameters())
@@ -352,9 +249,7 @@ class ScoreModel(LightningModule):
         the factor from lfmri's units to the prior's); None where lfmri's units are the prior's (score_sde's
         DDPM, and the families whose `data_scale` is 'none'). The `inference.Reconstructor` and the losses
         apply it."""
-        if self.prior is None or self.prior.family.data_scale == "none":
-            return None
-        return self.prior.data_scale
+        return self.prior_kind.data_scale
 
     # ------------------------------------------------------------------------------------------ losses
     @property
@@ -366,7 +261,7 @@ class ScoreModel(LightningModule):
     def _losses(self, batch: SliceSample, generator: torch.Generator | None, compute_all: bool,
                 ) -> dict[str, Tensor]:
         hp = self.hparams
-        score_fn = None if self.prior is None else self.prior.score  # None: score_sde's DDPM convention
+        score_fn = self.prior_kind.loss_score_fn  # None: score_sde's DDPM convention
         if self.data_scale is not None:  # in the prior's data range, from each clean slice's k-space
             c = self.data_scale(fft2c(channels_to_complex(batch.clean)))[:, None, None, None]
             batch = batch._replace(clean=batch.clean * c, degraded=batch.degraded * c)
@@ -407,20 +302,23 @@ class ScoreModel(LightningModule):
     def predict_step(self, batch: MeasuredSample, batch_idx: int) -> dict[str, Any]:
         """Reconstruct a batch of measured slices through the one inference path (`inference.Reconstructor`).
 
-        Uses `degraded` [B, 2, H, W] as the warm start, `y` [B, 1, H, W] and `params` (the forward operator;
-        neutral for a user's own NIfTI, i.e. plain Fourier sampling); the k-space noise level is estimated
-        from `y` (a user's measurement has none recorded). Sampler: `predict_options` (`lfmri predict
-        --sampling.*`; default the registry's); the seed is `val_seed` and each slice's randomness depends on
-        its slice index only. Returns `reconstruction` and `std` (magnitude [B, 1, H, W], normalised units:
-        multiply by `scale`), `noise_sigma` [B] (normalised units), with `volume_id`, `slice` and `scale`
+        Uses `degraded` [B, 2, H, W] as the warm start, and `y` [B, 1, H, W] with `params` (the forward
+        operator; neutral for a user's own NIfTI, i.e. plain Fourier sampling) as a
+        `degradations.Measurement` whose k-space noise level is estimated from `y` (a user's measurement has
+        none recorded). Sampler: `predict_options` (`lfmri predict --sampling.*`; default the registry's);
+        the seed is `val_seed` and each slice's randomness depends on its slice index only. Returns
+        `reconstruction` and `std` (magnitude [B, 1, H, W], normalised units: multiply by `scale`),
+        `noise_sigma` [B] (normalised units), with `volume_id`, `slice` and `scale`
         passed through; `callbacks.NiftiPredictionWriter` writes them as NIfTI volumes.
         """
         hp = self.hparams
         sampler = self.predict_options.build(self.sde)
-        n = batch.degraded.shape[0]
-        result = Reconstructor(self.score_fn(), sampler, n, self.device, data_scale=self.data_scale)(
-            batch.degraded, batch.y, batch.params, batch.slice.tolist(), seed=hp.val_seed,
-            noise_sigma=torch.full((n,), float("nan")))
+        # a user's measurement: its neutral params' noise_sigma (0) is no record, the level is estimated
+        params = {k: v for k, v in batch.params.items() if k != "noise_sigma"}
+        measured = Measurement.from_kspace(batch.y, params)
+        reconstruct = Reconstructor(self.score_fn(), sampler, len(measured), self.device,
+                                    data_scale=self.data_scale)
+        result = reconstruct(measured, batch.degraded, batch.slice.tolist(), seed=hp.val_seed)
         return {"reconstruction": result.mean, "std": result.std, "noise_sigma": result.noise_sigma,
                 "volume_id": batch.volume_id, "slice": batch.slice, "scale": batch.scale}
 
