@@ -15,16 +15,10 @@ import numpy as np
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path
 
-__all__ = ["load_nifti", "save_nifti_atomic", "nifti_like", "nifti_suffix", "NIFTI_SUFFIXES"]
+__all__ = ["load_nifti", "save_nifti_atomic", "nifti_like", "NIFTI_SUFFIXES"]
 
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-def nifti_suffix(path: str | os.PathLike) -> str | None:
-    """`".nii.gz"` or `".nii"` if `path` ends with it (case-insensitive), else `None`."""
-    name = str(path).lower()
-    return next((s for s in NIFTI_SUFFIXES if name.endswith(s)), None)
 
 
 def _one_line(err: BaseException) -> str:

@@ -49,6 +49,7 @@ from lightning_modules.networks.ddpm import DDPM, REQUIRED_FIELDS, DDPMConfig, s
 from lightning_modules.networks.ncsnpp import NCSNpp
 from lightning_modules.networks.pyconfig import read_py_config
 from lightning_modules.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
+from lightning_modules.torch_files import load_torch_file
 
 Weights = Literal["ema", "model", "family"]
 _PREFIX = "module."
@@ -298,9 +299,6 @@ def _architecture(keys: list[str]) -> Literal["ddpm", "ncsnpp", "adm"] | None:
 def read_checkpoint(path: str | os.PathLike, error: type[InputError] = InputError) -> _File:
     """Load a checkpoint file safely (`weights_only`) and say what it holds (`parse_checkpoint`); `error`
     (one line naming the file) otherwise."""
-    # lazy: import cycle (lightning_modules.checkpoint imports this module at its top)
-    from lightning_modules.checkpoint import load_torch_file
-
     return parse_checkpoint(load_torch_file(path, error=error), Path(path), error)
 
 

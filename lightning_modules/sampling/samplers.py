@@ -5,7 +5,7 @@ Every sampler has one signature, k-diffusion style::
     sample_x(score_fn, x_init, schedule, dc=None, generator=None, callback=None) -> x
 
 - `score_fn(x, t)`: any callable, x float `[B,2,H,W]` (real, imag), t float `[B]` -> score `[B,2,H,W]`
-  (e.g. `sde.get_score_fn(net, sde)`; wrap it with `compile_score_fn` for `torch.compile`).
+  (e.g. `sde.get_score_fn(net, sde)`).
 - `x_init`: float `[B,2,H,W]`, the starting image (the degraded image). Every sampler starts from
   `x = alpha(t_start) x_init + std(t_start) z`; with `t_start = 1` that is (up to alpha(1) ~ 0.006) the prior.
   A batch holds any number of slices (or K copies of one slice); they are sampled in parallel.
@@ -79,7 +79,6 @@ __all__ = [
     "SamplerSpec",
     "Schedule",
     "build_sampler",
-    "compile_score_fn",
     "ddim_sampler",
     "magnitude",
     "noise_aware_time",
@@ -208,16 +207,6 @@ class NFECounter:
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.nfe += 1
         return self.score_fn(x, t)
-
-
-def compile_score_fn(score_fn: ScoreFn, mode: str | None = None, dynamic: bool = False) -> ScoreFn:
-    """`torch.compile` a score function (the network inside it is traced on the first call).
-
-    The first call compiles (tens of seconds for the 34.4M U-Net); keep the batch shape fixed
-    (`dynamic=False`) or every new shape recompiles. t is a tensor, so changing times do not recompile.
-    `mode` as in `torch.compile` (e.g. "max-autotune" on a GPU). Use `Schedule(autocast=True)` for bf16.
-    """
-    return torch.compile(score_fn, mode=mode, dynamic=dynamic)
 
 
 def _bc(v: Tensor) -> Tensor:

@@ -12,8 +12,10 @@ import pytest
 import torch
 from helpers import QUICKSTART
 
+from lfmri import lightning_cli
 from lfmri.cli import main
 from lfmri.lightning_cli import _check_ckpt_path
+from lfmri_utils.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("lightning_logs_to_stderr")
 
@@ -58,5 +60,15 @@ def test_a_bad_ckpt_path_is_one_line(tmp_path, capsys, command, kind):
 
 @pytest.mark.parametrize("value", [None, "", "last", "best", "hpc", "registry", "registry:model:v2",
                                    "s3://bucket/run/last.ckpt"])
-def test_lightnings_keywords_and_remote_paths_are_not_files_to_check(value):
-    _check_ckpt_path(value)  # no InputError: Lightning resolves them
+def test_lightnings_keywords_and_remote_paths_are_not_files_to_check(value, tmp_path, monkeypatch):
+    # files named like the keywords in the working directory, none of them a checkpoint: the keyword is still
+    # Lightning's, never opened as a local file
+    monkeypatch.chdir(tmp_path)
+    for name in ("last", "best", "hpc", "registry"):
+        (tmp_path / name).write_text("not a checkpoint")
+    with pytest.raises(InputError, match="ckpt_path"):  # such a file, named as a path, is checked and refused
+        _check_ckpt_path(str(tmp_path / "last"))
+    opened = []
+    monkeypatch.setattr(lightning_cli, "read_lightning_checkpoint", lambda path: opened.append(path))
+    assert _check_ckpt_path(value) is None  # nothing read: Lightning resolves it
+    assert opened == []

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import MNI
 
-from degradations import ForwardOperator, fft2c, ifft2c
+from degradations import ForwardOperator, fft2c, ifft2c, make_regime, neutral_params
 from degradations.snr import foreground_mask
 from lfmri.cli import main
 
@@ -70,6 +70,7 @@ def test_round_trip_writes_nifti_json_and_kspace(small_volume, tmp_path, capsys)
     sigma = torch.tensor([s["noise_sigma"] for s in record["slices"]])  # per slice (the default)
     noise_var = (residual.abs() ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(noise_var, sigma.float() ** 2, rtol=0.06, atol=0.0)
+    _assert_the_record_reproduces_the_outputs(np.asarray(src.dataobj), out, h5)
 
 
 def measured_snr(clean, kspace, pooled):
@@ -110,13 +111,18 @@ def test_same_seed_same_output_independent_of_batch_size(small_volume, tmp_path)
 def test_slice_axis_selects_the_slicing_direction(tmp_path):
     # 8 slices of the MNI block (not small_volume's 6): along axis 0 they give 72 x 8 slices, at least the
     # 7 x 7 that lfmri takes
-    slab = _write(tmp_path / "slab.nii.gz", np.asarray(nib.load(str(MNI)).dataobj)[60:124, 70:142, 88:96])
-    h5 = tmp_path / "k.h5"
-    assert degrade(slab, tmp_path / "d.nii.gz", "--regime", "noise", "--slice-axis", "0",
-                   "--kspace-out", h5) == 0
+    data = np.asarray(nib.load(str(MNI)).dataobj)[60:124, 70:142, 88:96]
+    slab, out, h5 = _write(tmp_path / "slab.nii.gz", data), tmp_path / "d.nii.gz", tmp_path / "k.h5"
+    assert degrade(slab, out, "--regime", "noise", "--slice-axis", "0", "--kspace-out", h5) == 0
     with h5py.File(h5) as f:
         assert f["kspace"].shape == (64, 72, 8) and "b0_map_hz" not in f
-    assert nib.load(str(tmp_path / "d.nii.gz")).shape == (64, 72, 8)
+        kspace, sigma = torch.from_numpy(f["kspace"][()]), torch.from_numpy(f["noise_sigma"][()])
+    assert nib.load(str(out)).shape == (64, 72, 8)
+    # k-space slice i is the noisy 2D FFT of data[i] (the 72 x 8 plane), not of a slice along another axis
+    clean = torch.from_numpy(data.astype(np.float32)).to(torch.complex64)
+    noise_var = (kspace - fft2c(clean)).abs().square().mean(dim=(1, 2))
+    torch.testing.assert_close(noise_var, sigma.square(), rtol=0.2, atol=0.0)  # 576 samples a slice
+    _assert_the_record_reproduces_the_outputs(data, out, h5)
 
 
 def _write(path, data):
@@ -177,8 +183,16 @@ def test_empty_slices_get_the_volume_noise_level(tmp_path, capsys):
     rc = degrade(src, tmp_path / "d.nii", "--regime", "noise", "--snr-db", "5", "--noise-level", "slice")
     assert rc == 0
     rows = json.loads((tmp_path / "d.nii.json").read_text())["slices"]
-    assert rows[1]["snr_db"] is None and rows[1]["noise_sigma"] > 0  # no signal, yet the scanner's noise
+    assert rows[1]["snr_db"] is None  # no signal, yet the scanner's noise: the volume's level
     assert rows[0]["snr_db"] == pytest.approx(5.0) and rows[2]["snr_db"] == pytest.approx(5.0)
+    # the volume's noise level: its foreground power (the union of the slices' foregrounds) at the target SNR
+    x = torch.from_numpy(np.moveaxis(data, 2, 0)).to(torch.complex64)
+    mask = foreground_mask(x)
+    power_volume = float((x.abs().double().square() * mask).sum() / mask.sum())
+    assert rows[1]["noise_sigma"] == pytest.approx(math.sqrt(power_volume / 10 ** 0.5), rel=1e-5)
+    for i in (0, 2):  # the others at their own power: slice 0 (8 x 8 at 100) has twice slice 2's amplitude
+        power = float((x[i].abs().double().square() * mask[i]).sum() / mask[i].sum())
+        assert rows[i]["noise_sigma"] == pytest.approx(math.sqrt(power / 10 ** 0.5), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["in.nii", "k.txt"])
@@ -200,7 +214,48 @@ def test_the_shortest_readout_is_degraded_with_b0(tmp_path, capsys):
     data[6:18] = 100.0
     path = tmp_path / "line.nii.gz"
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
-    out = tmp_path / "deg.nii.gz"
-    assert degrade(path, out, "--regime", "noise_blur_t2star_b0", "--seed", "1") == 0, capsys.readouterr().err
+    out, h5 = tmp_path / "deg.nii.gz", tmp_path / "k.h5"
+    assert degrade(path, out, "--regime", "noise_blur_t2star_b0", "--seed", "1", "--kspace-out", h5) == 0, \
+        capsys.readouterr().err
     img = nib.load(str(out))
     assert img.shape == data.shape and np.all(np.isfinite(img.get_fdata()))
+    _assert_the_record_reproduces_the_outputs(data, out, h5)
+
+
+def _reapply(volume: np.ndarray, record: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The degraded k-space [S, H, W] and field maps [S, H, W] rebuilt from OUTPUT.json alone: the regime's
+    `LowFieldDegradation.apply` on each clean slice with the slice's recorded parameters and its own generator
+    (seeded from (seed, i + 1)), which draws the slice's field map (B0 regimes), then its noise."""
+    degradation = make_regime(record["regime"])
+    slices = np.moveaxis(volume.astype(np.float32), record["slice_axis"], 0)
+    height, width = slices.shape[1:]
+    ys, maps = [], []
+    for i, row in enumerate(record["slices"]):
+        assert row["slice"] == i
+        # the documented seeding (not the command's function: a change to it must fail here)
+        seed = int(np.random.SeedSequence([record["seed"], i + 1]).generate_state(1, dtype=np.uint64)[0])
+        g = torch.Generator().manual_seed(seed)
+        params = neutral_params(1, height, width)  # a step the regime lacks is recorded as null: neutral
+        params.update({k: torch.tensor([float(v)]) for k, v in row.items()
+                       if k not in ("slice", "snr_db") and v is not None})
+        if degradation.b0 is not None:
+            params["b0_map_hz"] = degradation.sample_map(params["b0_max_hz"], height, width, g)
+        x = torch.from_numpy(slices[i]).to(torch.complex64)[None, None]
+        ys.append(degradation.apply(x, params, g)[0, 0])
+        maps.append(params["b0_map_hz"][0, 0])
+    return torch.stack(ys), torch.stack(maps)
+
+
+def _assert_the_record_reproduces_the_outputs(volume: np.ndarray, out: Path, h5: Path) -> None:
+    """OUTPUT.json's parameters and seed give back the written k-space, field maps and magnitude."""
+    record = json.loads(Path(str(out) + ".json").read_text())
+    y, maps = _reapply(volume, record)
+    with h5py.File(h5) as f:
+        kspace, b0_map = torch.from_numpy(f["kspace"][()]), f.get("b0_map_hz")
+        b0_map = None if b0_map is None else torch.from_numpy(b0_map[()])
+    scale = float(kspace.abs().max())
+    torch.testing.assert_close(y, kspace, rtol=0, atol=1e-5 * scale)
+    if b0_map is not None:
+        torch.testing.assert_close(maps, b0_map, rtol=0, atol=1e-4)
+    magnitude = np.moveaxis(ifft2c(y).abs().numpy(), 0, record["slice_axis"])
+    np.testing.assert_allclose(nib.load(str(out)).get_fdata(), magnitude, rtol=0, atol=1e-5 * scale)
