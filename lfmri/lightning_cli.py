@@ -22,6 +22,7 @@ import logging
 import netrc
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ import torch
 import yaml
 from jsonargparse import ActionConfigFile
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.seed import seed_everything
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch import __version__ as lightning_version
 from lightning.pytorch.callbacks import BasePredictionWriter, Checkpoint, LearningRateMonitor, ModelCheckpoint
@@ -43,9 +45,10 @@ from omegaconf.errors import OmegaConfBaseException
 import datamodules.datamodule  # noqa: F401  (defines the classes, so `--data LowFieldDataModule` works)
 from lfmri.models import read_lightning_checkpoint
 from lfmri_utils.errors import InputError
-from lfmri_utils.files import _check_writable_folder, atomic_path
+from lfmri_utils.files import _check_writable_folder, atomic_path, check_input_file
 from lfmri_utils.seeding import check_seed
 from lightning_modules.callbacks import InterruptCheckpoint
+from lightning_modules.checkpoint import resolve_checkpoint
 from lightning_modules.module import upgrade_hparams
 from lightning_modules.sampling.samplers import SamplerOptions
 
@@ -159,6 +162,19 @@ def parse_error_message(err: BaseException) -> str:
     return ": ".join([*where, *([key] if key else []), problem])
 
 
+#: `--<key>.init_args.sampling.<field>=null` (a callback's `SamplerOptions` field set to None on the command
+#: line): jsonargparse (4.53) hands a null field of a dataclass inside a class's init_args on as the string
+#: 'None' (a str field takes it, a float field refuses it); the same value as a one-key block,
+#: `--<key>.init_args.sampling={<field>: null}`, is merged into the block as it should be
+_SAMPLING_NULL = re.compile(r"^(--\S+\.init_args\.sampling)\.(\w+)=(null|Null|NULL|~)$")
+
+
+def sampling_nulls_as_blocks(args: list[str]) -> list[str]:
+    """`args` with each `--<key>.init_args.sampling.<field>=null` written as
+    `--<key>.init_args.sampling={<field>: null}` (`_SAMPLING_NULL`: the value jsonargparse then reads)."""
+    return [_SAMPLING_NULL.sub(r"\1={\2: null}", arg) if isinstance(arg, str) else arg for arg in args]
+
+
 def _class_of(block: Any) -> type | None:
     """The class a parsed `class_path` block names (None for anything else)."""
     class_path = block.get("class_path") if hasattr(block, "get") else None
@@ -206,13 +222,22 @@ class LfmriCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse the command line; jsonargparse's error (its parser built with `exit_on_error=False`) comes
         out as one line (`parse_error_message`), not a usage dump, and so does OmegaConf's (an interpolation
-        naming no key)."""
+        naming no key). A callback's `sampling.<field>=null` is read as null (`sampling_nulls_as_blocks`)."""
+        argv = sys.argv
+        if isinstance(args, list):
+            args = sampling_nulls_as_blocks(args)
+        elif args is None and sampling_nulls_as_blocks(argv[1:]) != argv[1:]:
+            # the rewritten command line goes in as `args`, sys.argv emptied while it is parsed (Lightning
+            # warns when given both) and then restored (DDP's launcher starts the other ranks from sys.argv)
+            args, sys.argv = sampling_nulls_as_blocks(argv[1:]), argv[:1]
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:
             raise InputError(parse_error_message(err)) from None
         except OmegaConfBaseException as err:
             raise InputError(f"config interpolation: {str(err).splitlines()[0]}") from None
+        finally:
+            sys.argv = argv
 
     def before_instantiate_classes(self) -> None:
         """Refuse a required value left `???` and an output folder that cannot be written (`output_folders`:
@@ -226,11 +251,18 @@ class LfmriCLI(LightningCLI):
             _check_writable_folder(Path(folder), f"{what} {folder}")
 
     def _set_seed(self) -> None:
-        """`seed_everything` checked by the one seed rule of every command (`check_seed`), then applied."""
+        """`seed_everything` checked by the one seed rule of every command (`check_seed`), then applied as
+        Lightning does (`True`: a random seed), silently: Lightning's "Seed set to N" line is printed when the
+        trainer is built (`instantiate_trainer`), so an option refused by the model's or the data module's
+        constructor stays the only line on the console."""
         seed = self._get(self.config, "seed_everything")
+        if seed is False:
+            return
         if seed is not None and not isinstance(seed, bool):
             check_seed(seed, "seed_everything")
-        super()._set_seed()
+        seed = seed_everything(None if seed is True else seed, workers=True, verbose=False)
+        self._seed_message = f"Seed set to {seed}"
+        (self.config[self.subcommand] if self.subcommand else self.config)["seed_everything"] = seed
 
     def instantiate_classes(self) -> None:
         """Build the model, data module and trainer; an InputError raised by a constructor (a bad option,
@@ -252,6 +284,14 @@ class LfmriCLI(LightningCLI):
         if subcommand == "predict":
             parser.add_class_arguments(SamplerOptions, "sampling")
         return parser
+
+    def before_fit(self) -> None:
+        """A fit that starts from `pretrained` weights (no `--ckpt_path` to resume) checks the file exists
+        now, before Lightning prints the model summary, rather than when the weights load at fit start."""
+        ckpt_path = self._get(self.config, "ckpt_path")
+        source = getattr(getattr(self.model, "prior_kind", None), "source", None)
+        if ckpt_path is None and source is not None and source.path is not None:
+            check_input_file(resolve_checkpoint(source.path), "", "checkpoint file")
 
     def before_predict(self) -> None:
         """Hand `--sampling.*` to the model (checked now, before any data is read: InputError)."""
@@ -287,6 +327,9 @@ class LfmriCLI(LightningCLI):
         return None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        message = getattr(self, "_seed_message", None)
+        if message is not None:  # Lightning's own line and logger (`_set_seed`)
+            logging.getLogger("lightning.fabric.utilities.seed").info(message)
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user's own plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()

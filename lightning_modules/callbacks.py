@@ -3,6 +3,7 @@ sampler callback and the NIfTI prediction writer of `lfmri predict`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -21,11 +22,12 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torch.utils.data import default_collate
 
+from datamodules import measured
 from datamodules.io import save_nifti_atomic
-from datamodules.transforms import from_slices
 from degradations import REGIMES, Measurement
 from lightning_modules.inference import Reconstructor
 from lightning_modules.metric_classes import fastmri_collection
+from lightning_modules.sampling.options import DCKind
 from lightning_modules.sampling.samplers import SamplerOptions, magnitude
 
 
@@ -172,9 +174,9 @@ class SamplerCallback(Callback):
     Runs at the end of every `every_n_val`-th validation (epoch-based or step-based `val_check_interval`;
     never in the sanity check; also under `trainer.validate`), with the module's EMA weights
     (`pl_module.score_fn()`), through the one inference path (`lightning_modules.inference.Reconstructor`)
-    with the sampler its options name (`samplers.SamplerOptions`) on the module's
-    SDE (`pl_module.sde`, whatever its class: a family's VP, discrete VP or VE; None options: the sampler
-    registry's defaults). Data consistency uses the regime's forward operator of each
+    with the sampler its `sampling` options name (`SamplerOptions`, as `lfmri reconstruct --sampling.*`) on
+    the module's SDE (`pl_module.sde`, whatever its class: a family's VP, discrete VP or VE; None options: the
+    sampler registry's defaults). Data consistency uses the regime's forward operator of each
     slice's realised parameters, its measured k-space `y` and its known noise level, at the slice's native
     matrix.
 
@@ -209,26 +211,37 @@ class SamplerCallback(Callback):
     The default samplers need no gradients (they run under the validation loop's inference mode).
 
     Args:
+        sampling: the sampler and its options (`SamplerOptions`: sampler, steps, t0, dc, dc_weight, dc_lambda,
+            dc_floor, t0_ratio, stop_ratio; in YAML `init_args.sampling.dc_lambda`; None, or None fields: the
+            sampler registry's defaults).
         every_n_val: run at every n-th validation (with `check_val_every_n_epoch = k` and no
             `val_check_interval`: every n*k epochs).
         regimes: regimes to reconstruct (default: all the validation dataset's).
         n_slices: slices per regime.
-        sampler: a `samplers.SAMPLERS` name (None: `samplers.DEFAULT_SAMPLER`); steps, t0, t0_ratio,
-            stop_ratio, dc, dc_weight, dc_lambda, dc_floor: its options (`samplers.SamplerOptions`; None: the
-            sampler's registry defaults).
         seed: seeds the sampling noise.
         batch_size: slices per sampler call.
         log_images: log the image grid.
+        sampler: deprecated, `sampling.sampler` (folded into `sampling` with a FutureWarning).
+        steps: deprecated, `sampling.steps`.
+        t0: deprecated, `sampling.t0`.
+        dc: deprecated, `sampling.dc`.
+        dc_weight: deprecated, `sampling.dc_weight`.
+        dc_lambda: deprecated, `sampling.dc_lambda`.
+        dc_floor: deprecated, `sampling.dc_floor`.
+        t0_ratio: deprecated, `sampling.t0_ratio`.
+        stop_ratio: deprecated, `sampling.stop_ratio`.
     """
 
-    def __init__(self, every_n_val: int = 1, regimes: list[str] | None = None, n_slices: int = 4,
-                 sampler: str | None = None, steps: int | None = None, t0: float | None = None,
-                 t0_ratio: float | None = None, stop_ratio: float | None = None, dc: str | None = None,
-                 dc_weight: float | None = None,
-                 dc_lambda: float | None = None, dc_floor: float | None = None, seed: int = 0,
-                 batch_size: int = 4,
-                 log_images: bool = True) -> None:
+    def __init__(self, sampling: SamplerOptions | None = None, every_n_val: int = 1,
+                 regimes: list[str] | None = None, n_slices: int = 4, seed: int = 0, batch_size: int = 4,
+                 log_images: bool = True, *, sampler: str | None = None, steps: int | None = None,
+                 t0: float | None = None, dc: DCKind | None = None, dc_weight: float | None = None,
+                 dc_lambda: float | None = None, dc_floor: float | None = None, t0_ratio: float | None = None,
+                 stop_ratio: float | None = None) -> None:
         super().__init__()
+        flat = {"sampler": sampler, "steps": steps, "t0": t0, "dc": dc, "dc_weight": dc_weight,
+                "dc_lambda": dc_lambda, "dc_floor": dc_floor, "t0_ratio": t0_ratio, "stop_ratio": stop_ratio}
+        self.sampling = fold_flat_sampler_options(sampling, flat)
         for name, value in (("every_n_val", every_n_val), ("n_slices", n_slices), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"SamplerCallback: {name} must be >= 1, got {value}")
@@ -236,10 +249,7 @@ class SamplerCallback(Callback):
         if unknown:
             raise ValueError(f"SamplerCallback: unknown regime(s) {', '.join(unknown)}; "
                              f"choose from {', '.join(REGIMES)}")
-        self.sampler_options = SamplerOptions(sampler=sampler, steps=steps, t0=t0, t0_ratio=t0_ratio,
-                                              stop_ratio=stop_ratio, dc=dc, dc_weight=dc_weight,
-                                              dc_lambda=dc_lambda, dc_floor=dc_floor)
-        self.sampler = self.sampler_options.build().name  # a bad configuration fails now
+        self.sampler = self.sampling.build().name  # a bad configuration fails now
         self.every_n_val, self.n_slices = every_n_val, n_slices
         self.regimes = list(regimes) if regimes else None
         self.seed, self.batch_size, self.log_images = seed, batch_size, log_images
@@ -272,7 +282,7 @@ class SamplerCallback(Callback):
         batches = [(r, b) for r, idx in subset.items() for b in _same_volume_batches(dataset, idx,
                                                                                      self.batch_size)]
         device = pl_module.device
-        sampler = self.sampler_options.build(pl_module.sde)
+        sampler = self.sampling.build(pl_module.sde)
         score_fn = pl_module.score_fn()
         # one collection per regime: val/ssim/<regime>, val/psnr/<regime>, val/nmse/<regime>
         collections = {r: fastmri_collection(prefix="val/", postfix=f"/{r}").to(device) for r in regimes}
@@ -331,12 +341,14 @@ class NiftiPredictionWriter(BasePredictionWriter):
     """Writes `lfmri predict`'s reconstructions as NIfTI volumes, one per input volume.
 
     For every volume of the data module's `predict_dataset` (a `PredictSliceDataset`), the slices returned by
-    `ScoreModel.predict_step` are put back in place (`transforms.from_slices` along the source's slice axis),
-    multiplied by the volume's normalisation scale (the input's units) and written with the input's affine and
-    header (float32) to `<output_dir>/<input file stem>_recon.nii.gz`, plus `_std.nii.gz` (the per-pixel std
-    of the posterior samples) when `write_std`. Files are written atomically; a volume with a slice missing
-    from the predictions (e.g. `limit_predict_batches`) is not written and named in a warning.
-    Multi-process prediction (DDP) is refused: run `lfmri predict` on one device.
+    `ScoreModel.predict_step` are put back into a volume in the input's units and geometry by the function
+    `lfmri reconstruct` uses (`datamodules.measured.volume_from_slices`: resized slices restored to their
+    native shape, times the volume's normalisation scale, slices back along the source's slice axis) and
+    written with the input's affine and header (float32) to `<output_dir>/<input file stem>_recon.nii.gz`,
+    plus `_std.nii.gz` (the per-pixel std of the posterior samples) when `write_std`. Files are written
+    atomically; a volume with a slice missing from the predictions (e.g. `limit_predict_batches`) is not
+    written and named in a warning. Multi-process prediction (DDP) is refused: run `lfmri predict` on one
+    device.
 
     Args:
         output_dir: the folder for the volumes (created if needed).
@@ -374,12 +386,31 @@ class NiftiPredictionWriter(BasePredictionWriter):
             stem = Path(path).name.removesuffix(".gz").removesuffix(".nii")
             kinds = ("reconstruction", "std") if self.write_std else ("reconstruction",)
             for kind in kinds:
-                stack = np.zeros((max(info.slices) + 1, *info.shape), dtype=np.float32)
+                first = slices[(vid, info.slices[0])][kind]
+                images = torch.zeros(max(info.slices) + 1, 1, *first.shape)  # [S, 1, H, W], normalised
                 for s in info.slices:
-                    stack[s] = slices[(vid, s)][kind].float().cpu().numpy() * info.scale
+                    images[s, 0] = slices[(vid, s)][kind].float().cpu()
+                volume = measured.volume_from_slices(images, info.scale, info.shape, dataset.image_size, axis)
                 target = self.output_dir / f"{stem}_{'recon' if kind == 'reconstruction' else 'std'}.nii.gz"
-                save_nifti_atomic(from_slices(stack, axis), like, target)
+                save_nifti_atomic(volume, like, target)
                 self.written.append(target)
+
+
+def fold_flat_sampler_options(sampling: SamplerOptions | None, flat: dict[str, Any]) -> SamplerOptions:
+    """`sampling` with the former flat `SamplerCallback` keywords set in `flat` (field name -> value; None:
+    not given) folded in, one FutureWarning line naming them; ValueError for a field given both ways."""
+    given = {name: value for name, value in flat.items() if value is not None}
+    sampling = SamplerOptions() if sampling is None else sampling
+    if not given:
+        return sampling
+    warnings.warn("SamplerCallback: " + ", ".join(given) + " are deprecated keywords; set them in the "
+                  "sampling block (" + ", ".join(f"sampling.{name}" for name in given) + ")", FutureWarning,
+                  stacklevel=3)
+    both = [name for name in given if getattr(sampling, name) is not None]
+    if both:
+        raise ValueError(f"SamplerCallback: {', '.join(both)} given both as sampling.* and as the deprecated "
+                         "flat keywords; keep sampling.*")
+    return dataclasses.replace(sampling, **given)
 
 
 #: the image grid's columns

@@ -102,13 +102,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=10, help="held-out test subjects (default 10, the paper's)")
     p.add_argument("--n-val", type=int, default=2, help="validation subjects (baseline tuning, val loss)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the subject split")
-    p.add_argument("--sampler", default=None, help="lfmri evaluate --sampler (default: the registry's)")
-    p.add_argument("--eval-steps", type=int, default=None, help="lfmri evaluate --steps")
-    p.add_argument("--t0", type=float, default=None, help="lfmri evaluate --t0")
-    p.add_argument("--dc", default=None, help="lfmri evaluate --dc (default: the sampler's)")
-    p.add_argument("--dc-weight", type=float, default=None, help="lfmri evaluate --dc-weight")
-    p.add_argument("--dc-lambda", type=float, default=None, help="lfmri evaluate --dc-lambda")
-    p.add_argument("--dc-floor", type=float, default=None, help="lfmri evaluate --dc-floor")
+    p.add_argument("--sampler", default=None,
+                   help="lfmri evaluate --sampling.sampler (default: the registry's)")
+    p.add_argument("--eval-steps", type=int, default=None, help="lfmri evaluate --sampling.steps")
+    p.add_argument("--t0", type=float, default=None, help="lfmri evaluate --sampling.t0")
+    p.add_argument("--dc", default=None, help="lfmri evaluate --sampling.dc (default: the sampler's)")
+    p.add_argument("--dc-weight", type=float, default=None, help="lfmri evaluate --sampling.dc_weight")
+    p.add_argument("--dc-lambda", type=float, default=None, help="lfmri evaluate --sampling.dc_lambda")
+    p.add_argument("--dc-floor", type=float, default=None, help="lfmri evaluate --sampling.dc_floor")
     p.add_argument("--max-slices-per-volume", type=int, default=None, help="lfmri evaluate option")
     p.add_argument("--baselines", default="all", help="lfmri evaluate --baselines (all | none | tv,nlm)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="lfmri evaluate --batch-size")
@@ -355,13 +356,11 @@ def run_protocol(args: argparse.Namespace) -> Path:
     # 3. evaluate every model on the same held-out volumes (the fine-tune stage's data block)
     options = ["--regimes", "all", "--batch-size", str(args.eval_batch_size),
                "--device", args.device]
-    options += ["--steps", str(args.eval_steps)] if args.eval_steps else []
-    options += ["--t0", str(args.t0)] if args.t0 is not None else []
-    options += ["--sampler", args.sampler] if args.sampler else []
-    options += ["--dc", args.dc] if args.dc else []
-    options += ["--dc-weight", str(args.dc_weight)] if args.dc_weight is not None else []
-    options += ["--dc-lambda", str(args.dc_lambda)] if args.dc_lambda is not None else []
-    options += ["--dc-floor", str(args.dc_floor)] if args.dc_floor is not None else []
+    sampling = {"steps": args.eval_steps or None, "t0": args.t0, "sampler": args.sampler or None,
+                "dc": args.dc or None, "dc_weight": args.dc_weight, "dc_lambda": args.dc_lambda,
+                "dc_floor": args.dc_floor}  # lfmri evaluate --sampling.<SamplerOptions field>
+    options += [arg for name, value in sampling.items() if value is not None
+                for arg in (f"--sampling.{name}", str(value))]
     if args.max_slices_per_volume:
         options += ["--max-slices-per-volume", str(args.max_slices_per_volume)]
     cmds = []

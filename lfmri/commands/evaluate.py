@@ -1,6 +1,7 @@
 """`lfmri evaluate`: the paper's protocol on the held-out (test) subjects of a config's data module.
 
-    lfmri evaluate --ckpt C --config CFG --regimes all --out DIR [--baselines all] [--sampler warm_ddim] ...
+    lfmri evaluate --ckpt C --config CFG --regimes all --out DIR [--baselines all]
+                   [--sampling.sampler warm_ddim] [--sampling.steps N] ... [--also NAME[:K]]
 
 CFG is a LightningCLI YAML; only its `data:` block (class_path + init_args) is used. Degradations are the
 data module's deterministic test degradations (a pure function of volume id, slice, regime and its seed); the
@@ -22,7 +23,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lfmri.commands.sampler_options import add_sampler_arguments, check_checkpoint_argument, sampler_from_args
+from lfmri.commands.sampler_options import (
+    add_sampler_arguments,
+    check_checkpoint_argument,
+    check_sampler_arguments,
+    sampler_from_args,
+)
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import check_output_dir
 from lfmri_utils.seeding import check_seed
@@ -114,10 +120,11 @@ def _validate(args: argparse.Namespace) -> Path:
     from lfmri.data_config import data_block
 
     out = check_output_dir(args.out, "--out")  # before any computing: not a file, a writable place for it
-    for name in ("samples", "batch_size", "steps", "max_slices_per_volume"):
+    for name in ("samples", "batch_size", "max_slices_per_volume"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
+    check_sampler_arguments(args)
     if args.reference_pc_steps < 0:
         raise InputError(f"--reference-pc-steps: must be >= 0, got {args.reference_pc_steps}")
     check_seed(args.seed)

@@ -1,5 +1,7 @@
-"""The options shared by lfmri's model commands: the sampler flags of `lfmri reconstruct` and `lfmri evaluate`
-(one definition of each flag) and the `--ckpt` check of those two and `lfmri export`.
+"""The options shared by lfmri's model commands: the sampler options of `lfmri reconstruct` and
+`lfmri evaluate` (`--sampling.<field>`, generated from `SamplerOptions`' fields, declared torch-free by
+`options.SamplerOptionFields`: the names of `lfmri predict --sampling.*` and of the validation callback's
+`sampling.*`) and the `--ckpt` check of those two and `lfmri export`.
 
 Nothing here imports torch until a sampler is built: the commands check their arguments first, so a missing
 file is reported at once.
@@ -9,45 +11,68 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from lfmri_utils.errors import InputError
 from lfmri_utils.files import check_input_file
+from lightning_modules.sampling.options import SamplerOptionFields
 
 if TYPE_CHECKING:  # the CLI builds its parsers without importing torch
     from lightning_modules.sampling.samplers import Sampler
     from lightning_modules.sampling.sde import SDE
 
 
+class _DeprecatedAlias(argparse.Action):
+    """A former spelling of a sampler option (`--dc-lambda`): stores into the same destination and notes on
+    stderr, in one line, the spelling that replaces it."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, replacement: str = "",
+                 **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.replacement = replacement
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _argparse_type(annotation: Any) -> tuple[Callable[[str], Any], tuple[str, ...] | None]:
+    """(type, choices) of an argparse option for a `SamplerOptions` field typed `T | None` (`T`: str, int,
+    float or a `Literal` of strings)."""
+    (kind,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(kind) is typing.Literal:
+        return str, typing.get_args(kind)
+    return kind, None
+
+
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """`--sampler --steps --t0 --t0-ratio --stop-ratio --dc --dc-lambda --dc-floor --dc-weight` (None: the
-    registry's defaults); the destinations are `samplers.SamplerOptions`' fields."""
-    p.add_argument("--sampler", default=None,
-                   help="sampler name (pc, warm_pc, ddim, warm_ddim, pnp, tweedie; default: the registry's "
-                        "default)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampler steps, 1 to 10000 (default: the sampler's)")
-    p.add_argument("--t0", type=float, default=None,
-                   help="start time in (0, 1]; with --t0-ratio the latest start (default: the sampler's)")
-    p.add_argument("--t0-ratio", type=float, default=None,
-                   help="DDIM's and PnP's noise-aware start: each slice starts where the diffusion noise is "
-                        "this many times the measurement noise (at most --t0); 0 = every slice at --t0 "
-                        "(default: the sampler's)")
-    p.add_argument("--stop-ratio", type=float, default=None,
-                   help="the noise-aware stop: each slice ends where the diffusion noise is this many times "
-                        "the measurement noise and returns its Tweedie estimate there (an approximation of "
-                        "the posterior mean); 0 = run to t ~ 0 (default: the sampler's)")
-    p.add_argument("--dc", default=None, choices=("proximal", "gradient", "none"),
-                   help="data consistency: noise-aware proximal step or the paper's gradient step "
-                        "(default: the sampler's)")
-    p.add_argument("--dc-lambda", type=float, default=None,
-                   help="proximal DC coupling: x0's error std is sigma_t / sqrt(lambda) "
-                        "(default: the sampler's)")
-    p.add_argument("--dc-floor", type=float, default=None,
-                   help="proximal DC: std of x0's error as sigma_t -> 0, normalised image units "
-                        "(default: the sampler's)")
-    p.add_argument("--dc-weight", type=float, default=None,
-                   help="gradient DC step weight (default: the sampler's)")
+    """`--sampling.<field>` for each field of `SamplerOptions` (declared torch-free by `SamplerOptionFields`:
+    its type, its default None for the registry's, its help text); the destination is the field's name. Each
+    field's former spelling (`--dc-lambda`, `--t0-ratio`, ...) stays as a hidden deprecated alias."""
+    group = p.add_argument_group("sampler options (as `lfmri predict --sampling.*`; unset: the registry's "
+                                 "defaults)")
+    hints = typing.get_type_hints(SamplerOptionFields)
+    for option in dataclasses.fields(SamplerOptionFields):
+        kind, choices = _argparse_type(hints[option.name])
+        spelling = f"--sampling.{option.name}"
+        group.add_argument(spelling, dest=option.name, type=kind, choices=choices, default=option.default,
+                           metavar=option.name.upper() if choices is None else None,
+                           help=option.metadata["help"])
+        group.add_argument(f"--{option.name.replace('_', '-')}", dest=option.name, type=kind, choices=choices,
+                           default=option.default, action=_DeprecatedAlias, replacement=spelling,
+                           help=argparse.SUPPRESS)
+
+
+def check_sampler_arguments(args: argparse.Namespace) -> None:
+    """InputError, before torch is imported, for `--sampling.steps` below 1 (the other options are checked
+    when the sampler is built, `sampler_from_args`)."""
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--sampling.steps: must be >= 1, got {args.steps}")
 
 
 def sampler_from_args(args: argparse.Namespace, sde: SDE | None) -> Sampler:

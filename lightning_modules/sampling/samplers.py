@@ -11,7 +11,10 @@ Every sampler has one signature, k-diffusion style::
   A batch holds any number of slices (or K copies of one slice); they are sampled in parallel.
 - `schedule`: a `Schedule` (the model's SDE, its discretisation, the descending time grid and the sampler's
   options). Any SDE of `sde` works: `VPSDE` (continuous VP), `DiscreteVPSDE` (a DDPM chain, DDS) and `VESDE`
-  (variance exploding, score-MRI); the samplers use its marginal `alpha(t)`, `std(t)` (VE: 1, sigma(t)).
+  (variance exploding, score-MRI). The samplers see only the `sde.SDE` interface (its marginal `alpha(t)`,
+  `std(t)`, its Tweedie step, DDIM's re-noising and the pieces of score_sde's predictor and corrector) and
+  the score function through a `sde.Denoiser` (x, t -> the Tweedie estimate x0_hat and the score); they
+  never ask which kind of SDE they have.
 - `dc`: a data-consistency step (`data_consistency.GradientDC` or `ProximalDC`, see `DataConsistency`):
   DDIM applies `dc(x0, sigma_t)` to its denoised (Tweedie) estimate, PC `dc.on_iterate(x, alpha_t, std_t)` to
   its noisy iterate.
@@ -52,23 +55,22 @@ use when the user names none.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from lightning_modules.sampling.data_consistency import GradientDC, ProximalDC
-from lightning_modules.sampling.sde import SDE, VESDE, VPSDE
+from lightning_modules.sampling.options import DCKind, SamplerOptionFields
+from lightning_modules.sampling.sde import SDE, Denoiser, default_sde
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]
 Generators = torch.Generator | Sequence[torch.Generator] | None
-DCKind = Literal["proximal", "gradient", "none"]
 
 __all__ = [
     "DEFAULT_SAMPLER",
@@ -112,13 +114,13 @@ class DataConsistency(Protocol):
 class Schedule:
     """The time grid and options of a sampler.
 
-    - `sde`: the SDE used for the PC discretisation (`VPSDE` or `VESDE`). Its `N` is the number of points of
+    - `sde`: the SDE used for the PC discretisation (any `SDE`). Its `N` is the number of points of
       the FULL grid `linspace(T, eps, N)` whose spacing the steps have (score_sde's predictor and Langevin
       corrector use the discrete betas / sigmas `sde.discretize` gives at that resolution); `Schedule.make`
       sets it (`model_sde.grid(N)`).
-    - `model_sde`: the model's SDE, whose marginal `alpha(t)`, `std(t)` the samplers use (warm start, DDIM,
-      DC); None: `sde` (the same marginals for `VPSDE` and `VESDE`, not for a `DiscreteVPSDE`, whose grid is
-      its continuous limit). See `marginals`.
+    - `model_sde`: the model's SDE, whose marginal `alpha(t)`, `std(t)` the samplers use (warm start, the
+      denoiser, DDIM, DC); None: `sde` (the same marginals where the grid is the model's SDE at another `N`,
+      not for a discrete DDPM chain, whose grid is its continuous limit). See `marginals`.
     - `timesteps`: float64 `[n_steps]`, descending from `t_start` to `eps`; one (predictor or DDIM) step each.
       DDIM also takes one grid per slice, `[n_steps, B]` (`starting_at`: the noise-aware warm start).
     - `snr`, `n_corrector`: the Langevin corrector's target signal-to-noise ratio and steps per time (PC).
@@ -147,24 +149,23 @@ class Schedule:
     init_noise: Tensor | None = None
 
     @classmethod
-    def make(cls, n_steps: int, t_start: float = 1.0, eps: float = 1e-3, beta_min: float = 0.1,
-             beta_max: float = 20.0, sde: SDE | None = None, **options: Any) -> Schedule:
+    def make(cls, n_steps: int, t_start: float = 1.0, eps: float = 1e-3, sde: SDE | None = None,
+             **options: Any) -> Schedule:
         """`n_steps` times `linspace(t_start, eps, n_steps)`; the SDE's `N` matches that grid's spacing.
 
         For `t_start = 1` this is score_sde's grid `linspace(1, eps, N)` with `N = n_steps`; for a warm start
         `t_start < 1` it is the tail of a full grid with the same spacing (N ~ n_steps / t_start).
-        `sde` is the model's SDE (any class; None: `VPSDE(beta_min, beta_max)`, beta_min / beta_max are
-        otherwise unused). `options` are the other fields (`snr`, `n_corrector`, `eta`, `denoise`,
-        `autocast`).
+        `sde` is the model's SDE (any `SDE`; None: `sde.default_sde()`, score_sde's VP-SDE). `options` are
+        the other fields (`snr`, `n_corrector`, `eta`, `denoise`, `autocast`).
         """
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-        if not 0.0 < eps < t_start <= VPSDE.T:
+        if not 0.0 < eps < t_start <= SDE.T:
             raise ValueError(f"need 0 < eps < t_start <= 1, got eps={eps}, t_start={t_start}")
         dt = (t_start - eps) / (n_steps - 1) if n_steps > 1 else t_start - eps
-        n_full = max(n_steps, round((VPSDE.T - eps) / dt) + 1)
+        n_full = max(n_steps, round((SDE.T - eps) / dt) + 1)
         timesteps = torch.linspace(t_start, eps, n_steps, dtype=torch.float64)
-        model_sde = VPSDE(beta_min, beta_max) if sde is None else sde
+        model_sde = default_sde() if sde is None else sde
         return cls(sde=model_sde.grid(n_full), timesteps=timesteps, model_sde=model_sde, eps=eps, **options)
 
     def spanning(self, t_start: Tensor, t_stop: Tensor | None = None) -> Schedule:
@@ -223,13 +224,6 @@ def _randn(x: Tensor, generator: Generators) -> Tensor:
                         for g in generator])
 
 
-def _score(score_fn: ScoreFn, x: Tensor, t: Tensor, autocast: bool) -> Tensor:
-    ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with ctx:
-        s = score_fn(x, t)
-    return s.to(x.dtype)
-
-
 #: a warm start's top-up noise below this fraction of the start's std is not drawn (0.005 % of the variance)
 _TOP_UP_TOL = 1e-2
 
@@ -252,13 +246,14 @@ def _warm_start(x_init: Tensor, schedule: Schedule, generator: Generators) -> Te
 
 @torch.no_grad()
 def check_pc_grid(schedule: Schedule, what: str) -> None:
-    """ValueError (naming `what`) when score_sde's VP discretisation cannot take the schedule's grid: the full
-    grid N (~ n_steps / t_start) must exceed beta_max (beta_i = beta_max / N < 1)."""
-    sde = schedule.sde
-    if isinstance(sde, VPSDE) and sde.beta_max / sde.N >= 1:
-        raise ValueError(f"{what} with {schedule.n_steps} steps from t0 = {schedule.t_start:g} has a full "
-                         f"grid of N = {sde.N} <= beta_max = {sde.beta_max:g} steps, which score_sde's "
-                         "discretisation cannot take: more steps or a smaller t0")
+    """ValueError (naming `what`) when score_sde's discretisation cannot take the schedule's grid
+    (`SDE.grid_problem` of its full grid N ~ n_steps / t_start; the VP-SDE's needs N > beta_max, so that
+    beta_i = beta_max / N < 1)."""
+    problem = schedule.sde.grid_problem()
+    if problem is not None:
+        raise ValueError(f"{what} with {schedule.n_steps} steps from t0 = {schedule.t_start:g} has "
+                         f"{problem}, which score_sde's discretisation cannot take: more steps or a smaller "
+                         "t0")
 
 
 def pc_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataConsistency | None = None,
@@ -266,18 +261,19 @@ def pc_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataCo
     """score-MRI's predictor-corrector sampler with data consistency; float `[B,2,H,W]`.
 
     At each time t of `schedule.timesteps`: `n_corrector` Langevin steps (step size
-    `2 alpha_i (snr ||z|| / ||score||)^2`, VP: alpha_i = 1 - beta_i, VE: alpha_i = 1, norms averaged over the
-    batch as in score_sde), each followed by DC; then one reverse-diffusion predictor step
-    `x <- x - f + G^2 score + G z` (f, G from `schedule.sde.discretize`: VP f = (sqrt(1 - beta_i) - 1) x,
-    G = sqrt(beta_i); VE f = 0, G = sqrt(sigma_i^2 - sigma_{i-1}^2)), followed by DC. DC acts on the noisy
+    `2 alpha_i (snr ||z|| / ||score||)^2`, alpha_i the SDE's `langevin_alpha` (VP: 1 - beta_i, VE: 1), norms
+    averaged over the batch as in score_sde), each followed by DC; then one reverse-diffusion predictor step
+    `x <- x - f + G^2 score + G z` (G from `schedule.sde.discretize`, the mean `x - f + G^2 score` the SDE's
+    `reverse_diffusion_mean`: VP f = (sqrt(1 - beta_i) - 1) x, G = sqrt(beta_i); VE f = 0,
+    G = sqrt(sigma_i^2 - sigma_{i-1}^2)), followed by DC. DC acts on the noisy
     iterate (`dc.on_iterate(x, alpha(t), std(t))` of the model's marginals; the gradient step is
     score-MRI's). Returns the DC'd mean of the last predictor step (`denoise`, score-MRI's output, treated as
     noise-free) or the last sample. NFE = `n_steps * (1 + n_corrector)`. score_sde's VP discretisation needs
     `beta_max / N < 1` (N: the full grid, ~ n_steps / t_start), i.e. more than 20 steps from t = 1; fewer
     raise ValueError.
     """
-    sde, marginals = schedule.sde, schedule.marginals
-    ve = isinstance(sde, VESDE)
+    sde, denoiser = schedule.sde, Denoiser(score_fn, schedule.marginals, schedule.autocast)
+    marginals = denoiser.sde
     check_pc_grid(schedule, "the PC sampler")
 
     def consistent(x: Tensor, t: Tensor) -> Tensor:
@@ -287,34 +283,33 @@ def pc_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: DataCo
     x = consistent(_warm_start(x_init, schedule, generator), t_first)
     x_mean, nfe = x, 0
     readout = _Readout(schedule.t_stop, x)
-    # G_i of all steps at once (sde.discretize; VP: G_i = sqrt(beta_i), f = (sqrt(1 - beta_i) - 1) x; VE:
-    # f = 0): one host-to-device copy instead of one per step
+    # G_i of all steps at once (sde.discretize; VP: G_i = sqrt(beta_i), VE: sqrt(sigma_i^2 - sigma_{i-1}^2)):
+    # one host-to-device copy instead of one per step
     _, g_all = sde.discretize(torch.zeros(schedule.n_steps, 1, 1, 1), schedule.timesteps)
     g_all = g_all.to(device=x.device, dtype=x.dtype)
     times = schedule.timesteps.tolist()
     for i, t_i in enumerate(times):
         t = torch.full((x.shape[0],), t_i, device=x.device, dtype=x.dtype)
         G = g_all[i].expand(x.shape[0])
-        for _ in range(schedule.n_corrector):  # Langevin corrector (score_sde: VP alpha_i = 1 - beta_i, VE 1)
-            grad = _score(score_fn, x, t, schedule.autocast)
+        for _ in range(schedule.n_corrector):  # Langevin corrector (score_sde's)
+            grad = denoiser.score(x, t)
             noise = _randn(x, generator)
             grad_norm = torch.linalg.vector_norm(grad.flatten(1), dim=1).mean()
             noise_norm = torch.linalg.vector_norm(noise.flatten(1), dim=1).mean()
             ratio = (schedule.snr * noise_norm / grad_norm) ** 2
-            step = 2 * ratio * torch.ones_like(G) if ve else 2 * (1 - G**2) * ratio
+            step = 2 * sde.langevin_alpha(G) * ratio
             x = consistent(x + _bc(step) * grad + _bc(torch.sqrt(2 * step)) * noise, t)
         # reverse-diffusion predictor (score_sde's discretisation): x - f + G^2 score + G z
-        score = _score(score_fn, x, t, schedule.autocast)
+        score = denoiser.score(x, t)
         nfe += 1 + schedule.n_corrector
         if readout.due(t):  # the noise-aware stop: the Tweedie estimate at this time, for the slices due
-            a_t, s_t = marginals.alpha(t), marginals.std(t)
-            x0 = (x + _bc(s_t**2) * score) / _bc(a_t)
-            readout.take(t, x0 if dc is None else dc(x0, s_t / a_t))
+            x0 = marginals.denoise(x, t, score)
+            readout.take(t, x0 if dc is None else dc(x0, marginals.scaled_std(t)))
             if readout.done:
                 if callback is not None:
                     callback({"i": i, "t": t, "x": x, "denoised": readout.out, "nfe": nfe})
                 return readout.out
-        x_mean = x + _bc(G**2) * score if ve else x - _bc(torch.sqrt(1 - G**2) - 1) * x + _bc(G**2) * score
+        x_mean = sde.reverse_diffusion_mean(x, score, G)
         t_next = torch.full_like(t, times[i + 1] if i + 1 < len(times) else 0.0)
         x = consistent(x_mean + _bc(G) * _randn(x, generator), t_next)
         if callback is not None:
@@ -361,10 +356,10 @@ def ddim_sampler(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule,
     """DDIM with data consistency on the clean estimate; float `[B,2,H,W]`.
 
     With the model's marginals (`schedule.marginals`; VE: alpha = 1, std = sigma(t)), at each time t (next
-    time s, 0 after the last): Tweedie `x0 = (x + std_t^2 score) / alpha_t`, `eps = -std_t score`,
-    `x0 <- dc(x0, std_t / alpha_t)` (the estimate's noise level in image units), then
-    `x <- alpha_s x0 + sqrt(std_s^2 - sigma^2) eps + sigma z` with the posterior std
-    `sigma = eta * (std_s / std_t) sqrt(std_t^2 - (alpha_t / alpha_s)^2 std_s^2)` (VP:
+    time s, 0 after the last): the denoiser's Tweedie `x0 = (x + std_t^2 score) / alpha_t`,
+    `eps = -std_t score` (`SDE.eps_from_score`), `x0 <- dc(x0, std_t / alpha_t)` (the estimate's noise level
+    in image units), then (`SDE.renoise`) `x <- alpha_s x0 + sqrt(std_s^2 - sigma^2) eps + sigma z` with the
+    posterior std `sigma = eta * (std_s / std_t) sqrt(std_t^2 - (alpha_t / alpha_s)^2 std_s^2)` (VP:
     `sqrt(1 - alpha_t^2 / alpha_s^2)`). Returns the last `dc(x0)`.
     Deterministic given x's starting noise when `eta = 0`. NFE = `n_steps`.
     """
@@ -375,24 +370,20 @@ def _denoising_loop(score_fn: ScoreFn, x_init: Tensor, schedule: Schedule, dc: D
                     generator: Generators, callback: Callback | None, eta: float,
                     noise_from_estimate: bool) -> Tensor:
     """DDIM's loop (`ddim_sampler`); with `noise_from_estimate` the noise carried to the next time is
-    re-estimated from the DC'd estimate, `(x - alpha_t x0) / std_t`, not the network's (`pnp_sampler`)."""
-    sde = schedule.marginals
+    re-estimated from the DC'd estimate, `(x - alpha_t x0) / std_t` (`SDE.eps_from_x0`), not the network's
+    (`pnp_sampler`)."""
+    denoiser = Denoiser(score_fn, schedule.marginals, schedule.autocast)
+    sde = denoiser.sde
     x = _warm_start(x_init, schedule, generator)
     x0 = x
     for i in range(schedule.n_steps):
         t = schedule.times(i, x)
-        a_t, sd_t = _bc(sde.alpha(t)), _bc(sde.std(t))
-        score = _score(score_fn, x, t, schedule.autocast)
-        x0 = (x + sd_t**2 * score) / a_t
+        x0, score = denoiser(x, t)
         if dc is not None:
-            x0 = dc(x0, sde.std(t) / sde.alpha(t))
+            x0 = dc(x0, sde.scaled_std(t))
         if i + 1 < schedule.n_steps:
-            eps_hat = (x - a_t * x0) / sd_t if noise_from_estimate else -sd_t * score
-            s = schedule.times(i + 1, x)
-            a_s, sd_s = _bc(sde.alpha(s)), _bc(sde.std(s))
-            posterior_var = (sd_t**2 - (a_t / a_s) ** 2 * sd_s**2).clamp_min(0)
-            sigma = eta * sd_s / sd_t * torch.sqrt(posterior_var)
-            x = a_s * x0 + torch.sqrt((sd_s**2 - sigma**2).clamp_min(0)) * eps_hat
+            eps_hat = sde.eps_from_x0(x, t, x0) if noise_from_estimate else sde.eps_from_score(t, score)
+            x, sigma = sde.renoise(x0, eps_hat, t, schedule.times(i + 1, x), eta)
             if eta > 0:
                 x = x + sigma * _randn(x, generator)
         else:
@@ -437,7 +428,7 @@ def noise_aware_time(schedule: Schedule, ratio: Tensor, low: float | None = None
     target = ratio.detach().to("cpu", torch.float64)
     for _ in range(iters):
         mid = (lo + hi) / 2
-        below = sde.std(mid) / sde.alpha(mid) < target
+        below = sde.scaled_std(mid) < target
         lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
     return hi
 
@@ -558,7 +549,7 @@ class Sampler:
         if k > 1 and self.deterministic:
             raise ValueError(f"sampler {self.name!r} is a deterministic point estimate (the posterior mean's "
                              f"approximation): {k} samples would be identical; for posterior samples and a "
-                             "std map use a diffusion sampler, e.g. --sampler warm_ddim")
+                             "std map use a diffusion sampler, e.g. --sampling.sampler warm_ddim")
 
     @property
     def expected_nfe(self) -> int:
@@ -641,19 +632,11 @@ class Sampler:
 
 
 @dataclass(frozen=True)
-class SamplerOptions:
-    """A sampler as a user chooses it: a `SAMPLERS` name and the options they set; None takes the registry's
-    default (`SAMPLERS[sampler]`). `lfmri predict --sampling.steps=20 ...` makes one; `build` checks it."""
-
-    sampler: str | None = None
-    steps: int | None = None
-    t0: float | None = None
-    dc: DCKind | None = None
-    dc_weight: float | None = None
-    dc_lambda: float | None = None
-    dc_floor: float | None = None
-    t0_ratio: float | None = None
-    stop_ratio: float | None = None
+class SamplerOptions(SamplerOptionFields):
+    """A sampler as a user chooses it (its fields, their help texts: `options.SamplerOptionFields`): a
+    `SAMPLERS` name and the options they set, None taking the registry's default. The one type of every entry
+    point: `lfmri reconstruct` / `evaluate` / `predict` `--sampling.<field>` and the validation callback's
+    `sampling` block; `build` checks it."""
 
     def build(self, sde: SDE | None = None) -> Sampler:
         """The `Sampler` (`build_sampler`) under the score model's `sde`; ValueError for a bad option."""
@@ -701,7 +684,7 @@ def build_sampler(name: str | None = None, steps: int | None = None, t0: float |
         raise ValueError(f"steps must be from 1 to {MAX_STEPS}, got {n_steps}")
     schedule = Schedule.make(
         n_steps, spec.t0 if t0 is None else float(t0), eps=eps,
-        sde=VPSDE() if sde is None else sde, snr=snr, n_corrector=n_corrector, eta=eta, autocast=autocast,
+        sde=sde, snr=snr, n_corrector=n_corrector, eta=eta, autocast=autocast,
     )
     if spec.sample_fn is pc_sampler:
         check_pc_grid(schedule, f"sampler {name!r}")  # when it is built, not when it first samples

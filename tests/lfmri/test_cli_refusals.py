@@ -83,6 +83,25 @@ def test_the_console_shows_only_the_line(tmp_path: Path) -> None:
     assert done.stderr == "lfmri fit: error: model.init_args.lr: expected float, got fast\n", done.stderr
 
 
+@pytest.mark.parametrize("override,line", [
+    ("--model.init_args.lr=-1", "lfmri fit: error: lr must be a number > 0, got -1.0"),
+    ("--model.init_args.pretrained=absent.pth", "lfmri fit: error: absent.pth: no such checkpoint file")])
+def test_a_refused_option_is_the_only_line_before_training(override: str, line: str, tmp_path: Path) -> None:
+    """An option refused by the model's constructor: the error is the console's only line (Lightning's seed
+    line comes with the trainer, after it); a `pretrained` file that is not there: refused before the model
+    summary is printed."""
+    done = subprocess.run([str(LFMRI), "fit", "--config", str(QUICKSTART), override,
+                           "--model.init_args.net.nf=8", "--model.init_args.net.num_groups=4",
+                           f"--trainer.default_root_dir={tmp_path}/r"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == line and "Total params" not in done.stderr, lines
+    if "lr=" in override:  # refused while the model is built: before the seed line
+        assert lines == [line]
+
+
 def test_help_and_print_config_still_exit_0(capsys) -> None:
     for extra in (["--help"], ["--config", str(QUICKSTART), "--print_config"]):
         with pytest.raises(SystemExit) as stop:

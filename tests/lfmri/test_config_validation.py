@@ -89,7 +89,8 @@ def test_a_run_without_a_logger_trains(tmp_path, capsys):
                    SMALL_DATA, "--trainer.logger=false", "--trainer.val_check_interval=1",
                    "--trainer.limit_val_batches=1.0",
                    "--data.init_args.eval_slices_per_volume=1", "--data.init_args.eval_regimes=[noise]",
-                   "--trainer.callbacks.init_args.n_slices=1", "--trainer.callbacks.init_args.steps=2"])
+                   "--trainer.callbacks.init_args.n_slices=1",
+                   "--trainer.callbacks.init_args.sampling.steps=2"])
     err = capsys.readouterr().err
     assert rc == 0, err[-3000:]
     assert (tmp_path / "run/checkpoints/last.ckpt").is_file() and not (tmp_path / "run/logs").exists()

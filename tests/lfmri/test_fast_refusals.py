@@ -80,7 +80,7 @@ def test_samples_of_a_point_estimate_are_refused_before_the_model_is_read(config
     junk.write_bytes(b"\x00 not a checkpoint")
     for argv in (["reconstruct", str(volume), "o.nii.gz", "--ckpt", str(junk), "--regime", "noise"],
                  ["evaluate", "--ckpt", str(junk), "--config", str(config), "--out", "o"]):
-        printed, err = _in_fresh_python([*argv, "--sampler", "tweedie", "--samples", "2"], tmp_path)
+        printed, err = _in_fresh_python([*argv, "--sampling.sampler", "tweedie", "--samples", "2"], tmp_path)
         assert printed == "2 True False", err  # the sampler registry needs torch, not the model code
         assert "sampler 'tweedie' is a deterministic point estimate" in err and len(err.splitlines()) == 1
 

@@ -2,7 +2,8 @@
 
     python ddp_validate.py CKPT DEVICES SETTINGS_JSON OUT_DIR
 
-SETTINGS_JSON: {"callback": SamplerCallback kwargs, "data": LowFieldDataModule kwargs but its source,
+SETTINGS_JSON: {"callback": SamplerCallback kwargs but its sampler, "sampling": SamplerOptions kwargs (the
+callback's sampler), "data": LowFieldDataModule kwargs but its source,
 "bundled": BundledSource kwargs (the data module's source)}. With DEVICES > 1 the
 Trainer runs DDP (gloo), re-launching this script once per extra rank. Every rank writes the callback's
 metrics to OUT_DIR/rank<global rank>.json; the CSV logger writes under OUT_DIR/logs.
@@ -20,10 +21,11 @@ from lightning.pytorch.loggers import CSVLogger
 from datamodules import BundledSource, LowFieldDataModule
 from lightning_modules.callbacks import SamplerCallback
 from lightning_modules.module import ScoreModel
+from lightning_modules.sampling.samplers import SamplerOptions
 
 
 def main(ckpt: str, devices: int, settings: dict, out_dir: Path) -> None:
-    callback = SamplerCallback(**settings["callback"])
+    callback = SamplerCallback(SamplerOptions(**settings["sampling"]), **settings["callback"])
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                          limit_val_batches=1, logger=CSVLogger(out_dir, name="logs"), callbacks=[callback],
                          enable_progress_bar=False, enable_model_summary=False)

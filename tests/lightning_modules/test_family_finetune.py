@@ -248,7 +248,7 @@ def test_fit_finetunes_from_the_family_and_reconstruct_samples_it(family: str, t
 
     out = tmp_path / "rec.nii.gz"
     assert main(["reconstruct", str(volume), str(out), "--ckpt", str(last), "--regime", "noise_blur",
-                 "--steps", "2", "--device", "cpu", "--sampler", "warm_ddim"]) == 0
+                 "--sampling.steps", "2", "--device", "cpu", "--sampling.sampler", "warm_ddim"]) == 0
     rec = np.asarray(nib.load(str(out)).dataobj, dtype=np.float32)
     assert rec.shape == (32, 32, 2) and np.isfinite(rec).all() and rec.max() > 0
     # export in the family's own format: read back with the original's conventions, the fine-tuned scores

@@ -22,6 +22,7 @@ from datamodules import BundledSource, LowFieldDataModule
 from lightning_modules.callbacks import COLUMNS, SamplerCallback, validation_subset
 from lightning_modules.module import ScoreModel
 from lightning_modules.networks.ddpm import DDPMConfig
+from lightning_modules.sampling.samplers import SamplerOptions
 
 REGIMES = ["noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0"]
 NAMES = [f"val/{m}/{r}" for m in ("ssim", "psnr", "nmse") for r in REGIMES]
@@ -29,7 +30,8 @@ NAMES = [f"val/{m}/{r}" for m in ("ssim", "psnr", "nmse") for r in REGIMES]
 TINY = {**TINY_MODEL, "net": DDPMConfig(**{**TINY_MODEL_NET, "dropout": 0.1}), "lr": 1e-3, "ema_decay": 0.5}
 DATA = dict(image_size=32, batch_size=2, eval_slices_per_volume=4, num_workers=0)
 BUNDLED = dict(n_train=2, n_val=1)  # the data module's source: BundledSource(**BUNDLED)
-CALLBACK = dict(n_slices=2, steps=2, batch_size=2, seed=3)  # 4 batches: both ranks get 2 in DDP
+CALLBACK = dict(n_slices=2, batch_size=2, seed=3)  # 4 batches: both ranks get 2 in DDP
+SAMPLING = dict(steps=2)  # the callback's sampler: SamplerOptions(**SAMPLING)
 DDP_SCRIPT = Path(__file__).with_name("ddp_validate.py")
 
 
@@ -51,7 +53,7 @@ def fitted(datamodule, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fit")
     pl.seed_everything(0)
     model = ScoreModel(**TINY)
-    callback = SamplerCallback(**CALLBACK)
+    callback = SamplerCallback(SamplerOptions(**SAMPLING), **CALLBACK)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, val_check_interval=1, limit_val_batches=1,
                          num_sanity_val_steps=1, logger=CSVLogger(tmp, name="logs"), callbacks=[callback],
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
@@ -99,7 +101,7 @@ def test_zero_score_near_t0_reconstructs_the_degraded_input_of_the_chosen_slices
     from lightning_modules.sampling.samplers import magnitude
 
     monkeypatch.setattr(fitted.model, "score_fn", lambda use_ema=True: lambda x, t: torch.zeros_like(x))
-    callback = SamplerCallback(regimes=["noise"], n_slices=3, steps=1, t0=0.002, batch_size=2,
+    callback = SamplerCallback(SamplerOptions(steps=1, t0=0.002), regimes=["noise"], n_slices=3, batch_size=2,
                                log_images=False)
     trainer = pl.Trainer(accelerator="cpu", devices=1, limit_val_batches=1, logger=False,
                          callbacks=[callback], enable_progress_bar=False, enable_model_summary=False)
@@ -125,7 +127,7 @@ def test_subset_is_evenly_spaced_per_regime_and_fixed():
 
 def test_bad_configuration_fails_at_construction():
     with pytest.raises(ValueError, match="unknown sampler"):
-        SamplerCallback(sampler="euler")
+        SamplerCallback(SamplerOptions(sampler="euler"))
     with pytest.raises(ValueError, match="unknown regime"):
         SamplerCallback(regimes=["noise", "motion"])
     with pytest.raises(ValueError, match="every_n_val"):
@@ -175,7 +177,7 @@ def test_ddp_two_processes_log_the_same_numbers_as_one(fitted, tmp_path):
     """The fitted checkpoint validated on 2 CPU processes (gloo DDP): both ranks log exactly the numbers of
     the fit's last validation (same weights) on this 1 process."""
     one_process = fitted.metrics
-    settings = json.dumps({"callback": CALLBACK, "data": DATA, "bundled": BUNDLED})
+    settings = json.dumps({"callback": CALLBACK, "sampling": SAMPLING, "data": DATA, "bundled": BUNDLED})
     # each rank uses as many threads as this process, so the CPU kernels sum in the same order
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, str(DDP_SCRIPT), str(fitted.ckpt), "2", settings, str(tmp_path)],
