@@ -342,16 +342,17 @@ class LowFieldDataModule(L.LightningDataModule):
         return f"no usable volume left in the {split} split{reason}"
 
     # ---- datasets -----------------------------------------------------------------------------------------
-    def _eval_dataset(self, split: str) -> EvalSliceDataset:
+    def _eval_dataset(self, split: str, regimes: list[str] | None = None) -> EvalSliceDataset:
+        """The evaluation dataset of a split, with `regimes` (default `eval_regimes`)."""
         return EvalSliceDataset(
             self.source,
             self.volume_infos(split),
-            self.eval_regimes,
+            self.eval_regimes if regimes is None else regimes,
             self.image_size,
             self.background_phase,
             self.seed,
             self.regime_overrides,
-            self.eval_slices_per_volume,
+            slices_per_volume=self.eval_slices_per_volume,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -365,8 +366,8 @@ class LowFieldDataModule(L.LightningDataModule):
                 self.background_phase,
                 self.seed,
                 self.regime_overrides,
-                self.crop_size,
-                self.crop_coverage,
+                crop_size=self.crop_size,
+                crop_coverage=self.crop_coverage,
             )
             slice_shapes = [SliceDataset.sample_shape(train, v) for v in range(len(train.volumes))]
             too_small = [(info, shape) for info, shape in zip(train.volumes, slice_shapes, strict=True)
@@ -451,17 +452,8 @@ class LowFieldDataModule(L.LightningDataModule):
         """
         if split not in SPLITS:
             raise InputError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-        regimes = [regime or "noise"]  # without a regime the (cheapest) degradation is built but not returned
-        ds = EvalSliceDataset(
-            self.source,
-            self.volume_infos(split),
-            regimes,
-            self.image_size,
-            self.background_phase,
-            self.seed,
-            self.regime_overrides,
-            self.eval_slices_per_volume,
-        )
+        # without a regime the (cheapest) degradation is built but not returned
+        ds = self._eval_dataset(split, [regime or "noise"])
         for v, info in enumerate(ds.volumes):
             batch = default_collate([ds[i] for i, item in enumerate(ds.items) if item[0] == v])
             out = EvalVolume(

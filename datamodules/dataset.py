@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from datamodules import measured
 from datamodules.samples import MeasuredSample, SliceSample
 from datamodules.sources import VolumeRecord, VolumeSource
 from datamodules.transforms import (
@@ -42,7 +43,7 @@ from datamodules.transforms import (
     robust_scale,
     smooth_background_phase,
 )
-from degradations import ComplexGaussianNoise, complex_to_channels, fft2c, ifft2c, make_regime, neutral_params
+from degradations import ComplexGaussianNoise, complex_to_channels, fft2c, ifft2c, make_regime
 from lfmri_utils.errors import InputError
 from lfmri_utils.seeding import SEED_MOD, stable_hash
 from lfmri_utils.volumes import check_volume
@@ -152,8 +153,8 @@ class SliceDataset(Dataset):
 
     def normalised_slice(self, v: int, s: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Slice s of volume v divided by the volume's scale, complex64 [1, 1, H, W] (native, or resized with
-        `image_size`): the clean reference for training / evaluation data, the measured low-field slice for
-        prediction (`PredictSliceDataset`).
+        `image_size`): the clean reference of training / evaluation data (prediction's measured slices are
+        `measured.load_measured_volume`'s, `PredictSliceDataset`).
 
         With `background_phase` a smooth random phase (from `generator`) multiplies the magnitude. It is off
         by default: magnitude data has no phase, and a made-up phase teaches the prior a phase distribution
@@ -202,12 +203,31 @@ class SliceDataset(Dataset):
         )
 
 
-def _regimes(names: list[str], overrides: dict | None) -> dict:
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()}
-    return {name: make_regime(name, **kwargs) for name in names}
+class RegimeSliceDataset(SliceDataset):
+    """Common base of the datasets that degrade clean slices with named regimes (training, evaluation):
+    `regimes`, the names in order, and `degradations`, each name's `degradations.make_regime` (given
+    `regime_overrides` as keyword arguments, lists as tuples). Subclasses add their own keyword options."""
+
+    def __init__(
+        self,
+        source: VolumeSource,
+        volumes: list[VolumeInfo],
+        regimes: list[str],
+        image_size: int | None = None,
+        background_phase: bool = False,
+        seed: int = 0,
+        regime_overrides: dict | None = None,
+    ) -> None:
+        super().__init__(source, volumes, image_size, background_phase, seed)
+        self.regimes = list(regimes)
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (regime_overrides or {}).items()}
+        self.degradations = {name: make_regime(name, **kwargs) for name in self.regimes}
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
-class TrainSliceDataset(SliceDataset):
+class TrainSliceDataset(RegimeSliceDataset):
     """Every kept slice of the training volumes; each access draws a regime from `regimes` and fresh
     parameters.
 
@@ -225,22 +245,11 @@ class TrainSliceDataset(SliceDataset):
     `y` (orthonormal FFTs keep the level of white noise).
     """
 
-    def __init__(
-        self,
-        source: VolumeSource,
-        volumes: list[VolumeInfo],
-        regimes: list[str],
-        image_size: int | None = None,
-        background_phase: bool = False,
-        seed: int = 0,
-        regime_overrides: dict | None = None,
-        crop_size: int | None = None,
-        crop_coverage: Literal["inside", "uniform"] = "inside",
-    ) -> None:
-        super().__init__(source, volumes, image_size, background_phase, seed)
-        self.regimes = list(regimes)
-        self.degradations = _regimes(self.regimes, regime_overrides)
-        self.items = [(v, s) for v, info in enumerate(volumes) for s in info.slices]
+    def __init__(self, *args, crop_size: int | None = None,
+                 crop_coverage: Literal["inside", "uniform"] = "inside", **kwargs) -> None:
+        """`args`, `kwargs`: `RegimeSliceDataset`'s (source, volumes, regimes, image_size, ...)."""
+        super().__init__(*args, **kwargs)
+        self.items = [(v, s) for v, info in enumerate(self.volumes) for s in info.slices]
         self.crop_size = None if crop_size is None else int(crop_size)
         self.crop_coverage = crop_coverage
         self.epoch = 0
@@ -264,9 +273,6 @@ class TrainSliceDataset(SliceDataset):
         draw = int(torch.randint(0, 2**62, (1,), generator=first))
         return torch.Generator().manual_seed(stable_hash("train", self.seed, self.epoch, index, draw))
 
-    def __len__(self) -> int:
-        return len(self.items)
-
     def _get(self, index: int) -> SliceSample:
         v, s = self.items[index]
         g = self.generator(index)
@@ -288,34 +294,20 @@ class TrainSliceDataset(SliceDataset):
         return self._sample(v, s, regime, window(x), degraded, fft2c(degraded), params)
 
 
-class EvalSliceDataset(SliceDataset):
+class EvalSliceDataset(RegimeSliceDataset):
     """(slice x regime) for each volume, in order; the degradation is a pure function of
     (seed, volume id, slice, regime). `slices_per_volume` keeps that many evenly spaced kept slices per
     volume."""
 
-    def __init__(
-        self,
-        source: VolumeSource,
-        volumes: list[VolumeInfo],
-        regimes: list[str],
-        image_size: int | None = None,
-        background_phase: bool = False,
-        seed: int = 0,
-        regime_overrides: dict | None = None,
-        slices_per_volume: int | None = None,
-    ) -> None:
-        super().__init__(source, volumes, image_size, background_phase, seed)
-        self.regimes = list(regimes)
-        self.degradations = _regimes(self.regimes, regime_overrides)
+    def __init__(self, *args, slices_per_volume: int | None = None, **kwargs) -> None:
+        """`args`, `kwargs`: `RegimeSliceDataset`'s (source, volumes, regimes, image_size, ...)."""
+        super().__init__(*args, **kwargs)
         self.items = [
             (v, s, r)
-            for v, info in enumerate(volumes)
+            for v, info in enumerate(self.volumes)
             for s in evenly_spaced(info.slices, slices_per_volume)
             for r in self.regimes
         ]
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def generator(self, v: int, s: int, regime: str) -> torch.Generator:
         """The generator of one evaluation sample (a pure function of seed, volume id, slice and regime)."""
@@ -330,13 +322,15 @@ class EvalSliceDataset(SliceDataset):
 
 
 class PredictSliceDataset(SliceDataset):
-    """All slices of the user's low-field volumes, without a reference: `MeasuredSample`s (no `clean`).
+    """All slices of the user's low-field NIfTI volumes, without a reference: `MeasuredSample`s (no `clean`).
 
-    `degraded` is the normalised measured image (real, imag), `y` its k-space fft2c, `regime` is "measured",
-    the params are neutral (so `degradations.build_operator` gives plain Fourier sampling), and `shape` (h, w)
-    is the slice's native shape: at native size (the default) the images already have it; with `image_size`,
-    `transforms.restore_shape` puts the outputs back on that grid. `transforms.from_slices` then rebuilds the
-    volume.
+    Each volume is prepared as `lfmri reconstruct` prepares its input, by the same function
+    (`measured.load_measured_volume`: normalisation, the operator's parameters from `lfmri degrade`'s
+    parameters JSON beside the file when there is one, else plain Fourier sampling; with `image_size`,
+    `MeasuredVolume.resized`), and its slices are served one by one: `degraded` the normalised measured image
+    (real, imag), `y` its k-space fft2c, `regime` "measured", `params` the operator's parameters (no
+    `noise_sigma`: the noise level is estimated from y, `ScoreModel.predict_step`), and `shape` (h, w) the
+    slice's native shape (the output is put back on it by `measured.volume_from_slices`).
     """
 
     def __init__(
@@ -344,20 +338,30 @@ class PredictSliceDataset(SliceDataset):
     ) -> None:
         super().__init__(source, volumes, image_size)
         self.items = [(v, s) for v, info in enumerate(volumes) for s in info.slices]
+        self._measured: dict[int, measured.MeasuredVolume] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def measured_volume(self, v: int) -> measured.MeasuredVolume:
+        """Volume v prepared for reconstruction (read once per process)."""
+        if v not in self._measured:
+            record = self.volumes[v].record
+            self._measured[v] = measured.load_measured_volume(record.path, None, self.source.slice_axis,
+                                                              size=self.image_size)
+        return self._measured[v]
+
     def _get(self, index: int) -> MeasuredSample:
         v, s = self.items[index]
-        x = self.normalised_slice(v, s)
+        volume = self.measured_volume(v)
+        x = volume.image[s : s + 1]
         return MeasuredSample(
             degraded=complex_to_channels(x)[0],
             y=fft2c(x)[0],
             regime="measured",
-            params={k: val[0] for k, val in neutral_params(1, *x.shape[-2:]).items()},
+            params={k: val[s].clone() for k, val in volume.params.items()},  # not views of the volume
             volume_id=self.volumes[v].record.volume_id,
             slice=torch.tensor(s, dtype=torch.int64),
-            scale=torch.tensor(self.volumes[v].scale, dtype=torch.float32),
-            shape=torch.tensor(self.volumes[v].shape, dtype=torch.int64),
+            scale=torch.tensor(volume.scale, dtype=torch.float32),
+            shape=torch.tensor(volume.shape, dtype=torch.int64),
         )

@@ -5,11 +5,12 @@
 sample's grid: the slice's native matrix, image_size x image_size with the explicit resize, or a training
 crop (see `datamodules.dataset`). Images are normalised: input units = normalised * `scale`.
 
-A batch is the same type. Both are `typing.NamedTuple`s: torch's `default_collate` stacks samples of one
-shape into a `SliceSample` / `MeasuredSample` whose tensors have a leading batch dimension B (`clean`
-float32 [B, 2, H, W], `slice` int64 [B], each `params` value batched), and whose strings are tuples of B
-strings (`regime`, `volume_id`: default_collate zips a named tuple's fields, where a dict's values became
-lists); Lightning's device transfer (`apply_to_collection`) and the loaders' `pin_memory` keep the type.
+A batch is the same type. Both are named tuples (`typing.NamedTuple` classes whose fields share one
+spec, `COMMON_FIELDS`): torch's `default_collate` stacks samples of one shape into a `SliceSample` /
+`MeasuredSample` whose tensors have a leading batch dimension B (`clean` float32 [B, 2, H, W], `slice` int64
+[B], each `params` value batched), and whose strings are tuples of B strings (`regime`, `volume_id`:
+default_collate zips a named tuple's fields, where a dict's values became lists); Lightning's device transfer
+(`apply_to_collection`) and the loaders' `pin_memory` keep the type.
 `sample._replace(clean=..., ...)` is a copy with other values.
 """
 
@@ -19,51 +20,50 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+#: the fields both sample types have, in this order (`SliceSample` puts `clean` before them, `MeasuredSample`
+#: adds `shape` after them): one spec, so the two types cannot drift apart
+COMMON_FIELDS: tuple[tuple[str, type], ...] = (
+    # float32 [2, H, W]: the image (real, imag): a SliceSample's degraded image,
+    # complex_to_channels(ifft2c(y)); a MeasuredSample's normalised measured image
+    ("degraded", Tensor),
+    # complex64 [1, H, W]: the k-space (orthonormal `fft2c`): a SliceSample's simulated k-space, for a
+    # training crop fft2c of the cropped degraded image (not the measured k-space: see `TrainSliceDataset`);
+    # a MeasuredSample's fft2c of `degraded`
+    ("y", Tensor),
+    # the regime's name (`degradations.REGIMES`); "measured" for a MeasuredSample
+    ("regime", str),
+    # the forward operator's parameters (`degradations.build_operator`), one sample's slice of the full key
+    # set (`degradations.neutral_params`): scalars [] (`fwhm_px` in pixels, `t2star_ms`, `snr_db`,
+    # `noise_sigma` per complex k-space sample in normalised units, ...), `b0_map_hz` [1, H, W] in Hz. A
+    # SliceSample's are the realised ones; a MeasuredSample's are its volume's
+    # (`measured.load_measured_volume`: lfmri degrade's recorded ones, else plain Fourier sampling), without
+    # `noise_sigma` (estimated)
+    ("params", dict[str, Tensor]),
+    # the volume's id, unique in the source (`VolumeRecord.volume_id`): the subject id, or the file stem if
+    # the subject has several volumes
+    ("volume_id", str),
+    # int64 []: the slice index in the volume's stack [S, H, W] (`transforms.to_slices`)
+    ("slice", Tensor),
+    # float32 []: the volume's normalisation scale (input units per normalised unit)
+    ("scale", Tensor),
+)
 
-class SliceSample(NamedTuple):
-    """A training / validation / test sample (or a collated batch of them: module docstring)."""
 
-    #: float32 [2, H, W]: the normalised clean slice (real, imag)
-    clean: Tensor
-    #: float32 [2, H, W]: the degraded image (real, imag), complex_to_channels(ifft2c(y))
-    degraded: Tensor
-    #: complex64 [1, H, W]: the simulated k-space (orthonormal `fft2c`); for a training crop, fft2c of the
-    #: cropped degraded image (not the measured k-space: see `TrainSliceDataset`)
-    y: Tensor
-    #: the regime's name (`degradations.REGIMES`)
-    regime: str
-    #: the forward operator's realised parameters (`degradations.build_operator`), one sample's slice of the
-    #: full key set (`degradations.neutral_params`): scalars [] (`fwhm_px` in pixels, `t2star_ms`, `snr_db`,
-    #: `noise_sigma` per complex k-space sample in normalised units, ...), `b0_map_hz` [1, H, W] in Hz
-    params: dict[str, Tensor]
-    #: the volume's id, unique in the source (`VolumeRecord.volume_id`): the subject id, or the file stem if
-    #: the subject has several volumes
-    volume_id: str
-    #: int64 []: the slice index in the volume's stack [S, H, W] (`transforms.to_slices`)
-    slice: Tensor
-    #: float32 []: the volume's normalisation scale (input units per normalised unit)
-    scale: Tensor
+class SliceSample(NamedTuple("_SliceSampleFields", [("clean", Tensor), *COMMON_FIELDS])):
+    """A training / validation / test sample (or a collated batch of them: module docstring).
+
+    `clean`: float32 [2, H, W], the normalised clean slice (real, imag); then `COMMON_FIELDS`.
+    """
+
+    __slots__ = ()
 
 
-class MeasuredSample(NamedTuple):
+class MeasuredSample(NamedTuple("_MeasuredSampleFields", [*COMMON_FIELDS, ("shape", Tensor)])):
     """A prediction sample: one slice of a user's low-field volume, without a reference (or a collated batch
-    of them: module docstring). See `PredictSliceDataset`."""
+    of them: module docstring). See `PredictSliceDataset`.
 
-    #: float32 [2, H, W]: the normalised measured image (real, imag)
-    degraded: Tensor
-    #: complex64 [1, H, W]: its k-space, fft2c of `degraded`
-    y: Tensor
-    #: "measured"
-    regime: str
-    #: neutral parameters (`degradations.neutral_params`: `degradations.build_operator` gives plain Fourier
-    #: sampling), keys and shapes as `SliceSample.params`
-    params: dict[str, Tensor]
-    #: the volume's id (`VolumeRecord.volume_id`)
-    volume_id: str
-    #: int64 []: the slice index in the volume's stack [S, H, W] (`transforms.to_slices`)
-    slice: Tensor
-    #: float32 []: the volume's normalisation scale (input units per normalised unit)
-    scale: Tensor
-    #: int64 [2]: the slice's native (h, w) in pixels; equals (H, W) unless resized with `image_size`, where
-    #: `transforms.restore_shape` puts outputs back on this grid
-    shape: Tensor
+    `COMMON_FIELDS`, then `shape`: int64 [2], the slice's native (h, w) in pixels; equals (H, W) unless
+    resized with `image_size`, where `transforms.restore_shape` puts outputs back on this grid.
+    """
+
+    __slots__ = ()

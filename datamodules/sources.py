@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datamodules.io import load_nifti
+from datamodules.io import NIFTI_SUFFIXES, load_nifti
 from datamodules.splits import Split
 from datamodules.transforms import to_slices
 from degradations import ifft2c
@@ -145,12 +145,14 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _glob(root: Path, pattern: str, kind: str) -> list[Path]:
+def _glob(root: Path, pattern: str, kind: str, suffixes: tuple[str, ...] = ()) -> list[Path]:
+    """The files under `root` matching `pattern` (`root` itself if it is a file) whose names end with one of
+    `suffixes` (case-insensitive; none: any), sorted; InputError when there are none."""
     if not root.exists():
         raise InputError(f"{root}: data directory not found")
     if root.is_file():
         return [root]
-    files = sorted(p for p in root.glob(pattern) if p.is_file())
+    files = sorted(p for p in root.glob(pattern) if p.is_file() and p.name.lower().endswith(suffixes or ""))
     if not files:
         raise InputError(f"{root}: no {kind} files match the pattern {pattern!r}")
     return files
@@ -187,7 +189,8 @@ class NiftiDirSource(_AxisSource):
 
     def records(self) -> list[VolumeRecord]:
         if self._records is None:
-            self._records = _records_for(self.root, _glob(self.root, self.pattern, "NIfTI"))
+            # not the `.json` sidecars `lfmri degrade` writes beside its NIfTI (`**/*.nii*` matches them)
+            self._records = _records_for(self.root, _glob(self.root, self.pattern, "NIfTI", NIFTI_SUFFIXES))
         return self._records
 
     def load(self, record: VolumeRecord) -> np.ndarray:

@@ -303,10 +303,12 @@ class ScoreModel(LightningModule):
         """Reconstruct a batch of measured slices through the one inference path (`inference.Reconstructor`).
 
         Uses `degraded` [B, 2, H, W] as the warm start, and `y` [B, 1, H, W] with `params` (the forward
-        operator; neutral for a user's own NIfTI, i.e. plain Fourier sampling) as a
-        `degradations.Measurement` whose k-space noise level is estimated from `y` (a user's measurement has
-        none recorded). Sampler: `predict_options` (`lfmri predict --sampling.*`; default the registry's);
-        the seed is `val_seed` and each slice's randomness depends on its slice index only. Returns
+        operator's: `PredictSliceDataset` serves the slices of `datamodules.measured.load_measured_volume`,
+        the volume `lfmri reconstruct` reconstructs, whose NIfTI has no recorded noise level) as a
+        `degradations.Measurement` whose k-space noise level is estimated from `y`, slice by slice (a
+        `noise_sigma` among `params` is no measurement's and is dropped). Sampler: `predict_options`
+        (`lfmri predict --sampling.*`; default the registry's); the seed is `val_seed` and each slice's
+        randomness depends on its slice index only. Returns
         `reconstruction` and `std` (magnitude [B, 1, H, W], normalised units: multiply by `scale`),
         `noise_sigma` [B] (normalised units), with `volume_id`, `slice` and `scale`
         passed through; `callbacks.NiftiPredictionWriter` writes them as NIfTI volumes.

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from datamodules import LowFieldDataModule
+from datamodules.measured import read_kspace
 from lfmri.cli import main
-from lfmri.commands.reconstruct import read_kspace
 from lfmri_utils.errors import InputError
 from lfmri_utils.volumes import MIN_SLICE_SIZE, check_volume
 from lightning_modules.metrics import ssim_map
 
-FAST = ["--steps", "2", "--device", "cpu", "--sampler", "warm_ddim"]
+FAST = ["--sampling.steps", "2", "--device", "cpu", "--sampling.sampler", "warm_ddim"]
 
 
 def _blob(shape: tuple[int, int, int] = (16, 16, 3)) -> np.ndarray:

@@ -19,6 +19,7 @@ from lfmri.cli import main
 from lightning_modules.callbacks import SamplerCallback
 from lightning_modules.module import ScoreModel
 from lightning_modules.networks.ddpm import DDPMConfig
+from lightning_modules.sampling.samplers import SamplerOptions
 
 #: the tiny model as YAML values (lists)
 TINY = {"net": DDPMConfig(**{**TINY_MODEL_NET, "attn_resolutions": (8,), "image_size": 16}).to_dict(),
@@ -68,7 +69,7 @@ def test_reconstruct_and_predict_give_the_same_native_reconstruction(files: dict
     rec = tmp_path / "rec.nii.gz"
     spy = Spy(monkeypatch)
     assert main(["reconstruct", str(deg), str(rec), "--ckpt", str(files["ckpt"]), "--regime", "noise",
-                 "--steps", str(STEPS), "--device", "cpu", "--seed", "0"]) == 0
+                 "--sampling.steps", str(STEPS), "--device", "cpu", "--seed", "0"]) == 0
     assert len(spy.calls) == 1 and spy.calls[0][0].shape[-2:] == (38, 45)  # native: nothing resampled
 
     config = tmp_path / "predict.yaml"
@@ -115,7 +116,7 @@ def test_evaluate_and_the_validation_callback_give_the_same_reconstruction(
     config.write_text(yaml.safe_dump({"data": _datamodule_block(files, as_test)}))
     spy = Spy(monkeypatch)
     assert main(["evaluate", "--ckpt", str(files["ckpt"]), "--config", str(config), "--regimes", REGIME,
-                 "--out", str(tmp_path / "eval"), "--steps", str(STEPS), "--baselines", "none",
+                 "--out", str(tmp_path / "eval"), "--sampling.steps", str(STEPS), "--baselines", "none",
                  "--device", "cpu"]) == 0
     evaluated = spy.by_slice()
     assert len(evaluated) == 2
@@ -126,7 +127,7 @@ def test_evaluate_and_the_validation_callback_give_the_same_reconstruction(
     as_val = _split(tmp_path / "val.yaml", train=["sub-01"], val=["sub-00"], test=["sub-02"])
     dm = LowFieldDataModule(**_datamodule_block(files, as_val)["init_args"])
     model = ScoreModel.load_from_checkpoint(files["ckpt"], map_location="cpu")
-    callback = SamplerCallback(n_slices=2, steps=STEPS, regimes=[REGIME], log_images=False)
+    callback = SamplerCallback(SamplerOptions(steps=STEPS), n_slices=2, regimes=[REGIME], log_images=False)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[callback], limit_val_batches=1)
     trainer.validate(model, datamodule=dm)

@@ -9,11 +9,13 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import MNI, SCORE_SDE_CKPT
+from helpers import MNI, SCORE_SDE_CKPT, refused
 
 from lfmri.cli import main
 
-FAST = ["--steps", "2", "--device", "cpu", "--sampler", "warm_ddim"]
+FAST = ["--sampling.steps", "2", "--device", "cpu", "--sampling.sampler", "warm_ddim"]
+#: full gradient data consistency (weight 1): on A = fft2c the result is x0 = ifft2c(y)
+FULL_DC = ["--sampling.dc", "gradient", "--sampling.dc_weight", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_full_data_consistency_on_plain_fourier_sampling_returns_the_input(files
                                                                            tmp_path: Path) -> None:
     """Regime noise (A = fft2c) with DC weight 1 ends on x0 = ifft2c(y): the input, in its units and place."""
     out = tmp_path / "rec.nii.gz"
-    code = main(_argv(files, "square", out, "noise", "--dc", "gradient", "--dc-weight", "1"))
+    code = main(_argv(files, "square", out, "noise", *FULL_DC))
     assert code == 0
     rec, affine = _load(out)
     ref, ref_affine = _load(files["square"])
@@ -71,7 +73,7 @@ def test_full_data_consistency_on_plain_fourier_sampling_returns_the_input(files
     deg, kspace = tmp_path / "deg.nii.gz", tmp_path / "k.h5"
     assert main(["degrade", str(files["square"]), str(deg), "--regime", "noise", "--kspace-out",
                  str(kspace)]) == 0
-    argv = _argv({**files, "deg": deg}, "deg", out, "noise", "--dc", "gradient", "--dc-weight", "1",
+    argv = _argv({**files, "deg": deg}, "deg", out, "noise", *FULL_DC,
                  "--kspace", str(kspace))
     assert main(argv) == 0
     noisy = _load(deg)[0]
@@ -85,9 +87,9 @@ def test_without_kspace_on_a_non_square_user_volume(files: dict[str, Path], tmp_
     mid-range operator."""
     out = tmp_path / "rec.nii"
     ref, _ = _load(files["rect"])
-    assert main(_argv(files, "rect", out, "noise", "--dc", "gradient", "--dc-weight", "1")) == 0
+    assert main(_argv(files, "rect", out, "noise", *FULL_DC)) == 0
     np.testing.assert_allclose(_load(out)[0], ref, atol=1e-3 * ref.max())
-    assert main(_argv(files, "rect", out, "noise", "--dc", "gradient", "--dc-weight", "1",
+    assert main(_argv(files, "rect", out, "noise", *FULL_DC,
                       "--batch-size", "1", "--resize")) == 0
     rec, _ = _load(out)
     assert rec.shape == ref.shape
@@ -126,24 +128,13 @@ def test_noise_level_recorded_given_or_estimated(files: dict[str, Path], tmp_pat
     np.testing.assert_allclose(_load(out)[0], deg, atol=1e-3 * deg.max())
 
 
-def _fails(argv: list[str], capsys: pytest.CaptureFixture, *created: Path) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error:" in err
-    for path in created:
-        assert not path.exists()
-    if created:
-        assert not list(created[0].parent.glob(".*"))  # no temporary file left behind
-    return err
-
-
 def test_a_checkpoint_that_is_not_ours(files: dict[str, Path], tmp_path: Path,
                                        capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "rec.nii.gz"
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
     for ckpt in (SCORE_SDE_CKPT, junk, tmp_path / "missing.ckpt"):
-        err = _fails(_argv({**files, "ckpt": ckpt}, "square", out, "noise"), capsys, out)
+        err = refused(_argv({**files, "ckpt": ckpt}, "square", out, "noise"), capsys, out)
         assert str(ckpt) in err
 
 
@@ -153,15 +144,15 @@ def test_nifti_and_kspace_that_disagree(files: dict[str, Path], tmp_path: Path,
     bad = tmp_path / "bad.h5"
     with h5py.File(bad, "w") as f:
         f.create_dataset("kspace", data=np.zeros((2, 40, 40), np.complex64))
-    err = _fails(_argv(files, "deg", out, "noise_blur_t2star_b0", "--kspace", str(bad)), capsys, out)
+    err = refused(_argv(files, "deg", out, "noise_blur_t2star_b0", "--kspace", str(bad)), capsys, out)
     assert "disagrees" in err
-    err = _fails(_argv(files, "deg", out, "noise", "--kspace", str(files["kspace"])), capsys, out)
+    err = refused(_argv(files, "deg", out, "noise", "--kspace", str(files["kspace"])), capsys, out)
     assert "regime" in err
     params = json.loads(Path(str(files["deg"]) + ".json").read_text())
     params["slices"] = params["slices"][:1]
     short = tmp_path / "short.json"
     short.write_text(json.dumps(params))
-    err = _fails(_argv(files, "deg", out, "noise_blur_t2star_b0", "--params", str(short)), capsys, out)
+    err = refused(_argv(files, "deg", out, "noise_blur_t2star_b0", "--params", str(short)), capsys, out)
     assert "slices" in err
 
 
@@ -172,14 +163,15 @@ def test_nan_in_the_input(files: dict[str, Path], tmp_path: Path, capsys: pytest
     nib.save(nib.Nifti1Image(data, affine), nan_in)
     out, std = tmp_path / "rec.nii.gz", tmp_path / "std.nii.gz"
     files = {**files, "nan": nan_in}
-    err = _fails(_argv(files, "nan", out, "noise", "--samples", "2", "--std-out", str(std)), capsys, out, std)
+    err = refused(_argv(files, "nan", out, "noise", "--samples", "2", "--std-out", str(std)), capsys, out,
+                  std)
     assert "NaN" in err
 
 
 def test_std_out_needs_several_samples(files: dict[str, Path], tmp_path: Path,
                                        capsys: pytest.CaptureFixture) -> None:
     out, std = tmp_path / "rec.nii.gz", tmp_path / "std.nii.gz"
-    _fails(_argv(files, "square", out, "noise", "--std-out", str(std)), capsys, out, std)
+    refused(_argv(files, "square", out, "noise", "--std-out", str(std)), capsys, out, std)
 
 
 @pytest.mark.parametrize("zeroed, message", [("noise_sigma", "not a measurement"),
@@ -196,16 +188,16 @@ def test_a_file_that_measured_nothing_is_refused(files: dict[str, Path], tmp_pat
             g.create_dataset(key, data=np.zeros_like(f[key][()]) if key == zeroed else f[key][()])
         g.attrs.update(dict(f.attrs))
     out = tmp_path / "rec.nii.gz"
-    err = _fails(_argv(files, "deg", out, "noise_blur_t2star_b0", "--kspace", str(zero)), capsys, out)
+    err = refused(_argv(files, "deg", out, "noise_blur_t2star_b0", "--kspace", str(zero)), capsys, out)
     assert message in err
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--steps", "1000000000"], "steps must be from 1 to 10000"),
-    (["--sampler", "warm_ddim", "--samples", "1000000000"], "samples must be from 1 to 1000"),
+    (["--sampling.steps", "1000000000"], "steps must be from 1 to 10000"),
+    (["--sampling.sampler", "warm_ddim", "--samples", "1000000000"], "samples must be from 1 to 1000"),
 ])
 def test_absurd_work_is_refused_before_it_starts(files: dict[str, Path], tmp_path: Path,
                                                  capsys: pytest.CaptureFixture, extra: list[str],
                                                  message: str) -> None:
     out = tmp_path / "rec.nii.gz"
-    assert message in _fails(_argv(files, "deg", out, "noise_blur_t2star_b0", *extra), capsys, out)
+    assert message in refused(_argv(files, "deg", out, "noise_blur_t2star_b0", *extra), capsys, out)

@@ -1,0 +1,95 @@
+"""`lfmri reconstruct` and `lfmri predict` share their whole path below the argument parsing: both prepare the
+input through `datamodules.measured.load_measured_volume` (slices, normalisation, the operator's parameters
+from `lfmri degrade`'s JSON beside the NIfTI, the explicit resize) and assemble the output through
+`datamodules.measured.volume_from_slices`, so the same volume, checkpoint, sampler and seed give the same
+array, at the native matrix and resized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+from helpers import MNI, TINY_MODEL_NET
+
+import datamodules.measured as measured
+from lfmri.cli import main
+from lightning_modules.module import ScoreModel
+from lightning_modules.networks.ddpm import DDPMConfig
+
+#: the tiny model (trained size 16) as YAML values
+TINY = {"net": DDPMConfig(**{**TINY_MODEL_NET, "attn_resolutions": (8,), "image_size": 16}).to_dict(),
+        "warmup_steps": 1}
+STEPS = 3
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, save_score_model) -> dict[str, Path]:
+    """A tiny checkpoint and a real MNI-derived volume of 38 x 45 x 3 voxels."""
+    d = tmp_path_factory.mktemp("shared_path")
+    save_score_model(d / "tiny.ckpt", ScoreModel(**TINY))
+    img = nib.load(str(MNI))
+    vol = np.asarray(img.dataobj, dtype=np.float32)[10:162:4, 20:200:4, 70:110:15]
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(vol), img.affine), d / "clean.nii.gz")
+    return {"dir": d, "ckpt": d / "tiny.ckpt", "clean": d / "clean.nii.gz"}
+
+
+class SharedSpy:
+    """Records the calls of the shared input preparation and output assembly."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.loads: list[Path] = []
+        self.outputs = 0
+        load, assemble = measured.load_measured_volume, measured.volume_from_slices
+
+        def load_spy(path: Any, *args: Any, **kwargs: Any) -> measured.MeasuredVolume:
+            self.loads.append(Path(path))
+            return load(path, *args, **kwargs)
+
+        def assemble_spy(*args: Any, **kwargs: Any) -> np.ndarray:
+            self.outputs += 1
+            return assemble(*args, **kwargs)
+
+        monkeypatch.setattr(measured, "load_measured_volume", load_spy)
+        monkeypatch.setattr(measured, "volume_from_slices", assemble_spy)
+
+
+@pytest.mark.parametrize(("regime", "resize"), [("noise", False), ("noise_blur_t2star", False),
+                                                 ("noise", True)])
+def test_reconstruct_and_predict_call_the_same_functions_and_give_the_same_array(
+        files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, regime: str,
+        resize: bool) -> None:
+    deg = tmp_path / "deg.nii.gz"  # with lfmri degrade's parameters JSON beside it (read by both commands)
+    assert main(["degrade", str(files["clean"]), str(deg), "--regime", regime, "--seed", "1"]) == 0
+    spy = SharedSpy(monkeypatch)
+    rec = tmp_path / "rec.nii.gz"
+    assert main(["reconstruct", str(deg), str(rec), "--ckpt", str(files["ckpt"]), "--regime", regime,
+                 "--sampling.steps", str(STEPS), "--device", "cpu", "--seed", "0", "--batch-size", "2",
+                 *(["--resize"] if resize else [])]) == 0
+    assert spy.loads == [deg] and spy.outputs == 1
+
+    config = tmp_path / "predict.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path / "run"),
+                    "callbacks": [{"class_path": "lightning_modules.callbacks.NiftiPredictionWriter",
+                                   "init_args": {"output_dir": str(tmp_path / "pred")}}]},
+        "model": {"class_path": "lightning_modules.module.ScoreModel", "init_args": TINY},
+        "data": {"class_path": "datamodules.LowFieldDataModule",
+                 "init_args": {"predict_path": str(deg), "eval_batch_size": 2,
+                               "image_size": 16 if resize else None}},
+    }))
+    assert main(["predict", "--config", str(config), "--ckpt_path", str(files["ckpt"]),
+                 f"--sampling.steps={STEPS}"]) == 0
+    assert spy.loads == [deg, deg] and spy.outputs == 2
+    predicted, reconstructed = nib.load(str(tmp_path / "pred" / "deg_recon.nii.gz")), nib.load(str(rec))
+    assert predicted.shape == reconstructed.shape == nib.load(str(deg)).shape
+    np.testing.assert_array_equal(predicted.affine, reconstructed.affine)
+    a, b = np.asarray(predicted.dataobj), np.asarray(reconstructed.dataobj)
+    assert np.abs(b).max() > 0
+    assert np.array_equal(a, b)  # bit for bit: one path
