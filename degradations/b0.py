@@ -152,8 +152,17 @@ class OffResonanceEncoding:
         width = self.b0_map_hz.shape[-1]
         return fft1c(torch.eye(width, dtype=dtype, device=self.b0_map_hz.device), dim=0)  # D[j, w]
 
-    def _exact_chunk(self, batch_hw: int) -> int:
-        return max(1, (1 << 24) // max(batch_hw, 1))
+    def _exact_columns(self, z: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """The exact path's chunks of readout samples `j` for `z` `[B, 1, H, W]` (forward and adjoint alike):
+        per chunk its slice of columns, the phase factors `[B, 1, H, W, J]` and the DFT rows `D[j, w]`;
+        chunks hold about 2^24 phase factors."""
+        dft = self._dft_matrix(z.dtype)
+        t = sample_times_ms(self.readout_ms, self.te_ms, z.shape[-1],
+                            torch.float64 if z.dtype == torch.complex128 else torch.float32)
+        step = max(1, (1 << 24) // max(z[..., 0].numel() * z.shape[-1], 1))
+        for j0 in range(0, z.shape[-1], step):
+            cols = slice(j0, j0 + step)
+            yield cols, self._phasor_cols(t[:, cols], z.dtype), dft[cols]
 
     # -- operator ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,15 +170,9 @@ class OffResonanceEncoding:
         if self.is_identity:
             return fft2c(x)
         if self.method == "exact":
-            dft = self._dft_matrix(x.dtype)
-            t = sample_times_ms(self.readout_ms, self.te_ms, x.shape[-1],
-                                torch.float64 if x.dtype == torch.complex128 else torch.float32)
             u = torch.empty_like(x)
-            step = self._exact_chunk(x[..., 0].numel() * x.shape[-1])
-            for j0 in range(0, x.shape[-1], step):
-                cols = slice(j0, j0 + step)
-                phase = self._phasor_cols(t[:, cols], x.dtype)
-                u[..., cols] = torch.einsum("bchwj,jw->bchj", x[..., None] * phase, dft[cols])
+            for cols, phase, dft in self._exact_columns(x):
+                u[..., cols] = torch.einsum("bchwj,jw->bchj", x[..., None] * phase, dft)
             return fft1c(u, dim=-2)
         tau, weights, support = self._segments(x.dtype)
         k = torch.zeros_like(x)
@@ -183,16 +186,10 @@ class OffResonanceEncoding:
         if self.is_identity:
             return ifft2c(k)
         if self.method == "exact":
-            dft = self._dft_matrix(k.dtype)
-            t = sample_times_ms(self.readout_ms, self.te_ms, k.shape[-1],
-                                torch.float64 if k.dtype == torch.complex128 else torch.float32)
             v = ifft1c(k, dim=-2)
             x = torch.zeros_like(k)
-            step = self._exact_chunk(k[..., 0].numel() * k.shape[-1])
-            for j0 in range(0, k.shape[-1], step):
-                cols = slice(j0, j0 + step)
-                phase = self._phasor_cols(t[:, cols], k.dtype)
-                x = x + torch.einsum("bchwj,jw,bchj->bchw", phase.conj(), dft[cols].conj(), v[..., cols])
+            for cols, phase, dft in self._exact_columns(k):
+                x = x + torch.einsum("bchwj,jw,bchj->bchw", phase.conj(), dft.conj(), v[..., cols])
             return x
         tau, weights, support = self._segments(k.dtype)
         x = torch.zeros_like(k)

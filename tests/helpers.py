@@ -1,5 +1,5 @@
 """Constants shared by the test files: the repository's paths, the checkpoint fixtures, the MNI template and
-the tiny model configurations; and `slice_sample`, a fake data sample.
+the tiny model configurations; `slice_sample`, a fake data sample; and `refused`, the check of a refusal.
 
 Plain constants rather than fixtures because some are needed at collection time (`parametrize`, module-level
 globs); import them with `from helpers import ...` (pyproject's `[tool.pytest.ini_options] pythonpath` puts
@@ -48,6 +48,22 @@ TINY_QUICKSTART_ARGS = [
     "--data.init_args.num_workers=0",
     "--data.init_args.source={class_path: BundledSource, init_args: {n_train: 2, n_val: 1}}",
     "--data.init_args.eval_slices_per_volume=1"]
+
+
+def refused(argv: list[str], capsys, *absent: Path) -> str:
+    """Run `lfmri argv` in this process (`capsys`: pytest's fixture): it must exit 2 with one line on stderr,
+    an `error:` line, which is returned; none of the paths `absent` may exist after it, nor a hidden
+    (temporary) file in the first one's folder."""
+    from lfmri.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err
+    for path in absent:
+        assert not path.exists()
+    if absent:
+        assert not list(absent[0].parent.glob(".*"))  # no temporary file left behind
+    return err
 
 
 def slice_sample(clean, degraded, index: int = 0):

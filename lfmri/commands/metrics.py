@@ -20,18 +20,15 @@ import math
 
 import numpy as np
 
+from lfmri.commands import documented_parser
 from lfmri_utils.errors import InputError
 from lfmri_utils.volumes import check_volume
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `metrics` subcommand."""
-    p = subparsers.add_parser(
-        "metrics",
-        help="fastMRI SSIM / PSNR / NMSE of PRED against REF (two NIfTI volumes), as JSON",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = documented_parser(subparsers, "metrics", "fastMRI SSIM / PSNR / NMSE of PRED against REF (two NIfTI "
+                          "volumes), as JSON", __doc__)
     p.add_argument("ref", metavar="REF", help="reference NIfTI volume (e.g. the high-field image)")
     p.add_argument("pred", metavar="PRED", help="NIfTI volume to score, same shape as REF")
     p.add_argument("--slice-axis", type=int, default=2, help="axis of REF/PRED along which slices are "

@@ -14,18 +14,15 @@ import dataclasses
 import math
 from pathlib import Path
 
+from lfmri.commands import documented_parser
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_output_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `preview` subcommand."""
-    p = subparsers.add_parser(
-        "preview",
-        help="PNG grid of clean slices and their four low-field regimes",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = documented_parser(subparsers, "preview", "PNG grid of clean slices and their four low-field regimes",
+                          __doc__)
     p.add_argument("--config", required=True, help="LightningCLI YAML with a data: block, or a data block")
     p.add_argument("--out", required=True, help="output PNG path")
     p.add_argument("--volumes-per-split", type=int, default=2, help="volumes shown per split (default 2)")

@@ -55,6 +55,16 @@ def test_flat_layout_and_pattern(tmp_path):
     assert [r.subject for r in src.records()] == ["mouse_a", "mouse_b", "mouse_c"]
 
 
+def test_a_folder_of_degrade_outputs_reads_the_niftis_not_their_sidecars(tmp_path):
+    """`lfmri degrade` writes `x.nii.gz.json` beside `x.nii.gz`; the default pattern `**/*.nii*` matches both,
+    and only the NIfTI is a volume."""
+    write(tmp_path / "low.nii.gz", phantom())
+    (tmp_path / "low.nii.gz.json").write_text('{"slices": []}')
+    write(tmp_path / "plain.nii", phantom())
+    assert [r.path for r in NiftiDirSource(tmp_path).records()] == [str(tmp_path / "low.nii.gz"),
+                                                                     str(tmp_path / "plain.nii")]
+
+
 def test_datamodule_from_a_bids_directory_two_ways(bids):
     for kwargs in ({"source": str(bids)}, {"source": NiftiDirSource(bids)}):
         dm = LowFieldDataModule(**kwargs, crop_size=16, batch_size=2, seed=3)

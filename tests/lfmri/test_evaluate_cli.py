@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import SCORE_SDE_CKPT
+from helpers import SCORE_SDE_CKPT, refused
 
 from lfmri.baselines import BASELINES, available_baselines
 from lfmri.cli import main
@@ -47,7 +47,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> di
 def _argv(setup: dict[str, Path], out: Path, *extra: str, ckpt: Path | None = None,
           config: Path | None = None) -> list[str]:
     return ["evaluate", "--ckpt", str(ckpt or setup["ckpt"]), "--config", str(config or setup["config"]),
-            "--regimes", REGIMES, "--out", str(out), "--steps", "2", "--max-slices-per-volume", "1",
+            "--regimes", REGIMES, "--out", str(out), "--sampling.steps", "2", "--max-slices-per-volume", "1",
             "--device", "cpu", *extra]
 
 
@@ -111,9 +111,7 @@ def test_evaluate_writes_well_formed_results_and_tunes_on_validation_only(
 
 
 def _fails(argv: list[str], capsys: pytest.CaptureFixture, out: Path) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error:" in err
+    err = refused(argv, capsys)
     assert not out.exists() or not any(out.iterdir())
     assert not list(out.parent.glob(".*"))  # no temporary folder left behind
     return err
@@ -138,7 +136,7 @@ def test_bad_inputs_exit_2_and_write_nothing(setup: dict[str, Path], tmp_path: P
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(BASELINES, "bm3d", no_bm3d)
         assert "lfmri[bm3d]" in _fails(_argv(setup, out, "--baselines", "bm3d"), capsys, out)
-    assert "sampler" in _fails(_argv(setup, out, "--sampler", "euler"), capsys, out)
+    assert "sampler" in _fails(_argv(setup, out, "--sampling.sampler", "euler"), capsys, out)
     out.mkdir()
     assert "samples" in _fails(_argv(setup, out, "--samples", "0"), capsys, out)
     a_file = tmp_path / "a_file"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import refused
 
-from lfmri.cli import main
 from lfmri.data_config import load_datamodule
 from lfmri_utils.errors import InputError
 
@@ -44,9 +44,7 @@ def test_the_crafted_checkpoint_does_run_code_when_unpickled_unsafely(crafted: t
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture, marker: Path) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error:" in err
+    err = refused(argv, capsys)
     assert not marker.exists(), "the checkpoint's payload ran"
     return err
 
