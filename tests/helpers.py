@@ -79,3 +79,28 @@ def slice_sample(clean, degraded, index: int = 0):
     return SliceSample(clean=clean, degraded=degraded, y=fft2c(channels_to_complex(degraded[None]))[0],
                        regime="noise", params=params, volume_id=f"s{index}",
                        slice=torch.tensor(index, dtype=torch.int64), scale=torch.tensor(1.0))
+
+
+def predict_config(folder: Path, volume: Path, model_init_args: dict | None = None,
+                   data_init_args: dict | None = None) -> Path:
+    """`folder/predict.yaml`: an `lfmri predict` config on CPU without a logger, writing NIfTI predictions to
+    `folder/pred`, reading `volume`; the model block names the class (plus `model_init_args`; without them its
+    network comes from the checkpoint's hyper-parameters), the data block `predict_path` plus
+    `data_init_args`."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model: dict = {"class_path": "lightning_modules.module.ScoreModel"}
+    if model_init_args is not None:
+        model["init_args"] = model_init_args
+    config = folder / "predict.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
+                    "default_root_dir": str(folder / "run"),
+                    "callbacks": [{"class_path": "lightning_modules.callbacks.NiftiPredictionWriter",
+                                   "init_args": {"output_dir": str(folder / "pred")}}]},
+        "model": model,
+        "data": {"class_path": "datamodules.LowFieldDataModule",
+                 "init_args": {"predict_path": str(volume), **(data_init_args or {})}},
+    }))
+    return config

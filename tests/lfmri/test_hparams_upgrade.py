@@ -11,8 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-import yaml
-from helpers import MNI, TINY_MODEL
+from helpers import MNI, TINY_MODEL, predict_config
 
 from lfmri.cli import main
 from lfmri.models import load_score_model
@@ -58,33 +57,17 @@ def lowfield(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _predict_config(tmp_path: Path, volume: Path) -> Path:
-    """`lfmri predict`'s config: the model block names the class only (its network comes from the
-    checkpoint's hyper-parameters)."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    config = tmp_path / "predict.yaml"
-    config.write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path / "run"),
-                    "callbacks": [{"class_path": "lightning_modules.callbacks.NiftiPredictionWriter",
-                                   "init_args": {"output_dir": str(tmp_path / "pred")}}]},
-        "model": {"class_path": "lightning_modules.module.ScoreModel"},
-        "data": {"class_path": "datamodules.LowFieldDataModule", "init_args": {"predict_path": str(volume)}},
-    }))
-    return config
-
-
 def test_predict_builds_the_shipped_legacy_checkpoints_network_and_takes_the_sampler_options(
         lowfield: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # without the upgrade the model would be the default 34.4M network, and its weights would not load
-    config = _predict_config(tmp_path, lowfield)
+    config = predict_config(tmp_path, lowfield)
     shipped = str(SHIPPED_CHECKPOINTS["reference-small-v1"])  # the first shipped prior: the older layout
     assert main(["predict", "--config", str(config), "--ckpt_path", shipped, "--sampling.steps=1"]) == 0
     out = nib.load(str(tmp_path / "pred" / "low_recon.nii.gz"))
     assert out.shape == (48, 56, 2) and np.isfinite(np.asarray(out.dataobj)).all()
     # a bad sampler option: one line, before any data is read, nothing written
     capsys.readouterr()
-    assert main(["predict", "--config", str(_predict_config(tmp_path / "bad", lowfield)), "--ckpt_path",
+    assert main(["predict", "--config", str(predict_config(tmp_path / "bad", lowfield)), "--ckpt_path",
                  shipped, "--sampling.dc_lambda=-1"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("lfmri predict: error: --sampling: dc_lambda must be") and "> 0" in line

@@ -12,8 +12,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
-import yaml
-from helpers import MNI, TINY_MODEL_NET
+from helpers import MNI, TINY_MODEL_NET, predict_config
 
 import datamodules.measured as measured
 from lfmri.cli import main
@@ -73,17 +72,7 @@ def test_reconstruct_and_predict_call_the_same_functions_and_give_the_same_array
                  *(["--resize"] if resize else [])]) == 0
     assert spy.loads == [deg] and spy.outputs == 1
 
-    config = tmp_path / "predict.yaml"
-    config.write_text(yaml.safe_dump({
-        "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path / "run"),
-                    "callbacks": [{"class_path": "lightning_modules.callbacks.NiftiPredictionWriter",
-                                   "init_args": {"output_dir": str(tmp_path / "pred")}}]},
-        "model": {"class_path": "lightning_modules.module.ScoreModel", "init_args": TINY},
-        "data": {"class_path": "datamodules.LowFieldDataModule",
-                 "init_args": {"predict_path": str(deg), "eval_batch_size": 2,
-                               "image_size": 16 if resize else None}},
-    }))
+    config = predict_config(tmp_path, deg, TINY, {"eval_batch_size": 2, "image_size": 16 if resize else None})
     assert main(["predict", "--config", str(config), "--ckpt_path", str(files["ckpt"]),
                  f"--sampling.steps={STEPS}"]) == 0
     assert spy.loads == [deg, deg] and spy.outputs == 2
