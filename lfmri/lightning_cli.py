@@ -45,7 +45,7 @@ from omegaconf.errors import OmegaConfBaseException
 import datamodules.datamodule  # noqa: F401  (defines the classes, so `--data LowFieldDataModule` works)
 from lfmri.models import read_lightning_checkpoint
 from lfmri_utils.errors import InputError
-from lfmri_utils.files import _check_writable_folder, atomic_path, check_input_file
+from lfmri_utils.files import atomic_path, check_input_file, check_writable_folder
 from lfmri_utils.seeding import check_seed
 from lightning_modules.callbacks import InterruptCheckpoint
 from lightning_modules.checkpoint import resolve_checkpoint
@@ -248,7 +248,7 @@ class LfmriCLI(LightningCLI):
             raise InputError(f"the config leaves {', '.join(missing)} to the command line (???): give "
                              + " ".join(f"--{k}=..." for k in missing))
         for what, folder in output_folders(config, self.subcommand or "fit"):
-            _check_writable_folder(Path(folder), f"{what} {folder}")
+            check_writable_folder(Path(folder), f"{what} {folder}")
 
     def _set_seed(self) -> None:
         """`seed_everything` checked by the one seed rule of every command (`check_seed`), then applied as

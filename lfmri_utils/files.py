@@ -30,7 +30,7 @@ from pathlib import Path
 from lfmri_utils.errors import InputError
 
 __all__ = ["atomic_path", "atomic_dir", "remove_stale", "check_input_file", "check_output_file",
-           "check_output_dir"]
+           "check_output_dir", "check_writable_folder"]
 
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 
@@ -257,7 +257,7 @@ def _nearest_existing(folder: Path) -> Path:
     return folder
 
 
-def _check_writable_folder(folder: Path, name: str) -> None:
+def check_writable_folder(folder: Path, name: str) -> None:
     """InputError naming `name` unless `folder` is a writable folder or can be created (its nearest existing
     ancestor is a writable folder). Writability is tried (a temporary file created and removed), not guessed
     from permission bits: ACLs, read-only mounts and root all answer truthfully."""
@@ -313,7 +313,7 @@ def check_output_file(path: str | os.PathLike, label: str = "", suffixes: Iterab
         for other in inputs:
             if other is not None and Path(other).exists() and os.path.samefile(target, other):
                 raise InputError(f"{name}: would overwrite the input {other}")
-    _check_writable_folder(target.parent, name)
+    check_writable_folder(target.parent, name)
     return target
 
 
@@ -326,6 +326,6 @@ def check_output_dir(path: str | os.PathLike, label: str = "") -> Path:
     if os.path.lexists(path) and not path.is_dir():
         raise InputError(f"{name}: exists and is not a folder")
     target = Path(os.path.realpath(path))
-    _check_writable_folder(target.parent, name)
+    check_writable_folder(target.parent, name)
     return target
 
