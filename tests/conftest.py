@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_MODEL
+from helpers import TINY_16_MODEL, TINY_MODEL
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny ScoreModel checkpoint (`TINY_MODEL`, untrained) for the whole session: read it, never change
     it (copy it first)."""
     return _save_score_model(tmp_path_factory.mktemp("tiny_checkpoint") / "tiny.ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny16_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny ScoreModel checkpoint trained at 16 px (`TINY_16_MODEL`, untrained) for the whole session:
+    read it, never change it."""
+    from lightning_modules.module import ScoreModel
+
+    return _save_score_model(tmp_path_factory.mktemp("tiny16_checkpoint") / "tiny.ckpt",
+                             ScoreModel(**TINY_16_MODEL))
 
 
 @pytest.fixture()

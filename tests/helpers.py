@@ -39,6 +39,11 @@ TINY_MODEL_NET = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(
                       num_groups=4, dropout=0.0)
 #: a tiny ScoreModel's arguments (what `save_score_model` saves by default)
 TINY_MODEL = dict(net=DDPMConfig(**TINY_MODEL_NET), warmup_steps=1)
+#: a tiny ScoreModel trained at 16 px (attention at 8 px), its arguments as YAML values (lists): what a
+#: config's `model.init_args` holds (the one-inference-path and shared-path tests)
+TINY_16_MODEL = {
+    "net": DDPMConfig(**{**TINY_MODEL_NET, "attn_resolutions": (8,), "image_size": 16}).to_dict(),
+    "warmup_steps": 1}
 #: a tiny DDPM network (`DDPMConfig` fields): 16 px, attention at 8 px, 8 groups
 TINY_NET = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
 #: `lfmri fit --config configs/quickstart.yaml` overrides for a tiny model on a little bundled data

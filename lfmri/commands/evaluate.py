@@ -23,12 +23,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lfmri.commands.sampler_options import (
-    add_sampler_arguments,
-    check_checkpoint_argument,
-    check_sampler_arguments,
-    sampler_from_args,
-)
+from lfmri.commands import sampler_options
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import check_output_dir
 from lfmri_utils.seeding import check_seed
@@ -49,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="all (the installed ones) | none | comma-separated among "
                         "tv, nlm, tv_complex, nlm_complex, bm3d, bm3d_complex (pip install 'lfmri[bm3d]'), "
                         "tv_model")
-    add_sampler_arguments(p)
+    sampler_options.add_sampler_arguments(p)
     p.add_argument("--reference-pc-steps", type=int, default=0,
                    help="also score the paper's reference sampler as method lfmri_pc: score-MRI's "
                         "predictor-corrector with N predictor steps (2N NFE) and gradient DC w = 0.3, on the "
@@ -105,7 +100,7 @@ def _samplers(args: argparse.Namespace, sde: Any) -> tuple[Any, dict[str, tuple[
     for a bad option."""
     from lightning_modules.sampling.samplers import build_sampler
 
-    sampler = sampler_from_args(args, sde)
+    sampler = sampler_options.sampler_from_args(args, sde)
     others = parse_also(args.also, sde)
     if args.reference_pc_steps:
         # the registry's `pc`: the paper's reference, gradient DC w = 0.3
@@ -124,12 +119,12 @@ def _validate(args: argparse.Namespace) -> Path:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
-    check_sampler_arguments(args)
+    sampler_options.check_sampler_arguments(args)
     if args.reference_pc_steps < 0:
         raise InputError(f"--reference-pc-steps: must be >= 0, got {args.reference_pc_steps}")
     check_seed(args.seed)
     data_block(args.config)
-    check_checkpoint_argument(args.ckpt)
+    sampler_options.check_checkpoint_argument(args.ckpt)
     return out
 
 

@@ -53,12 +53,7 @@ import contextlib
 import json
 import math
 
-from lfmri.commands.sampler_options import (
-    add_sampler_arguments,
-    check_checkpoint_argument,
-    check_sampler_arguments,
-    sampler_from_args,
-)
+from lfmri.commands import sampler_options
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_input_file, check_output_file
 from lfmri_utils.seeding import check_seed
@@ -80,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kspace", default=None, help="measured k-space HDF5 from `lfmri degrade --kspace-out`")
     p.add_argument("--params", default=None,
                    help="realised parameters JSON from `lfmri degrade` (default: INPUT.json when it exists)")
-    add_sampler_arguments(p)
+    sampler_options.add_sampler_arguments(p)
     p.add_argument("--noise-sigma", type=float, default=None,
                    help="k-space noise std per complex sample, input units (default: recorded or estimated)")
     p.add_argument("--resize", action="store_true",
@@ -104,7 +99,7 @@ def _validate(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
-    check_sampler_arguments(args)
+    sampler_options.check_sampler_arguments(args)
     check_seed(args.seed)
     if args.noise_sigma is not None and not (math.isfinite(args.noise_sigma) and args.noise_sigma >= 0):
         raise InputError(f"--noise-sigma: must be finite and >= 0, got {args.noise_sigma}")
@@ -121,7 +116,7 @@ def _validate(args: argparse.Namespace) -> None:
         check_input_file(args.kspace, "--kspace")
     if args.params:
         check_input_file(args.params, "--params")
-    check_checkpoint_argument(args.ckpt)
+    sampler_options.check_checkpoint_argument(args.ckpt)
 
 
 def _validate_options(args: argparse.Namespace) -> None:
@@ -134,7 +129,7 @@ def _validate_options(args: argparse.Namespace) -> None:
         raise InputError(f"--regime: unknown regime {args.regime!r}; valid regimes: {', '.join(REGIMES)}")
     check_slice_axis(args.slice_axis)
     try:
-        sampler_from_args(args, None)
+        sampler_options.sampler_from_args(args, None)
     except ValueError as err:
         raise InputError(str(err)) from None
 
@@ -156,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model = load_score_model(args.ckpt, device)
     try:
-        sampler = sampler_from_args(args, model.sde)
+        sampler = sampler_options.sampler_from_args(args, model.sde)
     except ValueError as err:
         raise InputError(str(err)) from None
     if args.resize:

@@ -12,18 +12,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import MNI, TINY_MODEL_NET
+from helpers import MNI, TINY_16_MODEL
 
 import lightning_modules.inference as inference
 from lfmri.cli import main
 from lightning_modules.callbacks import SamplerCallback
 from lightning_modules.module import ScoreModel
-from lightning_modules.networks.ddpm import DDPMConfig
 from lightning_modules.sampling.samplers import SamplerOptions
 
-#: the tiny model as YAML values (lists)
-TINY = {"net": DDPMConfig(**{**TINY_MODEL_NET, "attn_resolutions": (8,), "image_size": 16}).to_dict(),
-        "warmup_steps": 1}
+TINY = TINY_16_MODEL
 STEPS = 3
 REGIME = "noise_blur_t2star_b0"
 
@@ -31,17 +28,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory, save_score_model) -> dict[str, Path]:
-    """A tiny model (trained on 16 x 16) and three real MNI-derived subjects of 38 x 45 x 3 voxels."""
+def files(tmp_path_factory: pytest.TempPathFactory, tiny16_checkpoint: Path) -> dict[str, Path]:
+    """The tiny model trained on 16 x 16 and three real MNI-derived subjects of 38 x 45 x 3 voxels."""
     d = tmp_path_factory.mktemp("one_path")
-    save_score_model(d / "tiny.ckpt", ScoreModel(**TINY))
     img = nib.load(str(MNI))
     data = np.asarray(img.dataobj, dtype=np.float32)
     (d / "data").mkdir()
     for i in range(3):
         vol = data[10 + i:162:4, 20:200:4, 70 + 5 * i:110:15]  # 38 x 45 x 3
         nib.save(nib.Nifti1Image(np.ascontiguousarray(vol), img.affine), d / "data" / f"sub-0{i}_T1w.nii.gz")
-    return {"dir": d, "ckpt": d / "tiny.ckpt", "volume": d / "data" / "sub-00_T1w.nii.gz"}
+    return {"dir": d, "ckpt": tiny16_checkpoint, "volume": d / "data" / "sub-00_T1w.nii.gz"}
 
 
 class Spy:

@@ -12,30 +12,25 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import MNI, TINY_MODEL_NET, predict_config
+from helpers import MNI, TINY_16_MODEL, predict_config
 
 import datamodules.measured as measured
 from lfmri.cli import main
-from lightning_modules.module import ScoreModel
-from lightning_modules.networks.ddpm import DDPMConfig
 
-#: the tiny model (trained size 16) as YAML values
-TINY = {"net": DDPMConfig(**{**TINY_MODEL_NET, "attn_resolutions": (8,), "image_size": 16}).to_dict(),
-        "warmup_steps": 1}
+TINY = TINY_16_MODEL
 STEPS = 3
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory, save_score_model) -> dict[str, Path]:
-    """A tiny checkpoint and a real MNI-derived volume of 38 x 45 x 3 voxels."""
+def files(tmp_path_factory: pytest.TempPathFactory, tiny16_checkpoint: Path) -> dict[str, Path]:
+    """The tiny 16 px checkpoint and a real MNI-derived volume of 38 x 45 x 3 voxels."""
     d = tmp_path_factory.mktemp("shared_path")
-    save_score_model(d / "tiny.ckpt", ScoreModel(**TINY))
     img = nib.load(str(MNI))
     vol = np.asarray(img.dataobj, dtype=np.float32)[10:162:4, 20:200:4, 70:110:15]
     nib.save(nib.Nifti1Image(np.ascontiguousarray(vol), img.affine), d / "clean.nii.gz")
-    return {"dir": d, "ckpt": d / "tiny.ckpt", "clean": d / "clean.nii.gz"}
+    return {"dir": d, "ckpt": tiny16_checkpoint, "clean": d / "clean.nii.gz"}
 
 
 class SharedSpy:
