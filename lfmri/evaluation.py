@@ -100,11 +100,12 @@ def _why_empty(datamodule: Any, split: str) -> str:
     return explain(split) if explain is not None else f"the data module has no {split} volumes"
 
 
-def tuning_slices(vols: Sequence[Any]) -> dict[str, np.ndarray]:
+def tuning_slices(references: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{volume id: boolean mask of its slices with signal (`TUNING_MIN_FOREGROUND`)} of the validation
-    volumes that have any; InputError when none has."""
+    volumes that have any, from their clean magnitudes `references` {volume id: [S, H, W]}; InputError when
+    none has."""
     # the clean slices are in units of their volume's scale: the data module's rule is |x| > 0.1
-    fractions = {v.volume_id: foreground_fractions(_magnitude(v.clean), 1.0) for v in vols}
+    fractions = {vid: foreground_fractions(ref, 1.0) for vid, ref in references.items()}
     masks = {vid: f >= TUNING_MIN_FOREGROUND for vid, f in fractions.items()}
     masks = {vid: mask for vid, mask in masks.items() if mask.any()}
     if not masks:
@@ -132,10 +133,11 @@ def tune_on_validation(datamodule: Any, regimes: Sequence[str], names: Sequence[
             raise InputError(f"{_why_empty(datamodule, 'val')}: nothing to tune the baselines on; give the "
                              "data module validation subjects (e.g. val_fraction / split_file) or pass "
                              "--baselines none")
-        masks = tuning_slices(vols)
+        references = {v.volume_id: _magnitude(v.clean) for v in vols}
+        masks = tuning_slices(references)
         volumes_by_regime[regime] = {
             v.volume_id: (measurement(v, degradation, masks[v.volume_id]).to(device),
-                          _magnitude(v.clean)[masks[v.volume_id]]) for v in vols if v.volume_id in masks}
+                          references[v.volume_id][masks[v.volume_id]]) for v in vols if v.volume_id in masks}
     bar = tqdm(total=len(regimes) * len(names), desc="tune baselines (val)", unit="fit", file=sys.stderr)
     with bar:
         return tune_baselines(names, volumes_by_regime, _tuning_metric,
