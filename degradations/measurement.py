@@ -3,7 +3,7 @@
 A `Measurement` is one stack of S slices of one matrix size `H x W` (readout along `W`, phase encoding along
 `H`, the layout of `degradations`): the measured k-space `y`, the realised operator parameters, how the
 operator evaluates B0 (method, number of time segments) and the k-space noise std `noise_sigma` with its
-origin. Every consumer takes one: the diffusion reconstruction (`lightning_modules.inference.Reconstructor`),
+origin. Every consumer takes one: the diffusion reconstruction (`diffusion.inference.Reconstructor`),
 the classical baselines (`lfmri.baselines`); every producer makes one: `lfmri reconstruct` (a user's
 files), the evaluation's and the validation callback's simulated volumes (`Measurement.simulated`), `lfmri
 predict` (a user's NIfTI, noise estimated).

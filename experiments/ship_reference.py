@@ -2,7 +2,7 @@
 
     python experiments/ship_reference.py runs/reference_small/checkpoints/last.ckpt --wall-s 4650
 
-The file (`lightning_modules/pretrained/reference_small.ckpt`) holds the run's EMA weights once, its hyper-
+The file (`diffusion/pretrained/reference_small.ckpt`) holds the run's EMA weights once, its hyper-
 parameters and step, and a provenance record (config, command, wall time, validation losses of the run);
 `lfmri.models.slim_checkpoint` says what is dropped. Written atomically; an existing file is replaced.
 """
@@ -19,9 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from diffusion.checkpoint import SHIPPED_CHECKPOINTS  # noqa: E402
 from lfmri.models import slim_checkpoint  # noqa: E402
 from lfmri_utils.files import atomic_path  # noqa: E402
-from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS  # noqa: E402
 
 
 def last_validation(metrics_csv: Path) -> dict[str, float]:

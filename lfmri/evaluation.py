@@ -9,7 +9,7 @@ data module's *validation* subjects, on their slices with signal: `TUNING_MIN_FO
 metrics on magnitude volumes in normalised units (data range = the reference volume's max) per volume x regime
 x method; then mean ± std across the test volumes (one per subject unless a subject has several; sample std,
 ddof=1). With a single test volume the spread is over its slices instead (per-slice metrics with the volume's
-data range, `lightning_modules.metrics.slice_metrics`; slices.csv), and the tables say so. Each row also
+data range, `lfmri_utils.metrics.slice_metrics`; slices.csv), and the tables say so. Each row also
 records the method's wall-clock seconds per slice: the image denoisers on the CPU, `tv_model` and lfmri on the
 evaluation's device (torch's CPU threads on a CPU). Besides the default sampler (`lfmri`), further named
 sampler configurations can be scored on the same slices and seeds (e.g. `lfmri_pc`, the paper's reference
@@ -31,14 +31,14 @@ from tqdm import tqdm
 
 from datamodules.transforms import foreground_fractions
 from degradations import LowFieldDegradation, Measurement, make_regime
+from diffusion.inference import Reconstructor
+from diffusion.sampling.samplers import Sampler
 from lfmri.baselines import BASELINES, TuningResult, tune_baselines
 from lfmri.results import LFMRI, EvaluationResult, ResultRow, SliceRow
 from lfmri_utils.errors import InputError
-from lightning_modules.inference import Reconstructor
+from lfmri_utils.metrics import region_metrics, slice_metrics, ssim_volume
 from lightning_modules.metric_classes import volume_metrics
-from lightning_modules.metrics import region_metrics, slice_metrics, ssim_volume
 from lightning_modules.module import ScoreModel
-from lightning_modules.sampling.samplers import Sampler
 
 #: a validation slice tunes the baselines only when it has signal: at least this fraction of its pixels is
 #: object (clean magnitude above 0.1 of the volume's scale, the data module's foreground rule). The slices the
@@ -152,7 +152,7 @@ def run_evaluation(model: ScoreModel, datamodule: Any, regimes: Sequence[str], b
 
     `baselines`: names from `lfmri.baselines.BASELINES` (tuned on validation first; a baseline without a grid
     runs with its defaults), each run on the volume's `Measurement`. Reconstruction is the
-    one inference path (`lightning_modules.inference.Reconstructor`) at the slices' native matrix, with the
+    one inference path (`diffusion.inference.Reconstructor`) at the slices' native matrix, with the
     simulation's known noise level: `sampler` is the method `lfmri` (the mean of `samples` per slice);
     `other_samplers` (method name, e.g. `lfmri_pc` -> (sampler, K samples)) are scored on the same slices with
     the same seeds. The figure shows the middle

@@ -43,14 +43,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf.errors import OmegaConfBaseException
 
 import datamodules.datamodule  # noqa: F401  (defines the classes, so `--data LowFieldDataModule` works)
+from diffusion.checkpoint import resolve_checkpoint
+from diffusion.sampling.samplers import SamplerOptions
 from lfmri.models import read_lightning_checkpoint
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_input_file, check_writable_folder
 from lfmri_utils.seeding import check_seed
 from lightning_modules.callbacks import InterruptCheckpoint
-from lightning_modules.checkpoint import resolve_checkpoint
 from lightning_modules.module import upgrade_hparams
-from lightning_modules.sampling.samplers import SamplerOptions
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,7 +1,7 @@
 """Reading lfmri's own (Lightning) `ScoreModel` checkpoints (shipped ones by short name); the device choice.
 
 Shared by `lfmri reconstruct`, `lfmri evaluate`, `lfmri export` and `--ckpt_path`. A checkpoint argument is a
-path or the short name of a checkpoint shipped with lfmri (`lightning_modules.checkpoint.SHIPPED_CHECKPOINTS`,
+path or the short name of a checkpoint shipped with lfmri (`diffusion.checkpoint.SHIPPED_CHECKPOINTS`,
 e.g. `reference-small`). `slim_checkpoint` makes such a shipped file: the EMA weights only.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from diffusion.checkpoint import load_torch_file, resolve_checkpoint
 from lfmri_utils.errors import InputError
-from lightning_modules.checkpoint import load_torch_file, resolve_checkpoint
 from lightning_modules.module import ScoreModel, upgrade_hparams
 
 

@@ -65,7 +65,7 @@ class EvaluationResult:
     """All that `write_results` writes: rows, tuned baseline parameters, figure panels and the settings used.
 
     `panels[regime][column]` is a 2D magnitude image [H, W]; columns: degraded, each baseline, lfmri,
-    reference. `regions[method][regime]`: where the error sits (`lightning_modules.metrics.region_metrics`:
+    reference. `regions[method][regime]`: where the error sits (`lfmri_utils.metrics.region_metrics`:
     object / background SSIM and RMSE), the mean over the test volumes.
     """
 

@@ -6,9 +6,9 @@ volume the data module indexes.
 Inf, has no slice along the slice axis or slices smaller than `MIN_SLICE_SIZE` x `MIN_SLICE_SIZE` in either
 in-plane axis, is all zero, or (a magnitude) has negative values beyond `NEGATIVE_TOLERANCE`.
 
-Minimum slice: SSIM's 7 x 7 window (fastMRI's metric; `lightning_modules.metrics` takes `SSIM_WIN_SIZE` from
+Minimum slice: SSIM's 7 x 7 window (fastMRI's metric; `lfmri_utils.metrics` takes `SSIM_WIN_SIZE` from
 here): a smaller slice cannot be scored. The networks need no more: they pad any H x W to their size multiple
-(reflect, or replicate on an axis shorter than the pad: `lightning_modules.sampling.sde.pad_to_multiple`), and
+(reflect, or replicate on an axis shorter than the pad: `diffusion.sampling.sde.pad_to_multiple`), and
 the degradations and the noise estimate work on any matrix.
 """
 

@@ -25,10 +25,10 @@ from torch.utils.data import default_collate
 from datamodules import measured
 from datamodules.io import save_nifti_atomic
 from degradations import REGIMES, Measurement
-from lightning_modules.inference import Reconstructor
+from diffusion.inference import Reconstructor
+from diffusion.sampling.options import DCKind
+from diffusion.sampling.samplers import SamplerOptions, magnitude
 from lightning_modules.metric_classes import fastmri_collection
-from lightning_modules.sampling.options import DCKind
-from lightning_modules.sampling.samplers import SamplerOptions, magnitude
 
 
 class NonFiniteLossError(RuntimeError):
@@ -173,7 +173,7 @@ class SamplerCallback(Callback):
 
     Runs at the end of every `every_n_val`-th validation (epoch-based or step-based `val_check_interval`;
     never in the sanity check; also under `trainer.validate`), with the module's EMA weights
-    (`pl_module.score_fn()`), through the one inference path (`lightning_modules.inference.Reconstructor`)
+    (`pl_module.score_fn()`), through the one inference path (`diffusion.inference.Reconstructor`)
     with the sampler its `sampling` options name (`SamplerOptions`, as `lfmri reconstruct --sampling.*`) on
     the module's SDE (`pl_module.sde`, whatever its class: a family's VP, discrete VP or VE; None options: the
     sampler registry's defaults). Data consistency uses the regime's forward operator of each
@@ -185,7 +185,7 @@ class SamplerCallback(Callback):
     for each regime, `n_slices` of its entries evenly spaced over the dataset order (so over subjects), the
     same at every validation. The degradations are deterministic per (volume id, slice, regime, seed).
 
-    Metrics (fastMRI definitions, `lightning_modules.metrics`) on magnitude images against |clean|, in
+    Metrics (fastMRI definitions, `lfmri_utils.metrics`) on magnitude images against |clean|, in
     normalised units, computed PER SLICE with that slice's own data range (`ref.max()` of the slice: the
     subset mixes slices of different volumes, so there is no volume to take the range of), then averaged over
     the regime's slices: one torchmetrics `MetricCollection` per regime

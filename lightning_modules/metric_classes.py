@@ -1,15 +1,15 @@
-"""torchmetrics `Metric`s of fastMRI's volume SSIM / PSNR / NMSE: the functions of `lightning_modules.metrics`
+"""torchmetrics `Metric`s of fastMRI's volume SSIM / PSNR / NMSE: the functions of `lfmri_utils.metrics`
 accumulated over volumes, synchronised across processes by torchmetrics.
 
 Each `update(pred, target)` scores one VOLUME (`[S, H, W]`, `[S, 1, H, W]`, or one `[H, W]` slice as a volume
-of one slice) with its `lightning_modules.metrics` function (`ssim_volume`, `psnr_volume`, `nmse_volume`: the
+of one slice) with its `lfmri_utils.metrics` function (`ssim_volume`, `psnr_volume`, `nmse_volume`: the
 data range is that volume's reference maximum) and keeps the value; `compute()` is the mean over the volumes
 seen by every process. The state is the list of per-volume values (`dist_reduce_fx="cat"`): torchmetrics
 gathers it from all ranks (a rank that saw no volume contributes none), and the mean is summed exactly
 (`math.fsum`, correctly rounded), so it does not depend on the order of the volumes nor on how they were dealt
 to the processes: 1 and N processes give the same float64 number.
 
-They live apart from `lightning_modules.metrics` so that the functions (`lfmri metrics`) import without
+They live apart from `lfmri_utils.metrics` so that the functions (`lfmri metrics`) import without
 torchmetrics (several seconds).
 """
 
@@ -25,14 +25,14 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_modules.metrics import nmse_volume, psnr_volume, ssim_volume
+from lfmri_utils.metrics import nmse_volume, psnr_volume, ssim_volume
 
 __all__ = ["FASTMRI_METRICS", "VolumeMetric", "VolumeNMSE", "VolumePSNR", "VolumeSSIM", "fastmri_collection",
            "volume_metrics"]
 
 
 class VolumeMetric(Metric):
-    """The mean over volumes of a per-volume metric (`volume_fn`, a `lightning_modules.metrics` function).
+    """The mean over volumes of a per-volume metric (`volume_fn`, a `lfmri_utils.metrics` function).
 
     States: `values`, float64 `[N]` once gathered, one entry per volume (`dist_reduce_fx="cat"`).
     `compute()`: their mean, float64 (NaN before any update); the correctly rounded sum of finite values

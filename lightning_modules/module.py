@@ -48,16 +48,16 @@ from torch import Tensor, nn
 
 from datamodules.samples import MeasuredSample, SliceSample
 from degradations import Measurement, channels_to_complex, fft2c
+from diffusion.inference import DataScale, Reconstructor
+from diffusion.losses import SUPERVISED_LABEL_OFFSET, dsm_loss, supervised_loss
+from diffusion.networks.ddpm import CONFIG_FIELDS, DDPMConfig
+from diffusion.networks.families import FAMILIES, Pretrained
+from diffusion.sampling.samplers import SamplerOptions
+from diffusion.sampling.sde import ScoreFn
 from lfmri_utils.errors import InputError
 from lfmri_utils.options import Rule, check_options, number, ordered_range
 from lightning_modules.ema import EMA
-from lightning_modules.inference import DataScale, Reconstructor
-from lightning_modules.losses import SUPERVISED_LABEL_OFFSET, dsm_loss, supervised_loss
-from lightning_modules.networks.ddpm import CONFIG_FIELDS, DDPMConfig
-from lightning_modules.networks.families import FAMILIES, Pretrained
 from lightning_modules.priors import PretrainedSource, PriorKind, prior_kind
-from lightning_modules.sampling.samplers import SamplerOptions
-from lightning_modules.sampling.sde import ScoreFn
 
 
 def upgrade_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,19 +24,19 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lfmri_utils.errors import InputError
-from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpoint, resolve_checkpoint
-from lightning_modules.inference import DataScale
-from lightning_modules.networks.ddpm import DDPM, DDPMConfig
-from lightning_modules.networks.families import (
+from diffusion.checkpoint import CheckpointError, load_score_sde_checkpoint, resolve_checkpoint
+from diffusion.inference import DataScale
+from diffusion.networks.ddpm import DDPM, DDPMConfig
+from diffusion.networks.families import (
     Pretrained,
     check_family_config,
     config_family,
     family_prior,
     read_config,
 )
-from lightning_modules.networks.families import load_pretrained as load_family_checkpoint
-from lightning_modules.sampling.sde import SDE, VPSDE, ScoreFn, get_score_fn
+from diffusion.networks.families import load_pretrained as load_family_checkpoint
+from diffusion.sampling.sde import SDE, VPSDE, ScoreFn, get_score_fn
+from lfmri_utils.errors import InputError
 
 
 @dataclass(frozen=True)

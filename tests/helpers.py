@@ -12,7 +12,7 @@ import importlib.resources
 import sys
 from pathlib import Path
 
-from lightning_modules.networks.ddpm import DDPMConfig
+from diffusion.networks.ddpm import DDPMConfig
 
 #: the repository root
 REPO = Path(__file__).resolve().parents[1]

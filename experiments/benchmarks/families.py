@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.losses import dsm_loss
-from lightning_modules.networks.families import FAMILIES, family_prior
+from diffusion.losses import dsm_loss
+from diffusion.networks.families import FAMILIES, family_prior
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = {"score_sde": "score_sde_tiny", "hfs_sde": "hfs_sde_vp_tiny",

@@ -17,7 +17,7 @@ finished.
    initialisation replaced (Xavier) as `sampling.py --random-34m` does, so the score is not ~0. A synthetic
    30-slice volume of 256x256 complex slices is degraded by `--regime` (default `noise`) and reconstructed
    by the registry's DEFAULT sampler (`build_sampler(None)`: whatever `DEFAULT_SAMPLER` names today) through
-   `lightning_modules.inference.Reconstructor`, in fp32 and with bf16 autocast
+   `diffusion.inference.Reconstructor`, in fp32 and with bf16 autocast
    (`build_sampler(None, autocast=True)`): all slices in one batch (halved on out-of-memory), one untimed
    warm-up call, then `repeats` timed calls (the fastest counts). Figures: seconds per slice and per 30-slice
    volume, NFE per slice (`sampler.last_nfe`) beside the sampler's `expected_nfe`, batch size, peak memory.
@@ -190,7 +190,7 @@ def timed(device: torch.device, fn: Callable[..., Any], *args: Any, **kwargs: An
 
 
 def net_config(plan: Plan, dropout: float):
-    from lightning_modules.networks.ddpm import DDPMConfig
+    from diffusion.networks.ddpm import DDPMConfig
 
     return DDPMConfig(**{**plan.net, "num_channels": 2, "dropout": dropout})
 
@@ -231,10 +231,10 @@ def time_sampling(plan: Plan, device: torch.device, autocast: bool, regime: str,
     from sampling import replace_near_zero_init
 
     from degradations import Measurement, make_regime
-    from lightning_modules.inference import Reconstructor
-    from lightning_modules.networks.ddpm import DDPM
-    from lightning_modules.sampling.samplers import DEFAULT_SAMPLER, build_sampler
-    from lightning_modules.sampling.sde import VPSDE, get_score_fn
+    from diffusion.inference import Reconstructor
+    from diffusion.networks.ddpm import DDPM
+    from diffusion.sampling.samplers import DEFAULT_SAMPLER, build_sampler
+    from diffusion.sampling.sde import VPSDE, get_score_fn
 
     torch.manual_seed(seed)
     net = DDPM(net_config(plan, dropout=0.0))

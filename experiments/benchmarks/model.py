@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules.losses import dsm_loss
-from lightning_modules.networks.ddpm import DDPM, DDPMConfig
-from lightning_modules.sampling.sde import VPSDE
+from diffusion.losses import dsm_loss
+from diffusion.networks.ddpm import DDPM, DDPMConfig
+from diffusion.sampling.sde import VPSDE
 
 NET_34M = DDPMConfig()  # score_sde's 34.4M DDPM at 256 px: the defaults
 

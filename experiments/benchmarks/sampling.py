@@ -14,7 +14,7 @@
     .venv/bin/python experiments/benchmarks/sampling.py --random-34m --size 256 --slices 30 --device cuda \
         --steps-ref 200 --timing-only [--bf16]
 
-Everything goes through the one inference path (`lightning_modules.inference.Reconstructor`). Data: the
+Everything goes through the one inference path (`diffusion.inference.Reconstructor`). Data: the
 bundled data module's `--split` volumes (validation by default: never tune on test), native resolution,
 `--slices` evenly spaced slices of each volume, degraded with the data module's deterministic val/test
 degradation of `--regimes` (optionally at a fixed `--snr-db`). Metrics: fastMRI SSIM / PSNR on the magnitude
@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from degradations import REGIMES, LowFieldDegradation, Measurement, complex_to_channels, fft2c
-from lightning_modules.inference import Reconstructor
-from lightning_modules.metrics import psnr_volume, region_metrics, ssim_volume
-from lightning_modules.sampling.samplers import SAMPLERS, Sampler, SamplerOptions, build_sampler, magnitude
-from lightning_modules.sampling.sde import SDE, VPSDE, ScoreFn, get_score_fn
+from diffusion.inference import Reconstructor
+from diffusion.sampling.samplers import SAMPLERS, Sampler, SamplerOptions, build_sampler, magnitude
+from diffusion.sampling.sde import SDE, VPSDE, ScoreFn, get_score_fn
+from lfmri_utils.metrics import psnr_volume, region_metrics, ssim_volume
 
 #: `--tune`'s coordinate search: dc_lambda at the registry's t0 and 10 steps, then t0 x steps at the best
 #: dc_lambda, then dc_lambda again around its best value (x/÷ 2) at the best t0 and steps
@@ -97,7 +97,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> tuple[ScoreFn,
                              "data range; this benchmark runs priors in lfmri's units only (use lfmri "
                              "evaluate)")
         return model.score_fn(), model.sde, model.train_size, f"checkpoint {args.ckpt}"
-    from lightning_modules.networks.ddpm import DDPM, DDPMConfig
+    from diffusion.networks.ddpm import DDPM, DDPMConfig
 
     torch.manual_seed(args.seed)
     net = DDPM(DDPMConfig(image_size=args.size, num_channels=2, dropout=0.0))  # the 34.4M network

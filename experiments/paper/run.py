@@ -246,7 +246,7 @@ def validation_losses(out: Path, stages: list[str]) -> list[str]:
 
 def is_lightning_checkpoint(name: str) -> bool:
     """A shipped short name (reference-small) or a file that `lfmri export` reads (a Lightning checkpoint)."""
-    from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS, load_torch_file
+    from diffusion.checkpoint import SHIPPED_CHECKPOINTS, load_torch_file
 
     if name in SHIPPED_CHECKPOINTS:
         return True

@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def parse_also(spec: str | None, sde: Any) -> dict[str, tuple[Any, int]]:
     """`--also` -> {method name: (registry sampler with its defaults, K)}; ValueError for an unknown name, a
     bad K or K > 1 of a point estimate."""
-    from lightning_modules.sampling.samplers import build_sampler
+    from diffusion.sampling.samplers import build_sampler
 
     out: dict[str, tuple[Any, int]] = {}
     for item in [] if not spec else spec.split(","):
@@ -98,7 +98,7 @@ def _samplers(args: argparse.Namespace, sde: Any) -> tuple[Any, dict[str, tuple[
     """The sampler of method `lfmri` and the others (`--also`, `--reference-pc-steps`: method `lfmri_pc`) on
     the model's `sde` (None: the default VPSDE, to check the options before the model is read); ValueError
     for a bad option."""
-    from lightning_modules.sampling.samplers import build_sampler
+    from diffusion.sampling.samplers import build_sampler
 
     sampler = sampler_options.sampler_from_args(args, sde)
     others = parse_also(args.also, sde)
@@ -139,11 +139,11 @@ def run(args: argparse.Namespace) -> int:
         _samplers(args, None)  # the sampler options, checked before the model is read
     except ValueError as err:  # InputError included
         raise InputError(str(err)) from None
+    from diffusion.checkpoint import resolve_checkpoint
     from lfmri.data_config import load_datamodule
     from lfmri.evaluation import run_evaluation
     from lfmri.models import load_score_model, resolve_device
     from lfmri.results import format_markdown, write_results
-    from lightning_modules.checkpoint import resolve_checkpoint
 
     try:
         device = resolve_device(args.device)

@@ -2,7 +2,7 @@
 
 Converts a Lightning checkpoint of `lightning_modules.module.ScoreModel` into score_sde's checkpoint format
 (`model` / `ema` / `optimizer` / `step`, keys with `module.`), plus the network's score_sde config JSON, so
-score_sde, score-MRI or `lightning_modules.checkpoint.load_score_sde_checkpoint` can load the fine-tuned net.
+score_sde, score-MRI or `diffusion.checkpoint.load_score_sde_checkpoint` can load the fine-tuned net.
 
 `--weights ema` (default) writes the EMA weights into both `model` and `ema` (whatever a consumer reads, it
 gets the weights lfmri validates and samples with); `--weights model` writes the raw training weights into
@@ -15,7 +15,7 @@ a network with another `num_groups` (the quickstart's and the reference prior's 
 without an error, so it is refused unless `--force` (lfmri itself reads `num_groups` from the JSON and loads
 such a file exactly). A fine-tune of a checkpoint family (`pretrained_family`) is written in that family's
 own format with its resolved config: score_sde's dict for score_sde, hfs_sde and score_mri, guided-diffusion's
-bare state dict for dds (`lightning_modules.load_pretrained(OUT, config=OUT.json, family=...)` reads it back;
+bare state dict for dds (`diffusion.load_pretrained(OUT, config=OUT.json, family=...)` reads it back;
 `--weights` picks the weights of DDS's single set).
 
 OUT must end with .pth or .pt and the config with .json; an existing file is replaced only when it is of the
@@ -77,7 +77,7 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path]:
     if config_out.resolve() in (out.resolve(), Path(args.ckpt).resolve()):
         raise InputError(f"{config_out}: the config JSON would overwrite a checkpoint (choose --config-out)")
     if out.is_file():
-        from lightning_modules.checkpoint import is_torch_file  # imports torch: only for an existing OUT
+        from diffusion.checkpoint import is_torch_file  # imports torch: only for an existing OUT
 
         if not is_torch_file(out):
             raise InputError(f"OUT {out}: exists and is not a PyTorch checkpoint; not replaced (remove it or "
@@ -90,13 +90,13 @@ def _check_outputs(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Export; prints the written paths. A family fine-tune goes in that family's own format with its resolved
-    config (what `lightning_modules.load_pretrained(OUT, OUT.json)` reads back): score_sde's dict for
+    config (what `diffusion.load_pretrained(OUT, OUT.json)` reads back): score_sde's dict for
     score_sde, hfs_sde and score_mri (EMA shadows over the trainable parameters: NCSN++'s Fourier `W` only in
     `model`), guided-diffusion's bare state dict for dds (one set of weights: `--weights`)."""
     out, config_out = _check_outputs(args)
     check_checkpoint_argument(args.ckpt)
+    from diffusion.checkpoint import export_guided_diffusion_checkpoint, export_score_sde_checkpoint
     from lfmri.models import read_lightning_checkpoint, score_model_from_checkpoint
-    from lightning_modules.checkpoint import export_guided_diffusion_checkpoint, export_score_sde_checkpoint
 
     ckpt = read_lightning_checkpoint(args.ckpt)
     model, step = score_model_from_checkpoint(ckpt, args.ckpt), int(ckpt.get("global_step", 0))

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def volume_metrics(ref: np.ndarray, pred: np.ndarray, slice_axis: int = 2) -> dict[str, float]:
     """fastMRI's {"ssim", "psnr", "nmse"} of 3D `pred` against 3D `ref`, slices along `slice_axis`."""
-    from lightning_modules.metrics import nmse_volume, psnr_volume, ssim_volume
+    from lfmri_utils.metrics import nmse_volume, psnr_volume, ssim_volume
 
     ref_s = np.moveaxis(ref, slice_axis, 0)
     pred_s = np.moveaxis(pred, slice_axis, 0)

@@ -6,7 +6,7 @@
                       [--sampling.dc_weight W] [--sampling.t0_ratio R] [--sampling.stop_ratio R]
                       [--noise-sigma S] [--resize] [--slice-axis 2]
 
-The `--sampling.*` options are `lightning_modules.sampling.options.SamplerOptions`' fields, as in
+The `--sampling.*` options are `diffusion.sampling.options.SamplerOptions`' fields, as in
 `lfmri predict`; the former spellings (`--steps`, `--dc-lambda`, ...) still work, with a deprecation note.
 
 Inputs. Slices are taken along `--slice-axis` with the in-plane axes in array order and the readout along the
@@ -27,14 +27,14 @@ module trains:
 
 Processing. The volume is normalised like the data module (divided by the 99.5th percentile of |input|) and
 every slice is reconstructed at its own matrix (the network pads to its multiple and crops back) by the one
-inference path (`lightning_modules.inference.Reconstructor`): nothing is resampled. `--resize` instead takes
+inference path (`diffusion.inference.Reconstructor`): nothing is resampled. `--resize` instead takes
 the former path: each slice is zero-padded to a square and resized to the model's training size, the measured
 k-space is resampled the same way (y' = fft2c(resize(ifft2c(y)))), A is adapted to that grid (blur FWHM and
 readout duration scale by image_size / max(H, W), field maps are resized), the noise level is re-estimated on
 that grid, and the result is resized back. The reconstruction (the mean of the K posterior magnitudes) and the
 uncertainty map (their per-pixel std, `--std-out`, K >= 2) are multiplied by the scale (input units) and
 written with the input's affine and header (float32). Sampler defaults (steps, t0, DC kind and strength) are
-the sampler registry's (`lightning_modules.sampling.samplers.SAMPLERS`). Batches of slices run on CUDA when
+the sampler registry's (`diffusion.sampling.samplers.SAMPLERS`). Batches of slices run on CUDA when
 available, with a progress bar.
 
 Below the argument checks, this is `lfmri predict`'s path too: the input and its measurement are prepared by
@@ -143,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
     from datamodules.io import nifti_like
     from datamodules.measured import load_measured_volume
     from degradations import complex_to_channels
+    from diffusion.inference import Reconstructor
     from lfmri.models import load_score_model, resolve_device
-    from lightning_modules.inference import Reconstructor
 
     volume = load_measured_volume(args.input, args.regime, args.slice_axis, kspace=args.kspace,
                                   params=args.params, noise_sigma=args.noise_sigma)

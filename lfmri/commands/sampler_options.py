@@ -17,13 +17,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from diffusion.sampling.options import SamplerOptionFields
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import check_input_file
-from lightning_modules.sampling.options import SamplerOptionFields
 
 if TYPE_CHECKING:  # the CLI builds its parsers without importing torch
-    from lightning_modules.sampling.samplers import Sampler
-    from lightning_modules.sampling.sde import SDE
+    from diffusion.sampling.samplers import Sampler
+    from diffusion.sampling.sde import SDE
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -79,7 +79,7 @@ def sampler_from_args(args: argparse.Namespace, sde: SDE | None) -> Sampler:
     """The sampler the options name, on the model's SDE (`ScoreModel.sde`: `VPSDE`, `DiscreteVPSDE` or
     `VESDE`, whatever its family; None: the default `VPSDE`, to check the options before the model is read);
     ValueError on an invalid option or `--samples` K > 1 for a point estimate."""
-    from lightning_modules.sampling.samplers import SamplerOptions
+    from diffusion.sampling.samplers import SamplerOptions
 
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplerOptions)}
     sampler = SamplerOptions(**options).build(sde)
@@ -90,7 +90,7 @@ def sampler_from_args(args: argparse.Namespace, sde: SDE | None) -> Sampler:
 def check_checkpoint_argument(value: str) -> None:
     """InputError, before torch is imported, for a `--ckpt` that is a path (with a folder part or a suffix)
     but not a checkpoint file: missing, a folder, not a regular file. A bare name (`reference-small`) may be
-    a shipped checkpoint's: `lightning_modules.checkpoint.resolve_checkpoint` resolves it with the model
+    a shipped checkpoint's: `diffusion.checkpoint.resolve_checkpoint` resolves it with the model
     (shipped names have neither part, which tests/lfmri/test_fast_refusals.py checks)."""
     path = Path(value)
     if path.is_file() or (path.name == value and not path.suffix):

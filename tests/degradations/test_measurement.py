@@ -183,19 +183,19 @@ def test_the_operator_guard_finds_a_hand_built_operator(tmp_path: Path) -> None:
     assert operator_builders(tmp_path) == ["pkg/bad.py:4", "pkg/bad.py:7"]
 
 
-def lightning_imports(path: Path) -> list[str]:
-    """The modules of `lightning_modules` that the file at `path` imports (any form of import)."""
+def diffusion_imports(path: Path) -> list[str]:
+    """The modules of `diffusion` or `lightning_modules` that the file at `path` imports (any form of import)."""
     names = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.append(node.module)
-    return [n for n in names if n == "lightning_modules" or n.startswith("lightning_modules.")]
+    return [n for n in names if n.split(".")[0] in ("diffusion", "lightning_modules")]
 
 
 def test_the_classical_baselines_import_nothing_of_the_diffusion_code(tmp_path: Path) -> None:
-    assert lightning_imports(REPO / "lfmri" / "baselines.py") == []
+    assert diffusion_imports(REPO / "lfmri" / "baselines.py") == []
     bad = tmp_path / "bad.py"
-    bad.write_text("import lightning_modules.inference\nfrom lightning_modules import sampling\n")
-    assert lightning_imports(bad) == ["lightning_modules.inference", "lightning_modules"]
+    bad.write_text("import diffusion.inference\nfrom lightning_modules import sampling\n")
+    assert diffusion_imports(bad) == ["diffusion.inference", "lightning_modules"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_modules.sampling.samplers import build_sampler
+from diffusion.sampling.samplers import build_sampler
 
 GPU_PY = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "gpu.py"
 STAGES = ("sampling_fp32", "sampling_bf16", "train_step_fp32", "train_step_bf16", "fit", "evaluate")

@@ -19,8 +19,8 @@ import torch
 import yaml
 from helpers import QUICKSTART, REPO
 
+from diffusion.networks.ddpm import DDPM, DDPMConfig
 from lfmri.lightning_cli import run_lightning_cli
-from lightning_modules.networks.ddpm import DDPM, DDPMConfig
 
 MAIN_KEYS = {"seed_everything", "trainer", "model", "data", "ckpt_path", "optimizer", "lr_scheduler"}
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml")) + sorted((REPO / "experiments" / "paper").glob("*.yaml"))

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from helpers import SCORE_SDE_CKPT, refused
 
+from diffusion.sampling.samplers import DEFAULT_SAMPLER
 from lfmri.baselines import BASELINES, available_baselines
 from lfmri.cli import main
 from lfmri.results import CSV_COLUMNS
-from lightning_modules.sampling.samplers import DEFAULT_SAMPLER
 
 CONFIG = """\
 trainer:

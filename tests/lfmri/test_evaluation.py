@@ -16,6 +16,7 @@ import torch
 from helpers import REPO
 
 from degradations import channels_to_complex, fft2c, neutral_params, regime_label
+from diffusion.sampling.samplers import build_sampler
 from lfmri.baselines import TuningResult
 from lfmri.evaluation import run_evaluation
 from lfmri.results import (
@@ -30,7 +31,6 @@ from lfmri.results import (
     write_files_atomically,
     write_results,
 )
-from lightning_modules.sampling.samplers import build_sampler
 
 
 def _result() -> EvaluationResult:

@@ -9,11 +9,11 @@ import torch
 from helpers import TINY_NET, slice_sample
 from torch.utils.data import DataLoader
 
+from diffusion.checkpoint import load_score_sde_checkpoint
+from diffusion.networks.ddpm import DDPMConfig
+from diffusion.networks.families import load_pretrained
 from lfmri import cli
-from lightning_modules.checkpoint import load_score_sde_checkpoint
 from lightning_modules.module import ScoreModel
-from lightning_modules.networks.ddpm import DDPMConfig
-from lightning_modules.networks.families import load_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

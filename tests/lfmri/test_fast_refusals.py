@@ -17,13 +17,13 @@ import yaml
 
 from datamodules.datamodule import LowFieldDataModule
 from degradations import channels_to_complex, fft2c, neutral_params
+from diffusion.checkpoint import SHIPPED_CHECKPOINTS
+from diffusion.sampling.samplers import build_sampler
 from lfmri import evaluation
 from lfmri.cli import main
 from lfmri.commands.sampler_options import check_checkpoint_argument
 from lfmri.evaluation import TUNING_MIN_FOREGROUND, run_evaluation, tune_on_validation
 from lfmri_utils.errors import InputError
-from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS
-from lightning_modules.sampling.samplers import build_sampler
 
 DATA = {"class_path": "datamodules.LowFieldDataModule",
         "init_args": {"source": {"class_path": "datamodules.sources.BundledSource",

@@ -13,9 +13,9 @@ import pytest
 import torch
 from helpers import MNI, TINY_MODEL, predict_config
 
+from diffusion.checkpoint import SHIPPED_CHECKPOINTS
 from lfmri.cli import main
 from lfmri.models import load_score_model
-from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS
 from lightning_modules.module import upgrade_hparams
 
 pytestmark = pytest.mark.usefixtures("one_thread", "lightning_logs_to_stderr")

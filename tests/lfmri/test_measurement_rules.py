@@ -18,8 +18,8 @@ from datamodules import LowFieldDataModule
 from datamodules.measured import read_kspace
 from lfmri.cli import main
 from lfmri_utils.errors import InputError
+from lfmri_utils.metrics import ssim_map
 from lfmri_utils.volumes import MIN_SLICE_SIZE, check_volume
-from lightning_modules.metrics import ssim_map
 
 FAST = ["--sampling.steps", "2", "--device", "cpu", "--sampling.sampler", "warm_ddim"]
 

@@ -14,11 +14,11 @@ import torch
 import yaml
 from helpers import MNI, TINY_16_MODEL
 
-import lightning_modules.inference as inference
+import diffusion.inference as inference
+from diffusion.sampling.samplers import SamplerOptions
 from lfmri.cli import main
 from lightning_modules.callbacks import SamplerCallback
 from lightning_modules.module import ScoreModel
-from lightning_modules.sampling.samplers import SamplerOptions
 
 TINY = TINY_16_MODEL
 STEPS = 3

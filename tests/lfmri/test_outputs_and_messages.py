@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
+from diffusion.checkpoint import CheckpointError, load_score_sde_checkpoint, read_ddpm_config
 from lfmri.cli import main
 from lfmri_utils.errors import InputError
-from lightning_modules.checkpoint import CheckpointError, load_score_sde_checkpoint, read_ddpm_config
 
 #: a complete score_sde config of a tiny DDPM (nested layout)
 CONFIG = {"model": {"nf": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": []},

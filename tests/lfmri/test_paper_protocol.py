@@ -22,7 +22,7 @@ import torch
 import yaml
 from helpers import REPO
 
-from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS
+from diffusion.checkpoint import SHIPPED_CHECKPOINTS
 
 PAPER = REPO / "experiments" / "paper"
 REGIMES = ("noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0")

@@ -12,9 +12,9 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
+from diffusion.checkpoint import SHIPPED_CHECKPOINTS
 from lfmri.cli import main
 from lfmri.models import load_score_model, read_lightning_checkpoint
-from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS
 
 SHIPPED = SHIPPED_CHECKPOINTS["reference-small"]
 #: the bundled held-out subject (`datamodules.sources.BundledSource`'s test volume: never trained or tuned on)

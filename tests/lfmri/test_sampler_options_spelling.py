@@ -22,11 +22,11 @@ import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 from lightning.pytorch import Callback
 
+from diffusion.sampling.samplers import Sampler, SamplerOptions, build_sampler
 from lfmri.cli import main
 from lfmri.commands.sampler_options import add_sampler_arguments, sampler_from_args
 from lfmri.lightning_cli import sampling_nulls_as_blocks
 from lightning_modules.callbacks import SamplerCallback
-from lightning_modules.sampling.samplers import Sampler, SamplerOptions, build_sampler
 
 FIELDS = {f.name for f in dataclasses.fields(SamplerOptions)}
 #: a valid value of every field, as typed on the command line (warm_ddim takes them all)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from helpers import REPO, TINY_MODEL
 
+from diffusion import checkpoint as ckpt_mod
+from diffusion.checkpoint import SHIPPED_CHECKPOINTS, resolve_checkpoint
 from lfmri.models import load_score_model, read_lightning_checkpoint, slim_checkpoint
 from lfmri_utils.errors import InputError
-from lightning_modules import checkpoint as ckpt_mod
-from lightning_modules.checkpoint import SHIPPED_CHECKPOINTS, resolve_checkpoint
 from lightning_modules.module import ScoreModel
 
 SHIPPED = SHIPPED_CHECKPOINTS["reference-small"]

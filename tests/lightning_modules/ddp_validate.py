@@ -19,9 +19,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger
 
 from datamodules import BundledSource, LowFieldDataModule
+from diffusion.sampling.samplers import SamplerOptions
 from lightning_modules.callbacks import SamplerCallback
 from lightning_modules.module import ScoreModel
-from lightning_modules.sampling.samplers import SamplerOptions
 
 
 def main(ckpt: str, devices: int, settings: dict, out_dir: Path) -> None:

@@ -22,17 +22,17 @@ from torch.utils.data import default_collate
 
 from datamodules.samples import SliceSample
 from degradations import channels_to_complex, fft2c
+from diffusion.checkpoint import CheckpointError
+from diffusion.losses import dsm_loss, supervised_loss
+from diffusion.networks.adm import ADMUNet
+from diffusion.networks.ddpm import DDPMConfig
+from diffusion.networks.families import FAMILIES, load_pretrained
+from diffusion.sampling.samplers import SAMPLERS, build_sampler, pnp_sampler
+from diffusion.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
 from lfmri.cli import main
 from lfmri.models import read_lightning_checkpoint, score_model_from_checkpoint
 from lfmri_utils.errors import InputError
-from lightning_modules.checkpoint import CheckpointError
-from lightning_modules.losses import dsm_loss, supervised_loss
 from lightning_modules.module import ScoreModel
-from lightning_modules.networks.adm import ADMUNet
-from lightning_modules.networks.ddpm import DDPMConfig
-from lightning_modules.networks.families import FAMILIES, load_pretrained
-from lightning_modules.sampling.samplers import SAMPLERS, build_sampler, pnp_sampler
-from lightning_modules.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"

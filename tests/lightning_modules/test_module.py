@@ -15,11 +15,11 @@ from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from datamodules.samples import SliceSample
-from lightning_modules.checkpoint import load_score_sde_checkpoint
-from lightning_modules.losses import dsm_loss, supervised_loss
+from diffusion.checkpoint import load_score_sde_checkpoint
+from diffusion.losses import dsm_loss, supervised_loss
+from diffusion.networks.ddpm import DDPMConfig
+from diffusion.sampling.sde import get_score_fn
 from lightning_modules.module import ScoreModel
-from lightning_modules.networks.ddpm import DDPMConfig
-from lightning_modules.sampling.sde import get_score_fn
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny"  # copy of shared/fixtures
 TINY = dict(net=DDPMConfig(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16,

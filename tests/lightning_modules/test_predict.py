@@ -9,9 +9,9 @@ from torch.utils.data import DataLoader
 
 from datamodules.samples import MeasuredSample
 from degradations import complex_to_channels, fft2c, neutral_params
+from diffusion.networks.ddpm import DDPMConfig
+from diffusion.sampling.samplers import SamplerOptions
 from lightning_modules.module import ScoreModel
-from lightning_modules.networks.ddpm import DDPMConfig
-from lightning_modules.sampling.samplers import SamplerOptions
 
 
 def _batch_samples(n: int = 2, size: int = 16) -> list[MeasuredSample]:

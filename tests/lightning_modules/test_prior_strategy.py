@@ -24,11 +24,11 @@ from helpers import FAMILY_CHECKPOINTS, TINY_MODEL, slice_sample
 from torch import nn
 from torch.utils.data import default_collate
 
+from diffusion.networks.families import load_pretrained
+from diffusion.sampling.sde import VPSDE, ScoreFn
 from lightning_modules import module
 from lightning_modules.module import ScoreModel
-from lightning_modules.networks.families import load_pretrained
 from lightning_modules.priors import DDPMPrior, FamilyPrior, PretrainedSource, PriorKind
-from lightning_modules.sampling.sde import VPSDE, ScoreFn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,10 +19,10 @@ from helpers import TINY_MODEL, TINY_MODEL_NET
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from datamodules import BundledSource, LowFieldDataModule
+from diffusion.networks.ddpm import DDPMConfig
+from diffusion.sampling.samplers import SamplerOptions
 from lightning_modules.callbacks import COLUMNS, SamplerCallback, validation_subset
 from lightning_modules.module import ScoreModel
-from lightning_modules.networks.ddpm import DDPMConfig
-from lightning_modules.sampling.samplers import SamplerOptions
 
 REGIMES = ["noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0"]
 NAMES = [f"val/{m}/{r}" for m in ("ssim", "psnr", "nmse") for r in REGIMES]
@@ -97,8 +97,8 @@ def test_zero_score_near_t0_reconstructs_the_degraded_input_of_the_chosen_slices
     """With a zero score and a start time near 0, DDIM returns DC(degraded + small noise), and DC leaves the
     degraded image of the noise regime unchanged: the logged metrics are those of |degraded| vs |clean| on the
     same slices, computed here independently."""
-    from lightning_modules.metrics import psnr_volume, ssim_volume
-    from lightning_modules.sampling.samplers import magnitude
+    from diffusion.sampling.samplers import magnitude
+    from lfmri_utils.metrics import psnr_volume, ssim_volume
 
     monkeypatch.setattr(fitted.model, "score_fn", lambda use_ema=True: lambda x, t: torch.zeros_like(x))
     callback = SamplerCallback(SamplerOptions(steps=1, t0=0.002), regimes=["noise"], n_slices=3, batch_size=2,

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from diffusion.sampling.sde import pad_to_multiple
 from lfmri_utils.errors import InputError
-from lightning_modules.sampling.sde import pad_to_multiple
 
 #: guided-diffusion ResBlock sub-module -> diffusers ResnetBlock2D sub-module
 _RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",

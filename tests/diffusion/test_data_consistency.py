@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from degradations import ForwardOperator, channels_to_complex, complex_to_channels, fft2c, make_regime
-from lightning_modules.sampling.data_consistency import GradientDC, ProximalDC
+from diffusion.sampling.data_consistency import GradientDC, ProximalDC
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

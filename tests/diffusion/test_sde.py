@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.sampling.sde import VPSDE, get_score_fn
+from diffusion.sampling.sde import VPSDE, get_score_fn
 
 SDE = VPSDE(beta_min=0.1, beta_max=20.0, N=1000)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.checkpoint import export_score_sde_checkpoint
+from diffusion.checkpoint import export_score_sde_checkpoint
+from diffusion.networks.ddpm import DDPM, DDPMConfig
 from lightning_modules.module import ScoreModel
-from lightning_modules.networks.ddpm import DDPM, DDPMConfig
 
 TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=4)
 

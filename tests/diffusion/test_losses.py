@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from helpers import MNI, TINY_NET
 
-from lightning_modules.losses import dsm_loss, supervised_loss, tweedie_x0
-from lightning_modules.networks.ddpm import DDPM, DDPMConfig
-from lightning_modules.sampling.sde import VPSDE
+from diffusion.losses import dsm_loss, supervised_loss, tweedie_x0
+from diffusion.networks.ddpm import DDPM, DDPMConfig
+from diffusion.sampling.sde import VPSDE
 
 SDE = VPSDE()
 

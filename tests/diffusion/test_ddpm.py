@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import yaml
 from helpers import REPO, SCORE_SDE_FIXTURE, SCORE_SDE_NET, TINY_NET
 
+from diffusion.checkpoint import load_score_sde_checkpoint
+from diffusion.networks.ddpm import DDPM, AttnBlock, DDPMConfig
+from diffusion.sampling.sde import pad_to_multiple
 from lfmri_utils.errors import InputError
-from lightning_modules.checkpoint import load_score_sde_checkpoint
-from lightning_modules.networks.ddpm import DDPM, AttnBlock, DDPMConfig
-from lightning_modules.sampling.sde import pad_to_multiple
 
 #: three levels (size multiple 4), attention at the level that is 8 px wide for a 16 px training crop
 THREE_LEVELS = {**TINY_NET, "ch_mult": (1, 2, 2), "dropout": 0.0}

@@ -37,8 +37,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from degradations import Measurement, channels_to_complex, complex_to_channels
+from diffusion.sampling.samplers import Sampler
 from lfmri_utils.seeding import stable_hash
-from lightning_modules.sampling.samplers import Sampler
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 #: `data_scale(y complex [S,1,H,W], noise_sigma [S]) -> c [S]`: the factor from the slices' units to a prior's

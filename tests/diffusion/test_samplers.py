@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from degradations import ForwardOperator, complex_to_channels, fft2c
-from lightning_modules.sampling.data_consistency import GradientDC, ProximalDC
-from lightning_modules.sampling.samplers import (
+from diffusion.sampling.data_consistency import GradientDC, ProximalDC
+from diffusion.sampling.samplers import (
     DEFAULT_SAMPLER,
     SAMPLERS,
     NFECounter,
@@ -26,7 +26,7 @@ from lightning_modules.sampling.samplers import (
     pc_sampler,
     posterior_samples,
 )
-from lightning_modules.sampling.sde import VPSDE
+from diffusion.sampling.sde import VPSDE
 
 SDE = VPSDE()
 S = 0.5

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.sampling import data_consistency, samplers
-from lightning_modules.sampling.samplers import NFECounter
-from lightning_modules.sampling.sde import SDE, VESDE, VPSDE, Denoiser, DiscreteVPSDE
+from diffusion.sampling import data_consistency, samplers
+from diffusion.sampling.samplers import NFECounter
+from diffusion.sampling.sde import SDE, VESDE, VPSDE, Denoiser, DiscreteVPSDE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,7 +70,7 @@ def test_the_samplers_name_no_kind_of_sde(path: Path) -> None:
 @pytest.mark.parametrize("plant", [
     "def _branch(sde):\n    return isinstance(sde, VESDE)\n",
     "def _branch(sde):\n    return type(sde) is sde_module.DiscreteVPSDE\n",
-    "from lightning_modules.sampling.sde import VPSDE as _Kind\n",
+    "from diffusion.sampling.sde import VPSDE as _Kind\n",
     "def _branch(sde: 'VPSDE | None') -> None:\n    pass\n",
 ])
 def test_the_guard_catches_a_planted_branch_on_the_kind(plant: str) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.checkpoint import (
+from diffusion.checkpoint import (
     CheckpointError,
     export_score_sde_checkpoint,
     load_score_sde_checkpoint,

@@ -9,7 +9,7 @@ import torch
 from helpers import MNI
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from lightning_modules.metrics import (
+from lfmri_utils.metrics import (
     nmse_volume,
     psnr_volume,
     region_metrics,

@@ -43,13 +43,13 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from diffusion.networks.adm import ADMConfig, ADMUNet
+from diffusion.networks.ddpm import DDPM, REQUIRED_FIELDS, DDPMConfig, score_sde_key
+from diffusion.networks.ncsnpp import NCSNpp
+from diffusion.networks.pyconfig import read_py_config
+from diffusion.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
+from diffusion.torch_files import load_torch_file
 from lfmri_utils.errors import InputError
-from lightning_modules.networks.adm import ADMConfig, ADMUNet
-from lightning_modules.networks.ddpm import DDPM, REQUIRED_FIELDS, DDPMConfig, score_sde_key
-from lightning_modules.networks.ncsnpp import NCSNpp
-from lightning_modules.networks.pyconfig import read_py_config
-from lightning_modules.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
-from lightning_modules.torch_files import load_torch_file
 
 Weights = Literal["ema", "model", "family"]
 _PREFIX = "module."

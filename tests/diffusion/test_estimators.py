@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.sampling.samplers import (
+from diffusion.sampling.samplers import (
     SAMPLERS,
     NFECounter,
     Schedule,
@@ -21,7 +21,7 @@ from lightning_modules.sampling.samplers import (
     pc_sampler,
     pnp_sampler,
 )
-from lightning_modules.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
+from diffusion.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
 
 S, SIGMA = 0.5, 0.3
 MU = torch.linspace(-1, 1, 128, dtype=torch.float64).reshape(1, 2, 8, 8)

@@ -7,5 +7,5 @@
 - `options`: `SamplerOptions`, a sampler as a user chooses it (a registry name and its options), the one type
   of every command and the validation callback (torch-free).
 
-Import the modules directly (`from lightning_modules.sampling.samplers import build_sampler`).
+Import the modules directly (`from diffusion.sampling.samplers import build_sampler`).
 """

@@ -1,4 +1,4 @@
-"""The one inference path (`lightning_modules.inference.Reconstructor`): batching, seeds, shapes, data scale
+"""The one inference path (`diffusion.inference.Reconstructor`): batching, seeds, shapes, data scale
 (the measurement it takes, its operator and noise level: tests/degradations/test_measurement.py)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from degradations import Measurement, complex_to_channels, ifft2c, make_regime
-from lightning_modules.inference import Reconstructor
-from lightning_modules.sampling.samplers import build_sampler
-from lightning_modules.sampling.sde import VPSDE
+from diffusion.inference import Reconstructor
+from diffusion.sampling.samplers import build_sampler
+from diffusion.sampling.sde import VPSDE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

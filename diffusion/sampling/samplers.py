@@ -64,9 +64,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from lightning_modules.sampling.data_consistency import GradientDC, ProximalDC
-from lightning_modules.sampling.options import DCKind, SamplerOptionFields
-from lightning_modules.sampling.sde import SDE, Denoiser, default_sde
+from diffusion.sampling.data_consistency import GradientDC, ProximalDC
+from diffusion.sampling.options import DCKind, SamplerOptionFields
+from diffusion.sampling.sde import SDE, Denoiser, default_sde
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict[str, Any]], None]

@@ -8,6 +8,6 @@
 - `families`: the checkpoint families, their conventions as data (`Family`), and `load_pretrained`.
 - `pyconfig`: reading the Python config files that come with the public checkpoints.
 
-The family modules are imported lazily by `lightning_modules.load_pretrained`; diffusers is only imported
+The family modules are imported lazily by `diffusion.load_pretrained`; diffusers is only imported
 when an ADM is built.
 """

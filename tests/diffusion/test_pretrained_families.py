@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import lightning_modules
-from lfmri_utils.errors import InputError
-from lightning_modules.networks.adm import _join_qkv, _split_qkv
-from lightning_modules.networks.families import (
+import diffusion
+from diffusion.networks.adm import _join_qkv, _split_qkv
+from diffusion.networks.families import (
     FAMILIES,
     _build_network,
     load_pretrained,
     read_config,
     resolve_config,
 )
-from lightning_modules.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, get_score_fn
+from diffusion.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, get_score_fn
+from lfmri_utils.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,12 +42,12 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float = TOL) -
     assert err <= tol, f"relative error {err:.2e} > {tol:g}"
 
 
-_CACHE: dict[tuple[str, str], lightning_modules.Pretrained] = {}
+_CACHE: dict[tuple[str, str], diffusion.Pretrained] = {}
 
 
-def loaded(family: str, weights: str) -> lightning_modules.Pretrained:
+def loaded(family: str, weights: str) -> diffusion.Pretrained:
     if (family, weights) not in _CACHE:
-        _CACHE[family, weights] = lightning_modules.load_pretrained(CKPT[family], weights=weights)
+        _CACHE[family, weights] = diffusion.load_pretrained(CKPT[family], weights=weights)
     return _CACHE[family, weights]
 
 
@@ -118,8 +118,8 @@ def test_score_sde_score_is_todays_vp_score():
 
 
 def test_family_weights_are_what_each_original_samples_with():
-    assert lightning_modules.load_pretrained(CKPT["hfs_sde"], weights="family").weights == "model"
-    assert lightning_modules.load_pretrained(CKPT["score_mri"], weights="family").weights == "ema"
+    assert diffusion.load_pretrained(CKPT["hfs_sde"], weights="family").weights == "model"
+    assert diffusion.load_pretrained(CKPT["score_mri"], weights="family").weights == "ema"
 
 
 def test_score_mri_ema_takes_the_fourier_w_from_model():

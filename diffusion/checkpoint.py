@@ -28,12 +28,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from diffusion.networks.ddpm import DDPM, REQUIRED_FIELDS, DDPMConfig, score_sde_key
+from diffusion.networks.families import detect_family, has, parse_checkpoint, with_ema
+from diffusion.sampling.sde import VPSDE
+from diffusion.torch_files import CheckpointError, is_torch_file, load_torch_file  # noqa: F401 (re-exported)
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_input_file
-from lightning_modules.networks.ddpm import DDPM, REQUIRED_FIELDS, DDPMConfig, score_sde_key
-from lightning_modules.networks.families import detect_family, has, parse_checkpoint, with_ema
-from lightning_modules.sampling.sde import VPSDE
-from lightning_modules.torch_files import CheckpointError, is_torch_file, load_torch_file  # noqa: F401 (re-exported)
 
 _PREFIX = "module."
 

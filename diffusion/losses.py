@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.sampling.sde import SDE, DiscreteVPSDE, ScoreFn, get_score_fn
+from diffusion.sampling.sde import SDE, DiscreteVPSDE, ScoreFn, get_score_fn
 
 DSM_EPS = 1e-5
 #: the label offset of the supervised term's own conditioning (`supervised_loss(label_offset=...)`,

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_modules.networks.ddpm import _ACTIVATIONS, AttnBlock, _default_init_
-from lightning_modules.sampling.sde import pad_to_multiple
+from diffusion.networks.ddpm import _ACTIVATIONS, AttnBlock, _default_init_
+from diffusion.sampling.sde import pad_to_multiple
 
 _SQRT2 = math.sqrt(2.0)
 

@@ -16,12 +16,12 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules.samples import SliceSample
+from diffusion.losses import SUPERVISED_LABEL_OFFSET, dsm_loss, supervised_loss
+from diffusion.networks.ddpm import DDPM, DDPMConfig
+from diffusion.sampling.sde import VPSDE, get_score_fn
 from lfmri_utils.errors import InputError
 from lightning_modules.ema import EMA
-from lightning_modules.losses import SUPERVISED_LABEL_OFFSET, dsm_loss, supervised_loss
 from lightning_modules.module import ScoreModel, upgrade_hparams
-from lightning_modules.networks.ddpm import DDPM, DDPMConfig
-from lightning_modules.sampling.sde import VPSDE, get_score_fn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from diffusion.sampling.sde import pad_to_multiple
 from lfmri_utils.errors import InputError
 from lfmri_utils.options import Rule, check_options, number, sequence
-from lightning_modules.sampling.sde import pad_to_multiple
 
 _ACTIVATIONS = {"elu": nn.ELU, "relu": nn.ReLU, "lrelu": lambda: nn.LeakyReLU(0.2), "swish": nn.SiLU}
 
