@@ -7,12 +7,14 @@ helpers (InputError, atomic writes, option checks, `stable_hash`) are in `lfmri_
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lfmri_utils.lazy import lazy_exports
 
 _EXPORTS = {
     "LowFieldDataModule": "datamodules.datamodule",
     "EvalVolume": "datamodules.datamodule",
+    "LoaderOptions": "datamodules.datamodule",
+    "SliceOptions": "datamodules.dataset",
+    "PredictOptions": "datamodules.dataset",
     "BundledSource": "datamodules.sources",
     "NiftiDirSource": "datamodules.sources",
     "FastMRISource": "datamodules.sources",
@@ -29,10 +31,4 @@ _EXPORTS = {
     "MeasuredSample": "datamodules.samples",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -6,9 +6,11 @@ YAML (LightningCLI):
       class_path: datamodules.LowFieldDataModule
       init_args:
         source: bundled   # or a path (a BIDS directory, a fastMRI directory, a file), or a source block:
-        crop_size: 128    # train on random 128 x 128 crops; validate / test / predict on whole native slices
-        crop_coverage: inside   # or uniform: crops reach past the slice edges (its borders seen as often)
-        batch_size: 8
+        slices:           # how volumes become samples (dataset.SliceOptions), handed to every dataset
+          crop_size: 128  # train on random 128 x 128 crops; validate / test / predict on whole native slices
+          crop_coverage: inside   # or uniform: crops reach past the slice edges (its borders seen as often)
+        loader: {batch_size: 8, num_workers: 2}   # LoaderOptions
+        predict: {path: lowfield.nii.gz, kspace: lowfield_k.h5}   # dataset.PredictOptions (lfmri predict)
 
     data:
       init_args:
@@ -19,16 +21,20 @@ YAML (LightningCLI):
 A string is shorthand, on the command line too: `--data.init_args.source=/data/bids`,
 `--data.init_args.source=bundled`.
 A source block carries its own options (root, pattern, fastMRI key, numbers of bundled subjects...); the data
-module's `slice_axis` applies to the shorthand, to a source block that leaves its slice_axis unset, and to
-predict_path (a source block that sets a different one is refused).
+module's `slices.slice_axis` applies to the shorthand, to a source block that leaves its slice_axis unset, and
+to `predict.path` (a source block that sets a different one is refused).
+
+The options that were flat init_args before they were grouped (`crop_size`, `batch_size`, `predict_path`,
+...) are refused with one line naming their new spelling (`MOVED_OPTIONS`, `moved_option_message`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -36,8 +42,10 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSample
 
 from datamodules.dataset import (
     EvalSliceDataset,
+    PredictOptions,
     PredictSliceDataset,
     SliceDataset,
+    SliceOptions,
     TrainSliceDataset,
     VolumeInfo,
     index_volume,
@@ -53,12 +61,87 @@ from datamodules.sources import (
     warn_skipped,
 )
 from datamodules.splits import SPLITS, Split, hash_split, load_split_file
-from datamodules.transforms import CROP_COVERAGES
 from degradations import REGIMES, make_regime
 from lfmri_utils.errors import InputError
 from lfmri_utils.options import Rule, check_options, number
 
-MIN_SIZE = 8  # smallest image_size / crop_size in pixels
+#: the data module's former flat init_args -> their place in today's groups (`moved_option_message`)
+MOVED_OPTIONS: dict[str, str] = {
+    **{name: f"slices.{name}" for name in ("image_size", "crop_size", "crop_coverage", "slice_axis",
+                                           "min_foreground_fraction", "background_phase")},
+    "eval_slices_per_volume": "slices.eval_per_volume",
+    **{name: f"loader.{name}" for name in ("batch_size", "eval_batch_size", "num_workers", "pin_memory")},
+    "predict_path": "predict.path",
+}
+
+
+def moved_option_message(name: str) -> str | None:
+    """The one line for `name`, a former flat option of the data module ("crop_size"):
+    "data.init_args.crop_size moved to data.init_args.slices.crop_size (YAML: slices: {crop_size: ...})";
+    None for any other name."""
+    if name not in MOVED_OPTIONS:
+        return None
+    return (f"data.init_args.{name} moved to data.init_args.{MOVED_OPTIONS[name]} "
+            f"(YAML: {_nested(MOVED_OPTIONS[name])})")
+
+
+def _nested(dotted: str) -> str:
+    """"slices.crop_size" -> "slices: {crop_size: ...}"."""
+    group, _, name = dotted.partition(".")
+    return f"{group}: {{{name}: ...}}"
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How the data loaders run (YAML `loader: {batch_size: 8, num_workers: 2}`, command line
+    `--data.init_args.loader.batch_size=4`), checked when made (InputError naming `loader.<field>`).
+
+    Fields:
+        batch_size: training batch size (>= 1).
+        eval_batch_size: validation / test / predict batch size (default batch_size): at most that many
+            consecutive items of one shape (`ShapeGroupedBatchSampler`), so a batch never mixes matrices.
+        num_workers: DataLoader worker processes (>= 0).
+        pin_memory: DataLoader pin_memory.
+    """
+
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    pin_memory: bool = False
+
+    #: ranges of the fields (their types are the annotations), checked in `__post_init__`
+    RULES: ClassVar[dict[str, Rule]] = {
+        "batch_size": number(1, integer=True),
+        "eval_batch_size": number(1, integer=True, optional=True),
+        "num_workers": number(0, integer=True),
+        "pin_memory": Rule(lambda v: isinstance(v, bool), "true or false"),
+    }
+
+    def __post_init__(self) -> None:
+        check_options({f"loader.{k}": v for k, v in vars(self).items()},
+                      {f"loader.{k}": rule for k, rule in self.RULES.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain mapping (YAML, checkpoint hyper-parameters)."""
+        return asdict(self)
+
+
+def _group(cls: type, value: Any, name: str) -> Any:
+    """An options group (`SliceOptions`, `LoaderOptions`, `PredictOptions`) from itself, a mapping of its
+    fields (a checkpoint's hyper-parameters, a Python caller), or None (the defaults); InputError naming
+    `name` and an unknown key."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise InputError(f"{name}: expected a {cls.__name__} or a mapping of its fields, got "
+                         f"{type(value).__name__}")
+    fields = cls.__dataclass_fields__
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise InputError(f"{name}: unknown option(s) {', '.join(unknown)}; choose from {', '.join(fields)}")
+    return cls(**value)
 
 
 class ShapeGroupedBatchSampler(BatchSampler):
@@ -105,8 +188,9 @@ class EvalVolume:
     data module's explicit `image_size`).
 
     clean [S, 2, H, W] float32 (normalised; input units = clean * scale), slices [S] (indices in the stack),
-    scale (input units), meta (the source's metadata). With a regime: y [S, 1, H, W] complex64, degraded
-    [S, 2, H, W] and params (batched), identical to the val/test dataset's samples.
+    scale (input units), meta (the source's metadata). With a regime: y [S, C, H, W] complex64 (C coils, 1
+    without the coil step; zeros on unsampled rows), degraded [S, 2, H, W] (the coil-combined zero-filled
+    image) and params (batched), identical to the val/test dataset's samples.
     """
 
     volume_id: str
@@ -132,28 +216,18 @@ class LowFieldDataModule(L.LightningDataModule):
             their default patterns "**/*.h5" / "**/*.nii*" and key "auto"). "nifti" / "fastmri" without a
             path are refused. A source object is kept in the hyperparameters (and checkpoints) as its
             `class_path` block (`VolumeSource.config()`).
-        image_size: None (default): every slice keeps its native matrix H x W (the stack of
-            `transforms.to_slices`). An int (>= 8) opts into resizing: slices are zero-padded to a square and
-            resized to image_size x image_size (bilinear, antialiased; `transforms.fit_to_square`), which
-            changes the pixel size the degradations act on.
-        crop_size: None (default) or an int >= 8: training samples are random crop_size x crop_size windows
-            of the slice, degraded as a whole first (see `dataset.TrainSliceDataset`); a training slice
-            smaller than the crop in either dimension is refused at setup (InputError) unless crop_coverage
-            is "uniform". Validation, test, predict and `volumes()` always see whole slices.
-            Without crops (and without image_size) training uses whole native slices, which batch only when
-            all training slices share a shape (setup raises InputError otherwise, unless batch_size is 1).
-        crop_coverage: where the crops lie (`transforms.crop_origin`). "inside" (default): inside the
-            slice, so its borders (mostly empty background) are seen less often than its centre. "uniform":
-            the crop's centre is uniform over the slice and the crop may reach past the edges by up to
-            crop_size / 2 (slices smaller than the crop are used too); outside the slice the clean crop is 0
-            and the degraded one complex white noise at the sample's `noise_sigma`. On the bundled training
-            data (slice axis 2) the background fraction (|clean| < 0.1 x the slice's maximum; mean over all
-            slices and window positions) is 0.53 in whole slices, 0.29 in "inside" 64 x 64 crops and 0.55 in
-            "uniform" ones.
-        slice_axis: the array axis of NIfTI volumes along which slices are taken (fastMRI: always its axis 0):
-            of the string shorthand's source, of a source object whose own slice_axis is None (it is set to
-            this), and of predict_path. A source object with another slice_axis is refused (InputError).
-        min_foreground_fraction: drop slices whose fraction of pixels above 0.1 x the volume scale is smaller.
+        slices: how volumes become samples, one group handed whole to every dataset
+            (`dataset.SliceOptions`: image_size, crop_size, crop_coverage, slice_axis,
+            min_foreground_fraction, background_phase, eval_per_volume; a mapping of them is read too).
+            What the data module adds: with crop_size (and crop_coverage "inside") a training slice smaller
+            than the crop is refused at setup (InputError); without crops (and without image_size) training
+            uses whole native slices, which batch only when all training slices share a shape (setup raises
+            InputError otherwise, unless loader.batch_size is 1). On the bundled training data (slice axis 2)
+            the background fraction (|clean| < 0.1 x the slice's maximum; mean over all slices and window
+            positions) is 0.53 in whole slices, 0.29 in "inside" 64 x 64 crops and 0.55 in "uniform" ones.
+            slice_axis applies to the string shorthand's source, to a source object whose own slice_axis is
+            None (it is set to this), and to predict.path; a source object with another slice_axis is
+            refused (InputError).
         regimes: training regimes, one drawn per sample (default: all four).
         eval_regimes: val/test regimes, each slice enumerated with each (default: all four).
         regime_overrides: keyword arguments for every `make_regime` call (e.g. {snr_db_range: [2, 7]}),
@@ -161,16 +235,10 @@ class LowFieldDataModule(L.LightningDataModule):
         seed: seeds the hash split, the training draws and the val/test degradations.
         val_fraction, test_fraction: hash split fractions of subjects (ignored with split_file or bundled).
         split_file: YAML {train: [...], val: [...], test: [...]} of subject ids.
-        batch_size: training batch size; eval_batch_size: val/test/predict batch size (default batch_size):
-            at most that many consecutive items of one shape (`ShapeGroupedBatchSampler`), so a batch never
-            mixes volumes of different matrices.
-        num_workers: DataLoader worker processes.
-        eval_slices_per_volume: keep this many evenly spaced slices per val/test volume (default all).
-        background_phase: multiply training and eval slices by a smooth random phase (see
-            `SliceDataset.normalised_slice` for why it is off by default).
         skip_bad_files: skip unreadable / invalid volumes with one warning listing them, instead of an error.
-        predict_path: a low-field NIfTI file or directory for `predict` (no reference; all slices kept).
-        pin_memory: DataLoader pin_memory.
+        loader: `LoaderOptions` (batch_size, eval_batch_size, num_workers, pin_memory).
+        predict: `dataset.PredictOptions` of `predict` (path: a low-field NIfTI file or directory, no
+            reference, all slices kept; kspace, params, noise_sigma, regime: as `lfmri reconstruct`'s).
 
     What a crop-trained prior can and cannot do: the U-Net is convolutional, so a prior trained on crops
     runs on whole slices of any matrix (the network pads to its size multiple). It learns the local statistics
@@ -182,30 +250,17 @@ class LowFieldDataModule(L.LightningDataModule):
     data alike (no resizing on either side).
     """
 
-    #: ranges of the options (their types are the signature's); checked first in `__init__`
+    #: ranges of the options (their types are the signature's); checked first in `__init__` (the groups check
+    #: their own fields when they are made)
     OPTION_RULES = {
-        "image_size": number(MIN_SIZE, integer=True, optional=True),
-        "crop_size": number(MIN_SIZE, integer=True, optional=True),
-        "crop_coverage": Rule(lambda v: isinstance(v, str) and v in CROP_COVERAGES,
-                              f"one of {', '.join(CROP_COVERAGES)}"),
-        "slice_axis": number(-3, 2, integer=True),
-        "min_foreground_fraction": number(0, 1, high_open=True),
         "val_fraction": number(0, 1, high_open=True),
         "test_fraction": number(0, 1, high_open=True),
-        "batch_size": number(1, integer=True),
-        "eval_batch_size": number(1, integer=True, optional=True),
-        "num_workers": number(0, integer=True),
-        "eval_slices_per_volume": number(1, integer=True, optional=True),
     }
 
     def __init__(
         self,
         source: VolumeSource | str = "bundled",
-        image_size: int | None = None,
-        crop_size: int | None = None,
-        crop_coverage: Literal["inside", "uniform"] = "inside",
-        slice_axis: int = 2,
-        min_foreground_fraction: float = 0.05,
+        slices: SliceOptions = SliceOptions(),
         regimes: list[str] | None = None,
         eval_regimes: list[str] | None = None,
         regime_overrides: dict[str, Any] | None = None,
@@ -213,25 +268,27 @@ class LowFieldDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_file: str | None = None,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        eval_slices_per_volume: int | None = None,
-        background_phase: bool = False,
         skip_bad_files: bool = False,
-        predict_path: str | None = None,
-        pin_memory: bool = False,
+        loader: LoaderOptions = LoaderOptions(),
+        predict: PredictOptions = PredictOptions(),
     ) -> None:
+        # the groups as options objects, and as plain mappings in the hyper-parameters (which
+        # `save_hyperparameters` reads from this frame): checkpoints load with weights_only=True
+        slices_options = _group(SliceOptions, slices, "slices")
+        loader_options = _group(LoaderOptions, loader, "loader")
+        predict_options = _group(PredictOptions, predict, "predict")
+        slices, loader = slices_options.to_dict(), loader_options.to_dict()
+        predict = predict_options.to_dict()
         super().__init__()
-        # Kept in checkpoints but not merged into the loggers' hyperparameters: the model has an `image_size`
-        # too (its training crop, which places its attention levels), and Lightning refuses to log one key
-        # with two values. `lfmri` logs the whole config (data included) itself (`LogConfigCallback`).
+        # Kept in checkpoints but not merged into the loggers' hyperparameters: Lightning refuses to log one
+        # key that the model and the data module both have with two values. `lfmri` logs the whole config
+        # (data included) itself (`LogConfigCallback`).
         self.save_hyperparameters(logger=False)
         check_options(self.hparams, self.OPTION_RULES)  # before anything is read or built
         if isinstance(source, str):
             check_shorthand(source)
         elif isinstance(source, VolumeSource):
-            source.use_slice_axis(slice_axis % 3)
+            source.use_slice_axis(slices_options.slice_axis % 3)
             # kept as its class_path block: plain values, so a checkpoint still loads with weights_only=True
             self.hparams["source"] = source.config()
         else:
@@ -250,20 +307,13 @@ class LowFieldDataModule(L.LightningDataModule):
             except (TypeError, ValueError) as err:
                 raise InputError(f"regime_overrides: {err}") from None
         self.source_arg = source
-        self.image_size, self.crop_size, self.slice_axis = image_size, crop_size, slice_axis
-        self.crop_coverage = crop_coverage
-        self.min_foreground_fraction = min_foreground_fraction
+        self.slices: SliceOptions = slices_options
+        self.loader: LoaderOptions = loader_options
+        self.predict: PredictOptions = predict_options
         self.regime_overrides = dict(regime_overrides or {})
         self.seed = seed
         self.val_fraction, self.test_fraction, self.split_file = val_fraction, test_fraction, split_file
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.eval_slices_per_volume = eval_slices_per_volume
-        self.background_phase = background_phase
         self.skip_bad_files = skip_bad_files
-        self.predict_path = predict_path
-        self.pin_memory = pin_memory
         self._source: VolumeSource | None = None
         self._split: Split | None = None
         self._infos: dict[str, list[VolumeInfo]] = {}
@@ -279,7 +329,7 @@ class LowFieldDataModule(L.LightningDataModule):
     def source(self) -> VolumeSource:
         """The volume source (built on first use)."""
         if self._source is None:
-            self._source = make_source(self.source_arg, self.slice_axis % 3)
+            self._source = make_source(self.source_arg, self.slices.slice_axis % 3)
         return self._source
 
     @property
@@ -322,7 +372,7 @@ class LowFieldDataModule(L.LightningDataModule):
         """Indexed volumes of a split (each volume loaded once here to find its scale and kept slices)."""
         if split not in self._infos:
             before = len(self.skipped)
-            infos = self._index(self.source, self.records(split), self.min_foreground_fraction)
+            infos = self._index(self.source, self.records(split), self.slices.min_foreground_fraction)
             self._skipped_by_split[split] = self.skipped[before:]
             if not infos and self.split[split]:
                 message = self.empty_split_reason(split)
@@ -342,76 +392,72 @@ class LowFieldDataModule(L.LightningDataModule):
         return f"no usable volume left in the {split} split{reason}"
 
     # ---- datasets -----------------------------------------------------------------------------------------
-    def _eval_dataset(self, split: str, regimes: list[str] | None = None) -> EvalSliceDataset:
-        """The evaluation dataset of a split, with `regimes` (default `eval_regimes`)."""
-        return EvalSliceDataset(
-            self.source,
-            self.volume_infos(split),
-            self.eval_regimes if regimes is None else regimes,
-            self.image_size,
-            self.background_phase,
-            self.seed,
-            self.regime_overrides,
-            slices_per_volume=self.eval_slices_per_volume,
-        )
+    def eval_dataset(self, volumes: list[VolumeInfo], regimes: list[str] | None = None) -> EvalSliceDataset:
+        """The evaluation dataset of `volumes` (e.g. `volume_infos(split)`) with `regimes` (default
+        `eval_regimes`), the data module's `slices`, seed and regime overrides."""
+        return EvalSliceDataset(self.source, volumes, self.eval_regimes if regimes is None else regimes,
+                                slices=self.slices, seed=self.seed, regime_overrides=self.regime_overrides)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets a stage needs ("fit", "validate", "test", "predict"; None: fit + test)."""
         if stage in ("fit", None) and self.train_dataset is None:
-            train = TrainSliceDataset(
-                self.source,
-                self.volume_infos("train"),
-                self.regimes,
-                self.image_size,
-                self.background_phase,
-                self.seed,
-                self.regime_overrides,
-                crop_size=self.crop_size,
-                crop_coverage=self.crop_coverage,
-            )
+            train = TrainSliceDataset(self.source, self.volume_infos("train"), self.regimes,
+                                      slices=self.slices, seed=self.seed,
+                                      regime_overrides=self.regime_overrides)
+            crop_size = self.slices.crop_size
             slice_shapes = [SliceDataset.sample_shape(train, v) for v in range(len(train.volumes))]
             too_small = [(info, shape) for info, shape in zip(train.volumes, slice_shapes, strict=True)
-                         if self.crop_size and self.crop_coverage == "inside" and min(shape) < self.crop_size]
+                         if crop_size and self.slices.crop_coverage == "inside" and min(shape) < crop_size]
             if too_small:
                 info, (h, w) = too_small[0]
                 raise InputError(
-                    f"crop_size {self.crop_size} is larger than the {h}x{w} slices of training volume "
+                    f"slices.crop_size {crop_size} is larger than the {h}x{w} slices of training volume "
                     f"{info.record.path or info.record.volume_id} ({len(too_small)} volume(s) so): choose a "
-                    "crop_size no larger than the smallest training slice, or crop_coverage uniform"
+                    "crop_size no larger than the smallest training slice, or slices.crop_coverage uniform"
                 )
             shapes = sorted(set(train.item_shapes()))
-            if len(shapes) > 1 and self.batch_size > 1:
+            if len(shapes) > 1 and self.loader.batch_size > 1:
                 listed = ", ".join(f"{h}x{w}" for h, w in shapes[:6]) + (", ..." if len(shapes) > 6 else "")
                 raise InputError(
                     f"the training slices have {len(shapes)} different shapes ({listed}) and whole native "
-                    "slices batch only when they share one: set crop_size (random crops, e.g. the model's "
-                    "image_size), or image_size (resize every slice), or batch_size 1"
+                    "slices batch only when they share one: set slices.crop_size (random crops, e.g. the "
+                    "model's image_size), or slices.image_size (resize every slice), or loader.batch_size 1"
                 )
             self.train_dataset = train
         if stage in ("fit", "validate", None) and self.val_dataset is None:
-            self.val_dataset = self._eval_dataset("val")
+            self.val_dataset = self.eval_dataset(self.volume_infos("val"))
         if stage in ("test", None) and self.test_dataset is None:
-            self.test_dataset = self._eval_dataset("test")
+            self.test_dataset = self.eval_dataset(self.volume_infos("test"))
         if stage == "predict" and self.predict_dataset is None:
-            if not self.predict_path:
-                raise InputError("predict needs a low-field NIfTI: --data.init_args.predict_path=PATH")
-            source = NiftiDirSource(self.predict_path, "**/*.nii*", self.slice_axis % 3)
-            self.predict_dataset = PredictSliceDataset(
-                source, self._index(source, source.records(), 0.0), self.image_size
-            )
+            self.predict_dataset = self._predict_dataset()
+
+    def _predict_dataset(self) -> PredictSliceDataset:
+        """The `predict` group's volumes: InputError without a path, or with a k-space or parameters file for
+        a directory of volumes (each file belongs to one NIfTI)."""
+        path = self.predict.path
+        if not path:
+            raise InputError("predict needs a low-field NIfTI: --data.init_args.predict.path=PATH")
+        for name in ("kspace", "params"):
+            if getattr(self.predict, name) and Path(path).is_dir():
+                raise InputError(f"predict.{name}: belongs to one NIfTI, but predict.path {path} is a "
+                                 "directory: give the NIfTI file")
+        source = NiftiDirSource(path, "**/*.nii*", self.slices.slice_axis % 3)
+        return PredictSliceDataset(source, self._index(source, source.records(), 0.0), slices=self.slices,
+                                   predict=self.predict)
 
     def _eval_loader(self, dataset: SliceDataset | None) -> DataLoader:
         """In order, in batches of at most `eval_batch_size` consecutive items of one shape."""
         if dataset is None:
             raise RuntimeError("call setup() for this stage first")
         batches = ShapeGroupedBatchSampler(
-            SequentialSampler(dataset), self.eval_batch_size, dataset.item_shapes()
+            SequentialSampler(dataset), self.loader.eval_batch_size or self.loader.batch_size,
+            dataset.item_shapes()
         )
         return DataLoader(
             dataset,
             batch_sampler=batches,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            num_workers=self.loader.num_workers,
+            pin_memory=self.loader.pin_memory,
             persistent_workers=False,
             # Ctrl-C / SIGTERM are the main process's to handle (InterruptCheckpoint), as in training; a
             # partly read validation loader (limit_val_batches) keeps its workers alive during training
@@ -425,12 +471,12 @@ class LowFieldDataModule(L.LightningDataModule):
         trainer = self.trainer
         return resumable_loader(
             self.train_dataset,
-            self.batch_size,
+            self.loader.batch_size,
             self.seed,
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            num_workers=self.loader.num_workers,
+            pin_memory=self.loader.pin_memory,
             persistent_workers=False,
         )
 
@@ -445,7 +491,7 @@ class LowFieldDataModule(L.LightningDataModule):
 
     # ---- whole volumes ------------------------------------------------------------------------------------
     def volumes(self, split: str, regime: str | None = None) -> Iterator[EvalVolume]:
-        """Whole volumes of a split (all kept slices, or `eval_slices_per_volume` of them), each slice at its
+        """Whole volumes of a split (all kept slices, or `slices.eval_per_volume` of them), each slice at its
         native matrix (or at image_size with the explicit resize).
 
         With `regime`, each slice also carries the same degradation as the val/test dataset's sample.
@@ -453,7 +499,7 @@ class LowFieldDataModule(L.LightningDataModule):
         if split not in SPLITS:
             raise InputError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
         # without a regime the (cheapest) degradation is built but not returned
-        ds = self._eval_dataset(split, [regime or "noise"])
+        ds = self.eval_dataset(self.volume_infos(split), [regime or "noise"])
         for v, info in enumerate(ds.volumes):
             batch = default_collate([ds[i] for i, item in enumerate(ds.items) if item[0] == v])
             out = EvalVolume(

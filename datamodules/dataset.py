@@ -23,8 +23,8 @@ only: identical across runs, worker counts and DDP ranks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from datamodules import measured
 from datamodules.samples import MeasuredSample, SliceSample
 from datamodules.sources import VolumeRecord, VolumeSource
 from datamodules.transforms import (
+    CROP_COVERAGES,
     NORMALISE_PERCENTILE,
     crop,
     crop_origin,
@@ -43,10 +44,114 @@ from datamodules.transforms import (
     robust_scale,
     smooth_background_phase,
 )
-from degradations import ComplexGaussianNoise, complex_to_channels, fft2c, ifft2c, make_regime
+from degradations import (
+    REGIMES,
+    ComplexGaussianNoise,
+    LowFieldDegradation,
+    Measurement,
+    complex_to_channels,
+    fft2c,
+    make_regime,
+)
 from lfmri_utils.errors import InputError
+from lfmri_utils.options import Rule, check_options, number
 from lfmri_utils.seeding import SEED_MOD, stable_hash
 from lfmri_utils.volumes import check_volume
+
+MIN_SIZE = 8  # smallest image_size / crop_size in pixels
+
+
+@dataclass(frozen=True)
+class SliceOptions:
+    """How volumes become samples: one group, handed whole to every dataset (YAML `slices: {crop_size: 64,
+    ...}`, command line `--data.init_args.slices.crop_size=64`), checked when made (InputError naming
+    `slices.<field>`).
+
+    Fields:
+        image_size: None (default): every slice keeps its native matrix H x W (the stack of
+            `transforms.to_slices`). An int (>= 8) opts into resizing: slices are zero-padded to a square and
+            resized to image_size x image_size pixels (bilinear, antialiased; `transforms.fit_to_square`),
+            which changes the pixel size the degradations act on.
+        crop_size: None (default) or an int >= 8: training samples are random crop_size x crop_size pixel
+            windows of the slice, degraded as a whole first (`TrainSliceDataset`). Validation, test, predict
+            and whole volumes always see whole slices.
+        crop_coverage: where the crops lie (`transforms.crop_origin`): "inside" (default) the slice, or
+            "uniform": the crop's centre uniform over the slice, the crop reaching past the edges by up to
+            crop_size / 2 (there the clean crop is 0 and the degraded one noise).
+        slice_axis: the array axis of NIfTI volumes along which slices are taken (-3 to 2; fastMRI: always its
+            axis 0).
+        min_foreground_fraction: in [0, 1): slices whose fraction of pixels above 0.1 x the volume scale is
+            smaller are dropped (training, validation, test; prediction keeps every slice).
+        background_phase: multiply training and evaluation slices by a smooth random phase
+            (`SliceDataset.normalised_slice` says why it is off by default).
+        eval_per_volume: keep this many evenly spaced slices per validation / test volume (None: all).
+    """
+
+    image_size: int | None = None
+    crop_size: int | None = None
+    crop_coverage: Literal["inside", "uniform"] = "inside"
+    slice_axis: int = 2
+    min_foreground_fraction: float = 0.05
+    background_phase: bool = False
+    eval_per_volume: int | None = None
+
+    #: ranges of the fields (their types are the annotations), checked in `__post_init__`
+    RULES: ClassVar[dict[str, Rule]] = {
+        "image_size": number(MIN_SIZE, integer=True, optional=True),
+        "crop_size": number(MIN_SIZE, integer=True, optional=True),
+        "crop_coverage": Rule(lambda v: isinstance(v, str) and v in CROP_COVERAGES,
+                              f"one of {', '.join(CROP_COVERAGES)}"),
+        "slice_axis": number(-3, 2, integer=True),
+        "min_foreground_fraction": number(0, 1, high_open=True),
+        "background_phase": Rule(lambda v: isinstance(v, bool), "true or false"),
+        "eval_per_volume": number(1, integer=True, optional=True),
+    }
+
+    def __post_init__(self) -> None:
+        check_options({f"slices.{k}": v for k, v in vars(self).items()},
+                      {f"slices.{k}": rule for k, rule in self.RULES.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain mapping (YAML, checkpoint hyper-parameters)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """What `lfmri predict` reconstructs: the measured volume(s) and what `lfmri reconstruct` takes beside
+    them (YAML `predict: {path: lowfield.nii.gz, kspace: lowfield_k.h5}`, command line
+    `--data.init_args.predict.path=...`), handed to `measured.load_measured_volume` for each volume.
+
+    Fields:
+        path: a low-field magnitude NIfTI, or a directory of them ("**/*.nii*"; no reference needed).
+        kspace: the measured k-space HDF5 of `path` (`lfmri degrade --kspace-out`; `path` must be one file).
+        params: `lfmri degrade`'s parameters JSON of `path` (one file; default: each NIfTI's + ".json" when
+            it exists).
+        noise_sigma: the k-space noise std per complex sample, input units, >= 0 (default: recorded, else
+            estimated per slice).
+        regime: the regime of the forward operator (`degradations.REGIMES`; None: the files' record, else
+            "noise", A = fft2c), as `lfmri reconstruct --regime`.
+    """
+
+    path: str | None = None
+    kspace: str | None = None
+    params: str | None = None
+    noise_sigma: float | None = None
+    regime: str | None = None
+
+    def __post_init__(self) -> None:
+        check_options({"predict.noise_sigma": self.noise_sigma},
+                      {"predict.noise_sigma": number(0, optional=True)})
+        if self.regime is not None and self.regime not in REGIMES:
+            raise InputError(f"predict.regime: unknown regime {self.regime!r}; choose from "
+                             f"{', '.join(REGIMES)}")
+        for name in ("kspace", "params"):
+            if getattr(self, name) and not self.path:
+                raise InputError(f"predict.{name}: give the NIfTI it belongs to as predict.path")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain mapping (YAML, checkpoint hyper-parameters)."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -99,24 +204,22 @@ class SliceDataset(Dataset):
     and the shape of each item.
 
     `items` (set by the subclasses) lists the entries in order; each is a tuple whose first element is the
-    volume's position in `volumes`. `image_size` None keeps the native matrix; an int resizes (see the module
-    docstring).
+    volume's position in `volumes`. `slices` (`SliceOptions`) is the one group of options every dataset
+    takes; of it the base reads `image_size` (None keeps the native matrix; an int resizes: see the module
+    docstring) and `background_phase`. `seed` seeds the datasets' draws.
     """
 
     items: list[tuple]
 
     def __init__(
-        self,
-        source: VolumeSource,
-        volumes: list[VolumeInfo],
-        image_size: int | None = None,
-        background_phase: bool = False,
+        self, source: VolumeSource, volumes: list[VolumeInfo], *, slices: SliceOptions = SliceOptions(),
         seed: int = 0,
     ) -> None:
         self.source = source
         self.volumes = volumes
-        self.image_size = None if image_size is None else int(image_size)
-        self.background_phase = background_phase
+        self.slices = slices
+        self.image_size = slices.image_size
+        self.background_phase = slices.background_phase
         self.seed = int(seed)
         self._cache: dict[int, np.ndarray] = {}
 
@@ -172,13 +275,21 @@ class SliceDataset(Dataset):
         return x[None, None]
 
     def _degrade(
-        self, v: int, s: int, degradation, generator: torch.Generator
+        self, v: int, s: int, degradation: LowFieldDegradation, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """(clean x [1, 1, H, W], k-space y [1, 1, H, W], params) of slice s of volume v, drawn from
+        """(clean x [1, 1, H, W], k-space y [1, C, H, W], params) of slice s of volume v, drawn from
         `generator` (the background phase first, then the degradation)."""
         x = self.normalised_slice(v, s, generator)
         y, params = degradation(x, generator)
         return x, y, params
+
+    @staticmethod
+    def degraded_image(y: torch.Tensor, params: dict[str, torch.Tensor],
+                       degradation: LowFieldDegradation) -> torch.Tensor:
+        """The degraded image complex64 [1, 1, H, W] of k-space y [1, C, H, W] simulated by `degradation`
+        with `params`: its measurement's (`Measurement.simulated(...).degraded`), the coil-combined
+        zero-filled image `sum_c conj(s_c) ifft2c(y_c)`; `ifft2c(y)` for single-coil data (C = 1)."""
+        return Measurement.simulated(y, params, degradation).degraded
 
     def _sample(
         self,
@@ -190,7 +301,7 @@ class SliceDataset(Dataset):
         y: torch.Tensor,
         params: dict[str, torch.Tensor],
     ) -> SliceSample:
-        """The sample of complex clean, degraded and y [1, 1, H, W] and batched params."""
+        """The sample of complex clean and degraded [1, 1, H, W], y [1, C, H, W] and batched params."""
         return SliceSample(
             clean=complex_to_channels(clean)[0],
             degraded=complex_to_channels(degraded)[0].float(),
@@ -206,22 +317,21 @@ class SliceDataset(Dataset):
 class RegimeSliceDataset(SliceDataset):
     """Common base of the datasets that degrade clean slices with named regimes (training, evaluation):
     `regimes`, the names in order, and `degradations`, each name's `degradations.make_regime` (given
-    `regime_overrides` as keyword arguments, lists as tuples). Subclasses add their own keyword options."""
+    `regime_overrides` as keyword arguments, lists as tuples); `slices` and `seed` as `SliceDataset`'s."""
 
     def __init__(
-        self,
-        source: VolumeSource,
-        volumes: list[VolumeInfo],
-        regimes: list[str],
-        image_size: int | None = None,
-        background_phase: bool = False,
-        seed: int = 0,
-        regime_overrides: dict | None = None,
+        self, source: VolumeSource, volumes: list[VolumeInfo], regimes: list[str], *,
+        slices: SliceOptions = SliceOptions(), seed: int = 0, regime_overrides: dict | None = None,
     ) -> None:
-        super().__init__(source, volumes, image_size, background_phase, seed)
+        super().__init__(source, volumes, slices=slices, seed=seed)
         self.regimes = list(regimes)
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (regime_overrides or {}).items()}
         self.degradations = {name: make_regime(name, **kwargs) for name in self.regimes}
+        self.items = self.index()
+
+    def index(self) -> list[tuple]:
+        """The dataset's entries in order (`items`), each starting with its volume's position."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.items)
@@ -234,7 +344,8 @@ class TrainSliceDataset(RegimeSliceDataset):
     With `crop_size` a sample is a random crop_size x crop_size window of the slice: the WHOLE slice is
     degraded first (the physics acts on the slice's grid: blur FWHM, T2* readout and B0 map in its pixels),
     then clean and degraded images are cut at the same window (`transforms.crop_origin` from the sample's
-    generator, after the degradation's draws). `crop_coverage` "inside" (default): the window lies inside the
+    generator, after the degradation's draws); `crop_size` and `crop_coverage` are the `slices` group's.
+    `crop_coverage` "inside" (default): the window lies inside the
     slice. "uniform": its centre is uniform over the slice, so it may reach past the edges by up to
     crop_size / 2 (and slices smaller than the crop are used); there the clean crop and `b0_map_hz` are 0 and
     the degraded crop is what a measurement of empty space is: complex white Gaussian noise of std
@@ -243,16 +354,30 @@ class TrainSliceDataset(RegimeSliceDataset):
     k-space) but the crop's own Fourier pair; training does not use it. `params` are the whole slice's, with
     `b0_map_hz` cropped to the window; `noise_sigma` is also the noise std per complex sample of the crop's
     `y` (orthonormal FFTs keep the level of white noise).
+
+    Multi-coil and undersampled regimes (`regime_overrides` `coils`, `acceleration`: `make_regime`): every
+    `degraded` image is the coil-combined zero-filled image of the measurement (`Measurement.degraded`, with
+    its aliasing), whole slices carry y [C, H, W] (0 on the unsampled rows) and the `mask` / `sensitivities`
+    params. A crop is cut from that combined image and its y is still fft2c(degraded crop), ONE channel [1,
+    crop, crop] with no zero rows: a k-space mask does not crop and the coils are combined, so its params drop
+    `mask` and `sensitivities` (the undersampling shows as the aliasing in the crop). Outside the slice the
+    noise of a zero-filled image is drawn: std `noise_sigma * sqrt(f)` per complex pixel, f the mask's
+    sampled fraction.
     """
 
-    def __init__(self, *args, crop_size: int | None = None,
-                 crop_coverage: Literal["inside", "uniform"] = "inside", **kwargs) -> None:
-        """`args`, `kwargs`: `RegimeSliceDataset`'s (source, volumes, regimes, image_size, ...)."""
-        super().__init__(*args, **kwargs)
-        self.items = [(v, s) for v, info in enumerate(self.volumes) for s in info.slices]
-        self.crop_size = None if crop_size is None else int(crop_size)
-        self.crop_coverage = crop_coverage
+    def __init__(
+        self, source: VolumeSource, volumes: list[VolumeInfo], regimes: list[str], *,
+        slices: SliceOptions = SliceOptions(), seed: int = 0, regime_overrides: dict | None = None,
+    ) -> None:
+        super().__init__(source, volumes, regimes, slices=slices, seed=seed,
+                         regime_overrides=regime_overrides)
+        self.crop_size = slices.crop_size
+        self.crop_coverage = slices.crop_coverage
         self.epoch = 0
+
+    def index(self) -> list[tuple]:
+        """(volume, slice) for every kept slice."""
+        return [(v, s) for v, info in enumerate(self.volumes) for s in info.slices]
 
     def sample_shape(self, v: int) -> tuple[int, int]:
         """(crop_size, crop_size) with crops, else the slice's (see `SliceDataset.sample_shape`)."""
@@ -278,36 +403,36 @@ class TrainSliceDataset(RegimeSliceDataset):
         g = self.generator(index)
         regime = self.regimes[int(torch.randint(len(self.regimes), (1,), generator=g))]
         x, y, params = self._degrade(v, s, self.degradations[regime], g)
+        degraded = self.degraded_image(y, params, self.degradations[regime])
         if self.crop_size is None:
-            return self._sample(v, s, regime, x, ifft2c(y), y, params)
+            return self._sample(v, s, regime, x, degraded, y, params)
         top, left = crop_origin(x.shape[-2:], self.crop_size, g, self.crop_coverage)
 
         def window(image: torch.Tensor) -> torch.Tensor:
             return crop(image, top, left, self.crop_size)
 
-        degraded = window(ifft2c(y))
+        degraded = window(degraded)
         inside = window(torch.ones(x.shape[-2:], dtype=torch.bool))  # [size, size]: pixels of the slice
         if not bool(inside.all()):  # the window reaches past the slice: there, noise alone is measured
-            noise = ComplexGaussianNoise.draw(degraded, params["noise_sigma"], g)
+            sigma = params["noise_sigma"]
+            if "mask" in params:  # a zero-filled image holds the sampled fraction of the noise variance
+                sigma = sigma * (params["mask"] > 0).float().mean(dim=(1, 2, 3)).sqrt()
+            noise = ComplexGaussianNoise.draw(degraded, sigma, g)
             degraded = torch.where(inside, degraded, noise)
-        params = {**params, "b0_map_hz": window(params["b0_map_hz"])}
+        params = {k: val for k, val in params.items() if k not in ("mask", "sensitivities")}
+        params["b0_map_hz"] = window(params["b0_map_hz"])
         return self._sample(v, s, regime, window(x), degraded, fft2c(degraded), params)
 
 
 class EvalSliceDataset(RegimeSliceDataset):
     """(slice x regime) for each volume, in order; the degradation is a pure function of
-    (seed, volume id, slice, regime). `slices_per_volume` keeps that many evenly spaced kept slices per
-    volume."""
+    (seed, volume id, slice, regime). The `slices` group's `eval_per_volume` keeps that many evenly spaced
+    kept slices per volume."""
 
-    def __init__(self, *args, slices_per_volume: int | None = None, **kwargs) -> None:
-        """`args`, `kwargs`: `RegimeSliceDataset`'s (source, volumes, regimes, image_size, ...)."""
-        super().__init__(*args, **kwargs)
-        self.items = [
-            (v, s, r)
-            for v, info in enumerate(self.volumes)
-            for s in evenly_spaced(info.slices, slices_per_volume)
-            for r in self.regimes
-        ]
+    def index(self) -> list[tuple]:
+        """(volume, slice, regime) for every evaluated slice and regime."""
+        return [(v, s, r) for v, info in enumerate(self.volumes)
+                for s in evenly_spaced(info.slices, self.slices.eval_per_volume) for r in self.regimes]
 
     def generator(self, v: int, s: int, regime: str) -> torch.Generator:
         """The generator of one evaluation sample (a pure function of seed, volume id, slice and regime)."""
@@ -317,26 +442,31 @@ class EvalSliceDataset(RegimeSliceDataset):
 
     def _get(self, index: int) -> SliceSample:
         v, s, regime = self.items[index]
-        x, y, params = self._degrade(v, s, self.degradations[regime], self.generator(v, s, regime))
-        return self._sample(v, s, regime, x, ifft2c(y), y, params)
+        degradation = self.degradations[regime]
+        x, y, params = self._degrade(v, s, degradation, self.generator(v, s, regime))
+        return self._sample(v, s, regime, x, self.degraded_image(y, params, degradation), y, params)
 
 
 class PredictSliceDataset(SliceDataset):
     """All slices of the user's low-field NIfTI volumes, without a reference: `MeasuredSample`s (no `clean`).
 
     Each volume is prepared as `lfmri reconstruct` prepares its input, by the same function
-    (`measured.load_measured_volume`: normalisation, the operator's parameters from `lfmri degrade`'s
-    parameters JSON beside the file when there is one, else plain Fourier sampling; with `image_size`,
+    (`measured.load_measured_volume` with the `predict` group's kspace, params, noise_sigma and regime:
+    normalisation, the operator's parameters from `lfmri degrade`'s parameters JSON (given, or beside the
+    file) or the k-space file, else the regime's mid-range ones; with the `slices` group's `image_size`,
     `MeasuredVolume.resized`), and its slices are served one by one: `degraded` the normalised measured image
-    (real, imag), `y` its k-space fft2c, `regime` "measured", `params` the operator's parameters (no
-    `noise_sigma`: the noise level is estimated from y, `ScoreModel.predict_step`), and `shape` (h, w) the
-    slice's native shape (the output is put back on it by `measured.volume_from_slices`).
+    (real, imag), `y` its k-space fft2c, `regime` "measured", `params` the operator's parameters, with
+    `noise_sigma` (float32 [], normalised units) only when the volume's noise std is known (given or
+    recorded; else `ScoreModel.predict_step` estimates it from y), and `shape` (h, w) the slice's native
+    shape (the output is put back on it by `measured.volume_from_slices`).
     """
 
     def __init__(
-        self, source: VolumeSource, volumes: list[VolumeInfo], image_size: int | None = None
+        self, source: VolumeSource, volumes: list[VolumeInfo], *, slices: SliceOptions = SliceOptions(),
+        predict: PredictOptions = PredictOptions(),
     ) -> None:
-        super().__init__(source, volumes, image_size)
+        super().__init__(source, volumes, slices=slices)
+        self.predict = predict
         self.items = [(v, s) for v, info in enumerate(volumes) for s in info.slices]
         self._measured: dict[int, measured.MeasuredVolume] = {}
 
@@ -347,19 +477,24 @@ class PredictSliceDataset(SliceDataset):
         """Volume v prepared for reconstruction (read once per process)."""
         if v not in self._measured:
             record = self.volumes[v].record
-            self._measured[v] = measured.load_measured_volume(record.path, None, self.source.slice_axis,
-                                                              size=self.image_size)
+            p = self.predict
+            self._measured[v] = measured.load_measured_volume(
+                record.path, p.regime, self.source.slice_axis, kspace=p.kspace, params=p.params,
+                noise_sigma=p.noise_sigma, size=self.image_size)
         return self._measured[v]
 
     def _get(self, index: int) -> MeasuredSample:
         v, s = self.items[index]
         volume = self.measured_volume(v)
         x = volume.image[s : s + 1]
+        params = {k: val[s].clone() for k, val in volume.params.items()}  # not views of the volume
+        if volume.noise_sigma is not None:
+            params["noise_sigma"] = volume.noise_sigma[s].clone()
         return MeasuredSample(
             degraded=complex_to_channels(x)[0],
             y=fft2c(x)[0],
             regime="measured",
-            params={k: val[s].clone() for k, val in volume.params.items()},  # not views of the volume
+            params=params,
             volume_id=self.volumes[v].record.volume_id,
             slice=torch.tensor(s, dtype=torch.int64),
             scale=torch.tensor(volume.scale, dtype=torch.float32),

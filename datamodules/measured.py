@@ -11,6 +11,15 @@
   - the measured k-space: the k-space file's (`read_kspace`), else fft2c of the magnitude slices;
   - the k-space noise std: given, else recorded in the k-space file (or in the parameters JSON beside one),
     else None: estimated when the measurement is made (`degradations.Measurement.from_kspace`).
+- a k-space file as INPUT (`.h5` / `.hdf5`: fastMRI's layout, M4Raw's, lfmri degrade's, read by
+  `datamodules.kspace_files.read_kspace_file` into [S, C, H, W], phase encoding along H) takes the same path
+  (`load_measured_volume` dispatches on the suffix): A's parameters are the file's record, else the regime's
+  mid-range ones (regime `noise`, the default for a foreign file: no low-field effects), plus the file's
+  sampling mask ("mask"); the coil sensitivities are estimated by ESPIRiT (`Measurement.from_kspace`, C > 1);
+  the noise std is given, recorded, or estimated. The scale is the 99.5th percentile of the zero-filled
+  coil-combined magnitude (`Measurement.degraded`), y and the noise std are divided by it; the output's
+  in-plane axes are the original NIfTI's for lfmri's files and the file's own order (H_f, W_f) for foreign
+  ones; the output affine is the recorded NIfTI's, else the ISMRMRD header's voxel sizes, else identity.
 - `MeasuredVolume.resized(size)` is the explicit resize: slices zero-padded to a square and resized to
   size x size (`transforms.fit_to_square`), A adapted to that grid (blur FWHM and readout duration scaled by
   size / max(H, W), field maps resized) and the noise level re-estimated there.
@@ -36,6 +45,17 @@ import torch
 from torch import Tensor
 
 from datamodules.io import load_nifti
+from datamodules.kspace_files import (
+    FASTMRI_LAYOUT,
+    SCALAR_KEYS,
+    SCALAR_RANGES,
+    KSpaceFile,
+    attrs_scalars,
+    check_scalars,
+    is_kspace_input,
+    read_hdf5_datasets,
+    read_kspace_file,
+)
 from datamodules.transforms import fit_to_square, from_slices, restore_shape, robust_scale, to_slices
 from degradations import REGIMES, Measurement, fft2c, ifft2c, make_regime, neutral_params
 from degradations.measurement import NoiseOrigin, stack_segment_count
@@ -43,17 +63,9 @@ from lfmri_utils.errors import InputError
 from lfmri_utils.files import check_input_file
 from lfmri_utils.volumes import check_volume
 
-__all__ = ["SCALAR_KEYS", "MeasuredVolume", "check_scalars", "load_measured_volume", "mid_range_params",
-           "operator_params", "read_kspace", "read_params", "volume_from_slices"]
-
-#: per-slice scalar parameters of the forward operator, as `lfmri degrade` records them
-SCALAR_KEYS = ("fwhm_px", "t2star_ms", "t2star_gre", "readout_ms", "te_ms", "b0_max_hz")
-
-#: the physical range of each recorded operator parameter: (lowest, whether the lowest itself is allowed,
-#: whether +inf is allowed); t2star_gre is a flag (0 spin echo, 1 gradient echo)
-SCALAR_RANGES = {"fwhm_px": (0.0, True, False), "t2star_ms": (0.0, False, True),
-                 "t2star_gre": (0.0, True, False), "readout_ms": (0.0, False, False),
-                 "te_ms": (0.0, True, False), "b0_max_hz": (0.0, True, False)}
+__all__ = ["SCALAR_KEYS", "SCALAR_RANGES", "MeasuredVolume", "check_scalars", "load_measured_volume",
+           "mid_range_params", "operator_params", "read_kspace", "read_params", "volume_from_slices",
+           "load_kspace_volume"]
 
 
 def _check_regime(source: str, recorded: Any, regime: str | None) -> None:
@@ -67,23 +79,12 @@ def read_kspace(path: str | Path, shape: tuple[int, int, int], regime: str | Non
     "noise_sigma": float64 [S] | None (input units), "attrs": dict}; InputError when it is unreadable, lacks
     `kspace`, disagrees with the NIfTI's slice stack `shape` or with the regime (None: not checked), or holds
     NaN / Inf."""
-    import h5py
-
     path = check_input_file(path, "--kspace")  # missing, a folder, not a regular file: said so
-    try:
-        with h5py.File(path, "r") as f:
-            if "kspace" not in f:
-                raise InputError(f"--kspace {path}: no dataset 'kspace'")
-            kspace = np.asarray(f["kspace"])
-            b0 = np.asarray(f["b0_map_hz"], dtype=np.float32) if "b0_map_hz" in f else None
-            sigma = np.asarray(f["noise_sigma"], dtype=np.float64) if "noise_sigma" in f else None
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-    except InputError:
-        raise
-    except Exception as err:
-        reason = " ".join(str(err).split())
-        raise InputError(f"--kspace {path}: not a readable HDF5 file ({type(err).__name__}"
-                         f"{': ' + reason if reason else ''})") from None
+    data, attrs = read_hdf5_datasets(path, f"--kspace {path}")
+    kspace, b0, sigma = data["kspace"], data["b0_map_hz"], data["noise_sigma"]
+    if attrs.get("lfmri_layout") == FASTMRI_LAYOUT:
+        raise InputError(f"--kspace {path}: a fastMRI-layout file (coils / undersampling): give it as INPUT "
+                         f"(lfmri reconstruct {path} OUTPUT ...), without the NIfTI")
     if tuple(kspace.shape) != tuple(shape):
         raise InputError(f"--kspace {path}: k-space shape {tuple(kspace.shape)} disagrees with the NIfTI's "
                          f"slices {tuple(shape)} (slices along --slice-axis first)")
@@ -142,33 +143,6 @@ def read_params(path: str | Path, n_slices: int, regime: str | None) -> dict[str
                              "recorded 0 is not a measurement: give --noise-sigma to assert exact data)")
     return {"scalars": scalars, "b0_method": record.get("b0_method"), "noise_sigma": noise_sigma,
             "regime": record.get("regime") or None}
-
-
-def check_scalars(where: str, scalars: dict[str, np.ndarray]) -> None:
-    """InputError (naming `where`, the parameter and the first bad slice) when a recorded operator parameter
-    is NaN or outside its physical range (`SCALAR_RANGES`; `t2star_gre` must be 0 or 1)."""
-    for key, values in scalars.items():
-        low, closed, inf_ok = SCALAR_RANGES[key]
-        ok = (values >= low) if closed else (values > low)
-        ok &= np.isfinite(values) | (inf_ok & (values == np.inf))
-        if key == "t2star_gre":
-            ok &= np.isin(values, (0.0, 1.0))
-        if not ok.all():
-            first = int(np.flatnonzero(~ok)[0])
-            bound = f"{'>=' if closed else '>'} {low:g}" + (" (inf allowed)" if inf_ok else "")
-            if key == "t2star_gre":
-                bound = "0 (spin echo) or 1 (gradient echo)"
-            raise InputError(f"{where}: {key} of slice {first} is {values[first]:g}; it must be {bound}")
-
-
-def _attrs_params(attrs: dict[str, Any], n_slices: int, where: str) -> dict[str, np.ndarray] | None:
-    """Per-volume scalars of the k-space file's attributes, repeated per slice (None when absent); checked
-    (`check_scalars`)."""
-    if not all(k in attrs for k in ("fwhm_px", "t2star_ms", "readout_ms", "te_ms")):
-        return None
-    scalars = {k: np.full(n_slices, float(attrs[k])) for k in SCALAR_KEYS if k in attrs}
-    check_scalars(where, scalars)
-    return scalars
 
 
 def mid_range_params(regime: str, n_slices: int) -> dict[str, np.ndarray]:
@@ -234,7 +208,11 @@ class MeasuredVolume:
             native matrix.
         axis: the slice axis of the input volume (0, 1 or 2).
         params_path: the parameters JSON read, if any.
-        nifti: the input image (its affine and header for the outputs).
+        nifti: the input image (its affine and header for the outputs; for a k-space INPUT an empty image
+            carrying the output's affine).
+        kspace: the measured k-space of a k-space INPUT, complex64 [S, C, H, W], normalised (its params then
+            hold "mask" and, C > 1, "sensitivities"); None: y = fft2c(image).
+        transposed: the output's in-plane axes are (W, H) (a foreign k-space file: its own order).
     """
 
     image: Tensor
@@ -251,22 +229,30 @@ class MeasuredVolume:
     axis: int
     params_path: str | None
     nifti: nib.spatialimages.SpatialImage
+    kspace: Tensor | None = None
+    transposed: bool = False
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
 
     def measurement(self, sl: slice = slice(None), device: torch.device | str = "cpu") -> Measurement:
-        """The `Measurement` of the slices `sl`, y = fft2c(image) on `device` (where an estimate of the noise
-        then runs), with the volume's parameters, noise std (or an estimate) and B0 settings."""
+        """The `Measurement` of the slices `sl`, y = the k-space INPUT's or fft2c(image), on `device` (where
+        an estimate of the noise then runs), with the volume's parameters, noise std (or an estimate) and B0
+        settings."""
         known = {} if self.noise_sigma is None else {"noise_sigma": self.noise_sigma[sl],
                                                      "noise_origin": self.noise_origin}
         n_segments = stack_segment_count(self.params, self.image.shape[-1], self.b0_method, self.n_segments)
-        return Measurement.from_kspace(fft2c(self.image[sl]).to(device),
+        y = fft2c(self.image[sl]) if self.kspace is None else self.kspace[sl]
+        return Measurement.from_kspace(y.to(device),
                                        {k: v[sl] for k, v in self.params.items()}, **known,
                                        b0_method=self.b0_method, n_segments=n_segments)
 
     def resized(self, size: int) -> MeasuredVolume:
-        """The volume on a size x size grid (module docstring); its noise level is then estimated."""
+        """The volume on a size x size grid (module docstring); its noise level is then estimated. InputError
+        for a k-space INPUT (coils and masks are not resampled)."""
+        if self.kspace is not None:
+            raise InputError("--resize: a k-space file INPUT is reconstructed at its own matrix (its coils "
+                             "and sampling mask cannot be resampled)")
         factor = size / max(self.shape)
         params = {**self.params, "fwhm_px": self.params["fwhm_px"] * factor,
                   "readout_ms": self.params["readout_ms"] * factor,
@@ -276,20 +262,25 @@ class MeasuredVolume:
                                    noise_source="estimated from the resampled k-space", size=size)
 
     def to_volume(self, images: Tensor) -> np.ndarray:
-        """Reconstructed slices [S, 1, H, W] of this volume -> the output volume (`volume_from_slices`)."""
+        """Reconstructed slices [S, 1, H, W] of this volume -> the output volume (`volume_from_slices`),
+        in-plane axes swapped back when `transposed`."""
+        if self.transposed:
+            return volume_from_slices(images.transpose(-1, -2), self.scale, self.shape[::-1], self.size,
+                                      self.axis)
         return volume_from_slices(images, self.scale, self.shape, self.size, self.axis)
 
 
-def load_measured_volume(path: str | Path, regime: str | None = None, slice_axis: int = 2, *,
+def load_measured_volume(path: str | Path, regime: str | None = None, slice_axis: int | None = 2, *,
                          kspace: str | Path | None = None, params: str | Path | None = None,
                          noise_sigma: float | None = None, size: int | None = None) -> MeasuredVolume:
-    """Read a magnitude NIfTI and its optional files into a `MeasuredVolume` (module docstring).
+    """Read a magnitude NIfTI and its optional files, or a k-space file (`is_kspace_input`:
+    `load_kspace_volume`), into a `MeasuredVolume` (module docstring).
 
     Args:
-        path: the magnitude NIfTI (3D).
+        path: the magnitude NIfTI (3D), or a k-space HDF5 file.
         regime: the degradation regime of A (`degradations.REGIMES`); None: the one the parameters JSON or
             k-space file records, else `noise` (A = fft2c).
-        slice_axis: the volume's axis to slice along (0, 1 or 2).
+        slice_axis: the volume's axis to slice along (0, 1 or 2; None: a k-space file's recorded one, else 2).
         kspace: the measured k-space HDF5 (`lfmri degrade --kspace-out`).
         params: the parameters JSON (default: `path` + ".json" when it exists).
         noise_sigma: the k-space noise std in input units (origin "given").
@@ -298,8 +289,14 @@ def load_measured_volume(path: str | Path, regime: str | None = None, slice_axis
     Raises InputError for an input that breaks lfmri's rules (`check_volume`), an empty volume, or files that
     disagree with it (`read_kspace`, `read_params`).
     """
+    if is_kspace_input(path):
+        if kspace or params:
+            raise InputError(f"{'--kspace' if kspace else '--params'}: a k-space INPUT ({path}) carries its "
+                             "own measurement and record; give --kspace / --params only with a NIfTI INPUT")
+        volume = load_kspace_volume(path, regime, slice_axis, noise_sigma)
+        return volume if size is None else volume.resized(size)
     data, img = load_nifti(path)
-    axis = slice_axis % 3
+    axis = 2 if slice_axis is None else slice_axis % 3
     check_volume(data, str(path), axis, kind="magnitude")
     stack = np.ascontiguousarray(to_slices(data, axis))  # [S, H, W], lfmri degrade's layout
     n_slices, height, width = stack.shape
@@ -316,12 +313,12 @@ def load_measured_volume(path: str | Path, regime: str | None = None, slice_axis
         if regime not in REGIMES:
             raise InputError(f"{params_path or kspace}: unknown recorded regime {regime!r}")
 
-    attrs_scalars = _attrs_params(measured["attrs"], n_slices, f"--kspace {kspace}") \
+    file_scalars = attrs_scalars(measured["attrs"], n_slices, f"--kspace {kspace}") \
         if measured is not None and recorded is None else None
     if recorded is not None:
         scalars, b0_method = recorded["scalars"], recorded["b0_method"]
-    elif attrs_scalars is not None:
-        scalars, b0_method = attrs_scalars, measured["attrs"].get("b0_method")
+    elif file_scalars is not None:
+        scalars, b0_method = file_scalars, measured["attrs"].get("b0_method")
     else:
         scalars, b0_method = mid_range_params(regime, n_slices), None
     b0_map = measured["b0_map_hz"] if measured is not None and "b0" in regime else None
@@ -348,3 +345,73 @@ def load_measured_volume(path: str | Path, regime: str | None = None, slice_axis
         noise_origin=origin, noise_source=source, b0_method=method, n_segments=segments, regime=regime,
         scale=scale, shape=(height, width), size=None, axis=axis, params_path=params_path, nifti=img)
     return volume if size is None else volume.resized(size)
+
+
+def _output_image(kfile: KSpaceFile, axis: int) -> nib.Nifti1Image:
+    """An empty NIfTI carrying the output's affine: the recorded NIfTI's (lfmri's files), else the header's
+    voxel sizes (the output's in-plane axes are the file's (H_f, W_f)), else identity."""
+    affine = kfile.attrs.get("nifti_affine")
+    if affine is not None and np.shape(affine) == (4, 4) and np.all(np.isfinite(affine)):
+        return nib.Nifti1Image(np.zeros((1, 1, 1), np.float32), np.asarray(affine, dtype=np.float64))
+    zooms = [1.0, 1.0, 1.0]
+    if kfile.voxel_mm is not None:
+        in_plane = list(kfile.voxel_mm[:2]) if not kfile.nifti_order else list(kfile.voxel_mm[1::-1])
+        zooms = in_plane[:axis] + [kfile.voxel_mm[2]] + in_plane[axis:]
+    return nib.Nifti1Image(np.zeros((1, 1, 1), np.float32), np.diag([*zooms, 1.0]))
+
+
+def load_kspace_volume(path: str | Path, regime: str | None = None, slice_axis: int | None = None,
+                       noise_sigma: float | None = None) -> MeasuredVolume:
+    """A k-space file INPUT (`datamodules.kspace_files.read_kspace_file`) as a `MeasuredVolume` (module
+    docstring): y [S, C, H, W] with A's parameters (the file's record or the regime's mid-range ones, its
+    mask, ESPIRiT sensitivities for C > 1) and the noise std (given in the file's units, recorded, or None:
+    estimated), all normalised by the 99.5th percentile of the zero-filled coil-combined magnitude.
+
+    `slice_axis` None: the axis lfmri recorded, else 2. InputError for a broken file, a regime that disagrees
+    with the record, or an empty zero-filled image.
+    """
+    kfile = read_kspace_file(path, "INPUT")
+    where = f"INPUT {kfile.path}"
+    n_slices, _, height, width = kfile.kspace.shape
+    recorded_axis = kfile.attrs.get("slice_axis") if kfile.nifti_order else None
+    axis = (slice_axis if slice_axis is not None else recorded_axis if recorded_axis in (0, 1, 2) else 2) % 3
+    _check_regime(where, kfile.regime, regime)
+    regime = regime or kfile.regime or "noise"
+    if regime not in REGIMES:
+        raise InputError(f"{where}: unknown recorded regime {regime!r}")
+    scalars = kfile.scalars if kfile.scalars is not None else mid_range_params(regime, n_slices)
+    b0_map = kfile.b0_map_hz if "b0" in regime else None
+    b0_method = kfile.attrs.get("b0_method")
+    overrides = {"b0_method": b0_method} if b0_method not in (None, "", "none") and b0_map is not None else {}
+    method, segments = make_regime(regime, **overrides).b0_settings
+    params = operator_params(scalars, b0_map, (height, width))
+    if kfile.mask is not None:
+        params["mask"] = torch.from_numpy(kfile.mask).expand(n_slices, 1, height, width)
+
+    sigma, origin, source = None, "estimated", "estimated from the measured k-space"
+    if noise_sigma is not None:
+        sigma, origin, source = np.full(n_slices, noise_sigma), "given", "--noise-sigma"
+    elif kfile.noise_sigma is not None:
+        sigma, origin, source = kfile.noise_sigma, "recorded", f"recorded in {kfile.path}"
+    # the coil-combined zero-filled image (ESPIRiT maps for C > 1) sets the scale; the noise level does not
+    # enter it, so a placeholder std avoids estimating it twice
+    y = torch.from_numpy(kfile.kspace)
+    try:
+        first = Measurement.from_kspace(y, params, torch.ones(n_slices), "given", method, segments)
+    except InputError as err:  # e.g. too few fully sampled centre lines for ESPIRiT
+        raise InputError(f"{where}: {err}") from None
+    maps = first.params.get("sensitivities") if kfile.n_coils > 1 else None
+    if maps is not None and not bool(maps.flatten(1).abs().amax(1).gt(0).all()):
+        empty = int(torch.nonzero(maps.flatten(1).abs().amax(1) == 0)[0, 0])
+        raise InputError(f"{where}: ESPIRiT found no coil sensitivity in slice {empty} (its fully sampled "
+                         "k-space centre is too small or too noisy; sample more centre lines)")
+    combined = first.degraded
+    scale = robust_scale(combined.abs().numpy())
+    if not scale > 0:
+        raise InputError(f"{where}: the zero-filled image is empty (its 99.5th percentile is 0)")
+    return MeasuredVolume(
+        image=combined / scale, params=dict(first.params),
+        noise_sigma=None if sigma is None else torch.from_numpy(np.asarray(sigma) / scale).float(),
+        noise_origin=origin, noise_source=source, b0_method=method, n_segments=segments, regime=regime,
+        scale=scale, shape=(height, width), size=None, axis=axis, params_path=None,
+        nifti=_output_image(kfile, axis), kspace=y / scale, transposed=not kfile.nifti_order)

@@ -23,21 +23,26 @@ from torch import Tensor
 #: the fields both sample types have, in this order (`SliceSample` puts `clean` before them, `MeasuredSample`
 #: adds `shape` after them): one spec, so the two types cannot drift apart
 COMMON_FIELDS: tuple[tuple[str, type], ...] = (
-    # float32 [2, H, W]: the image (real, imag): a SliceSample's degraded image,
-    # complex_to_channels(ifft2c(y)); a MeasuredSample's normalised measured image
+    # float32 [2, H, W]: the image (real, imag): a SliceSample's degraded image, that of its measurement
+    # (`degradations.Measurement.degraded`): the coil-combined zero-filled image sum_c conj(s_c) ifft2c(y_c),
+    # i.e. complex_to_channels(ifft2c(y)) for single-coil data; a training crop's is cut from it (see
+    # `TrainSliceDataset`); a MeasuredSample's normalised measured image
     ("degraded", Tensor),
-    # complex64 [1, H, W]: the k-space (orthonormal `fft2c`): a SliceSample's simulated k-space, for a
-    # training crop fft2c of the cropped degraded image (not the measured k-space: see `TrainSliceDataset`);
-    # a MeasuredSample's fft2c of `degraded`
+    # complex64 [C, H, W]: the k-space (orthonormal `fft2c`): a SliceSample's simulated k-space of C coils
+    # (C = 1 unless the regime has coils; exactly 0 on rows its `mask` does not sample); for a training crop
+    # [1, H, W], fft2c of the cropped degraded image (not the measured k-space, no mask: see
+    # `TrainSliceDataset`); a MeasuredSample's [1, H, W] fft2c of `degraded`
     ("y", Tensor),
     # the regime's name (`degradations.REGIMES`); "measured" for a MeasuredSample
     ("regime", str),
     # the forward operator's parameters (`degradations.build_operator`), one sample's slice of the full key
     # set (`degradations.neutral_params`): scalars [] (`fwhm_px` in pixels, `t2star_ms`, `snr_db`,
-    # `noise_sigma` per complex k-space sample in normalised units, ...), `b0_map_hz` [1, H, W] in Hz. A
-    # SliceSample's are the realised ones; a MeasuredSample's are its volume's
-    # (`measured.load_measured_volume`: lfmri degrade's recorded ones, else plain Fourier sampling), without
-    # `noise_sigma` (estimated)
+    # `noise_sigma` per complex k-space sample in normalised units, ...), `b0_map_hz` [1, H, W] in Hz; with
+    # undersampling / coils (`make_regime`'s acceleration / coils) also `mask` float32 [1, H, W] (0/1) and
+    # `sensitivities` complex64 [C, H, W] (not in training crops). A SliceSample's are the realised ones;
+    # a MeasuredSample's are its volume's (`measured.load_measured_volume`: lfmri degrade's recorded ones,
+    # else the regime's mid-range ones), with
+    # `noise_sigma` only when the noise std is known (given or recorded; else it is estimated from y)
     ("params", dict[str, Tensor]),
     # the volume's id, unique in the source (`VolumeRecord.volume_id`): the subject id, or the file stem if
     # the subject has several volumes

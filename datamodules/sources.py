@@ -15,7 +15,8 @@ config it is a `class_path` block, e.g.
 `make_source(...)` turns the data module's string shorthand ("bundled" or a path) into one.
 
 Slice axis: `NiftiDirSource` and `BundledSource` take slices along `slice_axis`; left None (the default), a
-data module sets it to its own `slice_axis` (`use_slice_axis`), and a source used alone slices along axis 2.
+data module sets it to its own `slices.slice_axis` (`use_slice_axis`), and a source used alone slices along
+axis 2.
 fastMRI files are always sliced along their axis 0.
 """
 
@@ -69,8 +70,9 @@ class VolumeSource:
     slice_axis: int | None = None
 
     def use_slice_axis(self, axis: int) -> None:
-        """A data module's `slice_axis` for this source. The base class's formats fix their own slicing, so
-        this does nothing; a source with a `slice_axis` option takes `axis` if it was left None."""
+        """A data module's `slices.slice_axis` for this source. The base class's formats fix their own
+        slicing, so this does nothing; a source with a `slice_axis` option takes `axis` if it was left
+        None."""
 
     def config(self) -> dict[str, Any]:
         """`{"class_path": ..., "init_args": {...}}`: the source as a LightningCLI block (plain values, for
@@ -100,8 +102,8 @@ class VolumeSource:
 
 
 class _AxisSource(VolumeSource):
-    """A source with a `slice_axis` option: 0, 1 or 2, or None (the data module's `slice_axis`; axis 2 when
-    the source is used alone)."""
+    """A source with a `slice_axis` option: 0, 1 or 2, or None (the data module's `slices.slice_axis`; axis 2
+    when the source is used alone)."""
 
     def _set_slice_axis(self, slice_axis: int | None) -> None:
         if slice_axis is not None and slice_axis not in (0, 1, 2):
@@ -117,8 +119,8 @@ class _AxisSource(VolumeSource):
             self.slice_axis = axis
         elif self.slice_axis != axis:
             raise InputError(f"slice_axis: the {self.name} source's slice_axis {self.slice_axis} differs "
-                             f"from the data module's {axis}; set it once, on the data module (slice_axis: "
-                             f"{self.slice_axis}), which slices predict_path along it too")
+                             f"from the data module's {axis}; set it once, on the data module (slices: "
+                             f"{{slice_axis: {self.slice_axis}}}), which slices predict.path along it too")
 
 
 def _check_stack(stack: np.ndarray, where: str) -> np.ndarray:

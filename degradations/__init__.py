@@ -8,6 +8,14 @@ is one `Measurement`, which builds its operator `A` through `build_operator`, as
 
 from .b0 import B0PhaseCorruption, OffResonanceEncoding, random_b0_map
 from .blur import GaussianBlur, gaussian_mtf
+from .coils import (
+    CoilSensitivities,
+    birdcage_sensitivities,
+    espirit_sensitivities,
+    noise_covariance,
+    root_sum_of_squares,
+    whitening_matrix,
+)
 from .compose import (
     PARAM_KEYS,
     REGIMES,
@@ -18,6 +26,7 @@ from .compose import (
     regime_label,
 )
 from .fourier import channels_to_complex, complex_to_channels, fft2c, ifft2c
+from .masks import UndersamplingMask, cartesian_mask, poisson_disc_mask
 from .measurement import Measurement, NoiseOrigin, build_operator, operator_norm_sq
 from .noise import ComplexGaussianNoise
 from .noise_estimate import estimate_noise_sigma
@@ -36,4 +45,7 @@ __all__ = [
     "regime_label",
     "ForwardOperator", "estimate_noise_sigma",
     "Measurement", "NoiseOrigin", "build_operator", "operator_norm_sq",
+    "UndersamplingMask", "cartesian_mask", "poisson_disc_mask",
+    "CoilSensitivities", "birdcage_sensitivities", "espirit_sensitivities", "noise_covariance",
+    "whitening_matrix", "root_sum_of_squares",
 ]

@@ -1,13 +1,22 @@
 """Composition of the degradations into named low-field regimes.
 
-A regime adds steps in the physical order blur -> T2* -> B0 -> noise. The signal equation evaluates them as
+A regime adds steps in the physical order blur -> T2* -> B0 -> (coils -> undersampling) -> noise. The signal
+equation evaluates them as
 
-    y = A x + n,    A x = MTF(k) * T2*(t(kx)) * E_B0(x)
+    y = A x + n,    (A x)_c = M(k) * MTF(k) * T2*(t(kx)) * E_B0(s_c x)
 
 (the MTF and the T2* envelope weight every sample produced by the off-resonance encoding `E_B0`, which is
 `fft2c` without B0) and `n` is complex Gaussian noise whose level is set against the noise-free image
 `ifft2c(A x)` entering the noise stage. `apply` is exactly `build_operator(params, *b0_settings)(x) + n`
 (`degradations.measurement.build_operator`, the one place A is built, which measurements use too).
+
+Multi-coil and undersampled acquisitions (`make_regime(..., acceleration=4, coils=8)`): the coil step
+(`degradations.coils.CoilSensitivities`, birdcage maps `s_c` with `sum_c |s_c|^2 = 1`) and the mask step
+(`degradations.masks.UndersamplingMask`, `M` 0/1) can be added to every regime; then `y` is `[B, C, H, W]`,
+0 where not sampled (noise drawn on the whole grid, then masked). The noise level stays the one of the fully
+sampled single-coil noise-free image (`ForwardOperator.noise_free_image`), so the same SNR gives the same
+`noise_sigma` with or without them, and the coil-combined fully sampled image has that SNR. Without these two
+steps everything (parameters, random draws, `y`) is as before, bit for bit.
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import torch
 
 from .b0 import B0PhaseCorruption
 from .blur import GaussianBlur
+from .coils import CoilSensitivities
+from .masks import UndersamplingMask
 from .measurement import DEFAULT_B0_METHOD, build_operator
 from .noise import ComplexGaussianNoise
 from .operator import ForwardOperator
@@ -26,7 +37,7 @@ from .t2star import T2StarDecay
 from .timing import AcquisitionTiming
 
 __all__ = ["LowFieldDegradation", "make_regime", "REGIMES", "PARAM_KEYS", "neutral_params",
-           "params_to_jsonable", "regime_label"]
+           "params_to_jsonable", "regime_label", "acquisition_summary"]
 
 #: the four regimes of the paper, in its order (the one list every module, command and script uses)
 REGIMES = ("noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0")
@@ -54,7 +65,11 @@ _OVERRIDES = {
     "b0_poly_degree": ("b0", "poly_degree"), "b0_method": ("b0", "method"),
     "n_segments": ("b0", "n_segments"),
     "snr_db": ("noise", "snr_db"), "snr_db_range": ("noise", "snr_db_range"),
+    "acceleration": ("mask", "acceleration"), "center_fraction": ("mask", "center_fraction"),
+    "mask": ("mask", "kind"), "coils": ("coils", "n_coils"),
 }
+#: the mask kind `make_regime` uses when only an acceleration is given (fastMRI's RandomMaskFunc)
+DEFAULT_MASK_KIND = "random"
 #: the full, flat params key set (every regime returns all of them)
 PARAM_KEYS = ("fwhm_px", "t2star_ms", "t2star_gre", "readout_ms", "te_ms", "b0_map_hz", "b0_max_hz", "snr_db",
               "noise_sigma")
@@ -76,25 +91,31 @@ def neutral_params(batch: int, height: int, width: int,
 
 
 class LowFieldDegradation:
-    """An ordered composition of low-field degradations (blur -> T2* -> B0 -> noise); any step may be absent.
+    """An ordered composition of low-field degradations (blur -> T2* -> B0 -> coils -> undersampling ->
+    noise); any step may be absent.
 
     Args:
         name: regime name.
         blur, t2star, b0, noise: the steps (`None` = absent).
         timing: readout / echo timing shared by T2* and B0 (default `AcquisitionTiming`).
+        coils: receive coils (`None` = one coil with `s = 1`).
+        mask: k-space undersampling (`None` = fully sampled).
     """
 
     def __init__(self, name: str, blur: GaussianBlur | None = None, t2star: T2StarDecay | None = None,
                  b0: B0PhaseCorruption | None = None, noise: ComplexGaussianNoise | None = None,
-                 timing: AcquisitionTiming | None = None) -> None:
+                 timing: AcquisitionTiming | None = None, coils: CoilSensitivities | None = None,
+                 mask: UndersamplingMask | None = None) -> None:
         self.name = name
         self.blur, self.t2star, self.b0, self.noise = blur, t2star, b0, noise
+        self.coils, self.mask = coils, mask
         self.timing = timing if timing is not None else AcquisitionTiming()
 
     @property
     def steps(self) -> tuple[Any, ...]:
         """The present steps, in physical order."""
-        return tuple(s for s in (self.blur, self.t2star, self.b0, self.noise) if s is not None)
+        return tuple(s for s in (self.blur, self.t2star, self.b0, self.coils, self.mask, self.noise)
+                     if s is not None)
 
     def __repr__(self) -> str:
         return f"LowFieldDegradation({self.name!r}, steps={[type(s).__name__ for s in self.steps]})"
@@ -142,12 +163,27 @@ class LowFieldDegradation:
         """The forward operator `A` of `params` with this regime's B0 settings (`build_operator`)."""
         return build_operator(params, *self.b0_settings)
 
+    def sample_acquisition(self, batch: int, height: int, width: int,
+                           generator: torch.Generator | None = None,
+                           device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The coil and undersampling parameters: `sensitivities` complex64 `[B, C, H, W]` (with coils) and
+        `mask` float32 `[B, 1, H, W]` (with undersampling), drawn with `generator` in that order; `{}`
+        without these steps (nothing drawn)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.coils is not None:
+            out.update(self.coils.sample_params(batch, height, width, generator, device))
+        if self.mask is not None:
+            out.update(self.mask.sample_params(batch, height, width, generator, device))
+        return out
+
     def sample_params(self, x: torch.Tensor, generator: torch.Generator | None = None,
                       signal_power: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """All parameters for the complex images `x` `[B, 1, H, W]`: the full key set `PARAM_KEYS`.
+        """All parameters for the complex images `x` `[B, 1, H, W]`: the full key set `PARAM_KEYS`, then
+        `mask` / `sensitivities` where the regime has these steps (`sample_acquisition`, drawn last).
 
-        `noise_sigma` is set from the target `snr_db` and the noise-free image `ifft2c(A x)` (or the
-        given `signal_power` `[B]`, e.g. a volume's, see `ComplexGaussianNoise`).
+        `noise_sigma` is set from the target `snr_db` and the noise-free image `ifft2c(A x)` of the fully
+        sampled single-coil operator (or the given `signal_power` `[B]`, e.g. a volume's, see
+        `ComplexGaussianNoise`).
         """
         batch, _, height, width = x.shape
         params = self.sample_scalars(batch, generator, x.device)
@@ -157,12 +193,15 @@ class LowFieldDegradation:
         else:
             x_in = self.operator(params).noise_free_image(x)
             params["noise_sigma"] = self.noise.sigma_for(x_in, params["snr_db"], signal_power)
-        return {key: params[key] for key in PARAM_KEYS}
+        out = {key: params[key] for key in PARAM_KEYS}
+        out.update(self.sample_acquisition(batch, height, width, generator, x.device))
+        return out
 
     # -- application ---------------------------------------------------------------------------------------
     def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor],
               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Measured k-space `y = A x + n` (complex `[B, 1, H, W]`) of the complex images `x`."""
+        """Measured k-space `y = A x + n` (complex `[B, C, H, W]`, `C = 1` without coils; 0 where not
+        sampled) of the complex images `x` `[B, 1, H, W]`."""
         k = self.operator(params).forward(x)
         return k if self.noise is None else self.noise.apply(k, params, generator)
 
@@ -180,7 +219,11 @@ def make_regime(name: str, **overrides: Any) -> LowFieldDegradation:
     `fwhm_px[_range]`, `t2star_ms[_range]`, `t2star_mode`, `readout_ms[_range]`, `te_ms[_range]`,
     `b0_max_hz[_range]`, `b0_poly_degree`, `b0_method`, `n_segments`, `snr_db[_range]`.
     Overrides of a step the regime lacks are ignored, so one set of overrides serves every regime.
-    Unknown regime or override -> `ValueError`.
+    Every regime takes the acquisition steps: `acceleration` (> 1 adds `UndersamplingMask`; None or 1: fully
+    sampled) with `mask` (its kind, "random" (default), "equispaced" or "poisson") and `center_fraction`
+    (default `UndersamplingMask`'s), and `coils` (> 1 adds `CoilSensitivities` with that many birdcage coils;
+    None or 1: one coil with `s = 1`). A None value is the same as leaving the override out.
+    Unknown regime or override, or `mask` / `center_fraction` without an acceleration > 1 -> `ValueError`.
     """
     if name not in _REGIME_STEPS:
         raise ValueError(f"unknown regime {name!r}; valid regimes: {', '.join(REGIMES)}")
@@ -188,20 +231,49 @@ def make_regime(name: str, **overrides: Any) -> LowFieldDegradation:
     if unknown:
         raise ValueError(f"unknown degradation parameter(s) {', '.join(unknown)}; "
                          f"valid: {', '.join(_OVERRIDES)}")
-    kwargs: dict[str, dict[str, Any]] = {"blur": {}, "t2star": {}, "b0": {}, "noise": {}, "timing": {}}
+    kwargs: dict[str, dict[str, Any]] = {"blur": {}, "t2star": {}, "b0": {}, "noise": {}, "timing": {},
+                                         "mask": {}, "coils": {}}
     for key, value in overrides.items():
         component, arg = _OVERRIDES[key]
+        if component in ("mask", "coils") and value is None:
+            continue
         kwargs[component][arg] = tuple(value) if key.endswith("_range") else value
     classes = {"blur": GaussianBlur, "t2star": T2StarDecay, "b0": B0PhaseCorruption,
                "noise": ComplexGaussianNoise}
     steps = {step: classes[step](**kwargs[step]) for step in _REGIME_STEPS[name]}
-    return LowFieldDegradation(name, timing=AcquisitionTiming(**kwargs["timing"]), **steps)
+    return LowFieldDegradation(name, timing=AcquisitionTiming(**kwargs["timing"]), **steps,
+                               coils=_coil_step(kwargs["coils"]), mask=_mask_step(kwargs["mask"]))
+
+
+def _coil_step(kwargs: dict[str, Any]) -> CoilSensitivities | None:
+    """The coil step of `make_regime`'s `coils` override (None for none or one coil)."""
+    n_coils = kwargs.get("n_coils")
+    if n_coils is None or n_coils == 1:
+        return None
+    if isinstance(n_coils, bool) or not isinstance(n_coils, int) or n_coils < 1:
+        raise ValueError(f"coils must be an integer >= 1, got {n_coils!r}")
+    return CoilSensitivities(n_coils)
+
+
+def _mask_step(kwargs: dict[str, Any]) -> UndersamplingMask | None:
+    """The undersampling step of `make_regime`'s `acceleration` / `mask` / `center_fraction` overrides
+    (None when fully sampled)."""
+    acceleration = kwargs.pop("acceleration", None)
+    if acceleration is None or acceleration == 1:
+        if kwargs:
+            raise ValueError(f"{' and '.join(sorted('mask' if k == 'kind' else k for k in kwargs))} "
+                             "need(s) an acceleration > 1")
+        return None
+    return UndersamplingMask(kwargs.pop("kind", DEFAULT_MASK_KIND), acceleration, **kwargs)
 
 
 def params_to_jsonable(params: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """One dict of Python scalars per sample (non-finite -> `None`; per-pixel maps omitted)."""
+    """One dict of Python scalars per sample (non-finite -> `None`; per-pixel maps omitted). The big
+    acquisition tensors are summarised (`acquisition_summary`): a `mask` as `acceleration` / `n_lines`, the
+    `sensitivities` as `n_coils`; without them the rows are as before."""
     scalars = {key: value.detach().cpu().double() for key, value in params.items()
                if torch.is_tensor(value) and value.dim() == 1}
+    scalars.update(acquisition_summary(params))
     batch = next(iter(scalars.values())).shape[0] if scalars else 0
     out = []
     for i in range(batch):
@@ -210,4 +282,24 @@ def params_to_jsonable(params: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
             v = float(value[i])
             row[key] = v if math.isfinite(v) else None
         out.append(row)
+    return out
+
+
+def acquisition_summary(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-sample scalars float64 `[B]` of the optional acquisition keys: with `mask` `[B,1,H,W]` the
+    realised `acceleration` (`H W / sampled samples`, inf for an empty mask) and `n_lines` (sampled rows of a
+    Cartesian mask, constant along W; NaN for a 2D mask such as Poisson disc), with `sensitivities`
+    `[B,C,H,W]` `n_coils`; `{}` without them."""
+    out = {}
+    mask = params.get("mask")
+    if mask is not None:
+        sampled = mask.detach().cpu().double().expand(mask.shape[0], 1, *mask.shape[-2:])[:, 0] > 0
+        count = sampled.flatten(1).sum(1).double()
+        out["acceleration"] = sampled[0].numel() / count
+        cartesian = (sampled == sampled[..., :1]).flatten(1).all(1)
+        out["n_lines"] = torch.where(cartesian, sampled[..., 0].sum(1).double(), math.nan)
+    sensitivities = params.get("sensitivities")
+    if sensitivities is not None:
+        out["n_coils"] = torch.full((sensitivities.shape[0],), float(sensitivities.shape[1]),
+                                    dtype=torch.float64)
     return out

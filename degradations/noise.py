@@ -1,4 +1,9 @@
-"""Thermal noise: i.i.d. complex Gaussian noise in k-space at a target SNR."""
+"""Thermal noise: i.i.d. complex Gaussian noise in k-space at a target SNR.
+
+Multi-coil k-space `[B, C, H, W]` gets the same std on every coil (the prewhitened model, see
+`degradations.measurement`); with a sampling mask the noise is drawn for every sample of the grid (the same
+draw as without the mask) and then masked, so unsampled samples stay exactly 0 (fastMRI's convention).
+"""
 
 from __future__ import annotations
 
@@ -65,6 +70,11 @@ class ComplexGaussianNoise:
 
     def apply(self, k: torch.Tensor, params: dict[str, torch.Tensor],
               generator: torch.Generator | None = None) -> torch.Tensor:
-        """`k + n` with `n` drawn with `generator` at `params["noise_sigma"]`."""
-        return k + self.draw(k, params["noise_sigma"], generator)
+        """`k + n` with `n` drawn with `generator` at `params["noise_sigma"]` for k-space `k` `[B, C, H, W]`;
+        with `params["mask"]` (float32 `[B, 1, H, W]`, 0/1) `(k + n) * mask`: noise on sampled samples only,
+        exact zeros elsewhere."""
+        y = k + self.draw(k, params["noise_sigma"], generator)
+        mask = params.get("mask")
+        return y if mask is None else torch.where(mask.to(y.device) > 0, y, torch.zeros((), dtype=y.dtype,
+                                                                                        device=y.device))
 

@@ -18,8 +18,7 @@ Exports are loaded lazily (PEP 562): `import diffusion` stays cheap until a name
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lfmri_utils.lazy import lazy_exports
 
 _EXPORTS = {
     "DDPM": "diffusion.networks.ddpm",
@@ -42,10 +41,4 @@ _EXPORTS = {
     "Reconstructor": "diffusion.inference",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'diffusion' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -39,7 +39,8 @@ _PREFIX = "module."
 
 
 #: checkpoints shipped with lfmri, by short name: `--ckpt reference-small` (reconstruct, evaluate, export) and
-#: `model.init_args.pretrained: reference-small` (fine-tune). A short name wins over a file of the same name.
+#: `model.init_args.pretrained.path: reference-small` (fine-tune). A short name wins over a file of the same
+#: name.
 SHIPPED_CHECKPOINTS: dict[str, Path] = {
     "reference-small": Path(__file__).parent / "pretrained" / "reference_small.ckpt",
     # the first reference prior (inside crops, the supervised term sharing the score's output; an older
@@ -109,7 +110,7 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict | None]:
     if file.architecture != "ddpm":
         family = detect_family(file, None).name
         raise CheckpointError(f"{path}: not score_sde's DDPM but {family}'s network; set "
-                              f"pretrained_family={family} (with pretrained_config, its config)")
+                              f"pretrained.family={family} (with pretrained.config, its config)")
     return file.model, file.ema
 
 

@@ -2,12 +2,13 @@
 
 `Reconstructor` (plain torch, no Lightning, no CLI) is what `lfmri reconstruct`, `lfmri evaluate`,
 `lfmri predict` (`ScoreModel.predict_step`) and the validation `SamplerCallback` all call. For a stack of
-slices of one matrix size, given as one `degradations.Measurement` (the measured k-space, the realised
-operator parameters, the B0 settings and the k-space noise std with its origin, all decided when the
-measurement is made), it
+slices of one matrix size, given as one `degradations.Measurement` (the measured k-space, single- or
+multi-coil, fully sampled or not, the realised operator parameters, the B0 settings and the k-space noise std
+with its origin, all decided when the measurement is made), it
 
-1. takes each batch's forward operator A, measured k-space and noise std from the measurement
-   (`Measurement.data_term`: A built in one place, `degradations.build_operator`);
+1. takes each batch's forward operator A, measured k-space `[s,C,H,W]` and noise std from the measurement
+   (`Measurement.data_term`: A built in one place, `degradations.build_operator`; with coils A maps the
+   coil-combined image `[s,1,H,W]` to every coil's k-space);
 2. runs the sampler with data consistency (`Sampler.posterior`) in batches, K posterior samples per slice,
    from the measured image `x_init` without the echo phase of a known B0 field map
    (`ForwardOperator.demodulate`: the warm start then sits in the frame of the images A acts on),
@@ -16,9 +17,11 @@ measurement is made), it
 3. returns the per-pixel mean and std of the K magnitude images.
 
 A prior trained on another data range (a checkpoint family's normalisation, `ScoreModel.data_scale`) gets
-each slice multiplied by its factor c (`data_scale(y, noise_sigma)`, [S]) before sampling: x_init, y and the
+each slice multiplied by its factor c (`data_scale(k, noise_sigma)`, [S]) before sampling: x_init, y and the
 noise std are scaled by c (A is linear and its parameters unitless), and the mean and std are divided by c,
-so the output stays in the slices' units.
+so the output stays in the slices' units. `k` is y for single-coil data and the k-space of the coil-combined
+degraded image `fft2c(Measurement.degraded)` `[S,1,H,W]` for multi-coil data (one channel, as the prior's
+training data).
 
 Randomness: every slice has its own generator, seeded by (seed, its slice index in the volume's stack), so a
 slice's reconstruction depends on the seed and the slice only, not on the batch size or on which other slices
@@ -36,12 +39,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from degradations import Measurement, channels_to_complex, complex_to_channels
+from degradations import Measurement, channels_to_complex, complex_to_channels, fft2c
 from diffusion.sampling.samplers import Sampler
 from lfmri_utils.seeding import stable_hash
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
-#: `data_scale(y complex [S,1,H,W], noise_sigma [S]) -> c [S]`: the factor from the slices' units to a prior's
+#: `data_scale(k complex [S,1,H,W], noise_sigma [S]) -> c [S]`: the factor from the slices' units to a prior's
 DataScale = Callable[[Tensor, Tensor], Tensor]
 
 __all__ = ["DataScale", "Reconstruction", "Reconstructor", "slice_generators"]
@@ -96,7 +99,8 @@ class Reconstructor:
 
         Args:
             measurement: measured k-space, operator parameters, B0 settings and noise std of the S slices.
-            x_init: float `[S,2,H,W]` (real, imag): the sampler's starting image (usually `ifft2c(y)`).
+            x_init: float `[S,2,H,W]` (real, imag): the sampler's starting image (usually the degraded,
+                coil-combined image `measurement.degraded`).
             slice_ids: each slice's index in its volume's stack (seeds its randomness).
             seed: the reconstruction's seed.
             samples: K posterior samples per slice.
@@ -109,8 +113,9 @@ class Reconstructor:
             raise ValueError(f"{len(slice_ids)} slice ids for {n} slices")
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
+        kspace = measurement.y if measurement.n_coils == 1 else fft2c(measurement.degraded)
         scale = torch.ones(n) if self.data_scale is None else self.data_scale(
-            measurement.y.to(self.device), measurement.noise_sigma.to(self.device)).float().cpu()
+            kspace.to(self.device), measurement.noise_sigma.to(self.device)).float().cpu()
         if scale.shape != (n,) or not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
             raise ValueError(f"data_scale must give {n} finite factors > 0, got {scale.tolist()}")
         means, stds, nfe = [], [], 0

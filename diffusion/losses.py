@@ -23,11 +23,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from diffusion.sampling.sde import SDE, DiscreteVPSDE, ScoreFn, get_score_fn
+from diffusion.sampling.sde import SDE, ScoreFn, get_score_fn
 
 DSM_EPS = 1e-5
 #: the label offset of the supervised term's own conditioning (`supervised_loss(label_offset=...)`,
-#: `ScoreModel(supervised_conditioning="separate")`): the score's labels are `sde.labels(t)` in [0, 999]
+#: the model's `loss.supervised_conditioning: separate`): the score's labels are `sde.labels(t)` in [0, 999]
 #: (999 t under the VP-SDE, t in [0, 1]), the supervised call's `sde.labels(t0) + 1000` in [1000, 1999]
 #: (1049.95 to 1299.7 for t0 in [0.05, 0.3]); the DDPM's sinusoidal time embedding takes any real label
 SUPERVISED_LABEL_OFFSET = 1000.0
@@ -45,29 +45,21 @@ def _normal(like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
-def _dsm_times(sde: SDE, n: int, eps: float, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """DSM times [B]: U(eps, T), or for a `DiscreteVPSDE` i / (N - 1) at uniform integer steps i."""
-    if isinstance(sde, DiscreteVPSDE):
-        i = torch.randint(0, sde.N, (n,), generator=generator, device=like.device)
-        return i.to(torch.float32) / (sde.N - 1)
-    return _uniform(n, eps, sde.T, like, generator)
-
-
 def dsm_loss(net: nn.Module | None, sde: SDE, x: Tensor, *, likelihood_weighting: bool = False,
              reduce_mean: bool = True, eps: float = DSM_EPS, generator: torch.Generator | None = None,
              score_fn: ScoreFn | None = None) -> Tensor:
     """score_sde's continuous-time DSM loss (`get_sde_loss_fn`), a scalar.
 
-    t ~ U(eps, T) [B] (a `DiscreteVPSDE`: uniform integer steps, see the module docstring), z ~ N(0, I)
-    (drawn in that order), x_t = alpha(t) x + std(t) z, s = score(x_t, t) (`score_fn`, or
-    `get_score_fn(net, sde)` when it is None).
+    t [B] from `sde.sample_training_times` (U(eps, T); a `DiscreteVPSDE`: uniform integer steps, see the
+    module docstring), z ~ N(0, I) (drawn in that order), x_t = alpha(t) x + std(t) z, s = score(x_t, t)
+    (`score_fn`, or `get_score_fn(net, sde)` when it is None).
     Per sample: reduce(|s std(t) + z|^2) (the score_sde weighting lambda(t) = std(t)^2), or with
     `likelihood_weighting` reduce(|s + z / std(t)|^2) g(t)^2 (g the SDE's diffusion; `DiscreteVPSDE`: its
     continuous limit). `reduce` is the mean over pixels (`reduce_mean`) or half the sum. Returns the batch
     mean.
     """
     score_fn = get_score_fn(net, sde) if score_fn is None else score_fn
-    t = _dsm_times(sde, x.shape[0], eps, x, generator)
+    t = sde.sample_training_times(x.shape[0], eps, device=x.device, generator=generator)
     z = _normal(x, generator)
     mean, std = sde.marginal_prob(x, t)
     score = score_fn(mean + _bc(std) * z, t)
@@ -81,11 +73,6 @@ def dsm_loss(net: nn.Module | None, sde: SDE, x: Tensor, *, likelihood_weighting
     return losses.mean()
 
 
-def tweedie_x0(sde: SDE, x_t: Tensor, t: Tensor, score: Tensor) -> Tensor:
-    """One-step Tweedie estimate of x_0: (x_t + std(t)^2 s) / alpha(t), [B, C, H, W]."""
-    return (x_t + _bc(sde.std(t) ** 2) * score) / _bc(sde.alpha(t))
-
-
 def supervised_loss(net: nn.Module | None, sde: SDE, degraded: Tensor, clean: Tensor, *,
                     t0_range: tuple[float, float] = (0.05, 0.3), loss: Literal["l1", "l2"] = "l1",
                     generator: torch.Generator | None = None, score_fn: ScoreFn | None = None,
@@ -93,7 +80,7 @@ def supervised_loss(net: nn.Module | None, sde: SDE, degraded: Tensor, clean: Te
     """Supervised reconstruction loss of a warm-started sampler's first step, a scalar.
 
     t0 ~ U(t0_range) [B], z ~ N(0, I) (drawn in that order); the degraded slice is diffused to t0,
-    x_t0 = alpha(t0) degraded + std(t0) z, denoised in one Tweedie step
+    x_t0 = alpha(t0) degraded + std(t0) z, denoised in one Tweedie step (`sde.denoise`)
     x0_hat = (x_t0 + std(t0)^2 s(x_t0, t0)) / alpha(t0), and compared to the clean slice:
     mean |x0_hat - clean| (l1) or mean (x0_hat - clean)^2 (l2) over all pixels and the batch.
     With `net` (a noise prediction, score_sde's DDPM) std^2 s = -std net(x_t0, labels), finite at t0 = 0; with
@@ -118,7 +105,7 @@ def supervised_loss(net: nn.Module | None, sde: SDE, degraded: Tensor, clean: Te
     mean, std = sde.marginal_prob(degraded, t0)
     x_t0 = mean + _bc(std) * z
     if score_fn is not None:
-        x0_hat = tweedie_x0(sde, x_t0, t0, score_fn(x_t0, t0))
+        x0_hat = sde.denoise(x_t0, t0, score_fn(x_t0, t0))
     else:  # std^2 s = -std out (s = -out / std): the same estimate, finite at t0 = 0
         labels = sde.labels(t0)
         if label_offset != 0.0:  # (0: exactly the score's labels, no extra operation)

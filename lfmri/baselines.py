@@ -16,7 +16,12 @@ to a magnitude volume `[S, H, W]` (float32, the slices' normalised units):
   imaginary parts separately, with noise std `sigma_factor * sigma_img`;
 - `tv_model`: model-based TV-regularised least squares with the known forward operator A (blur, T2*, B0),
   `min_x 1/2 ||A x - y||^2 + w TV(x)` on the complex image, `w = weight_factor * sigma_img` (the same as
-  `1/2 ||A x - y||^2 / sigma^2 + lambda TV(x)` with `lambda = w / sigma^2`), by PDHG (`tv_reconstruct`).
+  `1/2 ||A x - y||^2 / sigma^2 + lambda TV(x)` with `lambda = w / sigma^2`), by PDHG (`tv_reconstruct`);
+- `zero_filled_rss`, `cg_sense`, `l1_wavelet`, `tv_cs`: the parallel-imaging and compressed-sensing baselines
+  for multi-coil, undersampled measurements (`lfmri.cs_baselines`: root-sum-of-squares of the zero-filled coil
+  images; CG-SENSE with Tikhonov `lam = lam_factor * sigma_img^2`; L1-wavelet and TV compressed sensing with
+  SigPy, `lam = lam_factor * sigma_img`), all with the measurement's own operator A (mask, coil
+  sensitivities, blur, T2*, B0); they run on single-coil, fully sampled measurements too.
 
 Noise level: `sigma` is the measurement's `noise_sigma`, the std of the complex k-space noise per sample
 (recorded by the simulation, given, or estimated when the measurement is made: the same value the diffusion
@@ -30,7 +35,8 @@ across the volumes it is given; callers pass validation volumes only (`tune_base
 volumes it saw). Grids (`Baseline.grid`) are small enough for a CPU: 7 points for the image denoisers
 (TV and NL-means: < 1 s per slice), 3 for BM3D (seconds per slice, twice that for the complex variant), 6 for
 `tv_model` (`TV_MODEL_ITERATIONS` PDHG iterations: about a second per 256^2 slice without B0 on one CPU
-thread, several with B0). `Baseline.defaults` are the parameters used without tuning (see `BASELINES`).
+thread, several with B0) and for the CS baselines (seconds per 8-coil slice: `lfmri.cs_baselines`).
+`Baseline.defaults` are the parameters used without tuning (see `BASELINES`).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 from torch import Tensor
 
 from degradations import ForwardOperator, Measurement, operator_norm_sq
+from lfmri.cs_baselines import cg_sense, l1_wavelet, tv_cs, zero_filled_rss
 
 #: a volume metric, `metric(pred [S,H,W], ref [S,H,W]) -> float` (higher is better for tuning)
 VolumeMetric = Callable[[np.ndarray, np.ndarray], float]
@@ -279,6 +286,11 @@ class Baseline:
 _TV_GRID = {"weight_factor": (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)}
 _NLM_GRID = {"h_factor": (0.45, 0.6, 0.8, 1.0, 1.3, 1.7, 2.2)}
 _BM3D_GRID = {"sigma_factor": (1.0, 1.5, 2.0)}
+#: CG-SENSE's Tikhonov factor (of sigma_img^2) and the CS weights (factors of sigma_img): on 8-coil Colin27
+#: slices (ESPIRiT maps) the best were 100-300 / 0.25 (wavelet) / 0.125 (TV) at 4x and 30 dB, ~10 / 2 / 0.5 at
+#: 2x and 4 dB; the defaults sit between
+_CG_SENSE_GRID = {"lam_factor": (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)}
+_CS_GRID = {"lam_factor": (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)}
 
 #: name -> baseline; parameters are factors of each slice's image noise std (module docstring). Defaults:
 #: the best grid points on two MNI152 axial slices (z = 50, 70; 197 x 233) in the noise and noise_blur
@@ -292,6 +304,10 @@ BASELINES: dict[str, Baseline] = {b.name: b for b in (
     Baseline("bm3d", bm3d, _BM3D_GRID, {"sigma_factor": 1.0}, extra="bm3d", module="bm3d"),
     Baseline("bm3d_complex", bm3d_complex, _BM3D_GRID, {"sigma_factor": 1.5}, extra="bm3d", module="bm3d"),
     Baseline("tv_model", tv_model, {"weight_factor": (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)}, {"weight_factor": 1.5}),
+    Baseline("zero_filled_rss", zero_filled_rss),
+    Baseline("cg_sense", cg_sense, _CG_SENSE_GRID, {"lam_factor": 100.0}),
+    Baseline("l1_wavelet", l1_wavelet, _CS_GRID, {"lam_factor": 0.5}),
+    Baseline("tv_cs", tv_cs, _CS_GRID, {"lam_factor": 0.25}),
 )}
 
 

@@ -31,7 +31,7 @@ training and inference (LightningCLI: --config YAML, dotted overrides, --print_c
   fit          train or fine-tune a score model
   validate     run validation (losses, sampler metrics per regime)
   test         run the test loop
-  predict      reconstruct the data module's predict_path
+  predict      reconstruct the data module's predict.path
 lfmri's own commands:
   degrade      simulate a low-field acquisition of a NIfTI volume
   preview      picture of clean slices and their four degradation regimes

@@ -20,6 +20,7 @@ imports.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,22 +76,31 @@ def data_block(config: str | os.PathLike) -> dict[str, Any]:
 def load_datamodule(config: str | os.PathLike, **init_overrides: Any) -> LightningDataModule:
     """Instantiate the config's data module (a `LightningDataModule` subclass only).
 
-    `init_overrides` replace init_args (e.g. `eval_slices_per_volume`). Bad files, classes or arguments ->
-    InputError naming the file.
+    `init_overrides` replace init_args; a mapping is merged into the config's group of that name (e.g.
+    `slices={"eval_per_volume": 2}` keeps the config's other `slices` options). Bad files, classes or
+    arguments -> InputError naming the file; a former flat option of `LowFieldDataModule` (`crop_size`, ...)
+    -> its new spelling (`datamodules.datamodule.moved_option_message`).
     """
     from jsonargparse import ArgumentParser
     from lightning.pytorch import LightningDataModule
 
-    import datamodules.datamodule  # noqa: F401  (registers LowFieldDataModule for class_path shorthand)
+    from datamodules.datamodule import moved_option_message
 
     block = data_block(config)
-    block["init_args"].update(init_overrides)
+    for name, value in init_overrides.items():
+        current = block["init_args"].get(name)
+        merge = isinstance(value, dict) and isinstance(current, dict)
+        block["init_args"][name] = {**current, **value} if merge else value
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data", required=True)
     try:
         namespace = parser.parse_object({"data": block})
     except Exception as err:
-        raise InputError(f"--config {config}: bad data block ({_first_reason(err)})") from None
+        reason = _first_reason(err)
+        moved = re.search(r"Option '(\w+)' is not accepted$", reason)
+        if moved and moved_option_message(moved[1]):
+            raise InputError(f"--config {config}: {moved_option_message(moved[1])}") from None
+        raise InputError(f"--config {config}: bad data block ({reason})") from None
     try:
         return parser.instantiate_classes(namespace).data
     except InputError as err:

@@ -57,7 +57,9 @@ def _magnitude(x: torch.Tensor) -> np.ndarray:
 def measurement(vol: Any, degradation: LowFieldDegradation, keep: np.ndarray | None = None) -> Measurement:
     """The `Measurement` of an `EvalVolume` simulated by the regime `degradation` (y, its operator evaluating
     B0 as the regime does, the recorded noise std: `Measurement.simulated`), what both the baselines and the
-    reconstruction take; `keep`: a boolean mask of the slices to take (default: all)."""
+    reconstruction take; `keep`: a boolean mask of the slices to take (default: all). With the data
+    module's `regime_overrides` `acceleration` / `coils`, y is `[S, C, H, W]` and the params hold the
+    realised `mask` and `sensitivities` (every params value is indexed by slice, those too)."""
     y, params = vol.y, vol.params
     if keep is not None:
         index = torch.from_numpy(keep)

@@ -43,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf.errors import OmegaConfBaseException
 
 import datamodules.datamodule  # noqa: F401  (defines the classes, so `--data LowFieldDataModule` works)
+from datamodules.datamodule import moved_option_message
 from diffusion.checkpoint import resolve_checkpoint
 from diffusion.sampling.samplers import SamplerOptions
 from lfmri.models import read_lightning_checkpoint
@@ -50,7 +51,7 @@ from lfmri_utils.errors import InputError
 from lfmri_utils.files import atomic_path, check_input_file, check_writable_folder
 from lfmri_utils.seeding import check_seed
 from lightning_modules.callbacks import InterruptCheckpoint
-from lightning_modules.module import upgrade_hparams
+from lightning_modules.module import legacy_option_message, upgrade_hparams
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -159,14 +160,52 @@ def parse_error_message(err: BaseException) -> str:
             problem = pattern.sub(replacement, problem)
     where = [e.path for e in chain if isinstance(e, ConfigFileError)][:1]
     key = ".".join(k for k in keys if k != "config")
+    key, problem = moved_data_option(key, problem)
+    key, problem = moved_model_option(key, problem, chain)
     return ": ".join([*where, *([key] if key else []), problem])
+
+
+_NOT_ACCEPTED = re.compile(r"^Option '(\w+)' is not accepted$")
+
+
+def moved_data_option(key: str, problem: str) -> tuple[str, str]:
+    """(key, problem) of a parse error, with a former flat data-module option ("data: Option 'crop_size' is
+    not accepted") said as its new spelling (`datamodules.datamodule.moved_option_message`)."""
+    match = _NOT_ACCEPTED.match(problem)
+    moved = moved_option_message(match[1]) if match and key.split(".")[-1] == "data" else None
+    return ("", moved) if moved else (key, problem)
+
+
+#: the string jsonargparse was given where a block (a dataclass) is expected, as its errors end
+_GIVEN_STRING = re.compile(r"Given value type: <class 'str'>\s+Given value: (.+?)\s*$")
+#: the problems of a block given as a block (a mapping, a list) rather than as a string (a file it then reads)
+_BLOCK_PROBLEM = re.compile(r"^(Option '\w+' is not accepted|Not a valid subclass)")
+
+
+def moved_model_option(key: str, problem: str, chain: list[BaseException]) -> tuple[str, str]:
+    """(key, problem) of a parse error (`chain`: the error and its causes), with a former flat `ScoreModel`
+    option ("model: Option 'lr' is not accepted"; a string, the former checkpoint path, where the
+    `pretrained` block is expected: jsonargparse reads it as an import path or as a file holding the block,
+    and fails) said as its new spelling (`lightning_modules.module.legacy_option_message`), and a field of
+    the `pretrained` block named as written (`model.init_args.pretrained.weights`, not jsonargparse's
+    `...pretrained.init_args.weights`)."""
+    key = key.replace("model.init_args.pretrained.init_args.", "model.init_args.pretrained.")
+    accepted, moved = _NOT_ACCEPTED.match(problem), None
+    if accepted and key.split(".")[-1] == "model":
+        moved = legacy_option_message(accepted[1])
+    elif key.endswith("model.init_args.pretrained") and not _BLOCK_PROBLEM.match(problem):
+        given = [match[1] for cause in chain if (match := _GIVEN_STRING.search(str(cause)))]
+        moved = legacy_option_message("pretrained", given[-1] if given else "PATH")
+    return ("", moved) if moved else (key, problem)
 
 
 #: `--<key>.init_args.sampling.<field>=null` (a callback's `SamplerOptions` field set to None on the command
 #: line): jsonargparse (4.53) hands a null field of a dataclass inside a class's init_args on as the string
 #: 'None' (a str field takes it, a float field refuses it); the same value as a one-key block,
-#: `--<key>.init_args.sampling={<field>: null}`, is merged into the block as it should be
-_SAMPLING_NULL = re.compile(r"^(--\S+\.init_args\.sampling)\.(\w+)=(null|Null|NULL|~)$")
+#: `--<key>.init_args.sampling={<field>: null}`, is merged into the block as it should be. The data module's
+#: groups (`slices`, `loader`, `predict`: `--data.init_args.slices.crop_size=null`) are read the same way.
+_SAMPLING_NULL = re.compile(r"^(--\S+\.init_args\.(?:sampling|slices|loader|predict))\.(\w+)"
+                            r"=(null|Null|NULL|~)$")
 
 
 def sampling_nulls_as_blocks(args: list[str]) -> list[str]:

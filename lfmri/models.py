@@ -34,7 +34,7 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
     the CPU.
 
     Raises InputError (one line naming the file) for a missing file or anything that is not one of our
-    checkpoints (e.g. a score_sde checkpoint, which is imported through `model.pretrained` instead).
+    checkpoints (e.g. a score_sde checkpoint, which is imported through `model.pretrained.path` instead).
     """
     path = resolve_checkpoint(path)
     # weights_only: unpickling arbitrary objects would run a crafted file's code; one-line reasons naming the
@@ -42,7 +42,7 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> dict:
     ckpt = load_torch_file(path, error=InputError)
     if isinstance(ckpt, dict) and {"model", "ema"} <= set(ckpt):
         raise InputError(f"{path}: a score_sde checkpoint, not an lfmri (Lightning) one; fine-tune from it "
-                         "(model.init_args.pretrained in a config) and pass the Lightning checkpoint")
+                         "(model.init_args.pretrained.path in a config) and pass the Lightning checkpoint")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise InputError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
     if "ema" not in ckpt or not any(k.startswith("net.") for k in ckpt["state_dict"]):
@@ -85,7 +85,7 @@ def slim_checkpoint(path: str | os.PathLike, provenance: dict[str, Any] | None =
 
     The network's weights are replaced by its EMA weights (what the samplers use), and the EMA state holds the
     same tensors, so `torch.save` stores them once; the optimiser, scheduler, loops and callbacks' states are
-    dropped (such a file cannot resume a run: fine-tune from it instead, `model.init_args.pretrained`).
+    dropped (such a file cannot resume a run: fine-tune from it instead, `model.init_args.pretrained.path`).
     `provenance` (recipe, command, wall time, ...) is kept under the key `lfmri`.
     """
     ckpt = read_lightning_checkpoint(path)
@@ -94,7 +94,8 @@ def slim_checkpoint(path: str | os.PathLike, provenance: dict[str, Any] | None =
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     shadows = [state[f"net.{name}"] for name, _ in model.net.named_parameters()]
     hparams = upgrade_hparams(ckpt.get("hyper_parameters", {}))
-    hparams["pretrained"] = None  # the weights are in the file
+    if hparams.get("pretrained") is not None:  # the weights are in the file; a family's config is kept
+        hparams["pretrained"] = {**hparams["pretrained"], "path": None}
     return {"pytorch-lightning_version": ckpt.get("pytorch-lightning_version"),
             "global_step": int(ckpt.get("global_step", 0)), "epoch": int(ckpt.get("epoch", 0)),
             "state_dict": state, "hyper_parameters": hparams,

@@ -10,22 +10,10 @@ Exports are loaded lazily (PEP 562): `import lightning_modules` stays cheap unti
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lfmri_utils.lazy import lazy_exports
 
-_EXPORTS = {
-    "EMA": "lightning_modules.ema",
-    "ScoreModel": "lightning_modules.module",
-    "FiniteLossGuard": "lightning_modules.callbacks",
-    "InterruptCheckpoint": "lightning_modules.callbacks",
-    "TrainingInterrupted": "lightning_modules.callbacks",
-    "SamplerCallback": "lightning_modules.callbacks",
-}
+_CALLBACKS = ("FiniteLossGuard", "InterruptCheckpoint", "TrainingInterrupted", "SamplerCallback")
+_EXPORTS = {"EMA": "lightning_modules.ema", "ScoreModel": "lightning_modules.module",
+            **dict.fromkeys(_CALLBACKS, "lightning_modules.callbacks")}
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lightning_modules' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

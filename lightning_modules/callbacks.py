@@ -178,7 +178,9 @@ class SamplerCallback(Callback):
     the module's SDE (`pl_module.sde`, whatever its class: a family's VP, discrete VP or VE; None options: the
     sampler registry's defaults). Data consistency uses the regime's forward operator of each
     slice's realised parameters, its measured k-space `y` and its known noise level, at the slice's native
-    matrix.
+    matrix: `Measurement.simulated` of the val batch, so a data module with `regime_overrides`
+    `acceleration` / `coils` gives an undersampled multi-coil measurement (y `[B, C, H, W]`, the realised
+    `mask` and `sensitivities`), started from the coil-combined zero-filled image (the samples' `degraded`).
 
     Subset: the validation dataset (`LowFieldDataModule.val_dataset`, an `EvalSliceDataset` enumerating
     volume x slice x regime) is read directly, not through the (possibly limited or sharded) val loader:

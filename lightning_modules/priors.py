@@ -7,7 +7,7 @@
   (`networks.families.Pretrained`: score_sde, hfs_sde, score_mri, dds), built from the family's config alone;
   `pretrained` is that family's checkpoint (`networks.families.load_pretrained`).
 
-`prior_kind` picks one, once, from the model's pretrained options (`PretrainedSource`): the family named,
+`prior_kind` picks one, once, from the model's `pretrained` block (`PretrainedSource`): the family named,
 else the one `pretrained`'s config names (`detect_family`), else the DDPM. The model then only calls the
 `PriorKind` interface: it never asks which kind it holds.
 """
@@ -41,14 +41,20 @@ from lfmri_utils.errors import InputError
 
 @dataclass(frozen=True)
 class PretrainedSource:
-    """Where a model's pretrained weights come from: `ScoreModel`'s pretrained options (see its docstring).
+    """Where a model's pretrained weights come from: `ScoreModel`'s `pretrained` block (YAML
+    `pretrained: {path: ..., family: ...}`, command line `--model.init_args.pretrained.path=...`).
 
     Attributes:
-        path: `pretrained` (a checkpoint path or a shipped short name; None: no pretrained weights).
-        weights: `pretrained_weights` ('ema' | 'model' | 'family').
-        config: `pretrained_config` (the checkpoint's config: a file or a mapping; None: see the kinds).
-        adapt_channels: `adapt_channels` (score_sde's DDPM only).
-        family: `pretrained_family` (None: detected from the config, else score_sde's DDPM).
+        path: a score_sde checkpoint, an lfmri Lightning checkpoint or a shipped short name
+            (`reference-small`); None: no weights to import (a family's network is then built from `config`
+            alone, as in the model's own checkpoints).
+        weights: 'ema' | 'model' ('family': the family's sampling weights, with `family`).
+        config: the checkpoint's config (a JSON / YAML / score_sde `.py` file, or a mapping; None: the
+            `config.json` beside `path` for a family, this network's config for score_sde's DDPM).
+        adapt_channels: adapt a 1 <-> 2 channel score_sde checkpoint to the network's `net.num_channels`
+            (set it to net.num_channels; score_sde's DDPM only).
+        family: the checkpoint family ('score_sde' | 'hfs_sde' | 'score_mri' | 'dds'; None: detected from
+            the config, else score_sde's DDPM).
     """
 
     path: str | None = None
@@ -78,9 +84,9 @@ def detect_family(source: PretrainedSource) -> str | None:
     family = None if config is None else config_family(read_config(config))
     if family is None or family.name == "score_sde":
         return None
-    where = "pretrained_config" if source.config is not None else str(config)
+    where = "pretrained.config" if source.config is not None else str(config)
     rank_zero_info(f"{where} is a {family.name} checkpoint config ({family.summary}): using "
-                   f"pretrained_family={family.name}")
+                   f"pretrained.family={family.name}")
     return family.name
 
 
@@ -91,12 +97,12 @@ def _family_config(source: PretrainedSource, family: str) -> str | dict[str, Any
     if config is not None:
         return config
     if source.path is None:
-        raise InputError(f"pretrained_family {family!r} needs pretrained (the checkpoint) "
-                         "or pretrained_config (its config)")
+        raise InputError(f"pretrained.family {family!r} needs pretrained.path (the checkpoint) "
+                         "or pretrained.config (its config)")
     path = Path(source.path)
     if not path.is_file():
-        raise InputError(f"pretrained {path}: no such file")
-    raise InputError(f"pretrained {path}: no config.json beside it; pass pretrained_config (the "
+        raise InputError(f"pretrained.path {path}: no such file")
+    raise InputError(f"pretrained.path {path}: no config.json beside it; pass pretrained.config (the "
                      f"{family} config: JSON, YAML or .py)")
 
 
@@ -107,9 +113,9 @@ class PriorKind(ABC):
     Attributes:
         network: the network to train and keep an EMA of (built on the CPU in train mode).
         sde: the SDE it is a score of (`VPSDE`, `DiscreteVPSDE` or `VESDE`).
-        family: the checkpoint family the model's hyper-parameters record as `pretrained_family` (None:
+        family: the checkpoint family the model's hyper-parameters record as `pretrained.family` (None:
             score_sde's DDPM).
-        config: what they record as `pretrained_config` (a family's: its resolved config, so a checkpoint
+        config: what they record as `pretrained.config` (a family's: its resolved config, so a checkpoint
             rebuilds from it alone).
         source: where the pretrained weights come from.
     """
@@ -168,11 +174,11 @@ class DDPMPrior(PriorKind):
     def __init__(self, net: DDPMConfig, source: PretrainedSource, conditioning: str,
                  grad_checkpointing: bool = False, beta_min: float = 0.1, beta_max: float = 20.0) -> None:
         if source.weights == "family":
-            raise InputError("pretrained_weights 'family' needs pretrained_family")
+            raise InputError("pretrained.weights 'family' needs pretrained.family")
         if conditioning == "separate" and (not net.conditional or net.scale_by_sigma):
             field = "net.conditional: false" if not net.conditional else "net.scale_by_sigma: true"
-            raise InputError(f"supervised_conditioning 'separate' needs the DDPM's time labels as a plain "
-                             f"embedding, not {field}; use 'shared'")
+            raise InputError(f"loss.supervised_conditioning 'separate' needs the DDPM's time labels as a "
+                             f"plain embedding, not {field}; use 'shared'")
         self.network = DDPM(net, grad_checkpointing=grad_checkpointing)
         self.sde = VPSDE(beta_min=beta_min, beta_max=beta_max)
         self.family = None
@@ -211,7 +217,7 @@ class DDPMPrior(PriorKind):
             try:
                 check_family_config("score_sde", config)
             except InputError as err:
-                raise InputError(f"pretrained_config {err}; set model.init_args.pretrained_family") from None
+                raise InputError(f"pretrained.config {err}; set model.init_args.pretrained.family") from None
         if config is None:
             config = self.network.config.score_sde_config()
             if source.adapt_channels is not None:
@@ -241,8 +247,8 @@ class FamilyPrior(PriorKind):
     def __init__(self, family: str, source: PretrainedSource, conditioning: str,
                  grad_checkpointing: bool = False) -> None:
         if conditioning == "separate":
-            raise InputError(f"supervised_conditioning 'separate' is only for score_sde's DDPM (net), not a "
-                             f"checkpoint family (pretrained_family={family}); use 'shared'")
+            raise InputError(f"loss.supervised_conditioning 'separate' is only for score_sde's DDPM (net), "
+                             f"not a checkpoint family (pretrained.family={family}); use 'shared'")
         self._prior = family_prior(family, _family_config(source, family), grad_checkpointing)
         c, rule = self._prior.channels, self._prior.family.complex_rule
         if not (c == 2 or (c == 1 and rule == "real_imag_separately")):
@@ -291,7 +297,7 @@ def prior_kind(net: DDPMConfig, source: PretrainedSource, conditioning: str, gra
                beta_min: float = 0.1, beta_max: float = 20.0) -> PriorKind:
     """The kind of prior `source` describes, built: `FamilyPrior` for `source.family`, else for the family
     `source`'s config names (`detect_family`), else `DDPMPrior` for `net` under `VPSDE(beta_min,
-    beta_max)`. `conditioning`: the model's supervised_conditioning, checked against the kind."""
+    beta_max)`. `conditioning`: the model's loss.supervised_conditioning, checked against the kind."""
     family = source.family if source.family is not None else detect_family(source)
     if family is None:
         return DDPMPrior(net, source, conditioning, grad_checkpointing, beta_min, beta_max)

@@ -38,21 +38,21 @@ MNI = importlib.resources.files("nilearn") / "datasets/data/mni_icbm152_t1_tal_n
 TINY_MODEL_NET = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=32,
                       num_groups=4, dropout=0.0)
 #: a tiny ScoreModel's arguments (what `save_score_model` saves by default)
-TINY_MODEL = dict(net=DDPMConfig(**TINY_MODEL_NET), warmup_steps=1)
+TINY_MODEL = dict(net=DDPMConfig(**TINY_MODEL_NET), optim={"warmup_steps": 1})
 #: a tiny ScoreModel trained at 16 px (attention at 8 px), its arguments as YAML values (lists): what a
 #: config's `model.init_args` holds (the one-inference-path and shared-path tests)
 TINY_16_MODEL = {
     "net": DDPMConfig(**{**TINY_MODEL_NET, "attn_resolutions": (8,), "image_size": 16}).to_dict(),
-    "warmup_steps": 1}
+    "optim": {"warmup_steps": 1}}
 #: a tiny DDPM network (`DDPMConfig` fields): 16 px, attention at 8 px, 8 groups
 TINY_NET = dict(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=8)
 #: `lfmri fit --config configs/quickstart.yaml` overrides for a tiny model on a little bundled data
 TINY_QUICKSTART_ARGS = [
     "--model.init_args.net.image_size=32", "--model.init_args.net.nf=8", "--model.init_args.net.num_groups=4",
-    "--data.init_args.image_size=32", "--data.init_args.crop_size=null", "--data.init_args.batch_size=2",
-    "--data.init_args.num_workers=0",
+    "--data.init_args.slices.image_size=32", "--data.init_args.slices.crop_size=null",
+    "--data.init_args.loader.batch_size=2", "--data.init_args.loader.num_workers=0",
     "--data.init_args.source={class_path: BundledSource, init_args: {n_train: 2, n_val: 1}}",
-    "--data.init_args.eval_slices_per_volume=1"]
+    "--data.init_args.slices.eval_per_volume=1"]
 
 
 def refused(argv: list[str], capsys, *absent: Path) -> str:
@@ -90,8 +90,8 @@ def predict_config(folder: Path, volume: Path, model_init_args: dict | None = No
                    data_init_args: dict | None = None) -> Path:
     """`folder/predict.yaml`: an `lfmri predict` config on CPU without a logger, writing NIfTI predictions to
     `folder/pred`, reading `volume`; the model block names the class (plus `model_init_args`; without them its
-    network comes from the checkpoint's hyper-parameters), the data block `predict_path` plus
-    `data_init_args`."""
+    network comes from the checkpoint's hyper-parameters), the data block `predict.path` plus
+    `data_init_args` (their `predict` group merged with the path)."""
     import yaml
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,6 +99,7 @@ def predict_config(folder: Path, volume: Path, model_init_args: dict | None = No
     if model_init_args is not None:
         model["init_args"] = model_init_args
     config = folder / "predict.yaml"
+    data = dict(data_init_args or {})
     config.write_text(yaml.safe_dump({
         "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
                     "default_root_dir": str(folder / "run"),
@@ -106,6 +107,6 @@ def predict_config(folder: Path, volume: Path, model_init_args: dict | None = No
                                    "init_args": {"output_dir": str(folder / "pred")}}]},
         "model": model,
         "data": {"class_path": "datamodules.LowFieldDataModule",
-                 "init_args": {"predict_path": str(volume), **(data_init_args or {})}},
+                 "init_args": {**data, "predict": {"path": str(volume), **data.get("predict", {})}}},
     }))
     return config

@@ -43,7 +43,7 @@ VENV = Path(sys.prefix)
 #: every `lfmri fit`: on the CPU in 32-bit, two optimiser steps, no validation, batches of 2 read in-process
 FIT_SHORT = ("--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.max_steps=2",
              "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-             "--data.init_args.batch_size=2", "--data.init_args.num_workers=0")
+             "--data.init_args.loader.batch_size=2", "--data.init_args.loader.num_workers=0")
 #: the bundled source with one training and one validation pseudo-subject (each is generated when first read)
 BUNDLED_SMALL = "data.init_args.source={class_path: BundledSource, init_args: {n_train: 1, n_val: 1}}"
 #: configs/model/ddpm_34m.yaml's network at the size of the score_sde stand-in (tests/fixtures/score_sde_tiny)
@@ -55,12 +55,14 @@ EVALUATE_SHORT = ("--regimes", "noise", "--max-slices-per-volume", "1", "--basel
 #: every experiments/paper/run.py: two fine-tuning steps, one slice per test volume, no baselines, the fits
 #: and evaluations two at a time
 PAPER_SHORT = ("--jobs", "2", "--finetune-steps", "2", "--max-slices-per-volume", "1", "--baselines", "none",
-               "--set", "data.init_args.num_workers=0", "--set", "trainer.limit_val_batches=0",
+               "--set", "data.init_args.loader.num_workers=0", "--set", "trainer.limit_val_batches=0",
                "--set", "trainer.num_sanity_val_steps=0")
 
 #: README command prefix (whole words; the longest match wins) -> the flags appended to it
 SHRINK: dict[str, tuple[str, ...]] = {
     "lfmri degrade": (),  # the stand-in volume has two slices
+    # the stand-in's 64 phase-encoding lines: 8 % is 5 centre lines, too few for ESPIRiT; 20 % is 13
+    "lfmri degrade brain.nii.gz mc.nii.gz": ("--center-fraction", "0.2"),
     "lfmri preview": ("--volumes-per-split", "1"),
     "lfmri fit --config configs/quickstart.yaml": (*FIT_SHORT, f"--{BUNDLED_SMALL}"),
     "lfmri fit --config configs/quickstart.yaml --print_config": (),
@@ -70,9 +72,9 @@ SHRINK: dict[str, tuple[str, ...]] = {
     "lfmri fit --config configs/model/ddpm_34m.yaml": (
         *FIT_SHORT, *(f"--{flag}" for flag in NET_TINY),
         f"--model.init_args.net.image_size={SCORE_SDE_NET['image_size']}",
-        f"--data.init_args.crop_size={SCORE_SDE_NET['image_size']}"),
+        f"--data.init_args.slices.crop_size={SCORE_SDE_NET['image_size']}"),
     # the score-MRI family's network comes from the checkpoint's config: the stand-in's 24 px
-    "lfmri fit --config configs/finetune_mouse.yaml": (*FIT_SHORT, "--data.init_args.crop_size=24"),
+    "lfmri fit --config configs/finetune_mouse.yaml": (*FIT_SHORT, "--data.init_args.slices.crop_size=24"),
     "lfmri reconstruct": (),  # the stand-in volume's two 64 x 64 slices
     "lfmri evaluate": EVALUATE_SHORT,
     # the paper's PC in 21 steps, the fewest score_sde's discretisation takes (more than beta_max, 20)

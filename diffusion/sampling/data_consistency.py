@@ -2,8 +2,10 @@
 
 Every step acts on float `[B, 2, H, W]` images (real, imaginary channels) and returns the same layout and
 dtype; inside, the physics runs in complex64 `[B, 1, H, W]`. The measurement is `y = A x + n`: k-space
-`y` complex `[B, 1, H, W]`, `A` the known forward operator (`degradations.ForwardOperator`), `n`
-white complex Gaussian noise of std `sigma_y` per k-space sample (`noise_sigma` `[B]`, units of `y`).
+`y` complex `[B, C, H, W]` (C receive coils, 1 for single-coil data; 0 where not sampled), `A` the known
+forward operator (`degradations.ForwardOperator`: image `[B, 1, H, W]` -> k-space `[B, C, H, W]`), `n`
+white complex Gaussian noise of std `sigma_y` per k-space sample and coil (`noise_sigma` `[B]`, units of `y`;
+prewhitened coils).
 
 A step is called `dc(x0, sigma_t)` on a denoised (Tweedie) estimate `x0` whose error has std `sigma_t`
 `[B]` in image units (for the VP-SDE `std(t) / alpha(t)`), or `dc.on_iterate(x, alpha, std)` on a noisy
@@ -29,11 +31,13 @@ iterate `x = alpha x0 + std z` of the sampler (`alpha`, `std` `[B]`, `alpha > 0`
   `floor = 0`) keeps `x0`; `sigma_y = 0` takes precedence (exact data are always kept). Numerically
   the system is solved as `(c A^H A + d I) x = c A^H y + d x0` with `c = 1 / (1 + mu)` and
   `d = mu / (1 + mu)` in `[0, 1]`, so neither limit overflows. Where `A = diag(a) F`
-  (`A.is_diagonal`: noise only, blur, T2* along the readout) it is closed form per k-space sample,
+  (`A.is_diagonal`: noise only, blur, T2* along the readout, a sampling mask; one coil) it is closed form per
+  k-space sample,
 
       k = (d F x0 + c a y) / (d + c a^2)      (F x0 where d + c a^2 = 0, i.e. a = 0 and mu = 0),
 
-  `x = ifft2c(k)` (`ForwardOperator.solve_normal`). With B0 (an off-resonance encoding) it takes
+  `x = ifft2c(k)` (`ForwardOperator.solve_normal`; an unsampled sample, `a = 0`, keeps `F x0`). With B0
+  (an off-resonance encoding) or coil sensitivities it takes
   `cg_iters` preconditioned conjugate-gradient steps per slice, warm-started at `x0`. The preconditioner is
   the closed form of the operator without the off-resonance of the readout, `S^H F^H diag(1 / (d + c a^2))
   F S` with `S` the phase accrued up to the echo, `exp(-i 2 pi df TE)`
@@ -43,6 +47,13 @@ iterate `x = alpha x0 + std z` of the sampler (`alpha`, `std` `[B]`, `alpha > 0`
   4e-4 at `mu = 0.01`, below 1e-7 at `mu = 1`; without the preconditioner 0.19 and 1e-7. Near
   `mu = 0` the exact solution divides the noise by the small `a` where the signal is strongly
   attenuated; CG approaches it slowly (an implicit regularisation), the closed form exactly.
+  With coil sensitivities the preconditioner ignores the coils and takes the mask as the slice's sampled
+  fraction (see `echo_preconditioner`). Measured on a 181x217 Colin27 slice, 8 birdcage coils, 4x random
+  Cartesian mask, 5 dB (relative error after 10 steps, plain CG / preconditioned): without blur, T2* and B0
+  (where it is a multiple of the identity) 0.14 / 0.14 at `mu = 0.01`, 7e-4 / 7e-4 at 0.1, 1.5e-7 at 1;
+  with blur, T2* and a 60 Hz B0 map (TE 20 ms, 12 ms readout) 0.17 / 0.11 at 0.01, 1.3e-3 / 6.8e-4 at 0.1,
+  1.6e-7 at 1.
+  Parallel imaging at small `mu` is ill-conditioned: 10 steps leave ~10 % there.
 """
 
 from __future__ import annotations
@@ -64,15 +75,19 @@ _TINY = torch.finfo(torch.float32).tiny
 class LinearOperator(Protocol):
     """What the gradient step needs of a forward operator (e.g. `degradations.ForwardOperator`)."""
 
-    def forward(self, x: Tensor) -> Tensor: ...  # complex image [B,1,H,W] -> k-space [B,1,H,W]
+    def forward(self, x: Tensor) -> Tensor: ...  # complex image [B,1,H,W] -> k-space [B,C,H,W]
 
-    def adjoint(self, k: Tensor) -> Tensor: ...  # k-space [B,1,H,W] -> complex image [B,1,H,W]
+    def adjoint(self, k: Tensor) -> Tensor: ...  # k-space [B,C,H,W] -> complex image [B,1,H,W]
 
 
-def _check_kspace(y: Tensor) -> Tensor:
-    """`y` as complex64 after checking it is complex `[B,1,H,W]`."""
-    if not y.is_complex() or y.dim() != 4 or y.shape[1] != 1:
-        raise ValueError(f"y must be complex k-space [B,1,H,W], got {tuple(y.shape)} {y.dtype}")
+def _check_kspace(y: Tensor, A: object) -> Tensor:
+    """`y` as complex64 after checking it is complex `[B,C,H,W]` with the operator's `C` (`A.n_coils` where
+    it has one)."""
+    if not y.is_complex() or y.dim() != 4:
+        raise ValueError(f"y must be complex k-space [B,C,H,W], got {tuple(y.shape)} {y.dtype}")
+    n_coils = getattr(A, "n_coils", None)
+    if n_coils is not None and y.shape[1] != n_coils:
+        raise ValueError(f"y has {y.shape[1]} coil(s), the operator {n_coils}")
     return y.to(torch.complex64)
 
 
@@ -89,15 +104,16 @@ def _dot(u: Tensor, v: Tensor) -> Tensor:
 class GradientDC:
     """Gradient step on `1/2 ||A x - y||^2`: `x <- x - weight A^H (A x - y)` on the complex image.
 
-    `A` has `.forward` / `.adjoint` on complex `[B,1,H,W]`; `y` is the measured k-space, complex
-    `[B,1,H,W]`. With `A = fft2c` (unitary) and `weight = 1` it replaces the k-space of `x` by `y`.
+    `A` has `.forward` (complex image `[B,1,H,W]` -> k-space `[B,C,H,W]`) and `.adjoint`; `y` is the
+    measured k-space, complex `[B,C,H,W]`. With `A = fft2c` (unitary) and `weight = 1` it replaces the
+    k-space of `x` by `y`.
     """
 
     def __init__(self, A: LinearOperator, y: Tensor, weight: float = 0.3) -> None:
-        self.A, self.y, self.weight = A, _check_kspace(y), float(weight)
+        self.A, self.y, self.weight = A, _check_kspace(y, A), float(weight)
 
     def residual(self, x: Tensor) -> Tensor:
-        """`A x - y`, complex `[B,1,H,W]`, for `x` float `[B,2,H,W]`."""
+        """`A x - y`, complex `[B,C,H,W]`, for `x` float `[B,2,H,W]`."""
         return self.A.forward(channels_to_complex(x)) - self.y
 
     def __call__(self, x: Tensor, sigma_t: Tensor | None = None) -> Tensor:
@@ -119,7 +135,7 @@ class ProximalDC:
     Args:
         A: the forward operator (`forward`, `adjoint`, and for the solvers `is_diagonal`, `solve_normal`,
             `echo_preconditioner`), e.g. a `Measurement`'s.
-        y: measured k-space, complex `[B,1,H,W]` (cast to complex64).
+        y: measured k-space, complex `[B,C,H,W]` with the operator's C (cast to complex64).
         noise_sigma: `sigma_y`, std of the complex k-space noise per sample, `[B]` or a scalar, `>= 0`
             (`inf`: `y` carries no information).
         lam: the coupling `lam > 0` of `rho_t` (x0's error from the diffusion: `sigma_t / sqrt(lam)`).
@@ -133,7 +149,7 @@ class ProximalDC:
     def __init__(self, A: ForwardOperator, y: Tensor, noise_sigma: Tensor | float, lam: float = 1.0,
                  floor: float = 0.0, cg_iters: int = 10, method: ProximalMethod = "auto",
                  precondition: bool = True) -> None:
-        self.A, self.y = A, _check_kspace(y)
+        self.A, self.y = A, _check_kspace(y, A)
         batch = self.y.shape[0]
         sigma_y = torch.as_tensor(noise_sigma, dtype=torch.float32, device=self.y.device)
         if sigma_y.numel() not in (1, batch):
@@ -152,7 +168,7 @@ class ProximalDC:
             raise ValueError(f"unknown method {method!r}; valid: auto, closed_form, cg")
         if method == "closed_form" and not A.is_diagonal:
             raise ValueError("the closed form needs A = diag(a) F; this operator has an off-resonance "
-                             "encoding (use method='cg' or 'auto')")
+                             "encoding or coil sensitivities (use method='cg' or 'auto')")
         self.lam, self.floor = float(lam), float(floor)
         self.cg_iters, self.precondition = int(cg_iters), bool(precondition)
         self.use_cg = method == "cg" or (method == "auto" and not A.is_diagonal)

@@ -8,11 +8,12 @@ alpha(t) = exp(-1/4 t^2 (beta_max - beta_min) - 1/2 t beta_min) and std(t) = sqr
 Times t are float tensors [B]; images are [B, C, H, W].
 `VESDE` (score_sde's variance-exploding SDE, the score-MRI prior) and `DiscreteVPSDE` (a discrete DDPM
 schedule, the DDS prior; t maps to the step round(t (N - 1))) are the other kinds. The abstract base `SDE`
-holds what every sampler asks of any of them, one signature each: the marginal (`alpha`, `std`,
-`marginal_prob`, `scaled_std`), the Tweedie denoiser (`denoise`), the noise of an iterate (`eps_from_score`,
-`eps_from_x0`), DDIM's re-noising (`renoise`), the discretisation (`sde`, `discretize`, `grid`,
-`grid_problem`, `prior_sampling`) and the kind-specific pieces of score_sde's predictor-corrector
-(`reverse_diffusion_mean`, `langevin_alpha`). `Denoiser` turns a score function and its SDE into the one
+holds what every sampler (and the training losses) asks of any of them, one signature each: the marginal
+(`alpha`, `std`, `marginal_prob`, `scaled_std`), the Tweedie denoiser (`denoise`), the noise of an iterate
+(`eps_from_score`, `eps_from_x0`), DDIM's re-noising (`renoise`), the discretisation (`sde`, `discretize`,
+`grid`, `grid_problem`, `prior_sampling`), the kind-specific pieces of score_sde's predictor-corrector
+(`reverse_diffusion_mean`, `langevin_alpha`) and the times denoising score matching trains at
+(`sample_training_times`). `Denoiser` turns a score function and its SDE into the one
 denoiser interface of the samplers, `(x, t) -> (x0_hat, score)`; a sampler never asks which kind it has.
 
 `pad_to_multiple` runs a score function (or a network called as `net(x, labels)`) at any H x W: a U-Net with
@@ -71,6 +72,11 @@ class SDE(ABC):
         """Tweedie's estimate E[x_0 | x_t = x] = (x + std(t)^2 score) / alpha(t), [B, C, H, W], from the score
         [B, C, H, W] of p_t at x."""
         return (x + _bc(self.std(t) ** 2) * score) / _bc(self.alpha(t))
+
+    def sample_training_times(self, n: int, eps: float, device: torch.device | str | None = None,
+                              generator: torch.Generator | None = None) -> Tensor:
+        """Denoising score matching's times t [n] (float32): U(eps, T), drawn with `generator` on `device`."""
+        return torch.rand(n, generator=generator, device=device) * (self.T - eps) + eps
 
     def eps_from_score(self, t: Tensor, score: Tensor) -> Tensor:
         """The noise the score predicts, -std(t) score, [B, C, H, W] (unit variance)."""
@@ -301,6 +307,13 @@ class DiscreteVPSDE(VPSDE):
     def std(self, t: Tensor) -> Tensor:
         """sqrt(1 - alpha_bar_i), [B] (as DDS computes it)."""
         return torch.sqrt(1.0 - self.alpha_bar(t))
+
+    def sample_training_times(self, n: int, eps: float, device: torch.device | str | None = None,
+                              generator: torch.Generator | None = None) -> Tensor:
+        """DSM times t = i / (N - 1) [n] (float32) at uniform integer steps i ~ U{0, ..., N - 1} (the DDPM
+        noise-prediction loss's draw; `eps` is not used: step 0 has std > 0)."""
+        i = torch.randint(0, self.N, (n,), generator=generator, device=device)
+        return i.to(torch.float32) / (self.N - 1)
 
     def discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """DDPM ancestral step at i = round(t (N - 1)): f = (sqrt(1 - beta_i) - 1) x, G = sqrt(beta_i)."""

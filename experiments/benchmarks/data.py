@@ -21,9 +21,8 @@ def loader_rate(size: int, workers: int, samples: int, batch_size: int) -> float
 
     dm = LowFieldDataModule(
         source=BundledSource(n_train=2, n_val=0),
-        image_size=size,
-        batch_size=batch_size,
-        num_workers=workers,
+        slices={"image_size": size},
+        loader={"batch_size": batch_size, "num_workers": workers},
     )
     dm.setup("fit")
     it = iter(dm.train_dataloader())

@@ -284,11 +284,12 @@ def train_step_timing(plan: Plan, device: torch.device, bf16: bool, seed: int) -
     import warnings
 
     from datamodules.samples import SliceSample
-    from lightning_modules.module import ScoreModel
+    from lightning_modules.module import LossConfig, OptimConfig, ScoreModel
 
     torch.manual_seed(seed)
-    model = ScoreModel(net=net_config(plan, dropout=0.1), dsm_weight=1.0, supervised_weight=1.0,
-                       supervised_loss="l1", lr=2e-4, warmup_steps=0)
+    model = ScoreModel(net=net_config(plan, dropout=0.1),
+                       loss=LossConfig(dsm_weight=1.0, supervised_weight=1.0, supervised_loss="l1"),
+                       optim=OptimConfig(lr=2e-4, warmup_steps=0))
     result = check_param_count(plan, count_params(model.net))
     model = model.to(device).train()
     optim = model.configure_optimizers()
@@ -358,16 +359,17 @@ def fit_overrides(plan: Plan, work: Path, device: torch.device, max_time_s: floa
         s = max(1, int(max_time_s))
         trainer["max_time"] = f"00:{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"  # DD:HH:MM:SS
     warmup = 100 if plan.fit_max_steps is None else 1
-    model: dict[str, Any] = {"init_args": {"lr": lr, "warmup_steps": warmup}}
+    model: dict[str, Any] = {"init_args": {"optim": {"lr": lr, "warmup_steps": warmup}}}
     if plan.net:
         model["init_args"]["net"] = {**plan.net, "ch_mult": list(plan.net["ch_mult"]),
                                      "attn_resolutions": list(plan.net["attn_resolutions"])}
-    data: dict[str, Any] = {"init_args": {"crop_size": plan.fit_crop, "batch_size": plan.fit_batch,
-                                          "num_workers": plan.fit_workers,
-                                          "pin_memory": device.type == "cuda"}}
+    data: dict[str, Any] = {"init_args": {"slices": {"crop_size": plan.fit_crop},
+                                          "loader": {"batch_size": plan.fit_batch,
+                                                     "num_workers": plan.fit_workers,
+                                                     "pin_memory": device.type == "cuda"}}}
     if plan.fit_source is not None:
         data["init_args"]["source"] = plan.fit_source
-        data["init_args"]["eval_slices_per_volume"] = 1
+        data["init_args"]["slices"]["eval_per_volume"] = 1
     return {"seed_everything": 0, "trainer": trainer, "model": model, "data": data}
 
 

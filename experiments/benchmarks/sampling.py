@@ -75,8 +75,8 @@ def load_volumes(split: str, regimes: list[str], slices: int, seed: int, snr_db:
     from degradations import make_regime
 
     overrides = {"snr_db": snr_db} if snr_db is not None else {}
-    dm = LowFieldDataModule(source="bundled", eval_regimes=regimes, seed=seed, eval_slices_per_volume=slices,
-                            regime_overrides=overrides)
+    dm = LowFieldDataModule(source="bundled", eval_regimes=regimes, seed=seed,
+                            slices={"eval_per_volume": slices}, regime_overrides=overrides)
     out = []
     for regime in regimes:
         degradation = make_regime(regime, **overrides)

@@ -11,6 +11,6 @@ torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS" --node-rank="${NODE_RANK:?s
   --master-addr="${MASTER_ADDR:?set MASTER_ADDR}" --master-port="${MASTER_PORT:-29500}" \
   "$(command -v lfmri)" fit --config configs/model/ddpm_34m.yaml --config configs/finetune_mouse.yaml \
   --data.init_args.source.init_args.root="$DATA_DIR" \
-  --model.init_args.pretrained="$CLINICAL" \
+  --model.init_args.pretrained.path="$CLINICAL" \
   --trainer.accelerator=gpu --trainer.devices="$GPUS" --trainer.num_nodes="$NNODES" --trainer.strategy=ddp \
   --ckpt_path=last

@@ -4,8 +4,9 @@ Full scale (your mouse NIfTI directory and a clinical score_sde checkpoint; a GP
 
     python experiments/paper/run.py /data/mouse_t2w --pretrained clinical.pth [--out runs/paper]
 
-  1. import the clinical weights: `--model.init_args.pretrained=clinical.pth` of configs/finetune_mouse.yaml
-     stacked on configs/model/ddpm_34m.yaml (34.4M DDPM, 256x256, 2 channels, bf16);
+  1. import the clinical weights: `--model.init_args.pretrained.path=clinical.pth` of
+     configs/finetune_mouse.yaml stacked on configs/model/ddpm_34m.yaml (34.4M DDPM, 256x256, 2 channels,
+     bf16);
   2. fine-tune 15 epochs with DSM + the supervised loss (`lfmri fit`);
   3. `lfmri evaluate` on 10 held-out subjects (OUT/split.yaml: 10 test and --n-val validation subjects chosen
      by a seeded hash of the subject ids, the rest train; or --split-file) in the four regimes, with the
@@ -28,7 +29,7 @@ Small scale on the shipped data (CPU, minutes; `DATA` = `bundled`):
 
 Every command is printed and recorded with its wall time in OUT/protocol.md and OUT/protocol.json; the
 resolved configuration of each fit is written to OUT/<stage>/config.yaml (evaluation reads its data block).
-Extra overrides for every fit: `--set trainer.accelerator=gpu --set data.init_args.batch_size=4` ...
+Extra overrides for every fit: `--set trainer.accelerator=gpu --set data.init_args.loader.batch_size=4` ...
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ def display(cmd: list[str]) -> str:
 
 
 def base_lr(config: Path) -> float:
-    """The learning rate a base config sets (`model.init_args.lr`)."""
-    return float(yaml.safe_load(config.read_text())["model"]["init_args"]["lr"])
+    """The learning rate a base config sets (`model.init_args.optim.lr`)."""
+    return float(yaml.safe_load(config.read_text())["model"]["init_args"]["optim"]["lr"])
 
 
 def resolve_config(fit_args: list[str]) -> str:
@@ -311,7 +312,7 @@ def run_protocol(args: argparse.Namespace) -> Path:
     shared = [f"--{kv}" for kv in args.overrides]  # every fit: --set overrides and the image size
     if args.image_size:
         shared += [f"--model.init_args.net.image_size={args.image_size}",
-                   f"--data.init_args.crop_size={args.image_size}"]
+                   f"--data.init_args.slices.crop_size={args.image_size}"]
 
     # 0. the clinical prior in score_sde's format: a Lightning checkpoint (or the shipped reference-small) is
     #    exported first, so the fine-tune takes the import path of a clinical checkpoint
@@ -338,13 +339,13 @@ def run_protocol(args: argparse.Namespace) -> Path:
         probe.unlink()
     if split_file:
         fit.append(f"--data.init_args.split_file={Path(split_file).resolve()}")
-    models = {"finetune": [f"--model.init_args.pretrained={Path(pretrained).resolve()}"]
-              + ([f"--model.init_args.pretrained_config={Path(pretrained_config).resolve()}"]
+    models = {"finetune": [f"--model.init_args.pretrained.path={Path(pretrained).resolve()}"]
+              + ([f"--model.init_args.pretrained.config={Path(pretrained_config).resolve()}"]
                  if pretrained_config else [])}
     if args.scratch:
         models["scratch"] = ["--model.init_args.pretrained=null"]
         if args.small:  # training from scratch at its own recipe's rate (the quickstart's), not a fine-tune's
-            models["scratch"].append(f"--model.init_args.lr={base_lr(QUICKSTART)}")
+            models["scratch"].append(f"--model.init_args.optim.lr={base_lr(QUICKSTART)}")
     cmds = []
     for name, extra in models.items():
         stage_args = fit + [f"--trainer.default_root_dir={out / name}", *extra]

@@ -54,9 +54,9 @@ TINY_FIT = [
     "--model.init_args.net.nf=8",
     "--model.init_args.net.num_groups=4",
     "--model.init_args.net.image_size=32",
-    "--data.init_args.crop_size=32",
-    "--data.init_args.num_workers=0",
-    "--data.init_args.batch_size=2",
+    "--data.init_args.slices.crop_size=32",
+    "--data.init_args.loader.num_workers=0",
+    "--data.init_args.loader.batch_size=2",
     "--data.init_args.source={class_path: BundledSource, init_args: {n_train: 2, n_val: 1}}",
 ]
 TIMEOUT_S = 240
@@ -298,7 +298,7 @@ def _configs(w: Path) -> None:
     (w / "c_data_ok.yaml").write_text(
         "data:\n  class_path: datamodules.datamodule.LowFieldDataModule\n  init_args:\n"
         "    source: {class_path: BundledSource, init_args: {n_train: 1, n_val: 1}}\n"
-        "    num_workers: 0\n    eval_slices_per_volume: 1\n"
+        "    loader: {num_workers: 0}\n    slices: {eval_per_volume: 1}\n"
     )
     (w / "readonly").mkdir()
     (w / "afile").write_text("a file, not a folder\n")
@@ -501,12 +501,15 @@ def cases() -> list[Case]:
          "--config {}".format, lambda cfg: ["fit"] + q + TINY_FIT + root + ["--config", f"{W}/{cfg}"],
          ("run",))
     fit_options = [
-        "--trainer.logger=os.system", "--trainer.max_steps=abc", "--data.init_args.batch_size=abc",
-        "--data.init_args.batch_size=0", "--model.init_args.lr=-1", "--model.init_args.lr=nan",
+        "--trainer.logger=os.system", "--trainer.max_steps=abc", "--data.init_args.loader.batch_size=abc",
+        "--data.init_args.loader.batch_size=0", "--model.init_args.optim.lr=-1",
+        "--model.init_args.optim.lr=nan",
         "--seed_everything=-1", "--seed_everything=99999999999", "--seed_everything=abc",
-        "--model.init_args.net.nf=0", "--model.init_args.net.ch_mult=[]", "--data.init_args.crop_size=-1",
-        "--data.init_args.regimes=[bogus]", "--model.init_args.pretrained=/nonexistent.pth",
-        f"--model.init_args.pretrained={W}/payload.ckpt", f"--model.init_args.pretrained={W}/random.ckpt",
+        "--model.init_args.net.nf=0", "--model.init_args.net.ch_mult=[]",
+        "--data.init_args.slices.crop_size=-1",
+        "--data.init_args.regimes=[bogus]", "--model.init_args.pretrained.path=/nonexistent.pth",
+        f"--model.init_args.pretrained.path={W}/payload.ckpt",
+        f"--model.init_args.pretrained.path={W}/random.ckpt",
         "--ckpt_path=/nonexistent.ckpt", f"--ckpt_path={W}/payload.ckpt", f"--ckpt_path={W}/random.ckpt",
         f"--ckpt_path={W}/other_lightning.ckpt", "--data.init_args.source=/nonexistent",
         "--model.init_args.bogus_option=1", "--trainer.callbacks+=os.system",
@@ -531,7 +534,7 @@ def cases() -> list[Case]:
             c.append(Case(sub, option([opt]), [sub] + q + TINY_FIT + root + [opt], outputs=("run",)))
     pred = ["predict"] + q + TINY_FIT + root
     predict_options = [
-        *(f"--data.init_args.predict_path={path}" for path in (
+        *(f"--data.init_args.predict.path={path}" for path in (
             "/nonexistent.nii.gz", f"{W}/random.nii.gz", f"{W}/nan.nii.gz", f"{W}/tiny1.nii.gz",
             f"{W}/negative.nii.gz", f"{W}/zeros.nii.gz",
         )),
@@ -542,7 +545,7 @@ def cases() -> list[Case]:
     c.append(Case("predict", "unwritable predictions folder",
                   ["predict"] + q + TINY_FIT
                   + [f"--trainer.default_root_dir={W}/afile/run",
-                     f"--data.init_args.predict_path={W}/low.nii.gz", f"--ckpt_path={W}/ref.ckpt"],
+                     f"--data.init_args.predict.path={W}/low.nii.gz", f"--ckpt_path={W}/ref.ckpt"],
                   outputs=("afile/run",)))
     c.append(Case("cli", "unknown command", ["frobnicate"]))
     c.append(Case("cli", "empty command", [""]))

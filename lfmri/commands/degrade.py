@@ -37,6 +37,29 @@ Outputs (each written to a temporary file, then renamed; nothing is created on e
   `t2star_ms`, `t2star_gre`, `readout_ms`, `te_ms`, `b0_max_hz`, `snr_db_target`), `b0_method`,
   `regime`, `seed`, `slice_axis`, `noise_level`, `input`. With these `degradations.build_operator`
   rebuilds `A` per slice (`t2star_ms = inf` means no decay).
+
+Several coils and undersampling (`--coils N`, `--acceleration R`, `--center-fraction F`, `--mask
+random|equispaced|poisson`; defaults 1 coil, R = 1 = fully sampled, F = 0.08, equispaced): the regime gets
+these steps (`degradations.make_regime(..., coils=, acceleration=, center_fraction=, mask=)`): simulated
+birdcage coil maps (`degradations.birdcage_sensitivities`, sum_c |s_c|^2 = 1) and ONE sampling mask for the
+whole volume, drawn from the volume generator (fastMRI's Cartesian line masks along the phase-encoding axis H,
+or SigPy's 2D Poisson disc; `degradations.masks`). y = M (A_c x + n) per coil: exact zeros where not sampled,
+the noise only on sampled samples, its std set by the SNR of the fully sampled single-coil image (so the SNR
+numbers keep their meaning). Giving any of these four options (even at its default value) needs
+`--kspace-out` (the measurement lives only there; a NIfTI alone would be read back as fully sampled
+single-coil data) and changes two outputs:
+* `OUTPUT` is the coil-combined ZERO-FILLED magnitude `|sum_c conj(s_c) ifft2c(y_c)|` (aliased where
+  undersampled), and `OUTPUT.json` also records `coils`, `acceleration`, `center_fraction`, `mask` and the
+  `sampled_fraction`;
+* `--kspace-out` is written in fastMRI's layout (`datamodules.kspace_files.write_kspace_file`): `kspace`
+  complex64 `[slices, coils, H_f, W_f]` (`[slices, H_f, W_f]` for one coil) with the readout along H_f (the
+  NIfTI slice's W) and phase encoding along W_f, zeros where unsampled, `mask` float32 `[W_f]` (2D
+  `[H_f, W_f]` for Poisson), an `ismrmrd_header`, `noise_sigma`, `snr_db`, `b0_map_hz` (transposed the same
+  way), the attributes above plus `acceleration`, `center_fraction`, `mask_kind`, `n_coils`, `nifti_affine`
+  and `lfmri_layout` / `lfmri_inplane` (the in-plane axes are the NIfTI's, transposed). `lfmri reconstruct
+  K.h5 OUT.nii.gz --ckpt C` reconstructs it (for several coils ESPIRiT needs a fully sampled centre of at
+  least 8 lines, in practice about 12: round(H * F), which must also stay below H / R).
+Without these options every output is what it was (byte for byte).
 """
 
 from __future__ import annotations
@@ -61,6 +84,10 @@ from lfmri_utils.volumes import check_volume
 SNR_DB_LIMITS = (-10.0, 60.0)
 NOISE_LEVELS = ("volume", "slice")
 KSPACE_SUFFIXES = (".h5", ".hdf5")  # --kspace-out is HDF5: the name says so
+MASK_KINDS = ("random", "equispaced", "poisson")
+MAX_COILS = 64
+#: the acquisition options and their defaults (`--coils` ...); any given -> the fastMRI-layout outputs
+ACQUISITION_DEFAULTS = {"coils": 1, "acceleration": 1.0, "center_fraction": 0.08, "mask": "equispaced"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,6 +110,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="slices processed together (speed only)")
     p.add_argument("--noise-level", default="slice",
                    help="slice (every slice's SNR = target, default) or volume (one noise std per volume)")
+    p.add_argument("--coils", type=int, default=None,
+                   help=f"receive coils, 1 to {MAX_COILS} (simulated birdcage maps; default 1); needs "
+                        "--kspace-out")
+    p.add_argument("--acceleration", type=float, default=None,
+                   help="undersampling factor R >= 1 (default 1: fully sampled); needs --kspace-out")
+    p.add_argument("--center-fraction", type=float, default=None,
+                   help="fraction of fully sampled centre lines, 0 < F < 1 (default 0.08); needs "
+                        "--kspace-out")
+    p.add_argument("--mask", default=None,
+                   help="random | equispaced | poisson (default equispaced); needs --kspace-out")
     p.set_defaults(func=run)
 
 
@@ -102,6 +139,9 @@ def _validate(args: argparse.Namespace) -> None:
         raise InputError(f"--batch-size: must be >= 1, got {args.batch_size}")
     if args.noise_level not in NOISE_LEVELS:
         raise InputError(f"--noise-level: unknown value {args.noise_level!r}; choose volume or slice")
+    acquisition = _acquisition(args)
+    if acquisition is not None:
+        _check_acquisition(acquisition, args.kspace_out)
     from datamodules.io import NIFTI_SUFFIXES
 
     # the outputs (the NIfTI, its JSON, the k-space file), before any work: the shared checks
@@ -111,6 +151,32 @@ def _validate(args: argparse.Namespace) -> None:
         kspace = check_output_file(args.kspace_out, "--kspace-out", KSPACE_SUFFIXES, (args.input,))
         if kspace.resolve() == output.resolve():
             raise InputError(f"--kspace-out: {args.kspace_out} is the same file as the output")
+
+
+def _acquisition(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The acquisition options with their defaults filled in, or None when none was given."""
+    given = {key: getattr(args, key, None) for key in ACQUISITION_DEFAULTS}
+    if all(value is None for value in given.values()):
+        return None
+    return {key: ACQUISITION_DEFAULTS[key] if value is None else value for key, value in given.items()}
+
+
+def _check_acquisition(acquisition: dict[str, Any], kspace_out: str | None) -> None:
+    """InputError (one line naming the option) for an acquisition option out of range, or without
+    `--kspace-out`."""
+    coils, acceleration = acquisition["coils"], acquisition["acceleration"]
+    fraction = acquisition["center_fraction"]
+    if not 1 <= coils <= MAX_COILS:
+        raise InputError(f"--coils: must be 1 to {MAX_COILS}, got {coils}")
+    if not (math.isfinite(acceleration) and acceleration >= 1):
+        raise InputError(f"--acceleration: must be >= 1 (1 = fully sampled), got {acceleration:g}")
+    if not (math.isfinite(fraction) and 0 < fraction < 1):
+        raise InputError(f"--center-fraction: must be between 0 and 1 (exclusive), got {fraction:g}")
+    if acquisition["mask"] not in MASK_KINDS:
+        raise InputError(f"--mask: unknown kind {acquisition['mask']!r}; choose {', '.join(MASK_KINDS)}")
+    if not kspace_out:
+        raise InputError("--coils / --acceleration / --center-fraction / --mask: need --kspace-out (the "
+                         "multi-coil or undersampled measurement is written only there)")
 
 
 def slice_seed(seed: int, index: int) -> int:
@@ -126,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     data, img = load_nifti(args.input)
     check_volume(data, args.input, args.slice_axis, kind="magnitude")  # before any work
     result = degrade_volume(data, args.regime, args.seed, args.slice_axis % 3, args.snr_db, args.batch_size,
-                            args.noise_level)
+                            args.noise_level, _acquisition(args))
     record = {"input": str(Path(args.input).resolve()), "output": str(Path(args.output).resolve()),
               "kspace_out": str(Path(args.kspace_out).resolve()) if args.kspace_out else None,
               "regime": args.regime, "seed": args.seed, "slice_axis": args.slice_axis % 3,
@@ -138,27 +204,60 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _acquisition_steps(regime: str, overrides: dict[str, Any], acquisition: dict[str, Any]) -> Any:
+    """`make_regime` with the acquisition options (the mask's kind and centre only when undersampled);
+    InputError for options the mask steps refuse."""
+    from degradations import make_regime
+
+    overrides = {**overrides, "coils": acquisition["coils"], "acceleration": acquisition["acceleration"]}
+    if acquisition["acceleration"] > 1:
+        overrides.update(mask=acquisition["mask"], center_fraction=acquisition["center_fraction"])
+    try:
+        return make_regime(regime, **overrides)
+    except ValueError as err:
+        raise InputError(f"--coils / --acceleration / --center-fraction / --mask: {err}") from None
+
+
+def _acquisition_params(degradation: Any, height: int, width: int, generator: Any) -> dict[str, Any]:
+    """The volume's coil maps (complex64 [1, C, H, W]; none for one coil) and sampling mask (float32
+    [1, 1, H, W], drawn with the volume `generator`; none when fully sampled); InputError when the mask
+    cannot be drawn for this matrix (e.g. a centre wider than H / R)."""
+    try:
+        return degradation.sample_acquisition(1, height, width, generator)
+    except ValueError as err:
+        raise InputError(f"--acceleration / --center-fraction / --mask: {err} (phase-encoding lines "
+                         f"H = {height})") from None
+
+
 def degrade_volume(data: np.ndarray, regime: str, seed: int, slice_axis: int, snr_db: float | None,
-                   batch_size: int, noise_level: str = "slice") -> dict[str, Any]:
+                   batch_size: int, noise_level: str = "slice",
+                   acquisition: dict[str, Any] | None = None) -> dict[str, Any]:
     """Degrade every slice of a 3D volume; see the module docstring for the model and the seeding.
 
-    Returns a dict with `magnitude` (float32, same shape as `data`), `kspace` complex64 `[S, H, W]`,
-    `b0_map_hz` float32 `[S, H, W]` or `None`, `noise_sigma` / `snr_db` float32 `[S]`, `scalars`
-    (the volume's parameters), `summary` and `slices` (JSON-ready).
+    `acquisition`: the coils and undersampling (`--coils`, ...: `ACQUISITION_DEFAULTS`' keys), or None.
+    Returns a dict with `magnitude` (float32, same shape as `data`; with `acquisition` the coil-combined
+    zero-filled one), `kspace` complex64 `[S, H, W]` (with `acquisition` `[S, C, H, W]`), `mask` float32
+    `[1, 1, H, W]` or None, `b0_map_hz` float32 `[S, H, W]` or `None`, `noise_sigma` / `snr_db` float32 `[S]`,
+    `scalars` (the volume's parameters), `summary` and `slices` (JSON-ready).
     """
     import torch
 
     from degradations import ComplexGaussianNoise, ifft2c, make_regime, params_to_jsonable
     from degradations.snr import foreground_power_sums, sigma_for_power, snr_db_for_power
 
-    degradation = make_regime(regime, **({} if snr_db is None else {"snr_db": snr_db}))
+    overrides: dict[str, Any] = {} if snr_db is None else {"snr_db": snr_db}
+    degradation = make_regime(regime, **overrides) if acquisition is None else \
+        _acquisition_steps(regime, overrides, acquisition)
     slices = np.ascontiguousarray(np.moveaxis(data, slice_axis, 0), dtype=np.float32)
     n_slices, height, width = slices.shape
     x_all = torch.from_numpy(slices).to(torch.complex64)[:, None]
-    scalars = degradation.sample_scalars(1, torch.Generator().manual_seed(slice_seed(seed, 0)))
+    volume_generator = torch.Generator().manual_seed(slice_seed(seed, 0))
+    scalars = degradation.sample_scalars(1, volume_generator)
     generators = [torch.Generator().manual_seed(slice_seed(seed, i + 1)) for i in range(n_slices)]
+    extra = {} if acquisition is None else _acquisition_params(degradation, height, width, volume_generator)
+    maps = extra.get("sensitivities")
 
-    k0 = torch.empty_like(x_all)
+    k0 = torch.empty(n_slices, 1 if maps is None else maps.shape[1], height, width, dtype=torch.complex64)
     b0_maps = torch.zeros(n_slices, 1, height, width) if degradation.b0 is not None else None
     fg_sum = torch.zeros(n_slices, dtype=torch.float64)
     fg_count = torch.zeros(n_slices, dtype=torch.float64)
@@ -167,6 +266,7 @@ def degrade_volume(data: np.ndarray, regime: str, seed: int, slice_axis: int, sn
         for start in range(0, n_slices, batch_size):
             stop = min(start + batch_size, n_slices)
             params = {key: value.expand(stop - start) for key, value in scalars.items()}
+            params.update({key: value.expand(stop - start, *value.shape[1:]) for key, value in extra.items()})
             params["b0_map_hz"] = torch.zeros(stop - start, 1, height, width)
             if b0_maps is not None:
                 b0_max = scalars["b0_max_hz"]
@@ -175,7 +275,8 @@ def degrade_volume(data: np.ndarray, regime: str, seed: int, slice_axis: int, sn
                 params["b0_map_hz"] = b0_maps[start:stop]
             operator = degradation.operator(params)
             k0[start:stop] = operator.forward(x_all[start:stop])
-            x_in = operator.noise_free_image(x_all[start:stop], k0[start:stop])
+            # the SNR's image: the fully sampled single-coil one (k0 gives it only without coils and mask)
+            x_in = operator.noise_free_image(x_all[start:stop], None if extra else k0[start:stop])
             fg_sum[start:stop], fg_count[start:stop] = foreground_power_sums(x_in)
             bar.update(stop - start)
 
@@ -187,7 +288,12 @@ def degrade_volume(data: np.ndarray, regime: str, seed: int, slice_axis: int, sn
         noise = torch.cat([ComplexGaussianNoise.draw(k0[i:i + 1], sigma[i:i + 1], generators[i])
                            for i in range(n_slices)])
         y = k0 + noise
-        magnitude = ifft2c(y).abs()[:, 0].numpy()
+        if "mask" in extra:
+            y = y * extra["mask"]  # exact zeros where not sampled: the noise only on sampled samples
+        images = ifft2c(y)
+        if maps is not None:  # coil-combined zero-filled image
+            images = (maps.conj() * images).sum(dim=1, keepdim=True)
+        magnitude = images.abs()[:, 0].numpy()
 
     realised = torch.where(fg_count > 0, snr_db_for_power(power_slice, sigma.double() ** 2),
                            torch.tensor(math.nan, dtype=torch.float64)).to(torch.float32)
@@ -197,7 +303,11 @@ def degrade_volume(data: np.ndarray, regime: str, seed: int, slice_axis: int, sn
     summary = {"noise_level": noise_level, "snr_db_target": target, "signal_power_volume": power_volume,
                "noise_sigma_volume": float(sigma[0]) if noise_level == "volume" else None,
                "b0_method": degradation.b0.method if degradation.b0 is not None else None}
-    return {"magnitude": np.moveaxis(magnitude, 0, slice_axis), "kspace": y[:, 0].numpy(),
+    mask = extra["mask"].numpy() if "mask" in extra else None
+    if acquisition is not None:
+        summary.update({**acquisition, "sampled_fraction": 1.0 if mask is None else float(mask.mean())})
+    return {"magnitude": np.moveaxis(magnitude, 0, slice_axis),
+            "kspace": y.numpy() if acquisition is not None else y[:, 0].numpy(), "mask": mask,
             "b0_map_hz": None if b0_maps is None else b0_maps[:, 0].numpy(),
             "noise_sigma": sigma.numpy(), "snr_db": realised.numpy(),
             "scalars": {key: float(value[0]) for key, value in scalars.items()},
@@ -217,7 +327,9 @@ def _write_outputs(args: argparse.Namespace, img: Any, result: dict[str, Any],
         h5_tmp = stack.enter_context(atomic_path(args.kspace_out)) if args.kspace_out else None
         nib.save(nifti_like(result["magnitude"], img), str(nii_tmp))
         json_tmp.write_text(json.dumps(record, indent=2) + "\n")
-        if h5_tmp is not None:
+        if h5_tmp is not None and "coils" in record:
+            _write_fastmri_kspace(h5_tmp, result, record, img)
+        elif h5_tmp is not None:
             _write_kspace(h5_tmp, result, record)
 
 
@@ -234,3 +346,21 @@ def _write_kspace(path: Path, result: dict[str, Any], record: dict[str, Any]) ->
             f.attrs[key] = record[key]
         f.attrs["b0_method"] = record["b0_method"] or "none"
         f.attrs["fft"] = "centred orthonormal 2D FFT over (H, W); readout along W"
+
+
+def _write_fastmri_kspace(path: Path, result: dict[str, Any], record: dict[str, Any], img: Any) -> None:
+    """The multi-coil / undersampled k-space in fastMRI's layout (module docstring)."""
+    from datamodules.kspace_files import write_kspace_file
+
+    axis = record["slice_axis"]
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    rows, readout = (a for a in range(3) if a != axis)  # the slice's H (phase encoding) and W (readout)
+    scalars = {("snr_db_target" if key == "snr_db" else key): value
+               for key, value in result["scalars"].items()}
+    attrs = {key: record[key] for key in ("regime", "seed", "slice_axis", "noise_level", "input")}
+    attrs.update({"b0_method": record["b0_method"] or "none", "acceleration": record["acceleration"],
+                  "center_fraction": record["center_fraction"], "mask_kind": record["mask"]})
+    write_kspace_file(path, result["kspace"], mask=result["mask"], noise_sigma=result["noise_sigma"],
+                      b0_map_hz=result["b0_map_hz"], scalars=scalars, attrs=attrs,
+                      datasets={"snr_db": result["snr_db"].astype(np.float32)},
+                      voxel_mm=(zooms[readout], zooms[rows], zooms[axis]), affine=np.asarray(img.affine))

@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "seeds, as methods lfmri_NAME (NAME:K: the mean of K posterior samples, "
                         "lfmri_NAME_meanK), e.g. warm_ddim,warm_ddim:8,tweedie")
     p.add_argument("--max-slices-per-volume", type=int, default=None,
-                   help="evenly spaced slices per volume (default: the data module's eval_slices_per_volume)")
+                   help="evenly spaced slices per volume (default: the data module's slices.eval_per_volume)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--batch-size", type=int, default=8, help="slices sampled together")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise (0 to 2^32 - 1)")
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # InputError included
         raise InputError(str(err)) from None
     overrides = {} if args.max_slices_per_volume is None else {
-        "eval_slices_per_volume": args.max_slices_per_volume}
+        "slices": {"eval_per_volume": args.max_slices_per_volume}}
     datamodule = load_datamodule(args.config, **overrides)
     settings = {"ckpt": str(resolve_checkpoint(args.ckpt).resolve()),
                 "config": str(Path(args.config).resolve()),

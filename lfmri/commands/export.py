@@ -13,7 +13,7 @@ fields, the SDE (`training.sde: vpsde`, `training.continuous`, `model.beta_min` 
 learning rate (`optim.lr`, also the exported Adam state's). score_sde's DDPM hard-codes 32 GroupNorm groups:
 a network with another `num_groups` (the quickstart's and the reference prior's 8) would run wrong there
 without an error, so it is refused unless `--force` (lfmri itself reads `num_groups` from the JSON and loads
-such a file exactly). A fine-tune of a checkpoint family (`pretrained_family`) is written in that family's
+such a file exactly). A fine-tune of a checkpoint family (`pretrained.family`) is written in that family's
 own format with its resolved config: score_sde's dict for score_sde, hfs_sde and score_mri, guided-diffusion's
 bare state dict for dds (`diffusion.load_pretrained(OUT, config=OUT.json, family=...)` reads it back;
 `--weights` picks the weights of DDS's single set).
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     ema = model.ema  # the EMA shadows: `net` itself with --weights ema (the default of ema_params)
     export_score_sde_checkpoint(net, out, ema_params=None if args.weights == "ema" else ema.shadow_params,
                                 step=step, ema_decay=ema.decay, ema_num_updates=ema.num_updates,
-                                config_path=config_out, sde=model.sde, lr=float(model.hparams.lr),
+                                config_path=config_out, sde=model.sde, lr=float(model.optim_config.lr),
                                 config=config,
                                 trainable=[n for n, p in model.net.named_parameters() if p.requires_grad])
     kind = f"{family.name}: score_sde format, " if family is not None else ""

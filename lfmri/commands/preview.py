@@ -48,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(out, "--out", (".png",), (args.config,))  # before any work: suffix, folder, writable
     import torch
 
-    from datamodules.dataset import EvalSliceDataset
     from degradations import REGIMES, params_to_jsonable
     from lfmri.data_config import load_datamodule
     from lightning_modules.figures import Panel, image_grid
@@ -68,9 +67,7 @@ def run(args: argparse.Namespace) -> int:
             dataclasses.replace(i, slices=(i.slices[len(i.slices) // 2],))
             for i in infos[: args.volumes_per_split]
         ]
-        ds = EvalSliceDataset(
-            dm.source, picked, REGIMES, dm.image_size, dm.background_phase, dm.seed, dm.regime_overrides
-        )
+        ds = dm.eval_dataset(picked, list(REGIMES))
         for v, info in enumerate(picked):
             samples = [ds[i] for i, item in enumerate(ds.items) if item[0] == v]
             rows.append((split, info, samples))
@@ -94,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         f"{dm.source.name} data: "
         + ", ".join(f"{k} {v}" for k, v in sizes.items())
         + " subjects; "
-        + (f"resized to {dm.image_size}x{dm.image_size}" if dm.image_size else "native matrix")
+        + (f"resized to {size}x{size}" if (size := dm.slices.image_size) else "native matrix")
         + "; magnitude, same grey scale per row"
     )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (3.6 * len(rows))))

@@ -27,9 +27,10 @@ def indexed(tmp_path_factory):
     return root
 
 
-def _dm(root, **kw) -> LowFieldDataModule:
-    args = dict(source=str(root), split_file=str(root / "split.yaml"), batch_size=4, seed=5, crop_size=8)
-    dm = LowFieldDataModule(**{**args, **kw})
+def _dm(root, regimes: list[str] | None = None, **slices) -> LowFieldDataModule:
+    """The data module of `root` with the `slices` options (crop_size 8 unless given)."""
+    dm = LowFieldDataModule(source=str(root), split_file=str(root / "split.yaml"), loader={"batch_size": 4},
+                            seed=5, slices={"crop_size": 8, **slices}, regimes=regimes)
     dm.setup("fit")
     return dm
 
@@ -183,14 +184,15 @@ def test_uniform_takes_slices_smaller_than_the_crop_and_leaves_evaluation_alone(
 
 @pytest.mark.parametrize("value", ["centre", "Uniform", "", None, 1, ["inside"]])
 def test_a_bad_crop_coverage_is_one_input_error_naming_the_option(value):
-    with pytest.raises(InputError, match=r"^crop_coverage must be one of inside, uniform, got .*$") as err:
-        LowFieldDataModule(crop_coverage=value)
+    message = r"^slices\.crop_coverage must be one of inside, uniform, got .*$"
+    with pytest.raises(InputError, match=message) as err:
+        LowFieldDataModule(slices={"crop_coverage": value})
     assert "\n" not in str(err.value)
 
 
 def test_uniform_crops_see_the_background_of_the_bundled_data_about_as_often_as_whole_slices():
     """Background: |clean| < 0.1 x the slice's maximum |clean|; the same 64 seeded samples per setting."""
-    dm = LowFieldDataModule(source="bundled", crop_size=64, seed=0)
+    dm = LowFieldDataModule(source="bundled", slices={"crop_size": 64}, seed=0)
     dm.setup("fit")
     ds = dm.train_dataset
     picks = torch.randint(len(ds), (64,), generator=torch.Generator().manual_seed(0)).tolist()

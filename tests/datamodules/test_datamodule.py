@@ -1,6 +1,8 @@
 """LowFieldDataModule on the shipped real data and on small NIfTI files: splits, determinism, epochs,
 normalisation, native resolution, training crops, shape-grouped evaluation batches, volumes, predict."""
 
+import dataclasses
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from datamodules.datamodule import LowFieldDataModule, ShapeGroupedBatchSampler
+from datamodules.dataset import SliceOptions
 from datamodules.samples import MeasuredSample, SliceSample
 from datamodules.sources import BundledSource
 from datamodules.transforms import fit_to_square, restore_shape
@@ -16,9 +19,8 @@ from degradations import ForwardOperator, channels_to_complex, fft2c, gaussian_m
 from lfmri_utils.errors import InputError
 
 KW = dict(
-    crop_size=32,
-    batch_size=4,
-    eval_slices_per_volume=3,
+    slices={"crop_size": 32, "eval_per_volume": 3},
+    loader={"batch_size": 4},
     seed=7,
 )
 BUNDLED = dict(n_train=2, n_val=1)  # the source of the data modules built with KW: BundledSource(**BUNDLED)
@@ -62,7 +64,7 @@ def textured(tmp_path_factory):
 
 
 def _textured_dm(root, **kw) -> LowFieldDataModule:
-    args = dict(source=str(root), split_file=str(root / "split.yaml"), batch_size=4, seed=3)
+    args = dict(source=str(root), split_file=str(root / "split.yaml"), loader={"batch_size": 4}, seed=3)
     return LowFieldDataModule(**{**args, **kw})
 
 
@@ -175,7 +177,7 @@ def test_native_samples_are_the_normalised_slices_in_input_units():
 def test_explicit_image_size_pads_to_square_and_resizes():
     dm = LowFieldDataModule(
         source=BundledSource(n_train=1, n_val=0),
-        image_size=128,
+        slices={"image_size": 128},
         eval_regimes=["noise"],
     )
     dm.setup("test")
@@ -220,7 +222,8 @@ def test_volumes_are_native_and_match_the_test_dataset(dm):
 def test_eval_loaders_batch_only_items_of_one_shape_in_order(textured):
     # two test volumes of different shapes (the bundled source holds out one subject only)
     split = textured / "split_two_shapes.yaml"
-    dm = _textured_dm(textured, split_file=str(split), eval_slices_per_volume=3, eval_batch_size=5)
+    dm = _textured_dm(textured, split_file=str(split), slices={"eval_per_volume": 3},
+                      loader={"batch_size": 4, "eval_batch_size": 5})
     dm.setup("test")
     ds = dm.test_dataset
     shapes = {info.record.volume_id: info.shape for info in ds.volumes}
@@ -250,7 +253,8 @@ def test_shape_grouped_batches_end_where_the_shape_changes():
 
 # ---- training crops ------------------------------------------------------------------------------------
 def test_training_crops_are_aligned_windows_of_the_native_slice(textured):
-    dm = _textured_dm(textured, crop_size=16, regimes=["noise"], regime_overrides={"snr_db": 120.0})
+    dm = _textured_dm(textured, slices={"crop_size": 16}, regimes=["noise"],
+                      regime_overrides={"snr_db": 120.0})
     dm.setup("fit")
     ds = dm.train_dataset
     assert ds.item_shapes() == [(16, 16)] * len(ds)
@@ -272,7 +276,8 @@ def test_training_crops_are_aligned_windows_of_the_native_slice(textured):
 def test_the_whole_slice_is_degraded_before_cropping(textured):
     fwhm = 3.0
     dm = _textured_dm(
-        textured, crop_size=16, regimes=["noise_blur"], regime_overrides={"snr_db": 120.0, "fwhm_px": fwhm}
+        textured, slices={"crop_size": 16}, regimes=["noise_blur"],
+        regime_overrides={"snr_db": 120.0, "fwhm_px": fwhm}
     )
     dm.setup("fit")
     ds = dm.train_dataset
@@ -291,7 +296,7 @@ def test_the_whole_slice_is_degraded_before_cropping(textured):
 
 
 def test_crop_positions_vary_and_are_a_function_of_seed_epoch_and_index(textured):
-    dm = _textured_dm(textured, crop_size=16)
+    dm = _textured_dm(textured, slices={"crop_size": 16})
     dm.setup("fit")
     ds = dm.train_dataset
     v, s = ds.items[3]
@@ -315,11 +320,11 @@ def test_crop_positions_vary_and_are_a_function_of_seed_epoch_and_index(textured
 
 
 def test_the_training_loader_gives_the_same_crops_with_0_and_2_workers(textured):
-    dm = _textured_dm(textured, crop_size=16, batch_size=3)
+    dm = _textured_dm(textured, slices={"crop_size": 16}, loader={"batch_size": 3})
     dm.setup("fit")
     batches = []
     for workers in (0, 2):
-        dm.num_workers = workers
+        dm.loader = dataclasses.replace(dm.loader, num_workers=workers)
         loader = dm.train_dataloader()
         loader.sampler.set_epoch(1)
         batches.append(list(loader))
@@ -329,20 +334,20 @@ def test_the_training_loader_gives_the_same_crops_with_0_and_2_workers(textured)
 
 def test_a_crop_larger_than_the_training_slices_is_refused_at_setup(textured):
     with pytest.raises(InputError, match=r"crop_size 48 is larger than the 40x36 slices of training volume"):
-        _textured_dm(textured, crop_size=48).setup("fit")
-    dm = _textured_dm(textured, crop_size=36)  # as large as the smallest dimension: fine
+        _textured_dm(textured, slices={"crop_size": 48}).setup("fit")
+    dm = _textured_dm(textured, slices={"crop_size": 36})  # as large as the smallest dimension: fine
     dm.setup("fit")
     assert dm.train_dataset[0].clean.shape == (2, 36, 36)
 
 
 def test_whole_native_training_slices_of_different_shapes_need_crops(textured):
     mixed = str(textured / "split_mixed.yaml")
-    with pytest.raises(InputError, match=r"2 different shapes \(30x36, 40x36\).*set crop_size"):
+    with pytest.raises(InputError, match=r"2 different shapes \(30x36, 40x36\).*set slices\.crop_size"):
         _textured_dm(textured, split_file=mixed).setup("fit")
-    for ok in ({"crop_size": 16}, {"image_size": 16}, {"batch_size": 1}):
+    for ok in ({"slices": {"crop_size": 16}}, {"slices": {"image_size": 16}}, {"loader": {"batch_size": 1}}):
         dm = _textured_dm(textured, split_file=mixed, **ok)
         dm.setup("fit")
-        assert next(iter(dm.train_dataloader())).clean.shape[0] == dm.batch_size
+        assert next(iter(dm.train_dataloader())).clean.shape[0] == dm.loader.batch_size
     same = _textured_dm(textured)  # a and b share 40 x 36: whole native slices batch
     same.setup("fit")
     assert next(iter(same.train_dataloader())).clean.shape == (4, 2, 40, 36)
@@ -353,7 +358,8 @@ def test_predict_reads_a_low_field_nifti_without_reference(tmp_path):
     data = np.zeros((20, 16, 5), np.float32)
     data[4:16, 3:13] = np.random.default_rng(0).uniform(50, 100, size=(12, 10, 5))
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "lowfield.nii.gz"))
-    dm = LowFieldDataModule(source="bundled", batch_size=5, predict_path=str(tmp_path / "lowfield.nii.gz"))
+    dm = LowFieldDataModule(source="bundled", loader={"batch_size": 5},
+                            predict={"path": str(tmp_path / "lowfield.nii.gz")})
     dm.setup("predict")
     batch = next(iter(dm.predict_dataloader()))
     assert not hasattr(batch, "clean") and batch.regime == ("measured",) * 5
@@ -383,7 +389,7 @@ def test_batches_are_the_documented_sample_types(textured):
     `MeasuredSample`s, with the documented shapes and dtypes; Lightning's device transfer keeps the type."""
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
-    dm = _textured_dm(textured, crop_size=16, predict_path=str(textured / "d.nii.gz"))
+    dm = _textured_dm(textured, slices={"crop_size": 16}, predict={"path": str(textured / "d.nii.gz")})
     dm.setup("fit")
     assert type(dm.train_dataset[0]) is SliceSample and type(dm.val_dataset[0]) is SliceSample
     for batch, (n, h, w) in ((next(iter(dm.train_dataloader())), (4, 16, 16)),
@@ -395,7 +401,7 @@ def test_batches_are_the_documented_sample_types(textured):
         assert type(moved) is SliceSample and moved.volume_id == batch.volume_id
         assert moved.params.keys() == batch.params.keys()
 
-    resized = _textured_dm(textured, image_size=24, predict_path=str(textured / "d.nii.gz"))
+    resized = _textured_dm(textured, slices={"image_size": 24}, predict={"path": str(textured / "d.nii.gz")})
     resized.setup("predict")
     assert type(resized.predict_dataset[0]) is MeasuredSample
     batch = next(iter(resized.predict_dataloader()))
@@ -411,20 +417,21 @@ def test_bad_arguments():
         LowFieldDataModule(regimes=["noise", "earthquake"])
     with pytest.raises(InputError, match="fixes its own split"):
         _ = LowFieldDataModule(split_file="split.yaml").split
-    with pytest.raises(InputError, match="predict_path"):
+    with pytest.raises(InputError, match=r"predict\.path"):
         LowFieldDataModule(BundledSource(n_train=1)).setup("predict")
 
 
 @pytest.mark.parametrize("name", ["crop_size", "image_size"])
 @pytest.mark.parametrize("value", [7, 0, -16, 32.0, "64", True])
 def test_bad_crop_and_image_sizes(name, value):
-    with pytest.raises(InputError, match=rf"{name} must be null or an integer >= 8"):
-        LowFieldDataModule(**{name: value})
+    with pytest.raises(InputError, match=rf"^slices\.{name} must be null or an integer >= 8"):
+        LowFieldDataModule(slices={name: value})
 
 
 def test_the_data_hyperparameters_are_kept_but_not_merged_into_the_loggers():
     # the model's own image_size (its training crop) shares the key and Lightning refuses two values for one
     # key, so the data module's hyperparameters stay out of the loggers' merge (lfmri logs the whole config)
-    dm = LowFieldDataModule(image_size=64, crop_size=32)
-    assert dm.hparams["image_size"] == 64 and dm.hparams["crop_size"] == 32  # kept (checkpoints)
+    dm = LowFieldDataModule(slices={"image_size": 64, "crop_size": 32})
+    # kept (checkpoints), as plain values
+    assert dm.hparams["slices"] == {**SliceOptions().to_dict(), "image_size": 64, "crop_size": 32}
     assert not dm._log_hyperparams

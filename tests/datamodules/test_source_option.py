@@ -45,10 +45,10 @@ def test_a_source_of_another_type_is_refused():
 def test_a_source_object_is_used_as_is_and_the_shorthand_builds_one(volume_dir):
     obj = NiftiDirSource(volume_dir, pattern="*.nii.gz")
     assert LowFieldDataModule(source=obj).source is obj and make_source(obj) is obj
-    bundled = LowFieldDataModule(source="bundled", slice_axis=0).source
+    bundled = LowFieldDataModule(source="bundled", slices={"slice_axis": 0}).source
     assert isinstance(bundled, BundledSource) and (bundled.n_train, bundled.n_val, bundled.seed) == (8, 2, 0)
     assert bundled.slice_axis == 0
-    short = LowFieldDataModule(source=str(volume_dir), slice_axis=-2).source  # -2 counts from the end: 1
+    short = LowFieldDataModule(source=str(volume_dir), slices={"slice_axis": -2}).source  # -2: axis 1
     assert isinstance(short, NiftiDirSource) and short.pattern == "**/*.nii*" and short.slice_axis == 1
 
 
@@ -56,20 +56,20 @@ def test_the_data_modules_slice_axis_reaches_a_source_that_leaves_it_unset(volum
     alone = NiftiDirSource(volume_dir)
     assert alone.slice_axis is None and alone.load(alone.records()[0]).shape == (8, 12, 10)  # axis 2 alone
     source = NiftiDirSource(volume_dir)
-    LowFieldDataModule(source=source, slice_axis=1)
+    LowFieldDataModule(source=source, slices={"slice_axis": 1})
     assert source.slice_axis == 1 and source.load(source.records()[0]).shape == (10, 12, 8)
     same = NiftiDirSource(volume_dir, slice_axis=1)
-    LowFieldDataModule(source=same, slice_axis=1)  # the same axis twice is fine
+    LowFieldDataModule(source=same, slices={"slice_axis": 1})  # the same axis twice is fine
     with pytest.raises(InputError, match=r"^slice_axis: the nifti source's slice_axis 0 differs from the "
                                          r"data module's 2; set it once"):
         LowFieldDataModule(source=NiftiDirSource(volume_dir, slice_axis=0))
     fastmri = FastMRISource(volume_dir)  # sliced along its axis 0 whatever the data module's slice_axis
-    LowFieldDataModule(source=fastmri, slice_axis=1)
+    LowFieldDataModule(source=fastmri, slices={"slice_axis": 1})
     assert fastmri.slice_axis is None
 
 
 def test_a_source_object_is_kept_in_the_hyperparameters_as_plain_values(volume_dir):
-    dm = LowFieldDataModule(source=BundledSource(n_train=2, n_val=1), slice_axis=0)
+    dm = LowFieldDataModule(source=BundledSource(n_train=2, n_val=1), slices={"slice_axis": 0})
     assert dm.hparams["source"] == {"class_path": "datamodules.sources.BundledSource",
                                     "init_args": {"n_train": 2, "n_val": 1, "seed": 0, "slice_axis": 0}}
     nifti = LowFieldDataModule(source=NiftiDirSource(volume_dir, "*.nii.gz"))

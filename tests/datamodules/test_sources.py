@@ -67,7 +67,7 @@ def test_a_folder_of_degrade_outputs_reads_the_niftis_not_their_sidecars(tmp_pat
 
 def test_datamodule_from_a_bids_directory_two_ways(bids):
     for kwargs in ({"source": str(bids)}, {"source": NiftiDirSource(bids)}):
-        dm = LowFieldDataModule(**kwargs, crop_size=16, batch_size=2, seed=3)
+        dm = LowFieldDataModule(**kwargs, slices={"crop_size": 16}, loader={"batch_size": 2}, seed=3)
         dm.setup("fit")
         subjects = [set(dm.split[s]) for s in ("train", "val", "test")]
         assert not (subjects[0] & subjects[1] or subjects[0] & subjects[2] or subjects[1] & subjects[2])
@@ -117,7 +117,7 @@ def test_fastmri_datamodule_on_a_directory(tmp_path):
         img = torch.zeros(4, 2, 20, 20, dtype=torch.complex64)
         img[..., 5:15, 4:16] = 1 + i
         _fastmri(tmp_path / f"file{i}.h5", fft2c(img).numpy())
-    dm = LowFieldDataModule(source=FastMRISource(tmp_path), batch_size=2)
+    dm = LowFieldDataModule(source=FastMRISource(tmp_path), loader={"batch_size": 2})
     dm.setup("fit")
     assert dm.split.sizes() == {"train": 1, "val": 1, "test": 1}
     assert len(dm.train_dataset) == 4

@@ -184,7 +184,7 @@ def test_the_operator_guard_finds_a_hand_built_operator(tmp_path: Path) -> None:
 
 
 def diffusion_imports(path: Path) -> list[str]:
-    """The modules of `diffusion` or `lightning_modules` that the file at `path` imports (any form of import)."""
+    """The modules of `diffusion` or `lightning_modules` the file at `path` imports (any form of import)."""
     names = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):

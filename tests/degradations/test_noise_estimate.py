@@ -95,8 +95,9 @@ def test_empty_slice_raises():
         estimate_noise_sigma(y)
 
 
-@pytest.mark.parametrize("bad", [torch.ones(1, 1, 8, 8), torch.ones(1, 2, 8, 8, dtype=torch.complex64),
-                                 torch.full((1, 1, 8, 8), complex(float("nan"), 0.0))])
+@pytest.mark.parametrize("bad", [torch.ones(1, 1, 8, 8), torch.ones(1, 8, 8, dtype=torch.complex64),
+                                 torch.full((1, 1, 8, 8), complex(float("nan"), 0.0)),
+                                 torch.full((1, 2, 8, 8), complex(float("nan"), 0.0))])
 def test_invalid_input_raises(bad):
     with pytest.raises(ValueError):
         estimate_noise_sigma(bad)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import MNI, TINY_NET
 
-from diffusion.losses import dsm_loss, supervised_loss, tweedie_x0
+from diffusion.losses import dsm_loss, supervised_loss
 from diffusion.networks.ddpm import DDPM, DDPMConfig
 from diffusion.sampling.sde import VPSDE
 
@@ -91,7 +91,7 @@ def test_supervised_loss_of_the_oracle_is_the_degradation_error():
 
 def test_tweedie_and_t0_validation():
     x, t = torch.randn(2, 2, 4, 4), torch.tensor([0.1, 0.5])
-    x0 = tweedie_x0(SDE, x, t, torch.zeros_like(x))
+    x0 = SDE.denoise(x, t, torch.zeros_like(x))
     torch.testing.assert_close(x0, x / SDE.alpha(t)[:, None, None, None])
     with pytest.raises(ValueError, match="t0_range"):
         supervised_loss(zero_net, SDE, x, x, t0_range=(0.5, 0.1))

@@ -9,6 +9,7 @@ import torch
 from diffusion.checkpoint import export_score_sde_checkpoint
 from diffusion.networks.ddpm import DDPM, DDPMConfig
 from lightning_modules.module import ScoreModel
+from lightning_modules.priors import PretrainedSource
 
 TINY = dict(nf=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16, num_groups=4)
 
@@ -17,8 +18,8 @@ def test_a_two_channel_checkpoint_loads_into_a_one_channel_model_without_a_confi
     torch.manual_seed(0)
     clinical = DDPM(DDPMConfig(num_channels=2, **TINY))
     export_score_sde_checkpoint(clinical, tmp_path / "c.pth")
-    model = ScoreModel(net=DDPMConfig(num_channels=1, **TINY), pretrained=str(tmp_path / "c.pth"),
-                       adapt_channels=1)
+    model = ScoreModel(net=DDPMConfig(num_channels=1, **TINY),
+                       pretrained=PretrainedSource(str(tmp_path / "c.pth"), adapt_channels=1))
     model.load_pretrained()
     x, labels = torch.rand(2, 1, 16, 16), torch.tensor([10.0, 500.0])
     expected = clinical.eval()(torch.cat([x, torch.zeros_like(x)], 1), labels)[:, :1]  # the 2 -> 1 rule
@@ -29,8 +30,7 @@ def test_non_default_sigmas_are_configurable(tmp_path):
     ckpt, config = tmp_path / "lsun.pth", tmp_path / "lsun.json"
     export_score_sde_checkpoint(DDPM(DDPMConfig(num_channels=2, sigma_max=378.0, **TINY)), ckpt,
                                 config_path=config)
-    ScoreModel(net=DDPMConfig(sigma_max=378.0, **TINY), pretrained=str(ckpt),
-               pretrained_config=str(config)).load_pretrained()
+    source = PretrainedSource(str(ckpt), config=str(config))
+    ScoreModel(net=DDPMConfig(sigma_max=378.0, **TINY), pretrained=source).load_pretrained()
     with pytest.raises(ValueError, match="sigma_max=378"):  # the config says 378, this model 50
-        ScoreModel(net=DDPMConfig(**TINY), pretrained=str(ckpt),
-                   pretrained_config=str(config)).load_pretrained()
+        ScoreModel(net=DDPMConfig(**TINY), pretrained=source).load_pretrained()

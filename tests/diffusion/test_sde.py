@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffusion.sampling.sde import VPSDE, get_score_fn
+from diffusion.sampling.sde import VESDE, VPSDE, DiscreteVPSDE, get_score_fn
 
 SDE = VPSDE(beta_min=0.1, beta_max=20.0, N=1000)
 
@@ -97,3 +97,22 @@ def test_labels_score_and_prior():
     a = SDE.prior_sampling((2, 2, 4, 4), torch.Generator().manual_seed(3))
     b = SDE.prior_sampling((2, 2, 4, 4), torch.Generator().manual_seed(3))
     assert a.shape == (2, 2, 4, 4) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=["vp", "ve"])
+def test_continuous_sdes_draw_training_times_uniformly_in_eps_to_T(sde) -> None:
+    g = torch.Generator().manual_seed(0)
+    t = sde.sample_training_times(20000, 1e-3, generator=g)
+    assert t.dtype == torch.float32 and t.shape == (20000,)
+    assert float(t.min()) >= 1e-3 and float(t.max()) <= sde.T
+    assert abs(float(t.mean()) - (sde.T + 1e-3) / 2) < 0.01  # uniform: the mean is the midpoint
+    again = sde.sample_training_times(20000, 1e-3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(t, again)
+
+
+def test_the_discrete_sde_draws_training_times_on_its_integer_steps() -> None:
+    sde = DiscreteVPSDE(N=10)
+    t = sde.sample_training_times(5000, 0.5, generator=torch.Generator().manual_seed(1))
+    steps = t * (sde.N - 1)
+    assert torch.allclose(steps, steps.round(), atol=1e-5)  # on the grid i / (N - 1)
+    assert set(steps.round().long().tolist()) == set(range(sde.N))  # every step, eps not applied (0 drawn)

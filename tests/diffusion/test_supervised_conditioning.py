@@ -1,4 +1,4 @@
-"""The supervised term's conditioning (`ScoreModel(supervised_conditioning=...)`,
+"""The supervised term's conditioning (`ScoreModel`'s `loss.supervised_conditioning`,
 `supervised_loss(label_offset=...)`): 'shared' is today's loss bit for bit; 'separate' calls the DDPM with
 labels sde.labels(t0) + 1000, which the score (DSM, sampling) never uses; a checkpoint family refuses it;
 checkpoints without the option load as 'shared'; DSM-only training (supervised_weight 0) is configured from
@@ -21,7 +21,8 @@ from diffusion.networks.ddpm import DDPM, DDPMConfig
 from diffusion.sampling.sde import VPSDE, get_score_fn
 from lfmri_utils.errors import InputError
 from lightning_modules.ema import EMA
-from lightning_modules.module import ScoreModel, upgrade_hparams
+from lightning_modules.module import LossConfig, OptimConfig, ScoreModel, upgrade_hparams
+from lightning_modules.priors import PretrainedSource
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,20 +147,23 @@ def test_a_label_offset_with_a_score_fn_is_refused():
 
 
 # ------------------------------------------------------------------------------------------- the module
-def model(conditioning: str | None, seed: int = 0, **kw) -> ScoreModel:
+def model(conditioning: str | None, seed: int = 0, **optim) -> ScoreModel:
+    """A tiny model with the supervised term (weight 1) in `conditioning` (None: the default), `optim`
+    (`OptimConfig` fields; default warmup_steps 1) and perturbed weights."""
     torch.manual_seed(seed)
-    args = dict(net=NET, supervised_weight=1.0, warmup_steps=1, **kw)
+    loss = LossConfig(supervised_weight=1.0)
     if conditioning is not None:
-        args["supervised_conditioning"] = conditioning
-    m = ScoreModel(**args)
+        loss = LossConfig(supervised_weight=1.0, supervised_conditioning=conditioning)
+    m = ScoreModel(net=NET, loss=loss, optim=OptimConfig(**{"warmup_steps": 1, **optim}))
     perturb(m.net, seed)
-    m.ema = EMA(m.net.parameters(), decay=m.hparams.ema_decay)  # the EMA starts from the perturbed weights
+    m.ema = EMA(m.net.parameters(), decay=m.optim_config.ema_decay)  # it starts from the perturbed weights
     return m
 
 
 def test_module_default_is_shared_and_gives_todays_losses():
     default, shared = model(None), model("shared")
-    assert default.hparams.supervised_conditioning == "shared" and default.supervised_label_offset == 0.0
+    assert default.hparams.loss["supervised_conditioning"] == "shared"
+    assert default.supervised_label_offset == 0.0
     b = batch()
     a = default._losses(b, torch.Generator().manual_seed(5), compute_all=True)
     c = shared._losses(b, torch.Generator().manual_seed(5), compute_all=True)
@@ -175,7 +179,7 @@ def test_module_default_is_shared_and_gives_todays_losses():
 
 def test_module_separate_losses_on_a_slice_batch():
     m = model("separate")
-    assert m.hparams.supervised_conditioning == "separate" and m.supervised_label_offset == 1000.0
+    assert m.hparams.loss["supervised_conditioning"] == "separate" and m.supervised_label_offset == 1000.0
     m.net = Recording(m.net)
     b = batch()
     out = m._losses(b, torch.Generator().manual_seed(5), compute_all=False)
@@ -218,27 +222,30 @@ def test_a_short_fit_with_separate_conditioning(tmp_path):
         assert torch.isfinite(tr.callback_metrics[k]), k
     tr.save_checkpoint(tmp_path / "separate.ckpt")
     loaded = ScoreModel.load_from_checkpoint(tmp_path / "separate.ckpt", map_location="cpu")
-    assert loaded.hparams.supervised_conditioning == "separate" and loaded.supervised_label_offset == 1000.0
+    assert loaded.loss_config.supervised_conditioning == "separate"
+    assert loaded.supervised_label_offset == 1000.0
 
 
 # --------------------------------------------------------------------------------------------- refusals
 def test_a_family_refuses_separate_conditioning():
-    family = dict(pretrained_family="score_sde", pretrained=str(SCORE_SDE_CKPT),
-                  pretrained_config=str(SCORE_SDE_FIXTURE / "config.json"))
-    with pytest.raises(InputError, match=r"^supervised_conditioning 'separate' .*=score_sde"):
-        ScoreModel(**family, supervised_conditioning="separate")
+    family = PretrainedSource(str(SCORE_SDE_CKPT), config=str(SCORE_SDE_FIXTURE / "config.json"),
+                              family="score_sde")
+    separate = LossConfig(supervised_conditioning="separate")
+    with pytest.raises(InputError, match=r"^loss.supervised_conditioning 'separate' .*=score_sde"):
+        ScoreModel(pretrained=family, loss=separate)
     # refused before the family's config is looked for
-    with pytest.raises(InputError, match=r"^supervised_conditioning 'separate'"):
-        ScoreModel(pretrained_family="dds", supervised_conditioning="separate")
+    with pytest.raises(InputError, match=r"^loss.supervised_conditioning 'separate'"):
+        ScoreModel(pretrained=PretrainedSource(family="dds"), loss=separate)
     # 'shared' with the same family builds
-    ScoreModel(**family, supervised_conditioning="shared")
+    ScoreModel(pretrained=family, loss=LossConfig(supervised_conditioning="shared"))
 
 
 def test_a_detected_family_refuses_separate_conditioning():
     from helpers import FAMILY_CHECKPOINTS
 
-    with pytest.raises(InputError, match=r"^supervised_conditioning 'separate' .*pretrained_family=hfs_sde"):
-        ScoreModel(pretrained=str(FAMILY_CHECKPOINTS["hfs_sde"]), supervised_conditioning="separate")
+    with pytest.raises(InputError, match=r"^loss.supervised_conditioning 'separate' .*family=hfs_sde"):
+        ScoreModel(pretrained=PretrainedSource(str(FAMILY_CHECKPOINTS["hfs_sde"])),
+                   loss=LossConfig(supervised_conditioning="separate"))
 
 
 @pytest.mark.parametrize(("field", "words"), [({"conditional": False}, "net.conditional: false"),
@@ -246,14 +253,14 @@ def test_a_detected_family_refuses_separate_conditioning():
 def test_a_ddpm_without_plain_time_labels_refuses_separate(field, words):
     net = DDPMConfig(**{**NET.to_dict(), **field})
     with pytest.raises(InputError, match=words):
-        ScoreModel(net=net, supervised_conditioning="separate")
-    ScoreModel(net=net, supervised_conditioning="shared")
+        ScoreModel(net=net, loss=LossConfig(supervised_conditioning="separate"))
+    ScoreModel(net=net, loss=LossConfig(supervised_conditioning="shared"))
 
 
 def test_an_unknown_conditioning_is_one_line():
-    with pytest.raises(InputError, match=r"^supervised_conditioning must be 'shared' or 'separate', got "
+    with pytest.raises(InputError, match=r"^loss.supervised_conditioning must be 'shared' or 'separate', got "
                                          r"'sideways'$"):
-        ScoreModel(net=NET, supervised_conditioning="sideways")
+        ScoreModel(net=NET, loss=LossConfig(supervised_conditioning="sideways"))
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -262,16 +269,21 @@ def test_a_checkpoint_without_the_option_loads_as_shared(tmp_path, save_score_mo
 
     path = save_score_model(tmp_path / "old.ckpt", model("shared"))
     ckpt = torch.load(path, weights_only=True)
-    assert ckpt["hyper_parameters"]["supervised_conditioning"] == "shared"
-    del ckpt["hyper_parameters"]["supervised_conditioning"]  # as written before the option existed
-    assert "supervised_conditioning" not in upgrade_hparams(ckpt["hyper_parameters"])
+    hp = ckpt["hyper_parameters"]
+    assert hp["loss"]["supervised_conditioning"] == "shared"
+    # as written before the option existed: flat options (before the blocks), no supervised_conditioning
+    old = {**{k: v for k, v in hp.items() if k not in ("loss", "optim")}, **hp["loss"], **hp["optim"]}
+    del old["supervised_conditioning"]
+    ckpt["hyper_parameters"] = old
+    assert "supervised_conditioning" not in upgrade_hparams(old)["loss"]
     torch.save(ckpt, path)
     for loaded in (ScoreModel.load_from_checkpoint(path, map_location="cpu"),
                    load_score_model(path, torch.device("cpu"))):
-        assert loaded.hparams.supervised_conditioning == "shared" and loaded.supervised_label_offset == 0.0
+        assert loaded.hparams.loss["supervised_conditioning"] == "shared"
+        assert loaded.supervised_label_offset == 0.0
     # an older hyper-parameters dict passed to the constructor directly
-    hparams = {k: v for k, v in upgrade_hparams(ckpt["hyper_parameters"]).items() if not k.startswith("_")}
-    assert ScoreModel(**hparams).hparams.supervised_conditioning == "shared"
+    hparams = {k: v for k, v in upgrade_hparams(old).items() if not k.startswith("_")}
+    assert ScoreModel(**hparams).hparams.loss["supervised_conditioning"] == "shared"
 
 
 # ---------------------------------------------------------------------------------------- YAML and CLI
@@ -287,19 +299,21 @@ def _cli(tmp_path: Path, init_args: dict, *args: str) -> ScoreModel:
 
 
 def test_yaml_and_command_line_spelling(tmp_path):
-    m = _cli(tmp_path, {"supervised_weight": 1.0, "supervised_conditioning": "separate"})
-    assert isinstance(m, ScoreModel) and m.hparams.supervised_conditioning == "separate"
-    m = _cli(tmp_path, {"supervised_weight": 1.0}, "--model.init_args.supervised_conditioning=separate")
-    assert m.hparams.supervised_conditioning == "separate"
-    assert _cli(tmp_path, {"supervised_weight": 1.0}).hparams.supervised_conditioning == "shared"
+    m = _cli(tmp_path, {"loss": {"supervised_weight": 1.0, "supervised_conditioning": "separate"}})
+    assert isinstance(m, ScoreModel) and m.loss_config.supervised_conditioning == "separate"
+    m = _cli(tmp_path, {"loss": {"supervised_weight": 1.0}},
+             "--model.init_args.loss.supervised_conditioning=separate")
+    assert m.loss_config == LossConfig(supervised_weight=1.0, supervised_conditioning="separate")
+    m = _cli(tmp_path, {"loss": {"supervised_weight": 1.0}})
+    assert m.loss_config.supervised_conditioning == "shared"
 
 
 def test_dsm_only_from_yaml_and_the_command_line(tmp_path):
     b = batch()
-    for m in (_cli(tmp_path, {"dsm_weight": 1.0, "supervised_weight": 0.0}),
-              _cli(tmp_path, {"supervised_weight": 1.0}, "--model.init_args.supervised_weight=0",
-                   "--model.init_args.dsm_weight=1")):
-        assert m.hparams.dsm_weight == 1.0 and m.hparams.supervised_weight == 0.0
+    for m in (_cli(tmp_path, {"loss": {"dsm_weight": 1.0, "supervised_weight": 0.0}}),
+              _cli(tmp_path, {"loss": {"supervised_weight": 1.0}},
+                   "--model.init_args.loss.supervised_weight=0", "--model.init_args.loss.dsm_weight=1")):
+        assert m.loss_config.dsm_weight == 1.0 and m.loss_config.supervised_weight == 0.0
         out = m._losses(b, torch.Generator().manual_seed(2), compute_all=False)
         assert set(out) == {"dsm", "loss"} and torch.equal(out["loss"], out["dsm"])
         out = m._losses(b, torch.Generator().manual_seed(2), compute_all=True)  # validation logs both
@@ -312,11 +326,11 @@ def test_dsm_only_with_the_quickstart_config_through_lfmri(tmp_path):
 
     cli = run_lightning_cli(["--config", str(QUICKSTART), f"--trainer.default_root_dir={tmp_path}/run",
                              "--model.init_args.net.nf=8", "--model.init_args.net.num_groups=4",
-                             "--data.init_args.num_workers=0", "--model.init_args.dsm_weight=1",
-                             "--model.init_args.supervised_weight=0"], run=False)
+                             "--data.init_args.loader.num_workers=0", "--model.init_args.loss.dsm_weight=1",
+                             "--model.init_args.loss.supervised_weight=0"], run=False)
     m = cli.model
-    assert m.hparams.dsm_weight == 1.0 and m.hparams.supervised_weight == 0.0
-    assert m.hparams.supervised_conditioning == "separate"  # the quickstart's (issue 21)
+    assert m.loss_config.dsm_weight == 1.0 and m.loss_config.supervised_weight == 0.0
+    assert m.loss_config.supervised_conditioning == "separate"  # the quickstart's (issue 21)
     out = m._losses(batch(), torch.Generator().manual_seed(2), compute_all=False)
     assert set(out) == {"dsm", "loss"}
 
@@ -331,19 +345,20 @@ def _fit(tmp_path: Path, *args: str) -> int:
 
 @pytest.mark.usefixtures("lightning_logs_to_stderr")
 def test_lfmri_fit_refuses_separate_with_a_family_in_one_line(tmp_path, capsys):
-    rc = _fit(tmp_path, "--model.init_args.supervised_conditioning=separate",
-              "--model.init_args.pretrained_family=score_sde")
+    rc = _fit(tmp_path, "--model.init_args.loss.supervised_conditioning=separate",
+              "--model.init_args.pretrained.family=score_sde")
     err = capsys.readouterr().err
     assert rc == 2, err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert "Traceback" not in err and last.startswith("lfmri fit: error: supervised_conditioning 'separate'")
+    assert "Traceback" not in err
+    assert last.startswith("lfmri fit: error: loss.supervised_conditioning 'separate'"), last
     assert not (tmp_path / "run").exists()  # refused before anything was built or read
 
 
 @pytest.mark.usefixtures("lightning_logs_to_stderr")
 def test_lfmri_fit_refuses_an_unknown_conditioning(tmp_path, capsys):
-    assert _fit(tmp_path, "--model.init_args.supervised_conditioning=sideways") == 2  # checked while parsing
+    assert _fit(tmp_path, "--model.init_args.loss.supervised_conditioning=sideways") == 2  # while parsing
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == ("lfmri fit: error: model.init_args.supervised_conditioning: "
+    assert err.strip().splitlines()[-1] == ("lfmri fit: error: model.init_args.loss.supervised_conditioning: "
                                             "expected one of 'shared', 'separate', got sideways"), err[-3000:]
     assert not (tmp_path / "run").exists()

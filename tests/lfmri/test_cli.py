@@ -30,9 +30,9 @@ def test_help_lists_every_command(capsys):
 
 
 def test_missing_values_are_found_at_any_depth():
-    config = {"model": {"init_args": {"pretrained": "???", "lr": 1e-4}},
+    config = {"model": {"init_args": {"pretrained": {"path": "???"}, "optim": {"lr": 1e-4}}},
               "trainer": {"callbacks": [{"a": "???"}]}}
-    assert missing_values(config) == ["model.init_args.pretrained", "trainer.callbacks.0.a"]
+    assert missing_values(config) == ["model.init_args.pretrained.path", "trainer.callbacks.0.a"]
     assert missing_values({"x": "ok", "y": [1, 2]}) == []
 
 
@@ -41,7 +41,7 @@ def test_required_config_values_are_refused_before_anything_is_built(capsys):
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err and last.startswith("lfmri fit: error:")
-    assert "model.init_args.pretrained" in last and "data.init_args.source.init_args.root" in last
+    assert "model.init_args.pretrained.path" in last and "data.init_args.source.init_args.root" in last
 
 
 def test_a_missing_data_directory_is_one_line(tmp_path, capsys):
@@ -85,7 +85,7 @@ def test_fit_shows_no_third_party_noise(tmp_path):
     argv = [str(script), "fit", "--config", str(QUICKSTART), "--trainer.max_steps=1",
             f"--trainer.default_root_dir={tmp_path}/r", "--model.init_args.net.nf=8",
             "--model.init_args.net.num_groups=4", "--trainer.limit_val_batches=0",
-            "--trainer.enable_progress_bar=false", "--data.init_args.num_workers=0"]
+            "--trainer.enable_progress_bar=false", "--data.init_args.loader.num_workers=0"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
     assert done.returncode == 0, done.stderr[-2000:]

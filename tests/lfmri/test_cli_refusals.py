@@ -55,8 +55,8 @@ REFUSED = {
                       ["config interpolation: Interpolation key 'nope.x' not found"]),
     "--trainer.logger=os.system": (None, ["--trainer.logger=os.system"],
                                    ["trainer.logger: class_path 'os.system' is not a Logger subclass"]),
-    "--data batch_size=abc": (None, ["--data.init_args.batch_size=abc"],
-                              ["data.init_args.batch_size: expected int, got abc"]),
+    "--data batch_size=abc": (None, ["--data.init_args.loader.batch_size=abc"],
+                              ["data.init_args.loader.batch_size: expected int, got abc"]),
 }
 
 
@@ -76,16 +76,18 @@ def test_a_config_that_does_not_parse_is_one_line(name: str, tmp_path: Path, cap
 
 def test_the_console_shows_only_the_line(tmp_path: Path) -> None:
     """The whole stderr of the `lfmri` process, not just what main() prints."""
-    done = subprocess.run([str(LFMRI), "fit", "--config", str(QUICKSTART), "--model.init_args.lr=fast"],
+    done = subprocess.run([str(LFMRI), "fit", "--config", str(QUICKSTART), "--model.init_args.optim.lr=fast"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr == "lfmri fit: error: model.init_args.lr: expected float, got fast\n", done.stderr
+    expected = "lfmri fit: error: model.init_args.optim.lr: expected float, got fast\n"
+    assert done.stderr == expected, done.stderr
 
 
 @pytest.mark.parametrize("override,line", [
-    ("--model.init_args.lr=-1", "lfmri fit: error: lr must be a number > 0, got -1.0"),
-    ("--model.init_args.pretrained=absent.pth", "lfmri fit: error: absent.pth: no such checkpoint file")])
+    ("--model.init_args.optim.lr=-1", "lfmri fit: error: optim.lr must be a number > 0, got -1.0"),
+    ("--model.init_args.pretrained.path=absent.pth",
+     "lfmri fit: error: absent.pth: no such checkpoint file")])
 def test_a_refused_option_is_the_only_line_before_training(override: str, line: str, tmp_path: Path) -> None:
     """An option refused by the model's constructor: the error is the console's only line (Lightning's seed
     line comes with the trainer, after it); a `pretrained` file that is not there: refused before the model
@@ -153,7 +155,7 @@ def test_predict_refuses_an_output_dir_under_a_file(tmp_path: Path, tiny_checkpo
                                    "init_args": {"output_dir": str(tmp_path / "afile" / "pred")}}]},
         "model": {"class_path": "lightning_modules.module.ScoreModel"},
         "data": {"class_path": "datamodules.LowFieldDataModule",
-                 "init_args": {"predict_path": str(tmp_path / "missing.nii.gz")}}}))
+                 "init_args": {"predict": {"path": str(tmp_path / "missing.nii.gz")}}}}))
     assert main(["predict", "--config", str(config), "--ckpt_path", str(tiny_checkpoint)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"lfmri predict: error: trainer.callbacks NiftiPredictionWriter output_dir "

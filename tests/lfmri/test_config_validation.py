@@ -17,30 +17,31 @@ from lfmri.cli import main
 TINY = ["--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--model.init_args.net.nf=8", "--model.init_args.net.num_groups=4",
-        "--data.init_args.batch_size=2", "--data.init_args.num_workers=0"]
+        "--data.init_args.loader.batch_size=2", "--data.init_args.loader.num_workers=0"]
 #: a little bundled data, for the runs that train
 SMALL_DATA = "--data.init_args.source={class_path: BundledSource, init_args: {n_train: 1, n_val: 1}}"
 
 BAD = [
     ("--data.init_args.regimes=[foo]", "regimes", "foo"),
     ("--data.init_args.eval_regimes=[noise, earthquake]", "eval_regimes", "earthquake"),
-    ("--model.init_args.lr=-1", "lr", "> 0"),
-    ("--model.init_args.lr=.nan", "lr", "> 0"),
-    ("--data.init_args.batch_size=0", "batch_size", ">= 1"),
-    ("--data.init_args.eval_batch_size=-2", "eval_batch_size", ">= 1"),
+    ("--model.init_args.optim.lr=-1", "optim.lr", "> 0"),
+    ("--model.init_args.optim.lr=.nan", "optim.lr", "> 0"),
+    ("--data.init_args.loader.batch_size=0", "loader.batch_size", ">= 1"),
+    ("--data.init_args.loader.eval_batch_size=-2", "loader.eval_batch_size", ">= 1"),
     ("--data.init_args.regime_overrides={snr_db_range: [7, 2]}", "regime_overrides", "snr_db_range"),
     ("--data.init_args.regime_overrides={snr_dB: 5}", "regime_overrides", "snr_dB"),
-    ("--data.init_args.num_workers=-1", "num_workers", ">= 0"),
+    ("--data.init_args.loader.num_workers=-1", "loader.num_workers", ">= 0"),
+    ("--data.init_args.slices.crop_size=4", "slices.crop_size", ">= 8"),
     ("--data.init_args.val_fraction=1.5", "val_fraction", "[0, 1)"),
     ("--data.init_args.source=nifti", "source", "--data.init_args.source=/data/dir"),
-    ("--model.init_args.ema_decay=1.5", "ema_decay", "[0, 1]"),
-    ("--model.init_args.supervised_t0=[0.3, 0.05]", "supervised_t0", "min <= max"),
-    ("--model.init_args.supervised_t0=[0.05, 3]", "supervised_t0", "[0, 1]"),
+    ("--model.init_args.optim.ema_decay=1.5", "optim.ema_decay", "[0, 1]"),
+    ("--model.init_args.loss.supervised_t0=[0.3, 0.05]", "loss.supervised_t0", "min <= max"),
+    ("--model.init_args.loss.supervised_t0=[0.05, 3]", "loss.supervised_t0", "[0, 1]"),
     ("--model.init_args.net.ch_mult=[]", "ch_mult", "non-empty"),
     ("--model.init_args.net.ch_mult=[1, 0]", "ch_mult", ">= 1"),
     ("--model.init_args.net.image_size=0", "image_size", ">= 1"),
     ("--model.init_args.net.dropout=1", "dropout", "[0, 1)"),
-    ("--model.init_args.warmup_steps=-5", "warmup_steps", ">= 0"),
+    ("--model.init_args.optim.warmup_steps=-5", "optim.warmup_steps", ">= 0"),
     ("--model.init_args.net.num_groups=3", "num_groups", "divide"),
     ("--model.init_args.net.sigma_min=0", "sigma_min", "> 0"),
 ]
@@ -73,7 +74,7 @@ def test_unusual_but_valid_sizes_train(tmp_path, capsys):
     # data resized to 50 x 50 (not a multiple of the U-Net's 4) and a model image_size of 25 (attention
     # placement only): the network pads to its multiple, and both image_size values are logged without a clash
     rc = main(["fit", "--config", str(QUICKSTART), f"--trainer.default_root_dir={tmp_path}/run", *TINY,
-               SMALL_DATA, "--data.init_args.image_size=50", "--data.init_args.crop_size=null",
+               SMALL_DATA, "--data.init_args.slices.image_size=50", "--data.init_args.slices.crop_size=null",
                "--model.init_args.net.image_size=25"])
     err = capsys.readouterr().err
     assert rc == 0, err[-3000:]
@@ -88,7 +89,7 @@ def test_a_run_without_a_logger_trains(tmp_path, capsys):
         rc = main(["fit", "--config", str(QUICKSTART), f"--trainer.default_root_dir={tmp_path}/run", *TINY,
                    SMALL_DATA, "--trainer.logger=false", "--trainer.val_check_interval=1",
                    "--trainer.limit_val_batches=1.0",
-                   "--data.init_args.eval_slices_per_volume=1", "--data.init_args.eval_regimes=[noise]",
+                   "--data.init_args.slices.eval_per_volume=1", "--data.init_args.eval_regimes=[noise]",
                    "--trainer.callbacks.init_args.n_slices=1",
                    "--trainer.callbacks.init_args.sampling.steps=2"])
     err = capsys.readouterr().err

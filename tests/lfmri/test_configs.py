@@ -117,11 +117,11 @@ def test_required_paths_are_required_and_given_on_the_command_line(parsed):
     finetune = yaml.safe_load((REPO / "configs/finetune_mouse.yaml").read_text())
     pretrain = yaml.safe_load((REPO / "configs/pretrain_fastmri.yaml").read_text())
     root = "data.init_args.source.init_args.root"
-    assert required_leaves(finetune) == ["model.init_args.pretrained", root]
+    assert required_leaves(finetune) == ["model.init_args.pretrained.path", root]
     assert required_leaves(pretrain) == [root]
     given = parsed["configs/finetune_mouse.yaml"]
     data_root = given["data"]["init_args"]["source"]["init_args"]["root"]
-    assert given["model"]["init_args"]["pretrained"] == data_root == "/given/on/the/command/line"
+    assert given["model"]["init_args"]["pretrained"]["path"] == data_root == "/given/on/the/command/line"
 
 
 @pytest.mark.parametrize("name", ["configs/model/ddpm_34m.yaml", "configs/finetune_mouse.yaml",
@@ -136,12 +136,12 @@ def test_finetune_mouse_is_the_papers_fine_tune(parsed):
     config = parsed["configs/finetune_mouse.yaml"]
     trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]["init_args"]
     assert trainer["max_epochs"] == 15 and trainer["precision"] == "bf16-mixed"
-    assert model["dsm_weight"] > 0 and model["supervised_weight"] > 0  # DSM + supervised
-    assert model["pretrained_weights"] == "ema"
+    assert model["loss"]["dsm_weight"] > 0 and model["loss"]["supervised_weight"] > 0  # DSM + supervised
+    assert model["pretrained"]["weights"] == "ema"
     # random 256 x 256 training crops (the network's image_size) of native slices; whole slices elsewhere
     assert data["source"]["class_path"] == "datamodules.sources.NiftiDirSource"
-    assert data["crop_size"] == model["net"]["image_size"] == 256
-    assert data["image_size"] is None
+    assert data["slices"]["crop_size"] == model["net"]["image_size"] == 256
+    assert data["slices"]["image_size"] is None
     assert trainer["logger"]["class_path"].endswith("CSVLogger")
     cbs = callbacks(config)
     assert cbs["ModelCheckpoint"]["save_last"] is True and "FiniteLossGuard" in cbs
@@ -161,8 +161,9 @@ def test_pretrain_fastmri_trains_a_dsm_only_prior_from_fastmri(parsed):
     config = parsed["configs/pretrain_fastmri.yaml"]
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     assert data["source"]["class_path"] == "datamodules.sources.FastMRISource" and model["pretrained"] is None
-    assert data["crop_size"] == model["net"]["image_size"] == 256 and data["image_size"] is None
-    assert model["dsm_weight"] > 0 and model["supervised_weight"] == 0
+    slices = data["slices"]
+    assert slices["crop_size"] == model["net"]["image_size"] == 256 and slices["image_size"] is None
+    assert model["loss"]["dsm_weight"] > 0 and model["loss"]["supervised_weight"] == 0
     assert config["trainer"]["max_steps"] >= 100_000
     cbs = callbacks(config)
     assert cbs["ModelCheckpoint"]["save_last"] is True and "FiniteLossGuard" in cbs
@@ -171,7 +172,7 @@ def test_pretrain_fastmri_trains_a_dsm_only_prior_from_fastmri(parsed):
 @pytest.mark.parametrize("name", ["configs/quickstart.yaml", "configs/data/bundled.yaml",
                                   "configs/data/nifti_dir.yaml"])
 def test_data_blocks_train_on_crops_of_native_slices(name, parsed):
-    data = parsed[name]["data"]["init_args"]
+    data = parsed[name]["data"]["init_args"]["slices"]
     assert data["image_size"] is None and data["crop_size"] >= 8
     if name == "configs/quickstart.yaml":
         assert data["crop_size"] == parsed[name]["model"]["init_args"]["net"]["image_size"] == 64
@@ -206,7 +207,9 @@ def test_the_reference_prior_fine_tunes_into_the_small_protocol_and_the_quicksta
     net = ref["model"]["init_args"]["net"]
     for other in (fine, quick):  # the shipped weights load strictly into both
         assert net == other["model"]["init_args"]["net"]
-    assert ref["data"]["init_args"]["slice_axis"] == fine["data"]["init_args"]["slice_axis"] == 2
-    assert ref["model"]["init_args"]["supervised_weight"] > 0 and ref["model"]["init_args"]["dsm_weight"] > 0
-    assert ref["data"]["init_args"]["crop_size"] == net["image_size"]
+    ref_slices, fine_slices = ref["data"]["init_args"]["slices"], fine["data"]["init_args"]["slices"]
+    assert ref_slices["slice_axis"] == fine_slices["slice_axis"] == 2
+    assert ref["model"]["init_args"]["loss"]["supervised_weight"] > 0
+    assert ref["model"]["init_args"]["loss"]["dsm_weight"] > 0
+    assert ref_slices["crop_size"] == net["image_size"]
     assert n_params(net) * 4 <= 10 * 2**20  # float32 EMA weights within the 10 MB the repository ships

@@ -259,3 +259,103 @@ def _assert_the_record_reproduces_the_outputs(volume: np.ndarray, out: Path, h5:
         torch.testing.assert_close(maps, b0_map, rtol=0, atol=1e-4)
     magnitude = np.moveaxis(ifft2c(y).abs().numpy(), 0, record["slice_axis"])
     np.testing.assert_allclose(nib.load(str(out)).get_fdata(), magnitude, rtol=0, atol=1e-5 * scale)
+
+
+# ------------------------------------------------------------------------- coils and undersampling (issue 24)
+BAD_ACQUISITION = {
+    "no coils": (["--coils", "0"], "--coils: must be 1 to 64, got 0"),
+    "too many coils": (["--coils", "65"], "--coils: must be 1 to 64, got 65"),
+    "acceleration": (["--acceleration", "0.5"], "--acceleration: must be >= 1"),
+    "acceleration nan": (["--acceleration", "nan"], "--acceleration: must be >= 1"),
+    "no centre": (["--center-fraction", "0"], "--center-fraction: must be between 0 and 1"),
+    "all centre": (["--center-fraction", "1"], "--center-fraction: must be between 0 and 1"),
+    "mask": (["--mask", "radial"], "--mask: unknown kind 'radial'"),
+    "centre too wide": (["--acceleration", "4", "--center-fraction", "0.5"], "--center-fraction"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ACQUISITION))
+def test_acquisition_options_are_checked_and_create_nothing(small_volume, tmp_path, capsys, case):
+    extra, problem = BAD_ACQUISITION[case]
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    rc = main(["degrade", str(small_volume), str(outdir / "d.nii.gz"), "--regime", "noise", *extra,
+               "--kspace-out", str(outdir / "k.h5")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and problem in err, err
+    assert list(outdir.iterdir()) == []
+
+
+def test_acquisition_options_need_kspace_out(small_volume, tmp_path, capsys):
+    """The multi-coil / undersampled measurement lives only in the k-space file: without --kspace-out the
+    options are refused (a NIfTI alone would be reconstructed as fully sampled single-coil data)."""
+    rc = main(["degrade", str(small_volume), str(tmp_path / "d.nii.gz"), "--regime", "noise", "--coils", "4"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "need --kspace-out" in err and list(tmp_path.iterdir()) == []
+
+
+def test_multicoil_undersampled_kspace_in_fastmri_layout(small_volume, tmp_path, capsys):
+    """`--coils 4 --acceleration 4`: fastMRI's layout on disk ([S, C, H_f, W_f] = [6, 4, 72, 64], readout
+    along H_f = the NIfTI slice's W), an equispaced 1D mask over W_f with the centre lines, exact zeros where
+    unsampled; y - M A_c x on the sampled samples is noise at the recorded level (the SNR of the fully
+    sampled single-coil image); the NIfTI is the coil-combined zero-filled magnitude."""
+    from datamodules.kspace_files import read_kspace_file
+    from degradations import birdcage_sensitivities
+
+    out, h5 = tmp_path / "deg.nii.gz", tmp_path / "k.h5"
+    common = ("--regime", "noise_blur", "--seed", "2", "--snr-db", "10")
+    assert degrade(small_volume, out, *common, "--coils", "4", "--acceleration", "4", "--center-fraction",
+                   "0.16", "--kspace-out", h5) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["coils"], summary["acceleration"], summary["mask"]) == (4, 4.0, "equispaced")
+    with h5py.File(h5) as f:
+        raw, mask, attrs = f["kspace"][()], f["mask"][()], dict(f.attrs)
+        sigma = f["noise_sigma"][()]
+        assert "ismrmrd_header" in f
+    assert raw.shape == (6, 4, 72, 64) and raw.dtype == np.complex64
+    assert mask.shape == (64,) and mask.dtype == np.float32 and set(np.unique(mask)) == {0.0, 1.0}
+    assert mask[27:37].all() and 0.2 < mask.mean() < 0.4  # 10 centre lines (fastMRI's placement)
+    assert summary["sampled_fraction"] == pytest.approx(mask.mean())
+    assert not raw[..., mask == 0].any() and raw[..., mask == 1].all()
+    assert (attrs["n_coils"], attrs["acceleration"], attrs["mask_kind"]) == (4, 4.0, "equispaced")
+    assert attrs["lfmri_inplane"] == "transposed" and attrs["regime"] == "noise_blur"
+
+    k = read_kspace_file(h5)  # lfmri's order again: [S, C, H, W] = [6, 4, 64, 72], rows masked
+    y = torch.from_numpy(k.kspace)
+    src = nib.load(str(small_volume))
+    clean = torch.from_numpy(np.moveaxis(np.asarray(src.dataobj, np.float32), 2, 0)).to(torch.complex64)
+    maps = birdcage_sensitivities(4, 64, 72)[None].expand(6, -1, -1, -1)
+    params = {key: torch.full((6,), float(attrs[key])) for key in ("fwhm_px", "t2star_ms", "readout_ms",
+                                                                  "te_ms")}
+    params.update(b0_map_hz=torch.zeros(6, 1, 64, 72), sensitivities=maps,
+                  mask=torch.from_numpy(k.mask).expand(6, 1, 64, 72))
+    residual = y - ForwardOperator.from_params(params).forward(clean[:, None])
+    sampled = torch.from_numpy(mask).bool()
+    noise_var = residual[:, :, sampled].abs().square().mean(dim=(1, 2, 3))
+    torch.testing.assert_close(noise_var, torch.from_numpy(sigma) ** 2, rtol=0.1, atol=0.0)
+    # the noise level of the same acquisition with one coil, fully sampled (the SNR's definition)
+    single = tmp_path / "single.h5"
+    assert degrade(small_volume, tmp_path / "single.nii.gz", *common, "--kspace-out", single) == 0
+    with h5py.File(single) as f:
+        np.testing.assert_array_equal(f["noise_sigma"][()], sigma)
+        assert float(f.attrs["fwhm_px"]) == attrs["fwhm_px"]
+    combined = (maps.conj() * ifft2c(y)).sum(1).abs().numpy()
+    np.testing.assert_allclose(nib.load(str(out)).get_fdata(), np.moveaxis(combined, 0, 2), rtol=1e-4,
+                               atol=1e-4 * combined.max())
+
+
+def test_poisson_mask_is_written_2d_and_read_back(small_volume, tmp_path, capsys):
+    """`--mask poisson` (2D phase encoding): a 2D mask [H_f, W_f] on disk, zeros where it is 0; read back
+    into lfmri's [1, 1, H, W] order; one coil keeps fastMRI's single-coil layout [S, H_f, W_f]."""
+    from datamodules.kspace_files import read_kspace_file
+
+    h5 = tmp_path / "k.h5"
+    assert degrade(small_volume, tmp_path / "d.nii.gz", "--regime", "noise", "--acceleration", "3", "--mask",
+                   "poisson", "--center-fraction", "0.2", "--kspace-out", h5) == 0
+    with h5py.File(h5) as f:
+        raw, mask = f["kspace"][()], f["mask"][()]
+    assert raw.shape == (6, 72, 64) and mask.shape == (72, 64)
+    assert not (mask == mask[:, :1]).all() and not raw[:, mask == 0].any() and raw[:, mask == 1].all()
+    k = read_kspace_file(h5)
+    np.testing.assert_array_equal(k.mask[0, 0], mask.T)
+    assert json.loads(capsys.readouterr().out)["sampled_fraction"] == pytest.approx(mask.mean())

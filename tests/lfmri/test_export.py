@@ -13,7 +13,7 @@ from diffusion.checkpoint import load_score_sde_checkpoint
 from diffusion.networks.ddpm import DDPMConfig
 from diffusion.networks.families import load_pretrained
 from lfmri import cli
-from lightning_modules.module import ScoreModel
+from lightning_modules.module import OptimConfig, ScoreModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
 @pytest.fixture(scope="module")
 def lightning_ckpt(tmp_path_factory) -> tuple[ScoreModel, Path]:
     tmp = tmp_path_factory.mktemp("export")
-    model = ScoreModel(net=DDPMConfig(**TINY_NET), lr=1e-3, warmup_steps=1, ema_decay=0.5)
+    model = ScoreModel(net=DDPMConfig(**TINY_NET), optim=OptimConfig(lr=1e-3, warmup_steps=1, ema_decay=0.5))
     tr = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
     tr.fit(model, batches())

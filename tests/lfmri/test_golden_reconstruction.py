@@ -1,9 +1,9 @@
 """Reconstructions are bit-identical to those of the code before issue 23's redesign (commit 958dbf0).
 
-The fixture `tests/fixtures/golden/colin_48px_958dbf0.npz` holds what that code's `lfmri degrade` and `lfmri
-reconstruct` wrote for a 48 x 48 x 2 crop of the bundled Colin27 (see tests/fixtures/README.md); this test runs
-the same commands with today's code and compares every voxel. It fails when a change alters a degradation or a
-reconstruction (a refactor must not)."""
+The fixture `tests/fixtures/golden/colin_48px_958dbf0.npz` holds what that code's `lfmri degrade` and
+`lfmri reconstruct` wrote for a 48 x 48 x 2 crop of the bundled Colin27 (see tests/fixtures/README.md); this
+test runs the same commands with today's code and compares every voxel. It fails when a change alters a
+degradation or a reconstruction (a refactor must not)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from helpers import REPO
 
 GOLDEN = REPO / "tests" / "fixtures" / "golden" / "colin_48px_958dbf0.npz"

@@ -184,12 +184,12 @@ def test_the_data_module_names_the_bad_volume(tmp_path: Path, case: str) -> None
     _write(root / "a.nii.gz", _blob())
     bad = _write(root / "b.nii.gz", data)
     (root / "split.yaml").write_text("train: [a, b]\nval: []\ntest: []\n")
-    dm = LowFieldDataModule(source=str(root), split_file=str(root / "split.yaml"), batch_size=1)
+    dm = LowFieldDataModule(source=str(root), split_file=str(root / "split.yaml"), loader={"batch_size": 1})
     with pytest.raises(InputError) as err:
         dm.setup("fit")
     message = str(err.value)
     assert message.startswith(f"{bad}: ") and problem in message and "\n" not in message
-    predict = LowFieldDataModule(source="bundled", predict_path=str(bad))
+    predict = LowFieldDataModule(source="bundled", predict={"path": str(bad)})
     with pytest.raises(InputError, match=problem.replace("(", r"\(").replace(")", r"\)")):
         predict.setup("predict")
 

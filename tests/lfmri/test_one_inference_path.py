@@ -77,7 +77,7 @@ def test_reconstruct_and_predict_give_the_same_native_reconstruction(files: dict
         "model": {"class_path": "lightning_modules.module.ScoreModel",
                   "init_args": TINY},
         "data": {"class_path": "datamodules.LowFieldDataModule",
-                 "init_args": {"predict_path": str(deg), "eval_batch_size": 2}},
+                 "init_args": {"predict": {"path": str(deg)}, "loader": {"eval_batch_size": 2}}},
     }))
     assert main(["predict", "--config", str(config), "--ckpt_path", str(files["ckpt"]),
                  f"--sampling.steps={STEPS}"]) == 0
@@ -99,8 +99,8 @@ def _split(path: Path, **splits: list[str]) -> Path:
 def _datamodule_block(files: dict[str, Path], split_file: Path) -> dict:
     return {"class_path": "datamodules.LowFieldDataModule",
             "init_args": {"source": str(files["dir"] / "data"), "split_file": str(split_file),
-                          "crop_size": 16, "eval_regimes": [REGIME], "eval_slices_per_volume": 2,
-                          "batch_size": 2, "min_foreground_fraction": 0.0}}
+                          "eval_regimes": [REGIME], "loader": {"batch_size": 2},
+                          "slices": {"crop_size": 16, "eval_per_volume": 2, "min_foreground_fraction": 0.0}}}
 
 
 def test_evaluate_and_the_validation_callback_give_the_same_reconstruction(

@@ -23,7 +23,7 @@ CONFIG = {"model": {"nf": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolut
           "data": {"image_size": 16, "num_channels": 2, "centered": True}}
 DATA = {"class_path": "datamodules.LowFieldDataModule",
         "init_args": {"source": {"class_path": "datamodules.sources.BundledSource",
-                                 "init_args": {"n_train": 1, "n_val": 1}}, "image_size": 32}}
+                                 "init_args": {"n_train": 1, "n_val": 1}}, "slices": {"image_size": 32}}}
 
 
 def _error(argv: list[str], capsys: pytest.CaptureFixture) -> str:

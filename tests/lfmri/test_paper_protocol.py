@@ -81,13 +81,15 @@ def test_the_fine_tune_imports_the_exported_score_sde_checkpoint(small_run):
     assert all(k.startswith("module.") for k in exported["model"])
     finetune = yaml.safe_load((out / "finetune" / "config.yaml").read_text())["model"]["init_args"]
     scratch = yaml.safe_load((out / "scratch" / "config.yaml").read_text())["model"]["init_args"]
-    assert finetune["pretrained"] == str(out / "clinical.pth") and scratch["pretrained"] is None
+    assert finetune["pretrained"]["path"] == str(out / "clinical.pth") and scratch["pretrained"] is None
     # the same model otherwise; each at its own recipe's rate: the fine-tune's 1e-4, the quickstart's 1e-3
-    assert (finetune["lr"], scratch["lr"]) == (1e-4, 1e-3)
-    assert {k: v for k, v in finetune.items() if not k.startswith("pretrained") and k != "lr"} == \
-        {k: v for k, v in scratch.items() if not k.startswith("pretrained") and k != "lr"}
+    assert (finetune["optim"]["lr"], scratch["optim"]["lr"]) == (1e-4, 1e-3)
+    assert {**finetune["optim"], "lr": None} == {**scratch["optim"], "lr": None}
+    assert {k: v for k, v in finetune.items() if k not in ("pretrained", "optim")} == \
+        {k: v for k, v in scratch.items() if k not in ("pretrained", "optim")}
     ckpt = torch.load(out / "finetune" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["pretrained"] == str(out / "clinical.pth")
+    assert ckpt["global_step"] == 2
+    assert ckpt["hyper_parameters"]["pretrained"]["path"] == str(out / "clinical.pth")
     shipped = torch.load(SHIPPED_CHECKPOINTS["reference-small"], map_location="cpu", weights_only=True)
     assert all(torch.equal(a, b) for a, b in zip(exported["ema"]["shadow_params"],
                                                  shipped["ema"]["shadow_params"], strict=True))
@@ -132,7 +134,8 @@ def test_split_holds_out_exactly_n_test_and_n_val_subjects(tmp_path):
                  data / f"sub-{i:02d}" / "anat" / f"sub-{i:02d}_T2w.nii.gz")
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"data": {"class_path": "datamodules.LowFieldDataModule",
-                                               "init_args": {"source": str(data), "image_size": 8}}}))
+                                               "init_args": {"source": str(data),
+                                                             "slices": {"image_size": 8}}}}))
     split = yaml.safe_load(run.write_split(config, tmp_path, n_test=10, n_val=2, seed=0).read_text())
     assert (len(split["test"]), len(split["val"]), len(split["train"])) == (10, 2, 2)
     assert set(split["train"]) | set(split["val"]) | set(split["test"]) == {f"sub-{i:02d}" for i in range(14)}

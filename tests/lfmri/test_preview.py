@@ -16,7 +16,7 @@ DATA = {
     "init_args": {
         "source": {"class_path": "datamodules.sources.BundledSource",
                    "init_args": {"n_train": 1, "n_val": 1}},
-        "image_size": 32,
+        "slices": {"image_size": 32},
     },
 }
 

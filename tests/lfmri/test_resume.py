@@ -7,6 +7,7 @@ so the killed run's `last.ckpt` always loads. SIGTERM (SLURM pre-emption) and SI
 the end of the current step with a resumable `last.ckpt` written on the way out (`InterruptCheckpoint`).
 """
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -68,9 +69,10 @@ def tiny_config(root: Path, record: Path, seconds: float, every: int = 1, worker
         "model": {"class_path": "lightning_modules.module.ScoreModel", "init_args": {
             "net": {"nf": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "num_groups": 4,
                     "image_size": 32, "dropout": 0.1},
-            "supervised_weight": 1.0, "lr": 1e-3, "warmup_steps": 4, "ema_decay": 0.9}},
+            "loss": {"supervised_weight": 1.0}, "optim": {"lr": 1e-3, "warmup_steps": 4, "ema_decay": 0.9}}},
         "data": {"class_path": "datamodules.LowFieldDataModule", "init_args": {
-            "image_size": 32, "batch_size": 2, "num_workers": workers, "eval_slices_per_volume": 1,
+            "slices": {"image_size": 32, "eval_per_volume": 1},
+            "loader": {"batch_size": 2, "num_workers": workers},
             "source": {"class_path": "datamodules.sources.BundledSource",
                        "init_args": {"n_train": 2, "n_val": 1}}}},
     }
@@ -297,12 +299,13 @@ def test_training_samples_do_not_depend_on_workers_or_the_global_rng():
     """Degradation draws are a function of (seed, epoch, index): 0 or 2 workers, any global RNG state."""
     from datamodules import BundledSource, LowFieldDataModule
 
-    dm = LowFieldDataModule(BundledSource(n_train=2, n_val=1), image_size=32, batch_size=3)
+    dm = LowFieldDataModule(BundledSource(n_train=2, n_val=1), slices={"image_size": 32},
+                            loader={"batch_size": 3})
     dm.setup("fit")
     batches = []
     for workers, seed in ((0, 1), (2, 2)):
         torch.manual_seed(seed)
-        dm.num_workers = workers
+        dm.loader = dataclasses.replace(dm.loader, num_workers=workers)
         loader = dm.train_dataloader()
         loader.sampler.set_epoch(1)
         it = iter(loader)
@@ -317,8 +320,9 @@ def test_a_partly_read_validation_loader_keeps_its_workers_on_sigterm():
     SIGTERM to the process group must not kill it (the fit then fails instead of saving last.ckpt)."""
     from datamodules import BundledSource, LowFieldDataModule
 
-    dm = LowFieldDataModule(BundledSource(n_train=1, n_val=1), image_size=32, batch_size=2, num_workers=1,
-                            eval_slices_per_volume=2, eval_batch_size=1,
+    dm = LowFieldDataModule(BundledSource(n_train=1, n_val=1),
+                            slices={"image_size": 32, "eval_per_volume": 2},
+                            loader={"batch_size": 2, "num_workers": 1, "eval_batch_size": 1},
                             eval_regimes=["noise"])
     dm.setup("fit")
     it = iter(dm.val_dataloader())

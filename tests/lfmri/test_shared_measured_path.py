@@ -67,7 +67,8 @@ def test_reconstruct_and_predict_call_the_same_functions_and_give_the_same_array
                  *(["--resize"] if resize else [])]) == 0
     assert spy.loads == [deg] and spy.outputs == 1
 
-    config = predict_config(tmp_path, deg, TINY, {"eval_batch_size": 2, "image_size": 16 if resize else None})
+    config = predict_config(tmp_path, deg, TINY, {"loader": {"eval_batch_size": 2},
+                                                  "slices": {"image_size": 16 if resize else None}})
     assert main(["predict", "--config", str(config), "--ckpt_path", str(files["ckpt"]),
                  f"--sampling.steps={STEPS}"]) == 0
     assert spy.loads == [deg, deg] and spy.outputs == 2
@@ -77,3 +78,35 @@ def test_reconstruct_and_predict_call_the_same_functions_and_give_the_same_array
     a, b = np.asarray(predicted.dataobj), np.asarray(reconstructed.dataobj)
     assert np.abs(b).max() > 0
     assert np.array_equal(a, b)  # bit for bit: one path
+
+
+@pytest.mark.parametrize("regime", ["noise", "noise_blur_t2star", "noise_blur_t2star_b0"])
+def test_predict_takes_reconstructs_kspace_params_and_noise_sigma(
+        files: dict[str, Path], tmp_path: Path, regime: str) -> None:
+    """`lfmri predict` with the data module's `predict` group (a k-space file, a parameters JSON that is not
+    beside the NIfTI, a given noise std, the regime) writes the array `lfmri reconstruct --kspace --params
+    --noise-sigma --regime` writes, bit for bit; without the k-space file and the given std (what predict read
+    before) the output differs, so each option is read."""
+    deg, kspace = tmp_path / "deg.nii.gz", tmp_path / "deg_k.h5"
+    assert main(["degrade", str(files["clean"]), str(deg), "--regime", regime, "--seed", "2", "--snr-db", "4",
+                 "--kspace-out", str(kspace)]) == 0
+    params = tmp_path / "elsewhere.json"  # not beside the NIfTI: read only when given
+    (tmp_path / "deg.nii.gz.json").rename(params)
+    sigma = "0.5"
+    rec = tmp_path / "rec.nii.gz"
+    assert main(["reconstruct", str(deg), str(rec), "--ckpt", str(files["ckpt"]), "--regime", regime,
+                 "--kspace", str(kspace), "--params", str(params), "--noise-sigma", sigma,
+                 "--sampling.steps", str(STEPS), "--device", "cpu", "--seed", "0", "--batch-size", "2"]) == 0
+    reconstructed = np.asarray(nib.load(str(rec)).dataobj)
+    assert np.abs(reconstructed).max() > 0
+
+    given = {"kspace": str(kspace), "params": str(params), "noise_sigma": float(sigma), "regime": regime}
+    outputs = {}
+    for name, options in (("all", given), ("nifti_only", {"regime": regime})):
+        config = predict_config(tmp_path / name, deg, TINY, {"loader": {"eval_batch_size": 2},
+                                                             "predict": options})
+        assert main(["predict", "--config", str(config), "--ckpt_path", str(files["ckpt"]),
+                     f"--sampling.steps={STEPS}"]) == 0
+        outputs[name] = np.asarray(nib.load(str(tmp_path / name / "pred" / "deg_recon.nii.gz")).dataobj)
+    assert np.array_equal(outputs["all"], reconstructed)  # bit for bit: one path, the same inputs
+    assert not np.allclose(outputs["nifti_only"], reconstructed, atol=1e-3 * np.abs(reconstructed).max())

@@ -1,5 +1,5 @@
-"""The shipped reference prior: short names (`--ckpt reference-small`, `pretrained: reference-small`), the
-slim EMA-only file that `experiments/ship_reference.py` writes, and the real shipped file itself."""
+"""The shipped reference prior: short names (`--ckpt reference-small`, `pretrained: {path: reference-small}`),
+the slim EMA-only file that `experiments/ship_reference.py` writes, and the real shipped file itself."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from diffusion.checkpoint import SHIPPED_CHECKPOINTS, resolve_checkpoint
 from lfmri.models import load_score_model, read_lightning_checkpoint, slim_checkpoint
 from lfmri_utils.errors import InputError
 from lightning_modules.module import ScoreModel
+from lightning_modules.priors import PretrainedSource
 
 SHIPPED = SHIPPED_CHECKPOINTS["reference-small"]
 
@@ -71,11 +72,11 @@ def test_fine_tuning_starts_from_a_lightning_checkpoint_by_short_name(trained: t
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     path, model = trained
     monkeypatch.setitem(ckpt_mod.SHIPPED_CHECKPOINTS, "tiny-test", path)
-    student = ScoreModel(**TINY_MODEL, pretrained="tiny-test")
+    student = ScoreModel(**TINY_MODEL, pretrained=PretrainedSource("tiny-test"))
     student.load_pretrained()
     for p, shadow in zip(student.net.parameters(), model.ema.shadow_params, strict=True):
-        assert torch.equal(p, shadow)  # pretrained_weights="ema" by default
-    raw = ScoreModel(**TINY_MODEL, pretrained="tiny-test", pretrained_weights="model")
+        assert torch.equal(p, shadow)  # pretrained.weights="ema" by default
+    raw = ScoreModel(**TINY_MODEL, pretrained=PretrainedSource("tiny-test", weights="model"))
     raw.load_pretrained()
     for p, q in zip(raw.net.parameters(), model.net.parameters(), strict=True):
         assert torch.equal(p, q)

@@ -21,7 +21,7 @@ from lfmri.lightning_cli import run_lightning_cli
 BLOCK = {"class_path": "datamodules.sources.NiftiDirSource",
          "init_args": {"root": "/data/bids", "pattern": "**/*T2w.nii.gz"}}
 #: a little data, quick to build: one slice per volume, one regime
-SMALL = {"eval_slices_per_volume": 1, "eval_regimes": ["noise"], "num_workers": 0}
+SMALL = {"slices": {"eval_per_volume": 1}, "eval_regimes": ["noise"], "loader": {"num_workers": 0}}
 
 
 def printed_data(args: list[str], monkeypatch: pytest.MonkeyPatch) -> dict:
@@ -55,7 +55,7 @@ def test_lightning_cli_builds_the_source_of_the_block(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lfmri"])
     block = {"class_path": "datamodules.sources.BundledSource", "init_args": {"n_train": 2, "n_val": 1}}
     config = tmp_path / "data.yaml"
-    config.write_text(yaml.safe_dump({"data": {"init_args": {"source": block, "slice_axis": 1}}}))
+    config.write_text(yaml.safe_dump({"data": {"init_args": {"source": block, "slices": {"slice_axis": 1}}}}))
     cli = run_lightning_cli(["--config", str(QUICKSTART), "--config", str(config),
                              f"--trainer.default_root_dir={tmp_path}/run"], run=False)
     source = cli.datamodule.source

@@ -78,7 +78,7 @@ def test_resolved_config_is_the_run_config(offline_run):
     assert config["trainer"]["logger"]["class_path"] == "lightning.pytorch.loggers.WandbLogger"
     assert config["model"]["class_path"] == "lightning_modules.module.ScoreModel"
     assert config["model"]["init_args"]["net"]["image_size"] == 32
-    assert config["model"]["init_args"]["supervised_t0"] == [0.05, 0.3]
+    assert config["model"]["init_args"]["loss"]["supervised_t0"] == [0.05, 0.3]
     assert config["data"]["init_args"]["source"]["init_args"]["n_train"] == 2
     # OmegaConf interpolation is resolved before logging
     dirpath = config["trainer"]["callbacks"][0]["init_args"]["dirpath"]

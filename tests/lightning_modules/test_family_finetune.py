@@ -1,5 +1,5 @@
 """Fine-tuning and sampling through a checkpoint family's network, SDE and score
-(`ScoreModel(pretrained_family=...)`) against the four real-format fixtures (tests/fixtures/*): the model's
+(`ScoreModel`'s `pretrained.family`) against the four real-format fixtures (tests/fixtures/*): the model's
 score is `load_pretrained(...).score` (score_mri's 1-channel prior on the real and the imaginary part apart),
 its losses are finite, reach the family network and decrease; the losses and samplers are right for every SDE
 class (VP, discrete VP, VE: zero DSM at the exact score, the moments of a Gaussian); `lfmri fit` fine-tunes
@@ -32,7 +32,8 @@ from diffusion.sampling.sde import VESDE, VPSDE, DiscreteVPSDE
 from lfmri.cli import main
 from lfmri.models import read_lightning_checkpoint, score_model_from_checkpoint
 from lfmri_utils.errors import InputError
-from lightning_modules.module import ScoreModel
+from lightning_modules.module import LossConfig, OptimConfig, ScoreModel
+from lightning_modules.priors import PretrainedSource
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -49,7 +50,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _model(family: str, **kw) -> ScoreModel:
     """A ScoreModel on the family fixture with its pretrained weights loaded."""
-    model = ScoreModel(pretrained=str(CKPT[family]), pretrained_family=family, warmup_steps=1, **kw)
+    model = ScoreModel(pretrained=PretrainedSource(str(CKPT[family]), family=family),
+                       optim=OptimConfig(warmup_steps=1), **kw)
     model.load_pretrained()
     return model
 
@@ -86,7 +88,7 @@ def test_score_fn_is_the_family_score(family: str) -> None:
 
 @pytest.mark.parametrize("family", list(CKPT))
 def test_losses_are_finite_reach_the_network_and_decrease(family: str) -> None:
-    model = _model(family, supervised_weight=1.0)
+    model = _model(family, loss=LossConfig(supervised_weight=1.0))
     model.net.train()
     batch = _batch()
     opt = torch.optim.Adam([p for p in model.net.parameters() if p.requires_grad], lr=1e-3)
@@ -176,25 +178,25 @@ def test_samplers_draw_the_gaussian_of_any_sde(sde, name: str) -> None:
 
 # -------------------------------------------------------------------------------------------- refusals
 def test_bad_family_options_are_one_line_input_errors(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="pretrained_family must be null or one of " + ", ".join(FAMILIES)):
-        ScoreModel(pretrained=str(CKPT["dds"]), pretrained_family="ddpm++")
-    with pytest.raises(InputError, match=f"pretrained {tmp_path / 'gone.pt'}: no such file"):
-        ScoreModel(pretrained=str(tmp_path / "gone.pt"), pretrained_family="dds")
+    with pytest.raises(InputError, match="pretrained.family must be null or one of " + ", ".join(FAMILIES)):
+        ScoreModel(pretrained=PretrainedSource(str(CKPT["dds"]), family="ddpm++"))
+    with pytest.raises(InputError, match=f"pretrained.path {tmp_path / 'gone.pt'}: no such file"):
+        ScoreModel(pretrained=PretrainedSource(str(tmp_path / "gone.pt"), family="dds"))
     alone = tmp_path / "alone.pt"
     shutil.copy(CKPT["dds"], alone)
-    with pytest.raises(InputError, match="no config.json beside it; pass pretrained_config"):
-        ScoreModel(pretrained=str(alone), pretrained_family="dds")
-    with pytest.raises(InputError, match="needs pretrained"):
-        ScoreModel(pretrained_family="dds")
-    with pytest.raises(InputError, match="needs pretrained_family"):
-        ScoreModel(pretrained_weights="family")
+    with pytest.raises(InputError, match="no config.json beside it; pass pretrained.config"):
+        ScoreModel(pretrained=PretrainedSource(str(alone), family="dds"))
+    with pytest.raises(InputError, match="needs pretrained.path"):
+        ScoreModel(pretrained=PretrainedSource(family="dds"))
+    with pytest.raises(InputError, match="needs pretrained.family"):
+        ScoreModel(pretrained=PretrainedSource(weights="family"))
     one_channel = yaml.safe_load((CKPT["score_sde"].with_name("config.json")).read_text())
     one_channel["data"]["num_channels"] = 1
     with pytest.raises(InputError, match="takes 1 channel"):  # a 1-channel prior without a complex rule
-        ScoreModel(pretrained_family="score_sde", pretrained_config=one_channel)
+        ScoreModel(pretrained=PretrainedSource(family="score_sde", config=one_channel))
     with pytest.raises(InputError, match="hfs_sde field"):  # another family's config
-        ScoreModel(pretrained_family="score_sde",
-                   pretrained_config=str(CKPT["hfs_sde"].with_name("config.json")))
+        ScoreModel(pretrained=PretrainedSource(family="score_sde",
+                                               config=str(CKPT["hfs_sde"].with_name("config.json"))))
 
 
 # ------------------------------------------------------------------------------- lfmri fit, reconstruct
@@ -220,24 +222,24 @@ def test_fit_finetunes_from_the_family_and_reconstruct_samples_it(family: str, t
     # configs/finetune_mouse.yaml, shrunk for the CPU: 2 steps, 32-bit, bundled volumes, the fixture's size;
     # the family is given for score_sde (whose DDPM the flat arguments describe otherwise) and detected from
     # the config.json beside the file for the others
-    family_flag = [f"--model.init_args.pretrained_family={family}"] if family == "score_sde" else []
+    family_flag = [f"--model.init_args.pretrained.family={family}"] if family == "score_sde" else []
     assert main(["fit", "--config", str(REPO / "configs/finetune_mouse.yaml"),
                  "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.max_steps=2",
                  "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
                  "--trainer.logger=false",
                  "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                  f"--trainer.default_root_dir={run}",
-                 f"--model.init_args.pretrained={prior / CKPT[family].name}", *family_flag,
-                 "--model.init_args.pretrained_weights=family", "--model.init_args.lr=1e-3",
-                 "--model.init_args.warmup_steps=1", "--model.init_args.ema_decay=0.9",
+                 f"--model.init_args.pretrained.path={prior / CKPT[family].name}", *family_flag,
+                 "--model.init_args.pretrained.weights=family", "--model.init_args.optim.lr=1e-3",
+                 "--model.init_args.optim.warmup_steps=1", "--model.init_args.optim.ema_decay=0.9",
                  "--data.init_args.source={class_path: BundledSource, init_args: {n_train: 1, n_val: 1}}",
-                 f"--data.init_args.crop_size={CROP[family]}", "--data.init_args.batch_size=2",
-                 "--data.init_args.num_workers=0"]) == 0
+                 f"--data.init_args.slices.crop_size={CROP[family]}", "--data.init_args.loader.batch_size=2",
+                 "--data.init_args.loader.num_workers=0"]) == 0
     last = run / "checkpoints" / "last.ckpt"
     shutil.rmtree(prior)
 
     ckpt = read_lightning_checkpoint(last)
-    assert ckpt["global_step"] == 2 and isinstance(ckpt["hyper_parameters"]["pretrained_config"], dict)
+    assert ckpt["global_step"] == 2 and isinstance(ckpt["hyper_parameters"]["pretrained"]["config"], dict)
     tuned = score_model_from_checkpoint(ckpt, last)
     ref = load_pretrained(CKPT[family], family=family, weights="family")
     assert type(tuned.sde) is SDE_CLASS[family] and type(tuned.net) is type(ref.network)
@@ -276,28 +278,28 @@ def test_fit_finetunes_from_the_family_and_reconstruct_samples_it(family: str, t
 @pytest.mark.usefixtures("lightning_logs_to_stderr")
 def test_fit_refuses_an_unknown_family_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     rc = main(["fit", "--config", str(REPO / "configs/quickstart.yaml"),
-               f"--trainer.default_root_dir={tmp_path}", f"--model.init_args.pretrained={CKPT['dds']}",
-               "--model.init_args.pretrained_family=adm"])
+               f"--trainer.default_root_dir={tmp_path}", f"--model.init_args.pretrained.path={CKPT['dds']}",
+               "--model.init_args.pretrained.family=adm"])
     lines = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and "pretrained_family must be null or one of score_sde, hfs_sde" in lines[-1], lines[-3:]
+    assert rc == 2 and "pretrained.family must be null or one of score_sde, hfs_sde" in lines[-1], lines[-3:]
 
 
 # ------------------------------------------------------------------------------------ family detection
 @pytest.mark.parametrize("family", ["hfs_sde", "score_mri", "dds"])
-@pytest.mark.parametrize("where", ["pretrained_config", "beside"])
+@pytest.mark.parametrize("where", ["pretrained.config", "beside"])
 def test_the_family_is_detected_from_the_checkpoint_config(family: str, where: str, tmp_path: Path) -> None:
     """The issue's silent wrong scores: an HFS-SDE checkpoint once loaded "strictly" as score_sde's DDPM and
-    scored wrong. Without pretrained_family, a config that names another family (HFS-SDE's normalize_*
+    scored wrong. Without pretrained.family, a config that names another family (HFS-SDE's normalize_*
     fields, an NCSN++, a guided-diffusion config) selects it: the model scores as the family's original code,
     and the detected family is kept in the hyper-parameters."""
     if where == "beside":
         folder = tmp_path / "prior"
         shutil.copytree(CKPT[family].parent, folder)
-        model = ScoreModel(pretrained=str(folder / CKPT[family].name))
+        model = ScoreModel(pretrained=PretrainedSource(str(folder / CKPT[family].name)))
     else:
-        model = ScoreModel(pretrained=str(CKPT[family]),
-                           pretrained_config=str(CKPT[family].with_name("config.json")))
-    assert model.hparams.pretrained_family == family
+        model = ScoreModel(pretrained=PretrainedSource(str(CKPT[family]),
+                                                       config=str(CKPT[family].with_name("config.json"))))
+    assert model.hparams.pretrained["family"] == family
     model.load_pretrained()
     ref = load_pretrained(CKPT[family], family=family)
     x = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -311,24 +313,25 @@ def test_the_family_is_detected_from_the_checkpoint_config(family: str, where: s
 def test_score_sde_configs_stay_on_the_plain_path_and_other_networks_without_config_are_refused(
         tmp_path: Path) -> None:
     net = dict(net=DDPMConfig(nf=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16))
-    ok = ScoreModel(**net, pretrained=str(CKPT["score_sde"]),
-                    pretrained_config=str(CKPT["score_sde"].with_name("config.json")))
-    assert ok.hparams.pretrained_family is None and ok.prior is None
+    ok = ScoreModel(**net, pretrained=PretrainedSource(str(CKPT["score_sde"]),
+                                                       config=str(CKPT["score_sde"].with_name("config.json"))))
+    assert ok.hparams.pretrained["family"] is None and ok.prior is None
     ok.load_pretrained()
     # a score_sde DDPM config whose SDE is not score_sde's: refused on the plain path, one line
     config = yaml.safe_load(CKPT["score_sde"].with_name("config.json").read_text())
     config["training"] = {"sde": "vesde", "continuous": True}
     with pytest.raises(InputError) as err:
-        ScoreModel(**net, pretrained=str(CKPT["score_sde"]), pretrained_config=config).load_pretrained()
+        source = PretrainedSource(str(CKPT["score_sde"]), config=config)
+        ScoreModel(**net, pretrained=source).load_pretrained()
     assert "\n" not in str(err.value) and "training.sde" in str(err.value)
     # an NCSN++ file without its config: the plain path cannot read it and names the family option
     alone = tmp_path / "checkpoint.pth"
     shutil.copy(CKPT["score_mri"], alone)
-    model = ScoreModel(**net, pretrained=str(alone))
+    model = ScoreModel(**net, pretrained=PretrainedSource(str(alone)))
     with pytest.raises(CheckpointError) as err:
         model.load_pretrained()
     line = str(err.value)
-    assert "\n" not in line and str(alone) in line and "pretrained_family=score_mri" in line
+    assert "\n" not in line and str(alone) in line and "pretrained.family=score_mri" in line
 
 
 # ------------------------------------------------------------------------------ per-family data range
@@ -355,7 +358,7 @@ def test_the_hfs_sde_data_scale_is_its_kspace_std_normalisation() -> None:
 def test_hfs_sde_trains_on_its_own_data_range() -> None:
     """The losses see each slice multiplied by its clean k-space factor (here 1 / (1.5 std)), the same for
     the clean and the degraded slice."""
-    model = _model("hfs_sde", supervised_weight=1.0)
+    model = _model("hfs_sde", loss=LossConfig(supervised_weight=1.0))
     model.net.eval()  # no dropout: both computations see the same network
     batch = _batch(size=24)
     got = model._losses(batch, torch.Generator().manual_seed(0), compute_all=True)
@@ -365,7 +368,7 @@ def test_hfs_sde_trains_on_its_own_data_range() -> None:
     gen = torch.Generator().manual_seed(0)
     dsm = dsm_loss(model.net, model.sde, scaled.clean, generator=gen, score_fn=model.prior.score)
     sup = supervised_loss(model.net, model.sde, scaled.degraded, scaled.clean,
-                          t0_range=tuple(model.hparams.supervised_t0), generator=gen,
+                          t0_range=model.loss_config.supervised_t0, generator=gen,
                           score_fn=model.prior.score)
     torch.testing.assert_close(got["dsm"], dsm)
     torch.testing.assert_close(got["supervised"], sup)

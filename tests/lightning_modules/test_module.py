@@ -19,7 +19,8 @@ from diffusion.checkpoint import load_score_sde_checkpoint
 from diffusion.losses import dsm_loss, supervised_loss
 from diffusion.networks.ddpm import DDPMConfig
 from diffusion.sampling.sde import get_score_fn
-from lightning_modules.module import ScoreModel
+from lightning_modules.module import LossConfig, OptimConfig, ScoreModel
+from lightning_modules.priors import PretrainedSource
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "score_sde_tiny"  # copy of shared/fixtures
 TINY = dict(net=DDPMConfig(nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), image_size=16,
@@ -65,7 +66,8 @@ def params(module: torch.nn.Module) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fit")
-    model = ScoreModel(**TINY, supervised_weight=0.5, lr=1e-3, warmup_steps=2, ema_decay=0.99)
+    model = ScoreModel(**TINY, loss=LossConfig(supervised_weight=0.5),
+                       optim=OptimConfig(lr=1e-3, warmup_steps=2, ema_decay=0.99))
     tr = trainer(tmp, max_steps=3, limit_val_batches=1)
     tr.fit(model, loader(), loader())
     path = tmp / "tiny.ckpt"
@@ -151,7 +153,7 @@ def test_validation_losses_on_whole_slices_of_a_non_multiple_shape(trained, tmp_
 
 
 def test_warmup_schedule_and_ema_once_per_optimiser_step(tmp_path):
-    model = ScoreModel(**TINY, lr=1e-3, warmup_steps=4, ema_decay=0.9)
+    model = ScoreModel(**TINY, optim=OptimConfig(lr=1e-3, warmup_steps=4, ema_decay=0.9))
     tr = trainer(tmp_path, max_steps=2, accumulate_grad_batches=2, limit_val_batches=0)
     tr.fit(model, loader())
     assert model.ema.num_updates == 2
@@ -161,7 +163,7 @@ def test_warmup_schedule_and_ema_once_per_optimiser_step(tmp_path):
 
 
 def test_supervised_term_is_skipped_in_training_when_its_weight_is_zero(tmp_path):
-    model = ScoreModel(**TINY, supervised_weight=0.0)
+    model = ScoreModel(**TINY, loss=LossConfig(supervised_weight=0.0))
     tr = trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
     tr.fit(model, loader(), loader())
     assert "train/supervised" not in tr.callback_metrics and "val/supervised" in tr.callback_metrics
@@ -170,8 +172,8 @@ def test_supervised_term_is_skipped_in_training_when_its_weight_is_zero(tmp_path
 def test_pretrained_score_sde_weights_are_loaded_when_fit_starts(tmp_path):
     pretrained = tmp_path / "clinical.pth"
     shutil.copy(FIXTURE / "checkpoint.pth", pretrained)
-    model = ScoreModel(**FIXTURE_NET, pretrained=str(pretrained),
-                       pretrained_config=str(FIXTURE / "config.json"), warmup_steps=1)
+    source = PretrainedSource(path=str(pretrained), config=str(FIXTURE / "config.json"))
+    model = ScoreModel(**FIXTURE_NET, pretrained=source, optim=OptimConfig(warmup_steps=1))
     model.on_fit_start()
     ref = load_score_sde_checkpoint(FIXTURE / "checkpoint.pth", FIXTURE / "config.json", weights="ema")
     for a, b, s in zip(model.net.parameters(), ref.parameters(), model.ema.shadow_params, strict=True):
@@ -186,18 +188,18 @@ def test_pretrained_score_sde_weights_are_loaded_when_fit_starts(tmp_path):
     for a, b in zip(loaded.net.parameters(), model.net.parameters(), strict=True):
         assert torch.equal(a, b)
     # resuming the fine-tune (same config, clinical file gone) restores the run's own weights and EMA
-    resumed = ScoreModel(**FIXTURE_NET, pretrained=str(pretrained),
-                         pretrained_config=str(FIXTURE / "config.json"), warmup_steps=1)
+    resumed = ScoreModel(**FIXTURE_NET, pretrained=source, optim=OptimConfig(warmup_steps=1))
     trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(resumed, loader(), ckpt_path=tmp_path / "ft.ckpt")
     assert resumed.ema.num_updates == 2
 
 
 def test_pretrained_that_does_not_fit_is_one_clear_error():
-    model = ScoreModel(**TINY, pretrained=str(FIXTURE / "checkpoint.pth"))  # own (tiny) config: nf 16 != 32
+    # its own (tiny) config: nf 16 != 32
+    model = ScoreModel(**TINY, pretrained=PretrainedSource(str(FIXTURE / "checkpoint.pth")))
     with pytest.raises(ValueError, match=r"checkpoint.pth: checkpoint does not fit the DDPM config"):
         model.on_fit_start()
-    model = ScoreModel(**TINY, pretrained=str(FIXTURE / "checkpoint.pth"),
-                       pretrained_config=str(FIXTURE / "config.json"))
+    model = ScoreModel(**TINY, pretrained=PretrainedSource(str(FIXTURE / "checkpoint.pth"),
+                                                           config=str(FIXTURE / "config.json")))
     with pytest.raises(ValueError, match=r"differs from this model's: nf=32 \(this model 16\)"):
         model.on_fit_start()
 
@@ -205,22 +207,27 @@ def test_pretrained_that_does_not_fit_is_one_clear_error():
 def test_yaml_model_block_through_lightning_cli(tmp_path):
     config = {"model": {"class_path": "lightning_modules.module.ScoreModel",
                         "init_args": {"net": TINY["net"].to_dict(),
-                                      "supervised_weight": 0.5, "supervised_t0": [0.1, 0.2],
-                                      "supervised_loss": "l2", "ema_decay": 0.999}},
+                                      "loss": {"supervised_weight": 0.5, "supervised_t0": [0.1, 0.2],
+                                               "supervised_loss": "l2"},
+                                      "optim": {"ema_decay": 0.999}}},
               "trainer": {"accelerator": "cpu", "logger": False}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = LightningCLI(LightningModule, subclass_mode_model=True, run=False,
-                       args=["--config", str(path), "--model.init_args.lr=5e-4",
-                             "--model.init_args.pretrained_weights=model"])
+                       args=["--config", str(path), "--model.init_args.optim.lr=5e-4",
+                             "--model.init_args.pretrained.weights=model"])
     model = cli.model
     assert isinstance(model, ScoreModel) and model.net.nf == 16
-    assert model.hparams.lr == 5e-4 and model.hparams.pretrained_weights == "model"
-    assert tuple(model.hparams.supervised_t0) == (0.1, 0.2) and model.ema.decay == 0.999
+    assert model.optim_config == OptimConfig(lr=5e-4, ema_decay=0.999) and model.ema.decay == 0.999
+    assert model.loss_config == LossConfig(supervised_weight=0.5, supervised_t0=(0.1, 0.2),
+                                           supervised_loss="l2")
+    assert model.hparams.pretrained["weights"] == "model" and model.hparams.optim["lr"] == 5e-4
+    assert model.hparams.loss["supervised_t0"] == [0.1, 0.2]  # plain values: hparams.yaml, the loggers
 
 
 def test_bf16_mixed_training_and_grad_checkpointing(tmp_path):
-    model = ScoreModel(**TINY, supervised_weight=1.0, grad_checkpointing=True, warmup_steps=1)
+    model = ScoreModel(**TINY, loss=LossConfig(supervised_weight=1.0), optim=OptimConfig(warmup_steps=1),
+                       grad_checkpointing=True)
     tr = trainer(tmp_path, max_steps=2, limit_val_batches=0, precision="bf16-mixed")
     tr.fit(model, loader())
     assert model.net.grad_checkpointing and torch.isfinite(tr.callback_metrics["train/loss"])
@@ -271,7 +278,7 @@ def _batch(clean: torch.Tensor, degraded: torch.Tensor | None = None) -> SliceSa
 
 
 def test_the_dsm_term_is_zero_for_the_true_score_and_the_noise_power_for_a_zero_score():
-    model = ScoreModel(**TINY, dsm_weight=1.0, supervised_weight=0.0)
+    model = ScoreModel(**TINY, loss=LossConfig(dsm_weight=1.0, supervised_weight=0.0))
     g = torch.Generator().manual_seed(0)
     image = torch.randn(1, 2, 32, 32, generator=g)
     point = _batch(image.expand(8, -1, -1, -1).clone(), torch.randn(8, 2, 32, 32, generator=g))
@@ -297,7 +304,7 @@ def test_the_dsm_term_is_zero_for_the_true_score_and_the_noise_power_for_a_zero_
 
 @pytest.mark.parametrize("kind", ["l1", "l2"])
 def test_the_supervised_term_is_zero_when_the_network_restores_the_clean_slice(kind):
-    model = ScoreModel(**TINY, dsm_weight=0.0, supervised_weight=1.0, supervised_loss=kind)
+    model = ScoreModel(**TINY, loss=LossConfig(dsm_weight=0.0, supervised_weight=1.0, supervised_loss=kind))
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(4, 2, 16, 16, generator=g)
     batch = _batch(clean, clean + 0.3 * torch.randn(4, 2, 16, 16, generator=g))
@@ -322,7 +329,7 @@ def test_the_loss_weights_scale_their_terms():
 
     def losses(dsm_weight: float, supervised_weight: float, compute_all: bool = False) -> dict:
         torch.manual_seed(0)  # one network for every weighting
-        model = ScoreModel(**TINY, dsm_weight=dsm_weight, supervised_weight=supervised_weight)
+        model = ScoreModel(**TINY, loss=LossConfig(dsm_weight, supervised_weight))
         return model._losses(batch, torch.Generator().manual_seed(3), compute_all=compute_all)
 
     one_dsm, one_sup = losses(1.0, 0.0)["loss"], losses(0.0, 1.0)["loss"]
@@ -340,7 +347,7 @@ def test_the_loss_weights_scale_their_terms():
 @pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 1.0)])
 def test_the_training_loss_trains_the_network_and_nothing_else(weights):
     torch.manual_seed(0)
-    model = ScoreModel(**TINY, dsm_weight=weights[0], supervised_weight=weights[1])
+    model = ScoreModel(**TINY, loss=LossConfig(dsm_weight=weights[0], supervised_weight=weights[1]))
     assert {id(p) for p in model.parameters()} == {id(p) for p in model.net.parameters()}
     batch = next(iter(loader()))
     batch = batch._replace(clean=batch.clean.requires_grad_(), degraded=batch.degraded.requires_grad_())

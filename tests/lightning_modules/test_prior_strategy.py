@@ -27,7 +27,7 @@ from torch.utils.data import default_collate
 from diffusion.networks.families import load_pretrained
 from diffusion.sampling.sde import VPSDE, ScoreFn
 from lightning_modules import module
-from lightning_modules.module import ScoreModel
+from lightning_modules.module import LossConfig, OptimConfig, ScoreModel
 from lightning_modules.priors import DDPMPrior, FamilyPrior, PretrainedSource, PriorKind
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,7 +96,7 @@ def test_score_model_reaches_the_strategy_only_through_the_interface() -> None:
 
 # ------------------------------------------------------------------------------------ the two strategies
 def _kinds() -> list[tuple[str, dict[str, Any]]]:
-    families = [(family, dict(pretrained=str(path), pretrained_family=family))
+    families = [(family, dict(pretrained=PretrainedSource(str(path), family=family)))
                 for family, path in FAMILY_CHECKPOINTS.items()]
     return [("ddpm", dict(TINY_MODEL)), *families]
 
@@ -108,8 +108,9 @@ def test_both_strategies_implement_the_interface(name: str, kwargs: dict[str, An
     assert isinstance(kind, DDPMPrior if name == "ddpm" else FamilyPrior)
     assert not inspect.isabstract(type(kind)) and PriorKind.__abstractmethods__
     assert model.net is kind.network and model.sde is kind.sde and model.prior is kind.pretrained
-    assert model.hparams.pretrained_family == kind.family == (None if name == "ddpm" else name)
-    assert model.hparams.pretrained_config == kind.config
+    recorded = model.hparams.pretrained or {"family": None, "config": None}  # (None: no pretrained block)
+    assert recorded["family"] == kind.family == (None if name == "ddpm" else name)
+    assert recorded["config"] == kind.config
     assert model.train_size == kind.train_size and isinstance(kind.train_size, int)
     size = kind.train_size
     x, t = torch.randn(2, 2, size, size), torch.tensor([0.3, 0.7])
@@ -132,9 +133,9 @@ def test_both_strategies_implement_the_interface(name: str, kwargs: dict[str, An
 
 
 def test_a_detected_family_is_recorded_for_the_checkpoint() -> None:
-    model = ScoreModel(pretrained=str(FAMILY_CHECKPOINTS["hfs_sde"]))
-    assert isinstance(model.prior_kind, FamilyPrior) and model.hparams.pretrained_family == "hfs_sde"
-    assert isinstance(model.hparams.pretrained_config, dict)  # the resolved config: rebuilds alone
+    model = ScoreModel(pretrained=PretrainedSource(str(FAMILY_CHECKPOINTS["hfs_sde"])))
+    assert isinstance(model.prior_kind, FamilyPrior) and model.hparams.pretrained["family"] == "hfs_sde"
+    assert isinstance(model.hparams.pretrained["config"], dict)  # the resolved config: rebuilds alone
 
 
 # ---------------------------------------------------------------------- a third kind: the interface alone
@@ -189,12 +190,12 @@ class _StubPrior(PriorKind):
 
 def test_score_model_runs_on_any_prior_kind(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(module, "prior_kind", lambda net, source, *args: _StubPrior(source))
-    model = ScoreModel(pretrained="stub.ckpt", pretrained_config={"stub": True}, supervised_weight=1.0,
-                       warmup_steps=1)
+    model = ScoreModel(pretrained=PretrainedSource("stub.ckpt", config={"stub": True}),
+                       loss=LossConfig(supervised_weight=1.0), optim=OptimConfig(warmup_steps=1))
     stub = model.prior_kind
     assert isinstance(stub, _StubPrior) and stub.source == PretrainedSource("stub.ckpt", config=stub.config)
     assert model.net is stub.network and model.train_size == 8
-    assert model.hparams.pretrained_config == stub.config
+    assert model.hparams.pretrained["config"] == stub.config
     g = torch.Generator().manual_seed(0)
     clean = torch.randn(2, 2, 8, 8, generator=g)
     batch = default_collate([slice_sample(clean[i], clean[i] + 0.1, i) for i in range(2)])

@@ -22,13 +22,14 @@ from datamodules import BundledSource, LowFieldDataModule
 from diffusion.networks.ddpm import DDPMConfig
 from diffusion.sampling.samplers import SamplerOptions
 from lightning_modules.callbacks import COLUMNS, SamplerCallback, validation_subset
-from lightning_modules.module import ScoreModel
+from lightning_modules.module import OptimConfig, ScoreModel
 
 REGIMES = ["noise", "noise_blur", "noise_blur_t2star", "noise_blur_t2star_b0"]
 NAMES = [f"val/{m}/{r}" for m in ("ssim", "psnr", "nmse") for r in REGIMES]
 #: trains with the default dropout
-TINY = {**TINY_MODEL, "net": DDPMConfig(**{**TINY_MODEL_NET, "dropout": 0.1}), "lr": 1e-3, "ema_decay": 0.5}
-DATA = dict(image_size=32, batch_size=2, eval_slices_per_volume=4, num_workers=0)
+TINY = {**TINY_MODEL, "net": DDPMConfig(**{**TINY_MODEL_NET, "dropout": 0.1}),
+        "optim": OptimConfig(lr=1e-3, warmup_steps=1, ema_decay=0.5)}
+DATA = dict(slices={"image_size": 32, "eval_per_volume": 4}, loader={"batch_size": 2, "num_workers": 0})
 BUNDLED = dict(n_train=2, n_val=1)  # the data module's source: BundledSource(**BUNDLED)
 CALLBACK = dict(n_slices=2, batch_size=2, seed=3)  # 4 batches: both ranks get 2 in DDP
 SAMPLING = dict(steps=2)  # the callback's sampler: SamplerOptions(**SAMPLING)
