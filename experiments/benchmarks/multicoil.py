@@ -15,9 +15,9 @@ Acquisition: 8 simulated birdcage coils (`make_regime(..., coils=8)`), equispace
 single-coil image (the project's convention). Rows (the issue's):
 (a) regime "noise" at 30 dB, 4x with an 8 % centre and 8x with a 4 % centre;
 (b) 2x with an 8 % centre, each of the four regimes at 2-7 dB.
-ESPIRiT needs a calibration region wider than 181 x 4 % = 7 lines (`degradations.espirit_sensitivities`: with
-8-10 lines its maps are empty), so a centre is widened to `--min-centre-lines` (default 14) where it is
-narrower; the table names the centre used.
+ESPIRiT needs at least 8 fully sampled centre lines (`degradations.coils.MIN_CALIB_WIDTH`), more than
+181 x 4 % = 7, so a centre is widened to `--min-centre-lines` (default 14; the first run, RESULTS.md, used it
+when 8-10 lines still gave empty maps) where it is narrower; the table names the centre used.
 
 Every method gets the same `degradations.Measurement` with ESPIRiT-estimated coil maps
 (`Measurement.from_kspace` without the true maps) and the simulation's noise std. Baselines
