@@ -48,11 +48,11 @@ from degradations import (
     REGIMES,
     ComplexGaussianNoise,
     LowFieldDegradation,
-    Measurement,
     complex_to_channels,
     fft2c,
     make_regime,
 )
+from degradations.measurement import zero_filled_image
 from lfmri_utils.errors import InputError
 from lfmri_utils.options import Rule, check_options, number
 from lfmri_utils.seeding import SEED_MOD, stable_hash
@@ -284,12 +284,11 @@ class SliceDataset(Dataset):
         return x, y, params
 
     @staticmethod
-    def degraded_image(y: torch.Tensor, params: dict[str, torch.Tensor],
-                       degradation: LowFieldDegradation) -> torch.Tensor:
-        """The degraded image complex64 [1, 1, H, W] of k-space y [1, C, H, W] simulated by `degradation`
-        with `params`: its measurement's (`Measurement.simulated(...).degraded`), the coil-combined
-        zero-filled image `sum_c conj(s_c) ifft2c(y_c)`; `ifft2c(y)` for single-coil data (C = 1)."""
-        return Measurement.simulated(y, params, degradation).degraded
+    def degraded_image(y: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The degraded image complex64 [1, 1, H, W] of simulated k-space y [1, C, H, W] with its `params`:
+        what its measurement's `degraded` is (`degradations.measurement.zero_filled_image`), the
+        coil-combined zero-filled image `sum_c conj(s_c) ifft2c(y_c)`; `ifft2c(y)` for single-coil data."""
+        return zero_filled_image(y, params)
 
     def _sample(
         self,
@@ -403,7 +402,7 @@ class TrainSliceDataset(RegimeSliceDataset):
         g = self.generator(index)
         regime = self.regimes[int(torch.randint(len(self.regimes), (1,), generator=g))]
         x, y, params = self._degrade(v, s, self.degradations[regime], g)
-        degraded = self.degraded_image(y, params, self.degradations[regime])
+        degraded = self.degraded_image(y, params)
         if self.crop_size is None:
             return self._sample(v, s, regime, x, degraded, y, params)
         top, left = crop_origin(x.shape[-2:], self.crop_size, g, self.crop_coverage)
@@ -444,7 +443,7 @@ class EvalSliceDataset(RegimeSliceDataset):
         v, s, regime = self.items[index]
         degradation = self.degradations[regime]
         x, y, params = self._degrade(v, s, degradation, self.generator(v, s, regime))
-        return self._sample(v, s, regime, x, self.degraded_image(y, params, degradation), y, params)
+        return self._sample(v, s, regime, x, self.degraded_image(y, params), y, params)
 
 
 class PredictSliceDataset(SliceDataset):

@@ -59,7 +59,8 @@ if TYPE_CHECKING:
     from .compose import LowFieldDegradation
 
 __all__ = ["DEFAULT_B0_METHOD", "POWER_ITERATIONS", "Measurement", "NoiseOrigin", "balance_coils",
-           "build_operator", "operator_norm_sq", "stack_noise_sigma", "stack_segment_count"]
+           "build_operator", "operator_norm_sq", "stack_noise_sigma", "stack_segment_count",
+           "zero_filled_image"]
 
 #: where a measurement's noise level comes from (module docstring)
 NoiseOrigin = Literal["recorded", "given", "estimated"]
@@ -142,6 +143,16 @@ def balance_coils(y: Tensor, params: dict[str, Tensor], b0_method: str = DEFAULT
     if bool(failed.any()):
         sigma[failed] = sigma[~failed].median()
     return y, params, sigma.to(y.device)
+
+
+def zero_filled_image(y: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+    """The coil-combined zero-filled image `sum_c conj(s_c) ifft2c(M y_c)`, complex `[S, 1, H, W]`, of k-space
+    y `[S, C, H, W]` with the optional `mask` `[S, 1, H, W]` and `sensitivities` `[S, C, H, W]` of `params`
+    (`ifft2c(y)` for one coil without maps and mask): a `Measurement`'s `degraded`, and the data module's
+    degraded image of a simulated sample without making a measurement of it."""
+    mask, maps = params.get("mask"), params.get("sensitivities")
+    image = ifft2c(y if mask is None else y * mask)
+    return image if maps is None else (maps.conj() * image).sum(dim=1, keepdim=True)
 
 
 def operator_norm_sq(operator: ForwardOperator, like: Tensor, iterations: int = POWER_ITERATIONS,
@@ -337,9 +348,7 @@ class Measurement:
     def degraded(self) -> Tensor:
         """The degraded complex image, complex64 `[S, 1, H, W]`: the coil-combined zero-filled image
         `sum_c conj(s_c) ifft2c(M y_c)` (`ifft2c(y)` for one coil without maps and mask)."""
-        mask, maps = self.params.get("mask"), self.params.get("sensitivities")
-        image = ifft2c(self.y if mask is None else self.y * mask)
-        return image if maps is None else (maps.conj() * image).sum(dim=1, keepdim=True)
+        return zero_filled_image(self.y, self.params)
 
     @property
     def image_sigma(self) -> np.ndarray:

@@ -20,7 +20,7 @@ with the measurement's own operator in place of SigPy's SENSE operator: the solv
 `PrimalDualHybridGradient`), the wavelet transform (`sigpy.linop.Wavelet`, db4), the finite differences
 (`sigpy.linop.FiniteDifference`) and the proximal operators (`sigpy.prox.L1Reg`,
 `sigpy.prox.UnitaryTransform`) are SigPy's. Ours: the `OperatorLinop` wrapping the torch operator as a
-SigPy Linop, the step sizes (from the seeded power iteration `degradations.operator_norm_sq`, so runs are
+SigPy Linop, the step sizes (from the seeded power iteration `Measurement.operator_norm_sq`, so runs are
 deterministic), the CG of `cg_sense` and the parameterisation by the noise level.
 
 Noise level: `sigma_img = noise_sigma / sqrt(2)` per slice (`Measurement.image_sigma`), as for every
@@ -38,7 +38,7 @@ import sigpy
 import torch
 from torch import Tensor
 
-from degradations import ForwardOperator, Measurement, ifft2c, operator_norm_sq, root_sum_of_squares
+from degradations import ForwardOperator, Measurement, ifft2c, root_sum_of_squares
 
 #: CG-SENSE: stop when every slice's residual of the normal equations is below this fraction of its
 #: right-hand side `||A^H y||`, or after `CG_MAX_ITERATIONS`
@@ -187,7 +187,7 @@ def cs_reconstruct(m: Measurement, regulariser: Regulariser, lam_factor: float, 
     y = m.y[sl].cpu().numpy()
     lam = (m.image_sigma[sl] * lam_factor).astype(np.float32).reshape(-1, 1, 1)
     x = A.H(y)
-    norm_sq = NORM_MARGIN * float(operator_norm_sq(m.operator(sl), m.y[sl, :1]).max())
+    norm_sq = NORM_MARGIN * float(m.operator_norm_sq(sl).max())
     if regulariser == "wavelet":
         transform = sigpy.linop.Wavelet(A.ishape, axes=(1, 2), wave_name="db4")
         # SigPy pads every axis to an even length, the slice axis too: the padded slice's lam is irrelevant
