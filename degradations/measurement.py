@@ -58,8 +58,8 @@ from .operator import ForwardOperator
 if TYPE_CHECKING:
     from .compose import LowFieldDegradation
 
-__all__ = ["DEFAULT_B0_METHOD", "POWER_ITERATIONS", "Measurement", "NoiseOrigin", "balance_coils",
-           "build_operator", "operator_norm_sq", "stack_noise_sigma", "stack_segment_count",
+__all__ = ["DEFAULT_B0_METHOD", "POWER_ITERATIONS", "Measurement", "NoiseOrigin", "alias_energy",
+           "balance_coils", "build_operator", "operator_norm_sq", "stack_noise_sigma", "stack_segment_count",
            "zero_filled_image"]
 
 #: where a measurement's noise level comes from (module docstring)
@@ -153,6 +153,39 @@ def zero_filled_image(y: Tensor, params: Mapping[str, Tensor]) -> Tensor:
     mask, maps = params.get("mask"), params.get("sensitivities")
     image = ifft2c(y if mask is None else y * mask)
     return image if maps is None else (maps.conj() * image).sum(dim=1, keepdim=True)
+
+
+def alias_energy(y: Tensor, mask: Tensor | None, noise_sigma: Tensor) -> Tensor:
+    """Estimated energy of the k-space a mask skipped, float64 `[S]` (units of y squared): the energy of the
+    aliasing the zero-filled coil-combined image holds (`||S^H F^H (1 - M) F S x||^2 <= ||(1 - M) F S x||^2`
+    with `sum_c |s_c|^2 <= 1`; 0 without a mask).
+
+    Per slice of y complex `[S, C, H, W]`: the signal energy per sampled k-space sample, `sum_c |y_c|^2`
+    less the noise's `C sigma^2` (`noise_sigma` `[S]`, complex std per sample and coil), averaged along each
+    phase-encoding row (H) over its sampled samples; rows with no sample take the log-linear interpolation of
+    their sampled neighbours (k-space energy falls off roughly exponentially from the centre; the ends hold
+    the outermost sampled row's value); the sum over every row of (its unsampled samples x its energy per
+    sample). Made for Cartesian masks (whole rows); for a 2D mask a row's mean over its sampled samples
+    stands for its unsampled ones too.
+    """
+    n, n_coils, height, width = y.shape
+    out = torch.zeros(n, dtype=torch.float64)
+    if mask is None:
+        return out
+    power = y.detach().abs().double().square().sum(dim=1).cpu()  # [S, H, W]
+    sampled = (mask.detach()[:, 0].cpu() > 0).expand(n, height, width)
+    noise = n_coils * noise_sigma.detach().double().cpu().square()
+    rows = np.arange(height)
+    for i in range(n):
+        count = sampled[i].sum(dim=1).double()  # sampled samples per row
+        have = count > 0
+        if not bool(have.any()):
+            raise ValueError("the mask samples nothing")
+        per_sample = (power[i] * sampled[i]).sum(dim=1)[have] / count[have] - float(noise[i])
+        floor = max(float(noise[i]), 1e-30) * 1e-3  # a row at the noise level: a small, finite log
+        log_energy = np.interp(rows, rows[have.numpy()], np.log(per_sample.clamp_min(floor).numpy()))
+        out[i] = float(((width - count).numpy() * np.exp(log_energy)).sum())
+    return out
 
 
 def operator_norm_sq(operator: ForwardOperator, like: Tensor, iterations: int = POWER_ITERATIONS,
@@ -357,6 +390,21 @@ class Measurement:
         zero-filled undersampled image holds less noise (the sampled fraction of its variance) and
         aliasing."""
         return self.noise_sigma.double().cpu().numpy() / math.sqrt(2.0)
+
+    @property
+    def alias_sigma(self) -> Tensor:
+        """Estimated std of the aliasing per pixel of the zero-filled degraded image, float32 `[S]` (complex
+        std, units of y; 0 without a mask): `alias_energy` spread over the `H x W` pixels. Undersampled data
+        start the sampler at the level of noise and aliasing together (`diffusion.inference`)."""
+        height, width = self.matrix
+        return (alias_energy(self.y, self.mask, self.noise_sigma) / (height * width)).sqrt().float()
+
+    @property
+    def support(self) -> Tensor | None:
+        """Where the coil maps see the object, bool `[S, 1, H, W]` (`sum_c |s_c|^2 > 0`; ESPIRiT's maps are 0
+        outside it), or None without maps: the data say nothing of the image outside it."""
+        maps = self.params.get("sensitivities")
+        return None if maps is None else (maps.abs().square().sum(dim=1, keepdim=True) > 0)
 
     def magnitude(self) -> np.ndarray:
         """The degraded magnitude image, float64 `[S, H, W]`."""

@@ -14,7 +14,17 @@ with its origin, all decided when the measurement is made), it
    (`ForwardOperator.demodulate`: the warm start then sits in the frame of the images A acts on),
    at the slices' own matrix (the score function pads to the U-Net's multiple and crops back:
    `ScoreModel.score_fn`);
-3. returns the per-pixel mean and std of the K magnitude images.
+3. returns the per-pixel mean and std of the K magnitude images, 0 outside the coil maps' support where the
+   measurement has maps (`Measurement.support`: the data say nothing there, ESPIRiT's maps are 0).
+
+Undersampled data (a measurement with a `mask`) get the sampler's undersampled variant
+(`Sampler.for_measurement`: the registry's undersampled defaults under the user's options). Its start image
+is the zero-filled coil-combined image (`start="degraded"`) or a TV compressed-sensing reconstruction
+(`start="tv"`, `tv_start`, which then replaces x_init). Either holds aliasing besides noise, so the
+noise-aware start follows both, `sqrt(sigma_y^2 + (start_error * alias_sigma)^2)` (`Measurement.alias_sigma`:
+the zero-filled image's aliasing std estimated from the sampled k-space; `start_error`: the start image's
+fraction of it; `Sampler.schedule_for`), while the data consistency and the stop keep the noise std
+`sigma_y`. Fully sampled data are sampled exactly as before.
 
 A prior trained on another data range (a checkpoint family's normalisation, `ScoreModel.data_scale`) gets
 each slice multiplied by its factor c (`data_scale(k, noise_sigma)`, [S]) before sampling: x_init, y and the
@@ -34,6 +44,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,21 +58,23 @@ ScoreFn = Callable[[Tensor, Tensor], Tensor]
 #: `data_scale(k complex [S,1,H,W], noise_sigma [S]) -> c [S]`: the factor from the slices' units to a prior's
 DataScale = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["DataScale", "Reconstruction", "Reconstructor", "slice_generators"]
+__all__ = ["DataScale", "Reconstruction", "Reconstructor", "slice_generators", "tv_start"]
 
 
 @dataclass
 class Reconstruction:
     """Output of `Reconstructor`: magnitude `mean` and `std` float32 `[S,1,H,W]` (the slices' units, on the
     CPU), the k-space noise std used per slice `noise_sigma` `[S]` (the measurement's, on the CPU) and its
-    origin `noise_origin` ("recorded", "given" or "estimated"), and the network evaluations per slice `nfe`
-    (all K samples)."""
+    origin `noise_origin` ("recorded", "given" or "estimated"), the network evaluations per slice `nfe`
+    (all K samples) and the `settings` of the sampler that ran (`Sampler.settings`; undersampled data get
+    `Sampler.for_measurement`'s)."""
 
     mean: Tensor
     std: Tensor
     noise_sigma: Tensor
     noise_origin: str
     nfe: int
+    settings: dict[str, Any]
 
 
 def slice_generators(seed: int, slice_ids: Sequence[int],
@@ -100,7 +113,8 @@ class Reconstructor:
         Args:
             measurement: measured k-space, operator parameters, B0 settings and noise std of the S slices.
             x_init: float `[S,2,H,W]` (real, imag): the sampler's starting image (usually the degraded,
-                coil-combined image `measurement.degraded`).
+                coil-combined image `measurement.degraded`; replaced by `tv_start` for undersampled data
+                whose sampler starts from TV).
             slice_ids: each slice's index in its volume's stack (seeds its randomness).
             seed: the reconstruction's seed.
             samples: K posterior samples per slice.
@@ -118,6 +132,11 @@ class Reconstructor:
             kspace.to(self.device), measurement.noise_sigma.to(self.device)).float().cpu()
         if scale.shape != (n,) or not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
             raise ValueError(f"data_scale must give {n} finite factors > 0, got {scale.tolist()}")
+        undersampled = measurement.mask is not None
+        sampler = self.sampler.for_measurement(undersampled)
+        # undersampled: the start image's error is noise and aliasing (Sampler.schedule_for)
+        alias = measurement.alias_sigma.to(self.device) * sampler.start_error if undersampled else None
+        support = measurement.support
         means, stds, nfe = [], [], 0
         bar = tqdm(total=n, desc=self.progress, unit="slice", file=sys.stderr, leave=False,
                    disable=self.progress is None)
@@ -127,13 +146,27 @@ class Reconstructor:
                 generators = slice_generators(seed, [int(s) for s in slice_ids[sl]], self.device)
                 c = scale[sl].to(self.device)
                 A, y, sigma = measurement.data_term(sl, self.device, c)
-                x0 = complex_to_channels(A.demodulate(channels_to_complex(x_init[sl].to(self.device,
-                                                                                        torch.float32))))
-                mean, std = self.sampler.posterior(self.score_fn, x0 * c[:, None, None, None], A, y, samples,
-                                                   generators, noise_sigma=sigma)
-                nfe = self.sampler.last_nfe
-                means.append((mean.float() / c[:, None, None, None]).cpu())
-                stds.append((std.float() / c[:, None, None, None]).cpu())
+                if undersampled and sampler.start == "tv":  # already in the frame A acts on
+                    x0 = complex_to_channels(tv_start(measurement, sampler.start_lam, sl).to(self.device))
+                else:
+                    x0 = complex_to_channels(A.demodulate(channels_to_complex(
+                        x_init[sl].to(self.device, torch.float32))))
+                mean, std = sampler.posterior(self.score_fn, x0 * c[:, None, None, None], A, y, samples,
+                                              generators, noise_sigma=sigma,
+                                              alias_sigma=None if alias is None else alias[sl] * c)
+                nfe = sampler.last_nfe
+                inside = 1.0 if support is None else support[sl].to(self.device)
+                means.append((mean.float() * inside / c[:, None, None, None]).cpu())
+                stds.append((std.float() * inside / c[:, None, None, None]).cpu())
                 bar.update(sl.stop - sl.start)
         return Reconstruction(torch.cat(means), torch.cat(stds), measurement.noise_sigma.float().cpu(),
-                              measurement.noise_origin, nfe)
+                              measurement.noise_origin, nfe, sampler.settings())
+
+
+def tv_start(measurement: Measurement, lam_factor: float, sl: slice) -> Tensor:
+    """The TV compressed-sensing image of the slices `sl` (`degradations.classical.cs_reconstruct`, SigPy's
+    PDHG; `lam = lam_factor * sigma_img`), complex64 `[s, 1, H, W]` on the CPU: undersampled data's start
+    image where the sampler says `start="tv"`."""
+    from degradations.classical import cs_reconstruct  # SigPy: imported on use (~2 s)
+
+    return torch.from_numpy(cs_reconstruct(measurement, "tv", lam_factor, sl))[:, None]

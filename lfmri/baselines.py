@@ -18,9 +18,9 @@ to a magnitude volume `[S, H, W]` (float32, the slices' normalised units):
   `min_x 1/2 ||A x - y||^2 + w TV(x)` on the complex image, `w = weight_factor * sigma_img` (the same as
   `1/2 ||A x - y||^2 / sigma^2 + lambda TV(x)` with `lambda = w / sigma^2`), by PDHG (`tv_reconstruct`);
 - `zero_filled_rss`, `cg_sense`, `l1_wavelet`, `tv_cs`: the parallel-imaging and compressed-sensing baselines
-  for multi-coil, undersampled measurements (`lfmri.cs_baselines`: root-sum-of-squares of the zero-filled coil
-  images; CG-SENSE with Tikhonov `lam = lam_factor * sigma_img^2`; L1-wavelet and TV compressed sensing with
-  SigPy, `lam = lam_factor * sigma_img`), all with the measurement's own operator A (mask, coil
+  for multi-coil, undersampled measurements (`degradations.classical`: root-sum-of-squares of the zero-filled
+  coil images; CG-SENSE with Tikhonov `lam = lam_factor * sigma_img^2`; L1-wavelet and TV compressed sensing
+  with SigPy, `lam = lam_factor * sigma_img`), all with the measurement's own operator A (mask, coil
   sensitivities, blur, T2*, B0); they run on single-coil, fully sampled measurements too.
 
 Noise level: `sigma` is the measurement's `noise_sigma`, the std of the complex k-space noise per sample
@@ -35,7 +35,7 @@ across the volumes it is given; callers pass validation volumes only (`tune_base
 volumes it saw). Grids (`Baseline.grid`) are small enough for a CPU: 7 points for the image denoisers
 (TV and NL-means: < 1 s per slice), 3 for BM3D (seconds per slice, twice that for the complex variant), 6 for
 `tv_model` (`TV_MODEL_ITERATIONS` PDHG iterations: about a second per 256^2 slice without B0 on one CPU
-thread, several with B0) and for the CS baselines (seconds per 8-coil slice: `lfmri.cs_baselines`).
+thread, several with B0) and for the CS baselines (seconds per 8-coil slice: `degradations.classical`).
 `Baseline.defaults` are the parameters used without tuning (see `BASELINES`).
 """
 
@@ -53,7 +53,7 @@ from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 from torch import Tensor
 
 from degradations import ForwardOperator, Measurement, operator_norm_sq
-from lfmri.cs_baselines import cg_sense, l1_wavelet, tv_cs, zero_filled_rss
+from degradations.classical import cg_sense, l1_wavelet, tv_cs, zero_filled_rss
 
 #: a volume metric, `metric(pred [S,H,W], ref [S,H,W]) -> float` (higher is better for tuning)
 VolumeMetric = Callable[[np.ndarray, np.ndarray], float]

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from diffusion.sampling.data_consistency import GradientDC, ProximalDC
-from diffusion.sampling.options import DCKind, SamplerOptionFields
+from diffusion.sampling.options import DCKind, SamplerOptionFields, StartKind
 from diffusion.sampling.sde import SDE, Denoiser, default_sde
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -461,7 +461,11 @@ class SamplerSpec:
     data-consistency kind and its strength (`dc_weight` of the gradient step; `dc_lambda` and `dc_floor` of
     the proximal step's coupling rho_t = 1 / (sigma_t^2 / dc_lambda + dc_floor^2)), (DDIM, PnP) `t0_ratio`,
     the noise-aware start, and `stop_ratio`, the noise-aware stop (`Sampler.schedule_for`; 0: every slice
-    starts at t0, runs to eps)."""
+    starts at t0, runs to eps). Undersampled data (a measurement with a mask, `diffusion.inference`): `start`
+    the image the sampler starts from ("degraded": the zero-filled image; "tv": a TV compressed-sensing
+    reconstruction with `lam = start_lam * sigma_img`), `start_error` that image's error std as a fraction of
+    the zero-filled image's aliasing (`Measurement.alias_sigma`), and `undersampled` the options that replace
+    these defaults there (None: the same defaults)."""
 
     sample_fn: SampleFn
     steps: int
@@ -472,6 +476,10 @@ class SamplerSpec:
     dc_floor: float = 0.0
     t0_ratio: float = 0.0
     stop_ratio: float = 0.0
+    start: StartKind = "degraded"
+    start_lam: float = 0.125
+    start_error: float = 1.0
+    undersampled: Mapping[str, Any] | None = None
 
 
 #: name -> configuration and defaults (the one place they are set). "pc" is the paper's reference: score-MRI's
@@ -497,13 +505,17 @@ class SamplerSpec:
 #: deterministic estimate (it helps the samplers: warm_ddim with stop_ratio 1, +0.10 with the first prior); a
 #: start clamped at 10 eps, as DDIM's, cost 0.039 SSIM and 2.3 dB at 30 dB. "tweedie" is its one-step form
 #: without DC (the exact MMSE estimate of an image measured with white noise).
+#: pnp's defaults on undersampled data (PROVISIONAL, being tuned)
+UNDERSAMPLED_PNP: dict[str, Any] = {"steps": 20, "t0": 1.0, "t0_ratio": 1.0, "dc_lambda": 0.25, "start": "tv",
+                                    "start_lam": 0.125, "start_error": 0.25}
 SAMPLERS: dict[str, SamplerSpec] = {
     "pc": SamplerSpec(pc_sampler, steps=2000, t0=1.0, dc="gradient", dc_weight=0.3),
     "warm_pc": SamplerSpec(pc_sampler, steps=30, t0=0.4, dc="proximal", dc_lambda=32.0, dc_floor=0.02),
     "ddim": SamplerSpec(ddim_sampler, steps=50, t0=1.0, dc="proximal", dc_lambda=32.0, dc_floor=0.02),
     "warm_ddim": SamplerSpec(ddim_sampler, steps=10, t0=0.25, dc="proximal", dc_lambda=32.0, dc_floor=0.0,
                              t0_ratio=12.0),
-    "pnp": SamplerSpec(pnp_sampler, steps=2, t0=0.5, dc="proximal", dc_lambda=2048.0, t0_ratio=1.0),
+    "pnp": SamplerSpec(pnp_sampler, steps=2, t0=0.5, dc="proximal", dc_lambda=2048.0, t0_ratio=1.0,
+                       undersampled=UNDERSAMPLED_PNP),
     "tweedie": SamplerSpec(pnp_sampler, steps=1, t0=0.5, dc="none", t0_ratio=1.0),
 }
 #: upper bounds of a request (so a typo cannot start days of work): steps per sample (the paper's PC uses
@@ -533,7 +545,16 @@ class Sampler:
     dc_floor: float = 0.0
     t0_ratio: float = 0.0
     stop_ratio: float = 0.0
+    start: StartKind = "degraded"
+    start_lam: float = 0.125
+    start_error: float = 1.0
+    undersampled: Sampler | None = field(default=None, repr=False)
     last_nfe: int = field(default=0, init=False)
+
+    def for_measurement(self, undersampled: bool) -> Sampler:
+        """The sampler for a measurement with a sampling mask (`undersampled`: the registry's undersampled
+        defaults, `SamplerSpec.undersampled`, under the options the user set) or without (this one)."""
+        return self.undersampled if undersampled and self.undersampled is not None else self
 
     @property
     def deterministic(self) -> bool:
@@ -567,13 +588,20 @@ class Sampler:
         elif self.dc == "proximal":
             out["dc_lambda"] = self.dc_lambda
             out["dc_floor"] = self.dc_floor
+        if self.undersampled is None:  # this sampler is the one undersampled data get
+            out.update(start=self.start, start_lam=self.start_lam, start_error=self.start_error)
         return out
 
-    def schedule_for(self, x_init: Tensor, noise_sigma: Tensor | None) -> Schedule:
+    def schedule_for(self, x_init: Tensor, noise_sigma: Tensor | None,
+                     alias_sigma: Tensor | None = None) -> Schedule:
         """The schedule for these slices, with the noise std per complex k-space sample known
         (`noise_sigma` `[B]`; None: the schedule as it is). Noise-aware start (`t0_ratio > 0`): each slice
         starts where the diffusion noise `std(t)/alpha(t)` is `t0_ratio` times the measurement's per
-        real channel, `sigma_y / sqrt(2)`, at most at the schedule's t0. Noise-aware stop (`stop_ratio > 0`):
+        real channel, `sigma_y / sqrt(2)`, at most at the schedule's t0. Undersampled data
+        (`alias_sigma` `[B]`, the complex std per pixel of the zero-filled image's aliasing,
+        `Measurement.alias_sigma`; None or 0: none): x_init's error is noise and aliasing, so the start
+        follows `sqrt(sigma_y^2 + alias_sigma^2) / sqrt(2)` and the warm start tops up only what that level
+        lacks (the stop and the data consistency keep `sigma_y`). Noise-aware stop (`stop_ratio > 0`):
         each slice ends where it is `stop_ratio` times that (at least eps, at most its start), and its
         output is the (DC'd) Tweedie estimate there: the posterior mean's approximation instead of a
         sample run to t ~ 0, whose last steps add detail the data cannot veto. DDIM and PnP take one grid per
@@ -582,7 +610,10 @@ class Sampler:
             return self.schedule
         per_channel = noise_sigma.detach().cpu().double().reshape(-1) / math.sqrt(2)  # complex std -> channel
         known = torch.isfinite(per_channel)  # inf: y says nothing; such a slice runs the plain schedule
-        held = torch.where(known, per_channel, 0.0)
+        noise = torch.where(known, per_channel, 0.0)
+        alias = None if alias_sigma is None else \
+            alias_sigma.detach().cpu().double().reshape(-1) / math.sqrt(2)
+        held = noise if alias is None else torch.where(known, torch.hypot(per_channel, alias), 0.0)
         if self.t0_ratio == 0 and self.stop_ratio == 0:
             return dataclasses.replace(self.schedule, init_noise=held)
         start = torch.full_like(per_channel, self.schedule.t_start)
@@ -590,7 +621,7 @@ class Sampler:
             low = self.schedule.eps if self.sample_fn is pnp_sampler else None
             start = torch.where(known, noise_aware_time(self.schedule, self.t0_ratio * held, low), start)
         stop = None if self.stop_ratio == 0 else torch.minimum(torch.where(
-            known, noise_aware_time(self.schedule, self.stop_ratio * held, low=self.schedule.eps),
+            known, noise_aware_time(self.schedule, self.stop_ratio * noise, low=self.schedule.eps),
             self.schedule.eps), start)
         if self.sample_fn is pc_sampler:
             return dataclasses.replace(self.schedule, t_stop=stop, init_noise=held)
@@ -610,22 +641,25 @@ class Sampler:
 
     def __call__(self, score_fn: ScoreFn, x_init: Tensor, A: LinearOperator | None = None,
                  y: Tensor | None = None, generator: Generators = None, callback: Callback | None = None,
-                 noise_sigma: Tensor | None = None) -> Tensor:
-        """Reconstruct float `[B,2,H,W]` from `x_init` `[B,2,H,W]` (and the measurement A, y, noise_sigma)."""
+                 noise_sigma: Tensor | None = None, alias_sigma: Tensor | None = None) -> Tensor:
+        """Reconstruct float `[B,2,H,W]` from `x_init` `[B,2,H,W]` (and the measurement A, y, noise_sigma;
+        `alias_sigma`: undersampled data's aliasing, `schedule_for`)."""
         counter = NFECounter(score_fn)
         dc = self.make_dc(A, y, noise_sigma)
-        x = self.sample_fn(counter, x_init, self.schedule_for(x_init, noise_sigma), dc, generator, callback)
+        schedule = self.schedule_for(x_init, noise_sigma, alias_sigma)
+        x = self.sample_fn(counter, x_init, schedule, dc, generator, callback)
         self.last_nfe = counter.nfe
         return x
 
     def posterior(self, score_fn: ScoreFn, x_init: Tensor, A: LinearOperator | None = None,
                   y: Tensor | None = None, k: int = 1, generator: Generators = None,
-                  noise_sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  noise_sigma: Tensor | None = None,
+                  alias_sigma: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """`posterior_samples` with this sampler: magnitude (mean, std) `[B,1,H,W]`; `last_nfe`: total NFE."""
         self.check_samples(k)
         counter = NFECounter(score_fn)
         dc = self.make_dc(A, y, noise_sigma)
-        schedule = self.schedule_for(x_init, noise_sigma)
+        schedule = self.schedule_for(x_init, noise_sigma, alias_sigma)
         out = posterior_samples(self.sample_fn, counter, x_init, schedule, dc, k, generator)
         self.last_nfe = counter.nfe
         return out
@@ -642,28 +676,44 @@ class SamplerOptions(SamplerOptionFields):
         """The `Sampler` (`build_sampler`) under the score model's `sde`; ValueError for a bad option."""
         return build_sampler(self.sampler, steps=self.steps, t0=self.t0, dc=self.dc, dc_weight=self.dc_weight,
                              dc_lambda=self.dc_lambda, dc_floor=self.dc_floor, t0_ratio=self.t0_ratio,
-                             stop_ratio=self.stop_ratio, sde=sde)
+                             stop_ratio=self.stop_ratio, start=self.start, start_lam=self.start_lam,
+                             start_error=self.start_error, sde=sde)
 
 
 def build_sampler(name: str | None = None, steps: int | None = None, t0: float | None = None,
                   dc: DCKind | None = None, dc_weight: float | None = None, dc_lambda: float | None = None,
                   dc_floor: float | None = None, t0_ratio: float | None = None,
-                  stop_ratio: float | None = None, snr: float = 0.16,
+                  stop_ratio: float | None = None, start: StartKind | None = None,
+                  start_lam: float | None = None, start_error: float | None = None, snr: float = 0.16,
                   n_corrector: int = 1, eta: float = 0.0,
                   eps: float = 1e-3, autocast: bool = False, sde: SDE | None = None) -> Sampler:
     """A `Sampler` from a `SAMPLERS` name (None: `DEFAULT_SAMPLER`); None for any option takes the name's
     registry default. `sde`: the score model's SDE (`VPSDE`, `DiscreteVPSDE` or `VESDE`, e.g.
-    `ScoreModel.sde`; default VPSDE()). Unknown name or an invalid option -> ValueError."""
+    `ScoreModel.sde`; default VPSDE()). Where the name has undersampled defaults (`SamplerSpec.undersampled`)
+    the sampler carries a second one built from them under the same options, `Sampler.undersampled`
+    (`Sampler.for_measurement`). Unknown name or an invalid option -> ValueError."""
     name = DEFAULT_SAMPLER if name is None else name
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
     spec = SAMPLERS[name]
-    dc = spec.dc if dc is None else dc
-    dc_weight = spec.dc_weight if dc_weight is None else float(dc_weight)
-    dc_lambda = spec.dc_lambda if dc_lambda is None else float(dc_lambda)
-    dc_floor = spec.dc_floor if dc_floor is None else float(dc_floor)
-    t0_ratio = spec.t0_ratio if t0_ratio is None else float(t0_ratio)
-    stop_ratio = spec.stop_ratio if stop_ratio is None else float(stop_ratio)
+    options = {"steps": steps, "t0": t0, "dc": dc, "dc_weight": dc_weight, "dc_lambda": dc_lambda,
+               "dc_floor": dc_floor, "t0_ratio": t0_ratio, "stop_ratio": stop_ratio, "start": start,
+               "start_lam": start_lam, "start_error": start_error}
+    common = {"snr": snr, "n_corrector": n_corrector, "eta": eta, "eps": eps, "autocast": autocast,
+              "sde": sde}
+    sampler = _build(name, spec, options, common)
+    if spec.undersampled is not None:
+        sampler.undersampled = _build(name, dataclasses.replace(spec, **spec.undersampled), options, common)
+    return sampler
+
+
+def _build(name: str, spec: SamplerSpec, options: dict[str, Any], common: dict[str, Any]) -> Sampler:
+    """`build_sampler`'s sampler of one spec: the user's `options` (None: the spec's), checked."""
+    value = {k: getattr(spec, k) if v is None else v for k, v in options.items()}
+    dc = value["dc"]
+    dc_weight, dc_lambda, dc_floor = (float(value[k]) for k in ("dc_weight", "dc_lambda", "dc_floor"))
+    t0_ratio, stop_ratio = float(value["t0_ratio"]), float(value["stop_ratio"])
+    start, start_lam, start_error = value["start"], float(value["start_lam"]), float(value["start_error"])
     if dc not in ("proximal", "gradient", "none"):
         raise ValueError(f"unknown data consistency {dc!r}; choose proximal, gradient or none")
     if not math.isfinite(dc_weight) or dc_weight < 0:
@@ -676,17 +726,24 @@ def build_sampler(name: str | None = None, steps: int | None = None, t0: float |
         raise ValueError(f"t0_ratio must be finite and >= 0, got {t0_ratio}")
     if not math.isfinite(stop_ratio) or stop_ratio < 0:
         raise ValueError(f"stop_ratio must be finite and >= 0, got {stop_ratio}")
+    if start not in ("degraded", "tv"):
+        raise ValueError(f"unknown start {start!r}; choose degraded or tv")
+    if not math.isfinite(start_lam) or start_lam <= 0:
+        raise ValueError(f"start_lam must be finite and > 0, got {start_lam}")
+    if not math.isfinite(start_error) or start_error < 0:
+        raise ValueError(f"start_error must be finite and >= 0, got {start_error}")
     if t0_ratio > 0 and spec.sample_fn is pc_sampler:
         raise ValueError(f"t0_ratio (a start time per slice) is DDIM's and PnP's; sampler {name!r} takes "
                          "t0_ratio 0")
-    n_steps = spec.steps if steps is None else int(steps)
+    n_steps = int(value["steps"])
     if not 1 <= n_steps <= MAX_STEPS:
         raise ValueError(f"steps must be from 1 to {MAX_STEPS}, got {n_steps}")
     schedule = Schedule.make(
-        n_steps, spec.t0 if t0 is None else float(t0), eps=eps,
-        sde=sde, snr=snr, n_corrector=n_corrector, eta=eta, autocast=autocast,
+        n_steps, float(value["t0"]), eps=common["eps"], sde=common["sde"], snr=common["snr"],
+        n_corrector=common["n_corrector"], eta=common["eta"], autocast=common["autocast"],
     )
     if spec.sample_fn is pc_sampler:
         check_pc_grid(schedule, f"sampler {name!r}")  # when it is built, not when it first samples
     return Sampler(name=name, sample_fn=spec.sample_fn, schedule=schedule, dc=dc, dc_weight=dc_weight,
-                   dc_lambda=dc_lambda, dc_floor=dc_floor, t0_ratio=t0_ratio, stop_ratio=stop_ratio)
+                   dc_lambda=dc_lambda, dc_floor=dc_floor, t0_ratio=t0_ratio, stop_ratio=stop_ratio,
+                   start=start, start_lam=start_lam, start_error=start_error)

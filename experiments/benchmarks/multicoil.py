@@ -24,7 +24,9 @@ Every method gets the same `degradations.Measurement` with ESPIRiT-estimated coi
 (`lfmri.baselines`, default the CS ones: zero-filled RSS, CG-SENSE, L1-wavelet and TV CS) are tuned per row on
 the validation slices (`tune_baseline`, mean SSIM over the grid `Baseline.grid`). lfmri: the shipped prior
 (`--ckpt`, default reference-small) with the default sampler, made as `lfmri reconstruct` makes them
-(`load_score_model`, `SamplerOptions().build`, `Reconstructor` started from the coil-combined degraded image).
+(`load_score_model`, `SamplerOptions().build`, `Reconstructor`; undersampled data get the registry's
+undersampled defaults, a TV start image included, `Sampler.for_measurement`); with `--lfmri-variants` also
+the same sampler started from the zero-filled image (`LFMRI_VARIANTS`).
 
 Metrics: PSNR / SSIM / NMSE of the test slices as one volume (`lfmri_utils.metrics`, data range = the
 reference's max) and wall-clock seconds per slice on this machine (tuning excluded). Writes multicoil.md (one
@@ -114,22 +116,31 @@ def measure(ref: np.ndarray, row: Row, center_fraction: float, seed: int) -> Mea
     return Measurement.from_kspace(y, kept, params["noise_sigma"], "recorded", *degradation.b0_settings)
 
 
-def lfmri_method(ckpt: str, device: torch.device, batch_size: int) -> Any:
+#: lfmri's rows: the default (`lfmri reconstruct` without sampler options) and the same sampler started from
+#: the zero-filled image instead of the TV image (how much of the default is its TV start)
+LFMRI_VARIANTS: dict[str, dict[str, Any]] = {
+    LFMRI: {},
+    "lfmri, zero-filled start": {"start": "degraded", "start_error": 1.0, "t0_ratio": 4.0},
+}
+
+
+def lfmri_method(ckpt: str, device: torch.device, batch_size: int, options: dict[str, Any]) -> Any:
     """`reconstruct(measurement, slice_ids) -> magnitude [S,H,W]` with the prior `ckpt` and the default
-    sampler, as `lfmri reconstruct` builds them (imported here: the model code is heavy)."""
+    sampler under `options` (`--sampling.*`), as `lfmri reconstruct` builds them (imported here: the model
+    code is heavy); with the settings of the sampler undersampled data get."""
     from diffusion.inference import Reconstructor
     from diffusion.sampling.samplers import SamplerOptions
     from lfmri.models import load_score_model
 
     model = load_score_model(ckpt, device)
-    sampler = SamplerOptions().build(model.sde)
+    sampler = SamplerOptions(**options).build(model.sde)
     reconstructor = Reconstructor(model.score_fn(), sampler, batch_size, device, data_scale=model.data_scale)
 
     def reconstruct(m: Measurement, slice_ids: list[int]) -> np.ndarray:
         result = reconstructor(m, complex_to_channels(m.degraded), slice_ids, seed=0, samples=1)
         return result.mean[:, 0].numpy()
 
-    return reconstruct, {"ckpt": ckpt, **sampler.settings()}
+    return reconstruct, {"ckpt": ckpt, **sampler.for_measurement(True).settings()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -139,7 +150,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     height = test_ref.shape[1]
     device = torch.device(args.device)
     names = [n for n in parse_baselines(args.baselines) if n != "degraded" or args.with_degraded]
-    ours = None if args.ckpt == "none" else lfmri_method(args.ckpt, device, args.batch_size)
+    ours = {} if args.ckpt == "none" else {
+        label: lfmri_method(args.ckpt, device, args.batch_size, options)
+        for label, options in LFMRI_VARIANTS.items() if label == LFMRI or args.lfmri_variants}
     rows = [r for i, r in enumerate(ROWS) if args.rows is None or i in args.rows]
     results, tuning, labels = [], {}, []
     for index, row in enumerate(rows):
@@ -161,15 +174,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             pred = BASELINES[name](test, **params)
             results.append(_row(label, name, pred, test_ref, time.perf_counter() - start, params))
-        if ours is not None:
+        for method, (reconstruct, _) in ours.items():
             start = time.perf_counter()
-            pred = ours[0](test, test_ids)
-            results.append(_row(label, LFMRI, pred, test_ref, time.perf_counter() - start, {}))
+            pred = reconstruct(test, test_ids)
+            results.append(_row(label, method, pred, test_ref, time.perf_counter() - start, {}))
     settings = {"test_slices": test_ids, "val_slices": val_ids, "coils": N_COILS, "mask": "equispaced",
                 "maps": "ESPIRiT (degradations.espirit_sensitivities)", "device": str(device),
                 "torch_threads": torch.get_num_threads(), "min_centre_lines": args.min_centre_lines,
                 "matrix": list(test_ref.shape[1:]),
-                "lfmri": None if ours is None else ours[1]}
+                "lfmri": {method: settings for method, (_, settings) in ours.items()}}
     return {"settings": settings, "rows": labels, "results": results, "tuning": tuning}
 
 
@@ -215,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baselines", default="zero_filled_rss,cg_sense,l1_wavelet,tv_cs",
                    help="lfmri evaluate --baselines names")
     p.add_argument("--with-degraded", action="store_true", help="also the coil-combined zero-filled image")
+    p.add_argument("--lfmri-variants", action="store_true",
+                   help="also lfmri's sampler started from the zero-filled image (LFMRI_VARIANTS)")
     p.add_argument("--test-slices", type=int, default=4)
     p.add_argument("--val-slices", type=int, default=2)
     p.add_argument("--rows", type=lambda v: [int(i) for i in v.split(",")], default=None,

@@ -157,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {"ckpt": str(resolve_checkpoint(args.ckpt).resolve()),
                 "config": str(Path(args.config).resolve()),
                 **sampler.settings(), "samples": args.samples, "seed": args.seed, "device": str(device)}
+    if sampler.undersampled is not None:  # what undersampled data get (Sampler.for_measurement)
+        settings.update({f"undersampled: {k}": v for k, v in sampler.undersampled.settings().items()})
     settings.update({f"{name}: {k}": v for name, (s, n) in others.items()
                      for k, v in {**s.settings(), "samples": n}.items()})
     result = run_evaluation(model, datamodule, regimes, baselines, sampler, samples=args.samples,

@@ -191,9 +191,10 @@ def run(args: argparse.Namespace) -> int:
         volume = volume.resized(model.train_size)
     # y on the device: an estimate of the noise runs where the reconstruction does
     measurement = volume.measurement(device=device)
+    running = sampler.for_measurement(measurement.mask is not None)  # what the Reconstructor runs
     reconstructor = Reconstructor(
         model.score_fn(), sampler, args.batch_size, device,
-        progress=f"reconstruct ({sampler.name}, {sampler.expected_nfe} NFE)", data_scale=model.data_scale)
+        progress=f"reconstruct ({running.name}, {running.expected_nfe} NFE)", data_scale=model.data_scale)
     result = reconstructor(measurement, complex_to_channels(volume.image), list(range(len(volume))),
                            seed=args.seed, samples=args.samples)
 
@@ -207,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
                       "regime": volume.regime, "kspace": args.kspace, "params": volume.params_path,
                       "coils": measurement.n_coils,
                       "sampled_fraction": 1.0 if measurement.mask is None else float(measurement.mask.mean()),
-                      **sampler.settings(), "samples": args.samples, "nfe_per_slice": result.nfe,
+                      **result.settings, "samples": args.samples, "nfe_per_slice": result.nfe,
                       "noise_sigma": float(result.noise_sigma.double().quantile(0.5)) * volume.scale,
                       "noise_sigma_origin": volume.noise_source, "resize": volume.size, "scale": volume.scale,
                       "device": str(device)}, indent=2))

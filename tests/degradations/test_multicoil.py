@@ -340,3 +340,33 @@ def test_coils_of_unequal_noise_are_balanced_when_the_noise_level_is_estimated()
     torch.testing.assert_close(per_coil, torch.full((C,), rms), rtol=0.1, atol=0)
     given = Measurement.from_kspace(y, params, rms)  # a known level: y is kept as it is
     assert torch.equal(given.y, y)
+
+
+@pytest.mark.parametrize("acceleration", [2, 3, 4, 6])
+def test_the_aliasing_estimate_follows_the_zero_filled_images_error(acceleration: int) -> None:
+    """`Measurement.alias_sigma` (from the sampled rows' k-space energy) is the zero-filled coil-combined
+    image's error std per pixel within -5 % / +25 % (an upper bound by construction: the coil combination
+    can only shrink the skipped energy), at 40 dB where that error is aliasing; 0 without a mask."""
+    m, _, x = _simulated("noise", snr_db=40.0, size=(64, 56), acceleration=acceleration, center_fraction=0.12,
+                         mask="equispaced", coils=C)
+    true = (m.degraded - x).abs().square().mean(dim=(1, 2, 3)).sqrt()
+    assert bool((true > 5 * m.noise_sigma).all())  # the error is aliasing
+    ratio = m.alias_sigma / true
+    assert bool((ratio > 0.95).all()) and bool((ratio < 1.25).all()), ratio
+    full, _, _ = _simulated("noise", snr_db=40.0, size=(64, 56), coils=C)
+    assert full.alias_sigma.tolist() == [0.0, 0.0]
+
+
+def test_the_support_is_where_the_maps_see_the_object() -> None:
+    """`Measurement.support`: None without maps, everywhere for birdcage maps (nonzero everywhere), and for
+    ESPIRiT's maps (0 outside the object) a region that holds every pixel of the object."""
+    single, _, _ = _simulated()
+    assert single.support is None
+    m, _, x = _simulated("noise", snr_db=40.0, size=(64, 56), acceleration=3, center_fraction=0.2,
+                         mask="equispaced", coils=C)
+    assert m.support.shape == (2, 1, 64, 56) and bool(m.support.all())
+    estimated = Measurement.from_kspace(m.y, {k: v for k, v in m.params.items() if k != "sensitivities"},
+                                        m.noise_sigma)
+    support = estimated.support
+    assert 0.2 < float(support.float().mean()) < 0.8
+    assert not bool(((x.abs() > 0) & ~support).any())

@@ -1,8 +1,10 @@
-"""Parallel-imaging and compressed-sensing baselines for multi-coil, undersampled measurements (issue 24).
+"""Classical parallel-imaging and compressed-sensing reconstructions of multi-coil, undersampled measurements
+(issue 24): the field's baselines (`lfmri.baselines` registers them) and the compressed-sensing image lfmri's
+undersampled default starts from (`cs_reconstruct`, `diffusion.inference`).
 
-Each maps a `degradations.Measurement` (k-space y `[S,C,H,W]`, C coils or one, zeros where not sampled; its
-operator A: image `[s,1,H,W]` -> k-space `[s,C,H,W]` with the mask, the coil sensitivities and any blur /
-T2* / B0) to a magnitude volume float32 `[S,H,W]`, like every baseline of `lfmri.baselines`:
+Each baseline maps a `degradations.Measurement` (k-space y `[S,C,H,W]`, C coils or one, zeros where not
+sampled; its operator A: image `[s,1,H,W]` -> k-space `[s,C,H,W]` with the mask, the coil sensitivities and
+any blur / T2* / B0) to a magnitude volume float32 `[S,H,W]`, like every baseline of `lfmri.baselines`:
 
 - `zero_filled_rss`: the root-sum-of-squares of the per-coil zero-filled images `ifft2c(y_c)` (no
   parameters; for one coil `|ifft2c(y)|`);
@@ -38,7 +40,10 @@ import sigpy
 import torch
 from torch import Tensor
 
-from degradations import ForwardOperator, Measurement, ifft2c, root_sum_of_squares
+from .coils import root_sum_of_squares
+from .fourier import ifft2c
+from .measurement import Measurement
+from .operator import ForwardOperator
 
 #: CG-SENSE: stop when every slice's residual of the normal equations is below this fraction of its
 #: right-hand side `||A^H y||`, or after `CG_MAX_ITERATIONS`

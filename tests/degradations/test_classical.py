@@ -17,9 +17,9 @@ from helpers import REPO
 
 from datamodules.transforms import to_slices
 from degradations import Measurement, birdcage_sensitivities, fft2c, ifft2c, make_regime, neutral_params
-from lfmri import cs_baselines
+from degradations import classical as cs_baselines
+from degradations.classical import operator_linop
 from lfmri.baselines import BASELINES, parse_baselines, tune_baseline
-from lfmri.cs_baselines import operator_linop
 from lfmri_utils.metrics import psnr_volume, ssim_volume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,7 +137,7 @@ def test_the_cs_baselines_are_registered_and_import_no_diffusion_code() -> None:
     assert parse_baselines(",".join(CS)) == ["degraded", *CS]
     assert set(CS) <= set(parse_baselines("all"))
     assert not BASELINES["zero_filled_rss"].grid and len(BASELINES["l1_wavelet"].grid["lam_factor"]) == 6
-    tree = ast.parse((REPO / "lfmri" / "cs_baselines.py").read_text())
+    tree = ast.parse((REPO / "degradations" / "classical.py").read_text())
     modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     modules += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
     assert modules and not [m for m in modules if m.split(".")[0] in ("diffusion", "lightning_modules")]
