@@ -50,6 +50,7 @@ from datamodules.dataset import (
     VolumeInfo,
     index_volume,
 )
+from datamodules.kspace_files import is_kspace_input
 from datamodules.resumable import IgnoreStopSignals, resumable_loader
 from datamodules.sources import (
     NiftiDirSource,
@@ -237,8 +238,9 @@ class LowFieldDataModule(L.LightningDataModule):
         split_file: YAML {train: [...], val: [...], test: [...]} of subject ids.
         skip_bad_files: skip unreadable / invalid volumes with one warning listing them, instead of an error.
         loader: `LoaderOptions` (batch_size, eval_batch_size, num_workers, pin_memory).
-        predict: `dataset.PredictOptions` of `predict` (path: a low-field NIfTI file or directory, no
-            reference, all slices kept; kspace, params, noise_sigma, regime: as `lfmri reconstruct`'s).
+        predict: `dataset.PredictOptions` of `predict` (path: a low-field NIfTI file or directory, or one
+            k-space HDF5 file as `lfmri reconstruct K.h5` takes it, no reference, all slices kept; kspace,
+            params, noise_sigma, regime: as `lfmri reconstruct`'s).
 
     What a crop-trained prior can and cannot do: the U-Net is convolutional, so a prior trained on crops
     runs on whole slices of any matrix (the network pads to its size multiple). It learns the local statistics
@@ -433,10 +435,15 @@ class LowFieldDataModule(L.LightningDataModule):
 
     def _predict_dataset(self) -> PredictSliceDataset:
         """The `predict` group's volumes: InputError without a path, or with a k-space or parameters file for
-        a directory of volumes (each file belongs to one NIfTI)."""
+        a directory of volumes (each file belongs to one NIfTI). A k-space HDF5 file as the path
+        (`is_kspace_input`) is one volume, read as `lfmri reconstruct K.h5` reads it
+        (`PredictSliceDataset.from_kspace_file`)."""
         path = self.predict.path
         if not path:
-            raise InputError("predict needs a low-field NIfTI: --data.init_args.predict.path=PATH")
+            raise InputError("predict needs a low-field NIfTI or a k-space file: "
+                             "--data.init_args.predict.path=PATH")
+        if is_kspace_input(path):
+            return PredictSliceDataset.from_kspace_file(path, slices=self.slices, predict=self.predict)
         for name in ("kspace", "params"):
             if getattr(self.predict, name) and Path(path).is_dir():
                 raise InputError(f"predict.{name}: belongs to one NIfTI, but predict.path {path} is a "

@@ -24,6 +24,7 @@ only: identical across runs, worker counts and DDP ranks.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from datamodules import measured
+from datamodules.kspace_files import is_kspace_input
 from datamodules.samples import MeasuredSample, SliceSample
 from datamodules.sources import VolumeRecord, VolumeSource
 from datamodules.transforms import (
@@ -123,12 +125,15 @@ class PredictOptions:
     `--data.init_args.predict.path=...`), handed to `measured.load_measured_volume` for each volume.
 
     Fields:
-        path: a low-field magnitude NIfTI, or a directory of them ("**/*.nii*"; no reference needed).
-        kspace: the measured k-space HDF5 of `path` (`lfmri degrade --kspace-out`; `path` must be one file).
-        params: `lfmri degrade`'s parameters JSON of `path` (one file; default: each NIfTI's + ".json" when
+        path: a low-field magnitude NIfTI, or a directory of them ("**/*.nii*"; no reference needed); or one
+            k-space HDF5 file (`.h5` / `.hdf5`, `kspace_files.is_kspace_input`: fastMRI's layout, single- or
+            multi-coil, undersampled or not, as `lfmri reconstruct K.h5` takes it), which carries its own
+            measurement and record: `kspace` and `params` are then refused.
+        kspace: the measured k-space HDF5 of `path` (`lfmri degrade --kspace-out`; `path` must be one NIfTI).
+        params: `lfmri degrade`'s parameters JSON of `path` (one NIfTI; default: each NIfTI's + ".json" when
             it exists).
-        noise_sigma: the k-space noise std per complex sample, input units, >= 0 (default: recorded, else
-            estimated per slice).
+        noise_sigma: the k-space noise std per complex sample, input units (a k-space file's own units), >= 0
+            (default: recorded, else estimated per slice).
         regime: the regime of the forward operator (`degradations.REGIMES`; None: the files' record, else
             "noise", A = fft2c), as `lfmri reconstruct --regime`.
     """
@@ -148,6 +153,9 @@ class PredictOptions:
         for name in ("kspace", "params"):
             if getattr(self, name) and not self.path:
                 raise InputError(f"predict.{name}: give the NIfTI it belongs to as predict.path")
+            if getattr(self, name) and is_kspace_input(self.path):
+                raise InputError(f"predict.{name}: not with a k-space file predict.path ({self.path}), which "
+                                 "carries its own measurement and record; give it only with a NIfTI")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain mapping (YAML, checkpoint hyper-parameters)."""
@@ -446,8 +454,44 @@ class EvalSliceDataset(RegimeSliceDataset):
         return self._sample(v, s, regime, x, self.degraded_image(y, params), y, params)
 
 
+class KSpaceFileSource(VolumeSource):
+    """`predict.path` as one k-space HDF5 file (`kspace_files.is_kspace_input`): its one record (volume id and
+    subject: the file name without its suffix) for `PredictSliceDataset.from_kspace_file`, and `slice_axis`
+    the output's slice axis when the file records none (lfmri's files record theirs, which wins, as in
+    `lfmri reconstruct K.h5`). The file is read by `measured.load_measured_volume`, as reconstruct reads it;
+    `load` gives its zero-filled coil-combined magnitude slices."""
+
+    name = "kspace-file"
+
+    def __init__(self, path: str | Path, slice_axis: int | None = None) -> None:
+        self.path = Path(path)
+        self.slice_axis = slice_axis
+
+    def records(self) -> list[VolumeRecord]:
+        stem = self.path.name[: -len(self.path.suffix)]
+        return [VolumeRecord(stem, stem, str(self.path))]
+
+    def load(self, record: VolumeRecord) -> np.ndarray:
+        """float32 [S, H, W], the file's units, lfmri's in-plane layout (phase encoding along H)."""
+        volume = _predict_volume(record.path, PredictOptions(), self.slice_axis, None)
+        return (volume.image[:, 0].abs() * volume.scale).numpy().astype(np.float32)
+
+
+def _predict_volume(path: str | Path, predict: PredictOptions, slice_axis: int | None,
+                    size: int | None) -> measured.MeasuredVolume:
+    """One volume of `predict.path` prepared as `lfmri reconstruct` prepares its INPUT
+    (`measured.load_measured_volume` with the `predict` group's options): a NIfTI sliced along `slice_axis`;
+    a k-space file along the axis it records (reconstruct's default), else `slice_axis`, its messages naming
+    predict.path."""
+    kspace_file = is_kspace_input(path)
+    return measured.load_measured_volume(
+        path, predict.regime, None if kspace_file else slice_axis, kspace=predict.kspace,
+        params=predict.params, noise_sigma=predict.noise_sigma, size=size, label="predict.path",
+        default_axis=2 if slice_axis is None else slice_axis)
+
+
 class PredictSliceDataset(SliceDataset):
-    """All slices of the user's low-field NIfTI volumes, without a reference: `MeasuredSample`s (no `clean`).
+    """All slices of the user's low-field volumes, without a reference: `MeasuredSample`s (no `clean`).
 
     Each volume is prepared as `lfmri reconstruct` prepares its input, by the same function
     (`measured.load_measured_volume` with the `predict` group's kspace, params, noise_sigma and regime:
@@ -458,6 +502,12 @@ class PredictSliceDataset(SliceDataset):
     `noise_sigma` (float32 [], normalised units) only when the volume's noise std is known (given or
     recorded; else `ScoreModel.predict_step` estimates it from y), and `shape` (h, w) the slice's native
     shape (the output is put back on it by `measured.volume_from_slices`).
+
+    A k-space file as `predict.path` (`from_kspace_file`, the volume `lfmri reconstruct K.h5` reconstructs):
+    `y` is the file's measured k-space of the slice, complex64 [C, H, W] (normalised), `degraded` its
+    zero-filled coil-combined image, and `params` hold its sampling `mask` float32 [1, H, W] (when the file
+    is undersampled) and, for C > 1, the ESPIRiT `sensitivities` complex64 [C, H, W] estimated once when
+    the file is read, so that `predict_step`'s `Measurement.from_kspace` is reconstruct's measurement.
     """
 
     def __init__(
@@ -469,17 +519,36 @@ class PredictSliceDataset(SliceDataset):
         self.items = [(v, s) for v, info in enumerate(volumes) for s in info.slices]
         self._measured: dict[int, measured.MeasuredVolume] = {}
 
+    @classmethod
+    def from_kspace_file(cls, path: str | Path, *, slices: SliceOptions = SliceOptions(),
+                         predict: PredictOptions = PredictOptions()) -> PredictSliceDataset:
+        """The dataset of one k-space HDF5 file (`predict.path`), read now (its ESPIRiT maps estimated once),
+        every slice at the file's own matrix, slices put back along the axis the file records, else along
+        `slices.slice_axis`.
+        InputError (one line) naming slices.image_size when it is set (coils and masks are not resampled),
+        predict.kspace / predict.params when given, or the file when it is broken."""
+        if slices.image_size is not None:
+            raise InputError(f"slices.image_size: a k-space file predict.path ({path}) is reconstructed at "
+                             "its own matrix (its coils and sampling mask are not resampled); leave it unset")
+        for name in ("kspace", "params"):  # PredictOptions refuses them first; a hand-made one too
+            if getattr(predict, name):
+                raise InputError(f"predict.{name}: not with a k-space file predict.path ({path})")
+        source = KSpaceFileSource(path, slices.slice_axis % 3)
+        record = source.records()[0]
+        volume = _predict_volume(path, predict, source.slice_axis, None)
+        dataset = cls(source, [VolumeInfo(record, volume.scale, tuple(range(len(volume))), volume.shape)],
+                      slices=slices, predict=predict)
+        dataset._measured[0] = volume
+        return dataset
+
     def __len__(self) -> int:
         return len(self.items)
 
     def measured_volume(self, v: int) -> measured.MeasuredVolume:
         """Volume v prepared for reconstruction (read once per process)."""
         if v not in self._measured:
-            record = self.volumes[v].record
-            p = self.predict
-            self._measured[v] = measured.load_measured_volume(
-                record.path, p.regime, self.source.slice_axis, kspace=p.kspace, params=p.params,
-                noise_sigma=p.noise_sigma, size=self.image_size)
+            self._measured[v] = _predict_volume(self.volumes[v].record.path, self.predict,
+                                                self.source.slice_axis, self.image_size)
         return self._measured[v]
 
     def _get(self, index: int) -> MeasuredSample:
@@ -491,7 +560,7 @@ class PredictSliceDataset(SliceDataset):
             params["noise_sigma"] = volume.noise_sigma[s].clone()
         return MeasuredSample(
             degraded=complex_to_channels(x)[0],
-            y=fft2c(x)[0],
+            y=fft2c(x)[0] if volume.kspace is None else volume.kspace[s].clone(),
             regime="measured",
             params=params,
             volume_id=self.volumes[v].record.volume_id,

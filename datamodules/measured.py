@@ -11,15 +11,16 @@
   - the measured k-space: the k-space file's (`read_kspace`), else fft2c of the magnitude slices;
   - the k-space noise std: given, else recorded in the k-space file (or in the parameters JSON beside one),
     else None: estimated when the measurement is made (`degradations.Measurement.from_kspace`).
-- a k-space file as INPUT (`.h5` / `.hdf5`: fastMRI's layout, M4Raw's, lfmri degrade's, read by
-  `datamodules.kspace_files.read_kspace_file` into [S, C, H, W], phase encoding along H) takes the same path
-  (`load_measured_volume` dispatches on the suffix): A's parameters are the file's record, else the regime's
-  mid-range ones (regime `noise`, the default for a foreign file: no low-field effects), plus the file's
-  sampling mask ("mask"); the coil sensitivities are estimated by ESPIRiT (`Measurement.from_kspace`, C > 1);
-  the noise std is given, recorded, or estimated. The scale is the 99.5th percentile of the zero-filled
-  coil-combined magnitude (`Measurement.degraded`), y and the noise std are divided by it; the output's
-  in-plane axes are the original NIfTI's for lfmri's files and the file's own order (H_f, W_f) for foreign
-  ones; the output affine is the recorded NIfTI's, else the ISMRMRD header's voxel sizes, else identity.
+- a k-space file as INPUT or `predict.path` (`.h5` / `.hdf5`: fastMRI's layout, M4Raw's, lfmri degrade's,
+  read by `datamodules.kspace_files.read_kspace_file` into [S, C, H, W], phase encoding along H) takes the
+  same path (`load_measured_volume` dispatches on the suffix): A's parameters are the file's record, else the
+  regime's mid-range ones (regime `noise`, the default for a foreign file: no low-field effects), plus the
+  file's sampling mask ("mask"); the coil sensitivities are estimated by ESPIRiT (`Measurement.from_kspace`,
+  C > 1) when the file is read; the noise std is given, recorded, or estimated. The scale is the 99.5th
+  percentile of the zero-filled coil-combined magnitude (`Measurement.degraded`), y and the noise std are
+  divided by it; the output's in-plane axes are the original NIfTI's for lfmri's files and the file's own
+  order (H_f, W_f) for foreign ones; the output affine is the recorded NIfTI's, else the ISMRMRD header's
+  voxel sizes, else identity.
 - `MeasuredVolume.resized(size)` is the explicit resize: slices zero-padded to a square and resized to
   size x size (`transforms.fit_to_square`), A adapted to that grid (blur FWHM and readout duration scaled by
   size / max(H, W), field maps resized) and the noise level re-estimated there.
@@ -272,7 +273,8 @@ class MeasuredVolume:
 
 def load_measured_volume(path: str | Path, regime: str | None = None, slice_axis: int | None = 2, *,
                          kspace: str | Path | None = None, params: str | Path | None = None,
-                         noise_sigma: float | None = None, size: int | None = None) -> MeasuredVolume:
+                         noise_sigma: float | None = None, size: int | None = None,
+                         label: str = "INPUT", default_axis: int = 2) -> MeasuredVolume:
     """Read a magnitude NIfTI and its optional files, or a k-space file (`is_kspace_input`:
     `load_kspace_volume`), into a `MeasuredVolume` (module docstring).
 
@@ -280,11 +282,14 @@ def load_measured_volume(path: str | Path, regime: str | None = None, slice_axis
         path: the magnitude NIfTI (3D), or a k-space HDF5 file.
         regime: the degradation regime of A (`degradations.REGIMES`); None: the one the parameters JSON or
             k-space file records, else `noise` (A = fft2c).
-        slice_axis: the volume's axis to slice along (0, 1 or 2; None: a k-space file's recorded one, else 2).
+        slice_axis: the volume's axis to slice along (0, 1 or 2; None: a k-space file's recorded one, else
+            `default_axis`; a NIfTI's axis 2).
         kspace: the measured k-space HDF5 (`lfmri degrade --kspace-out`).
         params: the parameters JSON (default: `path` + ".json" when it exists).
         noise_sigma: the k-space noise std in input units (origin "given").
         size: resize every slice to size x size (`MeasuredVolume.resized`; None: the native matrix).
+        label: how a k-space file's messages name it ("INPUT" for `lfmri reconstruct`, "predict.path").
+        default_axis: a k-space file's slice axis when `slice_axis` is None and the file records none.
 
     Raises InputError for an input that breaks lfmri's rules (`check_volume`), an empty volume, or files that
     disagree with it (`read_kspace`, `read_params`).
@@ -293,7 +298,7 @@ def load_measured_volume(path: str | Path, regime: str | None = None, slice_axis
         if kspace or params:
             raise InputError(f"{'--kspace' if kspace else '--params'}: a k-space INPUT ({path}) carries its "
                              "own measurement and record; give --kspace / --params only with a NIfTI INPUT")
-        volume = load_kspace_volume(path, regime, slice_axis, noise_sigma)
+        volume = load_kspace_volume(path, regime, slice_axis, noise_sigma, label, default_axis)
         return volume if size is None else volume.resized(size)
     data, img = load_nifti(path)
     axis = 2 if slice_axis is None else slice_axis % 3
@@ -361,20 +366,23 @@ def _output_image(kfile: KSpaceFile, axis: int) -> nib.Nifti1Image:
 
 
 def load_kspace_volume(path: str | Path, regime: str | None = None, slice_axis: int | None = None,
-                       noise_sigma: float | None = None) -> MeasuredVolume:
+                       noise_sigma: float | None = None, label: str = "INPUT",
+                       default_axis: int = 2) -> MeasuredVolume:
     """A k-space file INPUT (`datamodules.kspace_files.read_kspace_file`) as a `MeasuredVolume` (module
     docstring): y [S, C, H, W] with A's parameters (the file's record or the regime's mid-range ones, its
     mask, ESPIRiT sensitivities for C > 1) and the noise std (given in the file's units, recorded, or None:
     estimated), all normalised by the 99.5th percentile of the zero-filled coil-combined magnitude.
 
-    `slice_axis` None: the axis lfmri recorded, else 2. InputError for a broken file, a regime that disagrees
-    with the record, or an empty zero-filled image.
+    `slice_axis` None: the axis lfmri recorded, else `default_axis`. InputError (one line starting with
+    `label` and the file: "INPUT" for `lfmri reconstruct`, "predict.path" for `lfmri predict`) for a broken
+    file, a regime that disagrees with the record, or an empty zero-filled image.
     """
-    kfile = read_kspace_file(path, "INPUT")
-    where = f"INPUT {kfile.path}"
+    kfile = read_kspace_file(path, label)
+    where = f"{label} {kfile.path}"
     n_slices, _, height, width = kfile.kspace.shape
     recorded_axis = kfile.attrs.get("slice_axis") if kfile.nifti_order else None
-    axis = (slice_axis if slice_axis is not None else recorded_axis if recorded_axis in (0, 1, 2) else 2) % 3
+    axis = (slice_axis if slice_axis is not None else recorded_axis if recorded_axis in (0, 1, 2)
+            else default_axis) % 3
     _check_regime(where, kfile.regime, regime)
     regime = regime or kfile.regime or "noise"
     if regime not in REGIMES:

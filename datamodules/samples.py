@@ -31,7 +31,8 @@ COMMON_FIELDS: tuple[tuple[str, type], ...] = (
     # complex64 [C, H, W]: the k-space (orthonormal `fft2c`): a SliceSample's simulated k-space of C coils
     # (C = 1 unless the regime has coils; exactly 0 on rows its `mask` does not sample); for a training crop
     # [1, H, W], fft2c of the cropped degraded image (not the measured k-space, no mask: see
-    # `TrainSliceDataset`); a MeasuredSample's [1, H, W] fft2c of `degraded`
+    # `TrainSliceDataset`); a MeasuredSample's [1, H, W] fft2c of `degraded` (a NIfTI's), or a k-space
+    # file's measured k-space of the slice [C, H, W] (`PredictSliceDataset.from_kspace_file`)
     ("y", Tensor),
     # the regime's name (`degradations.REGIMES`); "measured" for a MeasuredSample
     ("regime", str),

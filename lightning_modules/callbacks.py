@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -22,7 +21,6 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from datamodules import measured
 from datamodules.io import save_nifti_atomic
 from degradations import REGIMES, Measurement
 from diffusion.inference import Reconstructor
@@ -344,13 +342,15 @@ class NiftiPredictionWriter(BasePredictionWriter):
 
     For every volume of the data module's `predict_dataset` (a `PredictSliceDataset`), the slices returned by
     `ScoreModel.predict_step` are put back into a volume in the input's units and geometry by the function
-    `lfmri reconstruct` uses (`datamodules.measured.volume_from_slices`: resized slices restored to their
-    native shape, times the volume's normalisation scale, slices back along the source's slice axis) and
-    written with the input's affine and header (float32) to `<output_dir>/<input file stem>_recon.nii.gz`,
-    plus `_std.nii.gz` (the per-pixel std of the posterior samples) when `write_std`. Files are written
-    atomically; a volume with a slice missing from the predictions (e.g. `limit_predict_batches`) is not
-    written and named in a warning. Multi-process prediction (DDP) is refused: run `lfmri predict` on one
-    device.
+    `lfmri reconstruct` uses (the dataset's `MeasuredVolume.to_volume`, i.e.
+    `datamodules.measured.volume_from_slices`: resized slices restored to their native shape, times the
+    volume's normalisation scale, a k-space file's in-plane axes back in its output order, slices back along
+    the slice axis) and written with the affine and header reconstruct writes (the input NIfTI's; a k-space
+    file's recorded or header-derived affine), float32, to `<output_dir>/<input file stem>_recon.nii.gz`
+    (the stem: the name without .nii.gz / .nii / .h5 / .hdf5), plus `_std.nii.gz` (the per-pixel std of the
+    posterior samples) when `write_std`. Files are written atomically; a volume with a slice missing from the
+    predictions (e.g. `limit_predict_batches`) is not written and named in a warning. Multi-process
+    prediction (DDP) is refused: run `lfmri predict` on one device.
 
     Args:
         output_dir: the folder for the volumes (created if needed).
@@ -369,32 +369,32 @@ class NiftiPredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any],
                            batch_indices: Sequence[Any]) -> None:
         dataset = getattr(trainer.datamodule, "predict_dataset", None)
-        if dataset is None or not hasattr(dataset, "volumes"):
+        if dataset is None or not hasattr(dataset, "measured_volume"):
             raise TypeError("NiftiPredictionWriter needs LowFieldDataModule's predict_dataset")
         slices: dict[tuple[str, int], dict[str, Tensor]] = {}
         for out in predictions:
             for j, vid in enumerate(out["volume_id"]):
                 slices[(vid, int(out["slice"][j]))] = {k: out[k][j, 0] for k in ("reconstruction", "std")}
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        axis = dataset.source.slice_axis
-        for info in dataset.volumes:
+        for v, info in enumerate(dataset.volumes):
             vid, path = info.record.volume_id, info.record.path
             missing = [s for s in info.slices if (vid, s) not in slices]
             if missing:
                 warnings.warn(f"NiftiPredictionWriter: {path}: {len(missing)} slice(s) were not predicted; "
                               "not written", stacklevel=2)
                 continue
-            like = nib.load(path)
-            stem = Path(path).name.removesuffix(".gz").removesuffix(".nii")
+            measured_volume = dataset.measured_volume(v)  # the volume reconstruct would write, read once
+            name = Path(path).name
+            stem = next((name[: -len(ext)] for ext in (".nii.gz", ".nii", ".h5", ".hdf5")
+                         if name.lower().endswith(ext)), name)
             kinds = ("reconstruction", "std") if self.write_std else ("reconstruction",)
             for kind in kinds:
                 first = slices[(vid, info.slices[0])][kind]
                 images = torch.zeros(max(info.slices) + 1, 1, *first.shape)  # [S, 1, H, W], normalised
                 for s in info.slices:
                     images[s, 0] = slices[(vid, s)][kind].float().cpu()
-                volume = measured.volume_from_slices(images, info.scale, info.shape, dataset.image_size, axis)
                 target = self.output_dir / f"{stem}_{'recon' if kind == 'reconstruction' else 'std'}.nii.gz"
-                save_nifti_atomic(volume, like, target)
+                save_nifti_atomic(measured_volume.to_volume(images), measured_volume.nifti, target)
                 self.written.append(target)
 
 

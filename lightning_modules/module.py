@@ -437,9 +437,11 @@ class ScoreModel(LightningModule):
     def predict_step(self, batch: MeasuredSample, batch_idx: int) -> dict[str, Any]:
         """Reconstruct a batch of measured slices through the one inference path (`inference.Reconstructor`).
 
-        Uses `degraded` [B, 2, H, W] as the warm start, and `y` [B, 1, H, W] with `params` (the forward
-        operator's: `PredictSliceDataset` serves the slices of `datamodules.measured.load_measured_volume`,
-        the volume `lfmri reconstruct` reconstructs) as a `degradations.Measurement` whose k-space noise std
+        Uses `degraded` [B, 2, H, W] as the warm start, and `y` [B, C, H, W] (C = 1 for a NIfTI; a k-space
+        file's coils) with `params` (the forward operator's, with a k-space file's `mask` [B, 1, H, W] and
+        ESPIRiT `sensitivities` [B, C, H, W]: `PredictSliceDataset` serves the slices of
+        `datamodules.measured.load_measured_volume`, the volume `lfmri reconstruct` reconstructs) as a
+        `degradations.Measurement` whose k-space noise std
         is `params["noise_sigma"]` [B] (normalised units) when the volume's is known (`lfmri predict`'s
         `predict.noise_sigma`, or recorded with a k-space file), else estimated from `y`, slice by slice.
         Sampler: `predict_options`
