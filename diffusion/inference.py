@@ -19,12 +19,13 @@ with its origin, all decided when the measurement is made), it
 
 Undersampled data (a measurement with a `mask`) get the sampler's undersampled variant
 (`Sampler.for_measurement`: the registry's undersampled defaults under the user's options). Its start image
-is the zero-filled coil-combined image (`start="degraded"`) or a TV compressed-sensing reconstruction
-(`start="tv"`, `tv_start`, which then replaces x_init). Either holds aliasing besides noise, so the
-noise-aware start follows both, `sqrt(sigma_y^2 + (start_error * alias_sigma)^2)` (`Measurement.alias_sigma`:
-the zero-filled image's aliasing std estimated from the sampled k-space; `start_error`: the start image's
-fraction of it; `Sampler.schedule_for`), while the data consistency and the stop keep the noise std
-`sigma_y`. Fully sampled data are sampled exactly as before.
+is the zero-filled coil-combined image (`start="degraded"`), a TV compressed-sensing reconstruction
+(`start="tv"`, `tv_start`, which then replaces x_init), or per slice the TV image where the zero-filled
+image's aliasing std exceeds the noise std and the zero-filled image elsewhere (`start="auto"`). Either holds
+aliasing besides noise, so the noise-aware start follows both, `sqrt(sigma_y^2 + alias^2)` with `alias` the
+zero-filled image's aliasing std (`Measurement.alias_sigma`, estimated from the sampled k-space), times
+`start_error` for a TV start (`Sampler.schedule_for`), while the data consistency and the stop keep the noise
+std `sigma_y`. Fully sampled data are sampled exactly as before.
 
 A prior trained on another data range (a checkpoint family's normalisation, `ScoreModel.data_scale`) gets
 each slice multiplied by its factor c (`data_scale(k, noise_sigma)`, [S]) before sampling: x_init, y and the
@@ -134,8 +135,13 @@ class Reconstructor:
             raise ValueError(f"data_scale must give {n} finite factors > 0, got {scale.tolist()}")
         undersampled = measurement.mask is not None
         sampler = self.sampler.for_measurement(undersampled)
-        # undersampled: the start image's error is noise and aliasing (Sampler.schedule_for)
-        alias = measurement.alias_sigma.to(self.device) * sampler.start_error if undersampled else None
+        # undersampled: each slice's start image (TV or zero-filled) and its error, aliasing beside the noise
+        alias, from_tv = None, torch.zeros(n, dtype=torch.bool)
+        if undersampled:
+            alias = measurement.alias_sigma.cpu()
+            from_tv = torch.full((n,), sampler.start == "tv") if sampler.start != "auto" else \
+                alias > measurement.noise_sigma.float().cpu()
+            alias = torch.where(from_tv, alias * sampler.start_error, alias).to(self.device)
         support = measurement.support
         means, stds, nfe = [], [], 0
         bar = tqdm(total=n, desc=self.progress, unit="slice", file=sys.stderr, leave=False,
@@ -146,11 +152,12 @@ class Reconstructor:
                 generators = slice_generators(seed, [int(s) for s in slice_ids[sl]], self.device)
                 c = scale[sl].to(self.device)
                 A, y, sigma = measurement.data_term(sl, self.device, c)
-                if undersampled and sampler.start == "tv":  # already in the frame A acts on
-                    x0 = complex_to_channels(tv_start(measurement, sampler.start_lam, sl).to(self.device))
-                else:
-                    x0 = complex_to_channels(A.demodulate(channels_to_complex(
-                        x_init[sl].to(self.device, torch.float32))))
+                x0 = complex_to_channels(A.demodulate(channels_to_complex(
+                    x_init[sl].to(self.device, torch.float32))))
+                tv = from_tv[sl].to(self.device)
+                if bool(tv.any()):  # the TV image is already in the frame A acts on
+                    image = complex_to_channels(tv_start(measurement, sampler.start_lam, sl).to(self.device))
+                    x0 = torch.where(tv[:, None, None, None], image, x0)
                 mean, std = sampler.posterior(self.score_fn, x0 * c[:, None, None, None], A, y, samples,
                                               generators, noise_sigma=sigma,
                                               alias_sigma=None if alias is None else alias[sl] * c)

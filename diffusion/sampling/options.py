@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 #: the data-consistency kinds of a sampler
 DCKind = Literal["proximal", "gradient", "none"]
-#: the image a sampler starts from on undersampled data: the zero-filled coil-combined image or a TV
-#: compressed-sensing reconstruction (`degradations.classical.cs_reconstruct`)
-StartKind = Literal["degraded", "tv"]
+#: the image a sampler starts from on undersampled data: the zero-filled coil-combined image, a TV
+#: compressed-sensing reconstruction (`degradations.classical.cs_reconstruct`), or per slice the TV image
+#: where the zero-filled image's aliasing exceeds its noise and the zero-filled image elsewhere
+StartKind = Literal["degraded", "tv", "auto"]
 
 __all__ = ["DCKind", "SamplerOptionFields", "StartKind"]
 
@@ -54,11 +55,12 @@ class SamplerOptionFields:
         "noise and returns its Tweedie estimate there (an approximation of the posterior mean); 0 = run to "
         "t ~ 0 (default: the sampler's)")
     start: StartKind | None = _option(
-        "undersampled data (a mask): start from the zero-filled image (degraded) or a TV compressed-sensing "
-        "reconstruction (tv) (default: the sampler's)")
+        "undersampled data (a mask): start from the zero-filled image (degraded), a TV compressed-sensing "
+        "reconstruction (tv), or per slice TV where the aliasing exceeds the noise (auto) (default: the "
+        "sampler's)")
     start_lam: float | None = _option(
         "the TV start's regularisation lam = start_lam x the image noise std, as tv_cs's lam_factor "
         "(default: the sampler's)")
     start_error: float | None = _option(
-        "undersampled data: the start image's error std as a fraction of the zero-filled image's aliasing; "
-        "the noise-aware start follows it with the noise (default: the sampler's)")
+        "undersampled data: the TV start image's error std as a fraction of the zero-filled image's "
+        "aliasing; the noise-aware start follows it with the noise (default: the sampler's)")

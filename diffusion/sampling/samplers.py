@@ -463,9 +463,11 @@ class SamplerSpec:
     the noise-aware start, and `stop_ratio`, the noise-aware stop (`Sampler.schedule_for`; 0: every slice
     starts at t0, runs to eps). Undersampled data (a measurement with a mask, `diffusion.inference`): `start`
     the image the sampler starts from ("degraded": the zero-filled image; "tv": a TV compressed-sensing
-    reconstruction with `lam = start_lam * sigma_img`), `start_error` that image's error std as a fraction of
-    the zero-filled image's aliasing (`Measurement.alias_sigma`), and `undersampled` the options that replace
-    these defaults there (None: the same defaults)."""
+    reconstruction with `lam = start_lam * sigma_img`; "auto": per slice the TV image where the zero-filled
+    image's aliasing std exceeds the noise std, the zero-filled image elsewhere), `start_error` the TV
+    image's error std as a fraction of the zero-filled image's aliasing (`Measurement.alias_sigma`; the
+    zero-filled image's is 1 by definition), and `undersampled` the options that replace these defaults there
+    (None: the same defaults)."""
 
     sample_fn: SampleFn
     steps: int
@@ -505,9 +507,17 @@ class SamplerSpec:
 #: deterministic estimate (it helps the samplers: warm_ddim with stop_ratio 1, +0.10 with the first prior); a
 #: start clamped at 10 eps, as DDIM's, cost 0.039 SSIM and 2.3 dB at 30 dB. "tweedie" is its one-step form
 #: without DC (the exact MMSE estimate of an image measured with white noise).
-#: pnp's defaults on undersampled data (PROVISIONAL, being tuned)
-UNDERSAMPLED_PNP: dict[str, Any] = {"steps": 20, "t0": 1.0, "t0_ratio": 1.0, "dc_lambda": 0.25, "start": "tv",
-                                    "start_lam": 0.125, "start_error": 0.25}
+#: pnp's defaults on undersampled data (`SamplerSpec.undersampled`), chosen on VALIDATION slices (Colin27
+#: axial 65, 90, 115, never the benchmark's test slices; 8 coils, ESPIRiT maps, equispaced, 4x / 8x at 30 dB
+#: and 2x at 2-7 dB; experiments/RESULTS.md, "Undersampled multi-coil"): 20 PnP steps from the start image's
+#: own error level (t0_ratio 1; 10 and 40 steps score the same), the proximal step's lambda 0.25 (1 and 1/16
+#: lower), the start "auto": TV (lam 0.125 sigma_img, tv_cs's best on the same slices) where the aliasing
+#: exceeds the noise (4x / 8x at 30 dB: aliasing / noise 5.6-6.9), the zero-filled image where it does not
+#: (2x at 2-7 dB: 0.25-0.29; a TV start there lost 1.0-1.4 dB in the noise regime), the TV image taken to
+#: hold 3 times the zero-filled aliasing (start_error 0.25 / 1 / 2 / 3 / 4: 4x 31.22 / 31.81 / 31.99 / 31.98 /
+#: 31.93 dB, 8x 23.85 / 24.19 / 24.39 / 24.48 / 24.51 dB; TV-CS 30.53 and 23.70 dB)
+UNDERSAMPLED_PNP: dict[str, Any] = {"steps": 20, "t0": 1.0, "t0_ratio": 1.0, "dc_lambda": 0.25,
+                                    "start": "auto", "start_lam": 0.125, "start_error": 3.0}
 SAMPLERS: dict[str, SamplerSpec] = {
     "pc": SamplerSpec(pc_sampler, steps=2000, t0=1.0, dc="gradient", dc_weight=0.3),
     "warm_pc": SamplerSpec(pc_sampler, steps=30, t0=0.4, dc="proximal", dc_lambda=32.0, dc_floor=0.02),
@@ -726,8 +736,8 @@ def _build(name: str, spec: SamplerSpec, options: dict[str, Any], common: dict[s
         raise ValueError(f"t0_ratio must be finite and >= 0, got {t0_ratio}")
     if not math.isfinite(stop_ratio) or stop_ratio < 0:
         raise ValueError(f"stop_ratio must be finite and >= 0, got {stop_ratio}")
-    if start not in ("degraded", "tv"):
-        raise ValueError(f"unknown start {start!r}; choose degraded or tv")
+    if start not in ("degraded", "tv", "auto"):
+        raise ValueError(f"unknown start {start!r}; choose degraded, tv or auto")
     if not math.isfinite(start_lam) or start_lam <= 0:
         raise ValueError(f"start_lam must be finite and > 0, got {start_lam}")
     if not math.isfinite(start_error) or start_error < 0:

@@ -22,11 +22,11 @@ def _phantom(n: int = 2, h: int = 32, w: int = 28) -> torch.Tensor:
     return torch.stack(imgs)[:, None].to(torch.complex64)
 
 
-def _measure(acceleration: float | None = 3, estimate_maps: bool = True) -> Measurement:
-    """2 slices, 4 birdcage coils, 30 dB; the maps estimated by ESPIRiT (0 outside the object) unless not."""
+def _measure(acceleration: float | None = 3, estimate_maps: bool = True, snr_db: float = 30.0) -> Measurement:
+    """2 slices, 4 birdcage coils; the maps estimated by ESPIRiT (0 outside the object) unless not."""
     mask = {} if acceleration is None else {"acceleration": acceleration, "center_fraction": 0.3,
                                             "mask": "equispaced"}
-    degradation = make_regime("noise", snr_db=30.0, coils=4, **mask)
+    degradation = make_regime("noise", snr_db=snr_db, coils=4, **mask)
     y, params = degradation(_phantom(), torch.Generator().manual_seed(0))
     sigma = params.pop("noise_sigma")
     if estimate_maps:
@@ -92,7 +92,9 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
 
 def test_undersampled_data_start_from_tv_at_its_error_level_and_end_zero_outside_the_maps(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """30 dB, 3x: the aliasing exceeds the noise, so the default ("auto") starts every slice from TV."""
     m = _measure()
+    assert bool((m.alias_sigma > 2 * m.noise_sigma).all())
     calls = _spy(monkeypatch)
     sampler = build_sampler("pnp")
     out = Reconstructor(lambda v, t: v, sampler, batch_size=1)(m, complex_to_channels(m.degraded), [0, 1])
@@ -106,7 +108,25 @@ def test_undersampled_data_start_from_tv_at_its_error_level_and_end_zero_outside
     support = m.support.float()
     assert 0.2 < float(support.mean()) < 0.9
     assert torch.equal(out.mean, support) and torch.equal(out.std, support)
-    assert out.settings == sampler.undersampled.settings() and out.settings["start"] == "tv"
+    assert out.settings == sampler.undersampled.settings() and out.settings["start"] == "auto"
+
+
+@pytest.mark.parametrize("start", ["auto", "degraded", "tv"])
+def test_where_the_noise_exceeds_the_aliasing_auto_starts_from_the_zero_filled_image(
+        monkeypatch: pytest.MonkeyPatch, start: str) -> None:
+    """0 dB, 2x: noise above the aliasing: "auto" and "degraded" start from the zero-filled image at its own
+    aliasing (no start_error), "tv" from TV at start_error times it."""
+    m = _measure(acceleration=2, snr_db=0.0)
+    assert bool((m.alias_sigma < m.noise_sigma).all())
+    calls = _spy(monkeypatch)
+    sampler = build_sampler("pnp", start=start)  # type: ignore[arg-type]
+    x_init = complex_to_channels(m.degraded)
+    Reconstructor(lambda v, t: v, sampler, batch_size=2)(m, x_init, [0, 1])
+    share = UNDERSAMPLED_PNP["start_error"] if start == "tv" else 1.0
+    torch.testing.assert_close(calls[0]["alias"], m.alias_sigma * share)
+    expected = complex_to_channels(tv_start(m, UNDERSAMPLED_PNP["start_lam"], slice(0, 2))) if start == "tv" \
+        else x_init
+    torch.testing.assert_close(calls[0]["x_init"], expected)
 
 
 def test_fully_sampled_data_keep_the_degraded_start_and_no_aliasing(monkeypatch: pytest.MonkeyPatch) -> None:
