@@ -513,7 +513,8 @@ class SamplerSpec:
 #: own error level (t0_ratio 1; 10 and 40 steps score the same), the proximal step's lambda 0.25 (1 and 1/16
 #: lower), the start "auto": TV (lam 0.125 sigma_img, tv_cs's best on the same slices) where the aliasing
 #: exceeds the noise (4x / 8x at 30 dB: aliasing / noise 5.6-6.9), the zero-filled image where it does not
-#: (2x at 2-7 dB: 0.25-0.29; a TV start there lost 1.0-1.4 dB in the noise regime), the TV image taken to
+#: (2x at 2-7 dB: 0.25-0.29; a TV start there lost 1.0-1.4 dB in the noise regime, 0.1-0.2 dB with blur,
+#: T2* and B0), the TV image taken to
 #: hold 3 times the zero-filled aliasing (start_error 0.25 / 1 / 2 / 3 / 4: 4x 31.22 / 31.81 / 31.99 / 31.98 /
 #: 31.93 dB, 8x 23.85 / 24.19 / 24.39 / 24.48 / 24.51 dB; TV-CS 30.53 and 23.70 dB)
 UNDERSAMPLED_PNP: dict[str, Any] = {"steps": 20, "t0": 1.0, "t0_ratio": 1.0, "dc_lambda": 0.25,
