@@ -22,7 +22,12 @@ DCKind = Literal["proximal", "gradient", "none"]
 #: where the zero-filled image's aliasing exceeds its noise and the zero-filled image elsewhere
 StartKind = Literal["degraded", "tv", "auto"]
 
-__all__ = ["DCKind", "SamplerOptionFields", "StartKind"]
+__all__ = ["FORMER_SPELLINGS", "DCKind", "SamplerOptionFields", "StartKind"]
+
+#: the options that had a spelling of their own before issue 23 (`--dc-lambda`, the validation callback's flat
+#: `dc_lambda:`), kept as deprecated aliases; options added since have only `sampling.<field>`
+FORMER_SPELLINGS = ("sampler", "steps", "t0", "dc", "dc_weight", "dc_lambda", "dc_floor", "t0_ratio",
+                    "stop_ratio")
 
 
 def _option(help_text: str) -> Any:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffusion.sampling.options import SamplerOptionFields
+from diffusion.sampling.options import FORMER_SPELLINGS, SamplerOptionFields
 from lfmri_utils.errors import InputError
 from lfmri_utils.files import check_input_file
 
@@ -52,8 +52,9 @@ def _argparse_type(annotation: Any) -> tuple[Callable[[str], Any], tuple[str, ..
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     """`--sampling.<field>` for each field of `SamplerOptions` (declared torch-free by `SamplerOptionFields`:
-    its type, its default None for the registry's, its help text); the destination is the field's name. Each
-    field's former spelling (`--dc-lambda`, `--t0-ratio`, ...) stays as a hidden deprecated alias."""
+    its type, its default None for the registry's, its help text); the destination is the field's name. The
+    former spellings (`--dc-lambda`, `--t0-ratio`, ...; `FORMER_SPELLINGS`) stay as hidden deprecated
+    aliases."""
     group = p.add_argument_group("sampler options (as `lfmri predict --sampling.*`; unset: the registry's "
                                  "defaults)")
     hints = typing.get_type_hints(SamplerOptionFields)
@@ -63,9 +64,10 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
         group.add_argument(spelling, dest=option.name, type=kind, choices=choices, default=option.default,
                            metavar=option.name.upper() if choices is None else None,
                            help=option.metadata["help"])
-        group.add_argument(f"--{option.name.replace('_', '-')}", dest=option.name, type=kind, choices=choices,
-                           default=option.default, action=_DeprecatedAlias, replacement=spelling,
-                           help=argparse.SUPPRESS)
+        if option.name in FORMER_SPELLINGS:
+            group.add_argument(f"--{option.name.replace('_', '-')}", dest=option.name, type=kind,
+                               choices=choices, default=option.default, action=_DeprecatedAlias,
+                               replacement=spelling, help=argparse.SUPPRESS)
 
 
 def check_sampler_arguments(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 from lightning.pytorch import Callback
 
+from diffusion.sampling.options import FORMER_SPELLINGS
 from diffusion.sampling.samplers import Sampler, SamplerOptions, build_sampler
 from lfmri.cli import main
 from lfmri.commands.sampler_options import add_sampler_arguments, sampler_from_args
@@ -31,10 +32,14 @@ from lightning_modules.callbacks import SamplerCallback
 FIELDS = {f.name for f in dataclasses.fields(SamplerOptions)}
 #: a valid value of every field, as typed on the command line (warm_ddim takes them all)
 VALUES = {"sampler": "warm_ddim", "steps": "3", "t0": "0.3", "dc": "gradient", "dc_weight": "0.5",
-          "dc_lambda": "3.0", "dc_floor": "0.01", "t0_ratio": "2.0", "stop_ratio": "0.5"}
+          "dc_lambda": "3.0", "dc_floor": "0.01", "t0_ratio": "2.0", "stop_ratio": "0.5", "start": "tv",
+          "start_lam": "0.25", "start_error": "2.0"}
 #: the same values, typed
 TYPED = {"sampler": "warm_ddim", "steps": 3, "t0": 0.3, "dc": "gradient", "dc_weight": 0.5, "dc_lambda": 3.0,
-         "dc_floor": 0.01, "t0_ratio": 2.0, "stop_ratio": 0.5}
+         "dc_floor": 0.01, "t0_ratio": 2.0, "stop_ratio": 0.5, "start": "tv", "start_lam": 0.25,
+         "start_error": 2.0}
+#: the options with a former spelling (the others were added since issue 23: `--sampling.<field>` only)
+FORMER = set(FORMER_SPELLINGS)
 COMMANDS = ("reconstruct", "evaluate")
 
 
@@ -77,6 +82,7 @@ def test_reconstruct_and_evaluate_list_exactly_the_fields(command):
     assert _sampling_names(help_text, "--") == FIELDS
     listed = set(re.findall(r"^\s+(--[\w.-]+)", help_text, flags=re.MULTILINE))
     assert not listed & {f"--{name.replace('_', '-')}" for name in FIELDS}  # the former spellings are hidden
+    assert FORMER < FIELDS
 
 
 def test_predict_lists_exactly_the_fields(capsys, monkeypatch):
@@ -98,7 +104,7 @@ def test_the_callback_takes_exactly_the_fields_as_its_sampling_block():
     parameters = inspect.signature(SamplerCallback).parameters
     assert "SamplerOptions" in str(parameters["sampling"].annotation)
     # the former flat keywords, each one field, all of them
-    assert {n for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY} == FIELDS
+    assert {n for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY} == FORMER
 
 
 # ------------------------------------------------------------------------------------- the argparse commands
@@ -113,7 +119,7 @@ def test_each_option_reaches_the_sampler(command, capsys):
     assert _same_sampler(sampler_from_args(args, None), SamplerOptions(**TYPED).build())
 
 
-@pytest.mark.parametrize("name", sorted(FIELDS))
+@pytest.mark.parametrize("name", sorted(FORMER))
 def test_a_former_spelling_still_works_and_says_so(name, capsys):
     parser = argparse.ArgumentParser(prog="lfmri reconstruct")
     add_sampler_arguments(parser)
@@ -162,10 +168,12 @@ def test_the_callback_from_yaml_builds_the_same_sampler_as_before():
     with pytest.warns(FutureWarning, match=r"^SamplerCallback: .*deprecated.*sampling\.dc_lambda"):
         old = _callbacks_from_yaml(yaml.safe_dump({"callbacks": [{
             "class_path": "lightning_modules.callbacks.SamplerCallback",
-            "init_args": {**TYPED, "n_slices": 2}}]}))[0]  # a config of before: the flat keywords
-    assert old.sampling == new.sampling and old.n_slices == 2
+            "init_args": {**{k: TYPED[k] for k in FORMER}, "n_slices": 2}}]}))[0]  # before: flat keywords
+    assert old.sampling == SamplerOptions(**{k: TYPED[k] for k in FORMER}) and old.n_slices == 2
     before = build_sampler(TYPED["sampler"], **{k: v for k, v in TYPED.items() if k != "sampler"})
-    assert _same_sampler(new.sampling.build(), before) and _same_sampler(old.sampling.build(), before)
+    assert _same_sampler(new.sampling.build(), before)
+    assert _same_sampler(old.sampling.build(), build_sampler(
+        TYPED["sampler"], **{k: TYPED[k] for k in FORMER if k != "sampler"}))
     assert not _same_sampler(SamplerOptions(**{**TYPED, "dc_lambda": 4.0}).build(), before)  # it can tell
 
 
@@ -192,7 +200,7 @@ def test_the_callback_takes_null_on_the_command_line():
     assert callback.sampling == SamplerOptions(steps=3)
 
 
-@pytest.mark.parametrize("name", sorted(FIELDS))
+@pytest.mark.parametrize("name", sorted(FORMER))
 def test_each_flat_keyword_of_the_callback_lands_in_its_field(name):
     with pytest.warns(FutureWarning, match=rf"^SamplerCallback: {name} are deprecated .*sampling\.{name}\)$"):
         callback = SamplerCallback(**{name: TYPED[name]})
