@@ -153,16 +153,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ours = {} if args.ckpt == "none" else {
         label: lfmri_method(args.ckpt, device, args.batch_size, options)
         for label, options in LFMRI_VARIANTS.items() if label == LFMRI or args.lfmri_variants}
-    rows = [r for i, r in enumerate(ROWS) if args.rows is None or i in args.rows]
+    rows = [(i, r) for i, r in enumerate(ROWS) if args.rows is None or i in args.rows]
     results, tuning, labels = [], {}, []
-    for index, row in enumerate(rows):
+    for index, row in rows:  # a row's draw depends on its place in ROWS and --draw only
         lines = max(round(row.center_fraction * height), args.min_centre_lines)
         widened = lines > round(row.center_fraction * height)
         center_fraction = lines / height if widened else row.center_fraction
         label = row.label(lines)
         labels.append(label)
-        test = measure(test_ref, row, center_fraction, seed=1000 + index).to(device)
-        val = measure(val_ref, row, center_fraction, seed=2000 + index).to(device)
+        test = measure(test_ref, row, center_fraction, seed=1000 + index + 100 * args.draw).to(device)
+        val = measure(val_ref, row, center_fraction, seed=2000 + index + 100 * args.draw).to(device)
         tuning[label] = {}
         for name in names:
             params = {}
@@ -178,7 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             start = time.perf_counter()
             pred = reconstruct(test, test_ids)
             results.append(_row(label, method, pred, test_ref, time.perf_counter() - start, {}))
-    settings = {"test_slices": test_ids, "val_slices": val_ids, "coils": N_COILS, "mask": "equispaced",
+    settings = {"test_slices": test_ids, "val_slices": val_ids, "draw": args.draw, "coils": N_COILS,
+                "mask": "equispaced",
                 "maps": "ESPIRiT (degradations.espirit_sensitivities)", "device": str(device),
                 "torch_threads": torch.get_num_threads(), "min_centre_lines": args.min_centre_lines,
                 "matrix": list(test_ref.shape[1:]),
@@ -241,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="fully sampled centre lines at least (ESPIRiT's calibration)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--draw", type=int, default=0,
+                   help="the noise draw of every measurement (test / validation seeds 1000 / 2000 + the "
+                   "row's index + 100 x DRAW; 0: the published tables)")
     p.add_argument("--out", default="runs/multicoil")
     args = p.parse_args(argv)
     if args.test_slices < 1 or args.val_slices < 1:
