@@ -1,5 +1,6 @@
 """Constants shared by the test files: the repository's paths, the checkpoint fixtures, the MNI template and
-the tiny model configurations; `slice_sample`, a fake data sample; and `refused`, the check of a refusal.
+the tiny model configurations; `slice_sample`, a fake data sample; `refused`, the check of a refusal; and
+`script_module`, an experiment script imported as a module.
 
 Plain constants rather than fixtures because some are needed at collection time (`parametrize`, module-level
 globs); import them with `from helpers import ...` (pyproject's `[tool.pytest.ini_options] pythonpath` puts
@@ -9,8 +10,12 @@ tests/ on sys.path). The fixtures that do work (saving a tiny checkpoint) are in
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 from diffusion.networks.ddpm import DDPMConfig
 
@@ -110,3 +115,17 @@ def predict_config(folder: Path, volume: Path, model_init_args: dict | None = No
                  "init_args": {**data, "predict": {"path": str(volume), **data.get("predict", {})}}},
     }))
     return config
+
+
+@contextmanager
+def script_module(path: Path, name: str) -> Iterator[ModuleType]:
+    """The script at `path` imported as module `name` (registered in sys.modules while in use, so its
+    dataclasses resolve their annotations; removed after)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(name, None)

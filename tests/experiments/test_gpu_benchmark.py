@@ -4,13 +4,12 @@ others still run, and the budget skips what no longer fits."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import script_module
 
 from diffusion.sampling.samplers import build_sampler
 
@@ -22,12 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_thread", "lightning_logs_to_stderr")
 
 @pytest.fixture(scope="module")
 def gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", GPU_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass resolves its annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with script_module(GPU_PY, "bench_gpu") as module:
+        yield module
 
 
 def _positive(value) -> bool:

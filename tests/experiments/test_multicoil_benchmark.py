@@ -4,12 +4,11 @@ noise draw of the same slices (a row's draw does not depend on the other rows ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import script_module
 
 BENCH = Path(__file__).resolve().parents[2] / "experiments" / "benchmarks" / "multicoil.py"
 
@@ -18,12 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def multicoil():
-    spec = importlib.util.spec_from_file_location("bench_multicoil", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass resolves its annotations through sys.modules
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with script_module(BENCH, "bench_multicoil") as module:
+        yield module
 
 
 def _run(multicoil, out: Path, *args: str) -> dict:
