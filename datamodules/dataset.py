@@ -525,14 +525,11 @@ class PredictSliceDataset(SliceDataset):
         """The dataset of one k-space HDF5 file (`predict.path`), read now (its ESPIRiT maps estimated once),
         every slice at the file's own matrix, slices put back along the axis the file records, else along
         `slices.slice_axis`.
-        InputError (one line) naming slices.image_size when it is set (coils and masks are not resampled),
-        predict.kspace / predict.params when given, or the file when it is broken."""
+        InputError (one line) naming slices.image_size when it is set (coils and masks are not resampled) or
+        the file when it is broken (`PredictOptions` refuses predict.kspace / predict.params with it)."""
         if slices.image_size is not None:
             raise InputError(f"slices.image_size: a k-space file predict.path ({path}) is reconstructed at "
                              "its own matrix (its coils and sampling mask are not resampled); leave it unset")
-        for name in ("kspace", "params"):  # PredictOptions refuses them first; a hand-made one too
-            if getattr(predict, name):
-                raise InputError(f"predict.{name}: not with a k-space file predict.path ({path})")
         source = KSpaceFileSource(path, slices.slice_axis % 3)
         record = source.records()[0]
         volume = _predict_volume(path, predict, source.slice_axis, None)
